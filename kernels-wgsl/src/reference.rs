@@ -1,0 +1,1 @@
+//! Plain, obvious Rust twins of every kernel: the oracle for tests of both backends.

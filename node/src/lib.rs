@@ -1,0 +1,1 @@
+//! prfaas node: the model engine (`engine`, `kv`) and, later, the actix serving node.

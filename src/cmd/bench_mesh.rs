@@ -1,0 +1,12 @@
+//! `prfaas bench mesh`.
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print one JSON object with every figure instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`prfaas bench mesh` is not available yet (tracked in issue #5)")
+}
