@@ -1,0 +1,112 @@
+//! The one internal model description. GGUF metadata, HF `config.json` and the built-in synthetic
+//! models are all parsed into [`ModelConfig`] + [`ModelWeights`]; nothing downstream looks at the
+//! file format.
+
+use prfaas_kernels::{HostTensor, RopeStyle};
+
+/// What kind of token mixing a layer does. Decides what KV it keeps and ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LayerKind {
+    /// Causal softmax attention over all previous tokens (paged K/V blocks).
+    Full,
+    /// Softmax attention over the last `window` tokens (paged K/V blocks).
+    Sliding { window: usize },
+    /// Gated delta-rule linear attention: a fixed-size recurrent state per sequence.
+    Linear { heads: usize, key_dim: usize, value_dim: usize },
+}
+
+impl LayerKind {
+    /// True for layers that keep per-token K/V blocks.
+    pub fn has_kv_blocks(self) -> bool {
+        matches!(self, LayerKind::Full | LayerKind::Sliding { .. })
+    }
+}
+
+/// Architecture hyper-parameters of a decoder-only transformer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelConfig {
+    /// Human name, e.g. "SmolLM2-135M-Instruct" or "tiny-hybrid".
+    pub name: String,
+    /// Architecture family, e.g. "llama", "qwen2", "synthetic".
+    pub arch: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    /// Softmax-attention geometry (used by `Full` and `Sliding` layers).
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f32,
+    pub rope_base: f32,
+    pub rope_style: RopeStyle,
+    pub max_context: usize,
+    /// Output projection shares the token embedding table.
+    pub tie_embeddings: bool,
+    /// Qwen2-style biases on the q/k/v projections.
+    pub qkv_bias: bool,
+    /// One entry per layer, in order (`layers.len()` is the number of layers).
+    pub layers: Vec<LayerKind>,
+}
+
+impl ModelConfig {
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+/// Weights of one softmax-attention layer's token mixer (GGUF layout: `[out, in]`).
+#[derive(Debug, Clone)]
+pub struct AttentionWeights {
+    pub wq: HostTensor,
+    pub wk: HostTensor,
+    pub wv: HostTensor,
+    pub wo: HostTensor,
+    pub bq: Option<HostTensor>,
+    pub bk: Option<HostTensor>,
+    pub bv: Option<HostTensor>,
+}
+
+/// Weights of one gated delta-rule layer's token mixer.
+#[derive(Debug, Clone)]
+pub struct LinearAttentionWeights {
+    /// `[heads·key_dim, hidden]`
+    pub wq: HostTensor,
+    /// `[heads·key_dim, hidden]`
+    pub wk: HostTensor,
+    /// `[heads·value_dim, hidden]`
+    pub wv: HostTensor,
+    /// `[heads, hidden]`: β = sigmoid(x·w_betaᵀ)
+    pub w_beta: HostTensor,
+    /// `[heads, hidden]`: g = −softplus(x·w_gᵀ) (log decay ≤ 0)
+    pub w_g: HostTensor,
+    /// `[hidden, heads·value_dim]`
+    pub wo: HostTensor,
+}
+
+#[derive(Debug, Clone)]
+pub enum MixerWeights {
+    Attention(AttentionWeights),
+    Linear(LinearAttentionWeights),
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub attn_norm: HostTensor,
+    pub mixer: MixerWeights,
+    pub ffn_norm: HostTensor,
+    pub w_gate: HostTensor,
+    pub w_up: HostTensor,
+    pub w_down: HostTensor,
+}
+
+/// All weights of a model, still on the host (uploaded to a backend by the engine).
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    /// `[vocab, hidden]`, any dtype (Q8_0 in the default model).
+    pub token_embd: HostTensor,
+    pub output_norm: HostTensor,
+    /// `None` when `tie_embeddings`.
+    pub output: Option<HostTensor>,
+    pub layers: Vec<LayerWeights>,
+}

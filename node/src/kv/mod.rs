@@ -1,0 +1,1 @@
+//! Paged KV bookkeeping: blocks, prefix cache, leases, eviction.
