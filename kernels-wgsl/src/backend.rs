@@ -208,6 +208,16 @@ impl Tensor {
     pub fn size_bytes(&self) -> usize {
         self.dtype.bytes_for(self.numel())
     }
+    /// The same storage seen with another shape of equal element count (no copy). The engine
+    /// needs it between ops that disagree on rank, e.g. a matmul's `[n, heads·head_dim]` output
+    /// fed to `rope`, which wants `[n, heads, head_dim]`.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if numel != self.numel() {
+            return Err(KernelError::Shape(format!("reshape {:?} -> {shape:?}", self.shape)));
+        }
+        Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone() })
+    }
 }
 
 impl fmt::Debug for Tensor {

@@ -9,6 +9,7 @@
 //! `PRFAAS_REQUIRE_GPU=1` turns a missing adapter into an error instead of a fallback.
 
 pub mod backend;
+pub mod bench;
 pub mod cpu;
 pub mod gpu;
 pub mod quant;
@@ -29,4 +30,40 @@ pub fn gpu_required() -> bool {
     std::env::var(REQUIRE_GPU_ENV)
         .map(|v| !matches!(v.as_str(), "" | "0" | "false" | "no"))
         .unwrap_or(false)
+}
+
+/// The backend for `kind`, applying the `auto` rule and logging the choice.
+///
+/// * `Cpu` → the native backend.
+/// * `Wgpu` → the wgpu backend; [`KernelError::NoAdapter`] when there is no adapter.
+/// * `Auto` → wgpu on a discrete/integrated (or virtual) GPU; cpu when the only adapter is a
+///   software one (lavapipe is ~4–40× slower than native code on the same cores) or there is none.
+///   With `PRFAAS_REQUIRE_GPU=1`, no adapter at all is an error even for `Auto`.
+pub fn select_backend(kind: BackendKind) -> Result<Arc<dyn Backend>> {
+    let cpu = || -> Arc<dyn Backend> { Arc::new(cpu::CpuBackend::new()) };
+    let backend: Arc<dyn Backend> = match kind {
+        BackendKind::Cpu => cpu(),
+        BackendKind::Wgpu => Arc::new(gpu::WgpuBackend::new()?),
+        BackendKind::Auto => match gpu::Gpu::probe() {
+            None if gpu_required() => {
+                return Err(KernelError::NoAdapter(format!(
+                    "no wgpu adapter and {REQUIRE_GPU_ENV}=1"
+                )))
+            }
+            None => {
+                tracing::info!("backend auto: no wgpu adapter, using cpu");
+                cpu()
+            }
+            Some(a) if a.software => {
+                tracing::info!(adapter = %a.name, "backend auto: only a software adapter, using cpu");
+                cpu()
+            }
+            Some(a) => {
+                tracing::info!(adapter = %a.name, device_type = ?a.device_type, "backend auto: using wgpu");
+                Arc::new(gpu::WgpuBackend::new()?)
+            }
+        },
+    };
+    tracing::info!(backend = %backend.info().description, requested = %kind, "compute backend selected");
+    Ok(backend)
 }

@@ -1,1 +1,29 @@
 //! prfaas mesh: libp2p behaviours, wire types, the sans-IO offload policy and the simulator.
+//!
+//! Start a node with [`Mesh::spawn`]; talk to it through the cloneable [`MeshHandle`] and read
+//! [`MeshEvent`]s. The mesh knows nothing of models or kernels: models are opaque [`ModelRef`]s.
+
+pub mod advert;
+pub mod auction;
+pub mod bandwidth;
+mod behaviour;
+pub mod bench;
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod handle;
+pub mod kv;
+mod node;
+pub mod stats;
+pub mod wire;
+
+pub use advert::{Advert, AdvertBody, ModelRef, PeerTable, Role};
+pub use config::MeshConfig;
+pub use error::MeshError;
+pub use event::{CallToken, MeshEvent};
+pub use handle::{AuctionRound, CallAnswer, MeshHandle};
+pub use node::Mesh;
+pub use stats::MeshStatsSnapshot;
+pub use libp2p::{multiaddr, Multiaddr, PeerId};
+pub mod policy;
+pub mod sim;

@@ -1,12 +1,250 @@
-//! `prfaas bench engine`.
+//! `prfaas bench engine`: prefill/decode throughput and KV throughput Φ_kv of the model engine,
+//! next to llama.cpp on the same GGUF file when `scripts/bench-llamacpp` has a cached build.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use prfaas_kernels::BackendKind;
+use prfaas_node::engine::{Engine, EngineConfig, Model, NullSink};
+use serde_json::{json, Value};
+
+use super::generate::{load_model, make_backend, LoadedModel, DEFAULT_MODEL};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Print one JSON object with every figure instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Compute backend: auto, cpu or wgpu.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendKind,
+    /// The real model for the prefill/decode figures.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Repetitions per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Prompt lengths for prefill tok/s.
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+    pub prefill_lengths: Vec<usize>,
+    /// Context lengths for Φ_kv (longer ones are skipped when the model's context or
+    /// `--phi-max-tokens` does not allow them).
+    #[arg(long, value_delimiter = ',', default_value = "1024,8192,32768")]
+    pub phi_lengths: Vec<usize>,
+    /// Longest context to prefill for Φ_kv on the real model (time grows quadratically).
+    #[arg(long, default_value_t = 8192)]
+    pub phi_max_tokens: usize,
+    /// Decode steps timed per decode figure.
+    #[arg(long, default_value_t = 64)]
+    pub decode_steps: usize,
+    /// Skip running llama.cpp even if its build is cached.
+    #[arg(long)]
+    pub no_llamacpp: bool,
 }
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`prfaas bench engine` is not available yet (tracked in issue #4)")
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Deterministic prompt of `n` ordinary token ids.
+fn bench_prompt(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
+    let span = vocab.saturating_sub(300).max(1);
+    (0..n).map(|i| (256 + (i * 7919 + salt * 104_729) % span) as u32).collect()
+}
+
+fn engine_for(loaded: &LoadedModel, backend: BackendKind, capacity: usize) -> anyhow::Result<Engine> {
+    let be = make_backend(backend)?;
+    let model = Model::new(loaded.config.clone(), &loaded.weights, be)?;
+    let cfg = EngineConfig { prefix_cache: false, ..EngineConfig::with_capacity(capacity) };
+    Ok(Engine::new(model, cfg)?)
+}
+
+/// Median prefill time of an `n`-token prompt (fresh sequence each time, no prefix cache).
+fn time_prefill(engine: &mut Engine, n: usize, reps: usize) -> anyhow::Result<Duration> {
+    let vocab = engine.model().config().vocab_size;
+    let mut times = Vec::with_capacity(reps);
+    for r in 0..reps.max(1) {
+        let p = bench_prompt(n, vocab, r);
+        let t = Instant::now();
+        let out = engine.prefill(&p, &mut NullSink)?;
+        times.push(t.elapsed().as_secs_f64());
+        engine.release(out.seq)?;
+    }
+    Ok(Duration::from_secs_f64(median(times)))
+}
+
+/// Aggregate greedy decode tok/s of `batch` sequences with 128-token prompts.
+fn time_decode(engine: &mut Engine, batch: usize, steps: usize, reps: usize) -> anyhow::Result<f64> {
+    let vocab = engine.model().config().vocab_size;
+    let mut rates = Vec::new();
+    for r in 0..reps.max(1) {
+        let mut live = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let pre = engine.prefill(&bench_prompt(128, vocab, 1000 + r * batch + b), &mut NullSink)?;
+            live.push((pre.seq, prfaas_node::engine::sampler::argmax(&pre.logits)));
+        }
+        let t = Instant::now();
+        for _ in 0..steps {
+            let logits = engine.decode_step(&live)?;
+            let ids = engine.backend().argmax(&logits.tensor)?;
+            for (l, id) in live.iter_mut().zip(ids) {
+                l.1 = id;
+            }
+        }
+        rates.push((steps * batch) as f64 / t.elapsed().as_secs_f64());
+        for (s, _) in live {
+            engine.release(s)?;
+        }
+    }
+    Ok(median(rates))
+}
+
+/// Φ_kv figures for one model: KV bytes/token and KV bytes / prefill time at each length.
+fn phi_kv(
+    loaded: &LoadedModel,
+    backend: BackendKind,
+    lengths: &[usize],
+    max_tokens: usize,
+    reps: usize,
+) -> anyhow::Result<Value> {
+    let mut rows = Vec::new();
+    let mut bytes_per_token = 0;
+    for &n in lengths {
+        if n > loaded.config.max_context || n > max_tokens {
+            rows.push(json!({ "tokens": n, "skipped": "beyond context or --phi-max-tokens" }));
+            continue;
+        }
+        let mut engine = engine_for(loaded, backend, n + 16)?;
+        bytes_per_token = engine.layout().bytes_per_token();
+        let t = time_prefill(&mut engine, n, reps)?;
+        let kv_bytes = engine.layout().export_bytes(n);
+        let gbps = kv_bytes as f64 * 8.0 / t.as_secs_f64() / 1e9;
+        rows.push(json!({
+            "tokens": n,
+            "prefill_s": t.as_secs_f64(),
+            "prefill_tok_s": n as f64 / t.as_secs_f64(),
+            "kv_bytes": kv_bytes,
+            "phi_kv_gbps": gbps,
+        }));
+    }
+    Ok(json!({ "model": loaded.config.name, "kv_bytes_per_token": bytes_per_token, "points": rows }))
+}
+
+/// Runs `scripts/bench-llamacpp` when present and already built (it prints JSON on stdout).
+fn llamacpp(model: &str) -> Option<Value> {
+    let script = Path::new("scripts/bench-llamacpp");
+    if !script.exists() {
+        return None;
+    }
+    let out = std::process::Command::new(script).arg("--cached-only").arg("--model").arg(model).output().ok()?;
+    if !out.status.success() {
+        tracing::info!("llama.cpp comparison skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let backend_info = make_backend(args.backend)?.info();
+    let mut report = json!({ "backend": backend_info.description });
+    let mut phi = Vec::new();
+
+    match load_model(&args.model) {
+        Ok(real) => {
+            let longest = args.prefill_lengths.iter().copied().max().unwrap_or(0);
+            let mut engine = engine_for(&real, args.backend, longest.max(16 * 160) + 64)
+                .context("building the engine for the real model")?;
+            let mut prefill = Vec::new();
+            for &n in &args.prefill_lengths {
+                let t = time_prefill(&mut engine, n, args.reps)?;
+                prefill.push(json!({ "tokens": n, "tok_s": n as f64 / t.as_secs_f64() }));
+            }
+            let d1 = time_decode(&mut engine, 1, args.decode_steps, args.reps)?;
+            let d16 = time_decode(&mut engine, 16, args.decode_steps / 2, args.reps.min(3))?;
+            report["model"] = json!(real.config.name);
+            report["prefill"] = json!(prefill);
+            report["decode"] = json!([{ "batch": 1, "tok_s": d1 }, { "batch": 16, "tok_s": d16 }]);
+            report["decode_batch16_over_batch1"] = json!(d16 / d1);
+            phi.push(phi_kv(&real, args.backend, &args.phi_lengths, args.phi_max_tokens, 1)?);
+            if !args.no_llamacpp {
+                if let Some(ll) = llamacpp(&args.model) {
+                    report["ratios_vs_llamacpp"] = ratios(&report, &ll);
+                    report["llamacpp"] = ll;
+                }
+            }
+        }
+        Err(e) => {
+            report["model_skipped"] = json!(format!("{e:#}"));
+        }
+    }
+    for name in ["tiny-dense", "tiny-hybrid"] {
+        let m = load_model(name)?;
+        phi.push(phi_kv(&m, args.backend, &args.phi_lengths, usize::MAX, 1)?);
+    }
+    report["phi_kv"] = json!(phi);
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+/// `ours / llama.cpp` for every figure both sides have. llama.cpp's JSON is expected as
+/// `{"prefill": [{"tokens": n, "tok_s": x}], "decode": [{"batch": 1, "tok_s": y}]}`.
+fn ratios(ours: &Value, theirs: &Value) -> Value {
+    let mut out = Vec::new();
+    for (key, field) in [("prefill", "tokens"), ("decode", "batch")] {
+        let (Some(a), Some(b)) = (ours[key].as_array(), theirs[key].as_array()) else { continue };
+        for x in a {
+            if let Some(y) = b.iter().find(|y| y[field] == x[field]) {
+                if let (Some(p), Some(q)) = (x["tok_s"].as_f64(), y["tok_s"].as_f64()) {
+                    out.push(json!({ "figure": key, field: x[field], "ratio": p / q }));
+                }
+            }
+        }
+    }
+    json!(out)
+}
+
+fn print_table(r: &Value) {
+    println!("backend: {}", r["backend"].as_str().unwrap_or("?"));
+    if let Some(s) = r["model_skipped"].as_str() {
+        println!("real model skipped: {s}");
+    }
+    if let Some(m) = r["model"].as_str() {
+        println!("model: {m}");
+        for p in r["prefill"].as_array().into_iter().flatten() {
+            println!("  prefill {:>5} tokens: {:>9.1} tok/s", p["tokens"], p["tok_s"].as_f64().unwrap_or(0.0));
+        }
+        for d in r["decode"].as_array().into_iter().flatten() {
+            println!("  decode batch {:>3}:     {:>9.1} tok/s", d["batch"], d["tok_s"].as_f64().unwrap_or(0.0));
+        }
+    }
+    for x in r["ratios_vs_llamacpp"].as_array().into_iter().flatten() {
+        let what = if x["figure"] == "prefill" { format!("prefill {}", x["tokens"]) } else { format!("decode b{}", x["batch"]) };
+        println!("  vs llama.cpp {what}: {:.2}x", x["ratio"].as_f64().unwrap_or(0.0));
+    }
+    for m in r["phi_kv"].as_array().into_iter().flatten() {
+        println!("Φ_kv {} (KV {} bytes/token):", m["model"].as_str().unwrap_or("?"), m["kv_bytes_per_token"]);
+        for p in m["points"].as_array().into_iter().flatten() {
+            match p["phi_kv_gbps"].as_f64() {
+                Some(g) => println!(
+                    "  {:>6} tokens: prefill {:>8.1} tok/s, KV {:>12} bytes, Φ_kv {:>8.3} Gbps",
+                    p["tokens"],
+                    p["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                    p["kv_bytes"],
+                    g
+                ),
+                None => println!("  {:>6} tokens: skipped ({})", p["tokens"], p["skipped"].as_str().unwrap_or("")),
+            }
+        }
+    }
 }

@@ -1,12 +1,143 @@
-//! `prfaas bench mesh`.
+//! `prfaas bench mesh`: KV goodput vs raw TCP, auction latency and advert convergence at 50/100
+//! nodes, and (when root) goodput through a `tc tbf`-shaped veth pair via `scripts/netns-shaped-kv`.
+//! The measuring code lives in `prfaas_mesh::bench`; this file only parses flags and prints.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::Context;
+use prfaas_mesh::bench::{self, MeshBenchOptions, ShapedGoodput};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Print one JSON object with every figure instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// MiB per KV goodput measurement.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_mib: u64,
+    /// Mesh sizes for auction latency and advert convergence.
+    #[arg(long, value_delimiter = ',', default_value = "50,100")]
+    pub nodes: Vec<usize>,
+    /// Auction rounds per mesh size.
+    #[arg(long, default_value_t = 200)]
+    pub rounds: usize,
+    /// Shaped-link rates (Mbit/s) for the netns part (root only); empty to skip.
+    #[arg(long, value_delimiter = ',', default_value = "50,500")]
+    pub shaped_mbit: Vec<u64>,
+    /// MiB moved per shaped-link measurement.
+    #[arg(long, default_value_t = 64)]
+    pub shaped_mib: u64,
+    /// Internal (used by scripts/netns-shaped-kv): run a KV receiver listening here.
+    #[arg(long, hide = true)]
+    pub kv_serve: Option<String>,
+    /// Internal: where `--kv-serve` writes its address.
+    #[arg(long, hide = true)]
+    pub addr_file: Option<PathBuf>,
+    /// Internal: send one transfer to this address and print the goodput as JSON.
+    #[arg(long, hide = true)]
+    pub kv_send: Option<String>,
+    /// Internal: configured link rate for `--kv-send`'s ratio.
+    #[arg(long, hide = true, default_value_t = 0.0)]
+    pub rate_mbit: f64,
 }
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`prfaas bench mesh` is not available yet (tracked in issue #5)")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(listen) = &args.kv_serve {
+        let file = args.addr_file.as_deref().context("--kv-serve needs --addr-file")?;
+        bench::serve_kv(listen, file)?;
+        return Ok(());
+    }
+    if let Some(addr) = &args.kv_send {
+        let r = bench::send_kv(addr, args.kv_mib, args.rate_mbit)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+
+    let opts = MeshBenchOptions {
+        kv_mib: args.kv_mib,
+        scales: args.nodes.clone(),
+        rounds: args.rounds,
+        ..MeshBenchOptions::default()
+    };
+    let report = bench::run(&opts)?;
+    let shaped = shaped(&args);
+
+    if args.json {
+        let v = serde_json::json!({ "kv": report.kv, "scale": report.scale, "shaped": shaped });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("KV stream goodput vs raw TCP (loopback, same bytes, same run):");
+    println!("  transport streams   MiB   mesh MiB/s  raw TCP MiB/s  ratio");
+    for k in &report.kv {
+        println!(
+            "  {:<9} {:>7} {:>5} {:>12.1} {:>14.1} {:>6.3}",
+            k.transport,
+            k.streams,
+            k.bytes >> 20,
+            k.mesh_mib_s,
+            k.raw_tcp_mib_s,
+            k.ratio
+        );
+    }
+    println!("Auction call→award and advert convergence (one process):");
+    println!("  nodes  convergence ms  rounds  candidates  P50 ms  P99 ms");
+    for s in &report.scale {
+        println!(
+            "  {:>5} {:>15.0} {:>7} {:>11} {:>7.2} {:>7.2}",
+            s.nodes, s.convergence_ms, s.rounds, s.candidates, s.p50_ms, s.p99_ms
+        );
+    }
+    match &shaped {
+        Ok(v) if v.is_empty() => println!("Shaped links: skipped (no rates requested)"),
+        Ok(v) => {
+            println!("KV goodput through tc tbf-shaped veth (netns):");
+            for s in v {
+                println!(
+                    "  {:>6.0} Mbit/s: {:>7.1} Mbit/s goodput, ratio {:.3}",
+                    s.rate_mbit, s.goodput_mbit, s.ratio
+                );
+            }
+        }
+        Err(why) => println!("Shaped links: skipped ({why})"),
+    }
+    Ok(())
+}
+
+/// Runs `scripts/netns-shaped-kv` per rate; `Err(reason)` when it cannot (not root, no script).
+fn shaped(args: &Args) -> Result<Vec<ShapedGoodput>, String> {
+    if args.shaped_mbit.is_empty() {
+        return Ok(vec![]);
+    }
+    let euid = Command::new("id").arg("-u").output().map_err(|e| format!("id -u: {e}"))?;
+    if String::from_utf8_lossy(&euid.stdout).trim() != "0" {
+        return Err("not root".into());
+    }
+    let script = PathBuf::from("scripts/netns-shaped-kv");
+    if !script.exists() {
+        return Err("run from the repository root (scripts/netns-shaped-kv not found)".into());
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for &rate in &args.shaped_mbit {
+        // Enough bytes for ~4 s at the rate, at least the requested size.
+        let mib = args.shaped_mib.max(rate / 2);
+        let o = Command::new(&script)
+            .arg(rate.to_string())
+            .arg(mib.to_string())
+            .arg(&exe)
+            .output()
+            .map_err(|e| format!("netns-shaped-kv: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "netns-shaped-kv {rate} failed: {}",
+                String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+            ));
+        }
+        let line = String::from_utf8_lossy(&o.stdout);
+        let r: ShapedGoodput = serde_json::from_str(line.trim()).map_err(|e| format!("bad output {line}: {e}"))?;
+        out.push(r);
+    }
+    Ok(out)
 }

@@ -1,5 +1,20 @@
 //! Model engine: configs, weights, tokenizer, forward pass split as prefill / decode.
 
+pub mod chat;
 pub mod config;
+pub mod gguf;
+pub mod hf;
+pub mod tokenizer;
+#[allow(clippy::module_inception)]
+pub mod engine;
+pub mod model;
+pub mod sampler;
+pub mod sink;
+pub mod synthetic;
 
 pub use config::{LayerKind, ModelConfig, ModelWeights};
+pub use engine::{Engine, EngineConfig, EngineError, Generation, PrefillOutput, SeqId, StepLogits};
+pub use model::{Model, ModelError};
+pub use sampler::{FinishReason, Sampler, SamplingParams};
+pub use sink::{CollectSink, KvExport, KvSink, LayerKv, NullSink, SinkError};
+pub use synthetic::{synthetic_model, ByteTokenizer, SyntheticKind};

@@ -1,0 +1,219 @@
+//! Causal flash-style attention over a paged KV pool on the CPU.
+//!
+//! Work is split into tasks of (sequence, KV head, query chunk, key range); all query heads that
+//! share a KV head are processed together so each K/V tile is loaded once per group. Inside a task
+//! keys are visited in tiles of [`TILE`] with an online softmax (running max `m`, sum `l`,
+//! unnormalised accumulator), so memory stays O(tile) whatever the context length. When there are
+//! too few tasks to keep every thread busy (decode: one query row), the key range is split too and
+//! the partial softmax states are merged exactly afterwards (flash-decoding).
+
+use rayon::prelude::*;
+
+use super::simd::{self, multiversion};
+use crate::backend::{AttnParams, AttnSeq, Result};
+use crate::reference::check_attention;
+
+/// Keys per tile.
+const TILE: usize = 64;
+/// Query rows per task.
+const Q_CHUNK: usize = 32;
+/// Smallest key range worth a task of its own when splitting keys.
+const MIN_SPLIT_KEYS: usize = 256;
+
+/// One unit of parallel work.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    seq: usize,
+    /// First row of this sequence in `q`.
+    q_base: usize,
+    kvh: usize,
+    /// Query rows `i0..i1` of the sequence (0-based among its new tokens).
+    i0: usize,
+    i1: usize,
+    /// Key positions `ka..kb`.
+    ka: usize,
+    kb: usize,
+}
+
+/// Unnormalised softmax state of one task's query vectors.
+struct Partial {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// Attention of `q: [rows, n_heads, head_dim]` → `[rows, n_heads · head_dim]`.
+pub(crate) fn attention(
+    q: &[f32],
+    k_pool: &[f32],
+    v_pool: &[f32],
+    block_size: usize,
+    seqs: &[AttnSeq<'_>],
+    p: &AttnParams,
+) -> Result<Vec<f32>> {
+    let rows = check_attention(q.len(), k_pool.len(), block_size, seqs, p)?;
+    let (nh, hd, nkv) = (p.n_heads, p.head_dim, p.n_kv_heads);
+    let group = nh / nkv;
+
+    // Base tasks: (sequence, kv head, query chunk).
+    let mut base = Vec::new();
+    let mut q_base = 0;
+    for (si, s) in seqs.iter().enumerate() {
+        for i0 in (0..s.n_new).step_by(Q_CHUNK) {
+            let i1 = (i0 + Q_CHUNK).min(s.n_new);
+            let ka = match p.window {
+                Some(w) => (s.n_past + i0 + 1).saturating_sub(w),
+                None => 0,
+            };
+            let kb = s.n_past + i1;
+            for kvh in 0..nkv {
+                base.push(Task { seq: si, q_base, kvh, i0, i1, ka, kb });
+            }
+        }
+        q_base += s.n_new;
+    }
+    // Split long key ranges when there are too few tasks for the threads (decode).
+    let want = 4 * rayon::current_num_threads();
+    let mut tasks = Vec::with_capacity(base.len());
+    for t in base.iter().copied() {
+        let keys = t.kb - t.ka;
+        let splits = if base.len() >= want { 1 } else { want.div_ceil(base.len()).min(keys / MIN_SPLIT_KEYS).max(1) };
+        let step = keys.div_ceil(splits).div_ceil(TILE) * TILE;
+        let mut ka = t.ka;
+        while ka < t.kb {
+            let kb = (ka + step.max(TILE)).min(t.kb);
+            tasks.push(Task { ka, kb, ..t });
+            ka = kb;
+        }
+    }
+
+    let partials: Vec<Partial> = tasks
+        .par_iter()
+        .map(|t| {
+            let s = &seqs[t.seq];
+            let nv = (t.i1 - t.i0) * group;
+            let mut part = Partial { m: vec![f32::NEG_INFINITY; nv], l: vec![0.0; nv], acc: vec![0.0; nv * hd] };
+            attn_task(q, k_pool, v_pool, block_size, s.block_table, s.n_past, t, p, &mut part);
+            part
+        })
+        .collect();
+
+    // Merge partial states exactly: o = Σ acc_s e^{m_s − M} / Σ l_s e^{m_s − M}.
+    let mut gm = vec![f32::NEG_INFINITY; rows * nh];
+    let mut gl = vec![0.0f32; rows * nh];
+    let mut out = vec![0.0f32; rows * nh * hd];
+    for (t, part) in tasks.iter().zip(&partials) {
+        for i in t.i0..t.i1 {
+            for g in 0..group {
+                let v = (i - t.i0) * group + g;
+                let o = (t.q_base + i) * nh + t.kvh * group + g;
+                let (m, l) = (part.m[v], part.l[v]);
+                if l == 0.0 {
+                    continue;
+                }
+                let mnew = gm[o].max(m);
+                let c_old = if gm[o] == f32::NEG_INFINITY { 0.0 } else { (gm[o] - mnew).exp() };
+                let c_new = (m - mnew).exp();
+                gl[o] = gl[o] * c_old + l * c_new;
+                gm[o] = mnew;
+                let dst = &mut out[o * hd..(o + 1) * hd];
+                for (d, &a) in dst.iter_mut().zip(&part.acc[v * hd..(v + 1) * hd]) {
+                    *d = *d * c_old + a * c_new;
+                }
+            }
+        }
+    }
+    for (o, &l) in out.chunks_exact_mut(hd).zip(&gl) {
+        if l > 0.0 {
+            simd::scale(o, 1.0 / l);
+        }
+    }
+    Ok(out)
+}
+
+multiversion! {
+    /// Online-softmax attention of one task's query vectors over keys `t.ka..t.kb`.
+    fn attn_task(
+        q: &[f32],
+        k_pool: &[f32],
+        v_pool: &[f32],
+        block_size: usize,
+        table: &[u32],
+        n_past: usize,
+        t: &Task,
+        p: &AttnParams,
+        part: &mut Partial,
+    ) {
+        let (nh, hd, nkv) = (p.n_heads, p.head_dim, p.n_kv_heads);
+        let group = nh / nkv;
+        let row = nkv * hd;
+        let nv = (t.i1 - t.i0) * group;
+        // Scaled queries, [nv, hd].
+        let mut qs = vec![0.0f32; nv * hd];
+        for i in t.i0..t.i1 {
+            for g in 0..group {
+                let src = &q[((t.q_base + i) * nh + t.kvh * group + g) * hd..][..hd];
+                let dst = &mut qs[((i - t.i0) * group + g) * hd..][..hd];
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = s * p.scale;
+                }
+            }
+        }
+        let mut kt = vec![0.0f32; hd * TILE]; // K tile transposed: [hd, TILE]
+        let mut vt = vec![0.0f32; TILE * hd]; // V tile: [TILE, hd]
+        let mut s = [0.0f32; TILE];
+        let mut k0 = t.ka;
+        while k0 < t.kb {
+            let k1 = (k0 + TILE).min(t.kb);
+            let nk = k1 - k0;
+            for j in 0..nk {
+                let pos = k0 + j;
+                let slot = table[pos / block_size] as usize * block_size + pos % block_size;
+                let off = slot * row + t.kvh * hd;
+                for (d, &x) in k_pool[off..off + hd].iter().enumerate() {
+                    kt[d * TILE + j] = x;
+                }
+                vt[j * hd..(j + 1) * hd].copy_from_slice(&v_pool[off..off + hd]);
+            }
+            for i in t.i0..t.i1 {
+                let pos = n_past + i;
+                let first = match p.window {
+                    Some(w) => (pos + 1).saturating_sub(w),
+                    None => 0,
+                };
+                // Visible keys of this row within the tile: [lo, hi).
+                let lo = first.max(k0) - k0;
+                let hi = (pos + 1).min(k1).saturating_sub(k0);
+                if lo >= hi {
+                    continue;
+                }
+                for g in 0..group {
+                    let v = (i - t.i0) * group + g;
+                    let qv = &qs[v * hd..(v + 1) * hd];
+                    s.fill(0.0);
+                    for (d, &qd) in qv.iter().enumerate() {
+                        simd::axpy(&mut s, qd, &kt[d * TILE..(d + 1) * TILE]);
+                    }
+                    let mx = s[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let mold = part.m[v];
+                    let mnew = mold.max(mx);
+                    let corr = if mold == f32::NEG_INFINITY { 0.0 } else { simd::exp_neg(mold - mnew) };
+                    let mut sum = 0.0f32;
+                    for (j, x) in s.iter_mut().enumerate() {
+                        let e = simd::exp_neg(*x - mnew);
+                        *x = if j >= lo && j < hi { e } else { 0.0 };
+                        sum += *x;
+                    }
+                    part.l[v] = part.l[v] * corr + sum;
+                    part.m[v] = mnew;
+                    let acc = &mut part.acc[v * hd..(v + 1) * hd];
+                    simd::scale(acc, corr);
+                    for j in lo..hi {
+                        simd::axpy(acc, s[j], &vt[j * hd..(j + 1) * hd]);
+                    }
+                }
+            }
+            k0 = k1;
+        }
+    }
+}

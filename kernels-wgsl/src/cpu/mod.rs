@@ -1,0 +1,447 @@
+//! Native CPU backend: multi-threaded (rayon) kernels on host memory.
+//!
+//! * matmul: the `gemm` crate for f32 and for many-row products with quantized weights
+//!   (dequantized panel by panel), quantized dot products decoded on the fly for decode mat-vecs;
+//! * attention: flash-style online softmax over the paged pool, parallel over (sequence, KV head,
+//!   query chunk, key range);
+//! * linear attention: exact chunked gated delta rule for prefill, step form for decode;
+//! * everything else: row-parallel loops once a tensor is big enough to pay for the fork.
+//!
+//! Hot loops are compiled for AVX-512 / AVX2+FMA / baseline and picked at run time (see
+//! [`simd`]), because the workspace builds for the portable x86-64 baseline.
+
+mod attention;
+mod linear;
+pub(crate) mod matmul;
+pub(crate) mod simd;
+
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use rayon::prelude::*;
+
+use crate::backend::{
+    AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, HostTensor, KernelError, LinearAttnParams,
+    Result, RopeStyle, Storage, Tensor,
+};
+use crate::{quant, reference};
+
+/// Elements from which an elementwise or row-wise op is split over rayon.
+const PAR_MIN_ELEMS: usize = 1 << 14;
+
+/// Host memory behind a CPU tensor.
+///
+/// Behind a lock because `kv_write`, `linear_attention`, `scatter_blocks` and `write` mutate
+/// tensors through shared `&Tensor` handles (KV pools and recurrent state are long-lived and shared
+/// by clones of the handle). F32 data is kept as `f32` so it is always aligned.
+pub struct CpuStorage {
+    pub(crate) data: RwLock<CpuData>,
+}
+
+/// Contents of a [`CpuStorage`].
+pub(crate) enum CpuData {
+    /// `F32` tensors.
+    F32(Vec<f32>),
+    /// Every other dtype, as stored (GGUF byte layout).
+    Raw(Vec<u8>),
+}
+
+/// Read access to the `f32` contents of a tensor (checked to be `F32` when created).
+struct F32Read<'a>(RwLockReadGuard<'a, CpuData>);
+
+impl std::ops::Deref for F32Read<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &*self.0 {
+            CpuData::F32(v) => v,
+            CpuData::Raw(_) => &[],
+        }
+    }
+}
+
+/// Write access to the `f32` contents of a tensor.
+struct F32Write<'a>(RwLockWriteGuard<'a, CpuData>);
+
+impl F32Write<'_> {
+    fn slice(&mut self) -> &mut [f32] {
+        match &mut *self.0 {
+            CpuData::F32(v) => v,
+            CpuData::Raw(_) => &mut [],
+        }
+    }
+}
+
+fn poisoned<T>(_: T) -> KernelError {
+    KernelError::Device("cpu tensor lock poisoned by a panicked kernel".into())
+}
+
+fn storage(t: &Tensor) -> Result<&Arc<CpuStorage>> {
+    match &t.storage {
+        Storage::Cpu(s) => Ok(s),
+        _ => Err(KernelError::WrongBackend("wgpu")),
+    }
+}
+
+fn read_f32<'a>(t: &'a Tensor, what: &str) -> Result<F32Read<'a>> {
+    if t.dtype != DType::F32 {
+        return Err(KernelError::Unsupported(format!("{what}: expected an F32 tensor, got {:?}", t.dtype)));
+    }
+    Ok(F32Read(storage(t)?.data.read().map_err(poisoned)?))
+}
+
+fn write_f32<'a>(t: &'a Tensor, what: &str) -> Result<F32Write<'a>> {
+    if t.dtype != DType::F32 {
+        return Err(KernelError::Unsupported(format!("{what}: expected an F32 tensor, got {:?}", t.dtype)));
+    }
+    Ok(F32Write(storage(t)?.data.write().map_err(poisoned)?))
+}
+
+fn same_storage(a: &Tensor, b: &Tensor) -> bool {
+    match (&a.storage, &b.storage) {
+        (Storage::Cpu(x), Storage::Cpu(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    }
+}
+
+fn f32_tensor(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+    debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+    Tensor {
+        shape,
+        dtype: DType::F32,
+        storage: Storage::Cpu(Arc::new(CpuStorage { data: RwLock::new(CpuData::F32(data)) })),
+    }
+}
+
+fn last_dim(t: &Tensor, what: &str) -> Result<usize> {
+    match t.shape.last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => Err(KernelError::Shape(format!("{what}: tensor of shape {:?} has no rows", t.shape))),
+    }
+}
+
+fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
+    if a.shape != b.shape {
+        return Err(KernelError::Shape(format!("{what}: shapes {:?} and {:?} differ", a.shape, b.shape)));
+    }
+    Ok(())
+}
+
+/// Apply `f` to corresponding rows of `x` and `out` (length `d`), in parallel when large.
+fn map_rows(x: &[f32], out: &mut [f32], d: usize, f: impl Fn(&[f32], &mut [f32]) + Sync + Send) {
+    if x.len() >= PAR_MIN_ELEMS {
+        let rows_per_task = (PAR_MIN_ELEMS / 4 / d).max(1);
+        out.par_chunks_mut(d * rows_per_task)
+            .zip(x.par_chunks(d * rows_per_task))
+            .for_each(|(o, x)| o.chunks_exact_mut(d).zip(x.chunks_exact(d)).for_each(|(o, x)| f(x, o)));
+    } else {
+        out.chunks_exact_mut(d).zip(x.chunks_exact(d)).for_each(|(o, x)| f(x, o));
+    }
+}
+
+/// Elementwise `out[i] = f(a[i], b[i])`, in parallel when large.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let mut out = vec![0.0f32; a.len()];
+    let body = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(a, b);
+        }
+    };
+    if a.len() >= PAR_MIN_ELEMS {
+        out.par_chunks_mut(PAR_MIN_ELEMS / 4)
+            .zip(a.par_chunks(PAR_MIN_ELEMS / 4).zip(b.par_chunks(PAR_MIN_ELEMS / 4)))
+            .for_each(body);
+    } else {
+        body((&mut out, (a, b)));
+    }
+    out
+}
+
+/// The native CPU backend. Uses rayon's global thread pool (size it with `RAYON_NUM_THREADS`).
+#[derive(Debug, Default, Clone)]
+pub struct CpuBackend {
+    _private: (),
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Which SIMD instruction set the hot loops run with on this machine.
+    pub fn simd_level() -> &'static str {
+        match simd::Isa::get() {
+            simd::Isa::Avx512 => "avx512",
+            simd::Isa::Avx2 => "avx2+fma",
+            simd::Isa::Generic => "baseline",
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            kind: BackendKind::Cpu,
+            description: format!("cpu ({} threads, {})", rayon::current_num_threads(), Self::simd_level()),
+            software: false,
+        }
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<Tensor> {
+        let numel = host.numel();
+        if numel % host.dtype.block_len() != 0 || host.bytes.len() != host.dtype.bytes_for(numel) {
+            return Err(KernelError::Shape(format!(
+                "{:?} tensor {:?} needs {} bytes, got {}",
+                host.dtype,
+                host.shape,
+                host.dtype.bytes_for(numel - numel % host.dtype.block_len()),
+                host.bytes.len()
+            )));
+        }
+        let data = match host.dtype {
+            DType::F32 => CpuData::F32(quant::dequantize(DType::F32, &host.bytes, numel)?),
+            _ => CpuData::Raw(host.bytes.clone()),
+        };
+        Ok(Tensor {
+            shape: host.shape.clone(),
+            dtype: host.dtype,
+            storage: Storage::Cpu(Arc::new(CpuStorage { data: RwLock::new(data) })),
+        })
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Vec<f32>> {
+        Ok(read_f32(t, "download")?.to_vec())
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(f32_tensor(shape.to_vec(), vec![0.0; shape.iter().product()]))
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        let [vocab, d] = table.shape[..] else {
+            return Err(KernelError::Shape(format!("embedding: table shape {:?} is not [vocab, d]", table.shape)));
+        };
+        let guard = storage(table)?.data.read().map_err(poisoned)?;
+        let out = match &*guard {
+            CpuData::F32(v) => reference::embedding(DType::F32, bytemuck::cast_slice(v), vocab, d, ids)?,
+            CpuData::Raw(b) => reference::embedding(table.dtype, b, vocab, d, ids)?,
+        };
+        Ok(f32_tensor(vec![ids.len(), d], out))
+    }
+
+    fn matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let [n, k] = w.shape[..] else {
+            return Err(KernelError::Shape(format!("matmul: weight shape {:?} is not [n, k]", w.shape)));
+        };
+        if x.shape.last() != Some(&k) {
+            return Err(KernelError::Shape(format!("matmul: x {:?} · w {:?}ᵀ: inner dims differ", x.shape, w.shape)));
+        }
+        let m = x.numel() / k.max(1);
+        let xs = read_f32(x, "matmul x")?;
+        let guard = storage(w)?.data.read().map_err(poisoned)?;
+        let out = match &*guard {
+            CpuData::F32(wf) => {
+                let mut out = vec![0.0f32; m * n];
+                matmul::gemm_f32(&xs, wf, &mut out, m, k, n, n);
+                out
+            }
+            CpuData::Raw(b) => matmul::matmul(&xs, m, k, w.dtype, b, n)?,
+        };
+        let mut shape = x.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = n;
+        }
+        Ok(f32_tensor(shape, out))
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        let d = last_dim(x, "rms_norm")?;
+        if w.shape != [d] {
+            return Err(KernelError::Shape(format!("rms_norm: weight {:?} for rows of {d}", w.shape)));
+        }
+        let (xs, ws) = (read_f32(x, "rms_norm x")?, read_f32(w, "rms_norm w")?);
+        let mut out = vec![0.0f32; xs.len()];
+        map_rows(&xs, &mut out, d, |x, o| {
+            let ms = simd_sumsq(x) / d as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for ((o, &x), &w) in o.iter_mut().zip(x).zip(ws.iter()) {
+                *o = x * inv * w;
+            }
+        });
+        Ok(f32_tensor(x.shape.clone(), out))
+    }
+
+    fn rope(&self, x: &Tensor, positions: &[u32], base: f32, style: RopeStyle) -> Result<Tensor> {
+        let [n, heads, hd] = x.shape[..] else {
+            return Err(KernelError::Shape(format!("rope: x shape {:?} is not [n, heads, head_dim]", x.shape)));
+        };
+        if n != positions.len() || hd % 2 != 0 {
+            return Err(KernelError::Shape(format!(
+                "rope: {n} rows, {} positions, head_dim {hd} (must be even)",
+                positions.len()
+            )));
+        }
+        let xs = read_f32(x, "rope")?;
+        let half = hd / 2;
+        let mut out = vec![0.0f32; xs.len()];
+        let row = heads * hd;
+        let rotate_row = |((o, x), &pos): ((&mut [f32], &[f32]), &u32)| {
+                // Angles in f64 so long positions keep their precision; one table per row.
+                let cs: Vec<(f32, f32)> = (0..half)
+                    .map(|i| {
+                        let (s, c) = reference::rope_angle(pos, i, hd, base).sin_cos();
+                        (s as f32, c as f32)
+                    })
+                    .collect();
+                for (o, x) in o.chunks_exact_mut(hd).zip(x.chunks_exact(hd)) {
+                    for (i, &(s, c)) in cs.iter().enumerate() {
+                        let (a, b) = match style {
+                            RopeStyle::Normal => (2 * i, 2 * i + 1),
+                            RopeStyle::Neox => (i, i + half),
+                        };
+                        o[a] = x[a] * c - x[b] * s;
+                        o[b] = x[a] * s + x[b] * c;
+                    }
+                }
+        };
+        let row = row.max(1);
+        if xs.len() >= PAR_MIN_ELEMS {
+            out.par_chunks_mut(row).zip(xs.par_chunks(row)).zip(positions.par_iter()).for_each(rotate_row);
+        } else {
+            out.chunks_mut(row).zip(xs.chunks(row)).zip(positions.iter()).for_each(rotate_row);
+        }
+        Ok(f32_tensor(x.shape.clone(), out))
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        same_shape(gate, up, "swiglu")?;
+        let (g, u) = (read_f32(gate, "swiglu gate")?, read_f32(up, "swiglu up")?);
+        Ok(f32_tensor(gate.shape.clone(), zip_map(&g, &u, |g, u| g / (1.0 + (-g).exp()) * u)))
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        same_shape(a, b, "add")?;
+        let (x, y) = (read_f32(a, "add a")?, read_f32(b, "add b")?);
+        Ok(f32_tensor(a.shape.clone(), zip_map(&x, &y, |x, y| x + y)))
+    }
+
+    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+        let d = last_dim(x, "softmax")?;
+        let xs = read_f32(x, "softmax")?;
+        let mut out = vec![0.0f32; xs.len()];
+        map_rows(&xs, &mut out, d, |x, o| {
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0.0f32;
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok(f32_tensor(x.shape.clone(), out))
+    }
+
+    fn argmax(&self, x: &Tensor) -> Result<Vec<u32>> {
+        let d = last_dim(x, "argmax")?;
+        let xs = read_f32(x, "argmax")?;
+        reference::argmax(&xs, d)
+    }
+
+    fn kv_write(&self, k_pool: &Tensor, v_pool: &Tensor, k: &Tensor, v: &Tensor, slots: &[u32]) -> Result<()> {
+        let [_, _, nkv, hd] = k_pool.shape[..] else {
+            return Err(KernelError::Shape(format!("kv_write: pool shape {:?} is not 4-D", k_pool.shape)));
+        };
+        same_shape(k_pool, v_pool, "kv_write pools")?;
+        if same_storage(k_pool, v_pool) {
+            return Err(KernelError::InvalidArgument("kv_write: k_pool and v_pool are the same tensor".into()));
+        }
+        if k.numel() != slots.len() * nkv * hd || v.numel() != k.numel() {
+            return Err(KernelError::Shape(format!(
+                "kv_write: k {:?} / v {:?} for {} slots of [{nkv}, {hd}]",
+                k.shape,
+                v.shape,
+                slots.len()
+            )));
+        }
+        let (ks, vs) = (read_f32(k, "kv_write k")?, read_f32(v, "kv_write v")?);
+        let mut kp = write_f32(k_pool, "kv_write k_pool")?;
+        let mut vp = write_f32(v_pool, "kv_write v_pool")?;
+        reference::kv_write(kp.slice(), vp.slice(), &ks, &vs, nkv * hd, slots)
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+        seqs: &[AttnSeq<'_>],
+        params: &AttnParams,
+    ) -> Result<Tensor> {
+        let [_, bs, nkv, hd] = k_pool.shape[..] else {
+            return Err(KernelError::Shape(format!("attention: pool shape {:?} is not 4-D", k_pool.shape)));
+        };
+        same_shape(k_pool, v_pool, "attention pools")?;
+        if nkv != params.n_kv_heads || hd != params.head_dim {
+            return Err(KernelError::Shape(format!(
+                "attention: pool [_, {bs}, {nkv}, {hd}] vs params ({} kv heads, head_dim {})",
+                params.n_kv_heads, params.head_dim
+            )));
+        }
+        let qs = read_f32(q, "attention q")?;
+        let kp = read_f32(k_pool, "attention k_pool")?;
+        let vp = read_f32(v_pool, "attention v_pool")?;
+        let out = attention::attention(&qs, &kp, &vp, bs, seqs, params)?;
+        let rows = out.len() / (params.n_heads * params.head_dim).max(1);
+        Ok(f32_tensor(vec![rows, params.n_heads * params.head_dim], out))
+    }
+
+    fn linear_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        beta: &Tensor,
+        g: &Tensor,
+        state: &Tensor,
+        params: &LinearAttnParams,
+    ) -> Result<Tensor> {
+        let (qs, ks, vs) = (read_f32(q, "q")?, read_f32(k, "k")?, read_f32(v, "v")?);
+        let (bs, gs) = (read_f32(beta, "beta")?, read_f32(g, "g")?);
+        let mut st = write_f32(state, "linear_attention state")?;
+        let out = linear::linear_attention(&qs, &ks, &vs, &bs, &gs, st.slice(), params)?;
+        let n = bs.len() / params.n_heads.max(1);
+        Ok(f32_tensor(vec![n, params.n_heads * params.value_dim], out))
+    }
+
+    fn gather_blocks(&self, pool: &Tensor, indices: &[u32]) -> Result<Vec<f32>> {
+        let p = read_f32(pool, "gather_blocks")?;
+        let block = pool.shape.iter().skip(1).product::<usize>();
+        reference::gather_blocks(&p, block, indices)
+    }
+
+    fn scatter_blocks(&self, pool: &Tensor, indices: &[u32], data: &[f32]) -> Result<()> {
+        let block = pool.shape.iter().skip(1).product::<usize>();
+        let mut p = write_f32(pool, "scatter_blocks")?;
+        reference::scatter_blocks(p.slice(), block, indices, data)
+    }
+
+    fn write(&self, t: &Tensor, data: &[f32]) -> Result<()> {
+        let mut w = write_f32(t, "write")?;
+        let dst = w.slice();
+        if dst.len() != data.len() {
+            return Err(KernelError::Shape(format!("write: tensor has {} values, data {}", dst.len(), data.len())));
+        }
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+simd::multiversion! {
+    /// `Σ x²`, vectorised.
+    fn simd_sumsq(x: &[f32]) -> f32 {
+        simd::dot(x, x)
+    }
+}

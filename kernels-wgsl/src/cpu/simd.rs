@@ -1,0 +1,173 @@
+//! Small building blocks written so LLVM vectorises them, plus runtime CPU-feature dispatch.
+//!
+//! The workspace builds for the baseline x86-64 target (SSE2) so that binaries run anywhere; the
+//! hot kernels are therefore compiled several times with `#[target_feature]` (AVX-512, AVX2+FMA)
+//! and the widest one the running CPU supports is picked once per call ([`Isa::get`]). Everything
+//! here is `#[inline(always)]` so it is compiled inside those feature-enabled callers.
+
+/// Lanes of the independent accumulators in reductions: enough for one AVX-512 register or two
+/// AVX2 registers, which also hides FMA latency.
+pub(crate) const LANES: usize = 16;
+
+/// The instruction set a kernel was dispatched to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+    Generic,
+}
+
+impl Isa {
+    /// The widest instruction set the running CPU supports (detection is cached by std).
+    #[inline]
+    pub(crate) fn get() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Generic
+    }
+}
+
+/// Define `$name(args) -> ret` that runs `$body` compiled for the widest available ISA.
+///
+/// The body is pasted into three functions (`avx512f`, `avx2,fma`, baseline) so that the
+/// `#[inline(always)]` helpers it calls are vectorised for that ISA.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx512($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx2($($arg: $ty),*) $(-> $ret)? $body
+            #[allow(clippy::too_many_arguments)]
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            match $crate::cpu::simd::Isa::get() {
+                // SAFETY: `Isa::get` checked that the CPU supports these target features.
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::simd::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::simd::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                _ => generic($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// `Σ a[i]·b[i]` with [`LANES`] independent accumulators (vectorises; order differs from a
+/// sequential sum by normal rounding only).
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut tail = 0.0;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail = x.mul_add(*y, tail);
+    }
+    hsum(&acc) + tail
+}
+
+/// Sum of the accumulator lanes, pairwise.
+#[inline(always)]
+pub(crate) fn hsum(acc: &[f32; LANES]) -> f32 {
+    let mut h = [0.0f32; LANES / 2];
+    for l in 0..LANES / 2 {
+        h[l] = acc[l] + acc[l + LANES / 2];
+    }
+    let mut q = [0.0f32; LANES / 4];
+    for l in 0..LANES / 4 {
+        q[l] = h[l] + h[l + LANES / 4];
+    }
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// `y[i] += a · x[i]`.
+#[inline(always)]
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = a.mul_add(x, *y);
+    }
+}
+
+/// `y[i] *= a`.
+#[inline(always)]
+pub(crate) fn scale(y: &mut [f32], a: f32) {
+    for y in y.iter_mut() {
+        *y *= a;
+    }
+}
+
+/// `e^x` for `x ≤ 0` (attention weights), branch-free so that loops over it vectorise.
+///
+/// Cephes-style: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for `e^r`, and `2^n`
+/// built in the exponent bits. Relative error ≲ 2 ulp; inputs below -87 flush to 0 (the weights
+/// they stand for are below f32's normal range anyway).
+#[inline(always)]
+pub(crate) fn exp_neg(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.max(-87.0).min(0.0);
+    let n = (xc * std::f32::consts::LOG2_E).round();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
+    let mut p = 1.987_569_1e-4f32;
+    p = p.mul_add(r, 1.398_2e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let er = p.mul_add(r * r, r) + 1.0;
+    let bits = ((n as i32 + 127) as u32) << 23;
+    let v = er * f32::from_bits(bits);
+    if x < -87.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_neg_matches_std() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 87.0 / 200_000.0;
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_neg(x));
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    #[test]
+    fn dot_and_hsum() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32).collect();
+        let b = vec![2.0f32; 37];
+        assert_eq!(dot(&a, &b), 2.0 * (0..37).sum::<i32>() as f32);
+    }
+}

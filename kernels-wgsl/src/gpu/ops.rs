@@ -1,0 +1,928 @@
+//! [`WgpuBackend`]: every [`Backend`] operation as a WGSL dispatch recorded into the pending
+//! command encoder. All inputs are checked on the host so bad shapes or indices are typed errors,
+//! never out-of-bounds GPU accesses.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::{Gpu, GpuStorage, Kernel, MatmulPath, Res, WeightTex};
+use crate::backend::{
+    AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, HostTensor, KernelError,
+    LinearAttnParams, Result, RopeStyle, Storage, Tensor,
+};
+
+/// Output rows per workgroup of `matmul_tex.wgsl` (its constant `R`).
+const TEX_ROWS: usize = 8;
+/// Output columns per lane of `matmul_tex.wgsl` (its constant `C`; a workgroup has 8 lanes).
+const TEX_COLS: usize = 4;
+
+/// Up to this many rows, matmul runs `matvec.wgsl` (decode); `MAX_ROWS` there.
+const MATVEC_ROWS: usize = 8;
+
+/// `WTYPE` constant of `dequant.wgsl`.
+fn wtype(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::Q4_1 => 2,
+        DType::Q8_0 => 3,
+    }
+}
+
+fn u32_of(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| KernelError::Unsupported(format!("{what} = {n} exceeds u32")))
+}
+
+/// The wgpu backend. Cheap to clone (shares one [`Gpu`]).
+#[derive(Clone)]
+pub struct WgpuBackend {
+    gpu: Arc<Gpu>,
+}
+
+impl WgpuBackend {
+    /// Open the best adapter (see [`Gpu::new`]); `KernelError::NoAdapter` when there is none.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            gpu: Arc::new(Gpu::new()?),
+        })
+    }
+
+    /// Like [`WgpuBackend::new`] with an explicit matmul kernel choice.
+    pub fn with_matmul(path: MatmulPath) -> Result<Self> {
+        Ok(Self {
+            gpu: Arc::new(Gpu::with_matmul(path)?),
+        })
+    }
+
+    /// The device context (adapter facts, limits).
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// True when matmuls with texture-friendly shapes use the subgroup/texture kernel.
+    pub fn uses_texture_matmul(&self) -> bool {
+        self.gpu.tex_matmul
+    }
+
+    fn storage<'t>(&self, t: &'t Tensor) -> Result<&'t Arc<GpuStorage>> {
+        match &t.storage {
+            Storage::Gpu(s) => Ok(s),
+            Storage::Cpu(_) => Err(KernelError::WrongBackend("cpu")),
+        }
+    }
+
+    fn buf<'t>(&self, t: &'t Tensor) -> Result<&'t wgpu::Buffer> {
+        Ok(&self.storage(t)?.buffer)
+    }
+
+    fn f32_tensor<'t>(&self, t: &'t Tensor, what: &str) -> Result<&'t wgpu::Buffer> {
+        if t.dtype != DType::F32 {
+            return Err(KernelError::InvalidArgument(format!(
+                "{what} must be F32, got {:?}",
+                t.dtype
+            )));
+        }
+        self.buf(t)
+    }
+
+    /// A fresh F32 tensor of `shape` (uninitialised; every op writes all of it).
+    fn output(&self, shape: Vec<usize>) -> Result<(Tensor, Arc<GpuStorage>)> {
+        let numel: usize = shape.iter().product();
+        let storage = self.gpu.storage(self.gpu.alloc(numel as u64 * 4)?);
+        let t = Tensor {
+            shape,
+            dtype: DType::F32,
+            storage: Storage::Gpu(Arc::clone(&storage)),
+        };
+        Ok((t, storage))
+    }
+
+    /// Row-wise kernels (`rows` rows of `d`).
+    fn rows_of(&self, x: &Tensor) -> Result<(usize, usize)> {
+        let d = *x
+            .shape
+            .last()
+            .ok_or_else(|| KernelError::Shape("scalar tensor".into()))?;
+        if d == 0 {
+            return Ok((0, 0));
+        }
+        Ok((x.numel() / d, d))
+    }
+
+    /// Texture form of a matmul weight, created on first use by a repack kernel.
+    fn weight_tex(&self, w: &Tensor, n: usize, k: usize) -> Result<Option<Arc<WeightTex>>> {
+        let st = self.storage(w)?;
+        let mut slot = st
+            .tex
+            .lock()
+            .map_err(|_| KernelError::Device("tex lock poisoned".into()))?;
+        if let Some(t) = slot.as_ref().filter(|t| t.dims == (n, k)) {
+            return Ok(Some(Arc::clone(t)));
+        }
+        let max = self.gpu.limits.max_texture_dimension_2d as usize;
+        let quantized = w.dtype == DType::Q4_1;
+        let row_texels = if quantized { k / 32 } else { k.div_ceil(4) };
+        let rows_per_fold = n.min(max);
+        let folds = n.div_ceil(rows_per_fold.max(1));
+        if folds * row_texels > max {
+            return Ok(None);
+        }
+        let (w_tex, h_tex) = (
+            u32_of(folds * row_texels, "texture width")?,
+            rows_per_fold as u32,
+        );
+        let params =
+            self.gpu
+                .uniform(&[n as u32, k as u32, rows_per_fold as u32, row_texels as u32]);
+        let dummy_f = || self.gpu.texture(1, 1, wgpu::TextureFormat::Rgba32Float);
+        let tex = if quantized {
+            let q_view = self
+                .gpu
+                .texture(w_tex, h_tex, wgpu::TextureFormat::Rgba32Uint);
+            let s_view = self
+                .gpu
+                .texture(w_tex, h_tex, wgpu::TextureFormat::Rgba32Float);
+            self.gpu.dispatch(
+                Kernel::RepackQ41,
+                wtype(w.dtype),
+                &[
+                    (1, Res::Buf(&st.buffer)),
+                    (3, Res::Buf(&params)),
+                    (4, Res::Tex(&q_view)),
+                    (5, Res::Tex(&s_view)),
+                ],
+                Gpu::grid(n * row_texels, 256),
+            )?;
+            WeightTex {
+                f32_view: dummy_f(),
+                q_view,
+                s_view,
+                rows_per_fold: h_tex,
+                row_texels: row_texels as u32,
+                quantized,
+                dims: (n, k),
+            }
+        } else {
+            let f32_view = self
+                .gpu
+                .texture(w_tex, h_tex, wgpu::TextureFormat::Rgba32Float);
+            self.gpu.dispatch(
+                Kernel::RepackF32,
+                wtype(w.dtype),
+                &[
+                    (1, Res::Buf(&st.buffer)),
+                    (2, Res::Tex(&f32_view)),
+                    (3, Res::Buf(&params)),
+                ],
+                Gpu::grid(n * row_texels, 256),
+            )?;
+            WeightTex {
+                f32_view,
+                q_view: self.gpu.texture(1, 1, wgpu::TextureFormat::Rgba32Uint),
+                s_view: dummy_f(),
+                rows_per_fold: h_tex,
+                row_texels: row_texels as u32,
+                quantized,
+                dims: (n, k),
+            }
+        };
+        let tex = Arc::new(tex);
+        *slot = Some(Arc::clone(&tex));
+        Ok(Some(tex))
+    }
+
+    /// The texture/subgroup matmul; `Ok(false)` when shapes do not fit it.
+    fn matmul_tex(
+        &self,
+        x: &wgpu::Buffer,
+        w: &Tensor,
+        out: &wgpu::Buffer,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<bool> {
+        let max = self.gpu.limits.max_texture_dimension_2d as usize;
+        if !self.gpu.tex_matmul || !k.is_multiple_of(32) || m > max || k / 4 > max {
+            return Ok(false);
+        }
+        let Some(wt) = self.weight_tex(w, n, k)? else {
+            return Ok(false);
+        };
+        // Activations: repack x into a texture (one row per texture row).
+        let x_tex = self.gpu.scratch_texture(
+            u32_of(k / 4, "k")?,
+            u32_of(m, "m")?,
+            wgpu::TextureFormat::Rgba32Float,
+        );
+        let x_view = x_tex.create_view(&wgpu::TextureViewDescriptor::default());
+        let xp = self
+            .gpu
+            .uniform(&[m as u32, k as u32, m as u32, (k / 4) as u32]);
+        self.gpu.dispatch(
+            Kernel::RepackF32,
+            0,
+            &[(1, Res::Buf(x)), (2, Res::Tex(&x_view)), (3, Res::Buf(&xp))],
+            Gpu::grid(m * k / 4, 256),
+        )?;
+        let params = self.gpu.uniform(&[
+            m as u32,
+            n as u32,
+            k as u32,
+            wt.rows_per_fold,
+            wt.row_texels,
+            0,
+            0,
+            0,
+        ]);
+        self.gpu.dispatch(
+            Kernel::MatmulTex,
+            u32::from(wt.quantized),
+            &[
+                (0, Res::Tex(&x_view)),
+                (1, Res::Tex(&wt.f32_view)),
+                (2, Res::Buf(out)),
+                (3, Res::Buf(&params)),
+                (4, Res::Tex(&wt.q_view)),
+                (5, Res::Tex(&wt.s_view)),
+            ],
+            (
+                u32_of(n.div_ceil(8 * TEX_COLS), "n")?,
+                u32_of(m.div_ceil(TEX_ROWS), "m")?,
+                1,
+            ),
+        )?;
+        self.gpu.give_texture(x_tex);
+        Ok(true)
+    }
+
+    /// Host-checked row scatter (`dst[idx[r]] = src[r]`) of `row` floats per index.
+    fn scatter_rows(
+        &self,
+        dst: &wgpu::Buffer,
+        src: &wgpu::Buffer,
+        idx: &[u32],
+        row: usize,
+    ) -> Result<()> {
+        let ib = self.gpu.storage_u32(idx);
+        let params = self
+            .gpu
+            .uniform(&[u32_of(idx.len(), "rows")?, u32_of(row, "row")?, 0, 0]);
+        self.gpu.dispatch(
+            Kernel::Rows,
+            0,
+            &[
+                (0, Res::Buf(src)),
+                (1, Res::Buf(&ib)),
+                (2, Res::Buf(dst)),
+                (3, Res::Buf(&params)),
+            ],
+            Gpu::grid(idx.len() * row, 256),
+        )
+    }
+
+    /// `(rows, row length)` of a pool tensor, checking indices against its first dimension.
+    fn pool_rows(&self, pool: &Tensor, indices: &[u32]) -> Result<usize> {
+        let blocks = *pool
+            .shape
+            .first()
+            .ok_or_else(|| KernelError::Shape("scalar pool".into()))?;
+        if let Some(&bad) = indices.iter().find(|&&i| i as usize >= blocks) {
+            return Err(KernelError::InvalidArgument(format!(
+                "block index {bad} >= {blocks} blocks"
+            )));
+        }
+        Ok(pool.numel().checked_div(blocks).unwrap_or(0))
+    }
+}
+
+impl Backend for WgpuBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            kind: BackendKind::Wgpu,
+            description: self.gpu.describe(),
+            software: self.gpu.software,
+        }
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<Tensor> {
+        let numel = host.numel();
+        if !numel.is_multiple_of(host.dtype.block_len())
+            || host.bytes.len() != host.dtype.bytes_for(numel)
+        {
+            return Err(KernelError::Shape(format!(
+                "{:?} tensor {:?} needs {} bytes, got {}",
+                host.dtype,
+                host.shape,
+                host.dtype.bytes_for(numel - numel % host.dtype.block_len()),
+                host.bytes.len()
+            )));
+        }
+        let bytes = host.bytes.len() as u64;
+        if bytes > self.gpu.limits.max_storage_buffer_binding_size {
+            return Err(KernelError::Unsupported(format!(
+                "tensor of {bytes} bytes exceeds the storage binding limit"
+            )));
+        }
+        let buffer = self.gpu.buffer_init(
+            &host.bytes,
+            wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        );
+        Ok(Tensor {
+            shape: host.shape.clone(),
+            dtype: host.dtype,
+            storage: Storage::Gpu(self.gpu.storage(buffer)),
+        })
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let b = self.f32_tensor(t, "download")?;
+        let bytes = self.gpu.read(b, t.numel() as u64 * 4)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        let (t, st) = self.output(shape.to_vec())?;
+        let buffer = st.buffer.clone();
+        self.gpu.record(|enc| enc.clear_buffer(&buffer, 0, None))?;
+        Ok(t)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.gpu.sync()
+    }
+
+    fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        let [vocab, d] = table.shape[..] else {
+            return Err(KernelError::Shape(format!(
+                "embedding table must be 2D, got {:?}",
+                table.shape
+            )));
+        };
+        if !d.is_multiple_of(table.dtype.block_len()) {
+            return Err(KernelError::Shape(format!(
+                "row length {d} is not a whole number of blocks"
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(KernelError::InvalidArgument(format!(
+                "token id {bad} >= vocab {vocab}"
+            )));
+        }
+        let (out, st) = self.output(vec![ids.len(), d])?;
+        let idb = self.gpu.storage_u32(ids);
+        let params = self
+            .gpu
+            .uniform(&[u32_of(ids.len(), "ids")?, u32_of(d, "d")?, 0, 0]);
+        self.gpu.dispatch(
+            Kernel::Embedding,
+            wtype(table.dtype),
+            &[
+                (0, Res::Buf(&idb)),
+                (1, Res::Buf(self.buf(table)?)),
+                (2, Res::Buf(&st.buffer)),
+                (3, Res::Buf(&params)),
+            ],
+            Gpu::grid(ids.len() * d, 256),
+        )?;
+        Ok(out)
+    }
+
+    fn matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let xb = self.f32_tensor(x, "matmul input")?;
+        let [n, k] = w.shape[..] else {
+            return Err(KernelError::Shape(format!(
+                "matmul weight must be 2D, got {:?}",
+                w.shape
+            )));
+        };
+        let (m, xk) = self.rows_of(x)?;
+        if xk != k {
+            return Err(KernelError::Shape(format!(
+                "matmul: x {:?} vs w {:?}",
+                x.shape, w.shape
+            )));
+        }
+        if !k.is_multiple_of(w.dtype.block_len()) {
+            return Err(KernelError::Shape(format!(
+                "matmul: k = {k} is not a whole number of {:?} blocks",
+                w.dtype
+            )));
+        }
+        let mut shape = x.shape.clone();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        let (out, st) = self.output(shape)?;
+        if m == 0 || n == 0 {
+            return Ok(out);
+        }
+        if k == 0 {
+            let b = st.buffer.clone();
+            self.gpu.record(|enc| enc.clear_buffer(&b, 0, None))?;
+            return Ok(out);
+        }
+        // On lavapipe the texture kernel wins at every m (matvec.wgsl: 0.04 GFLOP/s there at
+        // 1×576×1536 vs ~1–2); elsewhere few-row matmuls use the bandwidth-friendly matvec.
+        if self.matmul_tex(xb, w, &st.buffer, m, n, k)? {
+            return Ok(out);
+        }
+        let params = self
+            .gpu
+            .uniform(&[u32_of(m, "m")?, u32_of(n, "n")?, u32_of(k, "k")?, 0]);
+        let (kernel, groups) = if m <= MATVEC_ROWS {
+            (Kernel::Matvec, Gpu::grid(n, 1))
+        } else {
+            (
+                Kernel::Matmul,
+                (
+                    u32_of(n.div_ceil(64), "n")?,
+                    u32_of(m.div_ceil(64), "m")?,
+                    1,
+                ),
+            )
+        };
+        self.gpu.dispatch(
+            kernel,
+            wtype(w.dtype),
+            &[
+                (0, Res::Buf(xb)),
+                (1, Res::Buf(self.buf(w)?)),
+                (2, Res::Buf(&st.buffer)),
+                (3, Res::Buf(&params)),
+            ],
+            groups,
+        )?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        let xb = self.f32_tensor(x, "rms_norm input")?;
+        let wb = self.f32_tensor(w, "rms_norm weight")?;
+        let (rows, d) = self.rows_of(x)?;
+        if w.numel() != d {
+            return Err(KernelError::Shape(format!(
+                "rms_norm: x {:?} vs w {:?}",
+                x.shape, w.shape
+            )));
+        }
+        let (out, st) = self.output(x.shape.clone())?;
+        let params = self
+            .gpu
+            .uniform(&[u32_of(rows, "rows")?, u32_of(d, "d")?, eps.to_bits(), 0]);
+        self.gpu.dispatch(
+            Kernel::RmsNorm,
+            0,
+            &[
+                (0, Res::Buf(xb)),
+                (1, Res::Buf(wb)),
+                (2, Res::Buf(&st.buffer)),
+                (3, Res::Buf(&params)),
+            ],
+            Gpu::grid(rows, 1),
+        )?;
+        Ok(out)
+    }
+
+    fn rope(&self, x: &Tensor, positions: &[u32], base: f32, style: RopeStyle) -> Result<Tensor> {
+        let xb = self.f32_tensor(x, "rope input")?;
+        let [n, heads, hd] = x.shape[..] else {
+            return Err(KernelError::Shape(format!(
+                "rope input must be [n, heads, head_dim], got {:?}",
+                x.shape
+            )));
+        };
+        if positions.len() != n || !hd.is_multiple_of(2) {
+            return Err(KernelError::Shape(format!(
+                "rope: {} positions for {n} rows, head_dim {hd} (must be even)",
+                positions.len()
+            )));
+        }
+        if !(base > 0.0 && base.is_finite()) {
+            return Err(KernelError::InvalidArgument(format!("rope base {base}")));
+        }
+        let (out, st) = self.output(x.shape.clone())?;
+        let pb = self.gpu.storage_u32(positions);
+        let neox = u32::from(style == RopeStyle::Neox);
+        let params = self.gpu.uniform(&[
+            u32_of(n, "n")?,
+            u32_of(heads, "heads")?,
+            u32_of(hd, "head_dim")?,
+            neox,
+            base.log2().to_bits(),
+            0,
+            0,
+            0,
+        ]);
+        self.gpu.dispatch(
+            Kernel::Rope,
+            0,
+            &[
+                (0, Res::Buf(xb)),
+                (1, Res::Buf(&pb)),
+                (2, Res::Buf(&st.buffer)),
+                (3, Res::Buf(&params)),
+            ],
+            Gpu::grid(n * heads * hd / 2, 256),
+        )?;
+        Ok(out)
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        elementwise(self, gate, up, 1)
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        elementwise(self, a, b, 0)
+    }
+
+    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+        let xb = self.f32_tensor(x, "softmax input")?;
+        let (rows, d) = self.rows_of(x)?;
+        let (out, st) = self.output(x.shape.clone())?;
+        let params = self
+            .gpu
+            .uniform(&[u32_of(rows, "rows")?, u32_of(d, "d")?, 0, 0]);
+        self.gpu.dispatch(
+            Kernel::Softmax,
+            0,
+            &[
+                (0, Res::Buf(xb)),
+                (1, Res::Buf(&st.buffer)),
+                (2, Res::Buf(&params)),
+            ],
+            Gpu::grid(rows, 1),
+        )?;
+        Ok(out)
+    }
+
+    fn argmax(&self, x: &Tensor) -> Result<Vec<u32>> {
+        let xb = self.f32_tensor(x, "argmax input")?;
+        let (rows, d) = self.rows_of(x)?;
+        if d == 0 {
+            return Err(KernelError::Shape("argmax of empty rows".into()));
+        }
+        let ob = self.gpu.alloc(rows as u64 * 4)?;
+        let params = self
+            .gpu
+            .uniform(&[u32_of(rows, "rows")?, u32_of(d, "d")?, 0, 0]);
+        self.gpu.dispatch(
+            Kernel::Argmax,
+            0,
+            &[
+                (0, Res::Buf(xb)),
+                (1, Res::Buf(&ob)),
+                (2, Res::Buf(&params)),
+            ],
+            Gpu::grid(rows, 1),
+        )?;
+        let bytes = self.gpu.read(&ob, rows as u64 * 4)?;
+        // Scratch buffer goes back to the pool.
+        drop(self.gpu.storage(ob));
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn kv_write(
+        &self,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        slots: &[u32],
+    ) -> Result<()> {
+        let kp = self.f32_tensor(k_pool, "k_pool")?;
+        let vp = self.f32_tensor(v_pool, "v_pool")?;
+        let kb = self.f32_tensor(k, "k")?;
+        let vb = self.f32_tensor(v, "v")?;
+        if k_pool.shape != v_pool.shape || k_pool.shape.len() != 4 || k.shape != v.shape {
+            return Err(KernelError::Shape(format!(
+                "kv_write: pools {:?}/{:?}, k/v {:?}/{:?}",
+                k_pool.shape, v_pool.shape, k.shape, v.shape
+            )));
+        }
+        let n_slots = k_pool.shape[0] * k_pool.shape[1];
+        let row = k_pool.shape[2] * k_pool.shape[3];
+        if k.numel() != slots.len() * row {
+            return Err(KernelError::Shape(format!(
+                "kv_write: k {:?} does not hold {} rows of {row}",
+                k.shape,
+                slots.len()
+            )));
+        }
+        if let Some(&bad) = slots.iter().find(|&&s| s as usize >= n_slots) {
+            return Err(KernelError::InvalidArgument(format!(
+                "slot {bad} >= {n_slots} pool slots"
+            )));
+        }
+        let mut seen = HashSet::with_capacity(slots.len());
+        if let Some(&dup) = slots.iter().find(|&&s| !seen.insert(s)) {
+            return Err(KernelError::InvalidArgument(format!(
+                "slot {dup} written twice"
+            )));
+        }
+        if slots.is_empty() {
+            return Ok(());
+        }
+        self.storage(k_pool)?.invalidate();
+        self.storage(v_pool)?.invalidate();
+        self.scatter_rows(kp, kb, slots, row)?;
+        self.scatter_rows(vp, vb, slots, row)
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+        seqs: &[AttnSeq<'_>],
+        params: &AttnParams,
+    ) -> Result<Tensor> {
+        let qb = self.f32_tensor(q, "q")?;
+        let kp = self.f32_tensor(k_pool, "k_pool")?;
+        let vp = self.f32_tensor(v_pool, "v_pool")?;
+        let AttnParams {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale,
+            window,
+        } = *params;
+        if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || head_dim == 0 {
+            return Err(KernelError::Shape(format!(
+                "attention: n_kv_heads {n_kv_heads} must divide n_heads {n_heads} (head_dim {head_dim})"
+            )));
+        }
+        if head_dim > 256 {
+            return Err(KernelError::Unsupported(format!(
+                "attention: head_dim {head_dim} > 256"
+            )));
+        }
+        if window == Some(0) {
+            return Err(KernelError::InvalidArgument(
+                "attention window of 0 tokens".into(),
+            ));
+        }
+        let [n_blocks, block_size, pk, pd] = k_pool.shape[..] else {
+            return Err(KernelError::Shape(format!(
+                "k_pool must be 4D, got {:?}",
+                k_pool.shape
+            )));
+        };
+        if v_pool.shape != k_pool.shape || pk != n_kv_heads || pd != head_dim || block_size == 0 {
+            return Err(KernelError::Shape(format!(
+                "attention: pools {:?}/{:?} vs {n_kv_heads} kv heads × {head_dim}",
+                k_pool.shape, v_pool.shape
+            )));
+        }
+        let rows: usize = seqs.iter().map(|s| s.n_new).sum();
+        if q.numel() != rows * n_heads * head_dim {
+            return Err(KernelError::Shape(format!(
+                "attention: q {:?} vs {rows} new tokens × {n_heads} heads × {head_dim}",
+                q.shape
+            )));
+        }
+        let mut rowinfo = Vec::with_capacity(rows * 2);
+        let mut bt = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let len = s.n_past + s.n_new;
+            let need = len.div_ceil(block_size);
+            let table = s.block_table.get(..need).ok_or_else(|| {
+                KernelError::Shape(format!(
+                    "sequence {i}: {len} tokens need {need} blocks, table has {}",
+                    s.block_table.len()
+                ))
+            })?;
+            if let Some(&bad) = table.iter().find(|&&b| b as usize >= n_blocks) {
+                return Err(KernelError::InvalidArgument(format!(
+                    "sequence {i}: block {bad} >= {n_blocks}"
+                )));
+            }
+            let off = u32_of(bt.len(), "block table")?;
+            bt.extend_from_slice(table);
+            for j in 0..s.n_new {
+                rowinfo.push(u32_of(s.n_past + j, "position")?);
+                rowinfo.push(off);
+            }
+        }
+        let (out, st) = self.output(vec![rows, n_heads * head_dim])?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let rib = self.gpu.storage_u32(&rowinfo);
+        let btb = self.gpu.storage_u32(&bt);
+        let ub = self.gpu.uniform(&[
+            u32_of(n_heads, "heads")?,
+            u32_of(n_kv_heads, "kv heads")?,
+            head_dim as u32,
+            (n_heads / n_kv_heads) as u32,
+            u32_of(block_size, "block size")?,
+            u32_of(window.unwrap_or(0), "window")?,
+            u32_of(rows, "rows")?,
+            scale.to_bits(),
+        ]);
+        let groups = (
+            u32_of(n_heads, "heads")?,
+            rows.min(65535) as u32,
+            rows.div_ceil(65535) as u32,
+        );
+        self.gpu.dispatch(
+            Kernel::Attention,
+            0,
+            &[
+                (0, Res::Buf(qb)),
+                (1, Res::Buf(kp)),
+                (2, Res::Buf(vp)),
+                (3, Res::Buf(&rib)),
+                (4, Res::Buf(&btb)),
+                (5, Res::Buf(&st.buffer)),
+                (6, Res::Buf(&ub)),
+            ],
+            groups,
+        )?;
+        Ok(out)
+    }
+
+    fn linear_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        beta: &Tensor,
+        g: &Tensor,
+        state: &Tensor,
+        params: &LinearAttnParams,
+    ) -> Result<Tensor> {
+        let LinearAttnParams {
+            n_heads: h,
+            key_dim: dk,
+            value_dim: dv,
+            scale,
+            chunk,
+        } = *params;
+        let n = beta.numel() / h.max(1);
+        let shape_ok = h > 0
+            && dk > 0
+            && dv > 0
+            && q.numel() == n * h * dk
+            && k.numel() == n * h * dk
+            && v.numel() == n * h * dv
+            && beta.numel() == n * h
+            && g.numel() == n * h
+            && state.numel() == h * dv * dk;
+        if !shape_ok {
+            return Err(KernelError::Shape(format!(
+                "linear_attention: q {:?} k {:?} v {:?} beta {:?} g {:?} state {:?} for {h} heads, dk {dk}, dv {dv}",
+                q.shape, k.shape, v.shape, beta.shape, g.shape, state.shape
+            )));
+        }
+        let bufs = [
+            self.f32_tensor(q, "q")?,
+            self.f32_tensor(k, "k")?,
+            self.f32_tensor(v, "v")?,
+            self.f32_tensor(beta, "beta")?,
+            self.f32_tensor(g, "g")?,
+            self.f32_tensor(state, "state")?,
+        ];
+        let (out, st) = self.output(vec![n, h * dv])?;
+        if n == 0 || dv == 0 {
+            return Ok(out);
+        }
+        self.storage(state)?.invalidate();
+        let ub = self.gpu.uniform(&[
+            u32_of(n, "n")?,
+            u32_of(h, "heads")?,
+            u32_of(dk, "dk")?,
+            u32_of(dv, "dv")?,
+            scale.to_bits(),
+            // The chunk length changes how work is split, never the result; the kernel's
+            // workgroup matrices hold at most 32 tokens.
+            u32_of(chunk.min(32), "chunk")?,
+            0,
+            0,
+        ]);
+        let res = [
+            (0, Res::Buf(bufs[0])),
+            (1, Res::Buf(bufs[1])),
+            (2, Res::Buf(bufs[2])),
+            (3, Res::Buf(bufs[3])),
+            (4, Res::Buf(bufs[4])),
+            (5, Res::Buf(bufs[5])),
+            (6, Res::Buf(&st.buffer)),
+            (7, Res::Buf(&ub)),
+        ];
+        // Decode (and chunk <= 1) runs the token-by-token kernel; prefill the chunked one.
+        if n == 1 || chunk <= 1 {
+            self.gpu
+                .dispatch(Kernel::LinearStep, 0, &res, Gpu::grid(h * dv, 64))?;
+        } else {
+            self.gpu
+                .dispatch(Kernel::LinearChunked, 0, &res, (u32_of(h, "heads")?, 1, 1))?;
+        }
+        Ok(out)
+    }
+
+    fn gather_blocks(&self, pool: &Tensor, indices: &[u32]) -> Result<Vec<f32>> {
+        let pb = self.f32_tensor(pool, "pool")?;
+        let row = self.pool_rows(pool, indices)?;
+        let n = indices.len() * row;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let ob = self.gpu.alloc(n as u64 * 4)?;
+        let ib = self.gpu.storage_u32(indices);
+        let params = self
+            .gpu
+            .uniform(&[u32_of(indices.len(), "rows")?, u32_of(row, "row")?, 0, 0]);
+        self.gpu.dispatch(
+            Kernel::Rows,
+            1,
+            &[
+                (0, Res::Buf(pb)),
+                (1, Res::Buf(&ib)),
+                (2, Res::Buf(&ob)),
+                (3, Res::Buf(&params)),
+            ],
+            Gpu::grid(n, 256),
+        )?;
+        let bytes = self.gpu.read(&ob, n as u64 * 4)?;
+        drop(self.gpu.storage(ob));
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn scatter_blocks(&self, pool: &Tensor, indices: &[u32], data: &[f32]) -> Result<()> {
+        let pb = self.f32_tensor(pool, "pool")?;
+        let row = self.pool_rows(pool, indices)?;
+        if data.len() != indices.len() * row {
+            return Err(KernelError::Shape(format!(
+                "scatter_blocks: {} values for {} blocks of {row}",
+                data.len(),
+                indices.len()
+            )));
+        }
+        let mut seen = HashSet::with_capacity(indices.len());
+        if let Some(&dup) = indices.iter().find(|&&s| !seen.insert(s)) {
+            return Err(KernelError::InvalidArgument(format!(
+                "block {dup} written twice"
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.storage(pool)?.invalidate();
+        let src = self
+            .gpu
+            .buffer_init(bytemuck::cast_slice(data), wgpu::BufferUsages::STORAGE);
+        self.scatter_rows(pb, &src, indices, row)
+    }
+
+    fn write(&self, t: &Tensor, data: &[f32]) -> Result<()> {
+        let b = self.f32_tensor(t, "write target")?;
+        if data.len() != t.numel() {
+            return Err(KernelError::Shape(format!(
+                "write: {} values into {:?}",
+                data.len(),
+                t.shape
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.storage(t)?.invalidate();
+        // Copy through the encoder (not queue.write_buffer) so the write stays ordered after
+        // already-recorded reads of the old contents.
+        let src = self
+            .gpu
+            .buffer_init(bytemuck::cast_slice(data), wgpu::BufferUsages::COPY_SRC);
+        let size = data.len() as u64 * 4;
+        self.gpu
+            .record(|enc| enc.copy_buffer_to_buffer(&src, 0, b, 0, size))
+    }
+}
+
+/// `add` (op 0) and `swiglu` (op 1).
+fn elementwise(be: &WgpuBackend, a: &Tensor, b: &Tensor, op: u32) -> Result<Tensor> {
+    let ab = be.f32_tensor(a, "lhs")?;
+    let bb = be.f32_tensor(b, "rhs")?;
+    if a.shape != b.shape {
+        return Err(KernelError::Shape(format!(
+            "elementwise: {:?} vs {:?}",
+            a.shape, b.shape
+        )));
+    }
+    let (out, st) = be.output(a.shape.clone())?;
+    let len = a.numel();
+    let params = be.gpu.uniform(&[u32_of(len, "len")?, 0, 0, 0]);
+    be.gpu.dispatch(
+        Kernel::Elementwise,
+        op,
+        &[
+            (0, Res::Buf(ab)),
+            (1, Res::Buf(bb)),
+            (2, Res::Buf(&st.buffer)),
+            (3, Res::Buf(&params)),
+        ],
+        Gpu::grid(len, 256),
+    )?;
+    Ok(out)
+}

@@ -1,0 +1,58 @@
+// Matmul for a few rows (decode: m <= 8) over storage buffers (prefixed by dequant.wgsl):
+// `out[r, n] = Σ_k x[r, k] · w[n, k]`. One 64-thread workgroup per output column: threads stride
+// over k so a weight row is read contiguously (and dequantized) once and applied to every row of x,
+// then a tree reduction per row. Decode is bound by weight bandwidth, which this reads once;
+// the 64×64-tiled kernel would waste 63/64 of its work on one row.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<uniform> p: Params;
+
+const WG: u32 = 64u;
+const MAX_ROWS: u32 = 8u;
+
+var<workgroup> red: array<f32, 512>;
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let col = wid.x + wid.y * nwg.x;
+    if (col >= p.n) {
+        return;
+    }
+    var part: array<f32, 8>;
+    let wrow = col * p.k;
+    for (var kk = li; kk < p.k; kk += WG) {
+        let wv = wval(wrow + kk);
+        for (var r = 0u; r < MAX_ROWS; r++) {
+            if (r < p.m) {
+                part[r] += x[r * p.k + kk] * wv;
+            }
+        }
+    }
+    for (var r = 0u; r < MAX_ROWS; r++) {
+        red[r * WG + li] = part[r];
+    }
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st >>= 1u) {
+        if (li < st) {
+            for (var r = 0u; r < MAX_ROWS; r++) {
+                red[r * WG + li] += red[r * WG + li + st];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (li < p.m) {
+        out[li * p.n + col] = red[li * WG];
+    }
+}

@@ -1,0 +1,185 @@
+//! Advert wire types (CBOR via ciborium). DESIGN.md §3 lists every field.
+
+use serde::{Deserialize, Serialize};
+
+/// What a node offers to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Role {
+    /// Runs prefill for others (bids in auctions, streams KV out).
+    Prefill,
+    /// Accepts client requests and decodes (runs auctions, receives KV).
+    Decode,
+}
+
+/// Identifies a model and KV layout without the mesh knowing anything about models: all opaque.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ModelRef {
+    /// Human-readable model id (e.g. the GGUF file stem).
+    pub model_id: String,
+    /// Hash of the weights; two nodes share KV only if this matches.
+    pub weights_hash: [u8; 32],
+    /// Version of the KV cache layout (block size, dtype, head order…).
+    pub kv_layout_version: u32,
+    /// Hash of the full KV layout description, for mismatches the version does not catch.
+    pub kv_layout_hash: [u8; 32],
+}
+
+/// One point of a node's measured prefill speed curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PrefillPoint {
+    /// Prompt length in tokens.
+    pub tokens: u32,
+    /// Measured prefill throughput at that length.
+    pub tokens_per_sec: f32,
+}
+
+/// Compact summary of cached prefix blocks: a Bloom filter over 64-bit block hashes, so a home
+/// node can guess which peer already holds (part of) a prompt without listing every block.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PrefixSummary {
+    /// Filter bits, little-endian bit order within each byte. Empty means "nothing cached".
+    #[serde(with = "crate::wire::cbor_bytes")]
+    pub bits: Vec<u8>,
+    /// Number of hash probes per key (0 with an empty filter).
+    pub probes: u8,
+}
+
+impl PrefixSummary {
+    /// An empty filter of `bytes` bytes using `probes` probes per key.
+    pub fn with_size(bytes: usize, probes: u8) -> Self {
+        Self {
+            bits: vec![0; bytes],
+            probes,
+        }
+    }
+
+    /// Bit positions for `key` by double hashing; the block hash is already uniform, so splitting
+    /// it (plus one multiplicative remix) is enough.
+    fn positions(&self, key: u64) -> impl Iterator<Item = usize> + '_ {
+        let nbits = (self.bits.len() * 8) as u64;
+        let h1 = key;
+        let h2 = key.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(31) | 1;
+        (0..u64::from(self.probes)).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) % nbits) as usize)
+    }
+
+    /// Records one block hash.
+    pub fn insert(&mut self, key: u64) {
+        if self.bits.is_empty() {
+            return;
+        }
+        let pos: Vec<usize> = self.positions(key).collect();
+        for p in pos {
+            self.bits[p / 8] |= 1 << (p % 8);
+        }
+    }
+
+    /// `false` means certainly not cached; `true` means probably cached.
+    pub fn may_contain(&self, key: u64) -> bool {
+        if self.bits.is_empty() || self.probes == 0 {
+            return false;
+        }
+        self.positions(key).all(|p| self.bits[p / 8] & (1 << (p % 8)) != 0)
+    }
+
+    /// How many leading blocks of `prefix_block_hashes` are probably cached.
+    pub fn cached_prefix_blocks(&self, prefix_block_hashes: &[u64]) -> usize {
+        prefix_block_hashes
+            .iter()
+            .take_while(|h| self.may_contain(**h))
+            .count()
+    }
+}
+
+/// What the application says about itself; the mesh adds identity, sequence and network facts.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AdvertBody {
+    /// Operator-chosen region label (e.g. `eu-west`).
+    pub region: String,
+    /// Roles this node currently plays.
+    pub roles: Vec<Role>,
+    /// Models (and KV layouts) this node can serve.
+    pub models: Vec<ModelRef>,
+    /// Prefill speed at a few prompt lengths.
+    pub prefill_profile: Vec<PrefillPoint>,
+    /// Requests waiting for prefill right now.
+    pub queue_depth: u32,
+    /// Free KV cache blocks.
+    pub free_kv_blocks: u64,
+    /// Asking price per 1,000 prefill tokens (arbitrary mesh currency units).
+    pub price_per_1k_tokens: f64,
+    /// Which prefix blocks are cached here.
+    pub prefix_summary: PrefixSummary,
+    /// Software version string, for operators and compatibility checks.
+    pub software_version: String,
+}
+
+/// Goodput this node has observed towards one peer (so others can reason about the mesh's links).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BandwidthReport {
+    /// Peer id (base58).
+    pub peer: String,
+    /// EWMA of achieved KV goodput, bytes per second.
+    pub bytes_per_sec: f64,
+}
+
+/// The full advert as gossiped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Advert {
+    /// Sender's peer id (base58); must equal the gossip message's signed source.
+    pub node_id: String,
+    /// Monotonic per-sender sequence number; older adverts never replace newer ones.
+    pub seq: u64,
+    /// Addresses the sender listens on, so a node that learns of it through gossip can dial it.
+    pub listen_addrs: Vec<String>,
+    /// The application part.
+    pub body: AdvertBody,
+    /// Observed bandwidth to the sender's best-known peers (bounded list).
+    pub observed_bandwidth: Vec<BandwidthReport>,
+}
+
+impl Advert {
+    /// Whether this node offers prefill for exactly this model and KV layout.
+    pub fn can_prefill(&self, model: &ModelRef) -> bool {
+        self.body.roles.contains(&Role::Prefill) && self.body.models.iter().any(|m| m == model)
+    }
+
+    /// Best advertised prefill speed (tokens/s), 0 if no profile.
+    pub fn peak_prefill_speed(&self) -> f32 {
+        self.body
+            .prefill_profile
+            .iter()
+            .map(|p| p.tokens_per_sec)
+            .fold(0.0, f32::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bloom_has_no_false_negatives_and_few_false_positives() {
+        let mut f = PrefixSummary::with_size(1024, 4);
+        for k in 0..500u64 {
+            f.insert(k.wrapping_mul(0x1234_5678_9abc_def1));
+        }
+        for k in 0..500u64 {
+            assert!(f.may_contain(k.wrapping_mul(0x1234_5678_9abc_def1)));
+        }
+        let fp = (1000..11_000u64)
+            .filter(|k| f.may_contain(k.wrapping_mul(0x1234_5678_9abc_def1)))
+            .count();
+        // 8192 bits, 500 keys, 4 probes: theoretical FP rate ~0.2%.
+        assert!(fp < 200, "false positives {fp}/10000");
+        assert!(!PrefixSummary::default().may_contain(1));
+    }
+
+    #[test]
+    fn cached_prefix_counts_leading_hits_only() {
+        let mut f = PrefixSummary::with_size(256, 3);
+        f.insert(11);
+        f.insert(22);
+        assert_eq!(f.cached_prefix_blocks(&[11, 22, 0xdead_beef_dead_beef, 11]), 2);
+    }
+}

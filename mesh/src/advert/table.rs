@@ -1,0 +1,214 @@
+//! Latest advert per peer, with expiry of silent peers. Sans-IO: the caller passes `now`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+use super::{Advert, ModelRef};
+
+/// One known peer.
+#[derive(Debug, Clone)]
+pub struct PeerEntry {
+    /// Its latest advert.
+    pub advert: Advert,
+    /// When that advert arrived (local clock).
+    pub received_at: Instant,
+}
+
+/// Latest advert per peer. Bounded by `max_peers`: when full, adverts from new peers are dropped
+/// until someone expires (a flood of fake peers cannot grow memory).
+#[derive(Debug, Clone)]
+pub struct PeerTable {
+    entries: HashMap<PeerId, PeerEntry>,
+    max_peers: usize,
+}
+
+/// What [`PeerTable::upsert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    /// First advert from this peer.
+    New,
+    /// Newer advert replaced an older one.
+    Updated,
+    /// Stale or duplicate sequence number: ignored.
+    Stale,
+    /// Table full: ignored.
+    Full,
+}
+
+impl PeerTable {
+    /// An empty table holding at most `max_peers` peers.
+    pub fn new(max_peers: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            max_peers,
+        }
+    }
+
+    /// Stores `advert` from `peer` unless an advert with the same or a newer sequence is known.
+    pub fn upsert(&mut self, peer: PeerId, advert: Advert, now: Instant) -> Upsert {
+        match self.entries.get_mut(&peer) {
+            Some(e) if advert.seq <= e.advert.seq => {
+                // Same advert seen again still proves the peer is alive.
+                e.received_at = now;
+                Upsert::Stale
+            }
+            Some(e) => {
+                *e = PeerEntry {
+                    advert,
+                    received_at: now,
+                };
+                Upsert::Updated
+            }
+            None if self.entries.len() >= self.max_peers => Upsert::Full,
+            None => {
+                self.entries.insert(
+                    peer,
+                    PeerEntry {
+                        advert,
+                        received_at: now,
+                    },
+                );
+                Upsert::New
+            }
+        }
+    }
+
+    /// Drops peers silent for longer than `ttl`; returns who was dropped.
+    pub fn expire(&mut self, now: Instant, ttl: Duration) -> Vec<PeerId> {
+        let dead: Vec<PeerId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| now.saturating_duration_since(e.received_at) > ttl)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &dead {
+            self.entries.remove(p);
+        }
+        dead
+    }
+
+    /// Removes one peer (e.g. it was banned).
+    pub fn remove(&mut self, peer: &PeerId) -> Option<PeerEntry> {
+        self.entries.remove(peer)
+    }
+
+    /// The latest advert of `peer`.
+    pub fn get(&self, peer: &PeerId) -> Option<&PeerEntry> {
+        self.entries.get(peer)
+    }
+
+    /// Number of known peers.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no peer is known.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// All known peers.
+    pub fn peers(&self) -> impl Iterator<Item = (&PeerId, &PeerEntry)> {
+        self.entries.iter()
+    }
+
+    /// Peers that can prefill `model` (same weights hash and KV layout), most useful first:
+    /// shortest queue, then lowest price, then fastest advertised prefill, then peer id (so the
+    /// order is deterministic). Bid scoring proper (bandwidth-aware) happens in the auction.
+    pub fn prefill_candidates(&self, model: &ModelRef) -> Vec<(PeerId, &Advert)> {
+        let mut v: Vec<(PeerId, &Advert)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.advert.can_prefill(model))
+            .map(|(p, e)| (*p, &e.advert))
+            .collect();
+        v.sort_by(|(pa, a), (pb, b)| {
+            a.body
+                .queue_depth
+                .cmp(&b.body.queue_depth)
+                .then(a.body.price_per_1k_tokens.total_cmp(&b.body.price_per_1k_tokens))
+                .then(b.peak_prefill_speed().total_cmp(&a.peak_prefill_speed()))
+                .then(pa.cmp(pb))
+        });
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::advert::{AdvertBody, PrefillPoint, Role};
+
+    fn model(n: u8) -> ModelRef {
+        ModelRef {
+            model_id: format!("m{n}"),
+            weights_hash: [n; 32],
+            kv_layout_version: 1,
+            kv_layout_hash: [0; 32],
+        }
+    }
+
+    fn advert(peer: PeerId, seq: u64, queue: u32, price: f64, m: u8) -> Advert {
+        Advert {
+            node_id: peer.to_base58(),
+            seq,
+            listen_addrs: vec![],
+            body: AdvertBody {
+                roles: vec![Role::Prefill],
+                models: vec![model(m)],
+                queue_depth: queue,
+                price_per_1k_tokens: price,
+                prefill_profile: vec![PrefillPoint {
+                    tokens: 512,
+                    tokens_per_sec: 100.0,
+                }],
+                ..AdvertBody::default()
+            },
+            observed_bandwidth: vec![],
+        }
+    }
+
+    #[test]
+    fn stale_seq_never_replaces_and_expiry_drops_silent_peers() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(8);
+        let a = PeerId::random();
+        assert_eq!(t.upsert(a, advert(a, 5, 0, 1.0, 1), t0), Upsert::New);
+        assert_eq!(t.upsert(a, advert(a, 4, 9, 1.0, 1), t0), Upsert::Stale);
+        assert_eq!(t.get(&a).map(|e| e.advert.seq), Some(5));
+        assert_eq!(t.upsert(a, advert(a, 6, 2, 1.0, 1), t0), Upsert::Updated);
+        let b = PeerId::random();
+        t.upsert(b, advert(b, 1, 0, 1.0, 1), t0 + Duration::from_secs(2));
+        let gone = t.expire(t0 + Duration::from_secs(3), Duration::from_millis(1500));
+        assert_eq!(gone, vec![a]);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn full_table_refuses_new_peers() {
+        let mut t = PeerTable::new(1);
+        let now = Instant::now();
+        let a = PeerId::random();
+        let b = PeerId::random();
+        assert_eq!(t.upsert(a, advert(a, 1, 0, 1.0, 1), now), Upsert::New);
+        assert_eq!(t.upsert(b, advert(b, 1, 0, 1.0, 1), now), Upsert::Full);
+    }
+
+    #[test]
+    fn candidates_filter_by_model_and_order_by_usefulness() {
+        let now = Instant::now();
+        let mut t = PeerTable::new(8);
+        let busy = PeerId::random();
+        let cheap = PeerId::random();
+        let pricey = PeerId::random();
+        let other_model = PeerId::random();
+        t.upsert(busy, advert(busy, 1, 3, 0.1, 1), now);
+        t.upsert(cheap, advert(cheap, 1, 0, 0.5, 1), now);
+        t.upsert(pricey, advert(pricey, 1, 0, 2.0, 1), now);
+        t.upsert(other_model, advert(other_model, 1, 0, 0.0, 2), now);
+        let order: Vec<PeerId> = t.prefill_candidates(&model(1)).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(order, vec![cheap, pricey, busy]);
+    }
+}

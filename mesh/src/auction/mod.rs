@@ -1,0 +1,12 @@
+//! `/prfaas/auction/1`: home → candidates request-response (Call → Bid/Decline, Award, Cancel),
+//! with a ciborium codec written here (libp2p's built-in `cbor` codec uses cbor4ii; DESIGN.md §7).
+
+pub mod book;
+pub mod codec;
+pub mod protocol;
+
+pub use book::{BidBook, AwardCheck};
+pub use codec::AuctionCodec;
+pub use protocol::{
+    AuctionRequest, AuctionResponse, Award, AwardRefusal, Bid, Call, DeclineReason, AUCTION_PROTOCOL,
+};

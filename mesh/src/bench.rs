@@ -1,0 +1,542 @@
+//! `prfaas bench mesh`: KV goodput as a ratio to raw TCP (same bytes, same run), auction
+//! call → award latency and advert convergence for large in-process meshes, and goodput through a
+//! `tc tbf`-shaped veth pair (the CLI runs that part via `scripts/netns-*` when root).
+//!
+//! Lives in the mesh crate so the CLI stays a thin wrapper and needs no async runtime of its own.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::advert::{AdvertBody, ModelRef, PrefillPoint, Role};
+use crate::auction::{Award, Bid, Call};
+use crate::kv::{KvHeader, KvTrailer, VecSink};
+use crate::{CallAnswer, Mesh, MeshConfig, MeshError, MeshEvent, MeshHandle, Multiaddr, PeerId};
+
+/// Bench errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// Mesh failure.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    /// Raw TCP or runtime I/O failure.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// Something that should have happened did not within its time bound.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+/// One KV goodput measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct KvGoodput {
+    /// `tcp` or `quic`.
+    pub transport: String,
+    /// Parallel streams.
+    pub streams: u16,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Mesh KV goodput, MiB/s (end to end, until the receiver's ack).
+    pub mesh_mib_s: f64,
+    /// Raw TCP goodput for the same bytes measured right before, MiB/s.
+    pub raw_tcp_mib_s: f64,
+    /// mesh / raw TCP.
+    pub ratio: f64,
+}
+
+/// Auction latency and convergence for one mesh size.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshScale {
+    /// Nodes in the process.
+    pub nodes: usize,
+    /// Time from every node publishing its advert until every node knew every other, ms.
+    pub convergence_ms: f64,
+    /// Auction rounds measured.
+    pub rounds: usize,
+    /// Candidates called per round.
+    pub candidates: usize,
+    /// Call → award accepted, median, ms.
+    pub p50_ms: f64,
+    /// Call → award accepted, 99th percentile, ms.
+    pub p99_ms: f64,
+}
+
+/// Everything `prfaas bench mesh` reports.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct MeshBenchReport {
+    /// KV goodput ratios.
+    pub kv: Vec<KvGoodput>,
+    /// Auction / convergence per mesh size.
+    pub scale: Vec<MeshScale>,
+}
+
+/// Bench options.
+#[derive(Debug, Clone)]
+pub struct MeshBenchOptions {
+    /// Bytes per KV measurement (MiB).
+    pub kv_mib: u64,
+    /// Layer size (MiB).
+    pub layer_mib: u64,
+    /// Mesh sizes for the auction/convergence part.
+    pub scales: Vec<usize>,
+    /// Auction rounds per size.
+    pub rounds: usize,
+}
+
+impl Default for MeshBenchOptions {
+    fn default() -> Self {
+        Self {
+            kv_mib: 1024,
+            layer_mib: 4,
+            scales: vec![50, 100],
+            rounds: 200,
+        }
+    }
+}
+
+/// Runs the in-process parts of the bench on a fresh multi-threaded runtime.
+pub fn run(opts: &MeshBenchOptions) -> Result<MeshBenchReport, BenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut report = MeshBenchReport::default();
+        for (quic, streams) in [(false, 1u16), (false, 4), (true, 1), (true, 4)] {
+            let m = kv_goodput(opts, quic, streams).await?;
+            tracing::info!(?m, "kv goodput");
+            report.kv.push(m);
+        }
+        for &n in &opts.scales {
+            let s = scale(n, opts.rounds).await?;
+            tracing::info!(?s, "mesh scale");
+            report.scale.push(s);
+        }
+        Ok(report)
+    })
+}
+
+fn bench_model() -> ModelRef {
+    ModelRef {
+        model_id: "bench".into(),
+        weights_hash: [1; 32],
+        kv_layout_version: 1,
+        kv_layout_hash: [2; 32],
+    }
+}
+
+fn layer_template(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect()
+}
+
+/// Raw TCP on loopback: same layer-sized writes, receiver acks the last byte.
+async fn raw_tcp(total: u64, layer: usize) -> Result<f64, BenchError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < total {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        s.write_all(&[1]).await?;
+        Ok::<u64, std::io::Error>(got)
+    });
+    let template = layer_template(layer);
+    let t0 = Instant::now();
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    c.set_nodelay(true)?;
+    let mut sent = 0u64;
+    while sent < total {
+        let n = (total - sent).min(layer as u64) as usize;
+        let chunk = template[..n].to_vec(); // same copy the mesh sender pays
+        c.write_all(&chunk).await?;
+        sent += n as u64;
+    }
+    let mut ack = [0u8; 1];
+    c.read_exact(&mut ack).await?;
+    let elapsed = t0.elapsed();
+    let got = server.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+    if got != total {
+        return Err(BenchError::Timeout(format!("raw tcp moved {got} of {total} bytes")));
+    }
+    Ok(total as f64 / elapsed.as_secs_f64() / (1u64 << 20) as f64)
+}
+
+fn kv_config(quic: bool) -> MeshConfig {
+    let mut c = MeshConfig::local();
+    c.bandwidth.probes = false;
+    if quic {
+        c.quic = true;
+        c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
+    }
+    c
+}
+
+async fn first_addr(h: &MeshHandle) -> Result<Multiaddr, BenchError> {
+    let addrs = tokio::time::timeout(Duration::from_secs(10), h.listen_addrs())
+        .await
+        .map_err(|_| BenchError::Timeout("listen address".into()))??;
+    addrs
+        .into_iter()
+        .next()
+        .ok_or_else(|| BenchError::Timeout("no listen address".into()))
+}
+
+/// Moves `kv_mib` MiB over the mesh between two in-process nodes and returns the goodput.
+pub async fn mesh_kv_once(
+    sender: &MeshHandle,
+    receiver_id: PeerId,
+    receiver_events: &mut mpsc::Receiver<MeshEvent>,
+    total: u64,
+    layer: usize,
+    streams: u16,
+) -> Result<f64, BenchError> {
+    let layers = total.div_ceil(layer as u64) as u32;
+    let header = KvHeader {
+        request_id: 1,
+        model: bench_model(),
+        layers,
+        tokens: 0,
+        dtype: "u8".into(),
+        max_layer_bytes: layer as u64,
+        total_bytes: total,
+        probe: false,
+    };
+    let sender = sender.clone();
+    let send = tokio::spawn(async move {
+        let template = layer_template(layer);
+        let mut s = sender.open_kv_transfer_with(receiver_id, header, streams).await?;
+        let mut left = total;
+        for l in 0..layers {
+            let n = left.min(layer as u64) as usize;
+            left -= n as u64;
+            s.send_layer(l, template[..n].to_vec()).await?;
+        }
+        Ok::<_, MeshError>(s.finish(KvTrailer::default()).await?)
+    });
+    let incoming = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(ev) = receiver_events.recv().await {
+            if let MeshEvent::KvIncoming(i) = ev {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .ok_or_else(|| BenchError::Timeout("KV transfer never arrived".into()))?;
+    let mut sink = VecSink::counting();
+    incoming.receive(&mut sink).await.map_err(MeshError::from)?;
+    let sent = send.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+    Ok(sent.goodput() / (1u64 << 20) as f64)
+}
+
+async fn kv_goodput(opts: &MeshBenchOptions, quic: bool, streams: u16) -> Result<KvGoodput, BenchError> {
+    let total = opts.kv_mib << 20;
+    let layer = (opts.layer_mib << 20) as usize;
+    let (rx_handle, mut rx_events) = Mesh::spawn(kv_config(quic))?;
+    let (tx_handle, _tx_events) = Mesh::spawn(kv_config(quic))?;
+    let addr = first_addr(&rx_handle).await?;
+    tx_handle.dial(addr).await?;
+    // Warm-up (connection windows, allocator) so neither side pays it in the measurement.
+    mesh_kv_once(&tx_handle, rx_handle.local_peer_id(), &mut rx_events, 16 << 20, layer, streams).await?;
+    raw_tcp(16 << 20, layer).await?;
+    let raw = raw_tcp(total, layer).await?;
+    let mesh = mesh_kv_once(&tx_handle, rx_handle.local_peer_id(), &mut rx_events, total, layer, streams).await?;
+    tx_handle.shutdown().await;
+    rx_handle.shutdown().await;
+    Ok(KvGoodput {
+        transport: if quic { "quic" } else { "tcp" }.into(),
+        streams,
+        bytes: total,
+        mesh_mib_s: mesh,
+        raw_tcp_mib_s: raw,
+        ratio: mesh / raw,
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Spawns `n` nodes (star bootstrap), measures convergence, then call → award rounds from node 0.
+async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
+    let mk = || {
+        let mut c = MeshConfig::local();
+        c.bandwidth.probes = false;
+        c.advert_interval = Duration::from_millis(500);
+        c.advert_expiry = Duration::from_secs(10);
+        c
+    };
+    let (h0, ev0) = Mesh::spawn(mk())?;
+    let boot = first_addr(&h0).await?.with(libp2p::multiaddr::Protocol::P2p(h0.local_peer_id()));
+    let mut nodes = vec![(h0, ev0)];
+    for _ in 1..n {
+        let mut c = mk();
+        c.bootstrap = vec![boot.to_string()];
+        nodes.push(Mesh::spawn(c)?);
+    }
+    let ids: HashSet<PeerId> = nodes.iter().map(|(h, _)| h.local_peer_id()).collect();
+    let t0 = Instant::now();
+    for (i, (h, _)) in nodes.iter().enumerate() {
+        h.set_advert(AdvertBody {
+            roles: vec![Role::Prefill, Role::Decode],
+            models: vec![bench_model()],
+            prefill_profile: vec![PrefillPoint {
+                tokens: 512,
+                tokens_per_sec: 250.0,
+            }],
+            price_per_1k_tokens: 1.0 + (i % 7) as f64,
+            ..AdvertBody::default()
+        })
+        .await?;
+    }
+    // Each node: count discoveries, then serve calls by bidding at once (until shut down).
+    let (done_tx, mut done_rx) = mpsc::channel::<Duration>(n);
+    let mut handles = Vec::new();
+    let mut home_events = None;
+    for (i, (h, mut ev)) in nodes.into_iter().enumerate() {
+        let mut missing = ids.clone();
+        missing.remove(&h.local_peer_id());
+        let done = done_tx.clone();
+        handles.push(h.clone());
+        if i == 0 {
+            // Home node: only needs convergence; its events are read here.
+            home_events = Some(tokio::spawn(async move {
+                while !missing.is_empty() {
+                    match ev.recv().await {
+                        Some(MeshEvent::PeerDiscovered { peer }) => {
+                            missing.remove(&peer);
+                        }
+                        Some(_) => {}
+                        None => return ev,
+                    }
+                }
+                let _ = done.send(t0.elapsed()).await;
+                // Keep draining so the queue never fills during the auction rounds.
+                while ev.recv().await.is_some() {}
+                ev
+            }));
+            continue;
+        }
+        tokio::spawn(async move {
+            let mut reported = false;
+            let mut bid_id = 0u64;
+            while let Some(e) = ev.recv().await {
+                match e {
+                    MeshEvent::PeerDiscovered { peer } => {
+                        missing.remove(&peer);
+                        if missing.is_empty() && !reported {
+                            reported = true;
+                            let _ = done.send(t0.elapsed()).await;
+                        }
+                    }
+                    MeshEvent::AuctionCall { token, .. } => {
+                        bid_id += 1;
+                        let bid = Bid {
+                            request_id: 0,
+                            bid_id,
+                            price: 1.0 + (i % 7) as f64,
+                            queue_delay_ms: 0,
+                            est_prefill_ms: 100,
+                            cached_tokens: 0,
+                            valid_for_ms: 2_000,
+                        };
+                        let _ = h.answer_call(token, CallAnswer::Bid(bid)).await;
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    drop(done_tx);
+    let mut converged = 0;
+    let mut last = Duration::ZERO;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while converged < n {
+        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+            Ok(Some(t)) => {
+                converged += 1;
+                last = last.max(t);
+            }
+            _ => break,
+        }
+    }
+    if converged < n {
+        for h in &handles {
+            h.shutdown().await;
+        }
+        return Err(BenchError::Timeout(format!("{n} nodes: only {converged} converged in 60 s")));
+    }
+
+    let home = handles[0].clone();
+    let candidates: Vec<PeerId> = home
+        .prefill_candidates(bench_model())
+        .await?
+        .into_iter()
+        .map(|(p, _)| p)
+        .take(8)
+        .collect();
+    let mut lat = Vec::with_capacity(rounds);
+    for r in 0..rounds {
+        let t = Instant::now();
+        let call = Call {
+            request_id: r as u64 + 1,
+            model: bench_model(),
+            prompt_len: 2048,
+            cached_prefix_tokens: 0,
+            prefix_block_hashes: vec![],
+            kv_bytes_estimate: 48 << 20,
+            deadline_ms: 1_000,
+        };
+        let round = home.call_auction(&candidates, call).await;
+        let Some((winner, bid)) = round
+            .bids
+            .iter()
+            .min_by(|a, b| a.1.price.total_cmp(&b.1.price))
+            .cloned()
+        else {
+            continue;
+        };
+        let accepted = home
+            .award(
+                winner,
+                Award {
+                    request_id: r as u64 + 1,
+                    bid_id: bid.bid_id,
+                    price: bid.price,
+                },
+            )
+            .await?;
+        if accepted {
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    for h in &handles {
+        h.shutdown().await;
+    }
+    if let Some(t) = home_events {
+        t.abort();
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok(MeshScale {
+        nodes: n,
+        convergence_ms: last.as_secs_f64() * 1e3,
+        rounds: lat.len(),
+        candidates: candidates.len(),
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    })
+}
+
+/// Result of one shaped-link transfer (`prfaas bench mesh --kv-send`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShapedGoodput {
+    /// Configured `tbf` rate, Mbit/s.
+    pub rate_mbit: f64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Achieved KV goodput, Mbit/s (payload only, end to end until the ack).
+    pub goodput_mbit: f64,
+    /// goodput / rate.
+    pub ratio: f64,
+}
+
+/// Receiver half of the shaped bench: listens on `listen`, writes its full `/p2p` address to
+/// `addr_file` (atomically, via rename), receives one transfer, then waits for the sender to hang up.
+pub fn serve_kv(listen: &str, addr_file: &std::path::Path) -> Result<u64, BenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut cfg = kv_config(false);
+        cfg.listen = vec![listen.to_string()];
+        let (h, mut ev) = Mesh::spawn(cfg)?;
+        let addr = first_addr(&h).await?.with(libp2p::multiaddr::Protocol::P2p(h.local_peer_id()));
+        let tmp = addr_file.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())?;
+        std::fs::rename(&tmp, addr_file)?;
+        let incoming = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(e) = ev.recv().await {
+                if let MeshEvent::KvIncoming(i) = e {
+                    return Some(i);
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| BenchError::Timeout("no transfer arrived".into()))?;
+        let peer = incoming.peer();
+        let mut sink = VecSink::counting();
+        incoming.receive(&mut sink).await.map_err(MeshError::from)?;
+        // Let the ack reach the sender before exiting: wait until it disconnects (bounded).
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(e) = ev.recv().await {
+                if matches!(e, MeshEvent::PeerDisconnected { peer: p } if p == peer) {
+                    return;
+                }
+            }
+        })
+        .await;
+        h.shutdown().await;
+        Ok(sink.bytes)
+    })
+}
+
+/// Sender half of the shaped bench: dials `addr`, moves `mib` MiB in 4 MiB layers over one stream.
+pub fn send_kv(addr: &str, mib: u64, rate_mbit: f64) -> Result<ShapedGoodput, BenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let addr: Multiaddr = addr
+            .parse()
+            .map_err(|e| MeshError::Config(format!("address {addr}: {e}")))?;
+        let mut cfg = kv_config(false);
+        cfg.listen = vec![];
+        cfg.limits.kv_idle_timeout = Duration::from_secs(120);
+        let (h, _ev) = Mesh::spawn(cfg)?;
+        let peer = h.dial(addr).await?;
+        let total = mib << 20;
+        let layer = 4usize << 20;
+        let layers = total.div_ceil(layer as u64) as u32;
+        let header = KvHeader {
+            request_id: 1,
+            model: bench_model(),
+            layers,
+            tokens: 0,
+            dtype: "u8".into(),
+            max_layer_bytes: layer as u64,
+            total_bytes: total,
+            probe: false,
+        };
+        let template = layer_template(layer);
+        let mut s = h.open_kv_transfer_with(peer, header, 1).await?;
+        let mut left = total;
+        for l in 0..layers {
+            let n = left.min(layer as u64) as usize;
+            left -= n as u64;
+            s.send_layer(l, template[..n].to_vec()).await.map_err(MeshError::from)?;
+        }
+        let sent = s.finish(KvTrailer::default()).await.map_err(MeshError::from)?;
+        h.shutdown().await;
+        let goodput_mbit = sent.goodput() * 8.0 / 1e6;
+        Ok(ShapedGoodput {
+            rate_mbit,
+            bytes: sent.bytes,
+            goodput_mbit,
+            ratio: goodput_mbit / rate_mbit,
+        })
+    })
+}

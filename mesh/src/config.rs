@@ -1,0 +1,255 @@
+//! Mesh configuration (TOML/serde, human durations).
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use serde::{Deserialize, Serialize};
+
+/// Everything a mesh node needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Node identity; a fresh random ed25519 key when absent. Serialized as hex of the libp2p
+    /// protobuf encoding (keep config files with a key private).
+    #[serde(with = "keypair_hex")]
+    pub keypair: Option<Keypair>,
+    /// Multiaddrs to listen on, e.g. `/ip4/0.0.0.0/tcp/4001`, `/ip4/0.0.0.0/udp/4001/quic-v1`.
+    pub listen: Vec<String>,
+    /// Multiaddrs (ideally with `/p2p/<id>`) dialled at start.
+    pub bootstrap: Vec<String>,
+    /// Pre-shared key (64 hex chars) for a private mesh. Forces TCP only: pnet cannot wrap QUIC.
+    pub psk: Option<String>,
+    /// If set, only these peer ids (base58) may connect, gossip, bid or stream KV.
+    pub allowlist: Option<Vec<String>>,
+    /// Also use QUIC (ignored with a PSK).
+    pub quic: bool,
+    /// Discover peers on the local network with mDNS.
+    pub mdns: bool,
+    /// Operator region label (copied into adverts).
+    pub region: String,
+    /// How often our advert is re-published (it is also published on every change).
+    #[serde(with = "humantime_serde")]
+    pub advert_interval: Duration,
+    /// Peers whose last advert is older than this are dropped from the peer table.
+    #[serde(with = "humantime_serde")]
+    pub advert_expiry: Duration,
+    /// Gossipsub heartbeat; shorter converges faster at more chatter.
+    #[serde(with = "humantime_serde")]
+    pub gossip_heartbeat: Duration,
+    /// Keep dialling peers learned from adverts until this many are connected.
+    pub target_peers: usize,
+    /// Parallel streams per KV transfer by default.
+    pub streams_per_transfer: u16,
+    /// Bandwidth estimation.
+    pub bandwidth: BandwidthConfig,
+    /// Bounds on everything that can grow.
+    pub limits: Limits,
+}
+
+/// Bandwidth estimator settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BandwidthConfig {
+    /// Weight of a new sample in the EWMA.
+    pub ewma_alpha: f64,
+    /// Transfers smaller than this do not count (they measure latency).
+    pub min_sample_bytes: u64,
+    /// Send probe transfers to connected peers whose estimate is older than this.
+    pub probes: bool,
+    /// Size of a probe transfer.
+    pub probe_bytes: u64,
+    /// Estimates older than this are stale and trigger a probe.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+}
+
+/// Bounds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Established connections in total.
+    pub max_connections: u32,
+    /// Established connections per peer.
+    pub max_connections_per_peer: u32,
+    /// Peers kept in the peer table.
+    pub max_known_peers: usize,
+    /// Largest advert accepted or sent, bytes.
+    pub max_advert_bytes: usize,
+    /// Largest auction message, bytes.
+    pub max_auction_bytes: usize,
+    /// Inbound calls awaiting the application's answer; more are declined as overloaded.
+    pub max_pending_calls: usize,
+    /// Outstanding bids remembered for award checks.
+    pub max_outstanding_bids: usize,
+    /// Auction request timeout (no answer ⇒ error).
+    #[serde(with = "humantime_serde")]
+    pub auction_timeout: Duration,
+    /// Command queue from handles to the swarm task.
+    pub command_queue: usize,
+    /// Event queue from the mesh to the application; when full, events are dropped and counted.
+    pub event_queue: usize,
+    /// Largest KV layer frame accepted, bytes.
+    pub max_layer_bytes: u64,
+    /// Largest KV transfer accepted, bytes.
+    pub max_transfer_bytes: u64,
+    /// Largest KV trailer, bytes.
+    pub max_trailer_bytes: usize,
+    /// Most parallel streams in one transfer.
+    pub max_streams_per_transfer: u16,
+    /// Incoming transfers being assembled at once.
+    pub max_pending_transfers: usize,
+    /// A KV transfer with no progress for this long fails.
+    #[serde(with = "humantime_serde")]
+    pub kv_idle_timeout: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            keypair: None,
+            listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
+            bootstrap: vec![],
+            psk: None,
+            allowlist: None,
+            quic: false,
+            mdns: false,
+            region: String::new(),
+            advert_interval: Duration::from_secs(1),
+            advert_expiry: Duration::from_secs(5),
+            gossip_heartbeat: Duration::from_millis(500),
+            target_peers: 8,
+            streams_per_transfer: 1,
+            bandwidth: BandwidthConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for BandwidthConfig {
+    fn default() -> Self {
+        Self {
+            ewma_alpha: 0.3,
+            min_sample_bytes: 256 * 1024,
+            probes: true,
+            probe_bytes: 1024 * 1024,
+            stale_after: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_connections_per_peer: 2,
+            max_known_peers: 1024,
+            max_advert_bytes: 64 * 1024,
+            max_auction_bytes: 64 * 1024,
+            max_pending_calls: 64,
+            max_outstanding_bids: 256,
+            auction_timeout: Duration::from_secs(5),
+            command_queue: 256,
+            event_queue: 1024,
+            max_layer_bytes: 256 * 1024 * 1024,
+            max_transfer_bytes: 8 * 1024 * 1024 * 1024,
+            max_trailer_bytes: 1024 * 1024,
+            max_streams_per_transfer: 16,
+            max_pending_transfers: 64,
+            kv_idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl MeshConfig {
+    /// A config for tests and single-machine meshes: loopback TCP on port 0, fast timers.
+    pub fn local() -> Self {
+        Self {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            advert_interval: Duration::from_millis(200),
+            advert_expiry: Duration::from_millis(1500),
+            gossip_heartbeat: Duration::from_millis(100),
+            ..Self::default()
+        }
+    }
+
+    /// Parses a TOML config.
+    pub fn from_toml(s: &str) -> Result<Self, crate::MeshError> {
+        toml::from_str(s).map_err(|e| crate::MeshError::Config(e.to_string()))
+    }
+}
+
+/// Hex (de)serialization of an optional keypair.
+mod keypair_hex {
+    use libp2p::identity::Keypair;
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(k: &Option<Keypair>, s: S) -> Result<S::Ok, S::Error> {
+        match k {
+            None => s.serialize_none(),
+            Some(k) => {
+                let bytes = k.to_protobuf_encoding().map_err(serde::ser::Error::custom)?;
+                s.serialize_some(&crate::config::hex_encode(&bytes))
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Keypair>, D::Error> {
+        let Some(s) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let bytes = crate::config::hex_decode(&s).ok_or_else(|| D::Error::custom("keypair: invalid hex"))?;
+        Keypair::from_protobuf_encoding(&bytes)
+            .map(Some)
+            .map_err(|e| D::Error::custom(format!("keypair: {e}")))
+    }
+}
+
+/// Lower-case hex.
+pub(crate) fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses hex (either case); `None` on odd length or a non-hex digit.
+pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_roundtrip_with_human_durations_and_key() {
+        let cfg = MeshConfig {
+            keypair: Some(Keypair::generate_ed25519()),
+            psk: Some("ab".repeat(32)),
+            ..MeshConfig::local()
+        };
+        let text = toml::to_string(&cfg).expect("serialize");
+        assert!(text.contains("advert_interval = \"200ms\""), "{text}");
+        let back = MeshConfig::from_toml(&text).expect("parse");
+        assert_eq!(
+            back.keypair.map(|k| k.public().to_peer_id()),
+            cfg.keypair.map(|k| k.public().to_peer_id())
+        );
+        assert_eq!(back.advert_expiry, Duration::from_millis(1500));
+        let partial = MeshConfig::from_toml("advert_interval = \"2s\"\n[limits]\nevent_queue = 8\n").expect("partial");
+        assert_eq!(partial.advert_interval, Duration::from_secs(2));
+        assert_eq!(partial.limits.event_queue, 8);
+        assert!(MeshConfig::from_toml("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn hex_helpers() {
+        assert_eq!(hex_decode(&hex_encode(&[0, 255, 16])), Some(vec![0, 255, 16]));
+        assert_eq!(hex_decode("abc"), None);
+        assert_eq!(hex_decode("zz"), None);
+    }
+}

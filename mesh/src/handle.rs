@@ -1,0 +1,276 @@
+//! The cloneable handle the rest of the program uses to talk to the swarm task.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::advert::{Advert, AdvertBody, ModelRef};
+use crate::auction::{AuctionRequest, AuctionResponse, Award, Bid, Call, DeclineReason};
+use crate::bandwidth::{BandwidthEstimate, BandwidthEstimator};
+use crate::event::CallToken;
+use crate::kv::sender::SenderLimits;
+use crate::kv::{KvHeader, KvSender};
+use crate::stats::{MeshStats, MeshStatsSnapshot};
+use crate::MeshError;
+
+/// Commands from handles to the swarm task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Dial(Multiaddr, oneshot::Sender<Result<PeerId, MeshError>>),
+    SetAdvert(Box<AdvertBody>),
+    Candidates(ModelRef, oneshot::Sender<Vec<(PeerId, Advert)>>),
+    KnownPeers(oneshot::Sender<Vec<PeerId>>),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Request(PeerId, AuctionRequest, oneshot::Sender<Result<AuctionResponse, MeshError>>),
+    AnswerCall(CallToken, CallAnswer),
+}
+
+/// The application's answer to an inbound call.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum CallAnswer {
+    /// Offer this bid (the mesh records it so a later award can be checked).
+    Bid(Bid),
+    /// Decline.
+    Decline(DeclineReason),
+}
+
+/// Result of one auction round (call → bids until the deadline or all answered).
+#[derive(Debug, Clone, Default)]
+pub struct AuctionRound {
+    /// Bids received before the deadline.
+    pub bids: Vec<(PeerId, Bid)>,
+    /// Explicit declines.
+    pub declines: Vec<(PeerId, DeclineReason)>,
+    /// Candidates that did not answer in time or failed.
+    pub silent: Vec<PeerId>,
+}
+
+/// State shared by every clone of a handle (no message passing through it: it holds settings and
+/// the KV stream control, which libp2p-stream designed to be used outside the swarm task).
+pub(crate) struct Shared {
+    pub local_peer_id: PeerId,
+    pub commands: mpsc::Sender<Command>,
+    pub cancel: CancellationToken,
+    pub task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub control: libp2p_stream::Control,
+    pub estimator: Arc<Mutex<BandwidthEstimator>>,
+    pub stats: Arc<MeshStats>,
+    pub added_latency: RwLock<HashMap<PeerId, Duration>>,
+    pub next_transfer: Arc<AtomicU64>,
+    pub streams_per_transfer: u16,
+    pub max_streams: u16,
+    pub sender_limits: SenderLimits,
+}
+
+/// Cloneable handle to a running mesh node.
+#[derive(Clone)]
+pub struct MeshHandle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MeshHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshHandle")
+            .field("peer", &self.shared.local_peer_id)
+            .finish()
+    }
+}
+
+impl MeshHandle {
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.shared.local_peer_id
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, MeshError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .commands
+            .send(make(tx))
+            .await
+            .map_err(|_| MeshError::ShutDown)?;
+        rx.await.map_err(|_| MeshError::ShutDown)
+    }
+
+    /// Dials `addr` and waits until the connection is established (or fails).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, MeshError> {
+        self.ask(|tx| Command::Dial(addr, tx)).await?
+    }
+
+    /// Replaces what we advertise and publishes it right away.
+    pub async fn set_advert(&self, body: AdvertBody) -> Result<(), MeshError> {
+        self.shared
+            .commands
+            .send(Command::SetAdvert(Box::new(body)))
+            .await
+            .map_err(|_| MeshError::ShutDown)
+    }
+
+    /// Peers whose adverts say they can prefill `model`, most useful first.
+    pub async fn prefill_candidates(&self, model: ModelRef) -> Result<Vec<(PeerId, Advert)>, MeshError> {
+        self.ask(|tx| Command::Candidates(model, tx)).await
+    }
+
+    /// Peers currently in the peer table.
+    pub async fn known_peers(&self) -> Result<Vec<PeerId>, MeshError> {
+        self.ask(Command::KnownPeers).await
+    }
+
+    /// Peers with an open connection.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, MeshError> {
+        self.ask(Command::ConnectedPeers).await
+    }
+
+    /// Addresses we listen on; waits for the first one if none is bound yet.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, MeshError> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    /// Sends one auction request and waits for the answer (honouring emulated latency both ways).
+    pub async fn request(&self, peer: PeerId, req: AuctionRequest) -> Result<AuctionResponse, MeshError> {
+        let delay = self.added_latency(&peer);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let r = self.ask(|tx| Command::Request(peer, req, tx)).await?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        r
+    }
+
+    /// Sends `call` to every candidate and collects answers until all answered or `call.deadline_ms`
+    /// elapsed. Scoring and choosing the winner is the caller's (policy's) job.
+    pub async fn call_auction(&self, candidates: &[PeerId], call: Call) -> AuctionRound {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(call.deadline_ms));
+        let mut pending: FuturesUnordered<_> = candidates
+            .iter()
+            .map(|&p| {
+                let req = AuctionRequest::Call(call.clone());
+                async move { (p, self.request(p, req).await) }
+            })
+            .collect();
+        let mut round = AuctionRound::default();
+        let mut answered = Vec::with_capacity(candidates.len());
+        while let Ok(Some((p, r))) = tokio::time::timeout_at(deadline, pending.next()).await {
+            answered.push(p);
+            match r {
+                Ok(AuctionResponse::Bid(b)) if b.request_id == call.request_id => round.bids.push((p, b)),
+                Ok(AuctionResponse::Decline { reason, .. }) => round.declines.push((p, reason)),
+                _ => round.silent.push(p),
+            }
+        }
+        round
+            .silent
+            .extend(candidates.iter().filter(|p| !answered.contains(p)).copied());
+        round
+    }
+
+    /// Awards `award` to `peer`; `Ok(true)` if the bidder accepted, `Ok(false)` if it refused
+    /// (e.g. the bid expired).
+    pub async fn award(&self, peer: PeerId, award: Award) -> Result<bool, MeshError> {
+        match self.request(peer, AuctionRequest::Award(award)).await? {
+            AuctionResponse::AwardAccepted { .. } => Ok(true),
+            _ => Ok(false),
+        }
+    }
+
+    /// Answers an inbound call (see `MeshEvent::AuctionCall`).
+    pub async fn answer_call(&self, token: CallToken, answer: CallAnswer) -> Result<(), MeshError> {
+        self.shared
+            .commands
+            .send(Command::AnswerCall(token, answer))
+            .await
+            .map_err(|_| MeshError::ShutDown)
+    }
+
+    /// Opens a KV transfer to `peer` over the configured number of parallel streams.
+    pub async fn open_kv_transfer(&self, peer: PeerId, header: KvHeader) -> Result<KvSender, MeshError> {
+        self.open_kv_transfer_with(peer, header, self.shared.streams_per_transfer)
+            .await
+    }
+
+    /// Opens a KV transfer over `streams` parallel streams (clamped to the configured maximum).
+    pub async fn open_kv_transfer_with(
+        &self,
+        peer: PeerId,
+        header: KvHeader,
+        streams: u16,
+    ) -> Result<KvSender, MeshError> {
+        let delay = self.added_latency(&peer);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let id = self.shared.next_transfer.fetch_add(1, Ordering::Relaxed);
+        Ok(KvSender::open(
+            &self.shared.control,
+            peer,
+            header,
+            streams.clamp(1, self.shared.max_streams.max(1)),
+            id,
+            self.shared.sender_limits,
+            self.shared.estimator.clone(),
+        )
+        .await?)
+    }
+
+    /// Raw access to the libp2p-stream control (tools and tests that need to speak the KV wire
+    /// format directly, e.g. to check that malformed transfers are rejected).
+    pub fn kv_control(&self) -> libp2p_stream::Control {
+        self.shared.control.clone()
+    }
+
+    /// Current goodput estimate towards `peer`.
+    pub fn observed_bandwidth(&self, peer: &PeerId) -> Option<BandwidthEstimate> {
+        self.shared.estimator.lock().ok()?.get(peer)
+    }
+
+    /// Records an externally measured transfer (e.g. the node measured a transfer end to end).
+    pub fn record_bandwidth(&self, peer: PeerId, bytes: u64, elapsed: Duration) {
+        if let Ok(mut e) = self.shared.estimator.lock() {
+            e.record(peer, bytes, elapsed, Instant::now());
+        }
+    }
+
+    /// Emulated one-way latency added to everything sent to `peer` (tests; netem is unavailable).
+    pub fn set_added_latency(&self, peer: PeerId, delay: Duration) {
+        if let Ok(mut m) = self.shared.added_latency.write() {
+            if delay.is_zero() {
+                m.remove(&peer);
+            } else {
+                m.insert(peer, delay);
+            }
+        }
+    }
+
+    fn added_latency(&self, peer: &PeerId) -> Duration {
+        self.shared
+            .added_latency
+            .read()
+            .ok()
+            .and_then(|m| m.get(peer).copied())
+            .unwrap_or_default()
+    }
+
+    /// Refusal and drop counters.
+    pub fn stats(&self) -> MeshStatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Stops the swarm task and waits for it to end. Other handles then get `ShutDown`.
+    pub async fn shutdown(&self) {
+        self.shared.cancel.cancel();
+        let task = self.shared.task.lock().await.take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+}

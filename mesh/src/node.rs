@@ -1,0 +1,761 @@
+//! The swarm task: owns the `Swarm`, the peer table and the bid book; serves handle commands.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, Transport};
+use libp2p::core::upgrade::Version;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
+use libp2p::identity::Keypair;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::{
+    allow_block_list, connection_limits, identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::advert::{self, Advert, AdvertBody, BandwidthReport, PeerTable, ADVERT_TOPIC};
+use crate::auction::{
+    AuctionCodec, AuctionRequest, AuctionResponse, AwardCheck, BidBook, DeclineReason, AUCTION_PROTOCOL,
+};
+use crate::bandwidth::BandwidthEstimator;
+use crate::behaviour::{MeshBehaviour, MeshBehaviourEvent};
+use crate::config::MeshConfig;
+use crate::event::{CallToken, MeshEvent};
+use crate::handle::{CallAnswer, Command, MeshHandle, Shared};
+use crate::kv::receiver::{Acceptor, ReceiverLimits};
+use crate::kv::sender::SenderLimits;
+use crate::kv::{KvHeader, KvTrailer, KV_PROTOCOL};
+use crate::stats::MeshStats;
+use crate::MeshError;
+
+/// Entry point: builds a node from a [`MeshConfig`] and runs it in its own task.
+#[derive(Debug)]
+pub struct Mesh;
+
+struct PendingCall {
+    peer: PeerId,
+    request_id: u64,
+    channel: ResponseChannel<AuctionResponse>,
+    deadline: Instant,
+}
+
+struct Task {
+    swarm: Swarm<MeshBehaviour>,
+    cfg: MeshConfig,
+    topic: IdentTopic,
+    events: mpsc::Sender<MeshEvent>,
+    table: PeerTable,
+    book: BidBook,
+    body: AdvertBody,
+    seq: u64,
+    listen_addrs: Vec<Multiaddr>,
+    listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
+    pending_calls: HashMap<u64, PendingCall>,
+    next_token: u64,
+    outbound: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<AuctionResponse, MeshError>>>,
+    dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
+    stats: Arc<MeshStats>,
+    estimator: Arc<Mutex<BandwidthEstimator>>,
+    allowlist: Option<Arc<HashSet<PeerId>>>,
+    control: libp2p_stream::Control,
+    probe_running: Arc<AtomicBool>,
+    last_probe: HashMap<PeerId, Instant>,
+    next_transfer: Arc<AtomicU64>,
+}
+
+fn parse_psk(hex: &str) -> Result<PreSharedKey, MeshError> {
+    let bytes = crate::config::hex_decode(hex).ok_or_else(|| MeshError::Config("psk: not hex".into()))?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| MeshError::Config("psk: need 32 bytes (64 hex chars)".into()))?;
+    Ok(PreSharedKey::new(key))
+}
+
+fn build_transport(
+    key: &Keypair,
+    psk: Option<PreSharedKey>,
+    quic: bool,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, MeshError> {
+    let noise = noise::Config::new(key).map_err(|e| MeshError::Start(e.to_string()))?;
+    let tcp_cfg = tcp::Config::default().nodelay(true);
+    let tcp = match psk {
+        Some(psk) => tcp::tokio::Transport::new(tcp_cfg)
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
+            .boxed(),
+        None => tcp::tokio::Transport::new(tcp_cfg)
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
+            .boxed(),
+    };
+    if !quic || psk.is_some() {
+        return Ok(tcp);
+    }
+    let q = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key))
+        .map(|(p, c), _| (p, StreamMuxerBox::new(c)));
+    Ok(tcp.or_transport(q).map(|e, _| e.into_inner()).boxed())
+}
+
+impl Mesh {
+    /// Starts a node. Must be called inside a tokio runtime. Returns the handle and the bounded
+    /// event stream; the node runs until [`MeshHandle::shutdown`] or every handle is dropped.
+    pub fn spawn(cfg: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>), MeshError> {
+        let key = cfg.keypair.clone().unwrap_or_else(Keypair::generate_ed25519);
+        let local = key.public().to_peer_id();
+        let psk = cfg.psk.as_deref().map(parse_psk).transpose()?;
+        let allowlist = match &cfg.allowlist {
+            None => None,
+            Some(list) => {
+                let mut set = HashSet::new();
+                for s in list {
+                    set.insert(s.parse::<PeerId>().map_err(|e| MeshError::Config(format!("allowlist {s}: {e}")))?);
+                }
+                set.insert(local);
+                Some(Arc::new(set))
+            }
+        };
+        let transport = build_transport(&key, psk, cfg.quic)?;
+
+        let gossip_cfg = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(cfg.gossip_heartbeat)
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .validate_messages()
+            .max_transmit_size(cfg.limits.max_advert_bytes + 1024)
+            .build()
+            .map_err(|e| MeshError::Config(format!("gossipsub: {e}")))?;
+        let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg)
+            .map_err(|e| MeshError::Start(format!("gossipsub: {e}")))?;
+        let topic = IdentTopic::new(ADVERT_TOPIC);
+        gossipsub
+            .subscribe(&topic)
+            .map_err(|e| MeshError::Start(format!("subscribe: {e}")))?;
+
+        let allow = allowlist.as_ref().map(|set| {
+            let mut b = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+            for p in set.iter() {
+                b.allow_peer(*p);
+            }
+            b
+        });
+        let limits = connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(cfg.limits.max_connections))
+                .with_max_established_per_peer(Some(cfg.limits.max_connections_per_peer)),
+        );
+        let auction = request_response::Behaviour::with_codec(
+            AuctionCodec {
+                max_bytes: cfg.limits.max_auction_bytes,
+            },
+            [(AUCTION_PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(cfg.limits.auction_timeout)
+                .with_max_concurrent_streams(cfg.limits.max_pending_calls.max(1) * 2),
+        );
+        let mdns = if cfg.mdns {
+            Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local).map_err(|e| MeshError::Start(format!("mdns: {e}")))?)
+        } else {
+            None
+        };
+        let kv = libp2p_stream::Behaviour::new();
+        let mut control = kv.new_control();
+        let incoming = control
+            .accept(KV_PROTOCOL)
+            .map_err(|e| MeshError::Start(format!("kv protocol: {e}")))?;
+        let behaviour = MeshBehaviour {
+            allow: allow.into(),
+            limits,
+            identify: identify::Behaviour::new(identify::Config::new("/prfaas/id/1".into(), key.public())),
+            ping: ping::Behaviour::new(ping::Config::new()),
+            gossipsub,
+            auction,
+            kv,
+            mdns: mdns.into(),
+        };
+        let mut swarm = Swarm::new(
+            transport,
+            behaviour,
+            local,
+            libp2p::swarm::Config::with_tokio_executor().with_idle_connection_timeout(Duration::from_secs(60)),
+        );
+        for a in &cfg.listen {
+            let addr: Multiaddr = a.parse().map_err(|e| MeshError::Config(format!("listen {a}: {e}")))?;
+            swarm
+                .listen_on(addr)
+                .map_err(|e| MeshError::Start(format!("listen {a}: {e}")))?;
+        }
+        for b in &cfg.bootstrap {
+            let addr: Multiaddr = b.parse().map_err(|e| MeshError::Config(format!("bootstrap {b}: {e}")))?;
+            if let Err(e) = swarm.dial(addr) {
+                tracing::warn!(bootstrap = %b, error = %e, "bootstrap dial failed");
+            }
+        }
+
+        let (cmd_tx, cmd_rx) = mpsc::channel(cfg.limits.command_queue.max(1));
+        let (ev_tx, ev_rx) = mpsc::channel(cfg.limits.event_queue.max(1));
+        let cancel = CancellationToken::new();
+        let stats = Arc::new(MeshStats::default());
+        let estimator = Arc::new(Mutex::new(BandwidthEstimator::new(
+            cfg.bandwidth.ewma_alpha,
+            cfg.bandwidth.min_sample_bytes,
+            cfg.limits.max_known_peers,
+        )));
+        let max_streams = cfg.limits.max_streams_per_transfer.max(1);
+        let recv_limits = ReceiverLimits {
+            max_layer_bytes: cfg.limits.max_layer_bytes,
+            max_transfer_bytes: cfg.limits.max_transfer_bytes,
+            max_trailer_bytes: cfg.limits.max_trailer_bytes,
+            max_streams,
+            idle_timeout: cfg.limits.kv_idle_timeout,
+        };
+        let sender_limits = SenderLimits {
+            max_trailer_bytes: cfg.limits.max_trailer_bytes,
+            idle_timeout: cfg.limits.kv_idle_timeout,
+        };
+        // Unique-ish start so a restarted sender does not reuse ids a receiver still remembers.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let next_transfer = Arc::new(AtomicU64::new(seed));
+
+        let acceptor = Acceptor {
+            limits: recv_limits,
+            estimator: estimator.clone(),
+            stats: stats.clone(),
+            allowlist: allowlist.clone(),
+            max_pending_transfers: cfg.limits.max_pending_transfers,
+            probe_max_bytes: cfg.bandwidth.probe_bytes.max(1),
+        };
+        let kv_events = ev_tx.clone();
+        tokio::spawn(acceptor.run(incoming, cancel.clone(), move |inc| {
+            kv_events.try_send(MeshEvent::KvIncoming(inc)).is_ok()
+        }));
+
+        let task = Task {
+            swarm,
+            topic,
+            events: ev_tx,
+            table: PeerTable::new(cfg.limits.max_known_peers),
+            book: BidBook::new(cfg.limits.max_outstanding_bids),
+            body: AdvertBody {
+                region: cfg.region.clone(),
+                ..AdvertBody::default()
+            },
+            seq: 0,
+            listen_addrs: vec![],
+            listen_waiters: vec![],
+            pending_calls: HashMap::new(),
+            next_token: 0,
+            outbound: HashMap::new(),
+            dials: HashMap::new(),
+            stats: stats.clone(),
+            estimator: estimator.clone(),
+            allowlist,
+            control: control.clone(),
+            probe_running: Arc::new(AtomicBool::new(false)),
+            last_probe: HashMap::new(),
+            next_transfer: next_transfer.clone(),
+            cfg: cfg.clone(),
+        };
+        let join = tokio::spawn(task.run(cmd_rx, cancel.clone()));
+        let shared = Shared {
+            local_peer_id: local,
+            commands: cmd_tx,
+            cancel,
+            task: tokio::sync::Mutex::new(Some(join)),
+            control,
+            estimator,
+            stats,
+            added_latency: RwLock::new(HashMap::new()),
+            next_transfer,
+            streams_per_transfer: cfg.streams_per_transfer.max(1),
+            max_streams,
+            sender_limits,
+        };
+        Ok((MeshHandle { shared: Arc::new(shared) }, ev_rx))
+    }
+}
+
+impl Task {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        let mut advert_tick = tokio::time::interval(self.cfg.advert_interval.max(Duration::from_millis(10)));
+        advert_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let maint_period = (self.cfg.advert_expiry / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let mut maintenance = tokio::time::interval(maint_period);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                cmd = commands.recv() => match cmd {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                _ = advert_tick.tick() => self.publish_advert(),
+                _ = maintenance.tick() => self.maintain(),
+            }
+        }
+        cancel.cancel(); // stop the KV acceptor too when every handle was dropped
+        tracing::debug!(peer = %self.swarm.local_peer_id(), "mesh task stopped");
+    }
+
+    fn emit(&self, ev: MeshEvent) {
+        if self.events.try_send(ev).is_err() {
+            self.stats.dropped_events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn allowed(&self, peer: &PeerId) -> bool {
+        self.allowlist.as_ref().is_none_or(|a| a.contains(peer))
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial(addr, reply) => {
+                let opts = DialOpts::unknown_peer_id().address(addr).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.dials.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(MeshError::Dial(e.to_string())));
+                    }
+                }
+            }
+            Command::SetAdvert(body) => {
+                self.body = *body;
+                if self.body.region.is_empty() {
+                    self.body.region = self.cfg.region.clone();
+                }
+                self.publish_advert();
+            }
+            Command::Candidates(model, reply) => {
+                let v = self
+                    .table
+                    .prefill_candidates(&model)
+                    .into_iter()
+                    .map(|(p, a)| (p, a.clone()))
+                    .collect();
+                let _ = reply.send(v);
+            }
+            Command::KnownPeers(reply) => {
+                let _ = reply.send(self.table.peers().map(|(p, _)| *p).collect());
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::ListenAddrs(reply) => {
+                if self.listen_addrs.is_empty() {
+                    self.listen_waiters.push(reply);
+                } else {
+                    let _ = reply.send(self.listen_addrs.clone());
+                }
+            }
+            Command::Request(peer, req, reply) => {
+                if self.outbound.len() >= self.cfg.limits.max_pending_calls.max(1) * 4 {
+                    let _ = reply.send(Err(MeshError::Overloaded));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().auction.send_request(&peer, req);
+                self.outbound.insert(id, reply);
+            }
+            Command::AnswerCall(token, answer) => {
+                let Some(pc) = self.pending_calls.remove(&token.0) else {
+                    return; // already timed out and declined for the app
+                };
+                let resp = match answer {
+                    CallAnswer::Bid(mut bid) => {
+                        bid.request_id = pc.request_id;
+                        if self.book.record(pc.peer, &bid, Instant::now()) {
+                            AuctionResponse::Bid(bid)
+                        } else {
+                            AuctionResponse::Decline {
+                                request_id: pc.request_id,
+                                reason: DeclineReason::Overloaded,
+                            }
+                        }
+                    }
+                    CallAnswer::Decline(reason) => AuctionResponse::Decline {
+                        request_id: pc.request_id,
+                        reason,
+                    },
+                };
+                let _ = self.swarm.behaviour_mut().auction.send_response(pc.channel, resp);
+            }
+        }
+    }
+
+    fn publish_advert(&mut self) {
+        self.seq += 1;
+        let observed_bandwidth = self
+            .estimator
+            .lock()
+            .map(|e| e.top(8))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(p, b)| BandwidthReport {
+                peer: p.to_base58(),
+                bytes_per_sec: b,
+            })
+            .collect();
+        let advert = Advert {
+            node_id: self.swarm.local_peer_id().to_base58(),
+            seq: self.seq,
+            listen_addrs: self.listen_addrs.iter().take(8).map(|a| a.to_string()).collect(),
+            body: self.body.clone(),
+            observed_bandwidth,
+        };
+        match advert::codec::encode(&advert, self.cfg.limits.max_advert_bytes) {
+            Ok(bytes) => {
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+                    // InsufficientPeers before anyone joined is expected; anything else is logged.
+                    tracing::trace!(error = %e, "advert not published");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "own advert does not encode within the limit"),
+        }
+    }
+
+    fn maintain(&mut self) {
+        let now = Instant::now();
+        for peer in self.table.expire(now, self.cfg.advert_expiry) {
+            if let Ok(mut e) = self.estimator.lock() {
+                e.forget(&peer);
+            }
+            self.emit(MeshEvent::PeerExpired { peer });
+        }
+        self.book.expire(now);
+        // Calls the application did not answer in time are declined on its behalf.
+        let late: Vec<u64> = self
+            .pending_calls
+            .iter()
+            .filter(|(_, c)| now >= c.deadline)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in late {
+            if let Some(pc) = self.pending_calls.remove(&t) {
+                let _ = self.swarm.behaviour_mut().auction.send_response(
+                    pc.channel,
+                    AuctionResponse::Decline {
+                        request_id: pc.request_id,
+                        reason: DeclineReason::NoAnswer,
+                    },
+                );
+            }
+        }
+        self.maybe_probe(now);
+    }
+
+    /// Starts at most one probe at a time, towards a connected mesh peer whose estimate is stale.
+    fn maybe_probe(&mut self, now: Instant) {
+        let bw = &self.cfg.bandwidth;
+        if !bw.probes || self.probe_running.load(Ordering::Acquire) {
+            return;
+        }
+        let stale_after = bw.stale_after;
+        let target = {
+            let Ok(est) = self.estimator.lock() else { return };
+            self.table
+                .peers()
+                .map(|(p, _)| *p)
+                .filter(|p| self.swarm.is_connected(p))
+                .filter(|p| est.is_stale(p, now, stale_after))
+                .find(|p| {
+                    self.last_probe
+                        .get(p)
+                        .is_none_or(|t| now.saturating_duration_since(*t) > stale_after)
+                })
+        };
+        let Some(peer) = target else { return };
+        self.last_probe.insert(peer, now);
+        if self.last_probe.len() > self.cfg.limits.max_known_peers {
+            self.last_probe.retain(|_, t| now.saturating_duration_since(*t) <= stale_after);
+        }
+        self.probe_running.store(true, Ordering::Release);
+        let running = self.probe_running.clone();
+        let control = self.control.clone();
+        let estimator = self.estimator.clone();
+        let limits = SenderLimits {
+            max_trailer_bytes: self.cfg.limits.max_trailer_bytes,
+            idle_timeout: self.cfg.limits.kv_idle_timeout,
+        };
+        let probe_bytes = bw.probe_bytes.max(1);
+        let id = self.next_transfer.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let r = probe(control, peer, probe_bytes, id, limits, estimator).await;
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "bandwidth probe failed");
+            }
+            running.store(false, Ordering::Release);
+        });
+    }
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<MeshBehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                self.listen_addrs.push(address.clone());
+                for w in self.listen_waiters.drain(..) {
+                    let _ = w.send(self.listen_addrs.clone());
+                }
+                self.emit(MeshEvent::Listening { addr: address });
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                if let Some(d) = self.dials.remove(&connection_id) {
+                    let _ = d.send(Ok(peer_id));
+                }
+                if num_established.get() == 1 {
+                    self.emit(MeshEvent::PeerConnected { peer: peer_id });
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id, num_established, ..
+            } => {
+                if num_established == 0 {
+                    self.emit(MeshEvent::PeerDisconnected { peer: peer_id });
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                if matches!(error, DialError::Denied { .. }) {
+                    self.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(d) = self.dials.remove(&connection_id) {
+                    let _ = d.send(Err(MeshError::Dial(error.to_string())));
+                } else {
+                    tracing::debug!(?peer_id, %error, "outgoing connection failed");
+                }
+            }
+            SwarmEvent::IncomingConnectionError { error, .. } => {
+                // PSK mismatch (handshake fails), allowlist or limits denial.
+                self.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+                self.emit(MeshEvent::ConnectionRefused {
+                    peer: None,
+                    reason: error.to_string(),
+                });
+            }
+            SwarmEvent::Behaviour(b) => self.on_behaviour(b),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour(&mut self, ev: MeshBehaviourEvent) {
+        match ev {
+            MeshBehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                let verdict = self.on_advert(message.source, &message.data);
+                if verdict != MessageAcceptance::Accept {
+                    self.stats.refused_adverts.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    verdict,
+                );
+            }
+            MeshBehaviourEvent::Auction(request_response::Event::Message { peer, message, .. }) => match message {
+                request_response::Message::Request { request, channel, .. } => self.on_request(peer, request, channel),
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(tx) = self.outbound.remove(&request_id) {
+                        let _ = tx.send(Ok(response));
+                    }
+                }
+            },
+            MeshBehaviourEvent::Auction(request_response::Event::OutboundFailure {
+                peer, request_id, error, ..
+            }) => {
+                if let Some(tx) = self.outbound.remove(&request_id) {
+                    let _ = tx.send(Err(MeshError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            MeshBehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                for (peer, addr) in list {
+                    if self.swarm.connected_peers().count() < self.cfg.target_peers && self.allowed(&peer) {
+                        let opts = DialOpts::peer_id(peer)
+                            .addresses(vec![addr])
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_advert(&mut self, source: Option<PeerId>, data: &[u8]) -> MessageAcceptance {
+        if source.is_some_and(|s| !self.allowed(&s)) {
+            return MessageAcceptance::Reject;
+        }
+        let advert = match advert::codec::decode(data, source, self.cfg.limits.max_advert_bytes) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "advert rejected");
+                return MessageAcceptance::Reject;
+            }
+        };
+        let Some(peer) = source else {
+            return MessageAcceptance::Reject;
+        };
+        if peer == *self.swarm.local_peer_id() {
+            return MessageAcceptance::Ignore;
+        }
+        // Learn the mesh: dial advertised addresses while below the target peer count.
+        if !self.swarm.is_connected(&peer) && self.swarm.connected_peers().count() < self.cfg.target_peers {
+            let addrs: Vec<Multiaddr> = advert
+                .listen_addrs
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .take(8)
+                .collect();
+            if !addrs.is_empty() {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                let _ = self.swarm.dial(opts);
+            }
+        }
+        match self.table.upsert(peer, advert, Instant::now()) {
+            advert::table::Upsert::New => {
+                self.stats.adverts_accepted.fetch_add(1, Ordering::Relaxed);
+                self.emit(MeshEvent::PeerDiscovered { peer });
+                MessageAcceptance::Accept
+            }
+            advert::table::Upsert::Updated => {
+                self.stats.adverts_accepted.fetch_add(1, Ordering::Relaxed);
+                MessageAcceptance::Accept
+            }
+            advert::table::Upsert::Stale | advert::table::Upsert::Full => MessageAcceptance::Ignore,
+        }
+    }
+
+    fn on_request(&mut self, peer: PeerId, req: AuctionRequest, channel: ResponseChannel<AuctionResponse>) {
+        if !self.allowed(&peer) {
+            self.stats.refused_auction.fetch_add(1, Ordering::Relaxed);
+            return; // dropping the channel fails the request on the other side
+        }
+        let now = Instant::now();
+        let resp = match req {
+            AuctionRequest::Call(call) => {
+                if self.pending_calls.len() >= self.cfg.limits.max_pending_calls || !self.book.has_room() {
+                    AuctionResponse::Decline {
+                        request_id: call.request_id,
+                        reason: DeclineReason::Overloaded,
+                    }
+                } else {
+                    let token = self.next_token;
+                    self.next_token = self.next_token.wrapping_add(1);
+                    let request_id = call.request_id;
+                    let deadline = now + Duration::from_millis(u64::from(call.deadline_ms));
+                    let ev = MeshEvent::AuctionCall {
+                        peer,
+                        call,
+                        token: CallToken(token),
+                    };
+                    if self.events.try_send(ev).is_err() {
+                        self.stats.dropped_events.fetch_add(1, Ordering::Relaxed);
+                        AuctionResponse::Decline {
+                            request_id,
+                            reason: DeclineReason::Overloaded,
+                        }
+                    } else {
+                        self.pending_calls.insert(
+                            token,
+                            PendingCall {
+                                peer,
+                                request_id,
+                                channel,
+                                deadline,
+                            },
+                        );
+                        return;
+                    }
+                }
+            }
+            AuctionRequest::Award(award) => match self.book.award(peer, &award, now) {
+                AwardCheck::Accepted => {
+                    let request_id = award.request_id;
+                    self.emit(MeshEvent::Awarded { peer, award });
+                    AuctionResponse::AwardAccepted { request_id }
+                }
+                AwardCheck::Refused(reason) => AuctionResponse::AwardRefused {
+                    request_id: award.request_id,
+                    reason,
+                },
+            },
+            AuctionRequest::Cancel { request_id } => {
+                if self.book.cancel(peer, request_id) {
+                    self.emit(MeshEvent::AuctionCancelled { peer, request_id });
+                }
+                AuctionResponse::Cancelled { request_id }
+            }
+        };
+        let _ = self.swarm.behaviour_mut().auction.send_response(channel, resp);
+    }
+}
+
+/// A small transfer in 256 KiB layers whose only purpose is to measure goodput to `peer`.
+async fn probe(
+    control: libp2p_stream::Control,
+    peer: PeerId,
+    bytes: u64,
+    id: u64,
+    limits: SenderLimits,
+    estimator: Arc<Mutex<BandwidthEstimator>>,
+) -> Result<(), crate::kv::KvError> {
+    const LAYER: u64 = 256 * 1024;
+    let layers = bytes.div_ceil(LAYER) as u32;
+    let header = KvHeader {
+        request_id: 0,
+        model: crate::advert::ModelRef {
+            model_id: String::new(),
+            weights_hash: [0; 32],
+            kv_layout_version: 0,
+            kv_layout_hash: [0; 32],
+        },
+        layers,
+        tokens: 0,
+        dtype: "probe".into(),
+        max_layer_bytes: LAYER.min(bytes),
+        total_bytes: bytes,
+        probe: true,
+    };
+    let mut s = crate::kv::KvSender::open(&control, peer, header, 1, id, limits, estimator).await?;
+    let mut left = bytes;
+    for l in 0..layers {
+        let n = left.min(LAYER);
+        left -= n;
+        s.send_layer(l, vec![0xA5; n as usize]).await?;
+    }
+    s.finish(KvTrailer::default()).await?;
+    Ok(())
+}

@@ -1,0 +1,796 @@
+//! The discrete-event engine: virtual time, one event heap, deterministic for a seed.
+//!
+//! Model (each simplification is on purpose and stated):
+//! * A prefill instance runs one prompt at a time, FIFO; its time comes from its profile, minus
+//!   the part of a shared prefix it already caches (LRU of prefix groups).
+//! * A remote prefill streams KV layer by layer: the transfer may start once the first layer is
+//!   done, the link is a FIFO byte server with a time-varying rate, and the last layer can leave
+//!   only after the prefill ends. KV is ready at the home after that plus the request's and the
+//!   KV's one-way latencies. Local prefill → decode is intra-cluster (RDMA) and free.
+//! * Decode instances batch continuously up to `BS_max` (the SLO cap); every step runs at the SLO
+//!   step time, so a request holds a slot for `L_out` steps. The first token is out one step after
+//!   joining a batch; TTFT is measured to that point.
+//! * The central router sees every queue and the link exactly (it is central); the auction's home
+//!   nodes see peers only through gossip snapshots taken every `gossip_interval_s`, extrapolated
+//!   by the work they themselves sent since. Prefix-cache summaries are taken as current.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
+
+use rand_core::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
+use serde::Serialize;
+
+use super::scenario::{Arrival, Scenario};
+use crate::policy::{
+    settle, Bid, BidderLoad, LengthDistribution, OffloadRule, Placement, PricingParams, PrefillProfile,
+    RequestShape, ReSearchTrigger, ScoringParams, Split, ThroughputModel,
+};
+
+/// The four policies compared side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PolicyKind {
+    /// All prefill and decode in one PD cluster of the slower instances.
+    Homogeneous,
+    /// Every prefill on the remote cluster.
+    NaiveHeterogeneous,
+    /// The paper's central router: threshold `t` + bandwidth awareness.
+    PrfaasRouter,
+    /// This project's decentralized auction with stale adverts.
+    Auction,
+}
+
+impl PolicyKind {
+    /// Label used in tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Homogeneous => "homogeneous PD",
+            Self::NaiveHeterogeneous => "naive heterogeneous",
+            Self::PrfaasRouter => "PrfaaS-PD (central router)",
+            Self::Auction => "mesh auction (decentralized)",
+        }
+    }
+}
+
+/// One generated request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Request {
+    /// Arrival time (s).
+    pub arrival: f64,
+    /// Prompt tokens.
+    pub tokens: f64,
+    /// Shared prefix `(group, tokens)`, if any.
+    pub prefix: Option<(u32, f64)>,
+}
+
+fn uniform(rng: &mut Pcg64Mcg) -> f64 {
+    // 53 random bits in [0, 1).
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+fn exponential(rng: &mut Pcg64Mcg, rate: f64) -> f64 {
+    if rate <= 0.0 {
+        return f64::INFINITY;
+    }
+    -(1.0 - uniform(rng)).ln() / rate
+}
+
+/// Generate `n` requests: lengths from `dist`, arrivals from `arrival`, prefixes per scenario.
+pub fn generate(scenario: &Scenario, dist: &LengthDistribution, arrival: &Arrival, n: usize, seed: u64) -> Vec<Request> {
+    let mut rng = Pcg64Mcg::seed_from_u64(seed);
+    let pre = &scenario.workload.prefixes;
+    let mut out = Vec::with_capacity(n);
+    let mut now = 0.0;
+    // Bursty state: (high?, time of next switch).
+    let mut high = true;
+    let mut switch_at = 0.0;
+    if let Arrival::Bursty { mean_high_s, .. } = arrival {
+        switch_at = exponential(&mut rng, 1.0 / mean_high_s);
+    }
+    for _ in 0..n {
+        match *arrival {
+            Arrival::Poisson { rate_per_s } => now += exponential(&mut rng, rate_per_s),
+            Arrival::Bursty { high_rate_per_s, low_rate_per_s, mean_high_s, mean_low_s } => loop {
+                let rate = if high { high_rate_per_s } else { low_rate_per_s };
+                let next = now + exponential(&mut rng, rate);
+                if next <= switch_at {
+                    now = next;
+                    break;
+                }
+                // Memorylessness: restart the draw from the switch instant in the new state.
+                now = switch_at;
+                high = !high;
+                let mean = if high { mean_high_s } else { mean_low_s };
+                switch_at = now + exponential(&mut rng, 1.0 / mean);
+            },
+        }
+        let tokens = dist.quantile(uniform(&mut rng)).round().max(1.0);
+        let prefix = if pre.share > 0.0 && uniform(&mut rng) < pre.share {
+            let g = (uniform(&mut rng) * f64::from(pre.groups)) as u32;
+            Some((g.min(pre.groups.saturating_sub(1)), pre.tokens.min(0.9 * tokens).floor()))
+        } else {
+            None
+        };
+        out.push(Request { arrival: now, tokens, prefix });
+    }
+    out
+}
+
+/// Per-policy results.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunMetrics {
+    /// Policy.
+    pub policy: PolicyKind,
+    /// Requests offered.
+    pub requests: usize,
+    /// Requests completed.
+    pub completed: usize,
+    /// Completions per second after the first 10% (sustained throughput).
+    pub throughput_per_s: f64,
+    /// TTFT mean (s).
+    pub ttft_mean_s: f64,
+    /// TTFT median (s).
+    pub ttft_p50_s: f64,
+    /// TTFT P90 (s).
+    pub ttft_p90_s: f64,
+    /// TTFT P99 (s).
+    pub ttft_p99_s: f64,
+    /// Fraction prefilled remotely.
+    pub offload_fraction: f64,
+    /// Mean prompt length of offloaded requests.
+    pub mean_offloaded_tokens: f64,
+    /// Mean egress over the arrival window (Gbps).
+    pub egress_gbps: f64,
+    /// Times the router re-searched `t`.
+    pub researches: u32,
+    /// Threshold in force at the end (router).
+    pub final_threshold: f64,
+    /// Placements that hit a vanished site and were retried.
+    pub retries: u64,
+    /// Sorted TTFTs (for CDF charts; not serialised).
+    #[serde(skip)]
+    pub ttfts: Vec<f64>,
+}
+
+/// Fixed inputs of one run.
+pub struct RunSetup<'a> {
+    /// Scenario.
+    pub scenario: &'a Scenario,
+    /// Requests (shared by all policies: common random numbers).
+    pub requests: &'a [Request],
+    /// Length distribution (for re-searches).
+    pub dist: &'a LengthDistribution,
+    /// Throughput model at nominal bandwidth.
+    pub model: &'a ThroughputModel,
+    /// Instance split.
+    pub split: Split,
+    /// Initial threshold (router).
+    pub threshold: f64,
+    /// Optional misreport `(instance index, price factor)` for truthfulness experiments.
+    pub misreport: Option<(usize, f64)>,
+    /// Keep up to this many auctions' bid vectors for replay.
+    pub record_auctions: usize,
+}
+
+/// Auctions recorded for replay, and per-instance realised utility.
+#[derive(Debug, Clone, Default)]
+pub struct AuctionLog {
+    /// Bids (with observed bandwidth) of recorded auctions, with each bid's true price.
+    pub auctions: Vec<Vec<(Bid, f64, f64)>>,
+    /// Per instance: Σ (payment − true price) over auctions won.
+    pub utility: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Time(f64);
+impl Eq for Time {}
+impl PartialOrd for Time {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Time {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ev {
+    Arrival(usize),
+    PrefillDone { inst: usize, epoch: u64 },
+    KvReady(usize),
+    DecodeDone,
+    Gossip,
+    RouterCheck,
+    OutageStart,
+    OutageEnd,
+    Retry(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    t: Time,
+    seq: u64,
+    ev: Ev,
+}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Entry {
+    // Min-heap on (time, seq): reverse for BinaryHeap.
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.t.cmp(&self.t).then(o.seq.cmp(&self.seq))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    req: usize,
+    work_s: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Instance {
+    remote: bool,
+    queue: VecDeque<Job>,
+    running: Option<Job>,
+    idle_at: f64,
+    epoch: u64,
+    online: bool,
+    cache: VecDeque<u32>,
+    busy_accum: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Advert {
+    at: f64,
+    backlog_s: f64,
+    price_per_ktok: f64,
+    online: bool,
+    busy_accum: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Home {
+    bandwidth: Vec<f64>,
+    sent_since: Vec<f64>,
+    dead: Vec<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ReqState {
+    remote: bool,
+    kv_ready: f64,
+    ttft: f64,
+    bw_sample: f64,
+    home: usize,
+    winner: usize,
+}
+
+struct Link {
+    steps: Vec<(f64, f64)>,
+    free_at: f64,
+    latency_s: f64,
+    layers: f64,
+}
+
+impl Link {
+    fn rate_at(&self, t: f64) -> f64 {
+        let k = self.steps.partition_point(|s| s.0 <= t);
+        self.steps[k.saturating_sub(1)].1
+    }
+
+    /// Seconds to push `bytes` starting at `start` through the piecewise-constant rate.
+    fn duration(&self, start: f64, bytes: f64) -> f64 {
+        let mut t = start;
+        let mut left = bytes;
+        let mut k = self.steps.partition_point(|s| s.0 <= t).saturating_sub(1);
+        loop {
+            let rate = self.steps[k].1;
+            let end = self.steps.get(k + 1).map_or(f64::INFINITY, |s| s.0);
+            let cap = rate * (end - t);
+            if left <= cap {
+                return t + left / rate - start;
+            }
+            left -= cap;
+            t = end;
+            k += 1;
+        }
+    }
+}
+
+struct Sim<'a> {
+    s: &'a RunSetup<'a>,
+    kind: PolicyKind,
+    remote_prof: PrefillProfile,
+    local_prof: PrefillProfile,
+    step_s: f64,
+    l_out: f64,
+    slots_free: u64,
+    decode_fifo: VecDeque<usize>,
+    insts: Vec<Instance>,
+    link: Link,
+    heap: BinaryHeap<Entry>,
+    seq: u64,
+    now: f64,
+    st: Vec<ReqState>,
+    completed: usize,
+    completion_times: Vec<f64>,
+    // Router.
+    threshold: f64,
+    searched_bw: f64,
+    window_bytes: f64,
+    trigger: ReSearchTrigger,
+    researches: u32,
+    // Auction.
+    homes: Vec<Home>,
+    adverts: Vec<Advert>,
+    pricing: PricingParams,
+    scoring: ScoringParams,
+    log: AuctionLog,
+    // Metrics.
+    egress_bytes: f64,
+    offloaded: usize,
+    offloaded_tokens: f64,
+    retries: u64,
+}
+
+impl<'a> Sim<'a> {
+    fn push(&mut self, t: f64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Entry { t: Time(t), seq: self.seq, ev });
+    }
+
+    fn cached(&self, inst: usize, r: usize) -> f64 {
+        match self.s.requests[r].prefix {
+            Some((g, len)) if self.insts[inst].cache.contains(&g) => len,
+            _ => 0.0,
+        }
+    }
+
+    fn work_s(&self, inst: usize, r: usize) -> f64 {
+        let prof = if self.insts[inst].remote { &self.remote_prof } else { &self.local_prof };
+        prof.incremental_prefill_time(self.s.requests[r].tokens, self.cached(inst, r))
+    }
+
+    fn backlog(&self, inst: usize) -> f64 {
+        (self.insts[inst].idle_at - self.now).max(0.0)
+    }
+
+    /// Instance of the wanted kind finishing `r` first (fresh view: central router).
+    fn best(&self, r: usize, remote: bool) -> Option<usize> {
+        (0..self.insts.len())
+            .filter(|&i| self.insts[i].remote == remote && self.insts[i].online)
+            .min_by(|&a, &b| {
+                (self.backlog(a) + self.work_s(a, r)).total_cmp(&(self.backlog(b) + self.work_s(b, r)))
+            })
+    }
+
+    fn enqueue(&mut self, inst: usize, r: usize) {
+        let work_s = self.work_s(inst, r);
+        let i = &mut self.insts[inst];
+        i.idle_at = i.idle_at.max(self.now) + work_s;
+        i.queue.push_back(Job { req: r, work_s });
+        self.st[r].remote = i.remote;
+        if i.running.is_none() {
+            self.start_next(inst);
+        }
+    }
+
+    fn start_next(&mut self, inst: usize) {
+        let Some(job) = self.insts[inst].queue.pop_front() else { return };
+        let now = self.now;
+        let r = job.req;
+        let end = now + job.work_s;
+        let mut kv_ready = end;
+        if self.insts[inst].remote {
+            let bytes = self.remote_prof.kv_bytes(self.s.requests[r].tokens);
+            let first_layer = now + job.work_s / self.link.layers;
+            let start = self.link.free_at.max(first_layer);
+            let d = self.link.duration(start, bytes);
+            self.link.free_at = start + d;
+            kv_ready = (start + d).max(end + d / self.link.layers) + 2.0 * self.link.latency_s;
+            self.egress_bytes += bytes;
+            self.window_bytes += bytes;
+            self.st[r].bw_sample = bytes / ((start - first_layer) + d);
+        }
+        self.st[r].kv_ready = kv_ready;
+        let i = &mut self.insts[inst];
+        i.running = Some(job);
+        i.busy_accum += job.work_s;
+        let epoch = i.epoch;
+        self.push(end, Ev::PrefillDone { inst, epoch });
+    }
+
+    fn place(&mut self, r: usize) {
+        let remote_online = self.insts.iter().any(|i| i.remote && i.online);
+        let local_exists = self.insts.iter().any(|i| !i.remote);
+        let target = match self.kind {
+            PolicyKind::Homogeneous => self.best(r, false),
+            PolicyKind::NaiveHeterogeneous => self.best(r, true),
+            PolicyKind::PrfaasRouter => {
+                let req = &self.s.requests[r];
+                let max_cached = |remote: bool| {
+                    (0..self.insts.len())
+                        .filter(|&i| self.insts[i].remote == remote && self.insts[i].online)
+                        .map(|i| self.cached(i, r))
+                        .fold(0.0, f64::max)
+                };
+                let shape = RequestShape {
+                    total_tokens: req.tokens,
+                    cached_local_tokens: max_cached(false),
+                    cached_remote_tokens: max_cached(true),
+                };
+                let scarce = self.link.free_at - self.now > self.s.scenario.router.scarce_link_backlog_s;
+                let rule = OffloadRule { threshold_tokens: self.threshold };
+                let want_remote = rule.decide(&shape, scarce) == Placement::Offload;
+                if (want_remote && remote_online) || !local_exists {
+                    self.best(r, true)
+                } else {
+                    self.best(r, false)
+                }
+            }
+            PolicyKind::Auction => {
+                let Some(w) = self.auction(r) else {
+                    self.retries += 1;
+                    let t = self.now + self.s.scenario.auction.failure_timeout_s;
+                    self.push(t, Ev::Retry(r));
+                    return;
+                };
+                if !self.insts[w].online {
+                    // Stale advert: the winner is gone. The home notices after a timeout.
+                    let h = self.st[r].home;
+                    self.homes[h].dead[w] = true;
+                    self.retries += 1;
+                    let t = self.now + self.s.scenario.auction.failure_timeout_s;
+                    self.push(t, Ev::Retry(r));
+                    return;
+                }
+                Some(w)
+            }
+        };
+        match target {
+            Some(inst) => self.enqueue(inst, r),
+            None => {
+                // No site can prefill now (e.g. naive policy during an outage): try again later.
+                self.retries += 1;
+                let t = self.now + self.s.scenario.auction.failure_timeout_s;
+                self.push(t, Ev::Retry(r));
+            }
+        }
+    }
+
+    /// Run the home's auction from its gossip view; returns the winning instance.
+    fn auction(&mut self, r: usize) -> Option<usize> {
+        let h = self.st[r].home;
+        let tokens = self.s.requests[r].tokens;
+        let mut bids = Vec::with_capacity(self.insts.len());
+        let mut truth = Vec::with_capacity(self.insts.len());
+        for i in 0..self.insts.len() {
+            let ad = self.adverts[i];
+            if !ad.online || self.homes[h].dead[i] {
+                continue;
+            }
+            let queue = (ad.backlog_s - (self.now - ad.at)).max(0.0) + self.homes[h].sent_since[i];
+            let cached = self.cached(i, r);
+            let work_tokens = (tokens - cached).max(0.0);
+            let true_price = ad.price_per_ktok * work_tokens / 1000.0;
+            let factor = match self.s.misreport {
+                Some((who, f)) if who == i => f,
+                _ => 1.0,
+            };
+            let remote = self.insts[i].remote;
+            let bid = Bid {
+                bidder: i as u32,
+                price: true_price * factor,
+                queue_delay_s: queue,
+                prefill_s: self.work_s(i, r),
+                kv_bytes: if remote { self.remote_prof.kv_bytes(tokens) } else { 0.0 },
+                reserve: !remote,
+            };
+            let bw = if remote { self.homes[h].bandwidth[i] } else { f64::INFINITY };
+            bids.push((bid, bw));
+            truth.push(true_price);
+        }
+        let award = settle(&bids, &self.scoring)?;
+        let w = award.bidder as usize;
+        if !award.reserve {
+            self.log.utility[w] += award.payment - truth[award.index];
+        }
+        if self.log.auctions.len() < self.s.record_auctions {
+            self.log
+                .auctions
+                .push(bids.iter().zip(&truth).map(|(&(b, bw), &t)| (b, bw, t)).collect());
+        }
+        let work = self.work_s(w, r);
+        self.homes[h].sent_since[w] += work;
+        self.st[r].winner = w;
+        Some(w)
+    }
+
+    fn gossip(&mut self) {
+        for (i, inst) in self.insts.iter().enumerate() {
+            let prev = self.adverts[i];
+            let interval = self.s.scenario.auction.gossip_interval_s;
+            let util = ((inst.busy_accum - prev.busy_accum) / interval).clamp(0.0, 1.0);
+            let backlog = (inst.idle_at - self.now).max(0.0);
+            let load = BidderLoad { queue_delay_s: backlog, utilisation: util };
+            self.adverts[i] = Advert {
+                at: self.now,
+                backlog_s: backlog,
+                price_per_ktok: self.pricing.price(1000.0, load),
+                online: inst.online,
+                busy_accum: inst.busy_accum,
+            };
+        }
+        for home in &mut self.homes {
+            home.sent_since.iter_mut().for_each(|x| *x = 0.0);
+            for (i, d) in home.dead.iter_mut().enumerate() {
+                // A fresh advert from a peer means it is back.
+                if self.adverts[i].online {
+                    *d = false;
+                }
+            }
+        }
+    }
+
+    fn router_check(&mut self) {
+        let interval = self.s.scenario.router.check_interval_s;
+        let bw = self.link.rate_at(self.now);
+        let obs = crate::policy::Observation {
+            egress_utilisation: self.window_bytes / (bw * interval),
+            queue_delay_s: (0..self.insts.len()).map(|i| self.backlog(i)).fold(0.0, f64::max),
+            bandwidth_bytes_per_s: bw,
+        };
+        self.window_bytes = 0.0;
+        if self.trigger.should_research(&obs, self.searched_bw) {
+            let model = ThroughputModel { egress_bytes_per_s: bw, ..self.s.model.clone() };
+            if let Ok(e) = model.search_threshold(self.s.dist, self.s.split) {
+                self.threshold = e.threshold;
+            }
+            self.searched_bw = bw;
+            self.researches += 1;
+        }
+    }
+
+    fn outage(&mut self, start: bool) {
+        let detect = match self.kind {
+            PolicyKind::Auction => self.s.scenario.auction.failure_timeout_s,
+            _ => 0.0,
+        };
+        for inst in 0..self.insts.len() {
+            if !self.insts[inst].remote {
+                continue;
+            }
+            self.insts[inst].online = !start;
+            if start {
+                let i = &mut self.insts[inst];
+                i.epoch += 1;
+                i.idle_at = self.now;
+                let lost: Vec<usize> = i.running.take().into_iter().chain(i.queue.drain(..)).map(|j| j.req).collect();
+                for r in lost {
+                    self.retries += 1;
+                    let t = self.now + detect;
+                    self.push(t, Ev::Retry(r));
+                }
+            }
+        }
+    }
+
+    fn try_decode(&mut self) {
+        while self.slots_free > 0 {
+            let Some(r) = self.decode_fifo.pop_front() else { break };
+            self.slots_free -= 1;
+            self.st[r].ttft = self.now + self.step_s - self.s.requests[r].arrival;
+            let t = self.now + self.l_out * self.step_s;
+            self.push(t, Ev::DecodeDone);
+        }
+    }
+
+    fn run(&mut self) {
+        let n = self.s.requests.len();
+        let last_arrival = self.s.requests.last().map_or(0.0, |r| r.arrival);
+        for (i, r) in self.s.requests.iter().enumerate() {
+            self.push(r.arrival, Ev::Arrival(i));
+        }
+        for o in &self.s.scenario.outage {
+            self.push(o.from_s, Ev::OutageStart);
+            self.push(o.to_s, Ev::OutageEnd);
+        }
+        match self.kind {
+            PolicyKind::Auction => self.push(0.0, Ev::Gossip),
+            PolicyKind::PrfaasRouter => self.push(self.s.scenario.router.check_interval_s, Ev::RouterCheck),
+            _ => {}
+        }
+        while let Some(Entry { t, ev, .. }) = self.heap.pop() {
+            self.now = t.0;
+            match ev {
+                Ev::Arrival(r) | Ev::Retry(r) => self.place(r),
+                Ev::PrefillDone { inst, epoch } => {
+                    if self.insts[inst].epoch != epoch {
+                        continue;
+                    }
+                    if let Some(job) = self.insts[inst].running.take() {
+                        let r = job.req;
+                        if let Some((g, _)) = self.s.requests[r].prefix {
+                            let cap = self.s.scenario.workload.prefixes.cache_capacity;
+                            let c = &mut self.insts[inst].cache;
+                            c.retain(|&x| x != g);
+                            c.push_back(g);
+                            while c.len() > cap {
+                                c.pop_front();
+                            }
+                        }
+                        if self.insts[inst].remote {
+                            let st = self.st[r];
+                            let alpha = self.s.scenario.auction.bandwidth_ewma_alpha;
+                            let bw = &mut self.homes[st.home].bandwidth[inst];
+                            *bw = (1.0 - alpha) * *bw + alpha * st.bw_sample;
+                            self.offloaded += 1;
+                            self.offloaded_tokens += self.s.requests[r].tokens;
+                        }
+                        let ready = self.st[r].kv_ready.max(self.now);
+                        self.push(ready, Ev::KvReady(r));
+                    }
+                    self.start_next(inst);
+                }
+                Ev::KvReady(r) => {
+                    self.decode_fifo.push_back(r);
+                    self.try_decode();
+                }
+                Ev::DecodeDone => {
+                    self.slots_free += 1;
+                    self.completed += 1;
+                    self.completion_times.push(self.now);
+                    if self.completed == n {
+                        break;
+                    }
+                    self.try_decode();
+                }
+                Ev::Gossip => {
+                    self.gossip();
+                    if self.now <= last_arrival {
+                        let t = self.now + self.s.scenario.auction.gossip_interval_s;
+                        self.push(t, Ev::Gossip);
+                    }
+                }
+                Ev::RouterCheck => {
+                    self.router_check();
+                    if self.now <= last_arrival {
+                        let t = self.now + self.s.scenario.router.check_interval_s;
+                        self.push(t, Ev::RouterCheck);
+                    }
+                }
+                Ev::OutageStart => self.outage(true),
+                Ev::OutageEnd => self.outage(false),
+            }
+        }
+    }
+}
+
+/// Highest acceptable score (price units); far above any real bid, so it only matters for a lone bid.
+pub const MAX_SCORE: f64 = 1e6;
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let k = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[k.min(sorted.len() - 1)]
+}
+
+/// Run one policy over the shared requests.
+pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, AuctionLog) {
+    let sc = setup.scenario;
+    let hw = &sc.hardware;
+    // Profiles were validated when the scenario loaded.
+    let remote_prof = setup.model.remote_prefill.clone();
+    let local_prof = setup.model.local_prefill.clone();
+    let decode = &setup.model.decode;
+    let bs = u64::from(decode.max_batch());
+    let n_remote = if kind == PolicyKind::Homogeneous { 0 } else { setup.split.prfaas as usize };
+    let n_local = if kind == PolicyKind::NaiveHeterogeneous { 0 } else { setup.split.prefill as usize };
+    let inst = |remote| Instance {
+        remote,
+        queue: VecDeque::new(),
+        running: None,
+        idle_at: 0.0,
+        epoch: 0,
+        online: true,
+        cache: VecDeque::new(),
+        busy_accum: 0.0,
+    };
+    let insts: Vec<Instance> = (0..n_remote).map(|_| inst(true)).chain((0..n_local).map(|_| inst(false))).collect();
+    let gbps = |g: f64| g * 1e9 / 8.0;
+    let mut steps = vec![(0.0, gbps(sc.link.bandwidth_gbps))];
+    let mut sched = sc.link.schedule.clone();
+    sched.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    for s in sched {
+        if s.at_s <= 0.0 {
+            steps[0].1 = gbps(s.gbps);
+        } else {
+            steps.push((s.at_s, gbps(s.gbps)));
+        }
+    }
+    let nominal = steps[0].1;
+    let n_homes = setup.split.decode.max(1) as usize;
+    let ni = insts.len();
+    let a = &sc.auction;
+    let mut sim = Sim {
+        s: setup,
+        kind,
+        remote_prof,
+        local_prof,
+        step_s: decode.step_time(decode.max_batch()),
+        l_out: f64::from(sc.workload.output_tokens),
+        slots_free: u64::from(setup.split.decode) * bs,
+        decode_fifo: VecDeque::new(),
+        insts,
+        link: Link { steps, free_at: 0.0, latency_s: sc.link.latency_ms / 1000.0, layers: f64::from(sc.link.kv_layers) },
+        heap: BinaryHeap::with_capacity(setup.requests.len() * 2),
+        seq: 0,
+        now: 0.0,
+        st: (0..setup.requests.len()).map(|i| ReqState { home: i % n_homes, ..Default::default() }).collect(),
+        completed: 0,
+        completion_times: Vec::with_capacity(setup.requests.len()),
+        threshold: setup.threshold,
+        searched_bw: nominal,
+        window_bytes: 0.0,
+        trigger: ReSearchTrigger {
+            egress_utilisation_high: sc.router.egress_utilisation_high,
+            queue_delay_high_s: sc.router.queue_delay_high_s,
+            bandwidth_change_factor: sc.router.bandwidth_change_factor,
+        },
+        researches: 0,
+        homes: (0..n_homes)
+            .map(|_| Home { bandwidth: vec![nominal; ni], sent_since: vec![0.0; ni], dead: vec![false; ni] })
+            .collect(),
+        adverts: vec![Advert { online: true, ..Default::default() }; ni],
+        // Validated in `Scenario::validate`; fall back to a neutral price if called without it.
+        pricing: PricingParams::new(a.base_per_ktok, a.queue_premium_per_s, a.utilisation_premium)
+            .unwrap_or(PricingParams { base_per_ktok: 0.0, queue_premium_per_s: 0.0, utilisation_premium: 0.0 }),
+        // A finite cap keeps a lone bidder's posted-reserve payment finite.
+        scoring: ScoringParams { lambda_per_s: a.lambda_per_s, max_score: MAX_SCORE },
+        log: AuctionLog { auctions: Vec::new(), utility: vec![0.0; ni] },
+        egress_bytes: 0.0,
+        offloaded: 0,
+        offloaded_tokens: 0.0,
+        retries: 0,
+    };
+    sim.run();
+    let n = setup.requests.len();
+    let mut ttfts: Vec<f64> = sim.st.iter().map(|s| s.ttft).filter(|&t| t > 0.0).collect();
+    ttfts.sort_by(f64::total_cmp);
+    let mean = if ttfts.is_empty() { f64::NAN } else { ttfts.iter().sum::<f64>() / ttfts.len() as f64 };
+    let first = setup.requests.first().map_or(0.0, |r| r.arrival);
+    let last = setup.requests.last().map_or(0.0, |r| r.arrival);
+    let ct = &sim.completion_times;
+    let warm = ct.len() / 10;
+    let throughput = if ct.len() > warm + 1 {
+        (ct.len() - warm - 1) as f64 / (ct[ct.len() - 1] - ct[warm]).max(1e-9)
+    } else {
+        0.0
+    };
+    let metrics = RunMetrics {
+        policy: kind,
+        requests: n,
+        completed: sim.completed,
+        throughput_per_s: throughput,
+        ttft_mean_s: mean,
+        ttft_p50_s: percentile(&ttfts, 0.5),
+        ttft_p90_s: percentile(&ttfts, 0.9),
+        ttft_p99_s: percentile(&ttfts, 0.99),
+        offload_fraction: sim.offloaded as f64 / n.max(1) as f64,
+        mean_offloaded_tokens: if sim.offloaded > 0 { sim.offloaded_tokens / sim.offloaded as f64 } else { 0.0 },
+        egress_gbps: sim.egress_bytes * 8.0 / 1e9 / (last - first).max(1e-9),
+        researches: sim.researches,
+        final_threshold: sim.threshold,
+        retries: sim.retries,
+        ttfts,
+    };
+    let _ = hw;
+    (metrics, sim.log)
+}

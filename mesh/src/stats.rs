@@ -1,0 +1,52 @@
+//! Counters the mesh keeps (refusals, drops), readable at any time through the handle.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters, shared between the swarm task, the KV acceptor and handles.
+#[derive(Debug, Default)]
+pub struct MeshStats {
+    /// Connections refused or failed at admission (PSK mismatch, not allowlisted, limits).
+    pub refused_connections: AtomicU64,
+    /// Gossip messages rejected (undecodable, wrong source, not allowlisted).
+    pub refused_adverts: AtomicU64,
+    /// Auction requests refused (not allowlisted, overloaded).
+    pub refused_auction: AtomicU64,
+    /// KV streams refused (not allowlisted, bad hello, too many pending).
+    pub refused_kv: AtomicU64,
+    /// Events dropped because the application's event queue was full.
+    pub dropped_events: AtomicU64,
+    /// Adverts accepted.
+    pub adverts_accepted: AtomicU64,
+}
+
+/// A point-in-time copy of [`MeshStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MeshStatsSnapshot {
+    /// See [`MeshStats::refused_connections`].
+    pub refused_connections: u64,
+    /// See [`MeshStats::refused_adverts`].
+    pub refused_adverts: u64,
+    /// See [`MeshStats::refused_auction`].
+    pub refused_auction: u64,
+    /// See [`MeshStats::refused_kv`].
+    pub refused_kv: u64,
+    /// See [`MeshStats::dropped_events`].
+    pub dropped_events: u64,
+    /// See [`MeshStats::adverts_accepted`].
+    pub adverts_accepted: u64,
+}
+
+impl MeshStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> MeshStatsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MeshStatsSnapshot {
+            refused_connections: r(&self.refused_connections),
+            refused_adverts: r(&self.refused_adverts),
+            refused_auction: r(&self.refused_auction),
+            refused_kv: r(&self.refused_kv),
+            dropped_events: r(&self.dropped_events),
+            adverts_accepted: r(&self.adverts_accepted),
+        }
+    }
+}

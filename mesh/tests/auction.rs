@@ -1,0 +1,221 @@
+//! Auction protocol over real swarms: round trip, deadline with no bids, decline under load,
+//! award to an expired bid refused.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use prfaas_mesh::auction::{AuctionRequest, AuctionResponse, AwardRefusal, Award, Bid, Call, DeclineReason};
+use prfaas_mesh::{CallAnswer, MeshConfig, MeshEvent};
+
+fn call(request_id: u64, deadline_ms: u32) -> Call {
+    Call {
+        request_id,
+        model: model(),
+        prompt_len: 2048,
+        cached_prefix_tokens: 0,
+        prefix_block_hashes: vec![1, 2, 3],
+        kv_bytes_estimate: 48 << 20,
+        deadline_ms,
+    }
+}
+
+fn bid(valid_for_ms: u32) -> Bid {
+    Bid {
+        request_id: 0, // the mesh fills in the call's id
+        bid_id: 42,
+        price: 3.5,
+        queue_delay_ms: 5,
+        est_prefill_ms: 800,
+        cached_tokens: 0,
+        valid_for_ms,
+    }
+}
+
+async fn pair(bidder_cfg: MeshConfig) -> (Node, Node) {
+    let home = spawn(MeshConfig::local()).await;
+    let mut cfg = bidder_cfg;
+    cfg.bootstrap = vec![home.p2p_addr().to_string()];
+    let mut bidder = spawn(cfg).await;
+    let home_id = home.id();
+    wait_for(&mut bidder.events, Duration::from_secs(10), |ev| match ev {
+        MeshEvent::PeerConnected { peer } if peer == home_id => Some(()),
+        _ => None,
+    })
+    .await
+    .expect("connected");
+    (home, bidder)
+}
+
+/// Answers every call with `answer` until the node's event queue closes.
+fn auto_bidder(mut bidder: Node, answer: CallAnswer) -> tokio::task::JoinHandle<Vec<MeshEvent>> {
+    tokio::spawn(async move {
+        let mut other = Vec::new();
+        while let Some(ev) = bidder.events.recv().await {
+            match ev {
+                MeshEvent::AuctionCall { token, .. } => {
+                    let _ = bidder.handle.answer_call(token, answer.clone()).await;
+                }
+                ev @ MeshEvent::Awarded { .. } => {
+                    other.push(ev);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        other
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_bid_award_round_trip() {
+    let (home, bidder) = pair(MeshConfig::local()).await;
+    let bidder_id = bidder.id();
+    let bidder_handle = bidder.handle.clone();
+    let task = auto_bidder(bidder, CallAnswer::Bid(bid(10_000)));
+    let round = home.handle.call_auction(&[bidder_id], call(7, 2_000)).await;
+    assert_eq!(round.bids.len(), 1, "{round:?}");
+    let (peer, b) = &round.bids[0];
+    assert_eq!(*peer, bidder_id);
+    assert_eq!(b.request_id, 7);
+    assert_eq!(b.price, 3.5);
+    let accepted = home
+        .handle
+        .award(
+            bidder_id,
+            Award {
+                request_id: 7,
+                bid_id: b.bid_id,
+                price: 3.0,
+            },
+        )
+        .await
+        .expect("award");
+    assert!(accepted);
+    let evs = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("bidder saw award")
+        .expect("join");
+    assert!(matches!(&evs[0], MeshEvent::Awarded { award, .. } if award.request_id == 7 && award.price == 3.0));
+    // The bid is consumed: a second award is refused.
+    let again = home
+        .handle
+        .request(
+            bidder_id,
+            AuctionRequest::Award(Award {
+                request_id: 7,
+                bid_id: 42,
+                price: 3.0,
+            }),
+        )
+        .await
+        .expect("second award answered");
+    assert!(matches!(
+        again,
+        AuctionResponse::AwardRefused {
+            reason: AwardRefusal::UnknownBid,
+            ..
+        }
+    ));
+    bidder_handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_without_bids_returns_empty_round() {
+    // The bidder's application never answers.
+    let (home, mut bidder) = pair(MeshConfig::local()).await;
+    let bidder_id = bidder.id();
+    let watcher = tokio::spawn(async move {
+        wait_for(&mut bidder.events, Duration::from_secs(5), |ev| match ev {
+            MeshEvent::AuctionCall { .. } => Some(()),
+            _ => None,
+        })
+        .await;
+        bidder // keep it alive (and its queue unanswered) until the round ends
+    });
+    let t0 = Instant::now();
+    let round = home.handle.call_auction(&[bidder_id], call(1, 300)).await;
+    let took = t0.elapsed();
+    assert!(round.bids.is_empty(), "{round:?}");
+    assert_eq!(round.silent, vec![bidder_id]);
+    assert!(took >= Duration::from_millis(300), "returned before the deadline: {took:?}");
+    assert!(took < Duration::from_secs(3), "deadline not honoured: {took:?}");
+    let _bidder = watcher.await.expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overloaded_bidder_declines() {
+    let mut cfg = MeshConfig::local();
+    cfg.limits.max_pending_calls = 2;
+    let (home, bidder) = pair(cfg).await;
+    let bidder_id = bidder.id();
+    // Nobody answers the bidder's calls, so after two pending calls it is "under load".
+    let _keep = bidder;
+    let mut declines = 0;
+    let mut handles = Vec::new();
+    for i in 0..5u64 {
+        let h = home.handle.clone();
+        handles.push(tokio::spawn(async move {
+            h.request(bidder_id, AuctionRequest::Call(call(100 + i, 1_000))).await
+        }));
+    }
+    for h in handles {
+        match h.await.expect("join").expect("answered") {
+            AuctionResponse::Decline {
+                reason: DeclineReason::Overloaded,
+                ..
+            } => declines += 1,
+            AuctionResponse::Decline {
+                reason: DeclineReason::NoAnswer,
+                ..
+            } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(declines, 3, "two calls pending, three declined as overloaded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn award_to_expired_bid_is_refused() {
+    let (home, bidder) = pair(MeshConfig::local()).await;
+    let bidder_id = bidder.id();
+    // valid_for_ms = 0: the bid has lapsed by the time any award can arrive.
+    let _task = auto_bidder(bidder, CallAnswer::Bid(bid(0)));
+    let round = home.handle.call_auction(&[bidder_id], call(9, 2_000)).await;
+    assert_eq!(round.bids.len(), 1);
+    let resp = home
+        .handle
+        .request(
+            bidder_id,
+            AuctionRequest::Award(Award {
+                request_id: 9,
+                bid_id: 42,
+                price: 1.0,
+            }),
+        )
+        .await
+        .expect("answered");
+    assert!(
+        matches!(
+            resp,
+            AuctionResponse::AwardRefused {
+                reason: AwardRefusal::Expired,
+                ..
+            }
+        ),
+        "{resp:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulated_latency_delays_the_round_trip() {
+    let (home, bidder) = pair(MeshConfig::local()).await;
+    let bidder_id = bidder.id();
+    let _task = auto_bidder(bidder, CallAnswer::Decline(DeclineReason::NotPrefilling));
+    home.handle.set_added_latency(bidder_id, Duration::from_millis(40));
+    let t0 = Instant::now();
+    let round = home.handle.call_auction(&[bidder_id], call(3, 2_000)).await;
+    assert_eq!(round.declines, vec![(bidder_id, DeclineReason::NotPrefilling)]);
+    assert!(t0.elapsed() >= Duration::from_millis(80), "{:?}", t0.elapsed());
+}

@@ -1,0 +1,783 @@
+//! The engine: a [`Model`], its paged KV pools and linear-attention states, the [`KvStore`]
+//! bookkeeping, and the operations the node and the mesh need: chunked prefill that hands KV to a
+//! [`KvSink`] layer by layer, KV export/import, and continuously batched decode steps.
+//!
+//! Device memory: one K and one V pool per paged layer (`[n_blocks, block_size, n_kv_heads,
+//! head_dim]`, a block id addresses the same rows in every layer) and, per state slot, one
+//! `[heads, value_dim, key_dim]` tensor per linear layer. Which ids are free, cached or in use is
+//! decided by [`KvStore`]; the engine only moves data.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prfaas_kernels::{Backend, KernelError, Tensor};
+
+use super::model::{Batch, Model, ModelError, PagedPool, SeqRows};
+use super::sampler::{FinishReason, Sampler, SamplingParams};
+use super::sink::{KvExport, KvSink, LayerKv, NullSink, SinkError};
+use crate::kv::{
+    BlockId, KvError, KvLayout, KvLayoutError, KvStats, KvStore, KvStoreConfig, LayerKvShape,
+    StateSlot,
+};
+
+/// Errors of engine operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Layout(#[from] KvLayoutError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("unknown sequence {0:?}")]
+    UnknownSeq(SeqId),
+    #[error("invalid request: {0}")]
+    Request(String),
+    #[error("incompatible KV: {0}")]
+    Incompatible(String),
+}
+
+/// Sizing and behaviour of an [`Engine`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks in the pools (capacity = `n_blocks · block_size` tokens over all sequences).
+    pub n_blocks: usize,
+    /// Linear-attention state slots (live sequences + cached prefix states); ignored for models
+    /// without linear layers.
+    pub n_state_slots: usize,
+    /// Prompt tokens per forward call during prefill (bounds activation memory).
+    pub prefill_chunk: usize,
+    /// Look up and fill the prefix cache on prefill.
+    pub prefix_cache: bool,
+    pub lease_ttl: Duration,
+}
+
+impl EngineConfig {
+    /// A config holding `capacity_tokens` tokens of KV in 16-token blocks.
+    pub fn with_capacity(capacity_tokens: usize) -> Self {
+        Self {
+            block_size: 16,
+            n_blocks: capacity_tokens.div_ceil(16).max(1),
+            n_state_slots: 64,
+            prefill_chunk: 512,
+            prefix_cache: true,
+            lease_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Identifies a live sequence of one engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u64);
+
+#[derive(Debug)]
+struct Seq {
+    /// Tokens whose KV is in the pools (position `i` holds token `tokens[i]`).
+    tokens: Vec<u32>,
+    blocks: Vec<BlockId>,
+    state: Option<StateSlot>,
+}
+
+/// Result of a prefill.
+#[derive(Debug, Clone)]
+pub struct PrefillOutput {
+    pub seq: SeqId,
+    /// Logits of the last prompt token (`[vocab]`).
+    pub logits: Vec<f32>,
+    /// Prompt tokens whose KV came from the prefix cache (not recomputed).
+    pub cached_tokens: usize,
+}
+
+/// Logits of one decode step, still on the backend (`[rows, vocab]`).
+#[derive(Debug, Clone)]
+pub struct StepLogits {
+    pub tensor: Tensor,
+    pub rows: usize,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated tokens, the stop token included if one ended it.
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+}
+
+/// Model + KV pools + bookkeeping. Not `Sync`-shared: one compute thread drives it.
+pub struct Engine {
+    model: Model,
+    backend: Arc<dyn Backend>,
+    config: EngineConfig,
+    layout: KvLayout,
+    layout_hash: [u8; 32],
+    store: KvStore,
+    pools: Vec<Option<PagedPool>>,
+    /// `state_tensors[slot][i]`: state of the `i`-th linear layer for that slot.
+    state_tensors: Vec<Vec<Tensor>>,
+    seqs: HashMap<SeqId, Seq>,
+    next_seq: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.model)
+            .field("config", &self.config)
+            .field("live_seqs", &self.seqs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Allocates the KV pools and state tensors for `config` on the model's backend.
+    pub fn new(model: Model, config: EngineConfig) -> Result<Self, EngineError> {
+        if config.prefill_chunk == 0 {
+            return Err(EngineError::Request("prefill_chunk must be at least 1".into()));
+        }
+        let backend = Arc::clone(model.backend());
+        let layout = KvLayout::from_model(model.config(), config.block_size)?;
+        let n_state_slots = if layout.has_state() { config.n_state_slots.max(1) } else { 0 };
+        let store = KvStore::new(KvStoreConfig::for_layout(
+            &layout,
+            config.n_blocks,
+            n_state_slots,
+            config.lease_ttl,
+        ))?;
+        let mut pools = Vec::with_capacity(layout.layers.len());
+        let mut state_shapes = Vec::new();
+        for shape in &layout.layers {
+            match *shape {
+                LayerKvShape::Paged { n_kv_heads, head_dim, .. } => {
+                    let dims = [config.n_blocks, config.block_size, n_kv_heads, head_dim];
+                    pools.push(Some(PagedPool { k: backend.zeros(&dims)?, v: backend.zeros(&dims)? }));
+                }
+                LayerKvShape::State { heads, key_dim, value_dim } => {
+                    pools.push(None);
+                    state_shapes.push([heads, value_dim, key_dim]);
+                }
+            }
+        }
+        let state_tensors = (0..n_state_slots)
+            .map(|_| state_shapes.iter().map(|s| backend.zeros(s)).collect::<Result<Vec<_>, _>>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let layout_hash = layout.layout_hash(model.model_hash());
+        Ok(Self {
+            model,
+            backend,
+            config,
+            layout,
+            layout_hash,
+            store,
+            pools,
+            state_tensors,
+            seqs: HashMap::new(),
+            next_seq: 0,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+    /// Hash of (model weights, KV layout): KV may move between engines that agree on it.
+    pub fn layout_hash(&self) -> [u8; 32] {
+        self.layout_hash
+    }
+    pub fn kv_stats(&self) -> KvStats {
+        self.store.stats()
+    }
+    /// The block bookkeeping (leases for incoming transfers are taken here by the node).
+    pub fn kv_store_mut(&mut self) -> &mut KvStore {
+        &mut self.store
+    }
+    pub fn live_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+    /// Tokens whose KV is held for `seq`.
+    pub fn seq_len(&self, seq: SeqId) -> Result<usize, EngineError> {
+        Ok(self.seq(seq)?.tokens.len())
+    }
+
+    fn seq(&self, id: SeqId) -> Result<&Seq, EngineError> {
+        self.seqs.get(&id).ok_or(EngineError::UnknownSeq(id))
+    }
+
+    fn new_seq_id(&mut self) -> SeqId {
+        self.next_seq += 1;
+        SeqId(self.next_seq)
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), EngineError> {
+        let c = self.model.config();
+        if tokens.is_empty() {
+            return Err(EngineError::Request("empty prompt".into()));
+        }
+        if tokens.len() > c.max_context {
+            return Err(EngineError::Request(format!(
+                "{} tokens exceed the model's context of {}",
+                tokens.len(),
+                c.max_context
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::Request(format!("token id {bad} >= vocab {}", c.vocab_size)));
+        }
+        Ok(())
+    }
+
+    fn copy_state(&self, from: StateSlot, to: StateSlot) -> Result<(), EngineError> {
+        let (src, dst) = (self.state_slot(from)?, self.state_slot(to)?);
+        for (s, d) in src.iter().zip(dst) {
+            self.backend.write(d, &self.backend.download(s)?)?;
+        }
+        Ok(())
+    }
+
+    fn zero_state(&self, slot: StateSlot) -> Result<(), EngineError> {
+        for t in self.state_slot(slot)? {
+            self.backend.write(t, &vec![0.0; t.numel()])?;
+        }
+        Ok(())
+    }
+
+    fn state_slot(&self, slot: StateSlot) -> Result<&[Tensor], EngineError> {
+        self.state_tensors
+            .get(slot.0 as usize)
+            .map(Vec::as_slice)
+            .ok_or(EngineError::Kv(KvError::InvalidStateSlot(slot)))
+    }
+
+    /// Drops a sequence's references (its full blocks stay in the prefix cache if registered).
+    pub fn release(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        let s = self.seqs.remove(&seq).ok_or(EngineError::UnknownSeq(seq))?;
+        self.store.release(&s.blocks)?;
+        if let Some(slot) = s.state {
+            self.store.release_state(slot)?;
+        }
+        Ok(())
+    }
+
+    /// Prefills `tokens` as a new sequence and returns the last token's logits.
+    ///
+    /// Uses the prefix cache when enabled (partial block hits for dense models, exact-match state
+    /// for hybrid ones), runs the rest in chunks of `prefill_chunk` tokens, and during the last
+    /// chunk hands each layer's KV to `sink` as soon as that layer is done for the whole prompt.
+    pub fn prefill(&mut self, tokens: &[u32], sink: &mut dyn KvSink) -> Result<PrefillOutput, EngineError> {
+        self.check_tokens(tokens)?;
+        let now = Instant::now();
+        let n = tokens.len();
+        let hybrid = self.layout.has_state();
+        let hit = if self.config.prefix_cache {
+            self.store.lookup_prefix(&tokens[..n - 1], now)
+        } else {
+            Default::default()
+        };
+        let mut seq = Seq { tokens: tokens[..hit.n_tokens].to_vec(), blocks: hit.blocks, state: None };
+        // From here on `seq` holds references: register it first so that `release` cleans up on
+        // any error below.
+        let id = self.new_seq_id();
+        let setup = (|| -> Result<(), EngineError> {
+            if hybrid {
+                let slot = self.store.allocate_state();
+                let slot = match slot {
+                    Ok(s) => s,
+                    Err(e) => {
+                        if let Some(h) = hit.state {
+                            self.store.release_state(h)?;
+                        }
+                        return Err(e.into());
+                    }
+                };
+                seq.state = Some(slot);
+                match hit.state {
+                    Some(h) => {
+                        let copied = self.copy_state(h, slot);
+                        self.store.release_state(h)?;
+                        copied?;
+                    }
+                    None => self.zero_state(slot)?,
+                }
+            }
+            let need = self.layout.blocks_for_tokens(n) - seq.blocks.len();
+            seq.blocks.extend(self.store.allocate(need)?);
+            Ok(())
+        })();
+        let cached_tokens = hit.n_tokens;
+        self.seqs.insert(id, seq);
+        if let Err(e) = setup {
+            let _ = self.release(id);
+            return Err(e);
+        }
+        match self.prefill_inner(id, tokens, cached_tokens, sink, now) {
+            Ok(logits) => Ok(PrefillOutput { seq: id, logits, cached_tokens }),
+            Err(e) => {
+                let _ = self.release(id);
+                Err(e)
+            }
+        }
+    }
+
+    fn prefill_inner(
+        &mut self,
+        id: SeqId,
+        tokens: &[u32],
+        start: usize,
+        sink: &mut dyn KvSink,
+        now: Instant,
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = tokens.len();
+        let bs = self.config.block_size;
+        let hybrid = self.layout.has_state();
+        // Hybrid models can only reuse a prefix together with the state after exactly that
+        // prefix, so a snapshot is taken at the last block boundary before the final token.
+        let snap_at = (n - 1) / bs * bs;
+        let want_snapshot = self.config.prefix_cache && hybrid && snap_at > start;
+        let mut bounds = Vec::new();
+        let mut a = start;
+        while a < n {
+            let mut b = (a + self.config.prefill_chunk).min(n);
+            if want_snapshot && a < snap_at && b > snap_at {
+                b = snap_at;
+            }
+            bounds.push((a, b));
+            a = b;
+        }
+        let (blocks, state) = {
+            let s = self.seq(id)?;
+            (s.blocks.iter().map(|b| b.0).collect::<Vec<u32>>(), s.state)
+        };
+        let states: Vec<Tensor> = match state {
+            Some(slot) => self.state_slot(slot)?.to_vec(),
+            None => Vec::new(),
+        };
+        let mut snapshot = None;
+        let run = self.run_chunks(tokens, &bounds, &blocks, state, &states, sink, want_snapshot.then_some(snap_at), &mut snapshot);
+        let logits = match run {
+            Ok(l) => l,
+            Err(e) => {
+                if let Some(s) = snapshot {
+                    let _ = self.store.release_state(s);
+                }
+                return Err(e);
+            }
+        };
+        let seq = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSeq(id))?;
+        seq.tokens = tokens.to_vec();
+        if self.config.prefix_cache {
+            let seq_blocks = seq.blocks.clone();
+            let cache_len = if hybrid { snap_at } else { n };
+            if !hybrid || snapshot.is_some() {
+                if let Err(e) = self.store.insert_prefix(&tokens[..cache_len], &seq_blocks, snapshot, now) {
+                    // Caching is an optimisation: a refusal must not fail the request.
+                    tracing::warn!(error = %e, "prefix cache insert refused");
+                    if let Some(s) = snapshot {
+                        let _ = self.store.release_state(s);
+                    }
+                }
+            }
+        }
+        Ok(logits)
+    }
+
+    /// Runs the prefill chunks; hands KV to `sink` during the last one and snapshots the linear
+    /// state into a fresh slot (stored in `snapshot`) when a chunk ends at `snap_at`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_chunks(
+        &mut self,
+        tokens: &[u32],
+        bounds: &[(usize, usize)],
+        blocks: &[u32],
+        state: Option<StateSlot>,
+        states: &[Tensor],
+        sink: &mut dyn KvSink,
+        snap_at: Option<usize>,
+        snapshot: &mut Option<StateSlot>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = tokens.len();
+        let bs = self.config.block_size;
+        let mut logits = None;
+        for (ci, &(a, b)) in bounds.iter().enumerate() {
+            let last = ci + 1 == bounds.len();
+            let positions: Vec<u32> = (a as u32..b as u32).collect();
+            let slots: Vec<u32> = (a..b).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32).collect();
+            let rows = [SeqRows { block_table: blocks, n_past: a, n_new: b - a, states }];
+            let batch = Batch { tokens: &tokens[a..b], positions: &positions, slots: &slots, seqs: &rows };
+            let wants = last && sink.wants_kv();
+            let this = &*self;
+            let mut hook = |layer: usize| -> Result<(), EngineError> {
+                if wants {
+                    let kv = this.export_layer(layer, blocks, n, states)?;
+                    sink.layer(layer, kv)?;
+                }
+                Ok(())
+            };
+            let out = self.model.forward(&self.pools, &batch, &[(b - a - 1) as u32], &mut hook)?;
+            if last {
+                logits = Some(self.backend.download(&out)?);
+            }
+            if let (Some(src), true) = (state, snap_at == Some(b)) {
+                // No free slot just means this prefix's state is not cached.
+                if let Ok(dst) = self.store.allocate_state() {
+                    *snapshot = Some(dst);
+                    self.copy_state(src, dst)?;
+                }
+            }
+        }
+        logits.ok_or_else(|| EngineError::Request("nothing to prefill".into()))
+    }
+
+    /// One layer of a sequence in the export layout (see [`crate::kv::layout`]).
+    fn export_layer(
+        &self,
+        layer: usize,
+        blocks: &[u32],
+        n_tokens: usize,
+        states: &[Tensor],
+    ) -> Result<LayerKv, EngineError> {
+        match (&self.pools[layer], self.layout.layers[layer]) {
+            (Some(pool), LayerKvShape::Paged { n_kv_heads, head_dim, .. }) => {
+                let nb = self.layout.blocks_for_tokens(n_tokens);
+                let blocks = blocks.get(..nb).ok_or_else(|| {
+                    EngineError::Request(format!("{n_tokens} tokens but only {} blocks", blocks.len()))
+                })?;
+                let row = n_kv_heads * head_dim;
+                let mut k = self.backend.gather_blocks(&pool.k, blocks)?;
+                let mut v = self.backend.gather_blocks(&pool.v, blocks)?;
+                // Padding after the last token is zeroed so exports are deterministic.
+                k.get_mut(n_tokens * row..).into_iter().flatten().for_each(|x| *x = 0.0);
+                v.get_mut(n_tokens * row..).into_iter().flatten().for_each(|x| *x = 0.0);
+                Ok(LayerKv::Paged { k, v })
+            }
+            (None, LayerKvShape::State { .. }) => {
+                let idx = self.layout.layers[..layer].iter().filter(|l| !l.is_paged()).count();
+                let t = states
+                    .get(idx)
+                    .ok_or_else(|| EngineError::Request(format!("no state for layer {layer}")))?;
+                Ok(LayerKv::State { state: self.backend.download(t)? })
+            }
+            _ => Err(EngineError::Request(format!("layer {layer}: pool and layout disagree"))),
+        }
+    }
+
+    /// The whole KV of a live sequence (e.g. after a prefill, to ship it to a decode node).
+    pub fn export_kv(&self, seq: SeqId) -> Result<KvExport, EngineError> {
+        let s = self.seq(seq)?;
+        let blocks: Vec<u32> = s.blocks.iter().map(|b| b.0).collect();
+        let states = match s.state {
+            Some(slot) => self.state_slot(slot)?.to_vec(),
+            None => Vec::new(),
+        };
+        let layers = (0..self.layout.layers.len())
+            .map(|l| self.export_layer(l, &blocks, s.tokens.len(), &states))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(KvExport { layout: self.layout.clone(), layout_hash: self.layout_hash, tokens: s.tokens.clone(), layers })
+    }
+
+    /// Checks that `export` fits this engine and has the right sizes, without side effects.
+    pub fn check_import(&self, export: &KvExport) -> Result<(), EngineError> {
+        if export.layout != self.layout || export.layout_hash != self.layout_hash {
+            return Err(EngineError::Incompatible(
+                "layout or model hash differs from this engine's".into(),
+            ));
+        }
+        self.check_tokens(&export.tokens)?;
+        if export.layers.len() != self.layout.layers.len() {
+            return Err(EngineError::Incompatible(format!(
+                "{} layers of KV, model has {}",
+                export.layers.len(),
+                self.layout.layers.len()
+            )));
+        }
+        let n = export.tokens.len();
+        for (l, kv) in export.layers.iter().enumerate() {
+            let want = self.layout.export_layer_bytes(l, n);
+            let ok = match (kv, self.layout.layers[l].is_paged()) {
+                (LayerKv::Paged { k, v }, true) => k.len() == v.len() && kv.size_bytes() == want,
+                (LayerKv::State { .. }, false) => kv.size_bytes() == want,
+                _ => false,
+            };
+            if !ok {
+                return Err(SinkError::BadLayer { layer: l, got: kv.size_bytes(), want }.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a sequence from exported KV (the remote-prefill path). Decode continues from it
+    /// exactly as if the prefill had run here.
+    pub fn import_kv(&mut self, export: &KvExport) -> Result<SeqId, EngineError> {
+        self.check_import(export)?;
+        let n = export.tokens.len();
+        let blocks = self.store.allocate(self.layout.blocks_for_tokens(n))?;
+        let state = if self.layout.has_state() {
+            match self.store.allocate_state() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.store.release(&blocks)?;
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
+        let id = self.new_seq_id();
+        self.seqs.insert(id, Seq { tokens: export.tokens.clone(), blocks, state });
+        if let Err(e) = self.write_import(id, export) {
+            let _ = self.release(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    fn write_import(&mut self, id: SeqId, export: &KvExport) -> Result<(), EngineError> {
+        let s = self.seq(id)?;
+        let idx: Vec<u32> = s.blocks.iter().map(|b| b.0).collect();
+        let states = match s.state {
+            Some(slot) => self.state_slot(slot)?.to_vec(),
+            None => Vec::new(),
+        };
+        let mut linear = 0;
+        for (l, kv) in export.layers.iter().enumerate() {
+            match (kv, &self.pools[l]) {
+                (LayerKv::Paged { k, v }, Some(pool)) => {
+                    self.backend.scatter_blocks(&pool.k, &idx, k)?;
+                    self.backend.scatter_blocks(&pool.v, &idx, v)?;
+                }
+                (LayerKv::State { state }, None) => {
+                    let t = states
+                        .get(linear)
+                        .ok_or_else(|| EngineError::Incompatible(format!("layer {l}: no state slot")))?;
+                    self.backend.write(t, state)?;
+                    linear += 1;
+                }
+                _ => return Err(EngineError::Incompatible(format!("layer {l}: wrong kind of KV"))),
+            }
+        }
+        if self.config.prefix_cache && !self.layout.has_state() {
+            let blocks = self.seq(id)?.blocks.clone();
+            if let Err(e) = self.store.insert_prefix(&export.tokens, &blocks, None, Instant::now()) {
+                tracing::warn!(error = %e, "prefix cache insert of imported KV refused");
+            }
+        }
+        Ok(())
+    }
+
+    /// One decode step for a batch of live sequences, each fed one token (continuous batching:
+    /// any subset of sequences, any lengths). Returns logits `[batch.len(), vocab]` on the backend.
+    pub fn decode_step(&mut self, batch: &[(SeqId, u32)]) -> Result<StepLogits, EngineError> {
+        if batch.is_empty() {
+            return Err(EngineError::Request("empty decode batch".into()));
+        }
+        let c = self.model.config();
+        let bs = self.config.block_size;
+        let mut seen = std::collections::HashSet::new();
+        for &(id, tok) in batch {
+            let s = self.seq(id)?;
+            if !seen.insert(id) {
+                return Err(EngineError::Request(format!("{id:?} twice in one decode batch")));
+            }
+            if tok as usize >= c.vocab_size {
+                return Err(EngineError::Request(format!("token id {tok} >= vocab {}", c.vocab_size)));
+            }
+            if s.tokens.len() >= c.max_context {
+                return Err(EngineError::Request(format!("{id:?} reached the context limit")));
+            }
+        }
+        // Grow block tables first, so a failure leaves every sequence as it was (extra empty
+        // blocks are harmless: the next step uses them).
+        for &(id, _) in batch {
+            let need = {
+                let s = self.seq(id)?;
+                s.tokens.len() / bs + 1 > s.blocks.len()
+            };
+            if need {
+                let b = self.store.allocate(1)?;
+                if let Some(s) = self.seqs.get_mut(&id) {
+                    s.blocks.extend(b);
+                }
+            }
+        }
+        let mut tokens = Vec::with_capacity(batch.len());
+        let mut positions = Vec::with_capacity(batch.len());
+        let mut slots = Vec::with_capacity(batch.len());
+        let mut tables: Vec<Vec<u32>> = Vec::with_capacity(batch.len());
+        let mut states: Vec<Vec<Tensor>> = Vec::with_capacity(batch.len());
+        for &(id, tok) in batch {
+            let s = self.seq(id)?;
+            let p = s.tokens.len();
+            tokens.push(tok);
+            positions.push(p as u32);
+            slots.push(s.blocks[p / bs].0 * bs as u32 + (p % bs) as u32);
+            tables.push(s.blocks.iter().map(|b| b.0).collect());
+            states.push(match s.state {
+                Some(slot) => self.state_slot(slot)?.to_vec(),
+                None => Vec::new(),
+            });
+        }
+        let rows: Vec<SeqRows<'_>> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, _)| SeqRows {
+                block_table: &tables[i],
+                n_past: positions[i] as usize,
+                n_new: 1,
+                states: &states[i],
+            })
+            .collect();
+        let fb = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &rows };
+        let all: Vec<u32> = (0..batch.len() as u32).collect();
+        let out = self.model.forward(&self.pools, &fb, &all, &mut |_| Ok::<(), EngineError>(()))?;
+        for &(id, tok) in batch {
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.tokens.push(tok);
+            }
+        }
+        Ok(StepLogits { tensor: out, rows: batch.len() })
+    }
+
+    /// Samples one token per row. All-greedy batches use the backend's argmax, so only the ids
+    /// cross to the host; otherwise the logits are downloaded once.
+    pub fn sample(&self, logits: &StepLogits, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>, EngineError> {
+        if samplers.len() != logits.rows {
+            return Err(EngineError::Request(format!("{} samplers for {} rows", samplers.len(), logits.rows)));
+        }
+        if samplers.iter().all(|s| s.params().is_greedy()) {
+            let ids = self.backend.argmax(&logits.tensor)?;
+            samplers.iter_mut().zip(&ids).for_each(|(s, &t)| s.accept(t));
+            return Ok(ids);
+        }
+        let all = self.backend.download(&logits.tensor)?;
+        let vocab = all.len() / logits.rows.max(1);
+        Ok(samplers.iter_mut().zip(all.chunks_exact(vocab)).map(|(s, row)| s.sample(row)).collect())
+    }
+
+    /// Generates from `prompt` until a stop token or `max_tokens`; `on_token` sees each token as
+    /// it is produced. The sequence is released at the end.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &SamplingParams,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<Generation, EngineError> {
+        let t0 = Instant::now();
+        let pre = self.prefill(prompt, &mut NullSink)?;
+        let mut sampler = Sampler::new(params.clone());
+        let first = sampler.sample(&pre.logits);
+        let prefill_time = t0.elapsed();
+        let result = self.continue_decode(pre.seq, first, &mut sampler, on_token);
+        let released = self.release(pre.seq);
+        let (tokens, finish) = result?;
+        released?;
+        Ok(Generation {
+            tokens,
+            finish,
+            prompt_tokens: prompt.len(),
+            cached_tokens: pre.cached_tokens,
+            prefill_time,
+            decode_time: t0.elapsed() - prefill_time,
+        })
+    }
+
+    /// Decodes a live sequence whose next input token is `first` (already sampled, e.g. by the
+    /// prefill node) until the sampler says stop. Does not release the sequence.
+    pub fn continue_decode(
+        &mut self,
+        seq: SeqId,
+        first: u32,
+        sampler: &mut Sampler,
+        on_token: &mut dyn FnMut(u32),
+    ) -> Result<(Vec<u32>, FinishReason), EngineError> {
+        let mut out = vec![first];
+        on_token(first);
+        let mut tok = first;
+        loop {
+            if let Some(f) = sampler.finished(tok) {
+                return Ok((out, f));
+            }
+            let logits = self.decode_step(&[(seq, tok)])?;
+            tok = self.sample(&logits, &mut [&mut *sampler])?[0];
+            out.push(tok);
+            on_token(tok);
+        }
+    }
+
+    /// Runs many prompts with continuous batching: each is prefilled, then all live sequences
+    /// decode together; a sequence leaves the batch as soon as it finishes, and waiting prompts
+    /// join (up to `max_batch` live sequences). Returns the generated tokens per prompt.
+    pub fn generate_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        max_batch: usize,
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
+        struct Live {
+            idx: usize,
+            seq: SeqId,
+            next: u32,
+            sampler: Sampler,
+        }
+        let mut outputs = vec![Vec::new(); prompts.len()];
+        let mut waiting = 0..prompts.len();
+        let mut live: Vec<Live> = Vec::new();
+        let result = (|| -> Result<(), EngineError> {
+            loop {
+                while live.len() < max_batch.max(1) {
+                    let Some(idx) = waiting.next() else { break };
+                    let pre = self.prefill(&prompts[idx], &mut NullSink)?;
+                    let mut sampler = Sampler::new(params.clone());
+                    let next = sampler.sample(&pre.logits);
+                    outputs[idx].push(next);
+                    live.push(Live { idx, seq: pre.seq, next, sampler });
+                }
+                // Finished sequences leave before the step.
+                let mut i = 0;
+                while i < live.len() {
+                    if live[i].sampler.finished(live[i].next).is_some() {
+                        let l = live.swap_remove(i);
+                        self.release(l.seq)?;
+                    } else {
+                        i += 1;
+                    }
+                }
+                if live.is_empty() {
+                    if waiting.len() == 0 {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                let batch: Vec<(SeqId, u32)> = live.iter().map(|l| (l.seq, l.next)).collect();
+                let logits = self.decode_step(&batch)?;
+                let mut samplers: Vec<&mut Sampler> = live.iter_mut().map(|l| &mut l.sampler).collect();
+                let toks = self.sample(&logits, &mut samplers)?;
+                for (l, t) in live.iter_mut().zip(toks) {
+                    l.next = t;
+                    outputs[l.idx].push(t);
+                }
+            }
+        })();
+        for l in live {
+            let _ = self.release(l.seq);
+        }
+        result.map(|()| outputs)
+    }
+}

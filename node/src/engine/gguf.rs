@@ -1,0 +1,551 @@
+//! GGUF (v2/v3) reader: metadata + tensor table → [`ModelConfig`] + [`ModelWeights`] + [`Tokenizer`].
+//!
+//! A small hand-written parser rather than a crate: the maintained GGUF readers either live inside a
+//! whole inference framework (candle) or do not bound hostile length fields. Every length read from
+//! the file is checked against the bytes that remain before anything is allocated, so a corrupt or
+//! malicious file gives a [`GgufError`], never a panic or a huge allocation.
+//!
+//! Tensor data stays quantized: each tensor becomes a [`HostTensor`] whose shape is GGUF's `ne`
+//! reversed (`[out, in]` for matrices), with the raw block bytes copied out of the file.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use prfaas_kernels::{DType, HostTensor, RopeStyle};
+
+use super::config::{AttentionWeights, LayerKind, LayerWeights, MixerWeights, ModelConfig, ModelWeights};
+use super::tokenizer::{Tokenizer, TokenizerError};
+
+/// "GGUF" read as a little-endian u32.
+const GGUF_MAGIC: [u8; 4] = *b"GGUF";
+/// ggml's `GGML_MAX_DIMS`.
+const MAX_DIMS: usize = 4;
+/// Nested metadata arrays deeper than this are not produced by any writer we know of; refusing them
+/// bounds the recursion on hostile input.
+const MAX_ARRAY_DEPTH: usize = 4;
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// Why a GGUF file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("not a GGUF file (magic {0:02x?}, expected \"GGUF\")")]
+    BadMagic([u8; 4]),
+    #[error("unsupported GGUF version {0} (supported: 2, 3)")]
+    UnsupportedVersion(u32),
+    #[error("file truncated: needed {needed} bytes at offset {offset} while reading {what}, file has {len}")]
+    Truncated { what: &'static str, offset: usize, needed: u64, len: usize },
+    #[error("invalid GGUF: {0}")]
+    Invalid(String),
+    #[error("unknown metadata value type {ty} for key {key:?}")]
+    UnknownValueType { key: String, ty: u32 },
+    #[error("tensor {name:?} has ggml type {ty} which this engine does not support (supported: F32, F16, Q4_1, Q8_0)")]
+    UnsupportedTensorType { name: String, ty: u32 },
+    #[error("tensor {name:?}: data [{start}, {end}) lies outside the file's data section (size {size})")]
+    TensorOutOfBounds { name: String, start: u64, end: u64, size: u64 },
+    #[error("missing metadata key {0:?}")]
+    MissingKey(String),
+    #[error("metadata key {key:?} has the wrong type (expected {expected})")]
+    WrongType { key: String, expected: &'static str },
+    #[error("unsupported architecture {0:?} (supported: llama)")]
+    UnsupportedArch(String),
+    #[error("missing tensor {0:?}")]
+    MissingTensor(String),
+    #[error("tensor {name:?} has shape {actual:?}, expected {expected:?}")]
+    BadShape { name: String, actual: Vec<usize>, expected: Vec<usize> },
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// A GGUF metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<MetaValue>),
+}
+
+impl MetaValue {
+    /// Any integer type as u64 (negative values are rejected).
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            MetaValue::U8(v) => Some(v.into()),
+            MetaValue::U16(v) => Some(v.into()),
+            MetaValue::U32(v) => Some(v.into()),
+            MetaValue::U64(v) => Some(v),
+            MetaValue::I8(v) => u64::try_from(v).ok(),
+            MetaValue::I16(v) => u64::try_from(v).ok(),
+            MetaValue::I32(v) => u64::try_from(v).ok(),
+            MetaValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            MetaValue::I8(v) => Some(v.into()),
+            MetaValue::I16(v) => Some(v.into()),
+            MetaValue::I32(v) => Some(v.into()),
+            MetaValue::I64(v) => Some(v),
+            _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
+        }
+    }
+    pub fn as_f32(&self) -> Option<f32> {
+        match *self {
+            MetaValue::F32(v) => Some(v),
+            MetaValue::F64(v) => Some(v as f32),
+            _ => self.as_i64().map(|v| v as f32),
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MetaValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetaValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the tensor table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGUF order: `ne[0]` is the contiguous (input) dimension.
+    pub ne: Vec<u64>,
+    pub dtype: DType,
+    /// Byte offset relative to the start of the data section.
+    pub offset: u64,
+    /// Byte length of the tensor data.
+    pub size: u64,
+}
+
+impl TensorInfo {
+    /// Row-major shape, outermost first (`ne` reversed): `[out, in]` for a matrix.
+    pub fn shape(&self) -> Vec<usize> {
+        self.ne.iter().rev().map(|&d| d as usize).collect()
+    }
+}
+
+/// A parsed GGUF file: metadata, tensor table and the raw bytes.
+#[derive(Debug)]
+pub struct GgufFile {
+    pub version: u32,
+    pub metadata: HashMap<String, MetaValue>,
+    pub tensors: Vec<TensorInfo>,
+    /// Offset of the data section in `bytes`.
+    pub data_offset: usize,
+    bytes: Vec<u8>,
+}
+
+/// Everything needed to run a model, whatever format it came from.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub weights: ModelWeights,
+    pub tokenizer: Tokenizer,
+    /// Jinja chat template from the file, if it has one (render with [`super::chat::ChatTemplate`]).
+    pub chat_template: Option<String>,
+    /// blake3 of the weights, hex. Two nodes with the same hash run bit-identical weights; the mesh
+    /// uses it to decide whether a peer's KV is usable.
+    pub weights_hash: String,
+}
+
+/// Bounds-checked little-endian cursor over the file bytes.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: u64, what: &'static str) -> Result<&'a [u8], GgufError> {
+        let remaining = (self.buf.len() - self.pos) as u64;
+        if n > remaining {
+            return Err(GgufError::Truncated { what, offset: self.pos, needed: n, len: self.buf.len() });
+        }
+        let n = n as usize;
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn remaining(&self) -> u64 {
+        (self.buf.len() - self.pos) as u64
+    }
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], GgufError> {
+        let s = self.take(N as u64, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+    fn string(&mut self, what: &'static str) -> Result<String, GgufError> {
+        let len = self.u64(what)?;
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| GgufError::Invalid(format!("{what} at offset {} is not valid UTF-8", self.pos)))
+    }
+
+    fn value(&mut self, key: &str, ty: u32, depth: usize) -> Result<MetaValue, GgufError> {
+        const W: &str = "metadata value";
+        Ok(match ty {
+            0 => MetaValue::U8(self.array::<1>(W)?[0]),
+            1 => MetaValue::I8(self.array::<1>(W)?[0] as i8),
+            2 => MetaValue::U16(u16::from_le_bytes(self.array(W)?)),
+            3 => MetaValue::I16(i16::from_le_bytes(self.array(W)?)),
+            4 => MetaValue::U32(u32::from_le_bytes(self.array(W)?)),
+            5 => MetaValue::I32(i32::from_le_bytes(self.array(W)?)),
+            6 => MetaValue::F32(f32::from_le_bytes(self.array(W)?)),
+            7 => match self.array::<1>(W)?[0] {
+                0 => MetaValue::Bool(false),
+                1 => MetaValue::Bool(true),
+                b => return Err(GgufError::Invalid(format!("key {key:?}: bool byte {b}"))),
+            },
+            8 => MetaValue::String(self.string("metadata string")?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(GgufError::Invalid(format!("key {key:?}: arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                }
+                let elem_ty = self.u32("array element type")?;
+                let count = self.u64("array length")?;
+                let min_elem = min_value_size(elem_ty)
+                    .ok_or_else(|| GgufError::UnknownValueType { key: key.to_string(), ty: elem_ty })?;
+                // A hostile count cannot make us allocate more than the file could hold.
+                if count.saturating_mul(min_elem) > self.remaining() {
+                    return Err(GgufError::Truncated {
+                        what: "metadata array",
+                        offset: self.pos,
+                        needed: count.saturating_mul(min_elem),
+                        len: self.buf.len(),
+                    });
+                }
+                let mut out = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    out.push(self.value(key, elem_ty, depth + 1)?);
+                }
+                MetaValue::Array(out)
+            }
+            10 => MetaValue::U64(u64::from_le_bytes(self.array(W)?)),
+            11 => MetaValue::I64(i64::from_le_bytes(self.array(W)?)),
+            12 => MetaValue::F64(f64::from_le_bytes(self.array(W)?)),
+            _ => return Err(GgufError::UnknownValueType { key: key.to_string(), ty }),
+        })
+    }
+}
+
+/// Smallest encoded size of a value of GGUF type `ty` (None for unknown types).
+fn min_value_size(ty: u32) -> Option<u64> {
+    Some(match ty {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 => 8,      // u64 length
+        9 => 4 + 8,  // element type + count
+        10..=12 => 8,
+        _ => return None,
+    })
+}
+
+/// ggml type id → our dtype (None for types the kernels cannot run).
+fn ggml_dtype(ty: u32) -> Option<DType> {
+    match ty {
+        0 => Some(DType::F32),
+        1 => Some(DType::F16),
+        3 => Some(DType::Q4_1),
+        8 => Some(DType::Q8_0),
+        _ => None,
+    }
+}
+
+impl GgufFile {
+    /// Read and parse a GGUF file from disk.
+    pub fn open(path: &Path) -> Result<Self, GgufError> {
+        let bytes = std::fs::read(path)
+            .map_err(|source| GgufError::Io { path: path.display().to_string(), source })?;
+        Self::parse(bytes)
+    }
+
+    /// Parse GGUF bytes already in memory.
+    pub fn parse(bytes: Vec<u8>) -> Result<Self, GgufError> {
+        let mut r = Reader { buf: &bytes, pos: 0 };
+        let magic: [u8; 4] = r.array("magic")?;
+        if magic != GGUF_MAGIC {
+            return Err(GgufError::BadMagic(magic));
+        }
+        let version = r.u32("version")?;
+        if version != 2 && version != 3 {
+            return Err(GgufError::UnsupportedVersion(version));
+        }
+        let n_tensors = r.u64("tensor count")?;
+        let n_kv = r.u64("metadata count")?;
+        // Each KV needs ≥ 8 (key len) + 4 (type) + 1 bytes, each tensor info ≥ 8 + 4 + 8 + 4 + 8.
+        if n_kv.saturating_mul(13) > r.remaining() {
+            return Err(GgufError::Invalid(format!("metadata count {n_kv} cannot fit in a {}-byte file", bytes.len())));
+        }
+        if n_tensors.saturating_mul(32) > r.remaining() {
+            return Err(GgufError::Invalid(format!("tensor count {n_tensors} cannot fit in a {}-byte file", bytes.len())));
+        }
+        let mut metadata = HashMap::with_capacity(n_kv as usize);
+        for _ in 0..n_kv {
+            let key = r.string("metadata key")?;
+            let ty = r.u32("metadata value type")?;
+            let value = r.value(&key, ty, 0)?;
+            metadata.insert(key, value);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        for _ in 0..n_tensors {
+            let name = r.string("tensor name")?;
+            let n_dims = r.u32("tensor dims")? as usize;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(GgufError::Invalid(format!("tensor {name:?} has {n_dims} dimensions (1..={MAX_DIMS})")));
+            }
+            let mut ne = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                ne.push(r.u64("tensor shape")?);
+            }
+            let ty = r.u32("tensor type")?;
+            let offset = r.u64("tensor offset")?;
+            let dtype = ggml_dtype(ty).ok_or_else(|| GgufError::UnsupportedTensorType { name: name.clone(), ty })?;
+            let numel = ne
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .filter(|&n| n <= bytes.len() as u64 * 2)
+                .ok_or_else(|| GgufError::Invalid(format!("tensor {name:?} shape {ne:?} is absurdly large")))?;
+            let block = dtype.block_len() as u64;
+            if ne[0] % block != 0 {
+                return Err(GgufError::Invalid(format!(
+                    "tensor {name:?}: row length {} is not a multiple of the {dtype:?} block size {block}",
+                    ne[0]
+                )));
+            }
+            let size = numel / block * dtype.block_bytes() as u64;
+            tensors.push(TensorInfo { name, ne, dtype, offset, size });
+        }
+        let alignment = match metadata.get("general.alignment") {
+            None => DEFAULT_ALIGNMENT,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two())
+                .ok_or_else(|| GgufError::Invalid("general.alignment is not a power of two".into()))?,
+        };
+        let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
+        if data_offset > bytes.len() as u64 {
+            return Err(GgufError::Truncated {
+                what: "data section",
+                offset: r.pos,
+                needed: data_offset - r.pos as u64,
+                len: bytes.len(),
+            });
+        }
+        let data_size = bytes.len() as u64 - data_offset;
+        for t in &tensors {
+            let end = t.offset.checked_add(t.size).unwrap_or(u64::MAX);
+            if end > data_size {
+                return Err(GgufError::TensorOutOfBounds { name: t.name.clone(), start: t.offset, end, size: data_size });
+            }
+        }
+        Ok(Self { version, metadata, tensors, data_offset: data_offset as usize, bytes })
+    }
+
+    /// Raw bytes of a tensor's data (bounds were checked in [`GgufFile::parse`]).
+    pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
+        let start = self.data_offset + t.offset as usize;
+        &self.bytes[start..start + t.size as usize]
+    }
+
+    /// blake3 over the whole data section (all tensor bytes), hex.
+    pub fn weights_hash(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update_rayon(&self.bytes[self.data_offset..]);
+        h.finalize().to_hex().to_string()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+    fn req(&self, key: &str) -> Result<&MetaValue, GgufError> {
+        self.get(key).ok_or_else(|| GgufError::MissingKey(key.to_string()))
+    }
+    pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
+        self.req(key)?.as_str().ok_or(GgufError::WrongType { key: key.into(), expected: "string" })
+    }
+    pub fn get_usize(&self, key: &str) -> Result<usize, GgufError> {
+        let v = self.req(key)?.as_u64().ok_or(GgufError::WrongType { key: key.into(), expected: "unsigned integer" })?;
+        usize::try_from(v).map_err(|_| GgufError::Invalid(format!("{key} = {v} is too large")))
+    }
+    pub fn get_f32(&self, key: &str) -> Result<f32, GgufError> {
+        self.req(key)?.as_f32().ok_or(GgufError::WrongType { key: key.into(), expected: "number" })
+    }
+    /// A string array (e.g. `tokenizer.ggml.tokens`).
+    pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
+        let arr = self.req(key)?.as_array().ok_or(GgufError::WrongType { key: key.into(), expected: "array" })?;
+        arr.iter()
+            .map(|v| v.as_str().ok_or(GgufError::WrongType { key: key.into(), expected: "array of strings" }))
+            .collect()
+    }
+    /// An integer array (e.g. `tokenizer.ggml.token_type`).
+    pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>, GgufError> {
+        let arr = self.req(key)?.as_array().ok_or(GgufError::WrongType { key: key.into(), expected: "array" })?;
+        arr.iter()
+            .map(|v| v.as_i64().ok_or(GgufError::WrongType { key: key.into(), expected: "array of integers" }))
+            .collect()
+    }
+
+    fn tensor(&self, name: &str, expected: &[usize]) -> Result<HostTensor, GgufError> {
+        let t = self
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
+        let shape = t.shape();
+        if shape != expected {
+            return Err(GgufError::BadShape { name: name.into(), actual: shape, expected: expected.to_vec() });
+        }
+        Ok(HostTensor { dtype: t.dtype, shape, bytes: self.tensor_data(t).to_vec() })
+    }
+    fn has_tensor(&self, name: &str) -> bool {
+        self.tensors.iter().any(|t| t.name == name)
+    }
+
+    /// Architecture hyper-parameters from the metadata (arch `llama` only).
+    pub fn model_config(&self) -> Result<ModelConfig, GgufError> {
+        let arch = self.get_str("general.architecture")?.to_string();
+        if arch != "llama" {
+            return Err(GgufError::UnsupportedArch(arch));
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = self.get_usize(&k("embedding_length"))?;
+        let n_layers = self.get_usize(&k("block_count"))?;
+        let n_heads = self.get_usize(&k("attention.head_count"))?;
+        let n_kv_heads = match self.get(&k("attention.head_count_kv")) {
+            Some(_) => self.get_usize(&k("attention.head_count_kv"))?,
+            None => n_heads,
+        };
+        if hidden == 0 || n_heads == 0 || n_kv_heads == 0 || hidden % n_heads != 0 || n_heads % n_kv_heads != 0 {
+            return Err(GgufError::Invalid(format!(
+                "inconsistent attention geometry: hidden {hidden}, heads {n_heads}, kv heads {n_kv_heads}"
+            )));
+        }
+        if n_layers == 0 || n_layers > 1024 {
+            return Err(GgufError::Invalid(format!("block_count {n_layers} out of range")));
+        }
+        let head_dim = match self.get(&k("attention.key_length")) {
+            Some(_) => self.get_usize(&k("attention.key_length"))?,
+            None => hidden / n_heads,
+        };
+        let vocab_size = match self.get(&k("vocab_size")) {
+            Some(_) => self.get_usize(&k("vocab_size"))?,
+            None => self.get_str_array("tokenizer.ggml.tokens")?.len(),
+        };
+        let rope_base = match self.get(&k("rope.freq_base")) {
+            Some(_) => self.get_f32(&k("rope.freq_base"))?,
+            None => 10_000.0,
+        };
+        let name = self
+            .get("general.name")
+            .and_then(MetaValue::as_str)
+            .unwrap_or("gguf-model")
+            .to_string();
+        Ok(ModelConfig {
+            name,
+            arch,
+            vocab_size,
+            hidden_size: hidden,
+            intermediate_size: self.get_usize(&k("feed_forward_length"))?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rms_eps: self.get_f32(&k("attention.layer_norm_rms_epsilon"))?,
+            rope_base,
+            // convert_hf_to_gguf.py permutes Q/K rows of llama models so that adjacent-pair rotation
+            // is correct (llama.cpp ROPE_TYPE_NORM).
+            rope_style: RopeStyle::Normal,
+            max_context: self.get_usize(&k("context_length"))?,
+            tie_embeddings: !self.has_tensor("output.weight"),
+            qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
+            layers: vec![LayerKind::Full; n_layers],
+        })
+    }
+
+    /// Tensors named as llama.cpp's llama architecture names them, shapes checked against `cfg`.
+    pub fn model_weights(&self, cfg: &ModelConfig) -> Result<ModelWeights, GgufError> {
+        let (h, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let q_dim = cfg.n_heads * cfg.head_dim;
+        let kv_dim = cfg.n_kv_heads * cfg.head_dim;
+        let mut layers = Vec::with_capacity(cfg.n_layers());
+        for i in 0..cfg.n_layers() {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let bias = |s: &str, len: usize| -> Result<Option<HostTensor>, GgufError> {
+                if cfg.qkv_bias {
+                    Ok(Some(self.tensor(&n(s), &[len])?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(LayerWeights {
+                attn_norm: self.tensor(&n("attn_norm.weight"), &[h])?,
+                mixer: MixerWeights::Attention(AttentionWeights {
+                    wq: self.tensor(&n("attn_q.weight"), &[q_dim, h])?,
+                    wk: self.tensor(&n("attn_k.weight"), &[kv_dim, h])?,
+                    wv: self.tensor(&n("attn_v.weight"), &[kv_dim, h])?,
+                    wo: self.tensor(&n("attn_output.weight"), &[h, q_dim])?,
+                    bq: bias("attn_q.bias", q_dim)?,
+                    bk: bias("attn_k.bias", kv_dim)?,
+                    bv: bias("attn_v.bias", kv_dim)?,
+                }),
+                ffn_norm: self.tensor(&n("ffn_norm.weight"), &[h])?,
+                w_gate: self.tensor(&n("ffn_gate.weight"), &[f, h])?,
+                w_up: self.tensor(&n("ffn_up.weight"), &[f, h])?,
+                w_down: self.tensor(&n("ffn_down.weight"), &[h, f])?,
+            });
+        }
+        Ok(ModelWeights {
+            token_embd: self.tensor("token_embd.weight", &[v, h])?,
+            output_norm: self.tensor("output_norm.weight", &[h])?,
+            output: if cfg.tie_embeddings { None } else { Some(self.tensor("output.weight", &[v, h])?) },
+            layers,
+        })
+    }
+}
+
+/// Load a GGUF model: config, quantized weights, tokenizer, chat template and weights hash.
+pub fn load_gguf(path: &Path) -> Result<LoadedModel, GgufError> {
+    let file = GgufFile::open(path)?;
+    let config = file.model_config()?;
+    let weights = file.model_weights(&config)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    if tokenizer.vocab_size() != config.vocab_size {
+        return Err(GgufError::Invalid(format!(
+            "tokenizer has {} tokens but the model's vocab is {}",
+            tokenizer.vocab_size(),
+            config.vocab_size
+        )));
+    }
+    let chat_template = file.get("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_string);
+    let weights_hash = file.weights_hash();
+    Ok(LoadedModel { config, weights, tokenizer, chat_template, weights_hash })
+}

@@ -1,0 +1,470 @@
+//! Byte-level BPE tokenizer (GPT-2 family) built from GGUF metadata or an HF `tokenizer.json`.
+//!
+//! The BPE merge loop and the pre-tokenizer regexes come from the `tokenizers` crate. This module adds
+//! what llama.cpp does around it and `tokenizers` does not expose the same way:
+//! * special tokens (`<|im_start|>` …) are cut out of the text first, only when the caller asks for it
+//!   (control tokens) — user-defined tokens are always cut out, as llama.cpp does;
+//! * decoding works on bytes, so a token stream can be turned into text incrementally without ever
+//!   emitting half of a UTF-8 character ([`StreamDecoder`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::PreTokenizerWrapper;
+
+use super::gguf::GgufFile;
+
+/// Token id in the model's vocabulary.
+pub type TokenId = u32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("tokenizer model {0:?} is not supported (only byte-level BPE: \"gpt2\")")]
+    UnsupportedModel(String),
+    #[error("tokenizer metadata: {0}")]
+    Metadata(String),
+    #[error("tokenizer backend: {0}")]
+    Backend(String),
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    UnknownId { id: TokenId, vocab: usize },
+}
+
+/// llama.cpp's token types (GGUF `tokenizer.ggml.token_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    Normal,
+    Unknown,
+    /// Special tokens such as `<|im_start|>`: parsed from text only on request, skipped when decoding
+    /// with `skip_special`.
+    Control,
+    /// Added tokens that are always matched literally in the text.
+    UserDefined,
+    Unused,
+    Byte,
+}
+
+impl TokenKind {
+    fn from_gguf(v: i64) -> Self {
+        match v {
+            2 => TokenKind::Unknown,
+            3 => TokenKind::Control,
+            4 => TokenKind::UserDefined,
+            5 => TokenKind::Unused,
+            6 => TokenKind::Byte,
+            _ => TokenKind::Normal,
+        }
+    }
+}
+
+/// A byte-level BPE tokenizer with special-token handling.
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    /// BPE + pre-tokenizer only; it knows no special tokens (we split those out ourselves).
+    bpe: tokenizers::Tokenizer,
+    /// Decoded bytes of every token.
+    pieces: Vec<Vec<u8>>,
+    kinds: Vec<TokenKind>,
+    /// Control/user-defined tokens, longest text first (the order llama.cpp matches them in).
+    specials: Vec<(String, TokenId, TokenKind)>,
+    bos: Option<TokenId>,
+    eos: Option<TokenId>,
+    /// Extra end-of-generation tokens (e.g. `<|im_end|>`, `<|endoftext|>`).
+    eog: Vec<TokenId>,
+    add_bos: bool,
+}
+
+/// How the text is split before BPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreTokenizer {
+    /// GPT-2 regex only.
+    Gpt2,
+    /// Every digit is its own word, then the GPT-2 regex (llama.cpp pre types smollm, codeshell, …).
+    DigitsThenGpt2,
+}
+
+impl PreTokenizer {
+    /// Map llama.cpp's `tokenizer.ggml.pre` names we can reproduce exactly.
+    pub fn from_gguf_pre(pre: &str) -> Option<Self> {
+        match pre {
+            "default" | "gpt2" | "gpt-2" => Some(PreTokenizer::Gpt2),
+            "smollm" | "codeshell" | "exaone" | "minerva-7b" => Some(PreTokenizer::DigitsThenGpt2),
+            _ => None,
+        }
+    }
+}
+
+/// GPT-2's byte ↔ printable-char table: the char that stands for byte `b` in vocab strings.
+fn byte_to_char_table() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        table[b as usize] = if printable {
+            char::from(b)
+        } else {
+            let c = char::from_u32(256 + n).unwrap_or('\u{FFFD}');
+            n += 1;
+            c
+        };
+    }
+    table
+}
+
+/// Bytes a byte-level vocab string stands for; `None` if it uses a char outside the table.
+fn piece_bytes(token: &str, char_to_byte: &HashMap<char, u8>) -> Option<Vec<u8>> {
+    token.chars().map(|c| char_to_byte.get(&c).copied()).collect()
+}
+
+impl Tokenizer {
+    /// Build from GGUF metadata (`tokenizer.ggml.*`).
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, TokenizerError> {
+        let meta = |e: super::gguf::GgufError| TokenizerError::Metadata(e.to_string());
+        let model = file.get_str("tokenizer.ggml.model").map_err(meta)?;
+        if model != "gpt2" {
+            return Err(TokenizerError::UnsupportedModel(model.to_string()));
+        }
+        let pre_name = file.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+        let pre = PreTokenizer::from_gguf_pre(pre_name).unwrap_or_else(|| {
+            tracing::warn!(pre = pre_name, "unknown GGUF pre-tokenizer; falling back to the GPT-2 regex");
+            PreTokenizer::Gpt2
+        });
+        let tokens = file.get_str_array("tokenizer.ggml.tokens").map_err(meta)?;
+        let merges = file.get_str_array("tokenizer.ggml.merges").map_err(meta)?;
+        let types = match file.get("tokenizer.ggml.token_type") {
+            Some(_) => file.get_i64_array("tokenizer.ggml.token_type").map_err(meta)?,
+            None => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(TokenizerError::Metadata(format!(
+                "{} token types for {} tokens",
+                types.len(),
+                tokens.len()
+            )));
+        }
+        let kinds: Vec<TokenKind> = types.iter().map(|&t| TokenKind::from_gguf(t)).collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                // llama.cpp splits at the first space after the first character.
+                let pos = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(i, _)| i);
+                match pos {
+                    Some(p) => Ok((m[..p].to_string(), m[p + 1..].to_string())),
+                    None => Err(TokenizerError::Metadata(format!("merge {m:?} has no space"))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let id = |key: &str| -> Option<TokenId> {
+            file.get(key).and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok())
+        };
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+        let mut eog: Vec<TokenId> = [id("tokenizer.ggml.eot_token_id"), id("tokenizer.ggml.eom_token_id")]
+            .into_iter()
+            .flatten()
+            .collect();
+        // llama.cpp also treats these well-known control tokens as end of generation.
+        for (i, t) in tokens.iter().enumerate() {
+            if matches!(*t, "<|im_end|>" | "<|endoftext|>" | "<|eot_id|>" | "<|end|>" | "<end_of_turn>")
+                && kinds[i] == TokenKind::Control
+            {
+                eog.push(i as TokenId);
+            }
+        }
+        Self::build(tokens.iter().map(|s| s.to_string()).collect(), kinds, merges, pre, bos, eos, eog, add_bos)
+    }
+
+    /// Build from an HF `tokenizer.json` (byte-level BPE models: Llama 3, Qwen2/3, SmolLM).
+    ///
+    /// The pre-tokenizer is reconstructed as "digits split individually?" + GPT-2 regex, which covers
+    /// SmolLM; other regexes (Qwen, Llama 3) are taken from the file by `tokenizers` itself.
+    pub fn from_hf_file(path: &Path) -> Result<Self, TokenizerError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| TokenizerError::Io { path: path.display().to_string(), source })?;
+        let mut json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TokenizerError::Metadata(format!("tokenizer.json: {e}")))?;
+        // Added tokens are cut out by us (see module docs), so the backend must not know them.
+        let added = json
+            .as_object_mut()
+            .and_then(|o| o.remove("added_tokens"))
+            .unwrap_or(serde_json::Value::Array(vec![]));
+        if let Some(o) = json.as_object_mut() {
+            // Post-processors (BOS insertion) are ours to decide as well.
+            o.insert("post_processor".into(), serde_json::Value::Null);
+        }
+        let bpe = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
+            .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+        let vocab = bpe.get_vocab(false);
+        let mut size = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
+        let mut added_list = Vec::new();
+        for a in added.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+            let (Some(id), Some(content)) = (a.get("id").and_then(|v| v.as_u64()), a.get("content").and_then(|v| v.as_str()))
+            else {
+                return Err(TokenizerError::Metadata("added_tokens entry without id/content".into()));
+            };
+            let id = u32::try_from(id).map_err(|_| TokenizerError::Metadata(format!("added token id {id}")))?;
+            let special = a.get("special").and_then(|v| v.as_bool()).unwrap_or(false);
+            size = size.max(id as usize + 1);
+            added_list.push((id, content.to_string(), special));
+        }
+        if size > 10_000_000 {
+            return Err(TokenizerError::Metadata(format!("vocabulary of {size} tokens is absurd")));
+        }
+        let mut tokens = vec![String::new(); size];
+        let mut kinds = vec![TokenKind::Unused; size];
+        for (t, &i) in &vocab {
+            tokens[i as usize] = t.clone();
+            kinds[i as usize] = TokenKind::Normal;
+        }
+        for (id, content, special) in &added_list {
+            tokens[*id as usize] = content.clone();
+            kinds[*id as usize] = if *special { TokenKind::Control } else { TokenKind::UserDefined };
+        }
+        let find = |s: &str| tokens.iter().position(|t| t == s).map(|i| i as TokenId);
+        let eos = find("<|im_end|>").or_else(|| find("<|endoftext|>")).or_else(|| find("<|eot_id|>"));
+        let bos = find("<|begin_of_text|>").or_else(|| find("<|im_start|>"));
+        let eog = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"].iter().filter_map(|s| find(s)).collect();
+        let pieces = Self::pieces(&tokens, &kinds)?;
+        let specials = Self::specials(&tokens, &kinds);
+        Ok(Self { bpe, pieces, kinds, specials, bos, eos, eog, add_bos: false })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        tokens: Vec<String>,
+        kinds: Vec<TokenKind>,
+        merges: Vec<(String, String)>,
+        pre: PreTokenizer,
+        bos: Option<TokenId>,
+        eos: Option<TokenId>,
+        eog: Vec<TokenId>,
+        add_bos: bool,
+    ) -> Result<Self, TokenizerError> {
+        if tokens.is_empty() || tokens.len() > u32::MAX as usize {
+            return Err(TokenizerError::Metadata(format!("vocabulary of {} tokens", tokens.len())));
+        }
+        for (name, id) in [("bos", bos), ("eos", eos)] {
+            if let Some(id) = id.filter(|&i| i as usize >= tokens.len()) {
+                return Err(TokenizerError::Metadata(format!("{name} id {id} outside the vocabulary")));
+            }
+        }
+        // Like llama.cpp's token_to_id map, a duplicated token string resolves to its last id.
+        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let model = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+        let mut bpe = tokenizers::Tokenizer::new(model);
+        let byte_level = ByteLevel::new(false, false, true);
+        let pre_tok: PreTokenizerWrapper = match pre {
+            PreTokenizer::Gpt2 => byte_level.into(),
+            PreTokenizer::DigitsThenGpt2 => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+        };
+        bpe.with_pre_tokenizer(Some(pre_tok));
+        let pieces = Self::pieces(&tokens, &kinds)?;
+        let specials = Self::specials(&tokens, &kinds);
+        Ok(Self { bpe, pieces, kinds, specials, bos, eos, eog, add_bos })
+    }
+
+    fn pieces(tokens: &[String], kinds: &[TokenKind]) -> Result<Vec<Vec<u8>>, TokenizerError> {
+        let table = byte_to_char_table();
+        let char_to_byte: HashMap<char, u8> = table.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        tokens
+            .iter()
+            .zip(kinds)
+            .map(|(t, k)| match k {
+                // Specials and added tokens are literal text, not byte-level encoded.
+                TokenKind::Control | TokenKind::UserDefined | TokenKind::Unused | TokenKind::Unknown => {
+                    Ok(t.as_bytes().to_vec())
+                }
+                _ => piece_bytes(t, &char_to_byte).ok_or_else(|| {
+                    TokenizerError::UnsupportedModel(format!("token {t:?} is not byte-level BPE"))
+                }),
+            })
+            .collect()
+    }
+
+    fn specials(tokens: &[String], kinds: &[TokenKind]) -> Vec<(String, TokenId, TokenKind)> {
+        let mut v: Vec<_> = tokens
+            .iter()
+            .zip(kinds)
+            .enumerate()
+            .filter(|(_, (t, k))| !t.is_empty() && matches!(k, TokenKind::Control | TokenKind::UserDefined))
+            .map(|(i, (t, k))| (t.clone(), i as TokenId, *k))
+            .collect();
+        // Longest first, stable for equal lengths, as llama.cpp sorts its special-token cache.
+        v.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        v
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.pieces.len()
+    }
+    pub fn bos(&self) -> Option<TokenId> {
+        self.bos
+    }
+    pub fn eos(&self) -> Option<TokenId> {
+        self.eos
+    }
+    /// Whether the model wants a BOS token in front of every prompt (GGUF `add_bos_token`).
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+    /// True for tokens that end a generation (eos, `<|im_end|>`, …).
+    pub fn is_eog(&self, id: TokenId) -> bool {
+        Some(id) == self.eos || self.eog.contains(&id)
+    }
+    /// The vocabulary string of a token (byte-level encoded for normal tokens).
+    pub fn kind(&self, id: TokenId) -> Option<TokenKind> {
+        self.kinds.get(id as usize).copied()
+    }
+    /// Id of a special token by its text, e.g. `"<|im_end|>"`.
+    pub fn special_id(&self, text: &str) -> Option<TokenId> {
+        self.specials.iter().find(|(t, _, _)| t == text).map(|&(_, id, _)| id)
+    }
+
+    /// Encode `text`. With `parse_special`, control tokens written in the text (e.g. `<|im_start|>`)
+    /// become their ids; otherwise they are tokenized as plain text. BOS is prepended when
+    /// `add_bos` is set and the model has one.
+    pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<TokenId>, TokenizerError> {
+        let mut out = Vec::new();
+        if add_bos {
+            if let Some(b) = self.bos {
+                out.push(b);
+            }
+        }
+        // Fragments: Ok(text to BPE) or Err(special id), split like llama.cpp's tokenizer_st_partition.
+        let mut frags: Vec<Result<&str, TokenId>> = vec![Ok(text)];
+        for (special, id, kind) in &self.specials {
+            if *kind == TokenKind::Control && !parse_special {
+                continue;
+            }
+            let mut next = Vec::with_capacity(frags.len());
+            for f in frags {
+                match f {
+                    Ok(mut raw) => {
+                        while let Some(pos) = raw.find(special.as_str()) {
+                            if pos > 0 {
+                                next.push(Ok(&raw[..pos]));
+                            }
+                            next.push(Err(*id));
+                            raw = &raw[pos + special.len()..];
+                        }
+                        if !raw.is_empty() {
+                            next.push(Ok(raw));
+                        }
+                    }
+                    Err(id) => next.push(Err(id)),
+                }
+            }
+            frags = next;
+        }
+        for f in frags {
+            match f {
+                Err(id) => out.push(id),
+                Ok(raw) => {
+                    let enc = self.bpe.encode(raw, false).map_err(|e| TokenizerError::Backend(e.to_string()))?;
+                    out.extend_from_slice(enc.get_ids());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes of one token (control tokens give their literal text unless `skip_special`).
+    pub fn token_bytes(&self, id: TokenId, skip_special: bool) -> Result<&[u8], TokenizerError> {
+        let piece = self
+            .pieces
+            .get(id as usize)
+            .ok_or(TokenizerError::UnknownId { id, vocab: self.pieces.len() })?;
+        if skip_special && self.kinds[id as usize] == TokenKind::Control {
+            return Ok(&[]);
+        }
+        Ok(piece)
+    }
+
+    /// Decode a whole sequence (invalid UTF-8 becomes U+FFFD).
+    pub fn decode(&self, ids: &[TokenId], skip_special: bool) -> Result<String, TokenizerError> {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            bytes.extend_from_slice(self.token_bytes(id, skip_special)?);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// A decoder for a stream of generated tokens.
+    pub fn stream_decoder(&self, skip_special: bool) -> StreamDecoder<'_> {
+        StreamDecoder { tok: self, pending: Vec::new(), skip_special }
+    }
+}
+
+/// Turns tokens into text as they arrive, holding back bytes of an incomplete UTF-8 character.
+#[derive(Debug)]
+pub struct StreamDecoder<'a> {
+    tok: &'a Tokenizer,
+    pending: Vec<u8>,
+    skip_special: bool,
+}
+
+impl StreamDecoder<'_> {
+    /// Feed one token; returns the text that is now complete (possibly empty).
+    pub fn push(&mut self, id: TokenId) -> Result<String, TokenizerError> {
+        self.pending.extend_from_slice(self.tok.token_bytes(id, self.skip_special)?);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    break;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    // Safe: from_utf8 just validated this prefix.
+                    out.push_str(&String::from_utf8_lossy(&self.pending[..valid]));
+                    match e.error_len() {
+                        // Incomplete character at the end: wait for the next token.
+                        None => {
+                            self.pending.drain(..valid);
+                            break;
+                        }
+                        // Bytes that can never become valid: replace them and continue.
+                        Some(bad) => {
+                            out.push('\u{FFFD}');
+                            self.pending.drain(..valid + bad);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Flush what is left at the end of the stream (an incomplete character becomes U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_table_is_a_bijection() {
+        let t = byte_to_char_table();
+        let set: std::collections::HashSet<char> = t.iter().copied().collect();
+        assert_eq!(set.len(), 256);
+        assert_eq!(t[b' ' as usize], 'Ġ');
+        assert_eq!(t[b'\n' as usize], 'Ċ');
+        assert_eq!(t[b'a' as usize], 'a');
+    }
+}

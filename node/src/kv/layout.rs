@@ -1,0 +1,519 @@
+//! The KV layout: what a model's cache looks like in memory and on the wire.
+//!
+//! A [`KvLayout`] is what two nodes must agree on before one ships KV to the other; its
+//! [`KvLayout::layout_hash`] (mixed with the model's weights hash) is what adverts and KV stream
+//! headers carry, so a mismatch is caught before a single byte of KV is written.
+//!
+//! # Export layout (version 1)
+//!
+//! An exported sequence of `n_tokens` tokens is the concatenation, in layer order, of:
+//!
+//! * for each **paged** layer ([`LayerKvShape::Paged`], full or sliding-window attention): the K
+//!   tensor, then the V tensor, each `[n_tokens_padded, n_kv_heads, head_dim]` where
+//!   `n_tokens_padded = ceil(n_tokens / block_size) · block_size` (the tail of the last block is
+//!   padding; readers must ignore it, writers should zero it). Sliding-window layers ship all tokens
+//!   in version 1; `window` is recorded so that a later version can trim them.
+//! * for each **state** layer ([`LayerKvShape::State`], linear attention): the recurrent state
+//!   `[heads, value_dim, key_dim]`.
+//!
+//! Every element is `dtype` ([`KvDType::F32`] in version 1), little-endian, row-major (last index
+//! fastest). Nothing else (no headers, no alignment padding) sits between tensors.
+//!
+//! In device memory the engine keeps one K and one V pool per paged layer, each
+//! `[n_blocks, block_size, n_kv_heads, head_dim]`; one [`super::BlockId`] indexes the same block
+//! in every paged layer, so a block of a given id holds `block_size` tokens of K/V for all of them.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::engine::{LayerKind, ModelConfig};
+
+/// The layout version this code writes and accepts. Bump on any change to the export layout or
+/// to the hash encoding.
+pub const KV_LAYOUT_VERSION: u32 = 1;
+
+/// Element type of exported and stored KV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum KvDType {
+    /// IEEE-754 binary32, little-endian. The only type version 1 produces.
+    F32,
+    /// IEEE-754 binary16, little-endian. Reserved for a later version.
+    F16,
+}
+
+impl KvDType {
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 => 2,
+        }
+    }
+
+    /// Stable one-byte tag used in [`KvLayout::layout_hash`].
+    fn hash_tag(self) -> u8 {
+        match self {
+            KvDType::F32 => 0,
+            KvDType::F16 => 1,
+        }
+    }
+}
+
+/// The KV a single layer keeps for one sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LayerKvShape {
+    /// Per-token K and V (full attention: `window == None`; sliding-window attention:
+    /// `window == Some(w)`), stored in paged blocks.
+    Paged {
+        n_kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    },
+    /// A fixed-size recurrent state per sequence (linear attention), `[heads, value_dim, key_dim]`.
+    State {
+        heads: usize,
+        key_dim: usize,
+        value_dim: usize,
+    },
+}
+
+impl LayerKvShape {
+    /// True for layers that keep per-token blocks.
+    pub fn is_paged(&self) -> bool {
+        matches!(self, LayerKvShape::Paged { .. })
+    }
+
+    /// Elements per token of K plus V (0 for state layers).
+    fn kv_elems_per_token(&self) -> usize {
+        match *self {
+            LayerKvShape::Paged {
+                n_kv_heads,
+                head_dim,
+                ..
+            } => 2 * n_kv_heads * head_dim,
+            LayerKvShape::State { .. } => 0,
+        }
+    }
+
+    /// Elements of the per-sequence state (0 for paged layers).
+    fn state_elems(&self) -> usize {
+        match *self {
+            LayerKvShape::Paged { .. } => 0,
+            LayerKvShape::State {
+                heads,
+                key_dim,
+                value_dim,
+            } => heads * key_dim * value_dim,
+        }
+    }
+}
+
+/// Errors building a layout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvLayoutError {
+    #[error("KV block size must be at least 1 token")]
+    ZeroBlockSize,
+    #[error("layer {layer}: zero-sized KV shape {shape:?}")]
+    EmptyLayer { layer: usize, shape: LayerKvShape },
+    #[error("layer {layer}: sliding window of 0 tokens")]
+    ZeroWindow { layer: usize },
+}
+
+/// Versioned description of a model's KV cache (see the module docs for the byte layout).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KvLayout {
+    /// [`KV_LAYOUT_VERSION`] when produced by this code.
+    pub version: u32,
+    pub dtype: KvDType,
+    /// Tokens per paged block.
+    pub block_size: usize,
+    /// One entry per model layer, in order.
+    pub layers: Vec<LayerKvShape>,
+}
+
+impl KvLayout {
+    /// Builds and validates a layout from explicit layer shapes (version 1, f32).
+    pub fn new(block_size: usize, layers: Vec<LayerKvShape>) -> Result<Self, KvLayoutError> {
+        if block_size == 0 {
+            return Err(KvLayoutError::ZeroBlockSize);
+        }
+        for (layer, shape) in layers.iter().enumerate() {
+            let empty = match *shape {
+                LayerKvShape::Paged {
+                    n_kv_heads,
+                    head_dim,
+                    window,
+                } => {
+                    if window == Some(0) {
+                        return Err(KvLayoutError::ZeroWindow { layer });
+                    }
+                    n_kv_heads == 0 || head_dim == 0
+                }
+                LayerKvShape::State { .. } => shape.state_elems() == 0,
+            };
+            if empty {
+                return Err(KvLayoutError::EmptyLayer {
+                    layer,
+                    shape: *shape,
+                });
+            }
+        }
+        Ok(Self {
+            version: KV_LAYOUT_VERSION,
+            dtype: KvDType::F32,
+            block_size,
+            layers,
+        })
+    }
+
+    /// The layout of `config`'s KV with `block_size` tokens per block.
+    pub fn from_model(config: &ModelConfig, block_size: usize) -> Result<Self, KvLayoutError> {
+        let layers = config
+            .layers
+            .iter()
+            .map(|kind| match *kind {
+                LayerKind::Full => LayerKvShape::Paged {
+                    n_kv_heads: config.n_kv_heads,
+                    head_dim: config.head_dim,
+                    window: None,
+                },
+                LayerKind::Sliding { window } => LayerKvShape::Paged {
+                    n_kv_heads: config.n_kv_heads,
+                    head_dim: config.head_dim,
+                    window: Some(window),
+                },
+                LayerKind::Linear {
+                    heads,
+                    key_dim,
+                    value_dim,
+                } => LayerKvShape::State {
+                    heads,
+                    key_dim,
+                    value_dim,
+                },
+            })
+            .collect();
+        Self::new(block_size, layers)
+    }
+
+    /// Number of layers that keep paged blocks.
+    pub fn n_paged_layers(&self) -> usize {
+        self.layers.iter().filter(|l| l.is_paged()).count()
+    }
+
+    /// Number of layers that keep a recurrent state.
+    pub fn n_state_layers(&self) -> usize {
+        self.layers.len() - self.n_paged_layers()
+    }
+
+    /// True when resuming a sequence needs a state slot as well as blocks (hybrid / linear models);
+    /// the prefix cache then only reports hits where it also holds the matching state.
+    pub fn has_state(&self) -> bool {
+        self.n_state_layers() > 0
+    }
+
+    /// Bytes of paged K+V one token occupies across all layers (state layers add nothing per
+    /// token: that is the whole point of hybrid attention).
+    pub fn bytes_per_token(&self) -> usize {
+        self.layers
+            .iter()
+            .map(LayerKvShape::kv_elems_per_token)
+            .sum::<usize>()
+            * self.dtype.size_bytes()
+    }
+
+    /// Bytes of one block (K and V) in `layer`; 0 for state layers and out-of-range layers.
+    pub fn block_bytes(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .map_or(0, |l| l.kv_elems_per_token() * self.block_size * self.dtype.size_bytes())
+    }
+
+    /// Bytes one [`super::BlockId`] stands for: one block in every paged layer.
+    pub fn block_bytes_all_layers(&self) -> usize {
+        self.bytes_per_token() * self.block_size
+    }
+
+    /// Bytes of one sequence's state in `layer`; 0 for paged layers and out-of-range layers.
+    pub fn state_bytes(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .map_or(0, |l| l.state_elems() * self.dtype.size_bytes())
+    }
+
+    /// Bytes one [`super::StateSlot`] stands for: the states of every linear layer.
+    pub fn state_slot_bytes(&self) -> usize {
+        (0..self.layers.len()).map(|l| self.state_bytes(l)).sum()
+    }
+
+    /// Blocks needed to hold `n_tokens` tokens.
+    pub fn blocks_for_tokens(&self, n_tokens: usize) -> usize {
+        n_tokens.div_ceil(self.block_size)
+    }
+
+    /// Bytes of `layer` in the export layout for a sequence of `n_tokens` tokens (K and V, padded
+    /// to whole blocks, for paged layers; the state for state layers).
+    pub fn export_layer_bytes(&self, layer: usize, n_tokens: usize) -> usize {
+        match self.layers.get(layer) {
+            Some(l @ LayerKvShape::Paged { .. }) => {
+                self.blocks_for_tokens(n_tokens) * self.block_size * l.kv_elems_per_token()
+                    * self.dtype.size_bytes()
+            }
+            Some(LayerKvShape::State { .. }) => self.state_bytes(layer),
+            None => 0,
+        }
+    }
+
+    /// Total bytes of an exported sequence of `n_tokens` tokens (sum over layers).
+    pub fn export_bytes(&self, n_tokens: usize) -> usize {
+        (0..self.layers.len())
+            .map(|l| self.export_layer_bytes(l, n_tokens))
+            .sum()
+    }
+
+    /// A hash identifying (model weights, KV layout): two nodes may exchange KV iff they agree on it.
+    ///
+    /// Stable across runs, machines and compiler versions: SHA-256 over this exact byte string
+    /// (integers little-endian, `usize` fields widened to `u64`):
+    ///
+    /// ```text
+    /// b"prfaas-kv-layout"            16 bytes, domain separation
+    /// model_hash                     32 bytes
+    /// version                        u32
+    /// dtype tag                      u8   (F32 = 0, F16 = 1)
+    /// block_size                     u64
+    /// layers.len()                   u64
+    /// per layer, in order:
+    ///   Paged: 0u8, n_kv_heads u64, head_dim u64, window u64 (0 = None; a window is never 0)
+    ///   State: 1u8, heads u64, key_dim u64, value_dim u64
+    /// ```
+    pub fn layout_hash(&self, model_hash: [u8; 32]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"prfaas-kv-layout");
+        h.update(model_hash);
+        h.update(self.version.to_le_bytes());
+        h.update([self.dtype.hash_tag()]);
+        h.update((self.block_size as u64).to_le_bytes());
+        h.update((self.layers.len() as u64).to_le_bytes());
+        for layer in &self.layers {
+            let (tag, a, b, c) = match *layer {
+                LayerKvShape::Paged {
+                    n_kv_heads,
+                    head_dim,
+                    window,
+                } => (0u8, n_kv_heads, head_dim, window.unwrap_or(0)),
+                LayerKvShape::State {
+                    heads,
+                    key_dim,
+                    value_dim,
+                } => (1u8, heads, key_dim, value_dim),
+            };
+            h.update([tag]);
+            for v in [a, b, c] {
+                h.update((v as u64).to_le_bytes());
+            }
+        }
+        h.finalize().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prfaas_kernels::RopeStyle;
+
+    fn model(layers: Vec<LayerKind>) -> ModelConfig {
+        ModelConfig {
+            name: "test".into(),
+            arch: "synthetic".into(),
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            rms_eps: 1e-5,
+            rope_base: 10000.0,
+            rope_style: RopeStyle::Normal,
+            max_context: 256,
+            tie_embeddings: true,
+            qkv_bias: false,
+            layers,
+        }
+    }
+
+    fn lin() -> LayerKind {
+        LayerKind::Linear {
+            heads: 2,
+            key_dim: 8,
+            value_dim: 8,
+        }
+    }
+
+    /// 3 linear : 1 full, plus one sliding layer.
+    fn hybrid() -> KvLayout {
+        let layers = vec![
+            lin(),
+            lin(),
+            lin(),
+            LayerKind::Full,
+            LayerKind::Sliding { window: 4 },
+        ];
+        KvLayout::from_model(&model(layers), 16).unwrap()
+    }
+
+    fn hex(h: [u8; 32]) -> String {
+        h.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn model_hash() -> [u8; 32] {
+        std::array::from_fn(|i| i as u8)
+    }
+
+    #[test]
+    fn smollm2_geometry() {
+        // SmolLM2-135M: 30 full-attention layers, 3 KV heads of 64.
+        let mut cfg = model(vec![LayerKind::Full; 30]);
+        cfg.n_kv_heads = 3;
+        cfg.head_dim = 64;
+        let l = KvLayout::from_model(&cfg, 16).unwrap();
+        assert_eq!(l.version, KV_LAYOUT_VERSION);
+        assert_eq!(l.dtype, KvDType::F32);
+        assert_eq!(l.bytes_per_token(), 30 * 2 * 3 * 64 * 4);
+        assert_eq!(l.block_bytes(0), 16 * 2 * 3 * 64 * 4);
+        assert_eq!(l.block_bytes_all_layers(), 16 * l.bytes_per_token());
+        assert_eq!(l.state_slot_bytes(), 0);
+        assert!(!l.has_state());
+        // 1000 tokens pad to 63 blocks = 1008 tokens.
+        assert_eq!(l.export_bytes(1000), 1008 * l.bytes_per_token());
+        assert_eq!(
+            hex(l.layout_hash([0; 32])),
+            "c9cfdb4bd9b0661d3fb267098f9c239a49c4645bf1b41e1d85d49e521f701dba"
+        );
+    }
+
+    #[test]
+    fn hybrid_geometry() {
+        let l = hybrid();
+        assert_eq!(l.n_paged_layers(), 2);
+        assert_eq!(l.n_state_layers(), 3);
+        assert!(l.has_state());
+        assert_eq!(
+            l.layers[4],
+            LayerKvShape::Paged {
+                n_kv_heads: 2,
+                head_dim: 8,
+                window: Some(4)
+            }
+        );
+        // Only the two paged layers cost per-token bytes.
+        assert_eq!(l.bytes_per_token(), 2 * (2 * 2 * 8) * 4);
+        assert_eq!(l.block_bytes(0), 0);
+        assert_eq!(l.block_bytes(3), 16 * 2 * 2 * 8 * 4);
+        assert_eq!(l.block_bytes(99), 0);
+        assert_eq!(l.state_bytes(0), 2 * 8 * 8 * 4);
+        assert_eq!(l.state_bytes(3), 0);
+        assert_eq!(l.state_slot_bytes(), 3 * 2 * 8 * 8 * 4);
+        assert_eq!(l.export_layer_bytes(0, 5), l.state_bytes(0));
+        assert_eq!(l.export_layer_bytes(3, 5), 16 * 2 * 2 * 8 * 4);
+        assert_eq!(l.export_bytes(0), l.state_slot_bytes());
+        assert_eq!(
+            l.export_bytes(17),
+            32 * l.bytes_per_token() + l.state_slot_bytes()
+        );
+    }
+
+    #[test]
+    fn rejects_degenerate_layouts() {
+        assert_eq!(
+            KvLayout::from_model(&model(vec![LayerKind::Full]), 0),
+            Err(KvLayoutError::ZeroBlockSize)
+        );
+        assert_eq!(
+            KvLayout::from_model(&model(vec![LayerKind::Sliding { window: 0 }]), 16),
+            Err(KvLayoutError::ZeroWindow { layer: 0 })
+        );
+        let zero_state = LayerKind::Linear {
+            heads: 2,
+            key_dim: 0,
+            value_dim: 8,
+        };
+        assert!(matches!(
+            KvLayout::from_model(&model(vec![LayerKind::Full, zero_state]), 16),
+            Err(KvLayoutError::EmptyLayer { layer: 1, .. })
+        ));
+    }
+
+    /// Golden value computed independently (Python `hashlib.sha256` over the documented
+    /// encoding), so a change to the encoding cannot go unnoticed.
+    #[test]
+    fn layout_hash_golden() {
+        assert_eq!(
+            hex(hybrid().layout_hash(model_hash())),
+            "e799321c76c5728f376fd3afa78485464f6c0c7bcb647f1e406648f0c1a4db6c"
+        );
+    }
+
+    #[test]
+    fn layout_hash_changes_with_every_field() {
+        let base = hybrid();
+        let h0 = base.layout_hash(model_hash());
+        let mut other_model = model_hash();
+        other_model[31] ^= 1;
+        let mut variants: Vec<(&str, KvLayout, [u8; 32])> = vec![("model hash", base.clone(), other_model)];
+        let mut push = |what: &'static str, f: &dyn Fn(&mut KvLayout)| {
+            let mut l = base.clone();
+            f(&mut l);
+            variants.push((what, l, model_hash()));
+        };
+        push("version", &|l| l.version = 2);
+        push("dtype", &|l| l.dtype = KvDType::F16);
+        push("block size", &|l| l.block_size = 32);
+        push("layer dropped", &|l| {
+            l.layers.pop();
+        });
+        push("layers reordered", &|l| l.layers.swap(2, 3));
+        push("kv heads", &|l| {
+            l.layers[3] = LayerKvShape::Paged { n_kv_heads: 1, head_dim: 8, window: None }
+        });
+        push("head dim", &|l| {
+            l.layers[3] = LayerKvShape::Paged { n_kv_heads: 2, head_dim: 16, window: None }
+        });
+        push("window added", &|l| {
+            l.layers[3] = LayerKvShape::Paged { n_kv_heads: 2, head_dim: 8, window: Some(4) }
+        });
+        push("window size", &|l| {
+            l.layers[4] = LayerKvShape::Paged { n_kv_heads: 2, head_dim: 8, window: Some(5) }
+        });
+        push("state heads", &|l| {
+            l.layers[0] = LayerKvShape::State { heads: 3, key_dim: 8, value_dim: 8 }
+        });
+        push("state key dim", &|l| {
+            l.layers[0] = LayerKvShape::State { heads: 2, key_dim: 4, value_dim: 8 }
+        });
+        push("state value dim", &|l| {
+            l.layers[0] = LayerKvShape::State { heads: 2, key_dim: 8, value_dim: 4 }
+        });
+        push("paged <-> state with equal numbers", &|l| {
+            l.layers[3] = LayerKvShape::State { heads: 2, key_dim: 8, value_dim: 0 }
+        });
+        let mut seen = std::collections::HashSet::from([h0]);
+        for (what, l, mh) in &variants {
+            assert!(seen.insert(l.layout_hash(*mh)), "hash ignores {what}");
+        }
+        // Deterministic: same inputs, same hash.
+        assert_eq!(hybrid().layout_hash(model_hash()), h0);
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let l = hybrid();
+        let json = serde_json::to_string(&l).unwrap();
+        let back: KvLayout = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.layout_hash(model_hash()), l.layout_hash(model_hash()));
+    }
+}
