@@ -38,7 +38,8 @@ pub fn gpu_required() -> bool {
 /// * `Wgpu` → the wgpu backend; [`KernelError::NoAdapter`] when there is no adapter.
 /// * `Auto` → wgpu on a discrete/integrated (or virtual) GPU; cpu when the only adapter is a
 ///   software one (lavapipe is ~4–40× slower than native code on the same cores) or there is none.
-///   With `PRFAAS_REQUIRE_GPU=1`, no adapter at all is an error even for `Auto`.
+///   A GPU whose device cannot be opened also falls back to cpu (with a warning). With
+///   `PRFAAS_REQUIRE_GPU=1`, no adapter or a failing device is an error even for `Auto`.
 pub fn select_backend(kind: BackendKind) -> Result<Arc<dyn Backend>> {
     let cpu = || -> Arc<dyn Backend> { Arc::new(cpu::CpuBackend::new()) };
     let backend: Arc<dyn Backend> = match kind {
@@ -58,10 +59,17 @@ pub fn select_backend(kind: BackendKind) -> Result<Arc<dyn Backend>> {
                 tracing::info!(adapter = %a.name, "backend auto: only a software adapter, using cpu");
                 cpu()
             }
-            Some(a) => {
-                tracing::info!(adapter = %a.name, device_type = ?a.device_type, "backend auto: using wgpu");
-                Arc::new(gpu::WgpuBackend::new()?)
-            }
+            Some(a) => match gpu::WgpuBackend::new() {
+                Ok(b) => {
+                    tracing::info!(adapter = %a.name, device_type = ?a.device_type, "backend auto: using wgpu");
+                    Arc::new(b)
+                }
+                Err(e) if !gpu_required() => {
+                    tracing::warn!(adapter = %a.name, error = %e, "backend auto: wgpu device failed, using cpu");
+                    cpu()
+                }
+                Err(e) => return Err(e),
+            },
         },
     };
     tracing::info!(backend = %backend.info().description, requested = %kind, "compute backend selected");

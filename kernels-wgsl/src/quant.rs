@@ -27,7 +27,7 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 }
 
 fn check_blocks(what: &str, n: usize) -> Result<()> {
-    if n % QK != 0 {
+    if !n.is_multiple_of(QK) {
         return Err(KernelError::Shape(format!(
             "{what}: {n} values is not a multiple of the block length {QK}"
         )));
@@ -117,7 +117,7 @@ pub fn dequantize_block_q8_0(block: &[u8], out: &mut [f32]) {
 /// block boundary whenever the row length is a multiple of 32).
 pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let n = out.len();
-    if n % dtype.block_len() != 0 {
+    if !n.is_multiple_of(dtype.block_len()) {
         return Err(KernelError::Shape(format!(
             "{dtype:?}: {n} values is not a multiple of the block length {}",
             dtype.block_len()

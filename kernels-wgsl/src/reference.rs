@@ -25,7 +25,7 @@ fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
 
 /// Rows `ids` of `table` (`[vocab, d]`, stored as `dtype`) → `[ids.len(), d]`.
 pub fn embedding(dtype: DType, table: &[u8], vocab: usize, d: usize, ids: &[u32]) -> Result<Vec<f32>> {
-    if d % dtype.block_len() != 0 {
+    if !d.is_multiple_of(dtype.block_len()) {
         return shape_err(format!("embedding: row length {d} is not a multiple of {dtype:?} blocks"));
     }
     check_len("embedding table bytes", table.len(), dtype.bytes_for(vocab * d))?;
@@ -68,7 +68,7 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w_dtype: DType, w: &[u8], n: usize)
 /// Row-wise RMSNorm of `x: [rows, d]` with weight `w: [d]`: `x / sqrt(mean(x²) + eps) · w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Result<Vec<f32>> {
     let d = w.len();
-    if d == 0 || x.len() % d != 0 {
+    if d == 0 || !x.len().is_multiple_of(d) {
         return shape_err(format!("rms_norm: {} values are not rows of {d}", x.len()));
     }
     let mut out = vec![0.0; x.len()];
@@ -96,7 +96,7 @@ pub fn rope(
     base: f32,
     style: RopeStyle,
 ) -> Result<Vec<f32>> {
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         return shape_err(format!("rope: head_dim {head_dim} is odd"));
     }
     check_len("rope x", x.len(), positions.len() * n_heads * head_dim)?;
@@ -141,7 +141,7 @@ pub fn add(a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
 
 /// Row-wise softmax of `x: [rows, d]`.
 pub fn softmax(x: &[f32], d: usize) -> Result<Vec<f32>> {
-    if d == 0 || x.len() % d != 0 {
+    if d == 0 || !x.len().is_multiple_of(d) {
         return shape_err(format!("softmax: {} values are not rows of {d}", x.len()));
     }
     let mut out = vec![0.0; x.len()];
@@ -158,7 +158,7 @@ pub fn softmax(x: &[f32], d: usize) -> Result<Vec<f32>> {
 /// Index of the maximum of each row of `x: [rows, d]`; the lowest index wins ties and NaNs never win
 /// (an all-NaN row gives 0).
 pub fn argmax(x: &[f32], d: usize) -> Result<Vec<u32>> {
-    if d == 0 || x.len() % d != 0 {
+    if d == 0 || !x.len().is_multiple_of(d) {
         return shape_err(format!("argmax: {} values are not rows of {d}", x.len()));
     }
     Ok(x.chunks_exact(d)
@@ -207,7 +207,7 @@ pub(crate) fn check_attention(
     seqs: &[AttnSeq<'_>],
     p: &AttnParams,
 ) -> Result<usize> {
-    if p.n_kv_heads == 0 || p.n_heads % p.n_kv_heads != 0 || p.head_dim == 0 {
+    if p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) || p.head_dim == 0 {
         return shape_err(format!(
             "attention: n_kv_heads {} must divide n_heads {} (head_dim {})",
             p.n_kv_heads, p.n_heads, p.head_dim
@@ -363,7 +363,7 @@ pub fn linear_attention(
 
 /// Validate a block index list against a pool of `pool_len` values in blocks of `block_elems`.
 pub(crate) fn check_blocks(what: &str, pool_len: usize, block_elems: usize, indices: &[u32]) -> Result<()> {
-    if block_elems == 0 || pool_len % block_elems != 0 {
+    if block_elems == 0 || !pool_len.is_multiple_of(block_elems) {
         return shape_err(format!("{what}: pool of {pool_len} values is not blocks of {block_elems}"));
     }
     let n_blocks = pool_len / block_elems;

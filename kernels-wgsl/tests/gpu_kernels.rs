@@ -400,9 +400,18 @@ fn attention_and_kv_write_reject_bad_input() {
         Err(KernelError::InvalidArgument(_))
     ));
     assert!(matches!(
-        b.kv_write(&kp, &vp, &k, &k, &[1, 1]),
+        b.kv_write(&kp, &kp, &k, &k, &[1, 2]),
         Err(KernelError::InvalidArgument(_))
     ));
+    // A repeated slot keeps the last row, as in the reference.
+    let kv: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    let k2 = up(b, &[2, 1, 8], &kv);
+    b.kv_write(&kp, &vp, &k2, &k2, &[5, 5]).unwrap();
+    let mut host_k = vec![0.0f32; 2 * 4 * 8];
+    let mut host_v = host_k.clone();
+    reference::kv_write(&mut host_k, &mut host_v, &kv, &kv, 8, &[5, 5]).unwrap();
+    assert_eq!(b.download(&kp).unwrap(), host_k);
+    assert_eq!(b.download(&vp).unwrap(), host_v);
     let q = up(b, &[1, 1, 8], &[1.0; 8]);
     let p = AttnParams {
         n_heads: 1,
@@ -755,4 +764,23 @@ fn a_decode_like_step_is_one_submission() {
         "the whole step must be one submission"
     );
     assert!((token[0] as usize) < vocab);
+}
+
+#[test]
+fn rope_stays_accurate_at_long_positions() {
+    let Some(b) = gpu() else { return };
+    let mut rng = Rng(12);
+    let (heads, hd) = (2, 64);
+    let pos: Vec<u32> = vec![4095, 32_767, 131_071, 1_000_003];
+    let x = rng.vec(pos.len() * heads * hd);
+    for style in [RopeStyle::Normal, RopeStyle::Neox] {
+        let want = reference::rope(&x, heads, hd, &pos, 10000.0, style).unwrap();
+        let got = b
+            .download(
+                &b.rope(&up(b, &[pos.len(), heads, hd], &x), &pos, 10000.0, style)
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_close(&format!("rope {style:?} long positions"), &got, &want, 1e-4);
+    }
 }

@@ -108,10 +108,7 @@ fn refcounts() {
     s.release(&a).unwrap();
     assert_eq!(s.block_state(a[1]), Some(BlockState::InUse { refcount: 1 }));
     // Releasing more references than held fails as a whole and changes nothing.
-    assert_eq!(
-        s.release(&[a[1], a[1]]),
-        Err(KvError::BlockNotHeld(a[1]))
-    );
+    assert_eq!(s.release(&[a[1], a[1]]), Err(KvError::BlockNotHeld(a[1])));
     assert_eq!(s.block_state(a[1]), Some(BlockState::InUse { refcount: 1 }));
     s.release(&[a[0], a[0], a[1]]).unwrap();
     assert_eq!(s.block_state(a[0]), Some(BlockState::Free));
@@ -144,7 +141,10 @@ fn prefix_hits_partial_exact_and_miss() {
     assert_eq!(hit.blocks, blocks[..3]);
     assert_eq!(hit.n_tokens, 12);
     assert_eq!(hit.state, None);
-    assert_eq!(s.block_state(blocks[0]), Some(BlockState::InUse { refcount: 1 }));
+    assert_eq!(
+        s.block_state(blocks[0]),
+        Some(BlockState::InUse { refcount: 1 })
+    );
     s.release(&hit.blocks).unwrap();
 
     // Partial: shares the first two blocks, diverges in the third.
@@ -235,7 +235,10 @@ fn insert_prefix_validates_before_changing_anything() {
         })
     );
     assert_eq!(check(&s).cached, 0);
-    assert_eq!(s.state_slot_state(st), Some(BlockState::InUse { refcount: 1 }));
+    assert_eq!(
+        s.state_slot_state(st),
+        Some(BlockState::InUse { refcount: 1 })
+    );
 
     s.insert_prefix(&prompt, &a, Some(st), t0).unwrap();
     // Block 0 now belongs to prefix 0..4; caching it under another prefix is refused.
@@ -300,7 +303,11 @@ fn eviction_trims_chains_from_the_leaves() {
     let x = s.allocate(2).unwrap(); // 1 free + 1 evicted
     assert!(x.contains(&chain[2]), "deepest block goes first");
     let hit = s.lookup_prefix(&toks(0..12), t0);
-    assert_eq!(hit.blocks, chain[..2], "the rest of the chain is still reachable");
+    assert_eq!(
+        hit.blocks,
+        chain[..2],
+        "the rest of the chain is still reachable"
+    );
     s.release(&hit.blocks).unwrap();
     check(&s);
 }
@@ -314,7 +321,10 @@ fn leases_commit_cancel_and_expire() {
     assert_eq!(l1.blocks.len(), 3);
     assert_eq!(l1.expires_at, t0 + TTL);
     let st = check(&s);
-    assert_eq!((st.leased, st.state_slots_leased, st.leases_active), (3, 1, 1));
+    assert_eq!(
+        (st.leased, st.state_slots_leased, st.leases_active),
+        (3, 1, 1)
+    );
     assert_eq!(st.bytes_used, 3 * 1000 + 300);
     // Leased blocks cannot be retained or released by anyone.
     assert_eq!(
@@ -326,12 +336,18 @@ fn leases_commit_cancel_and_expire() {
         Err(KvError::BlockNotHeld(l1.blocks[0]))
     );
     let state = l1.state.unwrap();
-    assert_eq!(s.release_state(state), Err(KvError::StateSlotNotHeld(state)));
+    assert_eq!(
+        s.release_state(state),
+        Err(KvError::StateSlotNotHeld(state))
+    );
 
     let (blocks, state) = s.commit(l1.id).unwrap();
     assert_eq!(blocks, l1.blocks);
     assert_eq!(state, l1.state);
-    assert_eq!(s.block_state(blocks[0]), Some(BlockState::InUse { refcount: 1 }));
+    assert_eq!(
+        s.block_state(blocks[0]),
+        Some(BlockState::InUse { refcount: 1 })
+    );
     assert_eq!(s.commit(l1.id), Err(KvError::UnknownLease(l1.id)));
     assert_eq!(s.cancel(l1.id), Err(KvError::UnknownLease(l1.id)));
 
@@ -351,7 +367,10 @@ fn leases_commit_cancel_and_expire() {
     assert_eq!(s.expire(t0 + Duration::from_secs(6)), vec![l4.id]);
     assert_eq!(s.expire(t0 + Duration::from_secs(100)), vec![l3.id]);
     let st = check(&s);
-    assert_eq!((st.leased, st.state_slots_leased, st.leases_active), (0, 0, 0));
+    assert_eq!(
+        (st.leased, st.state_slots_leased, st.leases_active),
+        (0, 0, 0)
+    );
     assert_eq!(st.leases_expired_total, 2);
     assert_eq!(s.next_deadline(), None);
 
@@ -416,7 +435,10 @@ fn hybrid_state_is_exact_match_only() {
     assert_eq!(hit.blocks, blocks[..2]);
     assert_eq!(hit.n_tokens, 8);
     assert_eq!(hit.state, Some(snap8));
-    assert_eq!(s.state_slot_state(snap8), Some(BlockState::InUse { refcount: 1 }));
+    assert_eq!(
+        s.state_slot_state(snap8),
+        Some(BlockState::InUse { refcount: 1 })
+    );
     s.release(&hit.blocks).unwrap();
     s.release_state(snap8).unwrap();
 
@@ -454,7 +476,8 @@ fn state_slots_evict_lru_cached_states() {
         let tokens = toks(start..start + 4);
         let b = s.allocate(1).unwrap();
         let snap = s.allocate_state().unwrap();
-        s.insert_prefix(&tokens, &b, Some(snap), t(i as u64)).unwrap();
+        s.insert_prefix(&tokens, &b, Some(snap), t(i as u64))
+            .unwrap();
         s.release(&b).unwrap();
         cached.push((tokens, snap));
     }

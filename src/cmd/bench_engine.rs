@@ -136,15 +136,19 @@ fn phi_kv(
     Ok(json!({ "model": loaded.config.name, "kv_bytes_per_token": bytes_per_token, "points": rows }))
 }
 
-/// Runs `scripts/bench-llamacpp` when present and already built (it prints JSON on stdout).
+/// Runs `scripts/bench-llamacpp` when present and its build is already cached (building it takes
+/// ~8 minutes, which a benchmark run should not trigger silently). It prints one JSON object:
+/// `{"prefill_tok_s": {"128": x, ...}, "decode_tok_s": {"1": y}, ...}`.
 fn llamacpp(model: &str) -> Option<Value> {
     let script = Path::new("scripts/bench-llamacpp");
-    if !script.exists() {
+    let cache = std::env::var("LLAMACPP_DIR").unwrap_or_else(|_| "target/llamacpp".into());
+    if !script.exists() || !Path::new(&cache).join("build/bin/llama-bench").exists() {
+        tracing::info!("llama.cpp comparison skipped: scripts/bench-llamacpp or its cached build is missing");
         return None;
     }
-    let out = std::process::Command::new(script).arg("--cached-only").arg("--model").arg(model).output().ok()?;
+    let out = std::process::Command::new(script).arg("--model").arg(model).output().ok()?;
     if !out.status.success() {
-        tracing::info!("llama.cpp comparison skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
+        tracing::warn!("llama.cpp comparison failed: {}", String::from_utf8_lossy(&out.stderr).trim());
         return None;
     }
     serde_json::from_slice(&out.stdout).ok()
@@ -197,17 +201,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `ours / llama.cpp` for every figure both sides have. llama.cpp's JSON is expected as
-/// `{"prefill": [{"tokens": n, "tok_s": x}], "decode": [{"batch": 1, "tok_s": y}]}`.
+/// `ours / llama.cpp` for every figure both sides have.
 fn ratios(ours: &Value, theirs: &Value) -> Value {
     let mut out = Vec::new();
-    for (key, field) in [("prefill", "tokens"), ("decode", "batch")] {
-        let (Some(a), Some(b)) = (ours[key].as_array(), theirs[key].as_array()) else { continue };
-        for x in a {
-            if let Some(y) = b.iter().find(|y| y[field] == x[field]) {
-                if let (Some(p), Some(q)) = (x["tok_s"].as_f64(), y["tok_s"].as_f64()) {
-                    out.push(json!({ "figure": key, field: x[field], "ratio": p / q }));
-                }
+    for (key, field, theirs_key) in [("prefill", "tokens", "prefill_tok_s"), ("decode", "batch", "decode_tok_s")] {
+        for x in ours[key].as_array().into_iter().flatten() {
+            let n = x[field].to_string();
+            if let (Some(p), Some(q)) = (x["tok_s"].as_f64(), theirs[theirs_key][&n].as_f64()) {
+                out.push(json!({ "figure": key, field: x[field], "ours_tok_s": p, "llamacpp_tok_s": q, "ratio": p / q }));
             }
         }
     }
@@ -230,7 +231,12 @@ fn print_table(r: &Value) {
     }
     for x in r["ratios_vs_llamacpp"].as_array().into_iter().flatten() {
         let what = if x["figure"] == "prefill" { format!("prefill {}", x["tokens"]) } else { format!("decode b{}", x["batch"]) };
-        println!("  vs llama.cpp {what}: {:.2}x", x["ratio"].as_f64().unwrap_or(0.0));
+        println!(
+            "  vs llama.cpp {what}: {:.1} vs {:.1} tok/s = {:.2}x",
+            x["ours_tok_s"].as_f64().unwrap_or(0.0),
+            x["llamacpp_tok_s"].as_f64().unwrap_or(0.0),
+            x["ratio"].as_f64().unwrap_or(0.0)
+        );
     }
     for m in r["phi_kv"].as_array().into_iter().flatten() {
         println!("Φ_kv {} (KV {} bytes/token):", m["model"].as_str().unwrap_or("?"), m["kv_bytes_per_token"]);

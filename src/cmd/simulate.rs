@@ -27,16 +27,27 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let scenario = Scenario::load(&args.scenario)?;
-    let report = sim::run(&scenario, Overrides { requests: args.requests, seed: args.seed })
-        .with_context(|| format!("simulating {}", args.scenario.display()))?;
-    sim::report::write_all(&report, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    let report = sim::run(
+        &scenario,
+        Overrides {
+            requests: args.requests,
+            seed: args.seed,
+        },
+    )
+    .with_context(|| format!("simulating {}", args.scenario.display()))?;
+    sim::report::write_all(&report, &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     let json = serde_json::to_string(&report)?;
-    std::fs::write(args.out.join("report.json"), &json).with_context(|| format!("writing {}", args.out.display()))?;
+    std::fs::write(args.out.join("report.json"), &json)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     if args.json {
         println!("{json}");
     } else {
         print!("{}", sim::report::table(&report));
-        println!("charts: {0}/lambda_vs_t.svg {0}/ttft_cdf.svg", args.out.display());
+        println!(
+            "charts: {0}/lambda_vs_t.svg {0}/ttft_cdf.svg",
+            args.out.display()
+        );
     }
     Ok(())
 }

@@ -74,7 +74,7 @@ pub(crate) fn gemm_f32(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize
 
 /// `x[m, k] · w[n, k]ᵀ → [m, n]` with `w` stored as `dtype` bytes.
 pub(crate) fn matmul(x: &[f32], m: usize, k: usize, dtype: DType, w: &[u8], n: usize) -> Result<Vec<f32>> {
-    if k % dtype.block_len() != 0 {
+    if !k.is_multiple_of(dtype.block_len()) {
         return Err(KernelError::Shape(format!(
             "matmul: k = {k} is not a multiple of the {dtype:?} block length"
         )));

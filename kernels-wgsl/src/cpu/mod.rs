@@ -187,7 +187,7 @@ impl Backend for CpuBackend {
 
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         let numel = host.numel();
-        if numel % host.dtype.block_len() != 0 || host.bytes.len() != host.dtype.bytes_for(numel) {
+        if !numel.is_multiple_of(host.dtype.block_len()) || host.bytes.len() != host.dtype.bytes_for(numel) {
             return Err(KernelError::Shape(format!(
                 "{:?} tensor {:?} needs {} bytes, got {}",
                 host.dtype,
@@ -277,7 +277,7 @@ impl Backend for CpuBackend {
         let [n, heads, hd] = x.shape[..] else {
             return Err(KernelError::Shape(format!("rope: x shape {:?} is not [n, heads, head_dim]", x.shape)));
         };
-        if n != positions.len() || hd % 2 != 0 {
+        if n != positions.len() || !hd.is_multiple_of(2) {
             return Err(KernelError::Shape(format!(
                 "rope: {n} rows, {} positions, head_dim {hd} (must be even)",
                 positions.len()

@@ -127,7 +127,7 @@ pub(crate) fn scale(y: &mut [f32], a: f32) {
 pub(crate) fn exp_neg(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.max(-87.0).min(0.0);
+    let xc = x.clamp(-87.0, 0.0);
     let n = (xc * std::f32::consts::LOG2_E).round();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
     let mut p = 1.987_569_1e-4f32;

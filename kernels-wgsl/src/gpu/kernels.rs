@@ -129,18 +129,19 @@ impl Kernel {
         }
     }
 
-    /// The pipeline constant a kernel is specialised on (the `spec` of the pipeline cache key).
-    pub(crate) fn spec_name(self) -> Option<&'static str> {
+    /// Pipeline constants for specialisation `spec` (the second half of the pipeline cache key).
+    pub(crate) fn constants(self, spec: u32) -> Vec<(&'static str, f64)> {
         match self {
             Kernel::Matmul
             | Kernel::Matvec
             | Kernel::Embedding
             | Kernel::RepackF32
-            | Kernel::RepackQ41 => Some("WTYPE"),
-            Kernel::MatmulTex => Some("WQ"),
-            Kernel::Elementwise => Some("OP"),
-            Kernel::Rows => Some("GATHER"),
-            _ => None,
+            | Kernel::RepackQ41 => vec![("WTYPE", f64::from(spec))],
+            // bit 0: Q4_1 weights; bits 1..: rows per workgroup.
+            Kernel::MatmulTex => vec![("WQ", f64::from(spec & 1)), ("ROWS", f64::from(spec >> 1))],
+            Kernel::Elementwise => vec![("OP", f64::from(spec))],
+            Kernel::Rows => vec![("GATHER", f64::from(spec))],
+            _ => Vec::new(),
         }
     }
 

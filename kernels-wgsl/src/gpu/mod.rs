@@ -11,6 +11,11 @@
 //!   actix/tokio worker.
 //! * wgpu validation errors do not panic: they are recorded and returned as
 //!   [`KernelError::Device`] by the next read-back or `sync`.
+//! * Matmul has three kernels: `matmul_tex.wgsl` (operands in textures, rows shared with
+//!   `subgroupBroadcast`; weights are repacked into textures once, on first use, and cached on the
+//!   tensor) where subgroups of >= 8 lanes exist and it pays (lavapipe: ~10× the storage kernel);
+//!   otherwise `matvec.wgsl` for <= 8 rows (decode) and the 64×64-tiled `matmul.wgsl`. Quantized
+//!   weights (Q4_1, Q8_0) and F16 are dequantized in-kernel; no path needs `SHADER_F16`.
 
 mod kernels;
 mod ops;
@@ -266,7 +271,8 @@ impl Gpu {
             max_compute_workgroup_storage_size: alimits.max_compute_workgroup_storage_size,
             max_texture_dimension_2d: alimits.max_texture_dimension_2d,
             max_storage_textures_per_shader_stage: alimits.max_storage_textures_per_shader_stage,
-            ..wgpu::Limits::default()
+            // Never ask for more than the adapter has (GL/mobile adapters sit below the defaults).
+            ..wgpu::Limits::default().or_worse_values_from(&alimits)
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("prfaas"),
@@ -429,10 +435,7 @@ impl Gpu {
                 bind_group_layouts: &[Some(&layout)],
                 immediate_size: 0,
             });
-        let constants: Vec<(&str, f64)> = match kernel.spec_name() {
-            Some(name) => vec![(name, f64::from(spec))],
-            None => Vec::new(),
-        };
+        let constants = kernel.constants(spec);
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

@@ -2,8 +2,8 @@
 //! command encoder. All inputs are checked on the host so bad shapes or indices are typed errors,
 //! never out-of-bounds GPU accesses.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use super::{Gpu, GpuStorage, Kernel, MatmulPath, Res, WeightTex};
 use crate::backend::{
@@ -33,24 +33,38 @@ fn u32_of(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| KernelError::Unsupported(format!("{what} = {n} exceeds u32")))
 }
 
-/// The wgpu backend. Cheap to clone (shares one [`Gpu`]).
+/// The wgpu backend. Cheap to clone (shares one [`Gpu`]); `Send + Sync`, operations from several
+/// threads interleave safely (each is recorded atomically).
+///
+/// `download`, `argmax`, `gather_blocks` and `sync` submit the recorded work and block the calling
+/// thread until the GPU is done (the device is polled on a dedicated thread): call them from the
+/// engine's compute threads, never from an async runtime worker.
 #[derive(Clone)]
 pub struct WgpuBackend {
     gpu: Arc<Gpu>,
+    /// The last rotary (cos, sin) table: q and k of every layer in a step share the positions.
+    rope_cache: Arc<Mutex<Option<RopeTable>>>,
+}
+
+/// Rotations for one (positions, head_dim, base), computed on the host in f64.
+struct RopeTable {
+    positions: Vec<u32>,
+    head_dim: usize,
+    base_bits: u32,
+    buffer: wgpu::Buffer,
 }
 
 impl WgpuBackend {
     /// Open the best adapter (see [`Gpu::new`]); `KernelError::NoAdapter` when there is none.
     pub fn new() -> Result<Self> {
-        Ok(Self {
-            gpu: Arc::new(Gpu::new()?),
-        })
+        Self::with_matmul(MatmulPath::Auto)
     }
 
     /// Like [`WgpuBackend::new`] with an explicit matmul kernel choice.
     pub fn with_matmul(path: MatmulPath) -> Result<Self> {
         Ok(Self {
             gpu: Arc::new(Gpu::with_matmul(path)?),
+            rope_cache: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -234,9 +248,15 @@ impl WgpuBackend {
             0,
             0,
         ]);
+        // Few-row (decode) matmuls get a pipeline specialised to 1, 2 or 4 rows per workgroup.
+        let rows = if m < TEX_ROWS {
+            m.next_power_of_two()
+        } else {
+            TEX_ROWS
+        };
         self.gpu.dispatch(
             Kernel::MatmulTex,
-            u32::from(wt.quantized),
+            u32::from(wt.quantized) | (rows as u32) << 1,
             &[
                 (0, Res::Tex(&x_view)),
                 (1, Res::Tex(&wt.f32_view)),
@@ -247,7 +267,7 @@ impl WgpuBackend {
             ],
             (
                 u32_of(n.div_ceil(8 * TEX_COLS), "n")?,
-                u32_of(m.div_ceil(TEX_ROWS), "m")?,
+                u32_of(m.div_ceil(rows), "m")?,
                 1,
             ),
         )?;
@@ -255,8 +275,72 @@ impl WgpuBackend {
         Ok(true)
     }
 
-    /// Host-checked row scatter (`dst[idx[r]] = src[r]`) of `row` floats per index.
+    /// `[n, head_dim/2, (cos, sin)]` for `positions`, as `crate::reference::rope_angle` defines
+    /// the angles (in f64; see rope.wgsl for why not on the GPU). Cached for the next call.
+    fn rope_table(&self, positions: &[u32], head_dim: usize, base: f32) -> wgpu::Buffer {
+        let mut cache = self.rope_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.as_ref() {
+            if t.head_dim == head_dim && t.base_bits == base.to_bits() && t.positions == positions {
+                return t.buffer.clone();
+            }
+        }
+        let half = head_dim / 2;
+        let mut cs = Vec::with_capacity(positions.len() * head_dim);
+        for &pos in positions {
+            for j in 0..half {
+                let (sin, cos) = crate::reference::rope_angle(pos, j, head_dim, base).sin_cos();
+                cs.push(cos as f32);
+                cs.push(sin as f32);
+            }
+        }
+        let buffer = self
+            .gpu
+            .buffer_init(bytemuck::cast_slice(&cs), wgpu::BufferUsages::STORAGE);
+        *cache = Some(RopeTable {
+            positions: positions.to_vec(),
+            head_dim,
+            base_bits: base.to_bits(),
+            buffer: buffer.clone(),
+        });
+        buffer
+    }
+
+    /// Host-checked row scatter `dst[idx[r]] = src[r]`, `row` floats per index. A repeated index
+    /// keeps the last row written (as the reference does): rows are dispatched in generations
+    /// (the g-th occurrence of each index in generation g), since one parallel dispatch would
+    /// leave the winner undefined; skipped rows carry the sentinel index `u32::MAX`.
     fn scatter_rows(
+        &self,
+        dst: &wgpu::Buffer,
+        src: &wgpu::Buffer,
+        idx: &[u32],
+        row: usize,
+    ) -> Result<()> {
+        let mut seen: HashMap<u32, u32> = HashMap::with_capacity(idx.len());
+        let generation: Vec<u32> = idx
+            .iter()
+            .map(|&i| {
+                let g = seen.entry(i).or_insert(0);
+                *g += 1;
+                *g - 1
+            })
+            .collect();
+        let generations = generation.iter().copied().max().map_or(0, |g| g + 1);
+        for g in 0..generations {
+            let gen_idx: Vec<u32> = if generations == 1 {
+                idx.to_vec()
+            } else {
+                idx.iter()
+                    .zip(&generation)
+                    .map(|(&i, &gi)| if gi == g { i } else { u32::MAX })
+                    .collect()
+            };
+            self.scatter_generation(dst, src, &gen_idx, row)?;
+        }
+        Ok(())
+    }
+
+    fn scatter_generation(
         &self,
         dst: &wgpu::Buffer,
         src: &wgpu::Buffer,
@@ -503,24 +587,20 @@ impl Backend for WgpuBackend {
             return Err(KernelError::InvalidArgument(format!("rope base {base}")));
         }
         let (out, st) = self.output(x.shape.clone())?;
-        let pb = self.gpu.storage_u32(positions);
+        let table = self.rope_table(positions, hd, base);
         let neox = u32::from(style == RopeStyle::Neox);
         let params = self.gpu.uniform(&[
             u32_of(n, "n")?,
             u32_of(heads, "heads")?,
             u32_of(hd, "head_dim")?,
             neox,
-            base.log2().to_bits(),
-            0,
-            0,
-            0,
         ]);
         self.gpu.dispatch(
             Kernel::Rope,
             0,
             &[
                 (0, Res::Buf(xb)),
-                (1, Res::Buf(&pb)),
+                (1, Res::Buf(&table)),
                 (2, Res::Buf(&st.buffer)),
                 (3, Res::Buf(&params)),
             ],
@@ -615,11 +695,10 @@ impl Backend for WgpuBackend {
                 "slot {bad} >= {n_slots} pool slots"
             )));
         }
-        let mut seen = HashSet::with_capacity(slots.len());
-        if let Some(&dup) = slots.iter().find(|&&s| !seen.insert(s)) {
-            return Err(KernelError::InvalidArgument(format!(
-                "slot {dup} written twice"
-            )));
+        if Arc::ptr_eq(self.storage(k_pool)?, self.storage(v_pool)?) {
+            return Err(KernelError::InvalidArgument(
+                "kv_write: k_pool and v_pool are the same tensor".into(),
+            ));
         }
         if slots.is_empty() {
             return Ok(());
@@ -858,12 +937,6 @@ impl Backend for WgpuBackend {
                 "scatter_blocks: {} values for {} blocks of {row}",
                 data.len(),
                 indices.len()
-            )));
-        }
-        let mut seen = HashSet::with_capacity(indices.len());
-        if let Some(&dup) = indices.iter().find(|&&s| !seen.insert(s)) {
-            return Err(KernelError::InvalidArgument(format!(
-                "block {dup} written twice"
             )));
         }
         if data.is_empty() {

@@ -1,8 +1,9 @@
 // Causal flash-style attention over a paged KV pool, for several sequences in one dispatch.
 //
 // One 64-thread workgroup per (query row, query head). Keys are visited in tiles of 64: each thread
-// scores one key of the tile, the tile max updates the running max `m` (online softmax), and each
-// thread accumulates the output dimensions it owns (d = lane + 64·j). GQA maps query head h to KV
+// scores one key of the tile, the tile max updates the running max `m` (online softmax), each
+// thread turns its score into a weight, and each thread accumulates the output dimensions it owns
+// (d = lane + 64·j) over the tile's weighted values. GQA maps query head h to KV
 // head h / group. `rowinfo[2r..2r+2] = (absolute position, offset of the sequence's block table in
 // `bt`)`, built on the host, so sequences with different cached prefixes share the dispatch.
 // Pools are `[n_blocks, block_size, n_kv_heads, head_dim]`; head_dim <= 256 (checked on the host).
@@ -90,9 +91,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var j = 0u; j < 4u; j++) {
             acc[j] *= alpha;
         }
+        // Each lane exponentiates its own key once (not every lane every key).
+        sc[li] = select(0.0, exp(s - m_new), t < kend);
+        workgroupBarrier();
         let cnt = min(WG, kend - t0);
         for (var tt = 0u; tt < cnt; tt++) {
-            let pj = exp(sc[tt] - m_new);
+            let pj = sc[tt];
             l += pj;
             let vb = kv_base(bt_off, t0 + tt, kvh);
             for (var j = 0u; j < 4u; j++) {

@@ -39,6 +39,10 @@ struct Params {
 const R: u32 = 8u;
 const C: u32 = 4u;
 
+// Rows actually computed per workgroup (1..=R): few-row (decode) matmuls specialise it so no work
+// is spent on padding rows; the `ROWS > r` tests fold away at pipeline creation.
+override ROWS: u32 = R;
+
 // Per-lane outputs (row r, column c at r * C + c) and the per-block partial sums of the Q4_1 path.
 var<private> acc: array<f32, 32>;
 var<private> bacc: array<f32, 32>;
@@ -57,72 +61,109 @@ fn nibbles(word: u32, shift: u32) -> vec4<f32> {
 // Multiply-accumulate one texel step: R broadcast x texels against this lane's C weight texels
 // (into `acc` directly for f32 weights, into the per-block `bacc` for Q4_1).
 fn fma_step(x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, w0: vec4<f32>, w1: vec4<f32>, w2: vec4<f32>, w3: vec4<f32>) {
-    if (WQ) {
-        bacc[0] += dot(x0, w0);
-        bacc[1] += dot(x0, w1);
-        bacc[2] += dot(x0, w2);
-        bacc[3] += dot(x0, w3);
-        bacc[4] += dot(x1, w0);
-        bacc[5] += dot(x1, w1);
-        bacc[6] += dot(x1, w2);
-        bacc[7] += dot(x1, w3);
-        bacc[8] += dot(x2, w0);
-        bacc[9] += dot(x2, w1);
-        bacc[10] += dot(x2, w2);
-        bacc[11] += dot(x2, w3);
-        bacc[12] += dot(x3, w0);
-        bacc[13] += dot(x3, w1);
-        bacc[14] += dot(x3, w2);
-        bacc[15] += dot(x3, w3);
-        bacc[16] += dot(x4, w0);
-        bacc[17] += dot(x4, w1);
-        bacc[18] += dot(x4, w2);
-        bacc[19] += dot(x4, w3);
-        bacc[20] += dot(x5, w0);
-        bacc[21] += dot(x5, w1);
-        bacc[22] += dot(x5, w2);
-        bacc[23] += dot(x5, w3);
-        bacc[24] += dot(x6, w0);
-        bacc[25] += dot(x6, w1);
-        bacc[26] += dot(x6, w2);
-        bacc[27] += dot(x6, w3);
-        bacc[28] += dot(x7, w0);
-        bacc[29] += dot(x7, w1);
-        bacc[30] += dot(x7, w2);
-        bacc[31] += dot(x7, w3);
-    } else {
-        acc[0] += dot(x0, w0);
-        acc[1] += dot(x0, w1);
-        acc[2] += dot(x0, w2);
-        acc[3] += dot(x0, w3);
-        acc[4] += dot(x1, w0);
-        acc[5] += dot(x1, w1);
-        acc[6] += dot(x1, w2);
-        acc[7] += dot(x1, w3);
-        acc[8] += dot(x2, w0);
-        acc[9] += dot(x2, w1);
-        acc[10] += dot(x2, w2);
-        acc[11] += dot(x2, w3);
-        acc[12] += dot(x3, w0);
-        acc[13] += dot(x3, w1);
-        acc[14] += dot(x3, w2);
-        acc[15] += dot(x3, w3);
-        acc[16] += dot(x4, w0);
-        acc[17] += dot(x4, w1);
-        acc[18] += dot(x4, w2);
-        acc[19] += dot(x4, w3);
-        acc[20] += dot(x5, w0);
-        acc[21] += dot(x5, w1);
-        acc[22] += dot(x5, w2);
-        acc[23] += dot(x5, w3);
-        acc[24] += dot(x6, w0);
-        acc[25] += dot(x6, w1);
-        acc[26] += dot(x6, w2);
-        acc[27] += dot(x6, w3);
-        acc[28] += dot(x7, w0);
-        acc[29] += dot(x7, w1);
-        acc[30] += dot(x7, w2);
-        acc[31] += dot(x7, w3);
+    if (ROWS > 0u) {
+        if (WQ) {
+            bacc[0] += dot(x0, w0);
+            bacc[1] += dot(x0, w1);
+            bacc[2] += dot(x0, w2);
+            bacc[3] += dot(x0, w3);
+        } else {
+            acc[0] += dot(x0, w0);
+            acc[1] += dot(x0, w1);
+            acc[2] += dot(x0, w2);
+            acc[3] += dot(x0, w3);
+        }
+    }
+    if (ROWS > 1u) {
+        if (WQ) {
+            bacc[4] += dot(x1, w0);
+            bacc[5] += dot(x1, w1);
+            bacc[6] += dot(x1, w2);
+            bacc[7] += dot(x1, w3);
+        } else {
+            acc[4] += dot(x1, w0);
+            acc[5] += dot(x1, w1);
+            acc[6] += dot(x1, w2);
+            acc[7] += dot(x1, w3);
+        }
+    }
+    if (ROWS > 2u) {
+        if (WQ) {
+            bacc[8] += dot(x2, w0);
+            bacc[9] += dot(x2, w1);
+            bacc[10] += dot(x2, w2);
+            bacc[11] += dot(x2, w3);
+        } else {
+            acc[8] += dot(x2, w0);
+            acc[9] += dot(x2, w1);
+            acc[10] += dot(x2, w2);
+            acc[11] += dot(x2, w3);
+        }
+    }
+    if (ROWS > 3u) {
+        if (WQ) {
+            bacc[12] += dot(x3, w0);
+            bacc[13] += dot(x3, w1);
+            bacc[14] += dot(x3, w2);
+            bacc[15] += dot(x3, w3);
+        } else {
+            acc[12] += dot(x3, w0);
+            acc[13] += dot(x3, w1);
+            acc[14] += dot(x3, w2);
+            acc[15] += dot(x3, w3);
+        }
+    }
+    if (ROWS > 4u) {
+        if (WQ) {
+            bacc[16] += dot(x4, w0);
+            bacc[17] += dot(x4, w1);
+            bacc[18] += dot(x4, w2);
+            bacc[19] += dot(x4, w3);
+        } else {
+            acc[16] += dot(x4, w0);
+            acc[17] += dot(x4, w1);
+            acc[18] += dot(x4, w2);
+            acc[19] += dot(x4, w3);
+        }
+    }
+    if (ROWS > 5u) {
+        if (WQ) {
+            bacc[20] += dot(x5, w0);
+            bacc[21] += dot(x5, w1);
+            bacc[22] += dot(x5, w2);
+            bacc[23] += dot(x5, w3);
+        } else {
+            acc[20] += dot(x5, w0);
+            acc[21] += dot(x5, w1);
+            acc[22] += dot(x5, w2);
+            acc[23] += dot(x5, w3);
+        }
+    }
+    if (ROWS > 6u) {
+        if (WQ) {
+            bacc[24] += dot(x6, w0);
+            bacc[25] += dot(x6, w1);
+            bacc[26] += dot(x6, w2);
+            bacc[27] += dot(x6, w3);
+        } else {
+            acc[24] += dot(x6, w0);
+            acc[25] += dot(x6, w1);
+            acc[26] += dot(x6, w2);
+            acc[27] += dot(x6, w3);
+        }
+    }
+    if (ROWS > 7u) {
+        if (WQ) {
+            bacc[28] += dot(x7, w0);
+            bacc[29] += dot(x7, w1);
+            bacc[30] += dot(x7, w2);
+            bacc[31] += dot(x7, w3);
+        } else {
+            acc[28] += dot(x7, w0);
+            acc[29] += dot(x7, w1);
+            acc[30] += dot(x7, w2);
+            acc[31] += dot(x7, w3);
+        }
     }
 }
 
@@ -131,7 +172,7 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
-    let m0 = wid.y * R;
+    let m0 = wid.y * ROWS;
     let n0 = wid.x * 8u * C;
     let last = p.m - 1u;
     let wc0 = wcoord(min(n0 + lane + 0u, p.n - 1u));
@@ -149,13 +190,34 @@ fn main(
     for (var k0 = 0u; k0 < p.k; k0 += 32u) {
         let kt = k0 / 4u;
         let a0 = textureLoad(xt, vec2<u32>(kt + lane, row0), 0);
-        let a1 = textureLoad(xt, vec2<u32>(kt + lane, row1), 0);
-        let a2 = textureLoad(xt, vec2<u32>(kt + lane, row2), 0);
-        let a3 = textureLoad(xt, vec2<u32>(kt + lane, row3), 0);
-        let a4 = textureLoad(xt, vec2<u32>(kt + lane, row4), 0);
-        let a5 = textureLoad(xt, vec2<u32>(kt + lane, row5), 0);
-        let a6 = textureLoad(xt, vec2<u32>(kt + lane, row6), 0);
-        let a7 = textureLoad(xt, vec2<u32>(kt + lane, row7), 0);
+        var a1 = vec4<f32>(0.0);
+        if (ROWS > 1u) {
+            a1 = textureLoad(xt, vec2<u32>(kt + lane, row1), 0);
+        }
+        var a2 = vec4<f32>(0.0);
+        if (ROWS > 2u) {
+            a2 = textureLoad(xt, vec2<u32>(kt + lane, row2), 0);
+        }
+        var a3 = vec4<f32>(0.0);
+        if (ROWS > 3u) {
+            a3 = textureLoad(xt, vec2<u32>(kt + lane, row3), 0);
+        }
+        var a4 = vec4<f32>(0.0);
+        if (ROWS > 4u) {
+            a4 = textureLoad(xt, vec2<u32>(kt + lane, row4), 0);
+        }
+        var a5 = vec4<f32>(0.0);
+        if (ROWS > 5u) {
+            a5 = textureLoad(xt, vec2<u32>(kt + lane, row5), 0);
+        }
+        var a6 = vec4<f32>(0.0);
+        if (ROWS > 6u) {
+            a6 = textureLoad(xt, vec2<u32>(kt + lane, row6), 0);
+        }
+        var a7 = vec4<f32>(0.0);
+        if (ROWS > 7u) {
+            a7 = textureLoad(xt, vec2<u32>(kt + lane, row7), 0);
+        }
         if (WQ) {
             let kb = k0 / 32u;
             let q0 = textureLoad(wq, vec2<u32>(wc0.x + kb, wc0.y), 0);
@@ -185,38 +247,54 @@ fn main(
             let s5 = subgroupAdd(dot(a5, one));
             let s6 = subgroupAdd(dot(a6, one));
             let s7 = subgroupAdd(dot(a7, one));
-            acc[0] += sc0.x * bacc[0] + sc0.y * s0;
-            acc[1] += sc1.x * bacc[1] + sc1.y * s0;
-            acc[2] += sc2.x * bacc[2] + sc2.y * s0;
-            acc[3] += sc3.x * bacc[3] + sc3.y * s0;
-            acc[4] += sc0.x * bacc[4] + sc0.y * s1;
-            acc[5] += sc1.x * bacc[5] + sc1.y * s1;
-            acc[6] += sc2.x * bacc[6] + sc2.y * s1;
-            acc[7] += sc3.x * bacc[7] + sc3.y * s1;
-            acc[8] += sc0.x * bacc[8] + sc0.y * s2;
-            acc[9] += sc1.x * bacc[9] + sc1.y * s2;
-            acc[10] += sc2.x * bacc[10] + sc2.y * s2;
-            acc[11] += sc3.x * bacc[11] + sc3.y * s2;
-            acc[12] += sc0.x * bacc[12] + sc0.y * s3;
-            acc[13] += sc1.x * bacc[13] + sc1.y * s3;
-            acc[14] += sc2.x * bacc[14] + sc2.y * s3;
-            acc[15] += sc3.x * bacc[15] + sc3.y * s3;
-            acc[16] += sc0.x * bacc[16] + sc0.y * s4;
-            acc[17] += sc1.x * bacc[17] + sc1.y * s4;
-            acc[18] += sc2.x * bacc[18] + sc2.y * s4;
-            acc[19] += sc3.x * bacc[19] + sc3.y * s4;
-            acc[20] += sc0.x * bacc[20] + sc0.y * s5;
-            acc[21] += sc1.x * bacc[21] + sc1.y * s5;
-            acc[22] += sc2.x * bacc[22] + sc2.y * s5;
-            acc[23] += sc3.x * bacc[23] + sc3.y * s5;
-            acc[24] += sc0.x * bacc[24] + sc0.y * s6;
-            acc[25] += sc1.x * bacc[25] + sc1.y * s6;
-            acc[26] += sc2.x * bacc[26] + sc2.y * s6;
-            acc[27] += sc3.x * bacc[27] + sc3.y * s6;
-            acc[28] += sc0.x * bacc[28] + sc0.y * s7;
-            acc[29] += sc1.x * bacc[29] + sc1.y * s7;
-            acc[30] += sc2.x * bacc[30] + sc2.y * s7;
-            acc[31] += sc3.x * bacc[31] + sc3.y * s7;
+            if (ROWS > 0u) {
+                acc[0] += sc0.x * bacc[0] + sc0.y * s0;
+                acc[1] += sc1.x * bacc[1] + sc1.y * s0;
+                acc[2] += sc2.x * bacc[2] + sc2.y * s0;
+                acc[3] += sc3.x * bacc[3] + sc3.y * s0;
+            }
+            if (ROWS > 1u) {
+                acc[4] += sc0.x * bacc[4] + sc0.y * s1;
+                acc[5] += sc1.x * bacc[5] + sc1.y * s1;
+                acc[6] += sc2.x * bacc[6] + sc2.y * s1;
+                acc[7] += sc3.x * bacc[7] + sc3.y * s1;
+            }
+            if (ROWS > 2u) {
+                acc[8] += sc0.x * bacc[8] + sc0.y * s2;
+                acc[9] += sc1.x * bacc[9] + sc1.y * s2;
+                acc[10] += sc2.x * bacc[10] + sc2.y * s2;
+                acc[11] += sc3.x * bacc[11] + sc3.y * s2;
+            }
+            if (ROWS > 3u) {
+                acc[12] += sc0.x * bacc[12] + sc0.y * s3;
+                acc[13] += sc1.x * bacc[13] + sc1.y * s3;
+                acc[14] += sc2.x * bacc[14] + sc2.y * s3;
+                acc[15] += sc3.x * bacc[15] + sc3.y * s3;
+            }
+            if (ROWS > 4u) {
+                acc[16] += sc0.x * bacc[16] + sc0.y * s4;
+                acc[17] += sc1.x * bacc[17] + sc1.y * s4;
+                acc[18] += sc2.x * bacc[18] + sc2.y * s4;
+                acc[19] += sc3.x * bacc[19] + sc3.y * s4;
+            }
+            if (ROWS > 5u) {
+                acc[20] += sc0.x * bacc[20] + sc0.y * s5;
+                acc[21] += sc1.x * bacc[21] + sc1.y * s5;
+                acc[22] += sc2.x * bacc[22] + sc2.y * s5;
+                acc[23] += sc3.x * bacc[23] + sc3.y * s5;
+            }
+            if (ROWS > 6u) {
+                acc[24] += sc0.x * bacc[24] + sc0.y * s6;
+                acc[25] += sc1.x * bacc[25] + sc1.y * s6;
+                acc[26] += sc2.x * bacc[26] + sc2.y * s6;
+                acc[27] += sc3.x * bacc[27] + sc3.y * s6;
+            }
+            if (ROWS > 7u) {
+                acc[28] += sc0.x * bacc[28] + sc0.y * s7;
+                acc[29] += sc1.x * bacc[29] + sc1.y * s7;
+                acc[30] += sc2.x * bacc[30] + sc2.y * s7;
+                acc[31] += sc3.x * bacc[31] + sc3.y * s7;
+            }
         } else {
             fma_step(subgroupBroadcast(a0, 0u), subgroupBroadcast(a1, 0u), subgroupBroadcast(a2, 0u), subgroupBroadcast(a3, 0u), subgroupBroadcast(a4, 0u), subgroupBroadcast(a5, 0u), subgroupBroadcast(a6, 0u), subgroupBroadcast(a7, 0u), textureLoad(wt, vec2<u32>(wc0.x + kt + 0u, wc0.y), 0), textureLoad(wt, vec2<u32>(wc1.x + kt + 0u, wc1.y), 0), textureLoad(wt, vec2<u32>(wc2.x + kt + 0u, wc2.y), 0), textureLoad(wt, vec2<u32>(wc3.x + kt + 0u, wc3.y), 0));
             fma_step(subgroupBroadcast(a0, 1u), subgroupBroadcast(a1, 1u), subgroupBroadcast(a2, 1u), subgroupBroadcast(a3, 1u), subgroupBroadcast(a4, 1u), subgroupBroadcast(a5, 1u), subgroupBroadcast(a6, 1u), subgroupBroadcast(a7, 1u), textureLoad(wt, vec2<u32>(wc0.x + kt + 1u, wc0.y), 0), textureLoad(wt, vec2<u32>(wc1.x + kt + 1u, wc1.y), 0), textureLoad(wt, vec2<u32>(wc2.x + kt + 1u, wc2.y), 0), textureLoad(wt, vec2<u32>(wc3.x + kt + 1u, wc3.y), 0));
@@ -228,7 +306,7 @@ fn main(
             fma_step(subgroupBroadcast(a0, 7u), subgroupBroadcast(a1, 7u), subgroupBroadcast(a2, 7u), subgroupBroadcast(a3, 7u), subgroupBroadcast(a4, 7u), subgroupBroadcast(a5, 7u), subgroupBroadcast(a6, 7u), subgroupBroadcast(a7, 7u), textureLoad(wt, vec2<u32>(wc0.x + kt + 7u, wc0.y), 0), textureLoad(wt, vec2<u32>(wc1.x + kt + 7u, wc1.y), 0), textureLoad(wt, vec2<u32>(wc2.x + kt + 7u, wc2.y), 0), textureLoad(wt, vec2<u32>(wc3.x + kt + 7u, wc3.y), 0));
         }
     }
-    for (var r = 0u; r < R; r++) {
+    for (var r = 0u; r < ROWS; r++) {
         let row = m0 + r;
         for (var c = 0u; c < C; c++) {
             let col = n0 + lane + 8u * c;

@@ -1,20 +1,21 @@
 // Rotary position embedding of `x: [n, heads, head_dim]`, one thread per rotated pair.
-// Pair j rotates by `pos · base^(-2j/head_dim)`; `neox` picks the pair layout
-// (0: adjacent (2j, 2j+1) as in GGUF llama; 1: halves (j, j + head_dim/2) as in HF/NeoX).
+// `neox` picks the pair layout (0: adjacent (2j, 2j+1) as in GGUF llama; 1: halves
+// (j, j + head_dim/2) as in HF/NeoX).
+//
+// The rotation `(cos, sin)` of pair j at row r is read from `cs[(r · head_dim/2 + j) · 2 ..]`,
+// computed on the host in f64: shader sin/cos are only specified to ~2^-11 absolute error on
+// [-π, π] and f32 angles at position 10^5 are already off by ~10^-2 rad, while the engine needs
+// rotations that match the CPU backend (KV from one backend is decoded by the other).
 
 struct Params {
     n: u32,
     heads: u32,
     head_dim: u32,
     neox: u32,
-    log2_base: f32,
-    _a: u32,
-    _b: u32,
-    _c: u32,
 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> pos: array<u32>;
+@group(0) @binding(1) var<storage, read> cs: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<uniform> p: Params;
 
@@ -35,10 +36,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         i0 = base + j;
         i1 = base + j + half;
     }
-    let freq = exp2(-f32(2u * j) / f32(p.head_dim) * p.log2_base);
-    let ang = f32(pos[row]) * freq;
-    let c = cos(ang);
-    let s = sin(ang);
+    let t = (row * half + j) * 2u;
+    let c = cs[t];
+    let s = cs[t + 1u];
     let a = x[i0];
     let b = x[i1];
     out[i0] = a * c - b * s;

@@ -1,7 +1,8 @@
 // Row copies through an index list, used for paged-KV writes and KV export/import.
 //   GATHER = true:  dst[r, :] = src[idx[r], :]   (gather_blocks)
 //   GATHER = false: dst[idx[r], :] = src[r, :]   (kv_write, scatter_blocks)
-// Indices are bounds-checked on the host.
+// Indices are bounds-checked on the host; a scatter skips rows whose index is 0xffffffff (the host
+// uses that to apply repeated indices in order, last write wins).
 
 override GATHER: bool = true;
 
@@ -27,7 +28,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let e = i % p.row;
     if (GATHER) {
         dst[i] = src[idx[r] * p.row + e];
-    } else {
+    } else if (idx[r] != 0xffffffffu) {
         dst[idx[r] * p.row + e] = src[i];
     }
 }

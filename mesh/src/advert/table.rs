@@ -48,6 +48,19 @@ impl PeerTable {
 
     /// Stores `advert` from `peer` unless an advert with the same or a newer sequence is known.
     pub fn upsert(&mut self, peer: PeerId, advert: Advert, now: Instant) -> Upsert {
+        if !self.entries.contains_key(&peer) {
+            if self.entries.len() >= self.max_peers {
+                return Upsert::Full;
+            }
+            self.entries.insert(
+                peer,
+                PeerEntry {
+                    advert,
+                    received_at: now,
+                },
+            );
+            return Upsert::New;
+        }
         match self.entries.get_mut(&peer) {
             Some(e) if advert.seq <= e.advert.seq => {
                 // Same advert seen again still proves the peer is alive.
@@ -61,17 +74,7 @@ impl PeerTable {
                 };
                 Upsert::Updated
             }
-            None if self.entries.len() >= self.max_peers => Upsert::Full,
-            None => {
-                self.entries.insert(
-                    peer,
-                    PeerEntry {
-                        advert,
-                        received_at: now,
-                    },
-                );
-                Upsert::New
-            }
+            None => Upsert::Stale,
         }
     }
 

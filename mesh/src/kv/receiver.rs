@@ -239,19 +239,9 @@ async fn coordinate<S: KvSink>(
     sink: &mut S,
 ) -> Result<u64, KvError> {
     let mut bytes = 0u64;
-    let next = |rx: &mut mpsc::Receiver<ReaderItem>| {
-        let fut = rx.recv();
-        async move {
-            match tokio::time::timeout(idle, fut).await {
-                Err(_) => Err(KvError::Timeout("next KV frame")),
-                Ok(None) => Err(KvError::Truncated("stream reader ended".into())),
-                Ok(Some(r)) => r,
-            }
-        }
-    };
     for layer in 0..h.layers {
         let s = usize::from(super::protocol::stream_for_layer(layer, n));
-        match next(&mut rxs[s]).await? {
+        match next_item(&mut rxs[s], idle).await? {
             Frame::Layer { layer: got, bytes: data } if got == layer => {
                 bytes += data.len() as u64;
                 sink.write_layer(layer, data).map_err(|e| KvError::Sink(e.0))?;
@@ -262,7 +252,7 @@ async fn coordinate<S: KvSink>(
     }
     let mut trailer = None;
     for (i, rx) in rxs.iter_mut().enumerate() {
-        match next(rx).await? {
+        match next_item(rx, idle).await? {
             Frame::End(t) if i == 0 => trailer = t,
             Frame::End(_) => {}
             Frame::Layer { layer, .. } => {
@@ -273,6 +263,15 @@ async fn coordinate<S: KvSink>(
     let trailer = trailer.ok_or_else(|| KvError::Truncated("no trailer".into()))?;
     sink.finish(trailer).map_err(|e| KvError::Sink(e.0))?;
     Ok(bytes)
+}
+
+/// Next item from one reader, bounded by the idle timeout.
+async fn next_item(rx: &mut mpsc::Receiver<ReaderItem>, idle: Duration) -> Result<Frame, KvError> {
+    match tokio::time::timeout(idle, rx.recv()).await {
+        Err(_) => Err(KvError::Timeout("next KV frame")),
+        Ok(None) => Err(KvError::Truncated("stream reader ended".into())),
+        Ok(Some(r)) => r,
+    }
 }
 
 /// Reads stream `index`'s frames, checking each arrives where and when the layout says it must.

@@ -46,11 +46,19 @@ pub struct BidderLoad {
 
 impl PricingParams {
     /// Validate.
-    pub fn new(base_per_ktok: f64, queue_premium_per_s: f64, utilisation_premium: f64) -> Result<Self, PolicyError> {
+    pub fn new(
+        base_per_ktok: f64,
+        queue_premium_per_s: f64,
+        utilisation_premium: f64,
+    ) -> Result<Self, PolicyError> {
         check_range("base_per_ktok", base_per_ktok, 0.0, 1e12)?;
         check_range("queue_premium_per_s", queue_premium_per_s, 0.0, 1e6)?;
         check_range("utilisation_premium", utilisation_premium, 0.0, 1e6)?;
-        Ok(Self { base_per_ktok, queue_premium_per_s, utilisation_premium })
+        Ok(Self {
+            base_per_ktok,
+            queue_premium_per_s,
+            utilisation_premium,
+        })
     }
 
     /// The truthful price for `work_tokens` uncached tokens at `load`.
@@ -152,24 +160,47 @@ pub fn settle(bids: &[(Bid, f64)], params: &ScoringParams) -> Option<Award> {
     } else {
         runner_up_score - params.lambda_per_s * params.delay_s(&bid, bw)
     };
-    Some(Award { index, bidder: bid.bidder, reserve: bid.reserve, score, runner_up_score, payment })
+    Some(Award {
+        index,
+        bidder: bid.bidder,
+        reserve: bid.reserve,
+        score,
+        runner_up_score,
+        payment,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const SP: ScoringParams = ScoringParams { lambda_per_s: 1.0, max_score: 1e9 };
+    const SP: ScoringParams = ScoringParams {
+        lambda_per_s: 1.0,
+        max_score: 1e9,
+    };
 
     fn bid(bidder: BidderId, price: f64, prefill_s: f64, kv: f64) -> Bid {
-        Bid { bidder, price, queue_delay_s: 0.0, prefill_s, kv_bytes: kv, reserve: false }
+        Bid {
+            bidder,
+            price,
+            queue_delay_s: 0.0,
+            prefill_s,
+            kv_bytes: kv,
+            reserve: false,
+        }
     }
 
     #[test]
     fn price_rises_with_load_and_falls_with_cache() {
         let p = PricingParams::new(0.01, 0.2, 0.5).unwrap();
-        let idle = BidderLoad { queue_delay_s: 0.0, utilisation: 0.0 };
-        let busy = BidderLoad { queue_delay_s: 5.0, utilisation: 0.9 };
+        let idle = BidderLoad {
+            queue_delay_s: 0.0,
+            utilisation: 0.0,
+        };
+        let busy = BidderLoad {
+            queue_delay_s: 5.0,
+            utilisation: 0.9,
+        };
         assert!(p.price(10_000.0, busy) > p.price(10_000.0, idle));
         assert!(p.price(2_000.0, idle) < p.price(10_000.0, idle));
         assert_eq!(p.price(-5.0, idle), 0.0);
@@ -184,21 +215,42 @@ mod tests {
         assert_eq!(a.runner_up_score, 5.0);
         assert!((a.payment - 3.0).abs() < 1e-12);
         assert!(a.payment >= bids[0].0.price);
-        let solo = settle(&bids[..1], &ScoringParams { lambda_per_s: 1.0, max_score: 10.0 }).unwrap();
+        let solo = settle(
+            &bids[..1],
+            &ScoringParams {
+                lambda_per_s: 1.0,
+                max_score: 10.0,
+            },
+        )
+        .unwrap();
         assert!((solo.payment - 8.0).abs() < 1e-12);
-        assert!(settle(&bids, &ScoringParams { lambda_per_s: 1.0, max_score: 1.0 }).is_none());
+        assert!(settle(
+            &bids,
+            &ScoringParams {
+                lambda_per_s: 1.0,
+                max_score: 1.0
+            }
+        )
+        .is_none());
         assert!(settle(&[], &SP).is_none());
     }
 
     #[test]
     fn nan_and_zero_bandwidth_never_win() {
-        let bids = [(bid(1, f64::NAN, 1.0, 1.0), 1e9), (bid(2, 1.0, 1.0, 1.0), 0.0), (bid(3, 9.0, 1.0, 1.0), 1e9)];
+        let bids = [
+            (bid(1, f64::NAN, 1.0, 1.0), 1e9),
+            (bid(2, 1.0, 1.0, 1.0), 0.0),
+            (bid(3, 9.0, 1.0, 1.0), 1e9),
+        ];
         assert_eq!(settle(&bids, &SP).unwrap().bidder, 3);
     }
 
     #[test]
     fn reserve_wins_ties_and_is_not_paid() {
-        let reserve = Bid { reserve: true, ..bid(0, 0.0, 2.0, 1e9) };
+        let reserve = Bid {
+            reserve: true,
+            ..bid(0, 0.0, 2.0, 1e9)
+        };
         let bids = [(bid(5, 1.0, 1.0, 0.0), 1e9), (reserve, 0.0)];
         let a = settle(&bids, &SP).unwrap();
         assert!(a.reserve);

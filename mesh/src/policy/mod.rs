@@ -53,10 +53,19 @@ pub enum PolicyError {
 }
 
 /// Reject NaN/inf and values outside `[lo, hi]`.
-pub(crate) fn check_range(name: &'static str, value: f64, lo: f64, hi: f64) -> Result<f64, PolicyError> {
+pub(crate) fn check_range(
+    name: &'static str,
+    value: f64,
+    lo: f64,
+    hi: f64,
+) -> Result<f64, PolicyError> {
     if value.is_finite() && value >= lo && value <= hi {
         Ok(value)
     } else {
-        Err(PolicyError::OutOfRange { name, value, why: "must be finite and within its bounds" })
+        Err(PolicyError::OutOfRange {
+            name,
+            value,
+            why: "must be finite and within its bounds",
+        })
     }
 }

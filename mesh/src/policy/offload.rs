@@ -57,23 +57,34 @@ mod tests {
     use super::*;
 
     fn req(total: f64, local: f64, remote: f64) -> RequestShape {
-        RequestShape { total_tokens: total, cached_local_tokens: local, cached_remote_tokens: remote }
+        RequestShape {
+            total_tokens: total,
+            cached_local_tokens: local,
+            cached_remote_tokens: remote,
+        }
     }
 
     #[test]
     fn threshold_is_strict_on_incremental_length() {
-        let r = OffloadRule { threshold_tokens: 1000.0 };
+        let r = OffloadRule {
+            threshold_tokens: 1000.0,
+        };
         assert_eq!(r.decide(&req(1000.0, 0.0, 0.0), false), Placement::Local);
         assert_eq!(r.decide(&req(1001.0, 0.0, 0.0), false), Placement::Offload);
         // A long prompt whose prefix is cached locally is short in incremental terms.
-        assert_eq!(r.decide(&req(50_000.0, 49_500.0, 0.0), false), Placement::Local);
+        assert_eq!(
+            r.decide(&req(50_000.0, 49_500.0, 0.0), false),
+            Placement::Local
+        );
         assert_eq!(r.decide(&req(f64::NAN, 0.0, 0.0), false), Placement::Local);
         assert_eq!(r.decide(&req(500.0, 900.0, 0.0), true), Placement::Local);
     }
 
     #[test]
     fn prefix_rule_under_scarce_bandwidth() {
-        let r = OffloadRule { threshold_tokens: 1000.0 };
+        let r = OffloadRule {
+            threshold_tokens: 1000.0,
+        };
         // Remote cache hit, local miss: abundant bandwidth counts the remote hit …
         let x = req(50_000.0, 0.0, 49_500.0);
         assert_eq!(r.incremental_tokens(&x, false), 500.0);
@@ -83,7 +94,9 @@ mod tests {
         // Local hit: local under scarce bandwidth.
         let y = req(50_000.0, 49_200.0, 0.0);
         assert_eq!(r.decide(&y, true), Placement::Local);
-        let inf = OffloadRule { threshold_tokens: f64::INFINITY };
+        let inf = OffloadRule {
+            threshold_tokens: f64::INFINITY,
+        };
         assert_eq!(inf.decide(&req(1e9, 0.0, 0.0), false), Placement::Local);
     }
 }

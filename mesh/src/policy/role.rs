@@ -29,13 +29,21 @@ pub fn advise_role(
     let now = model.evaluate(dist, split, t);
     let margin = now.lambda * (1.0 + hysteresis.max(0.0));
     if now.bottleneck == Bottleneck::Decode && split.prefill > 0 {
-        let moved = Split { prefill: split.prefill - 1, decode: split.decode + 1, ..split };
+        let moved = Split {
+            prefill: split.prefill - 1,
+            decode: split.decode + 1,
+            ..split
+        };
         if model.evaluate(dist, moved, t).lambda > margin {
             return RoleAdvice::PrefillToDecode;
         }
     }
     if now.bottleneck == Bottleneck::LocalPrefill && split.decode > 1 {
-        let moved = Split { prefill: split.prefill + 1, decode: split.decode - 1, ..split };
+        let moved = Split {
+            prefill: split.prefill + 1,
+            decode: split.decode - 1,
+            ..split
+        };
         if model.evaluate(dist, moved, t).lambda > margin {
             return RoleAdvice::DecodeToPrefill;
         }
@@ -50,8 +58,16 @@ mod tests {
 
     fn model() -> ThroughputModel {
         let prof = PrefillProfile::new(vec![
-            ProfilePoint { tokens: 1000.0, prefill_s: 0.2, kv_bytes: 1e8 },
-            ProfilePoint { tokens: 100_000.0, prefill_s: 10.0, kv_bytes: 1e9 },
+            ProfilePoint {
+                tokens: 1000.0,
+                prefill_s: 0.2,
+                kv_bytes: 1e8,
+            },
+            ProfilePoint {
+                tokens: 100_000.0,
+                prefill_s: 10.0,
+                kv_bytes: 1e9,
+            },
         ])
         .unwrap();
         ThroughputModel {
@@ -68,11 +84,30 @@ mod tests {
         let m = model();
         let d = LengthDistribution::lognormal_truncated(8.0, 1.0, 128.0, 100_000.0, 256).unwrap();
         let n = 10;
-        let best = m.search(&d, 0, n, crate::policy::SearchMode::Homogeneous).unwrap();
-        assert_eq!(advise_role(&m, &d, best.split, f64::INFINITY, 0.01), RoleAdvice::Keep);
-        let too_many_p = Split { prfaas: 0, prefill: n - 1, decode: 1 };
-        assert_eq!(advise_role(&m, &d, too_many_p, f64::INFINITY, 0.01), RoleAdvice::PrefillToDecode);
-        let too_many_d = Split { prfaas: 0, prefill: 1, decode: n - 1 };
-        assert_eq!(advise_role(&m, &d, too_many_d, f64::INFINITY, 0.01), RoleAdvice::DecodeToPrefill);
+        let best = m
+            .search(&d, 0, n, crate::policy::SearchMode::Homogeneous)
+            .unwrap();
+        assert_eq!(
+            advise_role(&m, &d, best.split, f64::INFINITY, 0.01),
+            RoleAdvice::Keep
+        );
+        let too_many_p = Split {
+            prfaas: 0,
+            prefill: n - 1,
+            decode: 1,
+        };
+        assert_eq!(
+            advise_role(&m, &d, too_many_p, f64::INFINITY, 0.01),
+            RoleAdvice::PrefillToDecode
+        );
+        let too_many_d = Split {
+            prfaas: 0,
+            prefill: 1,
+            decode: n - 1,
+        };
+        assert_eq!(
+            advise_role(&m, &d, too_many_d, f64::INFINITY, 0.01),
+            RoleAdvice::DecodeToPrefill
+        );
     }
 }

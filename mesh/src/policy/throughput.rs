@@ -104,7 +104,8 @@ impl ThroughputModel {
         let tail = dist.tail(t);
         let p = tail.p;
         let theta_prfaas = if p > 0.0 {
-            let compute = f64::from(split.prfaas) / self.remote_prefill.prefill_time(tail.mean_long);
+            let compute =
+                f64::from(split.prfaas) / self.remote_prefill.prefill_time(tail.mean_long);
             let egress = self.egress_bytes_per_s / self.remote_prefill.kv_bytes(tail.mean_long);
             compute.min(egress)
         } else {
@@ -116,17 +117,35 @@ impl ThroughputModel {
             0.0
         };
         let theta_pd_d = self.decode.throughput(split.decode, self.output_tokens);
-        let remote = if p > 0.0 { theta_prfaas / p } else { f64::INFINITY };
-        let local = if p < 1.0 { safe_div(theta_pd_p, 1.0 - p) } else { f64::INFINITY };
+        let remote = if p > 0.0 {
+            theta_prfaas / p
+        } else {
+            f64::INFINITY
+        };
+        let local = if p < 1.0 {
+            safe_div(theta_pd_p, 1.0 - p)
+        } else {
+            f64::INFINITY
+        };
         let (lambda, bottleneck) = [
             (remote, Bottleneck::RemotePrefill),
             (local, Bottleneck::LocalPrefill),
             (theta_pd_d, Bottleneck::Decode),
         ]
         .into_iter()
-        .fold((f64::INFINITY, Bottleneck::Decode), |acc, x| if x.0 < acc.0 { x } else { acc });
+        .fold((f64::INFINITY, Bottleneck::Decode), |acc, x| {
+            if x.0 < acc.0 {
+                x
+            } else {
+                acc
+            }
+        });
         let lambda = if lambda.is_finite() { lambda } else { 0.0 };
-        let egress = if p > 0.0 { lambda * p * self.remote_prefill.kv_bytes(tail.mean_long) } else { 0.0 };
+        let egress = if p > 0.0 {
+            lambda * p * self.remote_prefill.kv_bytes(tail.mean_long)
+        } else {
+            0.0
+        };
         Evaluation {
             threshold: t,
             split,
@@ -159,13 +178,21 @@ impl ThroughputModel {
             SearchMode::NaiveAllRemote => vec![0.0],
             SearchMode::Prfaas => Self::threshold_grid(dist),
         };
-        let prfaas = if mode == SearchMode::Homogeneous { 0 } else { prfaas_instances };
+        let prfaas = if mode == SearchMode::Homogeneous {
+            0
+        } else {
+            prfaas_instances
+        };
         let mut best: Option<(f64, f64, Evaluation)> = None;
         for n_p in 0..pd_instances {
             if mode == SearchMode::NaiveAllRemote && n_p > 0 {
                 break;
             }
-            let split = Split { prfaas, prefill: n_p, decode: pd_instances - n_p };
+            let split = Split {
+                prfaas,
+                prefill: n_p,
+                decode: pd_instances - n_p,
+            };
             if let Some(cand) = self.best_threshold(dist, split, &thresholds) {
                 let better = match &best {
                     None => true,
@@ -180,7 +207,9 @@ impl ThroughputModel {
         }
         match best {
             Some((l, _, e)) if l > 0.0 => Ok(e),
-            _ => Err(PolicyError::Infeasible("every configuration has zero throughput")),
+            _ => Err(PolicyError::Infeasible(
+                "every configuration has zero throughput",
+            )),
         }
     }
 }
@@ -197,24 +226,46 @@ impl ThroughputModel {
 
     /// Re-search `t` only, for a fixed split (what a running system does when bandwidth or
     /// queues change: roles move on a longer timescale).
-    pub fn search_threshold(&self, dist: &LengthDistribution, split: Split) -> Result<Evaluation, PolicyError> {
+    pub fn search_threshold(
+        &self,
+        dist: &LengthDistribution,
+        split: Split,
+    ) -> Result<Evaluation, PolicyError> {
         match self.best_threshold(dist, split, &Self::threshold_grid(dist)) {
             Some((l, _, e)) if l > 0.0 => Ok(e),
-            _ => Err(PolicyError::Infeasible("every threshold has zero throughput")),
+            _ => Err(PolicyError::Infeasible(
+                "every threshold has zero throughput",
+            )),
         }
     }
 
     /// `(Λ, prefill headroom, evaluation)` of the best threshold in `thresholds`.
-    fn best_threshold(&self, dist: &LengthDistribution, split: Split, thresholds: &[f64]) -> Option<(f64, f64, Evaluation)> {
+    fn best_threshold(
+        &self,
+        dist: &LengthDistribution,
+        split: Split,
+        thresholds: &[f64],
+    ) -> Option<(f64, f64, Evaluation)> {
         let mut best: Option<(f64, f64, Evaluation)> = None;
         for &t in thresholds {
             let e = self.evaluate(dist, split, t);
-            let r = if e.offload_fraction > 0.0 { e.theta_prfaas / e.offload_fraction } else { f64::INFINITY };
-            let l = if e.offload_fraction < 1.0 { safe_div(e.theta_pd_p, 1.0 - e.offload_fraction) } else { f64::INFINITY };
+            let r = if e.offload_fraction > 0.0 {
+                e.theta_prfaas / e.offload_fraction
+            } else {
+                f64::INFINITY
+            };
+            let l = if e.offload_fraction < 1.0 {
+                safe_div(e.theta_pd_p, 1.0 - e.offload_fraction)
+            } else {
+                f64::INFINITY
+            };
             let headroom = r.min(l);
             let better = match &best {
                 None => true,
-                Some((bl, bh, _)) => e.lambda > *bl * (1.0 + 1e-12) || (e.lambda >= *bl * (1.0 - 1e-12) && headroom > *bh),
+                Some((bl, bh, _)) => {
+                    e.lambda > *bl * (1.0 + 1e-12)
+                        || (e.lambda >= *bl * (1.0 - 1e-12) && headroom > *bh)
+                }
             };
             if better {
                 best = Some((e.lambda, headroom, e));
@@ -250,7 +301,11 @@ pub struct ReSearchTrigger {
 
 impl Default for ReSearchTrigger {
     fn default() -> Self {
-        Self { egress_utilisation_high: 0.8, queue_delay_high_s: 10.0, bandwidth_change_factor: 1.5 }
+        Self {
+            egress_utilisation_high: 0.8,
+            queue_delay_high_s: 10.0,
+            bandwidth_change_factor: 1.5,
+        }
     }
 }
 
@@ -276,8 +331,16 @@ mod tests {
 
     pub(crate) fn linear_profile(sec_per_ktok: f64, overhead: f64) -> PrefillProfile {
         PrefillProfile::new(vec![
-            ProfilePoint { tokens: 1000.0, prefill_s: overhead + sec_per_ktok, kv_bytes: 1e8 },
-            ProfilePoint { tokens: 100_000.0, prefill_s: overhead + 100.0 * sec_per_ktok, kv_bytes: 1e9 },
+            ProfilePoint {
+                tokens: 1000.0,
+                prefill_s: overhead + sec_per_ktok,
+                kv_bytes: 1e8,
+            },
+            ProfilePoint {
+                tokens: 100_000.0,
+                prefill_s: overhead + 100.0 * sec_per_ktok,
+                kv_bytes: 1e9,
+            },
         ])
         .unwrap()
     }
@@ -286,7 +349,8 @@ mod tests {
         ThroughputModel {
             remote_prefill: linear_profile(0.05, 0.1),
             local_prefill: linear_profile(0.15, 0.1),
-            decode: DecodeProfile::new(vec![(1.0, 0.01), (64.0, 0.01 + 63.0 * 0.0005)], 40.0).unwrap(),
+            decode: DecodeProfile::new(vec![(1.0, 0.01), (64.0, 0.01 + 63.0 * 0.0005)], 40.0)
+                .unwrap(),
             output_tokens: 512.0,
             egress_bytes_per_s: egress,
         }
@@ -300,10 +364,16 @@ mod tests {
     fn lambda_is_min_of_terms() {
         let m = model(1e10);
         let d = dist();
-        let s = Split { prfaas: 2, prefill: 2, decode: 4 };
+        let s = Split {
+            prfaas: 2,
+            prefill: 2,
+            decode: 4,
+        };
         let e = m.evaluate(&d, s, 10_000.0);
         let p = e.offload_fraction;
-        let want = (e.theta_prfaas / p).min(e.theta_pd_p / (1.0 - p)).min(e.theta_pd_d);
+        let want = (e.theta_prfaas / p)
+            .min(e.theta_pd_p / (1.0 - p))
+            .min(e.theta_pd_d);
         assert!((e.lambda - want).abs() < 1e-12);
         let remote_only = m.evaluate(&d, s, 0.0);
         assert_eq!(remote_only.offload_fraction, 1.0);
@@ -318,8 +388,19 @@ mod tests {
         let best = m.search(&d, 2, 8, SearchMode::Prfaas).unwrap();
         for n_p in 0..8 {
             for t in [0.0, 1000.0, 5000.0, 20_000.0, 60_000.0, f64::INFINITY] {
-                let e = m.evaluate(&d, Split { prfaas: 2, prefill: n_p, decode: 8 - n_p }, t);
-                assert!(e.lambda <= best.lambda * (1.0 + 1e-9), "{e:?} beats {best:?}");
+                let e = m.evaluate(
+                    &d,
+                    Split {
+                        prfaas: 2,
+                        prefill: n_p,
+                        decode: 8 - n_p,
+                    },
+                    t,
+                );
+                assert!(
+                    e.lambda <= best.lambda * (1.0 + 1e-9),
+                    "{e:?} beats {best:?}"
+                );
             }
         }
         let homo = m.search(&d, 2, 8, SearchMode::Homogeneous).unwrap();
@@ -336,19 +417,52 @@ mod tests {
         let d = dist();
         let rich = model(1e11).search(&d, 4, 8, SearchMode::Prfaas).unwrap();
         let poor = model(2e8).search(&d, 4, 8, SearchMode::Prfaas).unwrap();
-        assert!(poor.threshold > rich.threshold, "{} vs {}", poor.threshold, rich.threshold);
+        assert!(
+            poor.threshold > rich.threshold,
+            "{} vs {}",
+            poor.threshold,
+            rich.threshold
+        );
         assert!(poor.egress_bytes_per_s <= 2e8 * (1.0 + 1e-9));
     }
 
     #[test]
     fn research_trigger_bounds() {
         let trig = ReSearchTrigger::default();
-        let calm = Observation { egress_utilisation: 0.2, queue_delay_s: 1.0, bandwidth_bytes_per_s: 1e10 };
+        let calm = Observation {
+            egress_utilisation: 0.2,
+            queue_delay_s: 1.0,
+            bandwidth_bytes_per_s: 1e10,
+        };
         assert!(!trig.should_research(&calm, 1e10));
-        assert!(trig.should_research(&Observation { egress_utilisation: 0.9, ..calm }, 1e10));
-        assert!(trig.should_research(&Observation { queue_delay_s: 11.0, ..calm }, 1e10));
-        assert!(trig.should_research(&Observation { bandwidth_bytes_per_s: 1e9, ..calm }, 1e10));
-        assert!(trig.should_research(&Observation { bandwidth_bytes_per_s: 2e10, ..calm }, 1e10));
+        assert!(trig.should_research(
+            &Observation {
+                egress_utilisation: 0.9,
+                ..calm
+            },
+            1e10
+        ));
+        assert!(trig.should_research(
+            &Observation {
+                queue_delay_s: 11.0,
+                ..calm
+            },
+            1e10
+        ));
+        assert!(trig.should_research(
+            &Observation {
+                bandwidth_bytes_per_s: 1e9,
+                ..calm
+            },
+            1e10
+        ));
+        assert!(trig.should_research(
+            &Observation {
+                bandwidth_bytes_per_s: 2e10,
+                ..calm
+            },
+            1e10
+        ));
         assert!(trig.should_research(&calm, 0.0));
     }
 }

@@ -45,13 +45,23 @@ impl LengthDistribution {
             cum_prob.push(cp);
             cum_mass.push(cm);
         }
-        Ok(Self { lengths: points.into_iter().map(|p| p.0).collect(), cum_prob, cum_mass })
+        Ok(Self {
+            lengths: points.into_iter().map(|p| p.0).collect(),
+            cum_prob,
+            cum_mass,
+        })
     }
 
     /// Log-normal `ln L ~ N(mu, sigma²)` truncated to `[min, max]` (samples outside are redrawn,
     /// which is what gives the paper's mean ≈ 27K for μ = 9.90, σ = 1.00, [128, 128K]; clamping
     /// instead would give ≈ 30.5K). Discretised into `bins` equal steps of `ln L`.
-    pub fn lognormal_truncated(mu: f64, sigma: f64, min: f64, max: f64, bins: usize) -> Result<Self, PolicyError> {
+    pub fn lognormal_truncated(
+        mu: f64,
+        sigma: f64,
+        min: f64,
+        max: f64,
+        bins: usize,
+    ) -> Result<Self, PolicyError> {
         check_range("sigma", sigma, 1e-9, 100.0)?;
         check_range("mu", mu, -100.0, 100.0)?;
         check_range("min", min, 1.0, max)?;
@@ -82,19 +92,30 @@ impl LengthDistribution {
     /// Tail statistics for threshold `t` (offload iff `L > t`).
     pub fn tail(&self, t: f64) -> Tail {
         let k = self.lengths.partition_point(|&l| l <= t);
-        let (p_short, m_short) = if k == 0 { (0.0, 0.0) } else { (self.cum_prob[k - 1], self.cum_mass[k - 1]) };
+        let (p_short, m_short) = if k == 0 {
+            (0.0, 0.0)
+        } else {
+            (self.cum_prob[k - 1], self.cum_mass[k - 1])
+        };
         let p = (1.0 - p_short).max(0.0);
         let m_long = self.mean() - m_short;
         Tail {
             p: if p < 1e-12 { 0.0 } else { p },
             mean_long: if p < 1e-12 { 0.0 } else { m_long / p },
-            mean_short: if p_short < 1e-12 { 0.0 } else { m_short / p_short },
+            mean_short: if p_short < 1e-12 {
+                0.0
+            } else {
+                m_short / p_short
+            },
         }
     }
 
     /// Inverse CDF, used by the simulator to draw lengths from the same table the model uses.
     pub fn quantile(&self, u: f64) -> f64 {
-        let k = self.cum_prob.partition_point(|&c| c < u).min(self.lengths.len() - 1);
+        let k = self
+            .cum_prob
+            .partition_point(|&c| c < u)
+            .min(self.lengths.len() - 1);
         self.lengths[k]
     }
 }
@@ -120,7 +141,8 @@ mod tests {
 
     #[test]
     fn quantile_inverts_cdf() {
-        let d = LengthDistribution::from_weighted(vec![(10.0, 1.0), (20.0, 1.0), (30.0, 2.0)]).unwrap();
+        let d =
+            LengthDistribution::from_weighted(vec![(10.0, 1.0), (20.0, 1.0), (30.0, 2.0)]).unwrap();
         assert_eq!(d.quantile(0.0), 10.0);
         assert_eq!(d.quantile(0.3), 20.0);
         assert_eq!(d.quantile(0.9), 30.0);

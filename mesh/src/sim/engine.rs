@@ -23,8 +23,8 @@ use serde::Serialize;
 
 use super::scenario::{Arrival, Scenario};
 use crate::policy::{
-    settle, Bid, BidderLoad, LengthDistribution, OffloadRule, Placement, PricingParams, PrefillProfile,
-    RequestShape, ReSearchTrigger, ScoringParams, Split, ThroughputModel,
+    settle, Bid, BidderLoad, LengthDistribution, OffloadRule, Placement, PrefillProfile,
+    PricingParams, ReSearchTrigger, RequestShape, ScoringParams, Split, ThroughputModel,
 };
 
 /// The four policies compared side by side.
@@ -76,7 +76,13 @@ fn exponential(rng: &mut Pcg64Mcg, rate: f64) -> f64 {
 }
 
 /// Generate `n` requests: lengths from `dist`, arrivals from `arrival`, prefixes per scenario.
-pub fn generate(scenario: &Scenario, dist: &LengthDistribution, arrival: &Arrival, n: usize, seed: u64) -> Vec<Request> {
+pub fn generate(
+    scenario: &Scenario,
+    dist: &LengthDistribution,
+    arrival: &Arrival,
+    n: usize,
+    seed: u64,
+) -> Vec<Request> {
     let mut rng = Pcg64Mcg::seed_from_u64(seed);
     let pre = &scenario.workload.prefixes;
     let mut out = Vec::with_capacity(n);
@@ -90,8 +96,17 @@ pub fn generate(scenario: &Scenario, dist: &LengthDistribution, arrival: &Arriva
     for _ in 0..n {
         match *arrival {
             Arrival::Poisson { rate_per_s } => now += exponential(&mut rng, rate_per_s),
-            Arrival::Bursty { high_rate_per_s, low_rate_per_s, mean_high_s, mean_low_s } => loop {
-                let rate = if high { high_rate_per_s } else { low_rate_per_s };
+            Arrival::Bursty {
+                high_rate_per_s,
+                low_rate_per_s,
+                mean_high_s,
+                mean_low_s,
+            } => loop {
+                let rate = if high {
+                    high_rate_per_s
+                } else {
+                    low_rate_per_s
+                };
                 let next = now + exponential(&mut rng, rate);
                 if next <= switch_at {
                     now = next;
@@ -107,11 +122,18 @@ pub fn generate(scenario: &Scenario, dist: &LengthDistribution, arrival: &Arriva
         let tokens = dist.quantile(uniform(&mut rng)).round().max(1.0);
         let prefix = if pre.share > 0.0 && uniform(&mut rng) < pre.share {
             let g = (uniform(&mut rng) * f64::from(pre.groups)) as u32;
-            Some((g.min(pre.groups.saturating_sub(1)), pre.tokens.min(0.9 * tokens).floor()))
+            Some((
+                g.min(pre.groups.saturating_sub(1)),
+                pre.tokens.min(0.9 * tokens).floor(),
+            ))
         } else {
             None
         };
-        out.push(Request { arrival: now, tokens, prefix });
+        out.push(Request {
+            arrival: now,
+            tokens,
+            prefix,
+        });
     }
     out
 }
@@ -247,6 +269,7 @@ struct Instance {
 #[derive(Debug, Clone, Copy, Default)]
 struct Advert {
     at: f64,
+    utilisation: f64,
     backlog_s: f64,
     price_per_ktok: f64,
     online: bool,
@@ -258,6 +281,8 @@ struct Home {
     bandwidth: Vec<f64>,
     sent_since: Vec<f64>,
     dead: Vec<bool>,
+    threshold: f64,
+    searched_bw: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -268,6 +293,7 @@ struct ReqState {
     bw_sample: f64,
     home: usize,
     winner: usize,
+    call_delay: f64,
 }
 
 struct Link {
@@ -341,7 +367,11 @@ struct Sim<'a> {
 impl<'a> Sim<'a> {
     fn push(&mut self, t: f64, ev: Ev) {
         self.seq += 1;
-        self.heap.push(Entry { t: Time(t), seq: self.seq, ev });
+        self.heap.push(Entry {
+            t: Time(t),
+            seq: self.seq,
+            ev,
+        });
     }
 
     fn cached(&self, inst: usize, r: usize) -> f64 {
@@ -352,7 +382,11 @@ impl<'a> Sim<'a> {
     }
 
     fn work_s(&self, inst: usize, r: usize) -> f64 {
-        let prof = if self.insts[inst].remote { &self.remote_prof } else { &self.local_prof };
+        let prof = if self.insts[inst].remote {
+            &self.remote_prof
+        } else {
+            &self.local_prof
+        };
         prof.incremental_prefill_time(self.s.requests[r].tokens, self.cached(inst, r))
     }
 
@@ -365,7 +399,8 @@ impl<'a> Sim<'a> {
         (0..self.insts.len())
             .filter(|&i| self.insts[i].remote == remote && self.insts[i].online)
             .min_by(|&a, &b| {
-                (self.backlog(a) + self.work_s(a, r)).total_cmp(&(self.backlog(b) + self.work_s(b, r)))
+                (self.backlog(a) + self.work_s(a, r))
+                    .total_cmp(&(self.backlog(b) + self.work_s(b, r)))
             })
     }
 
@@ -381,7 +416,9 @@ impl<'a> Sim<'a> {
     }
 
     fn start_next(&mut self, inst: usize) {
-        let Some(job) = self.insts[inst].queue.pop_front() else { return };
+        let Some(job) = self.insts[inst].queue.pop_front() else {
+            return;
+        };
         let now = self.now;
         let r = job.req;
         let end = now + job.work_s;
@@ -397,7 +434,7 @@ impl<'a> Sim<'a> {
             self.window_bytes += bytes;
             self.st[r].bw_sample = bytes / ((start - first_layer) + d);
         }
-        self.st[r].kv_ready = kv_ready;
+        self.st[r].kv_ready = kv_ready + self.st[r].call_delay;
         let i = &mut self.insts[inst];
         i.running = Some(job);
         i.busy_accum += job.work_s;
@@ -424,8 +461,11 @@ impl<'a> Sim<'a> {
                     cached_local_tokens: max_cached(false),
                     cached_remote_tokens: max_cached(true),
                 };
-                let scarce = self.link.free_at - self.now > self.s.scenario.router.scarce_link_backlog_s;
-                let rule = OffloadRule { threshold_tokens: self.threshold };
+                let scarce =
+                    self.link.free_at - self.now > self.s.scenario.router.scarce_link_backlog_s;
+                let rule = OffloadRule {
+                    threshold_tokens: self.threshold,
+                };
                 let want_remote = rule.decide(&shape, scarce) == Placement::Offload;
                 if (want_remote && remote_online) || !local_exists {
                     self.best(r, true)
@@ -467,6 +507,33 @@ impl<'a> Sim<'a> {
     fn auction(&mut self, r: usize) -> Option<usize> {
         let h = self.st[r].home;
         let tokens = self.s.requests[r].tokens;
+        // DESIGN.md §4 step 2: a prompt whose incremental length is within the home's own
+        // threshold stays in the home cluster (its prefill instances still compete among
+        // themselves); only longer ones are auctioned to the whole mesh with a local reserve.
+        let local_only = {
+            let visible = |remote: bool| {
+                (0..self.insts.len())
+                    .filter(|&i| {
+                        self.insts[i].remote == remote
+                            && self.adverts[i].online
+                            && !self.homes[h].dead[i]
+                    })
+                    .map(|i| self.cached(i, r))
+                    .fold(f64::NEG_INFINITY, f64::max)
+            };
+            let (local_cached, remote_cached) = (visible(false), visible(true));
+            let shape = RequestShape {
+                total_tokens: tokens,
+                cached_local_tokens: local_cached.max(0.0),
+                cached_remote_tokens: remote_cached.max(0.0),
+            };
+            let rule = OffloadRule {
+                threshold_tokens: self.homes[h].threshold,
+            };
+            let scarce = self.home_bandwidth(h)
+                < self.s.scenario.auction.scarce_bandwidth_fraction * self.link.steps[0].1;
+            local_cached.is_finite() && rule.decide(&shape, scarce) == Placement::Local
+        };
         let mut bids = Vec::with_capacity(self.insts.len());
         let mut truth = Vec::with_capacity(self.insts.len());
         for i in 0..self.insts.len() {
@@ -474,10 +541,29 @@ impl<'a> Sim<'a> {
             if !ad.online || self.homes[h].dead[i] {
                 continue;
             }
-            let queue = (ad.backlog_s - (self.now - ad.at)).max(0.0) + self.homes[h].sent_since[i];
             let cached = self.cached(i, r);
             let work_tokens = (tokens - cached).max(0.0);
-            let true_price = ad.price_per_ktok * work_tokens / 1000.0;
+            let (queue, price_per_ktok) = if self.s.scenario.auction.bids_from_gossip {
+                // Decide from the advert alone, extrapolated by what this home sent since.
+                (
+                    (ad.backlog_s - (self.now - ad.at)).max(0.0) + self.homes[h].sent_since[i],
+                    ad.price_per_ktok,
+                )
+            } else {
+                // DESIGN.md §3: the Call is answered by a Bid carrying the bidder's live queue.
+                let q = self.backlog(i);
+                (
+                    q,
+                    self.pricing.price(
+                        1000.0,
+                        BidderLoad {
+                            queue_delay_s: q,
+                            utilisation: ad.utilisation,
+                        },
+                    ),
+                )
+            };
+            let true_price = price_per_ktok * work_tokens / 1000.0;
             let factor = match self.s.misreport {
                 Some((who, f)) if who == i => f,
                 _ => 1.0,
@@ -488,12 +574,38 @@ impl<'a> Sim<'a> {
                 price: true_price * factor,
                 queue_delay_s: queue,
                 prefill_s: self.work_s(i, r),
-                kv_bytes: if remote { self.remote_prof.kv_bytes(tokens) } else { 0.0 },
+                kv_bytes: if remote {
+                    self.remote_prof.kv_bytes(tokens)
+                } else {
+                    0.0
+                },
                 reserve: !remote,
             };
-            let bw = if remote { self.homes[h].bandwidth[i] } else { f64::INFINITY };
+            let bw = if remote {
+                self.homes[h].bandwidth[i]
+            } else {
+                f64::INFINITY
+            };
             bids.push((bid, bw));
             truth.push(true_price);
+        }
+        if local_only {
+            // Spill guard (the decentralized form of "re-search when queues surge"): a short
+            // prompt stays local unless the home cluster would take more than `spill_ratio` times
+            // as long as the best remote offer, e.g. while a backlog drains after an outage.
+            let best = |reserve: bool| {
+                bids.iter()
+                    .filter(|(b, _)| b.reserve == reserve)
+                    .map(|(b, bw)| self.scoring.delay_s(b, *bw))
+                    .fold(f64::INFINITY, f64::min)
+            };
+            if best(true) <= self.s.scenario.auction.spill_ratio * best(false) {
+                let keep: Vec<bool> = bids.iter().map(|(b, _)| b.reserve).collect();
+                let mut k = keep.iter();
+                bids.retain(|_| *k.next().unwrap_or(&false));
+                let mut k = keep.iter();
+                truth.retain(|_| *k.next().unwrap_or(&false));
+            }
         }
         let award = settle(&bids, &self.scoring)?;
         let w = award.bidder as usize;
@@ -501,14 +613,64 @@ impl<'a> Sim<'a> {
             self.log.utility[w] += award.payment - truth[award.index];
         }
         if self.log.auctions.len() < self.s.record_auctions {
-            self.log
-                .auctions
-                .push(bids.iter().zip(&truth).map(|(&(b, bw), &t)| (b, bw, t)).collect());
+            self.log.auctions.push(
+                bids.iter()
+                    .zip(&truth)
+                    .map(|(&(b, bw), &t)| (b, bw, t))
+                    .collect(),
+            );
+        }
+        if !self.s.scenario.auction.bids_from_gossip && bids.iter().any(|(b, _)| !b.reserve) {
+            // One Call/Bid round trip across the link before the prompt can be sent.
+            self.st[r].call_delay = 2.0 * self.link.latency_s;
         }
         let work = self.work_s(w, r);
         self.homes[h].sent_since[w] += work;
         self.st[r].winner = w;
         Some(w)
+    }
+
+    /// Mean observed bandwidth from home `h` to the remote peers it believes alive.
+    fn home_bandwidth(&self, h: usize) -> f64 {
+        let (sum, n) = (0..self.insts.len())
+            .filter(|&i| self.insts[i].remote && self.adverts[i].online && !self.homes[h].dead[i])
+            .fold((0.0, 0usize), |(s, n), i| {
+                (s + self.homes[h].bandwidth[i], n + 1)
+            });
+        if n == 0 {
+            0.0
+        } else {
+            sum / n as f64
+        }
+    }
+
+    /// Each home re-searches its own `t` from its own observed bandwidth (no central view).
+    fn home_research(&mut self) {
+        for h in 0..self.homes.len() {
+            let bw = self.home_bandwidth(h);
+            if bw <= 0.0 {
+                continue;
+            }
+            let obs = crate::policy::Observation {
+                egress_utilisation: 0.0,
+                queue_delay_s: 0.0,
+                bandwidth_bytes_per_s: bw,
+            };
+            if self
+                .trigger
+                .should_research(&obs, self.homes[h].searched_bw)
+            {
+                let model = ThroughputModel {
+                    egress_bytes_per_s: bw,
+                    ..self.s.model.clone()
+                };
+                if let Ok(e) = model.search_threshold(self.s.dist, self.s.split) {
+                    self.homes[h].threshold = e.threshold;
+                }
+                self.homes[h].searched_bw = bw;
+                self.researches += 1;
+            }
+        }
     }
 
     fn gossip(&mut self) {
@@ -517,9 +679,13 @@ impl<'a> Sim<'a> {
             let interval = self.s.scenario.auction.gossip_interval_s;
             let util = ((inst.busy_accum - prev.busy_accum) / interval).clamp(0.0, 1.0);
             let backlog = (inst.idle_at - self.now).max(0.0);
-            let load = BidderLoad { queue_delay_s: backlog, utilisation: util };
+            let load = BidderLoad {
+                queue_delay_s: backlog,
+                utilisation: util,
+            };
             self.adverts[i] = Advert {
                 at: self.now,
+                utilisation: util,
                 backlog_s: backlog,
                 price_per_ktok: self.pricing.price(1000.0, load),
                 online: inst.online,
@@ -542,12 +708,17 @@ impl<'a> Sim<'a> {
         let bw = self.link.rate_at(self.now);
         let obs = crate::policy::Observation {
             egress_utilisation: self.window_bytes / (bw * interval),
-            queue_delay_s: (0..self.insts.len()).map(|i| self.backlog(i)).fold(0.0, f64::max),
+            queue_delay_s: (0..self.insts.len())
+                .map(|i| self.backlog(i))
+                .fold(0.0, f64::max),
             bandwidth_bytes_per_s: bw,
         };
         self.window_bytes = 0.0;
         if self.trigger.should_research(&obs, self.searched_bw) {
-            let model = ThroughputModel { egress_bytes_per_s: bw, ..self.s.model.clone() };
+            let model = ThroughputModel {
+                egress_bytes_per_s: bw,
+                ..self.s.model.clone()
+            };
             if let Ok(e) = model.search_threshold(self.s.dist, self.s.split) {
                 self.threshold = e.threshold;
             }
@@ -570,7 +741,13 @@ impl<'a> Sim<'a> {
                 let i = &mut self.insts[inst];
                 i.epoch += 1;
                 i.idle_at = self.now;
-                let lost: Vec<usize> = i.running.take().into_iter().chain(i.queue.drain(..)).map(|j| j.req).collect();
+                let lost: Vec<usize> = i
+                    .running
+                    .take()
+                    .into_iter()
+                    .chain(i.queue.drain(..))
+                    .map(|j| j.req)
+                    .collect();
                 for r in lost {
                     self.retries += 1;
                     let t = self.now + detect;
@@ -582,7 +759,9 @@ impl<'a> Sim<'a> {
 
     fn try_decode(&mut self) {
         while self.slots_free > 0 {
-            let Some(r) = self.decode_fifo.pop_front() else { break };
+            let Some(r) = self.decode_fifo.pop_front() else {
+                break;
+            };
             self.slots_free -= 1;
             self.st[r].ttft = self.now + self.step_s - self.s.requests[r].arrival;
             let t = self.now + self.l_out * self.step_s;
@@ -602,7 +781,9 @@ impl<'a> Sim<'a> {
         }
         match self.kind {
             PolicyKind::Auction => self.push(0.0, Ev::Gossip),
-            PolicyKind::PrfaasRouter => self.push(self.s.scenario.router.check_interval_s, Ev::RouterCheck),
+            PolicyKind::PrfaasRouter => {
+                self.push(self.s.scenario.router.check_interval_s, Ev::RouterCheck)
+            }
             _ => {}
         }
         while let Some(Entry { t, ev, .. }) = self.heap.pop() {
@@ -625,10 +806,7 @@ impl<'a> Sim<'a> {
                             }
                         }
                         if self.insts[inst].remote {
-                            let st = self.st[r];
-                            let alpha = self.s.scenario.auction.bandwidth_ewma_alpha;
-                            let bw = &mut self.homes[st.home].bandwidth[inst];
-                            *bw = (1.0 - alpha) * *bw + alpha * st.bw_sample;
+                            self.st[r].winner = inst;
                             self.offloaded += 1;
                             self.offloaded_tokens += self.s.requests[r].tokens;
                         }
@@ -638,6 +816,13 @@ impl<'a> Sim<'a> {
                     self.start_next(inst);
                 }
                 Ev::KvReady(r) => {
+                    let st = self.st[r];
+                    if st.remote {
+                        // The home measures the transfer when the last byte has arrived.
+                        let alpha = self.s.scenario.auction.bandwidth_ewma_alpha;
+                        let bw = &mut self.homes[st.home].bandwidth[st.winner];
+                        *bw = (1.0 - alpha) * *bw + alpha * st.bw_sample;
+                    }
                     self.decode_fifo.push_back(r);
                     self.try_decode();
                 }
@@ -652,6 +837,7 @@ impl<'a> Sim<'a> {
                 }
                 Ev::Gossip => {
                     self.gossip();
+                    self.home_research();
                     if self.now <= last_arrival {
                         let t = self.now + self.s.scenario.auction.gossip_interval_s;
                         self.push(t, Ev::Gossip);
@@ -691,8 +877,16 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
     let local_prof = setup.model.local_prefill.clone();
     let decode = &setup.model.decode;
     let bs = u64::from(decode.max_batch());
-    let n_remote = if kind == PolicyKind::Homogeneous { 0 } else { setup.split.prfaas as usize };
-    let n_local = if kind == PolicyKind::NaiveHeterogeneous { 0 } else { setup.split.prefill as usize };
+    let n_remote = if kind == PolicyKind::Homogeneous {
+        0
+    } else {
+        setup.split.prfaas as usize
+    };
+    let n_local = if kind == PolicyKind::NaiveHeterogeneous {
+        0
+    } else {
+        setup.split.prefill as usize
+    };
     let inst = |remote| Instance {
         remote,
         queue: VecDeque::new(),
@@ -703,7 +897,10 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         cache: VecDeque::new(),
         busy_accum: 0.0,
     };
-    let insts: Vec<Instance> = (0..n_remote).map(|_| inst(true)).chain((0..n_local).map(|_| inst(false))).collect();
+    let insts: Vec<Instance> = (0..n_remote)
+        .map(|_| inst(true))
+        .chain((0..n_local).map(|_| inst(false)))
+        .collect();
     let gbps = |g: f64| g * 1e9 / 8.0;
     let mut steps = vec![(0.0, gbps(sc.link.bandwidth_gbps))];
     let mut sched = sc.link.schedule.clone();
@@ -729,11 +926,21 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         slots_free: u64::from(setup.split.decode) * bs,
         decode_fifo: VecDeque::new(),
         insts,
-        link: Link { steps, free_at: 0.0, latency_s: sc.link.latency_ms / 1000.0, layers: f64::from(sc.link.kv_layers) },
+        link: Link {
+            steps,
+            free_at: 0.0,
+            latency_s: sc.link.latency_ms / 1000.0,
+            layers: f64::from(sc.link.kv_layers),
+        },
         heap: BinaryHeap::with_capacity(setup.requests.len() * 2),
         seq: 0,
         now: 0.0,
-        st: (0..setup.requests.len()).map(|i| ReqState { home: i % n_homes, ..Default::default() }).collect(),
+        st: (0..setup.requests.len())
+            .map(|i| ReqState {
+                home: i % n_homes,
+                ..Default::default()
+            })
+            .collect(),
         completed: 0,
         completion_times: Vec::with_capacity(setup.requests.len()),
         threshold: setup.threshold,
@@ -746,15 +953,41 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         },
         researches: 0,
         homes: (0..n_homes)
-            .map(|_| Home { bandwidth: vec![nominal; ni], sent_since: vec![0.0; ni], dead: vec![false; ni] })
+            .map(|_| Home {
+                bandwidth: vec![nominal; ni],
+                sent_since: vec![0.0; ni],
+                dead: vec![false; ni],
+                threshold: setup.threshold,
+                searched_bw: nominal,
+            })
             .collect(),
-        adverts: vec![Advert { online: true, ..Default::default() }; ni],
+        adverts: vec![
+            Advert {
+                online: true,
+                ..Default::default()
+            };
+            ni
+        ],
         // Validated in `Scenario::validate`; fall back to a neutral price if called without it.
-        pricing: PricingParams::new(a.base_per_ktok, a.queue_premium_per_s, a.utilisation_premium)
-            .unwrap_or(PricingParams { base_per_ktok: 0.0, queue_premium_per_s: 0.0, utilisation_premium: 0.0 }),
+        pricing: PricingParams::new(
+            a.base_per_ktok,
+            a.queue_premium_per_s,
+            a.utilisation_premium,
+        )
+        .unwrap_or(PricingParams {
+            base_per_ktok: 0.0,
+            queue_premium_per_s: 0.0,
+            utilisation_premium: 0.0,
+        }),
         // A finite cap keeps a lone bidder's posted-reserve payment finite.
-        scoring: ScoringParams { lambda_per_s: a.lambda_per_s, max_score: MAX_SCORE },
-        log: AuctionLog { auctions: Vec::new(), utility: vec![0.0; ni] },
+        scoring: ScoringParams {
+            lambda_per_s: a.lambda_per_s,
+            max_score: MAX_SCORE,
+        },
+        log: AuctionLog {
+            auctions: Vec::new(),
+            utility: vec![0.0; ni],
+        },
         egress_bytes: 0.0,
         offloaded: 0,
         offloaded_tokens: 0.0,
@@ -764,7 +997,11 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
     let n = setup.requests.len();
     let mut ttfts: Vec<f64> = sim.st.iter().map(|s| s.ttft).filter(|&t| t > 0.0).collect();
     ttfts.sort_by(f64::total_cmp);
-    let mean = if ttfts.is_empty() { f64::NAN } else { ttfts.iter().sum::<f64>() / ttfts.len() as f64 };
+    let mean = if ttfts.is_empty() {
+        f64::NAN
+    } else {
+        ttfts.iter().sum::<f64>() / ttfts.len() as f64
+    };
     let first = setup.requests.first().map_or(0.0, |r| r.arrival);
     let last = setup.requests.last().map_or(0.0, |r| r.arrival);
     let ct = &sim.completion_times;
@@ -784,7 +1021,11 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         ttft_p90_s: percentile(&ttfts, 0.9),
         ttft_p99_s: percentile(&ttfts, 0.99),
         offload_fraction: sim.offloaded as f64 / n.max(1) as f64,
-        mean_offloaded_tokens: if sim.offloaded > 0 { sim.offloaded_tokens / sim.offloaded as f64 } else { 0.0 },
+        mean_offloaded_tokens: if sim.offloaded > 0 {
+            sim.offloaded_tokens / sim.offloaded as f64
+        } else {
+            0.0
+        },
         egress_gbps: sim.egress_bytes * 8.0 / 1e9 / (last - first).max(1e-9),
         researches: sim.researches,
         final_threshold: sim.threshold,

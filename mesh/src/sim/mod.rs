@@ -59,10 +59,19 @@ pub fn model_of(s: &Scenario) -> Result<ThroughputModel, ScenarioError> {
 }
 
 /// Model optimum for each policy.
-pub fn optimise(s: &Scenario, model: &ThroughputModel, dist: &LengthDistribution) -> Result<Vec<(PolicyKind, Evaluation)>, ScenarioError> {
+pub fn optimise(
+    s: &Scenario,
+    model: &ThroughputModel,
+    dist: &LengthDistribution,
+) -> Result<Vec<(PolicyKind, Evaluation)>, ScenarioError> {
     let h = &s.hardware;
     let homo = model.search(dist, 0, h.homogeneous_instances, SearchMode::Homogeneous)?;
-    let naive = model.search(dist, h.prfaas_instances, h.pd_instances, SearchMode::NaiveAllRemote)?;
+    let naive = model.search(
+        dist,
+        h.prfaas_instances,
+        h.pd_instances,
+        SearchMode::NaiveAllRemote,
+    )?;
     let prfaas = model.search(dist, h.prfaas_instances, h.pd_instances, SearchMode::Prfaas)?;
     Ok(vec![
         (PolicyKind::PrfaasRouter, prfaas),
@@ -111,12 +120,26 @@ pub fn run(s: &Scenario, o: Overrides) -> Result<Report, ScenarioError> {
     let dist = s.workload.lengths.distribution()?;
     let model = model_of(&s)?;
     let plan = optimise(&s, &model, &dist)?;
-    let requests = engine::generate(&s, &dist, &s.workload.arrival, s.workload.requests, s.workload.seed);
+    let requests = engine::generate(
+        &s,
+        &dist,
+        &s.workload.arrival,
+        s.workload.requests,
+        s.workload.seed,
+    );
     let sim = simulate_all(&s, &model, &dist, &plan, &requests);
     let capacity = match s.capacity {
         Some(c) => {
-            let arrival = scenario::Arrival::Poisson { rate_per_s: c.rate_per_s };
-            let reqs = engine::generate(&s, &dist, &arrival, c.requests, s.workload.seed.wrapping_add(1));
+            let arrival = scenario::Arrival::Poisson {
+                rate_per_s: c.rate_per_s,
+            };
+            let reqs = engine::generate(
+                &s,
+                &dist,
+                &arrival,
+                c.requests,
+                s.workload.seed.wrapping_add(1),
+            );
             simulate_all(&s, &model, &dist, &plan, &reqs)
         }
         None => Vec::new(),
@@ -124,7 +147,8 @@ pub fn run(s: &Scenario, o: Overrides) -> Result<Report, ScenarioError> {
     let split = plan[0].1.split;
     let lambda_vs_t = (0..=120)
         .map(|i| {
-            let t = s.workload.lengths.min * (s.workload.lengths.max / s.workload.lengths.min).powf(f64::from(i) / 120.0);
+            let t = s.workload.lengths.min
+                * (s.workload.lengths.max / s.workload.lengths.min).powf(f64::from(i) / 120.0);
             model.evaluate(&dist, split, t)
         })
         .collect();

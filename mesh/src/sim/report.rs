@@ -36,7 +36,18 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(
         out,
         "{:<30} {:>7} {:>9} {:>24} {:>7} {:>6} {:>7} {:>6} {:>13} {:>7} {:>7} {:>11}",
-        "configuration", "t", "R/P/D", "Θprfaas/Θpd-p/Θpd-d", "Λ", "×homo", "simΛ", "×homo", "TTFT mean/P90", "offload", "offLen", "egress Gbps"
+        "configuration",
+        "t",
+        "R/P/D",
+        "Θprfaas/Θpd-p/Θpd-d",
+        "Λ",
+        "×homo",
+        "simΛ",
+        "×homo",
+        "TTFT mean/P90",
+        "offload",
+        "offLen",
+        "egress Gbps"
     );
     for (i, (kind, e)) in r.model.iter().enumerate() {
         let m = &r.sim[i];
@@ -44,14 +55,24 @@ pub fn table(r: &Report) -> String {
         let (t, lam, ratio) = if *kind == PolicyKind::Auction {
             ("auction".to_owned(), "—".to_owned(), "—".to_owned())
         } else {
-            (fmt_t(e.threshold), format!("{:.2}", e.lambda), format!("{:.2}×", e.lambda / homo))
+            (
+                fmt_t(e.threshold),
+                format!("{:.2}", e.lambda),
+                format!("{:.2}×", e.lambda / homo),
+            )
         };
         let sim_l = cap.map_or("—".to_owned(), |c| format!("{:.2}", c.throughput_per_s));
-        let sim_r = cap.map_or("—".to_owned(), |c| format!("{:.2}×", c.throughput_per_s / homo_sim));
+        let sim_r = cap.map_or("—".to_owned(), |c| {
+            format!("{:.2}×", c.throughput_per_s / homo_sim)
+        });
         let egress = if *kind == PolicyKind::Auction {
             format!("{:.1}", m.egress_gbps)
         } else {
-            format!("{:.1}@Λ/{:.1}", e.egress_bytes_per_s * 8.0 / 1e9, m.egress_gbps)
+            format!(
+                "{:.1}@Λ/{:.1}",
+                e.egress_bytes_per_s * 8.0 / 1e9,
+                m.egress_gbps
+            )
         };
         let _ = writeln!(
             out,
@@ -59,7 +80,10 @@ pub fn table(r: &Report) -> String {
             kind.label(),
             t,
             format!("{}/{}/{}", e.split.prfaas, e.split.prefill, e.split.decode),
-            format!("{:.2}/{:.2}/{:.2}", e.theta_prfaas, e.theta_pd_p, e.theta_pd_d),
+            format!(
+                "{:.2}/{:.2}/{:.2}",
+                e.theta_prfaas, e.theta_pd_p, e.theta_pd_d
+            ),
             lam,
             ratio,
             sim_l,
@@ -79,7 +103,15 @@ pub fn table(r: &Report) -> String {
         .sim
         .iter()
         .filter(|m| m.researches > 0 || m.retries > 0)
-        .map(|m| format!("{}: {} re-searches (final t {}), {} retries", m.policy.label(), m.researches, fmt_t(m.final_threshold), m.retries))
+        .map(|m| {
+            format!(
+                "{}: {} re-searches (final t {}), {} retries",
+                m.policy.label(),
+                m.researches,
+                fmt_t(m.final_threshold),
+                m.retries
+            )
+        })
         .collect();
     for e in extra {
         let _ = writeln!(out, "{e}");
@@ -102,7 +134,11 @@ const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 
 impl Chart {
     fn px(&self, x: f64) -> f64 {
-        let f = if self.log_x { (x.ln() - self.x0.ln()) / (self.x1.ln() - self.x0.ln()) } else { (x - self.x0) / (self.x1 - self.x0) };
+        let f = if self.log_x {
+            (x.ln() - self.x0.ln()) / (self.x1.ln() - self.x0.ln())
+        } else {
+            (x - self.x0) / (self.x1 - self.x0)
+        };
         60.0 + f.clamp(0.0, 1.0) * (self.w - 80.0)
     }
     fn py(&self, y: f64) -> f64 {
@@ -115,31 +151,82 @@ impl Chart {
             .filter(|p| p.0.is_finite() && p.1.is_finite())
             .map(|&(x, y)| format!("{:.1},{:.1}", self.px(x), self.py(y)))
             .collect();
-        let dash = if dash { " stroke-dasharray=\"5,3\"" } else { "" };
-        let _ = writeln!(self.body, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.8\"{dash} points=\"{}\"/>", d.join(" "));
+        let dash = if dash {
+            " stroke-dasharray=\"5,3\""
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            self.body,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.8\"{dash} points=\"{}\"/>",
+            d.join(" ")
+        );
     }
     fn text(&mut self, x: f64, y: f64, s: &str, color: &str) {
-        let _ = writeln!(self.body, "<text x=\"{x:.1}\" y=\"{y:.1}\" font-size=\"12\" fill=\"{color}\">{s}</text>");
+        let _ = writeln!(
+            self.body,
+            "<text x=\"{x:.1}\" y=\"{y:.1}\" font-size=\"12\" fill=\"{color}\">{s}</text>"
+        );
     }
-    fn finish(mut self, title: &str, xlabel: &str, ylabel: &str, xticks: &[(f64, String)], yticks: &[f64]) -> String {
+    fn finish(
+        mut self,
+        title: &str,
+        xlabel: &str,
+        ylabel: &str,
+        xticks: &[(f64, String)],
+        yticks: &[f64],
+    ) -> String {
         let (w, h) = (self.w, self.h);
         let mut axes = String::new();
-        let _ = writeln!(axes, "<rect x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\" fill=\"white\"/>");
-        let _ = writeln!(axes, "<text x=\"{:.0}\" y=\"18\" font-size=\"14\" text-anchor=\"middle\">{title}</text>", w / 2.0);
+        let _ = writeln!(
+            axes,
+            "<rect x=\"0\" y=\"0\" width=\"{w}\" height=\"{h}\" fill=\"white\"/>"
+        );
+        let _ = writeln!(
+            axes,
+            "<text x=\"{:.0}\" y=\"18\" font-size=\"14\" text-anchor=\"middle\">{title}</text>",
+            w / 2.0
+        );
         let (bx, by) = (self.px(self.x0), self.py(self.y0));
-        let _ = writeln!(axes, "<line x1=\"{bx:.1}\" y1=\"{by:.1}\" x2=\"{:.1}\" y2=\"{by:.1}\" stroke=\"black\"/>", self.px(self.x1));
-        let _ = writeln!(axes, "<line x1=\"{bx:.1}\" y1=\"{by:.1}\" x2=\"{bx:.1}\" y2=\"{:.1}\" stroke=\"black\"/>", self.py(self.y1));
+        let _ = writeln!(
+            axes,
+            "<line x1=\"{bx:.1}\" y1=\"{by:.1}\" x2=\"{:.1}\" y2=\"{by:.1}\" stroke=\"black\"/>",
+            self.px(self.x1)
+        );
+        let _ = writeln!(
+            axes,
+            "<line x1=\"{bx:.1}\" y1=\"{by:.1}\" x2=\"{bx:.1}\" y2=\"{:.1}\" stroke=\"black\"/>",
+            self.py(self.y1)
+        );
         for (x, l) in xticks {
             let px = self.px(*x);
-            let _ = writeln!(axes, "<line x1=\"{px:.1}\" y1=\"{by:.1}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>", self.py(self.y1));
+            let _ = writeln!(
+                axes,
+                "<line x1=\"{px:.1}\" y1=\"{by:.1}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>",
+                self.py(self.y1)
+            );
             let _ = writeln!(axes, "<text x=\"{px:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{l}</text>", by + 15.0);
         }
         for &y in yticks {
             let py = self.py(y);
-            let _ = writeln!(axes, "<line x1=\"{bx:.1}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/>", self.px(self.x1));
-            let _ = writeln!(axes, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{y:.2}</text>", bx - 4.0, py + 4.0);
+            let _ = writeln!(
+                axes,
+                "<line x1=\"{bx:.1}\" y1=\"{py:.1}\" x2=\"{:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/>",
+                self.px(self.x1)
+            );
+            let _ = writeln!(
+                axes,
+                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{y:.2}</text>",
+                bx - 4.0,
+                py + 4.0
+            );
         }
-        let _ = writeln!(axes, "<text x=\"{:.0}\" y=\"{:.0}\" font-size=\"12\" text-anchor=\"middle\">{xlabel}</text>", w / 2.0, h - 8.0);
+        let _ = writeln!(
+            axes,
+            "<text x=\"{:.0}\" y=\"{:.0}\" font-size=\"12\" text-anchor=\"middle\">{xlabel}</text>",
+            w / 2.0,
+            h - 8.0
+        );
         let _ = writeln!(axes, "<text x=\"14\" y=\"{:.0}\" font-size=\"12\" transform=\"rotate(-90 14 {:.0})\" text-anchor=\"middle\">{ylabel}</text>", h / 2.0, h / 2.0);
         self.body.insert_str(0, &axes);
         format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\">\n{}</svg>\n", self.body)
@@ -147,7 +234,9 @@ impl Chart {
 }
 
 fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
-    (0..=n).map(|i| lo + (hi - lo) * i as f64 / n as f64).collect()
+    (0..=n)
+        .map(|i| lo + (hi - lo) * i as f64 / n as f64)
+        .collect()
 }
 
 /// `Λ` and the three capacity terms vs `t` (log axis) at PrfaaS-PD's split; the chosen `t` marked.
@@ -161,19 +250,42 @@ pub fn lambda_svg(r: &Report) -> String {
         _ => f64::NAN,
     };
     let ymax = pts.iter().map(|e| e.lambda).fold(0.0, f64::max) * 2.0;
-    let (x0, x1) = (pts.first().map_or(1.0, |e| e.threshold), pts.last().map_or(2.0, |e| e.threshold));
-    let mut c = Chart { w: 720.0, h: 420.0, x0, x1, y0: 0.0, y1: ymax.max(1e-9), log_x: true, body: String::new() };
+    let (x0, x1) = (
+        pts.first().map_or(1.0, |e| e.threshold),
+        pts.last().map_or(2.0, |e| e.threshold),
+    );
+    let mut c = Chart {
+        w: 720.0,
+        h: 420.0,
+        x0,
+        x1,
+        y0: 0.0,
+        y1: ymax.max(1e-9),
+        log_x: true,
+        body: String::new(),
+    };
     let labels = ["Λ", "Θprfaas/p", "Θpd-p/(1−p)", "Θpd-d"];
     for (k, label) in labels.iter().enumerate() {
-        let line: Vec<(f64, f64)> = pts.iter().map(|e| (e.threshold, term(e, k).min(ymax))).collect();
+        let line: Vec<(f64, f64)> = pts
+            .iter()
+            .map(|e| (e.threshold, term(e, k).min(ymax)))
+            .collect();
         c.line(&line, COLORS[k], k > 0);
         c.text(80.0 + 120.0 * k as f64, 40.0, label, COLORS[k]);
     }
     if let Some((_, best)) = r.model.iter().find(|(k, _)| *k == PolicyKind::PrfaasRouter) {
         if best.threshold.is_finite() && best.threshold > 0.0 {
             let (x, y) = (c.px(best.threshold), c.py(best.lambda));
-            let _ = writeln!(c.body, "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"4\" fill=\"black\"/>");
-            c.text(x + 6.0, y - 6.0, &format!("t*={}, Λ={:.2}", fmt_t(best.threshold), best.lambda), "black");
+            let _ = writeln!(
+                c.body,
+                "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"4\" fill=\"black\"/>"
+            );
+            c.text(
+                x + 6.0,
+                y - 6.0,
+                &format!("t*={}, Λ={:.2}", fmt_t(best.threshold), best.lambda),
+                "black",
+            );
         }
     }
     let xt: Vec<(f64, String)> = [128.0, 1024.0, 4096.0, 16384.0, 65536.0, 131072.0]
@@ -181,13 +293,34 @@ pub fn lambda_svg(r: &Report) -> String {
         .filter(|&x| x >= x0 && x <= x1)
         .map(|x| (x, fmt_t(x)))
         .collect();
-    c.finish("Λ vs offload threshold t (PrfaaS-PD split)", "threshold t (tokens, log)", "requests/s", &xt, &ticks(0.0, ymax, 5))
+    c.finish(
+        "Λ vs offload threshold t (PrfaaS-PD split)",
+        "threshold t (tokens, log)",
+        "requests/s",
+        &xt,
+        &ticks(0.0, ymax, 5),
+    )
 }
 
 /// Empirical TTFT CDF per policy (x up to the largest P99).
 pub fn ttft_svg(r: &Report) -> String {
-    let xmax = r.sim.iter().map(|m| m.ttft_p99_s).filter(|x| x.is_finite()).fold(0.0, f64::max).max(1e-3);
-    let mut c = Chart { w: 720.0, h: 420.0, x0: 0.0, x1: xmax, y0: 0.0, y1: 1.0, log_x: false, body: String::new() };
+    let xmax = r
+        .sim
+        .iter()
+        .map(|m| m.ttft_p99_s)
+        .filter(|x| x.is_finite())
+        .fold(0.0, f64::max)
+        .max(1e-3);
+    let mut c = Chart {
+        w: 720.0,
+        h: 420.0,
+        x0: 0.0,
+        x1: xmax,
+        y0: 0.0,
+        y1: 1.0,
+        log_x: false,
+        body: String::new(),
+    };
     for (k, m) in r.sim.iter().enumerate() {
         let n = m.ttfts.len();
         let step = (n / 400).max(1);
@@ -199,10 +332,24 @@ pub fn ttft_svg(r: &Report) -> String {
             .map(|(i, &t)| (t.min(xmax), (i + 1) as f64 / n as f64))
             .collect();
         c.line(&line, COLORS[k % 4], false);
-        c.text(80.0, 60.0 + 16.0 * k as f64, m.policy.label(), COLORS[k % 4]);
+        c.text(
+            80.0,
+            60.0 + 16.0 * k as f64,
+            m.policy.label(),
+            COLORS[k % 4],
+        );
     }
-    let xt: Vec<(f64, String)> = ticks(0.0, xmax, 6).into_iter().map(|x| (x, format!("{x:.1}"))).collect();
-    c.finish("TTFT CDF per policy", "TTFT (s)", "fraction of requests", &xt, &ticks(0.0, 1.0, 5))
+    let xt: Vec<(f64, String)> = ticks(0.0, xmax, 6)
+        .into_iter()
+        .map(|x| (x, format!("{x:.1}")))
+        .collect();
+    c.finish(
+        "TTFT CDF per policy",
+        "TTFT (s)",
+        "fraction of requests",
+        &xt,
+        &ticks(0.0, 1.0, 5),
+    )
 }
 
 /// Write `table.txt`, `lambda_vs_t.svg` and `ttft_cdf.svg` into `dir`.

@@ -177,7 +177,11 @@ fn profile(points: &[PointMib]) -> Result<PrefillProfile, PolicyError> {
     PrefillProfile::new(
         points
             .iter()
-            .map(|p| ProfilePoint { tokens: p.tokens, prefill_s: p.prefill_s, kv_bytes: p.kv_mib * 1024.0 * 1024.0 })
+            .map(|p| ProfilePoint {
+                tokens: p.tokens,
+                prefill_s: p.prefill_s,
+                kv_bytes: p.kv_mib * 1024.0 * 1024.0,
+            })
             .collect(),
     )
 }
@@ -268,6 +272,15 @@ pub struct Auction {
     pub bandwidth_ewma_alpha: f64,
     /// Time a home waits on a vanished winner before re-auctioning.
     pub failure_timeout_s: f64,
+    /// Bandwidth counts as scarce for the prefix rule below this fraction of nominal.
+    pub scarce_bandwidth_fraction: f64,
+    /// A prompt under the threshold is auctioned to the whole mesh anyway when the home cluster
+    /// would take more than this many times as long as the best remote offer.
+    pub spill_ratio: f64,
+    /// `false` (default): bids carry the bidder's live queue (the Call/Bid exchange of DESIGN.md
+    /// §3, one round trip). `true`: homes decide from gossip adverts alone, as stale as
+    /// `gossip_interval_s`.
+    pub bids_from_gossip: bool,
 }
 
 impl Default for Auction {
@@ -280,6 +293,9 @@ impl Default for Auction {
             lambda_per_s: 1.0,
             bandwidth_ewma_alpha: 0.3,
             failure_timeout_s: 2.0,
+            scarce_bandwidth_fraction: 0.5,
+            spill_ratio: 4.0,
+            bids_from_gossip: false,
         }
     }
 }
@@ -307,8 +323,10 @@ pub struct Capacity {
 impl Scenario {
     /// Read and validate a scenario file.
     pub fn load(path: &std::path::Path) -> Result<Self, ScenarioError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ScenarioError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&text)
     }
 
@@ -326,7 +344,10 @@ impl Scenario {
         if h.pd_instances < 1 || h.homogeneous_instances < 2 {
             return bad("need at least 1 PD instance and 2 homogeneous instances");
         }
-        if h.prfaas_instances > 10_000 || h.pd_instances > 10_000 || h.homogeneous_instances > 10_000 {
+        if h.prfaas_instances > 10_000
+            || h.pd_instances > 10_000
+            || h.homogeneous_instances > 10_000
+        {
             return bad("at most 10000 instances per pool");
         }
         if self.workload.requests == 0 || self.workload.requests > 10_000_000 {
@@ -336,14 +357,20 @@ impl Scenario {
             return bad("output_tokens must be > 0");
         }
         let pos = |x: f64| x.is_finite() && x > 0.0;
+        let nonneg = |x: f64| x.is_finite() && x >= 0.0;
         match self.workload.arrival {
-            Arrival::Poisson { rate_per_s } if !pos(rate_per_s) => return bad("rate_per_s must be > 0"),
-            Arrival::Bursty { high_rate_per_s, low_rate_per_s, mean_high_s, mean_low_s }
-                if !(pos(high_rate_per_s)
-                    && low_rate_per_s.is_finite()
-                    && low_rate_per_s >= 0.0
-                    && pos(mean_high_s)
-                    && pos(mean_low_s)) =>
+            Arrival::Poisson { rate_per_s } if !pos(rate_per_s) => {
+                return bad("rate_per_s must be > 0")
+            }
+            Arrival::Bursty {
+                high_rate_per_s,
+                low_rate_per_s,
+                mean_high_s,
+                mean_low_s,
+            } if !(pos(high_rate_per_s)
+                && nonneg(low_rate_per_s)
+                && pos(mean_high_s)
+                && pos(mean_low_s)) =>
             {
                 return bad("bursty rates/durations must be positive")
             }
@@ -353,20 +380,35 @@ impl Scenario {
         if !(0.0..=1.0).contains(&p.share) || (p.share > 0.0 && (p.groups == 0 || !pos(p.tokens))) {
             return bad("prefixes: share in 0..1 and groups/tokens > 0 when used");
         }
-        if !pos(self.link.bandwidth_gbps) || !(self.link.latency_ms >= 0.0) || self.link.kv_layers == 0 {
+        if !pos(self.link.bandwidth_gbps)
+            || !nonneg(self.link.latency_ms)
+            || self.link.kv_layers == 0
+        {
             return bad("link: bandwidth > 0, latency ≥ 0, kv_layers ≥ 1");
         }
-        if self.link.schedule.iter().any(|s| !pos(s.gbps) || !(s.at_s >= 0.0)) {
+        if self
+            .link
+            .schedule
+            .iter()
+            .any(|s| !pos(s.gbps) || !nonneg(s.at_s))
+        {
             return bad("link schedule: gbps > 0 and at_s ≥ 0");
         }
         let a = &self.auction;
-        if !pos(a.gossip_interval_s) || !pos(a.lambda_per_s) || !(0.0..=1.0).contains(&a.bandwidth_ewma_alpha) {
+        if !pos(a.gossip_interval_s)
+            || !pos(a.lambda_per_s)
+            || !(0.0..=1.0).contains(&a.bandwidth_ewma_alpha)
+        {
             return bad("auction: gossip_interval_s, lambda_per_s > 0, alpha in 0..1");
         }
         if !pos(self.router.check_interval_s) {
             return bad("router.check_interval_s must be > 0");
         }
-        if self.outage.iter().any(|o| !(o.from_s >= 0.0 && o.to_s > o.from_s)) {
+        if self
+            .outage
+            .iter()
+            .any(|o| !nonneg(o.from_s) || !o.to_s.is_finite() || o.to_s <= o.from_s)
+        {
             return bad("outage: 0 ≤ from_s < to_s");
         }
         if let Some(c) = self.capacity {
@@ -378,7 +420,11 @@ impl Scenario {
         h.remote_profile()?;
         h.local_profile()?;
         h.decode_profile()?;
-        crate::policy::PricingParams::new(a.base_per_ktok, a.queue_premium_per_s, a.utilisation_premium)?;
+        crate::policy::PricingParams::new(
+            a.base_per_ktok,
+            a.queue_premium_per_s,
+            a.utilisation_premium,
+        )?;
         Ok(())
     }
 }

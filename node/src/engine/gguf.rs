@@ -437,7 +437,8 @@ impl GgufFile {
         if arch != "llama" {
             return Err(GgufError::UnsupportedArch(arch));
         }
-        let k = |s: &str| format!("{arch}.{s}");
+        let prefix = arch.clone();
+        let k = |s: &str| format!("{prefix}.{s}");
         let hidden = self.get_usize(&k("embedding_length"))?;
         let n_layers = self.get_usize(&k("block_count"))?;
         let n_heads = self.get_usize(&k("attention.head_count"))?;

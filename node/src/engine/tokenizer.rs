@@ -255,7 +255,7 @@ impl Tokenizer {
             }
         }
         // Like llama.cpp's token_to_id map, a duplicated token string resolves to its last id.
-        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let model = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()

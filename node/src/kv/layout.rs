@@ -227,9 +227,9 @@ impl KvLayout {
 
     /// Bytes of one block (K and V) in `layer`; 0 for state layers and out-of-range layers.
     pub fn block_bytes(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .map_or(0, |l| l.kv_elems_per_token() * self.block_size * self.dtype.size_bytes())
+        self.layers.get(layer).map_or(0, |l| {
+            l.kv_elems_per_token() * self.block_size * self.dtype.size_bytes()
+        })
     }
 
     /// Bytes one [`super::BlockId`] stands for: one block in every paged layer.
@@ -259,7 +259,9 @@ impl KvLayout {
     pub fn export_layer_bytes(&self, layer: usize, n_tokens: usize) -> usize {
         match self.layers.get(layer) {
             Some(l @ LayerKvShape::Paged { .. }) => {
-                self.blocks_for_tokens(n_tokens) * self.block_size * l.kv_elems_per_token()
+                self.blocks_for_tokens(n_tokens)
+                    * self.block_size
+                    * l.kv_elems_per_token()
                     * self.dtype.size_bytes()
             }
             Some(LayerKvShape::State { .. }) => self.state_bytes(layer),
@@ -463,7 +465,8 @@ mod tests {
         let h0 = base.layout_hash(model_hash());
         let mut other_model = model_hash();
         other_model[31] ^= 1;
-        let mut variants: Vec<(&str, KvLayout, [u8; 32])> = vec![("model hash", base.clone(), other_model)];
+        let mut variants: Vec<(&str, KvLayout, [u8; 32])> =
+            vec![("model hash", base.clone(), other_model)];
         let mut push = |what: &'static str, f: &dyn Fn(&mut KvLayout)| {
             let mut l = base.clone();
             f(&mut l);
@@ -477,28 +480,60 @@ mod tests {
         });
         push("layers reordered", &|l| l.layers.swap(2, 3));
         push("kv heads", &|l| {
-            l.layers[3] = LayerKvShape::Paged { n_kv_heads: 1, head_dim: 8, window: None }
+            l.layers[3] = LayerKvShape::Paged {
+                n_kv_heads: 1,
+                head_dim: 8,
+                window: None,
+            }
         });
         push("head dim", &|l| {
-            l.layers[3] = LayerKvShape::Paged { n_kv_heads: 2, head_dim: 16, window: None }
+            l.layers[3] = LayerKvShape::Paged {
+                n_kv_heads: 2,
+                head_dim: 16,
+                window: None,
+            }
         });
         push("window added", &|l| {
-            l.layers[3] = LayerKvShape::Paged { n_kv_heads: 2, head_dim: 8, window: Some(4) }
+            l.layers[3] = LayerKvShape::Paged {
+                n_kv_heads: 2,
+                head_dim: 8,
+                window: Some(4),
+            }
         });
         push("window size", &|l| {
-            l.layers[4] = LayerKvShape::Paged { n_kv_heads: 2, head_dim: 8, window: Some(5) }
+            l.layers[4] = LayerKvShape::Paged {
+                n_kv_heads: 2,
+                head_dim: 8,
+                window: Some(5),
+            }
         });
         push("state heads", &|l| {
-            l.layers[0] = LayerKvShape::State { heads: 3, key_dim: 8, value_dim: 8 }
+            l.layers[0] = LayerKvShape::State {
+                heads: 3,
+                key_dim: 8,
+                value_dim: 8,
+            }
         });
         push("state key dim", &|l| {
-            l.layers[0] = LayerKvShape::State { heads: 2, key_dim: 4, value_dim: 8 }
+            l.layers[0] = LayerKvShape::State {
+                heads: 2,
+                key_dim: 4,
+                value_dim: 8,
+            }
         });
         push("state value dim", &|l| {
-            l.layers[0] = LayerKvShape::State { heads: 2, key_dim: 8, value_dim: 4 }
+            l.layers[0] = LayerKvShape::State {
+                heads: 2,
+                key_dim: 8,
+                value_dim: 4,
+            }
         });
         push("paged <-> state with equal numbers", &|l| {
-            l.layers[3] = LayerKvShape::State { heads: 2, key_dim: 8, value_dim: 0 }
+            l.layers[3] = LayerKvShape::State {
+                heads: 2,
+                key_dim: 8,
+                value_dim: 0,
+            }
         });
         let mut seen = std::collections::HashSet::from([h0]);
         for (what, l, mh) in &variants {

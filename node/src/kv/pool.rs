@@ -281,10 +281,15 @@ impl Pool {
         for (i, e) in self.entries.iter().enumerate() {
             let idx = i as u32;
             let in_lru = self.lru.contains(&(e.last_used, idx));
-            let st = self.state(idx).ok_or_else(|| format!("{what} {idx}: no state"))?;
+            let st = self
+                .state(idx)
+                .ok_or_else(|| format!("{what} {idx}: no state"))?;
             let expect_free = st == SlotState::Free;
             if on_free[i] != expect_free {
-                return Err(format!("{what} {idx}: state {st:?} but on_free_list={}", on_free[i]));
+                return Err(format!(
+                    "{what} {idx}: state {st:?} but on_free_list={}",
+                    on_free[i]
+                ));
             }
             if in_lru != (st == SlotState::Cached) {
                 return Err(format!("{what} {idx}: state {st:?} but in_lru={in_lru}"));
@@ -308,7 +313,10 @@ impl Pool {
             return Err(format!("{what}: index has entries for unregistered slots"));
         }
         if self.lru.len() != cached {
-            return Err(format!("{what}: lru has {} entries, {cached} cached", self.lru.len()));
+            return Err(format!(
+                "{what}: lru has {} entries, {cached} cached",
+                self.lru.len()
+            ));
         }
         if (free, in_use, leased) != (self.free.len(), self.in_use, self.leased) {
             return Err(format!(

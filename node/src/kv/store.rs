@@ -434,7 +434,7 @@ impl KvStore {
             if self.states.key_of(s.0).is_some() {
                 return Err(KvError::StateAlreadyCached(s));
             }
-            if n_full == 0 || tokens.len() % bs != 0 {
+            if n_full == 0 || !tokens.len().is_multiple_of(bs) {
                 return Err(KvError::StateNotBlockAligned {
                     n_tokens: tokens.len(),
                     block_size: bs,
@@ -504,7 +504,9 @@ impl KvStore {
         self.next_lease += 1;
         let blocks = self.blocks.take(n_blocks, Some(id)).unwrap_or_default();
         let state = if with_state {
-            self.states.take(1, Some(id)).and_then(|v| v.first().copied())
+            self.states
+                .take(1, Some(id))
+                .and_then(|v| v.first().copied())
         } else {
             None
         };
@@ -624,7 +626,9 @@ impl KvStore {
     /// endpoints, not hot paths.
     pub fn audit(&self) -> Result<(), KvInvariantViolation> {
         self.blocks.audit("block").map_err(KvInvariantViolation)?;
-        self.states.audit("state slot").map_err(KvInvariantViolation)?;
+        self.states
+            .audit("state slot")
+            .map_err(KvInvariantViolation)?;
         if self.deadlines.len() != self.leases.len() {
             return Err(KvInvariantViolation(
                 "lease deadlines and leases disagree".into(),
