@@ -371,6 +371,7 @@ impl Task {
                     let _ = reply.send(Err(MeshError::Overloaded));
                     return;
                 }
+                self.dial_known(peer);
                 let id = self.swarm.behaviour_mut().auction.send_request(&peer, req);
                 self.outbound.insert(id, reply);
             }
@@ -397,6 +398,26 @@ impl Task {
                 };
                 let _ = self.swarm.behaviour_mut().auction.send_response(pc.channel, resp);
             }
+        }
+    }
+
+    /// Dials `peer` at its advertised addresses if not connected (request-response then sends
+    /// the queued request once the connection is up).
+    fn dial_known(&mut self, peer: PeerId) {
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let addrs: Vec<Multiaddr> = self
+            .table
+            .get(&peer)
+            .map(|e| e.advert.listen_addrs.iter().filter_map(|a| a.parse().ok()).take(8).collect())
+            .unwrap_or_default();
+        if !addrs.is_empty() {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let _ = self.swarm.dial(opts);
         }
     }
 

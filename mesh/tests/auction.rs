@@ -34,7 +34,7 @@ fn bid(valid_for_ms: u32) -> Bid {
 }
 
 async fn pair(bidder_cfg: MeshConfig) -> (Node, Node) {
-    let home = spawn(MeshConfig::local()).await;
+    let mut home = spawn(MeshConfig::local()).await;
     let mut cfg = bidder_cfg;
     cfg.bootstrap = vec![home.p2p_addr().to_string()];
     let mut bidder = spawn(cfg).await;
@@ -45,6 +45,14 @@ async fn pair(bidder_cfg: MeshConfig) -> (Node, Node) {
     })
     .await
     .expect("connected");
+    // The listener finishes the handshake after the dialer: wait for both sides.
+    let bidder_id = bidder.id();
+    wait_for(&mut home.events, Duration::from_secs(10), |ev| match ev {
+        MeshEvent::PeerConnected { peer } if peer == bidder_id => Some(()),
+        _ => None,
+    })
+    .await
+    .expect("home connected");
     (home, bidder)
 }
 

@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use prfaas_node::kv::{
-    BlockId, BlockState, KvError, KvStats, KvStore, KvStoreConfig, PrefixHit, StateSlot,
+    block_hashes, BlockId, BlockState, KvError, KvStats, KvStore, KvStoreConfig, PrefixHit,
+    StateSlot,
 };
 
 const BS: usize = 4;
@@ -164,6 +165,7 @@ fn prefix_hits_partial_exact_and_miss() {
 
     let st = check(&s);
     assert_eq!(st.prefix_lookups_total, 4);
+    assert_eq!(st.prefix_hits_total, 2);
     assert_eq!(st.prefix_hit_tokens_total, 20);
     assert_eq!(st.cached, 3);
 }
@@ -499,4 +501,41 @@ fn state_slots_evict_lru_cached_states() {
         s.release_state(StateSlot(9)),
         Err(KvError::InvalidStateSlot(StateSlot(9)))
     );
+}
+
+#[test]
+fn cached_prefix_queries_do_not_retain() {
+    let t0 = Instant::now();
+    let mut s = hybrid_store(8, 2);
+    let prompt = toks(0..12);
+    let blocks = s.allocate(3).unwrap();
+    let snap = s.allocate_state().unwrap();
+    s.insert_prefix(&prompt[..8], &blocks, Some(snap), t0)
+        .unwrap();
+    s.insert_prefix(&prompt, &blocks, None, t0).unwrap();
+    s.release(&blocks).unwrap();
+    let before = check(&s);
+
+    let hashes = block_hashes(&prompt, BS);
+    // Three blocks cached, but the state only after two: two usable.
+    assert_eq!(s.cached_prefix_blocks(&hashes), 2);
+    assert_eq!(
+        s.cached_prefix_blocks(&hashes[..1]),
+        0,
+        "no state after one block"
+    );
+    assert_eq!(s.cached_prefix_blocks(&block_hashes(&toks(50..62), BS)), 0);
+    let mut adv: Vec<_> = s.cached_block_hashes().copied().collect();
+    adv.sort();
+    let mut want = hashes.clone();
+    want.sort();
+    assert_eq!(adv, want);
+    assert_eq!(check(&s), before, "queries change nothing");
+
+    let mut dense = store(8);
+    cache_sequence(&mut dense, &prompt, t0);
+    assert_eq!(dense.cached_prefix_blocks(&hashes), 3);
+    let mut other = prompt.clone();
+    other[5] = 99;
+    assert_eq!(dense.cached_prefix_blocks(&block_hashes(&other, BS)), 1);
 }

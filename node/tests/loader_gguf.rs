@@ -119,14 +119,29 @@ const N_LAYERS: usize = 2;
 
 fn f32_tensor(name: &str, ne: &[u64], seed: u32) -> TensorSpec {
     let n: u64 = ne.iter().product();
-    let data = (0..n).flat_map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) as f32 / u32::MAX as f32 - 0.5).to_le_bytes()).collect();
-    TensorSpec { name: name.into(), ne: ne.to_vec(), ty: 0, data }
+    let data = (0..n)
+        .flat_map(|i| {
+            (((i as u32).wrapping_mul(2654435761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+                .to_le_bytes()
+        })
+        .collect();
+    TensorSpec {
+        name: name.into(),
+        ne: ne.to_vec(),
+        ty: 0,
+        data,
+    }
 }
 
 fn q4_1_tensor(name: &str, ne: &[u64]) -> TensorSpec {
     let n: u64 = ne.iter().product();
     let data = (0..n / 32 * 20).map(|i| (i * 7 % 251) as u8).collect();
-    TensorSpec { name: name.into(), ne: ne.to_vec(), ty: 3, data }
+    TensorSpec {
+        name: name.into(),
+        ne: ne.to_vec(),
+        ty: 3,
+        data,
+    }
 }
 
 /// Tokens: 256 byte tokens, "he", "hel", then two control tokens.
@@ -163,13 +178,19 @@ fn tiny_kvs(arch: &str) -> Vec<(&'static str, Val)> {
         ("tokenizer.ggml.merges", Val::StrArr(merges)),
         ("tokenizer.ggml.bos_token_id", Val::U32(258)),
         ("tokenizer.ggml.eos_token_id", Val::U32(259)),
-        ("tokenizer.chat_template", Val::Str("{% for m in messages %}{{ m.content }}{% endfor %}".into())),
+        (
+            "tokenizer.chat_template",
+            Val::Str("{% for m in messages %}{{ m.content }}{% endfor %}".into()),
+        ),
     ]
 }
 
 fn tiny_tensors() -> Vec<TensorSpec> {
     let v = tiny_vocab().0.len() as u64;
-    let mut t = vec![f32_tensor("token_embd.weight", &[H, v], 1), f32_tensor("output_norm.weight", &[H], 2)];
+    let mut t = vec![
+        f32_tensor("token_embd.weight", &[H, v], 1),
+        f32_tensor("output_norm.weight", &[H], 2),
+    ];
     for i in 0..N_LAYERS {
         let n = |s: &str| format!("blk.{i}.{s}");
         t.push(f32_tensor(&n("attn_norm.weight"), &[H], 3));
@@ -204,27 +225,49 @@ fn tiny_gguf_loads_with_expected_config_weights_and_tokenizer() {
     let path = write_temp("tiny.gguf", &tiny_gguf());
     let m = load_gguf(&path).unwrap();
     let c = &m.config;
-    assert_eq!((c.n_layers(), c.hidden_size, c.intermediate_size), (N_LAYERS, 64, 96));
-    assert_eq!((c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size), (2, 1, 32, 260));
+    assert_eq!(
+        (c.n_layers(), c.hidden_size, c.intermediate_size),
+        (N_LAYERS, 64, 96)
+    );
+    assert_eq!(
+        (c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size),
+        (2, 1, 32, 260)
+    );
     assert_eq!(c.rope_base, 100000.0);
     assert_eq!(c.rope_style, RopeStyle::Normal);
     assert!(c.tie_embeddings && m.weights.output.is_none());
     assert!(!c.qkv_bias);
-    let MixerWeights::Attention(a) = &m.weights.layers[1].mixer else { panic!("expected attention") };
-    assert_eq!((a.wq.dtype, a.wq.shape.clone()), (DType::Q4_1, vec![64, 64]));
+    let MixerWeights::Attention(a) = &m.weights.layers[1].mixer else {
+        panic!("expected attention")
+    };
+    assert_eq!(
+        (a.wq.dtype, a.wq.shape.clone()),
+        (DType::Q4_1, vec![64, 64])
+    );
     assert_eq!(a.wk.shape, vec![32, 64]);
     assert_eq!(a.wk.bytes.len(), 32 * 64 / 32 * 20);
     assert_eq!(m.weights.layers[0].w_down.shape, vec![64, 96]);
     // Bytes are copied verbatim from the file.
-    let expected: Vec<u8> = (0..64 * 64 / 32 * 20).map(|i| (i * 7 % 251) as u8).collect();
+    let expected: Vec<u8> = (0..64 * 64 / 32 * 20)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
     assert_eq!(a.wq.bytes, expected);
     assert_eq!(m.weights.token_embd.shape, vec![260, 64]);
-    assert_eq!(m.chat_template.as_deref(), Some("{% for m in messages %}{{ m.content }}{% endfor %}"));
+    assert_eq!(
+        m.chat_template.as_deref(),
+        Some("{% for m in messages %}{{ m.content }}{% endfor %}")
+    );
     assert_eq!(m.weights_hash.len(), 64);
     // The tokenizer really uses the merges and the control tokens.
     let t = &m.tokenizer;
-    assert_eq!(t.encode("hello", false, false).unwrap(), vec![257, b'l' as u32, b'o' as u32]);
-    assert_eq!(t.encode("<|im_start|>hello", false, true).unwrap(), vec![258, 257, b'l' as u32, b'o' as u32]);
+    assert_eq!(
+        t.encode("hello", false, false).unwrap(),
+        vec![257, b'l' as u32, b'o' as u32]
+    );
+    assert_eq!(
+        t.encode("<|im_start|>hello", false, true).unwrap(),
+        vec![258, 257, b'l' as u32, b'o' as u32]
+    );
     assert_eq!(t.bos(), Some(258));
     assert!(t.is_eog(259));
 }
@@ -238,7 +281,10 @@ fn weights_hash_changes_with_any_tensor_byte() {
     flipped[last] ^= 1;
     let b = GgufFile::parse(flipped).unwrap();
     assert_ne!(a.weights_hash(), b.weights_hash());
-    assert_eq!(a.weights_hash(), GgufFile::parse(bytes).unwrap().weights_hash());
+    assert_eq!(
+        a.weights_hash(),
+        GgufFile::parse(bytes).unwrap().weights_hash()
+    );
 }
 
 #[test]
@@ -246,8 +292,13 @@ fn missing_tensor_and_wrong_arch_are_typed_errors() {
     let mut tensors = tiny_tensors();
     tensors.retain(|t| t.name != "blk.1.ffn_up.weight");
     let p = write_temp("missing.gguf", &write_gguf(&tiny_kvs("llama"), &tensors));
-    assert!(matches!(load_gguf(&p), Err(GgufError::MissingTensor(n)) if n == "blk.1.ffn_up.weight"));
-    let p = write_temp("arch.gguf", &write_gguf(&tiny_kvs("mamba"), &tiny_tensors()));
+    assert!(
+        matches!(load_gguf(&p), Err(GgufError::MissingTensor(n)) if n == "blk.1.ffn_up.weight")
+    );
+    let p = write_temp(
+        "arch.gguf",
+        &write_gguf(&tiny_kvs("mamba"), &tiny_tensors()),
+    );
     assert!(matches!(load_gguf(&p), Err(GgufError::UnsupportedArch(a)) if a == "mamba"));
     let mut tensors = tiny_tensors();
     tensors[2] = f32_tensor("blk.0.attn_norm.weight", &[32], 3);
@@ -297,7 +348,10 @@ fn hostile_headers_are_rejected_without_huge_allocations() {
     put_str(&mut b, "k");
     b.extend_from_slice(&99u32.to_le_bytes());
     b.extend_from_slice(&[0; 64]);
-    assert!(matches!(parse(b), GgufError::UnknownValueType { ty: 99, .. }));
+    assert!(matches!(
+        parse(b),
+        GgufError::UnknownValueType { ty: 99, .. }
+    ));
     let mut b = header(0, 1);
     put_str(&mut b, "k");
     b.extend_from_slice(&9u32.to_le_bytes());
@@ -320,12 +374,30 @@ fn hostile_headers_are_rejected_without_huge_allocations() {
         b.resize(b.len().div_ceil(32) * 32 + 128, 0);
         b
     };
-    assert!(matches!(parse(tensor(5, &[1, 1, 1, 1, 1], 0, 0)), GgufError::Invalid(_)));
-    assert!(matches!(parse(tensor(1, &[32], 2, 0)), GgufError::UnsupportedTensorType { ty: 2, .. }));
-    assert!(matches!(parse(tensor(2, &[u64::MAX, 4], 0, 0)), GgufError::Invalid(_)));
-    assert!(matches!(parse(tensor(1, &[33], 3, 0)), GgufError::Invalid(_)));
-    assert!(matches!(parse(tensor(1, &[32], 0, 0)), GgufError::TensorOutOfBounds { .. }));
-    assert!(matches!(parse(tensor(1, &[4], 0, u64::MAX - 2)), GgufError::TensorOutOfBounds { .. }));
+    assert!(matches!(
+        parse(tensor(5, &[1, 1, 1, 1, 1], 0, 0)),
+        GgufError::Invalid(_)
+    ));
+    assert!(matches!(
+        parse(tensor(1, &[32], 2, 0)),
+        GgufError::UnsupportedTensorType { ty: 2, .. }
+    ));
+    assert!(matches!(
+        parse(tensor(2, &[u64::MAX, 4], 0, 0)),
+        GgufError::Invalid(_)
+    ));
+    assert!(matches!(
+        parse(tensor(1, &[33], 3, 0)),
+        GgufError::Invalid(_)
+    ));
+    assert!(matches!(
+        parse(tensor(1, &[64], 0, 0)),
+        GgufError::TensorOutOfBounds { .. }
+    ));
+    assert!(matches!(
+        parse(tensor(1, &[4], 0, u64::MAX - 2)),
+        GgufError::TensorOutOfBounds { .. }
+    ));
     assert!(GgufFile::parse(tensor(1, &[4], 0, 0)).is_ok());
 }
 
@@ -367,11 +439,16 @@ fn real_model() -> Option<PathBuf> {
         return Some(p);
     }
     assert!(
-        std::env::var("PRFAAS_REQUIRE_MODEL").map(|v| v != "1").unwrap_or(true),
+        std::env::var("PRFAAS_REQUIRE_MODEL")
+            .map(|v| v != "1")
+            .unwrap_or(true),
         "PRFAAS_REQUIRE_MODEL=1 but {} is missing (run scripts/fetch-model)",
         p.display()
     );
-    eprintln!("skipping: {} missing (run scripts/fetch-model)", p.display());
+    eprintln!(
+        "skipping: {} missing (run scripts/fetch-model)",
+        p.display()
+    );
     None
 }
 
@@ -381,19 +458,33 @@ fn smollm2_loads_with_the_documented_geometry() {
     let m = load_gguf(&path).unwrap();
     let c = &m.config;
     assert_eq!(c.arch, "llama");
-    assert_eq!((c.n_layers(), c.hidden_size, c.intermediate_size), (30, 576, 1536));
-    assert_eq!((c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size), (9, 3, 64, 49152));
+    assert_eq!(
+        (c.n_layers(), c.hidden_size, c.intermediate_size),
+        (30, 576, 1536)
+    );
+    assert_eq!(
+        (c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size),
+        (9, 3, 64, 49152)
+    );
     assert_eq!(c.rope_base, 100000.0);
     assert_eq!(c.rope_style, RopeStyle::Normal);
     assert!((c.rms_eps - 1e-5).abs() < 1e-9, "rms eps {}", c.rms_eps);
     assert!(c.tie_embeddings && m.weights.output.is_none());
     assert_eq!(m.weights.token_embd.dtype, DType::Q8_0);
     assert_eq!(m.weights.token_embd.shape, vec![49152, 576]);
-    let MixerWeights::Attention(a) = &m.weights.layers[0].mixer else { panic!("expected attention") };
-    assert_eq!((a.wq.dtype, a.wq.shape.clone()), (DType::Q4_1, vec![576, 576]));
+    let MixerWeights::Attention(a) = &m.weights.layers[0].mixer else {
+        panic!("expected attention")
+    };
+    assert_eq!(
+        (a.wq.dtype, a.wq.shape.clone()),
+        (DType::Q4_1, vec![576, 576])
+    );
     assert_eq!(a.wk.shape, vec![192, 576]);
     assert_eq!(m.weights.layers[0].attn_norm.dtype, DType::F32);
-    assert!(m.chat_template.as_deref().is_some_and(|t| t.contains("<|im_start|>")));
+    assert!(m
+        .chat_template
+        .as_deref()
+        .is_some_and(|t| t.contains("<|im_start|>")));
     assert_eq!(m.tokenizer.bos(), Some(1));
     assert_eq!(m.tokenizer.eos(), Some(2));
     assert!(!m.tokenizer.add_bos());
@@ -407,7 +498,11 @@ fn smollm2_weights_hash_is_fast_and_stable() {
     let h1 = f.weights_hash();
     let dt = t0.elapsed();
     assert_eq!(h1, f.weights_hash());
-    eprintln!("blake3 over {} tensor bytes: {:?}", f.tensors.iter().map(|t| t.size).sum::<u64>(), dt);
+    eprintln!(
+        "blake3 over {} tensor bytes: {:?}",
+        f.tensors.iter().map(|t| t.size).sum::<u64>(),
+        dt
+    );
     // Generous bound: blake3 is built optimised even in debug (deps opt-level 2); 0.5 s in release.
     assert!(dt.as_secs_f64() < 2.0, "hashing took {dt:?}");
 }
@@ -419,15 +514,27 @@ fn smollm2_truncated_anywhere_is_a_clear_error() {
     let full = GgufFile::parse(bytes.clone()).unwrap();
     let header_end = full.data_offset;
     let mut cuts: Vec<usize> = vec![0, 3, 4, 8, 16, 24, 100, 1000, 10_000, 100_000, 1_000_000];
-    cuts.extend([header_end - 1, header_end, header_end + 1, bytes.len() / 2, bytes.len() - 1]);
+    cuts.extend([
+        header_end - 1,
+        header_end,
+        header_end + 1,
+        bytes.len() / 2,
+        bytes.len() - 1,
+    ]);
     for cut in cuts {
         let err = GgufFile::parse(bytes[..cut].to_vec()).unwrap_err();
         let msg = err.to_string();
         assert!(!msg.is_empty());
         if cut >= header_end {
-            assert!(matches!(err, GgufError::TensorOutOfBounds { .. }), "cut {cut}: {msg}");
+            assert!(
+                matches!(err, GgufError::TensorOutOfBounds { .. }),
+                "cut {cut}: {msg}"
+            );
         } else {
-            assert!(matches!(err, GgufError::Truncated { .. } | GgufError::Invalid(_)), "cut {cut}: {msg}");
+            assert!(
+                matches!(err, GgufError::Truncated { .. } | GgufError::Invalid(_)),
+                "cut {cut}: {msg}"
+            );
         }
     }
 }

@@ -42,18 +42,26 @@ fn real_model() -> Option<PathBuf> {
         return Some(p);
     }
     assert!(
-        std::env::var("PRFAAS_REQUIRE_MODEL").map(|v| v != "1").unwrap_or(true),
+        std::env::var("PRFAAS_REQUIRE_MODEL")
+            .map(|v| v != "1")
+            .unwrap_or(true),
         "PRFAAS_REQUIRE_MODEL=1 but {} is missing (run scripts/fetch-model)",
         p.display()
     );
-    eprintln!("skipping: {} missing (run scripts/fetch-model)", p.display());
+    eprintln!(
+        "skipping: {} missing (run scripts/fetch-model)",
+        p.display()
+    );
     None
 }
 
 fn load() -> Option<(Tokenizer, Option<String>)> {
     let path = real_model()?;
     let f = GgufFile::open(&path).unwrap();
-    let tmpl = f.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string);
+    let tmpl = f
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
     Some((Tokenizer::from_gguf(&f).unwrap(), tmpl))
 }
 
@@ -61,7 +69,10 @@ fn load() -> Option<(Tokenizer, Option<String>)> {
 fn fixture_is_substantial() {
     let fx = fixture();
     assert!(fx.cases.len() >= 30, "only {} cases", fx.cases.len());
-    assert!(fx.cases.iter().any(|c| c.parse_special && c.text.contains("<|im_start|>")));
+    assert!(fx
+        .cases
+        .iter()
+        .any(|c| c.parse_special && c.text.contains("<|im_start|>")));
     assert!(fx.cases.iter().any(|c| !c.parse_special));
 }
 
@@ -72,10 +83,18 @@ fn encode_matches_llama_cpp_on_every_fixture() {
     for c in &fixture().cases {
         let ids = tok.encode(&c.text, false, c.parse_special).unwrap();
         if ids != c.ids {
-            failures.push(format!("{:?} (parse_special={}): ours {:?}, llama.cpp {:?}", c.text, c.parse_special, ids, c.ids));
+            failures.push(format!(
+                "{:?} (parse_special={}): ours {:?}, llama.cpp {:?}",
+                c.text, c.parse_special, ids, c.ids
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -103,7 +122,10 @@ fn stream_decoder_holds_back_partial_characters() {
     assert!(ids.len() > 1, "expected a multi-token emoji, got {ids:?}");
     let mut dec = tok.stream_decoder(false);
     let outs: Vec<String> = ids.iter().map(|&id| dec.push(id).unwrap()).collect();
-    assert!(outs[..outs.len() - 1].iter().all(|s| s.is_empty()), "{outs:?}");
+    assert!(
+        outs[..outs.len() - 1].iter().all(|s| s.is_empty()),
+        "{outs:?}"
+    );
     assert_eq!(outs.last().unwrap(), "😀");
     assert_eq!(dec.finish(), "");
 }
@@ -111,7 +133,9 @@ fn stream_decoder_holds_back_partial_characters() {
 #[test]
 fn skip_special_drops_control_tokens() {
     let Some((tok, _)) = load() else { return };
-    let ids = tok.encode("<|im_start|>user\nhi<|im_end|>", false, true).unwrap();
+    let ids = tok
+        .encode("<|im_start|>user\nhi<|im_end|>", false, true)
+        .unwrap();
     assert_eq!(tok.decode(&ids, true).unwrap(), "user\nhi");
     assert!(tok.is_eog(tok.special_id("<|im_end|>").unwrap()));
     assert!(tok.decode(&[u32::MAX], false).is_err());
@@ -120,10 +144,18 @@ fn skip_special_drops_control_tokens() {
 #[test]
 fn chat_template_matches_jinja2() {
     let Some((_, tmpl)) = load() else { return };
-    let t = ChatTemplate::new(&tmpl.expect("SmolLM2 ships a chat template"), "<|im_start|>", "<|im_end|>").unwrap();
+    let t = ChatTemplate::new(
+        &tmpl.expect("SmolLM2 ships a chat template"),
+        "<|im_start|>",
+        "<|im_end|>",
+    )
+    .unwrap();
     let fx = fixture();
     assert!(!fx.chat_cases.is_empty());
     for c in &fx.chat_cases {
-        assert_eq!(t.render(&c.messages, c.add_generation_prompt).unwrap(), c.rendered);
+        assert_eq!(
+            t.render(&c.messages, c.add_generation_prompt).unwrap(),
+            c.rendered
+        );
     }
 }

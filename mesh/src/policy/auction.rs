@@ -7,15 +7,21 @@
 //! **Scoring.** The home node scores each bid
 //! `score = price + λ · (queue_delay + prefill_time + kv_bytes / observed_bandwidth)`, where the
 //! bandwidth is what the home has *measured* to that bidder (an EWMA of real transfers), not what
-//! the bidder claims. `λ` converts seconds of time-to-first-token into price units. The home's own
-//! prefill enters as a **reserve bid** (price 0 — it is its own capacity — and no transfer term).
+//! the bidder claims. `λ` converts seconds of time-to-first-token into price units. The home
+//! cluster's own prefill enters as a **reserve bid**: priced by the same rule (its capacity has
+//! the same opportunity cost), no transfer term, never paid, and it wins ties.
 //!
 //! **Settlement.** Lowest score wins. The winner is paid the price at which its score would tie
 //! the runner-up's: `payment = score₂ − λ · delay_winner` (the multi-attribute Vickrey /
 //! second-score rule). The payment does not depend on the winner's own price, so as long as the
 //! delay components are checked by the home (queue and prefill from the bidder's profile, bandwidth
-//! measured) asking one's true cost is a dominant strategy. With a single bid the home's
-//! `max_score` acts as the runner-up (a posted reserve), which keeps the rule truthful.
+//! measured) asking one's true cost is a dominant strategy *in each auction*. With a single bid
+//! the home's `max_score` acts as the runner-up (a posted reserve), which keeps the rule truthful.
+//!
+//! Limit (measured in the simulator, see the `prfaas simulate` notes): across *repeated* auctions
+//! a bidder with a queue can gain by inflating its price — losing low-rent auctions keeps its
+//! queue short, which raises the speed rent it earns in later ones. The per-auction argument does
+//! not cover that; pricing the queue's opportunity cost (`queue_premium_per_s`) only narrows it.
 
 use serde::Serialize;
 

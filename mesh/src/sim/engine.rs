@@ -10,9 +10,14 @@
 //! * Decode instances batch continuously up to `BS_max` (the SLO cap); every step runs at the SLO
 //!   step time, so a request holds a slot for `L_out` steps. The first token is out one step after
 //!   joining a batch; TTFT is measured to that point.
-//! * The central router sees every queue and the link exactly (it is central); the auction's home
-//!   nodes see peers only through gossip snapshots taken every `gossip_interval_s`, extrapolated
-//!   by the work they themselves sent since. Prefix-cache summaries are taken as current.
+//! * The central router sees every queue and the link exactly (it is central) and re-searches `t`
+//!   when its trigger fires. The auction's home nodes (one per decode instance) know peers only
+//!   from gossip snapshots taken every `gossip_interval_s` (liveness, utilisation, price); bids
+//!   carry the bidder's live queue after one Call/Bid round trip, or — with `bids_from_gossip` —
+//!   the advert's queue extrapolated by what the home itself sent since. Each home keeps its own
+//!   `t`, re-searched from the bandwidth *it* observed; prompts under `t` are auctioned among the
+//!   home cluster's prefill instances only, unless that would be `spill_ratio`× slower than the
+//!   best remote offer. Prefix-cache summaries are taken as current.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};

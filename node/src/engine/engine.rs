@@ -760,7 +760,7 @@ impl Engine {
                     }
                 }
                 if live.is_empty() {
-                    if waiting.len() == 0 {
+                    if waiting.is_empty() {
                         return Ok(());
                     }
                     continue;

@@ -13,7 +13,9 @@ use std::path::Path;
 
 use prfaas_kernels::{DType, HostTensor, RopeStyle};
 
-use super::config::{AttentionWeights, LayerKind, LayerWeights, MixerWeights, ModelConfig, ModelWeights};
+use super::config::{
+    AttentionWeights, LayerKind, LayerWeights, MixerWeights, ModelConfig, ModelWeights,
+};
 use super::tokenizer::{Tokenizer, TokenizerError};
 
 /// "GGUF" read as a little-endian u32.
@@ -29,21 +31,36 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("not a GGUF file (magic {0:02x?}, expected \"GGUF\")")]
     BadMagic([u8; 4]),
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     UnsupportedVersion(u32),
     #[error("file truncated: needed {needed} bytes at offset {offset} while reading {what}, file has {len}")]
-    Truncated { what: &'static str, offset: usize, needed: u64, len: usize },
+    Truncated {
+        what: &'static str,
+        offset: usize,
+        needed: u64,
+        len: usize,
+    },
     #[error("invalid GGUF: {0}")]
     Invalid(String),
     #[error("unknown metadata value type {ty} for key {key:?}")]
     UnknownValueType { key: String, ty: u32 },
     #[error("tensor {name:?} has ggml type {ty} which this engine does not support (supported: F32, F16, Q4_1, Q8_0)")]
     UnsupportedTensorType { name: String, ty: u32 },
-    #[error("tensor {name:?}: data [{start}, {end}) lies outside the file's data section (size {size})")]
-    TensorOutOfBounds { name: String, start: u64, end: u64, size: u64 },
+    #[error(
+        "tensor {name:?}: data [{start}, {end}) lies outside the file's data section (size {size})"
+    )]
+    TensorOutOfBounds {
+        name: String,
+        start: u64,
+        end: u64,
+        size: u64,
+    },
     #[error("missing metadata key {0:?}")]
     MissingKey(String),
     #[error("metadata key {key:?} has the wrong type (expected {expected})")]
@@ -53,7 +70,11 @@ pub enum GgufError {
     #[error("missing tensor {0:?}")]
     MissingTensor(String),
     #[error("tensor {name:?} has shape {actual:?}, expected {expected:?}")]
-    BadShape { name: String, actual: Vec<usize>, expected: Vec<usize> },
+    BadShape {
+        name: String,
+        actual: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] TokenizerError),
 }
@@ -181,7 +202,12 @@ impl<'a> Reader<'a> {
     fn take(&mut self, n: u64, what: &'static str) -> Result<&'a [u8], GgufError> {
         let remaining = (self.buf.len() - self.pos) as u64;
         if n > remaining {
-            return Err(GgufError::Truncated { what, offset: self.pos, needed: n, len: self.buf.len() });
+            return Err(GgufError::Truncated {
+                what,
+                offset: self.pos,
+                needed: n,
+                len: self.buf.len(),
+            });
         }
         let n = n as usize;
         let s = &self.buf[self.pos..self.pos + n];
@@ -206,8 +232,9 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &'static str) -> Result<String, GgufError> {
         let len = self.u64(what)?;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| GgufError::Invalid(format!("{what} at offset {} is not valid UTF-8", self.pos)))
+        String::from_utf8(bytes.to_vec()).map_err(|_| {
+            GgufError::Invalid(format!("{what} at offset {} is not valid UTF-8", self.pos))
+        })
     }
 
     fn value(&mut self, key: &str, ty: u32, depth: usize) -> Result<MetaValue, GgufError> {
@@ -228,12 +255,17 @@ impl<'a> Reader<'a> {
             8 => MetaValue::String(self.string("metadata string")?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(GgufError::Invalid(format!("key {key:?}: arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                    return Err(GgufError::Invalid(format!(
+                        "key {key:?}: arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    )));
                 }
                 let elem_ty = self.u32("array element type")?;
                 let count = self.u64("array length")?;
-                let min_elem = min_value_size(elem_ty)
-                    .ok_or_else(|| GgufError::UnknownValueType { key: key.to_string(), ty: elem_ty })?;
+                let min_elem =
+                    min_value_size(elem_ty).ok_or_else(|| GgufError::UnknownValueType {
+                        key: key.to_string(),
+                        ty: elem_ty,
+                    })?;
                 // A hostile count cannot make us allocate more than the file could hold.
                 if count.saturating_mul(min_elem) > self.remaining() {
                     return Err(GgufError::Truncated {
@@ -252,7 +284,12 @@ impl<'a> Reader<'a> {
             10 => MetaValue::U64(u64::from_le_bytes(self.array(W)?)),
             11 => MetaValue::I64(i64::from_le_bytes(self.array(W)?)),
             12 => MetaValue::F64(f64::from_le_bytes(self.array(W)?)),
-            _ => return Err(GgufError::UnknownValueType { key: key.to_string(), ty }),
+            _ => {
+                return Err(GgufError::UnknownValueType {
+                    key: key.to_string(),
+                    ty,
+                })
+            }
         })
     }
 }
@@ -263,8 +300,8 @@ fn min_value_size(ty: u32) -> Option<u64> {
         0 | 1 | 7 => 1,
         2 | 3 => 2,
         4..=6 => 4,
-        8 => 8,      // u64 length
-        9 => 4 + 8,  // element type + count
+        8 => 8,     // u64 length
+        9 => 4 + 8, // element type + count
         10..=12 => 8,
         _ => return None,
     })
@@ -284,14 +321,19 @@ fn ggml_dtype(ty: u32) -> Option<DType> {
 impl GgufFile {
     /// Read and parse a GGUF file from disk.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let bytes = std::fs::read(path)
-            .map_err(|source| GgufError::Io { path: path.display().to_string(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| GgufError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(bytes)
     }
 
     /// Parse GGUF bytes already in memory.
     pub fn parse(bytes: Vec<u8>) -> Result<Self, GgufError> {
-        let mut r = Reader { buf: &bytes, pos: 0 };
+        let mut r = Reader {
+            buf: &bytes,
+            pos: 0,
+        };
         let magic: [u8; 4] = r.array("magic")?;
         if magic != GGUF_MAGIC {
             return Err(GgufError::BadMagic(magic));
@@ -304,10 +346,16 @@ impl GgufFile {
         let n_kv = r.u64("metadata count")?;
         // Each KV needs ≥ 8 (key len) + 4 (type) + 1 bytes, each tensor info ≥ 8 + 4 + 8 + 4 + 8.
         if n_kv.saturating_mul(13) > r.remaining() {
-            return Err(GgufError::Invalid(format!("metadata count {n_kv} cannot fit in a {}-byte file", bytes.len())));
+            return Err(GgufError::Invalid(format!(
+                "metadata count {n_kv} cannot fit in a {}-byte file",
+                bytes.len()
+            )));
         }
         if n_tensors.saturating_mul(32) > r.remaining() {
-            return Err(GgufError::Invalid(format!("tensor count {n_tensors} cannot fit in a {}-byte file", bytes.len())));
+            return Err(GgufError::Invalid(format!(
+                "tensor count {n_tensors} cannot fit in a {}-byte file",
+                bytes.len()
+            )));
         }
         let mut metadata = HashMap::with_capacity(n_kv as usize);
         for _ in 0..n_kv {
@@ -321,7 +369,9 @@ impl GgufFile {
             let name = r.string("tensor name")?;
             let n_dims = r.u32("tensor dims")? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(GgufError::Invalid(format!("tensor {name:?} has {n_dims} dimensions (1..={MAX_DIMS})")));
+                return Err(GgufError::Invalid(format!(
+                    "tensor {name:?} has {n_dims} dimensions (1..={MAX_DIMS})"
+                )));
             }
             let mut ne = Vec::with_capacity(n_dims);
             for _ in 0..n_dims {
@@ -329,12 +379,10 @@ impl GgufFile {
             }
             let ty = r.u32("tensor type")?;
             let offset = r.u64("tensor offset")?;
-            let dtype = ggml_dtype(ty).ok_or_else(|| GgufError::UnsupportedTensorType { name: name.clone(), ty })?;
-            let numel = ne
-                .iter()
-                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .filter(|&n| n <= bytes.len() as u64 * 2)
-                .ok_or_else(|| GgufError::Invalid(format!("tensor {name:?} shape {ne:?} is absurdly large")))?;
+            let dtype = ggml_dtype(ty).ok_or_else(|| GgufError::UnsupportedTensorType {
+                name: name.clone(),
+                ty,
+            })?;
             let block = dtype.block_len() as u64;
             if ne[0] % block != 0 {
                 return Err(GgufError::Invalid(format!(
@@ -342,15 +390,27 @@ impl GgufFile {
                     ne[0]
                 )));
             }
-            let size = numel / block * dtype.block_bytes() as u64;
-            tensors.push(TensorInfo { name, ne, dtype, offset, size });
+            // Overflow means a hostile shape; a merely large one is caught by the bounds check below.
+            let size = ne
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .and_then(|n| (n / block).checked_mul(dtype.block_bytes() as u64))
+                .ok_or_else(|| {
+                    GgufError::Invalid(format!("tensor {name:?} shape {ne:?} overflows"))
+                })?;
+            tensors.push(TensorInfo {
+                name,
+                ne,
+                dtype,
+                offset,
+                size,
+            });
         }
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
-            Some(v) => v
-                .as_u64()
-                .filter(|a| a.is_power_of_two())
-                .ok_or_else(|| GgufError::Invalid("general.alignment is not a power of two".into()))?,
+            Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| {
+                GgufError::Invalid("general.alignment is not a power of two".into())
+            })?,
         };
         let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
         if data_offset > bytes.len() as u64 {
@@ -363,12 +423,23 @@ impl GgufFile {
         }
         let data_size = bytes.len() as u64 - data_offset;
         for t in &tensors {
-            let end = t.offset.checked_add(t.size).unwrap_or(u64::MAX);
+            let end = t.offset.saturating_add(t.size);
             if end > data_size {
-                return Err(GgufError::TensorOutOfBounds { name: t.name.clone(), start: t.offset, end, size: data_size });
+                return Err(GgufError::TensorOutOfBounds {
+                    name: t.name.clone(),
+                    start: t.offset,
+                    end,
+                    size: data_size,
+                });
             }
         }
-        Ok(Self { version, metadata, tensors, data_offset: data_offset as usize, bytes })
+        Ok(Self {
+            version,
+            metadata,
+            tensors,
+            data_offset: data_offset as usize,
+            bytes,
+        })
     }
 
     /// Raw bytes of a tensor's data (bounds were checked in [`GgufFile::parse`]).
@@ -388,30 +459,56 @@ impl GgufFile {
         self.metadata.get(key)
     }
     fn req(&self, key: &str) -> Result<&MetaValue, GgufError> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey(key.to_string()))
+        self.get(key)
+            .ok_or_else(|| GgufError::MissingKey(key.to_string()))
     }
     pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
-        self.req(key)?.as_str().ok_or(GgufError::WrongType { key: key.into(), expected: "string" })
+        self.req(key)?.as_str().ok_or(GgufError::WrongType {
+            key: key.into(),
+            expected: "string",
+        })
     }
     pub fn get_usize(&self, key: &str) -> Result<usize, GgufError> {
-        let v = self.req(key)?.as_u64().ok_or(GgufError::WrongType { key: key.into(), expected: "unsigned integer" })?;
+        let v = self.req(key)?.as_u64().ok_or(GgufError::WrongType {
+            key: key.into(),
+            expected: "unsigned integer",
+        })?;
         usize::try_from(v).map_err(|_| GgufError::Invalid(format!("{key} = {v} is too large")))
     }
     pub fn get_f32(&self, key: &str) -> Result<f32, GgufError> {
-        self.req(key)?.as_f32().ok_or(GgufError::WrongType { key: key.into(), expected: "number" })
+        self.req(key)?.as_f32().ok_or(GgufError::WrongType {
+            key: key.into(),
+            expected: "number",
+        })
     }
     /// A string array (e.g. `tokenizer.ggml.tokens`).
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, GgufError> {
-        let arr = self.req(key)?.as_array().ok_or(GgufError::WrongType { key: key.into(), expected: "array" })?;
+        let arr = self.req(key)?.as_array().ok_or(GgufError::WrongType {
+            key: key.into(),
+            expected: "array",
+        })?;
         arr.iter()
-            .map(|v| v.as_str().ok_or(GgufError::WrongType { key: key.into(), expected: "array of strings" }))
+            .map(|v| {
+                v.as_str().ok_or(GgufError::WrongType {
+                    key: key.into(),
+                    expected: "array of strings",
+                })
+            })
             .collect()
     }
     /// An integer array (e.g. `tokenizer.ggml.token_type`).
     pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>, GgufError> {
-        let arr = self.req(key)?.as_array().ok_or(GgufError::WrongType { key: key.into(), expected: "array" })?;
+        let arr = self.req(key)?.as_array().ok_or(GgufError::WrongType {
+            key: key.into(),
+            expected: "array",
+        })?;
         arr.iter()
-            .map(|v| v.as_i64().ok_or(GgufError::WrongType { key: key.into(), expected: "array of integers" }))
+            .map(|v| {
+                v.as_i64().ok_or(GgufError::WrongType {
+                    key: key.into(),
+                    expected: "array of integers",
+                })
+            })
             .collect()
     }
 
@@ -423,9 +520,17 @@ impl GgufFile {
             .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
         let shape = t.shape();
         if shape != expected {
-            return Err(GgufError::BadShape { name: name.into(), actual: shape, expected: expected.to_vec() });
+            return Err(GgufError::BadShape {
+                name: name.into(),
+                actual: shape,
+                expected: expected.to_vec(),
+            });
         }
-        Ok(HostTensor { dtype: t.dtype, shape, bytes: self.tensor_data(t).to_vec() })
+        Ok(HostTensor {
+            dtype: t.dtype,
+            shape,
+            bytes: self.tensor_data(t).to_vec(),
+        })
     }
     fn has_tensor(&self, name: &str) -> bool {
         self.tensors.iter().any(|t| t.name == name)
@@ -446,13 +551,20 @@ impl GgufFile {
             Some(_) => self.get_usize(&k("attention.head_count_kv"))?,
             None => n_heads,
         };
-        if hidden == 0 || n_heads == 0 || n_kv_heads == 0 || hidden % n_heads != 0 || n_heads % n_kv_heads != 0 {
+        if hidden == 0
+            || n_heads == 0
+            || n_kv_heads == 0
+            || hidden % n_heads != 0
+            || n_heads % n_kv_heads != 0
+        {
             return Err(GgufError::Invalid(format!(
                 "inconsistent attention geometry: hidden {hidden}, heads {n_heads}, kv heads {n_kv_heads}"
             )));
         }
         if n_layers == 0 || n_layers > 1024 {
-            return Err(GgufError::Invalid(format!("block_count {n_layers} out of range")));
+            return Err(GgufError::Invalid(format!(
+                "block_count {n_layers} out of range"
+            )));
         }
         let head_dim = match self.get(&k("attention.key_length")) {
             Some(_) => self.get_usize(&k("attention.key_length"))?,
@@ -527,7 +639,11 @@ impl GgufFile {
         Ok(ModelWeights {
             token_embd: self.tensor("token_embd.weight", &[v, h])?,
             output_norm: self.tensor("output_norm.weight", &[h])?,
-            output: if cfg.tie_embeddings { None } else { Some(self.tensor("output.weight", &[v, h])?) },
+            output: if cfg.tie_embeddings {
+                None
+            } else {
+                Some(self.tensor("output.weight", &[v, h])?)
+            },
             layers,
         })
     }
@@ -546,7 +662,16 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, GgufError> {
             config.vocab_size
         )));
     }
-    let chat_template = file.get("tokenizer.chat_template").and_then(MetaValue::as_str).map(str::to_string);
+    let chat_template = file
+        .get("tokenizer.chat_template")
+        .and_then(MetaValue::as_str)
+        .map(str::to_string);
     let weights_hash = file.weights_hash();
-    Ok(LoadedModel { config, weights, tokenizer, chat_template, weights_hash })
+    Ok(LoadedModel {
+        config,
+        weights,
+        tokenizer,
+        chat_template,
+        weights_hash,
+    })
 }

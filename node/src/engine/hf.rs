@@ -9,16 +9,24 @@ use std::path::{Path, PathBuf};
 use prfaas_kernels::{DType, HostTensor, RopeStyle};
 use safetensors::SafeTensors;
 
-use super::config::{AttentionWeights, LayerKind, LayerWeights, MixerWeights, ModelConfig, ModelWeights};
+use super::config::{
+    AttentionWeights, LayerKind, LayerWeights, MixerWeights, ModelConfig, ModelWeights,
+};
 use super::gguf::LoadedModel;
 use super::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HfError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: invalid JSON: {source}")]
-    Json { path: String, source: serde_json::Error },
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("{path}: invalid safetensors file: {reason}")]
     Safetensors { path: String, reason: String },
     #[error("no *.safetensors files in {0}")]
@@ -30,7 +38,11 @@ pub enum HfError {
     #[error("missing tensor {0:?}")]
     MissingTensor(String),
     #[error("tensor {name:?} has shape {actual:?}, expected {expected:?}")]
-    BadShape { name: String, actual: Vec<usize>, expected: Vec<usize> },
+    BadShape {
+        name: String,
+        actual: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error("tensor {name:?} has dtype {dtype} (supported: F32, F16, BF16)")]
     UnsupportedDType { name: String, dtype: String },
     #[error("tokenizer: {0}")]
@@ -70,7 +82,10 @@ fn default_max_pos() -> usize {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, HfError> {
-    std::fs::read(path).map_err(|source| HfError::Io { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| HfError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn model_config(cfg: &HfConfig, dir: &Path) -> Result<ModelConfig, HfError> {
@@ -81,16 +96,25 @@ fn model_config(cfg: &HfConfig, dir: &Path) -> Result<ModelConfig, HfError> {
     };
     let n_kv_heads = cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads);
     let (h, nh) = (cfg.hidden_size, cfg.num_attention_heads);
-    if h == 0 || nh == 0 || n_kv_heads == 0 || nh % n_kv_heads != 0 || (cfg.head_dim.is_none() && h % nh != 0) {
+    if h == 0
+        || nh == 0
+        || n_kv_heads == 0
+        || nh % n_kv_heads != 0
+        || (cfg.head_dim.is_none() && h % nh != 0)
+    {
         return Err(HfError::Config(format!(
             "inconsistent attention geometry: hidden {h}, heads {nh}, kv heads {n_kv_heads}"
         )));
     }
     if cfg.num_hidden_layers == 0 || cfg.num_hidden_layers > 1024 || cfg.vocab_size == 0 {
-        return Err(HfError::Config("layer count or vocab size out of range".into()));
+        return Err(HfError::Config(
+            "layer count or vocab size out of range".into(),
+        ));
     }
     let name = cfg.name_or_path.clone().unwrap_or_else(|| {
-        dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "hf-model".into())
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "hf-model".into())
     });
     Ok(ModelConfig {
         name,
@@ -118,7 +142,10 @@ struct Shards {
 
 impl Shards {
     fn open(dir: &Path) -> Result<Self, HfError> {
-        let rd = std::fs::read_dir(dir).map_err(|source| HfError::Io { path: dir.display().to_string(), source })?;
+        let rd = std::fs::read_dir(dir).map_err(|source| HfError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
         let mut paths: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
@@ -131,8 +158,10 @@ impl Shards {
         for p in paths {
             let bytes = read(&p)?;
             // Validate now so later lookups cannot fail on a corrupt header.
-            SafeTensors::deserialize(&bytes)
-                .map_err(|e| HfError::Safetensors { path: p.display().to_string(), reason: e.to_string() })?;
+            SafeTensors::deserialize(&bytes).map_err(|e| HfError::Safetensors {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })?;
             files.push((p, bytes));
         }
         Ok(Self { files })
@@ -148,8 +177,10 @@ impl Shards {
 
     fn get(&self, name: &str, expected: &[usize]) -> Result<HostTensor, HfError> {
         for (path, bytes) in &self.files {
-            let st = SafeTensors::deserialize(bytes)
-                .map_err(|e| HfError::Safetensors { path: path.display().to_string(), reason: e.to_string() })?;
+            let st = SafeTensors::deserialize(bytes).map_err(|e| HfError::Safetensors {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
             let Ok(view) = st.tensor(name) else { continue };
             if view.shape() != expected {
                 return Err(HfError::BadShape {
@@ -170,9 +201,18 @@ impl Shards {
                     }
                     (DType::F32, out)
                 }
-                other => return Err(HfError::UnsupportedDType { name: name.into(), dtype: format!("{other:?}") }),
+                other => {
+                    return Err(HfError::UnsupportedDType {
+                        name: name.into(),
+                        dtype: format!("{other:?}"),
+                    })
+                }
             };
-            return Ok(HostTensor { dtype, shape: expected.to_vec(), bytes });
+            return Ok(HostTensor {
+                dtype,
+                shape: expected.to_vec(),
+                bytes,
+            });
         }
         Err(HfError::MissingTensor(name.to_string()))
     }
@@ -235,8 +275,11 @@ fn chat_template(dir: &Path) -> Result<Option<String>, HfError> {
     if !path.exists() {
         return Ok(None);
     }
-    let v: serde_json::Value = serde_json::from_slice(&read(&path)?)
-        .map_err(|source| HfError::Json { path: path.display().to_string(), source })?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&read(&path)?).map_err(|source| HfError::Json {
+            path: path.display().to_string(),
+            source,
+        })?;
     Ok(match v.get("chat_template") {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(serde_json::Value::Array(list)) => list
@@ -253,8 +296,11 @@ fn chat_template(dir: &Path) -> Result<Option<String>, HfError> {
 /// Load an HF model directory.
 pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel, HfError> {
     let cfg_path = dir.join("config.json");
-    let hf: HfConfig = serde_json::from_slice(&read(&cfg_path)?)
-        .map_err(|source| HfError::Json { path: cfg_path.display().to_string(), source })?;
+    let hf: HfConfig =
+        serde_json::from_slice(&read(&cfg_path)?).map_err(|source| HfError::Json {
+            path: cfg_path.display().to_string(),
+            source,
+        })?;
     let mut config = model_config(&hf, dir)?;
     let shards = Shards::open(dir)?;
     config.tie_embeddings = config.tie_embeddings && !shards.has("lm_head.weight");

@@ -170,7 +170,7 @@ impl Model {
                 weights.layers.len()
             )));
         }
-        if c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 || c.head_dim == 0 {
+        if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) || c.head_dim == 0 {
             return Err(ModelError::Invalid(format!(
                 "{} heads / {} kv heads / head_dim {}",
                 c.n_heads, c.n_kv_heads, c.head_dim

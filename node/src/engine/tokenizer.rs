@@ -30,7 +30,10 @@ pub enum TokenizerError {
     #[error("tokenizer backend: {0}")]
     Backend(String),
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     UnknownId { id: TokenId, vocab: usize },
 }
@@ -118,7 +121,10 @@ fn byte_to_char_table() -> [char; 256] {
 
 /// Bytes a byte-level vocab string stands for; `None` if it uses a char outside the table.
 fn piece_bytes(token: &str, char_to_byte: &HashMap<char, u8>) -> Option<Vec<u8>> {
-    token.chars().map(|c| char_to_byte.get(&c).copied()).collect()
+    token
+        .chars()
+        .map(|c| char_to_byte.get(&c).copied())
+        .collect()
 }
 
 impl Tokenizer {
@@ -129,15 +135,23 @@ impl Tokenizer {
         if model != "gpt2" {
             return Err(TokenizerError::UnsupportedModel(model.to_string()));
         }
-        let pre_name = file.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+        let pre_name = file
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
         let pre = PreTokenizer::from_gguf_pre(pre_name).unwrap_or_else(|| {
-            tracing::warn!(pre = pre_name, "unknown GGUF pre-tokenizer; falling back to the GPT-2 regex");
+            tracing::warn!(
+                pre = pre_name,
+                "unknown GGUF pre-tokenizer; falling back to the GPT-2 regex"
+            );
             PreTokenizer::Gpt2
         });
         let tokens = file.get_str_array("tokenizer.ggml.tokens").map_err(meta)?;
         let merges = file.get_str_array("tokenizer.ggml.merges").map_err(meta)?;
         let types = match file.get("tokenizer.ggml.token_type") {
-            Some(_) => file.get_i64_array("tokenizer.ggml.token_type").map_err(meta)?,
+            Some(_) => file
+                .get_i64_array("tokenizer.ggml.token_type")
+                .map_err(meta)?,
             None => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
@@ -152,43 +166,70 @@ impl Tokenizer {
             .iter()
             .map(|m| {
                 // llama.cpp splits at the first space after the first character.
-                let pos = m.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(i, _)| i);
+                let pos = m
+                    .char_indices()
+                    .skip(1)
+                    .find(|&(_, c)| c == ' ')
+                    .map(|(i, _)| i);
                 match pos {
                     Some(p) => Ok((m[..p].to_string(), m[p + 1..].to_string())),
-                    None => Err(TokenizerError::Metadata(format!("merge {m:?} has no space"))),
+                    None => Err(TokenizerError::Metadata(format!(
+                        "merge {m:?} has no space"
+                    ))),
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let id = |key: &str| -> Option<TokenId> {
-            file.get(key).and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok())
+            file.get(key)
+                .and_then(|v| v.as_u64())
+                .and_then(|v| u32::try_from(v).ok())
         };
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
-        let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
-        let mut eog: Vec<TokenId> = [id("tokenizer.ggml.eot_token_id"), id("tokenizer.ggml.eom_token_id")]
-            .into_iter()
-            .flatten()
-            .collect();
+        let add_bos = file
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let mut eog: Vec<TokenId> = [
+            id("tokenizer.ggml.eot_token_id"),
+            id("tokenizer.ggml.eom_token_id"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         // llama.cpp also treats these well-known control tokens as end of generation.
         for (i, t) in tokens.iter().enumerate() {
-            if matches!(*t, "<|im_end|>" | "<|endoftext|>" | "<|eot_id|>" | "<|end|>" | "<end_of_turn>")
-                && kinds[i] == TokenKind::Control
+            if matches!(
+                *t,
+                "<|im_end|>" | "<|endoftext|>" | "<|eot_id|>" | "<|end|>" | "<end_of_turn>"
+            ) && kinds[i] == TokenKind::Control
             {
                 eog.push(i as TokenId);
             }
         }
-        Self::build(tokens.iter().map(|s| s.to_string()).collect(), kinds, merges, pre, bos, eos, eog, add_bos)
+        Self::build(
+            tokens.iter().map(|s| s.to_string()).collect(),
+            kinds,
+            merges,
+            pre,
+            bos,
+            eos,
+            eog,
+            add_bos,
+        )
     }
 
     /// Build from an HF `tokenizer.json` (byte-level BPE models: Llama 3, Qwen2/3, SmolLM).
     ///
-    /// The pre-tokenizer is reconstructed as "digits split individually?" + GPT-2 regex, which covers
-    /// SmolLM; other regexes (Qwen, Llama 3) are taken from the file by `tokenizers` itself.
+    /// Normalizer, pre-tokenizer (regexes, digit splitting) and BPE model are taken from the file by
+    /// `tokenizers`; added tokens are split out by us, exactly as for GGUF.
     pub fn from_hf_file(path: &Path) -> Result<Self, TokenizerError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| TokenizerError::Io { path: path.display().to_string(), source })?;
-        let mut json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| TokenizerError::Metadata(format!("tokenizer.json: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| TokenizerError::Metadata(format!("tokenizer.json: {e}")))?;
         // Added tokens are cut out by us (see module docs), so the backend must not know them.
         let added = json
             .as_object_mut()
@@ -204,17 +245,24 @@ impl Tokenizer {
         let mut size = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
         let mut added_list = Vec::new();
         for a in added.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
-            let (Some(id), Some(content)) = (a.get("id").and_then(|v| v.as_u64()), a.get("content").and_then(|v| v.as_str()))
-            else {
-                return Err(TokenizerError::Metadata("added_tokens entry without id/content".into()));
+            let (Some(id), Some(content)) = (
+                a.get("id").and_then(|v| v.as_u64()),
+                a.get("content").and_then(|v| v.as_str()),
+            ) else {
+                return Err(TokenizerError::Metadata(
+                    "added_tokens entry without id/content".into(),
+                ));
             };
-            let id = u32::try_from(id).map_err(|_| TokenizerError::Metadata(format!("added token id {id}")))?;
+            let id = u32::try_from(id)
+                .map_err(|_| TokenizerError::Metadata(format!("added token id {id}")))?;
             let special = a.get("special").and_then(|v| v.as_bool()).unwrap_or(false);
             size = size.max(id as usize + 1);
             added_list.push((id, content.to_string(), special));
         }
         if size > 10_000_000 {
-            return Err(TokenizerError::Metadata(format!("vocabulary of {size} tokens is absurd")));
+            return Err(TokenizerError::Metadata(format!(
+                "vocabulary of {size} tokens is absurd"
+            )));
         }
         let mut tokens = vec![String::new(); size];
         let mut kinds = vec![TokenKind::Unused; size];
@@ -224,15 +272,33 @@ impl Tokenizer {
         }
         for (id, content, special) in &added_list {
             tokens[*id as usize] = content.clone();
-            kinds[*id as usize] = if *special { TokenKind::Control } else { TokenKind::UserDefined };
+            kinds[*id as usize] = if *special {
+                TokenKind::Control
+            } else {
+                TokenKind::UserDefined
+            };
         }
         let find = |s: &str| tokens.iter().position(|t| t == s).map(|i| i as TokenId);
-        let eos = find("<|im_end|>").or_else(|| find("<|endoftext|>")).or_else(|| find("<|eot_id|>"));
+        let eos = find("<|im_end|>")
+            .or_else(|| find("<|endoftext|>"))
+            .or_else(|| find("<|eot_id|>"));
         let bos = find("<|begin_of_text|>").or_else(|| find("<|im_start|>"));
-        let eog = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"].iter().filter_map(|s| find(s)).collect();
+        let eog = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"]
+            .iter()
+            .filter_map(|s| find(s))
+            .collect();
         let pieces = Self::pieces(&tokens, &kinds)?;
         let specials = Self::specials(&tokens, &kinds);
-        Ok(Self { bpe, pieces, kinds, specials, bos, eos, eog, add_bos: false })
+        Ok(Self {
+            bpe,
+            pieces,
+            kinds,
+            specials,
+            bos,
+            eos,
+            eog,
+            add_bos: false,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -247,15 +313,24 @@ impl Tokenizer {
         add_bos: bool,
     ) -> Result<Self, TokenizerError> {
         if tokens.is_empty() || tokens.len() > u32::MAX as usize {
-            return Err(TokenizerError::Metadata(format!("vocabulary of {} tokens", tokens.len())));
+            return Err(TokenizerError::Metadata(format!(
+                "vocabulary of {} tokens",
+                tokens.len()
+            )));
         }
         for (name, id) in [("bos", bos), ("eos", eos)] {
             if let Some(id) = id.filter(|&i| i as usize >= tokens.len()) {
-                return Err(TokenizerError::Metadata(format!("{name} id {id} outside the vocabulary")));
+                return Err(TokenizerError::Metadata(format!(
+                    "{name} id {id} outside the vocabulary"
+                )));
             }
         }
         // Like llama.cpp's token_to_id map, a duplicated token string resolves to its last id.
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let model = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -264,25 +339,41 @@ impl Tokenizer {
         let byte_level = ByteLevel::new(false, false, true);
         let pre_tok: PreTokenizerWrapper = match pre {
             PreTokenizer::Gpt2 => byte_level.into(),
-            PreTokenizer::DigitsThenGpt2 => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            PreTokenizer::DigitsThenGpt2 => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
         };
         bpe.with_pre_tokenizer(Some(pre_tok));
         let pieces = Self::pieces(&tokens, &kinds)?;
         let specials = Self::specials(&tokens, &kinds);
-        Ok(Self { bpe, pieces, kinds, specials, bos, eos, eog, add_bos })
+        Ok(Self {
+            bpe,
+            pieces,
+            kinds,
+            specials,
+            bos,
+            eos,
+            eog,
+            add_bos,
+        })
     }
 
     fn pieces(tokens: &[String], kinds: &[TokenKind]) -> Result<Vec<Vec<u8>>, TokenizerError> {
         let table = byte_to_char_table();
-        let char_to_byte: HashMap<char, u8> = table.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let char_to_byte: HashMap<char, u8> = table
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
         tokens
             .iter()
             .zip(kinds)
             .map(|(t, k)| match k {
                 // Specials and added tokens are literal text, not byte-level encoded.
-                TokenKind::Control | TokenKind::UserDefined | TokenKind::Unused | TokenKind::Unknown => {
-                    Ok(t.as_bytes().to_vec())
-                }
+                TokenKind::Control
+                | TokenKind::UserDefined
+                | TokenKind::Unused
+                | TokenKind::Unknown => Ok(t.as_bytes().to_vec()),
                 _ => piece_bytes(t, &char_to_byte).ok_or_else(|| {
                     TokenizerError::UnsupportedModel(format!("token {t:?} is not byte-level BPE"))
                 }),
@@ -295,11 +386,13 @@ impl Tokenizer {
             .iter()
             .zip(kinds)
             .enumerate()
-            .filter(|(_, (t, k))| !t.is_empty() && matches!(k, TokenKind::Control | TokenKind::UserDefined))
+            .filter(|(_, (t, k))| {
+                !t.is_empty() && matches!(k, TokenKind::Control | TokenKind::UserDefined)
+            })
             .map(|(i, (t, k))| (t.clone(), i as TokenId, *k))
             .collect();
         // Longest first, stable for equal lengths, as llama.cpp sorts its special-token cache.
-        v.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        v.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         v
     }
 
@@ -326,13 +419,21 @@ impl Tokenizer {
     }
     /// Id of a special token by its text, e.g. `"<|im_end|>"`.
     pub fn special_id(&self, text: &str) -> Option<TokenId> {
-        self.specials.iter().find(|(t, _, _)| t == text).map(|&(_, id, _)| id)
+        self.specials
+            .iter()
+            .find(|(t, _, _)| t == text)
+            .map(|&(_, id, _)| id)
     }
 
     /// Encode `text`. With `parse_special`, control tokens written in the text (e.g. `<|im_start|>`)
     /// become their ids; otherwise they are tokenized as plain text. BOS is prepended when
     /// `add_bos` is set and the model has one.
-    pub fn encode(&self, text: &str, add_bos: bool, parse_special: bool) -> Result<Vec<TokenId>, TokenizerError> {
+    pub fn encode(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+    ) -> Result<Vec<TokenId>, TokenizerError> {
         let mut out = Vec::new();
         if add_bos {
             if let Some(b) = self.bos {
@@ -369,7 +470,10 @@ impl Tokenizer {
             match f {
                 Err(id) => out.push(id),
                 Ok(raw) => {
-                    let enc = self.bpe.encode(raw, false).map_err(|e| TokenizerError::Backend(e.to_string()))?;
+                    let enc = self
+                        .bpe
+                        .encode(raw, false)
+                        .map_err(|e| TokenizerError::Backend(e.to_string()))?;
                     out.extend_from_slice(enc.get_ids());
                 }
             }
@@ -382,7 +486,10 @@ impl Tokenizer {
         let piece = self
             .pieces
             .get(id as usize)
-            .ok_or(TokenizerError::UnknownId { id, vocab: self.pieces.len() })?;
+            .ok_or(TokenizerError::UnknownId {
+                id,
+                vocab: self.pieces.len(),
+            })?;
         if skip_special && self.kinds[id as usize] == TokenKind::Control {
             return Ok(&[]);
         }
@@ -400,7 +507,11 @@ impl Tokenizer {
 
     /// A decoder for a stream of generated tokens.
     pub fn stream_decoder(&self, skip_special: bool) -> StreamDecoder<'_> {
-        StreamDecoder { tok: self, pending: Vec::new(), skip_special }
+        StreamDecoder {
+            tok: self,
+            pending: Vec::new(),
+            skip_special,
+        }
     }
 }
 
@@ -415,7 +526,8 @@ pub struct StreamDecoder<'a> {
 impl StreamDecoder<'_> {
     /// Feed one token; returns the text that is now complete (possibly empty).
     pub fn push(&mut self, id: TokenId) -> Result<String, TokenizerError> {
-        self.pending.extend_from_slice(self.tok.token_bytes(id, self.skip_special)?);
+        self.pending
+            .extend_from_slice(self.tok.token_bytes(id, self.skip_special)?);
         let mut out = String::new();
         loop {
             match std::str::from_utf8(&self.pending) {

@@ -15,9 +15,9 @@ use super::prefix::BlockHash;
 /// `None` sorts first, i.e. never-touched entries are the first to go.
 type LruKey = (Option<Instant>, u64);
 
-/// Where a slot is. Exactly one of these holds for every slot at all times.
+/// Where a block (or state slot) is. Exactly one of these holds for every slot at all times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotState {
+pub enum BlockState {
     /// On the free list: no data anyone cares about.
     Free,
     /// Refcount 0 but still in the prefix cache; evictable (LRU).
@@ -106,23 +106,28 @@ impl Pool {
         self.free.len() + self.lru.len()
     }
 
-    pub(crate) fn state(&self, idx: u32) -> Option<SlotState> {
+    pub(crate) fn state(&self, idx: u32) -> Option<BlockState> {
         let e = self.entries.get(idx as usize)?;
         Some(if let Some(l) = e.lease {
-            SlotState::Leased(l)
+            BlockState::Leased(l)
         } else if e.refcount > 0 {
-            SlotState::InUse {
+            BlockState::InUse {
                 refcount: e.refcount,
             }
         } else if e.key.is_some() {
-            SlotState::Cached
+            BlockState::Cached
         } else {
-            SlotState::Free
+            BlockState::Free
         })
     }
 
     pub(crate) fn lookup(&self, key: &BlockHash) -> Option<u32> {
         self.index.get(key).copied()
+    }
+
+    /// Every registered key (held or cached slots alike).
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &BlockHash> + '_ {
+        self.index.keys()
     }
 
     pub(crate) fn key_of(&self, idx: u32) -> Option<BlockHash> {
@@ -175,10 +180,10 @@ impl Pool {
         for &idx in ids {
             match self.state(idx) {
                 None => return Err(PoolError::Invalid(idx)),
-                Some(SlotState::Free | SlotState::Leased(_)) => {
+                Some(BlockState::Free | BlockState::Leased(_)) => {
                     return Err(PoolError::NotHeld(idx));
                 }
-                Some(SlotState::Cached | SlotState::InUse { .. }) => {}
+                Some(BlockState::Cached | BlockState::InUse { .. }) => {}
             }
         }
         Ok(())
@@ -284,14 +289,14 @@ impl Pool {
             let st = self
                 .state(idx)
                 .ok_or_else(|| format!("{what} {idx}: no state"))?;
-            let expect_free = st == SlotState::Free;
+            let expect_free = st == BlockState::Free;
             if on_free[i] != expect_free {
                 return Err(format!(
                     "{what} {idx}: state {st:?} but on_free_list={}",
                     on_free[i]
                 ));
             }
-            if in_lru != (st == SlotState::Cached) {
+            if in_lru != (st == BlockState::Cached) {
                 return Err(format!("{what} {idx}: state {st:?} but in_lru={in_lru}"));
             }
             if e.lease.is_some() && (e.refcount > 0 || e.key.is_some()) {
@@ -303,10 +308,10 @@ impl Pool {
                 }
             }
             match st {
-                SlotState::Free => free += 1,
-                SlotState::Cached => cached += 1,
-                SlotState::InUse { .. } => in_use += 1,
-                SlotState::Leased(_) => leased += 1,
+                BlockState::Free => free += 1,
+                BlockState::Cached => cached += 1,
+                BlockState::InUse { .. } => in_use += 1,
+                BlockState::Leased(_) => leased += 1,
             }
         }
         if self.index.len() != self.entries.iter().filter(|e| e.key.is_some()).count() {

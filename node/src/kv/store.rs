@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::KvLayout;
 use super::lease::{KvLease, LeaseId};
-use super::pool::{Pool, PoolError, SlotState};
-use super::prefix::block_hashes;
+pub use super::pool::BlockState;
+use super::pool::{Pool, PoolError};
+use super::prefix::{block_hashes, BlockHash};
 
 /// Index of a block in the engine's per-layer KV pools (`[n_blocks, block_size, n_kv_heads,
 /// head_dim]`); the same id addresses the block in every paged layer.
@@ -22,9 +23,6 @@ pub struct BlockId(pub u32);
 /// Index of a state slot: one sequence's recurrent states across all linear-attention layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StateSlot(pub u32);
-
-/// Where a block (or state slot) is; exactly one holds at any time.
-pub type BlockState = SlotState;
 
 /// Default bound on concurrent leases (incoming transfers) per store.
 pub const DEFAULT_MAX_LEASES: usize = 256;
@@ -159,6 +157,8 @@ pub struct KvStats {
     /// Cached state slots evicted to make room.
     pub state_evictions_total: u64,
     pub prefix_lookups_total: u64,
+    /// Lookups that returned at least one block.
+    pub prefix_hits_total: u64,
     /// Sum of [`PrefixHit::n_tokens`] over all lookups.
     pub prefix_hit_tokens_total: u64,
 }
@@ -187,6 +187,7 @@ pub struct KvStore {
     next_lease: u64,
     leases_expired_total: u64,
     prefix_lookups_total: u64,
+    prefix_hits_total: u64,
     prefix_hit_tokens_total: u64,
 }
 
@@ -238,6 +239,7 @@ impl KvStore {
             next_lease: 0,
             leases_expired_total: 0,
             prefix_lookups_total: 0,
+            prefix_hits_total: 0,
             prefix_hit_tokens_total: 0,
             config,
         })
@@ -372,11 +374,37 @@ impl KvStore {
         }
         let n_tokens = matched.len() * self.config.block_size;
         self.prefix_hit_tokens_total += n_tokens as u64;
+        self.prefix_hits_total += u64::from(n_tokens > 0);
         PrefixHit {
             blocks: to_blocks(&matched),
             n_tokens,
             state: state.map(StateSlot),
         }
+    }
+
+    /// How many leading blocks of a prefix given by its chained `hashes` a
+    /// [`KvStore::lookup_prefix`] would hit right now, without retaining or touching anything.
+    ///
+    /// This is what a bidder answers to an auction call (which carries block hashes, not tokens);
+    /// like `lookup_prefix`, with `state_required` it only counts up to a cached state.
+    pub fn cached_prefix_blocks(&self, hashes: &[BlockHash]) -> usize {
+        let matched = hashes
+            .iter()
+            .take_while(|h| self.blocks.lookup(h).is_some())
+            .count();
+        if !self.config.state_required {
+            return matched;
+        }
+        (1..=matched)
+            .rev()
+            .find(|&j| self.states.lookup(&hashes[j - 1]).is_some())
+            .unwrap_or(0)
+    }
+
+    /// Hashes of every block registered in the prefix cache (held or evictable), e.g. to build
+    /// an advert's bloom filter. At most `n_blocks` items.
+    pub fn cached_block_hashes(&self) -> impl Iterator<Item = &BlockHash> + '_ {
+        self.blocks.keys()
     }
 
     /// Registers the full blocks of a sequence's prefix `tokens` (and optionally the state after
@@ -416,7 +444,7 @@ impl KvStore {
             }
             match self.blocks.state(b.0) {
                 None => return Err(KvError::InvalidBlock(*b)),
-                Some(SlotState::InUse { .. }) => {}
+                Some(BlockState::InUse { .. }) => {}
                 Some(_) => return Err(KvError::BlockNotHeld(*b)),
             }
             if let Some(k) = self.blocks.key_of(b.0) {
@@ -428,7 +456,7 @@ impl KvStore {
         if let Some(s) = state {
             match self.states.state(s.0) {
                 None => return Err(KvError::InvalidStateSlot(s)),
-                Some(SlotState::InUse { .. }) => {}
+                Some(BlockState::InUse { .. }) => {}
                 Some(_) => return Err(KvError::StateSlotNotHeld(s)),
             }
             if self.states.key_of(s.0).is_some() {
@@ -617,6 +645,7 @@ impl KvStore {
             evictions_total: b.evictions(),
             state_evictions_total: s.evictions(),
             prefix_lookups_total: self.prefix_lookups_total,
+            prefix_hits_total: self.prefix_hits_total,
             prefix_hit_tokens_total: self.prefix_hit_tokens_total,
         }
     }
@@ -641,7 +670,7 @@ impl KvStore {
                 return Err(KvInvariantViolation(format!("{id} has no deadline")));
             }
             for &b in &e.blocks {
-                if self.blocks.state(b) != Some(SlotState::Leased(id)) {
+                if self.blocks.state(b) != Some(BlockState::Leased(id)) {
                     return Err(KvInvariantViolation(format!(
                         "{id} owns block {b} that is not leased to it"
                     )));
@@ -649,7 +678,7 @@ impl KvStore {
             }
             leased_blocks += e.blocks.len();
             if let Some(s) = e.state {
-                if self.states.state(s) != Some(SlotState::Leased(id)) {
+                if self.states.state(s) != Some(BlockState::Leased(id)) {
                     return Err(KvInvariantViolation(format!(
                         "{id} owns state slot {s} that is not leased to it"
                     )));
