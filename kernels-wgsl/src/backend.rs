@@ -173,7 +173,11 @@ impl fmt::Debug for HostTensor {
 
 impl HostTensor {
     pub fn from_f32(shape: Vec<usize>, data: &[f32]) -> Self {
-        Self { dtype: DType::F32, shape, bytes: bytemuck::cast_slice(data).to_vec() }
+        Self {
+            dtype: DType::F32,
+            shape,
+            bytes: bytemuck::cast_slice(data).to_vec(),
+        }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -214,9 +218,16 @@ impl Tensor {
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         if numel != self.numel() {
-            return Err(KernelError::Shape(format!("reshape {:?} -> {shape:?}", self.shape)));
+            return Err(KernelError::Shape(format!(
+                "reshape {:?} -> {shape:?}",
+                self.shape
+            )));
         }
-        Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone() })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+            storage: self.storage.clone(),
+        })
     }
 }
 

@@ -31,7 +31,8 @@ pub struct CpuPeak {
 }
 
 fn read_clock_ghz() -> (f64, String) {
-    if let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") {
+    if let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    {
         if let Ok(khz) = s.trim().parse::<f64>() {
             return (khz / 1e6, "sysfs cpuinfo_max_freq".into());
         }
@@ -68,11 +69,24 @@ pub fn cpu_peak() -> CpuPeak {
     };
     let fpc = lanes * 2.0 * 2.0;
     let gflops = cores as f64 * clock_ghz * fpc;
-    let gflops_avx2 = if isa == "none" { gflops } else { cores as f64 * clock_ghz * 32.0 };
+    let gflops_avx2 = if isa == "none" {
+        gflops
+    } else {
+        cores as f64 * clock_ghz * 32.0
+    };
     let formula = format!(
         "{cores} cores × {clock_ghz:.3} GHz × {fpc} flops/cycle ({lanes} f32 lanes × 2 (FMA) × 2 ports, {isa}) = {gflops:.1} GFLOP/s"
     );
-    CpuPeak { cores, clock_ghz, clock_source, isa: isa.into(), flops_per_cycle_per_core: fpc, gflops, gflops_avx2, formula }
+    CpuPeak {
+        cores,
+        clock_ghz,
+        clock_source,
+        isa: isa.into(),
+        flops_per_cycle_per_core: fpc,
+        gflops,
+        gflops_avx2,
+        formula,
+    }
 }
 
 /// Repetition policy.
@@ -87,7 +101,12 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { warmup: 2, min_reps: 5, max_reps: 200, target_secs: 0.6 }
+        Self {
+            warmup: 2,
+            min_reps: 5,
+            max_reps: 200,
+            target_secs: 0.6,
+        }
     }
 }
 
@@ -129,12 +148,18 @@ pub struct CaseResult {
 }
 
 /// Matmul shapes `(m, k, n)` of issue 3: two prefill products and the decode mat-vec.
-pub const MATMUL_SHAPES: [(usize, usize, usize); 3] = [(2048, 576, 1536), (512, 1536, 576), (1, 576, 1536)];
+pub const MATMUL_SHAPES: [(usize, usize, usize); 3] =
+    [(2048, 576, 1536), (512, 1536, 576), (1, 576, 1536)];
 /// Attention key counts.
 pub const ATTN_KEYS: [usize; 3] = [512, 2048, 8192];
 /// Attention geometry (SmolLM2-135M: 9 query heads, 3 KV heads, head dim 64).
-pub const ATTN_PARAMS: AttnParams =
-    AttnParams { n_heads: 9, n_kv_heads: 3, head_dim: 64, scale: 0.125, window: None };
+pub const ATTN_PARAMS: AttnParams = AttnParams {
+    n_heads: 9,
+    n_kv_heads: 3,
+    head_dim: 64,
+    scale: 0.125,
+    window: None,
+};
 /// Query rows of the prefill attention case (one chunk of new tokens after a cached prefix).
 pub const ATTN_PREFILL_ROWS: usize = 128;
 const ATTN_BLOCK: usize = 32;
@@ -179,7 +204,11 @@ pub fn bench_backend(
         let wf = pseudo_random(n * k, 4);
         for dtype in [DType::F32, DType::Q4_1] {
             progress(&format!("{name}: matmul {dtype:?} {m}×{k}×{n}"));
-            let w = backend.upload(&HostTensor { dtype, shape: vec![n, k], bytes: quant::quantize(dtype, &wf)? })?;
+            let w = backend.upload(&HostTensor {
+                dtype,
+                shape: vec![n, k],
+                bytes: quant::quantize(dtype, &wf)?,
+            })?;
             let secs = time_median(opt, || {
                 backend.matmul(&x, &w)?;
                 backend.sync()
@@ -202,7 +231,10 @@ pub fn bench_backend(
         }
     }
     for &keys in &ATTN_KEYS {
-        for (kernel, rows) in [("attention-prefill", ATTN_PREFILL_ROWS), ("attention-decode", 1)] {
+        for (kernel, rows) in [
+            ("attention-prefill", ATTN_PREFILL_ROWS),
+            ("attention-decode", 1),
+        ] {
             progress(&format!("{name}: {kernel} {rows} queries × {keys} keys"));
             let (secs, flops) = bench_attention(backend, opt, keys, rows)?;
             let gflops = flops / secs / 1e9;
@@ -225,16 +257,31 @@ pub fn bench_backend(
 
 /// `rows` new queries at the end of a `keys`-token sequence in a paged pool; returns (median
 /// seconds, flops). Flops count `4 · head_dim` per visible (query, key, head) triple.
-fn bench_attention(backend: &dyn Backend, opt: &BenchOptions, keys: usize, rows: usize) -> Result<(f64, f64)> {
+fn bench_attention(
+    backend: &dyn Backend,
+    opt: &BenchOptions,
+    keys: usize,
+    rows: usize,
+) -> Result<(f64, f64)> {
     let p = ATTN_PARAMS;
     let blocks = keys.div_ceil(ATTN_BLOCK);
     let shape = [blocks, ATTN_BLOCK, p.n_kv_heads, p.head_dim];
     let pool_len = blocks * ATTN_BLOCK * p.n_kv_heads * p.head_dim;
-    let kp = backend.upload(&HostTensor::from_f32(shape.to_vec(), &pseudo_random(pool_len, 5)))?;
-    let vp = backend.upload(&HostTensor::from_f32(shape.to_vec(), &pseudo_random(pool_len, 6)))?;
+    let kp = backend.upload(&HostTensor::from_f32(
+        shape.to_vec(),
+        &pseudo_random(pool_len, 5),
+    ))?;
+    let vp = backend.upload(&HostTensor::from_f32(
+        shape.to_vec(),
+        &pseudo_random(pool_len, 6),
+    ))?;
     // Blocks in reverse order: a non-trivial block table, as after real allocation churn.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let seqs = [AttnSeq { block_table: &table, n_past: keys - rows, n_new: rows }];
+    let seqs = [AttnSeq {
+        block_table: &table,
+        n_past: keys - rows,
+        n_new: rows,
+    }];
     let q = backend.upload(&HostTensor::from_f32(
         vec![rows, p.n_heads, p.head_dim],
         &pseudo_random(rows * p.n_heads * p.head_dim, 7),

@@ -76,7 +76,9 @@ pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<u8>> {
 
 /// Encode `x` as little-endian F16.
 pub fn quantize_f16(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect()
+    x.iter()
+        .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+        .collect()
 }
 
 /// Encode `x` in `dtype` (F32, F16, Q4_1 or Q8_0).
@@ -142,12 +144,18 @@ pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()
             }
         }
         DType::Q4_1 => {
-            for (o, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(Q4_1_BLOCK_BYTES)) {
+            for (o, b) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(Q4_1_BLOCK_BYTES))
+            {
                 dequantize_block_q4_1(b, o);
             }
         }
         DType::Q8_0 => {
-            for (o, b) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(Q8_0_BLOCK_BYTES)) {
+            for (o, b) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(Q8_0_BLOCK_BYTES))
+            {
                 dequantize_block_q8_0(b, o);
             }
         }
@@ -167,7 +175,9 @@ mod tests {
     use super::*;
 
     fn wave(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 * 0.37 + seed as f32).sin() * 3.0) - 0.5).collect()
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + seed as f32).sin() * 3.0) - 0.5)
+            .collect()
     }
 
     #[test]
@@ -215,7 +225,10 @@ mod tests {
                         DType::F32 => 0.0,
                     };
                     for (a, b) in bx.iter().zip(by) {
-                        assert!((a - b).abs() <= bound + 1e-7, "{dtype:?} {a} vs {b} (bound {bound})");
+                        assert!(
+                            (a - b).abs() <= bound + 1e-7,
+                            "{dtype:?} {a} vs {b} (bound {bound})"
+                        );
                     }
                 }
             }

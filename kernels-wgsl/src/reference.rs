@@ -9,7 +9,9 @@
 //! are `[n, k]` and `matmul(x, w) = x · wᵀ`; KV pools are `[n_blocks, block_size, n_kv_heads,
 //! head_dim]`; linear-attention state is `[heads, dv, dk]`.
 
-use crate::backend::{AttnParams, AttnSeq, DType, KernelError, LinearAttnParams, Result, RopeStyle};
+use crate::backend::{
+    AttnParams, AttnSeq, DType, KernelError, LinearAttnParams, Result, RopeStyle,
+};
 use crate::quant;
 
 fn shape_err<T>(msg: String) -> Result<T> {
@@ -24,17 +26,31 @@ fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
 }
 
 /// Rows `ids` of `table` (`[vocab, d]`, stored as `dtype`) → `[ids.len(), d]`.
-pub fn embedding(dtype: DType, table: &[u8], vocab: usize, d: usize, ids: &[u32]) -> Result<Vec<f32>> {
+pub fn embedding(
+    dtype: DType,
+    table: &[u8],
+    vocab: usize,
+    d: usize,
+    ids: &[u32],
+) -> Result<Vec<f32>> {
     if !d.is_multiple_of(dtype.block_len()) {
-        return shape_err(format!("embedding: row length {d} is not a multiple of {dtype:?} blocks"));
+        return shape_err(format!(
+            "embedding: row length {d} is not a multiple of {dtype:?} blocks"
+        ));
     }
-    check_len("embedding table bytes", table.len(), dtype.bytes_for(vocab * d))?;
+    check_len(
+        "embedding table bytes",
+        table.len(),
+        dtype.bytes_for(vocab * d),
+    )?;
     let row_bytes = dtype.bytes_for(d);
     let mut out = vec![0.0; ids.len() * d];
     for (o, &id) in out.chunks_exact_mut(d.max(1)).zip(ids) {
         let id = id as usize;
         if id >= vocab {
-            return Err(KernelError::InvalidArgument(format!("embedding: id {id} >= vocab {vocab}")));
+            return Err(KernelError::InvalidArgument(format!(
+                "embedding: id {id} >= vocab {vocab}"
+            )));
         }
         quant::dequantize_into(dtype, &table[id * row_bytes..(id + 1) * row_bytes], o)?;
     }
@@ -59,7 +75,14 @@ pub fn matmul_f32(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Result<
 }
 
 /// `x: [m, k]` · `w: [n, k]`ᵀ with `w` stored as `w_dtype` bytes (dequantized first).
-pub fn matmul(x: &[f32], m: usize, k: usize, w_dtype: DType, w: &[u8], n: usize) -> Result<Vec<f32>> {
+pub fn matmul(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w_dtype: DType,
+    w: &[u8],
+    n: usize,
+) -> Result<Vec<f32>> {
     check_len("matmul w bytes", w.len(), w_dtype.bytes_for(n * k))?;
     let wf = quant::dequantize(w_dtype, w, n * k)?;
     matmul_f32(x, &wf, m, k, n)
@@ -146,7 +169,9 @@ pub fn softmax(x: &[f32], d: usize) -> Result<Vec<f32>> {
     }
     let mut out = vec![0.0; x.len()];
     for (o, r) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-        let max = r.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+        let max = r
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
         let sum: f64 = r.iter().map(|&v| (f64::from(v) - max).exp()).sum();
         for (o, &v) in o.iter_mut().zip(r) {
             *o = ((f64::from(v) - max).exp() / sum) as f32;
@@ -191,7 +216,9 @@ pub fn kv_write(
     for (i, &s) in slots.iter().enumerate() {
         let s = s as usize;
         if s >= capacity {
-            return Err(KernelError::InvalidArgument(format!("kv_write: slot {s} >= pool capacity {capacity}")));
+            return Err(KernelError::InvalidArgument(format!(
+                "kv_write: slot {s} >= pool capacity {capacity}"
+            )));
         }
         k_pool[s * row..(s + 1) * row].copy_from_slice(&k[i * row..(i + 1) * row]);
         v_pool[s * row..(s + 1) * row].copy_from_slice(&v[i * row..(i + 1) * row]);
@@ -217,7 +244,9 @@ pub(crate) fn check_attention(
         return shape_err("attention: block_size is 0".into());
     }
     if p.window == Some(0) {
-        return Err(KernelError::InvalidArgument("attention: window 0 sees no keys".into()));
+        return Err(KernelError::InvalidArgument(
+            "attention: window 0 sees no keys".into(),
+        ));
     }
     let row = p.n_kv_heads * p.head_dim;
     let n_blocks = pool_len / (block_size * row);
@@ -231,7 +260,10 @@ pub(crate) fn check_attention(
                 s.block_table.len()
             ));
         }
-        if let Some(&b) = s.block_table[..need].iter().find(|&&b| b as usize >= n_blocks) {
+        if let Some(&b) = s.block_table[..need]
+            .iter()
+            .find(|&&b| b as usize >= n_blocks)
+        {
             return Err(KernelError::InvalidArgument(format!(
                 "attention: sequence {si} refers to block {b} of a pool of {n_blocks}"
             )));
@@ -260,7 +292,8 @@ pub fn attention(
     let mut out = vec![0.0; rows * nh * hd];
     let mut q_row = 0;
     for s in seqs {
-        let slot = |pos: usize| s.block_table[pos / block_size] as usize * block_size + pos % block_size;
+        let slot =
+            |pos: usize| s.block_table[pos / block_size] as usize * block_size + pos % block_size;
         for i in 0..s.n_new {
             let pos = s.n_past + i;
             let first = match p.window {
@@ -273,7 +306,11 @@ pub fn attention(
                 let scores: Vec<f64> = (first..=pos)
                     .map(|kp| {
                         let kv = &k_pool[slot(kp) * row + kvh * hd..][..hd];
-                        let dot: f64 = qv.iter().zip(kv).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                        let dot: f64 = qv
+                            .iter()
+                            .zip(kv)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum();
                         dot * f64::from(p.scale)
                     })
                     .collect();
@@ -307,7 +344,9 @@ pub(crate) fn check_linear_attention(
 ) -> Result<usize> {
     let (h, dk, dv) = (p.n_heads, p.key_dim, p.value_dim);
     if h == 0 || dk == 0 || dv == 0 {
-        return shape_err(format!("linear_attention: empty dims (heads {h}, dk {dk}, dv {dv})"));
+        return shape_err(format!(
+            "linear_attention: empty dims (heads {h}, dk {dk}, dv {dv})"
+        ));
     }
     let n = beta / h;
     check_len("linear_attention beta", beta, n * h)?;
@@ -331,11 +370,22 @@ pub fn linear_attention(
     state: &mut [f32],
     p: &LinearAttnParams,
 ) -> Result<Vec<f32>> {
-    let n = check_linear_attention(q.len(), k.len(), v.len(), beta.len(), g.len(), state.len(), p)?;
+    let n = check_linear_attention(
+        q.len(),
+        k.len(),
+        v.len(),
+        beta.len(),
+        g.len(),
+        state.len(),
+        p,
+    )?;
     let (nh, dk, dv) = (p.n_heads, p.key_dim, p.value_dim);
     let mut out = vec![0.0; n * nh * dv];
     for h in 0..nh {
-        let mut s: Vec<f64> = state[h * dv * dk..(h + 1) * dv * dk].iter().map(|&x| f64::from(x)).collect();
+        let mut s: Vec<f64> = state[h * dv * dk..(h + 1) * dv * dk]
+            .iter()
+            .map(|&x| f64::from(x))
+            .collect();
         for t in 0..n {
             let kt = &k[(t * nh + h) * dk..][..dk];
             let qt = &q[(t * nh + h) * dk..][..dk];
@@ -362,13 +412,22 @@ pub fn linear_attention(
 }
 
 /// Validate a block index list against a pool of `pool_len` values in blocks of `block_elems`.
-pub(crate) fn check_blocks(what: &str, pool_len: usize, block_elems: usize, indices: &[u32]) -> Result<()> {
+pub(crate) fn check_blocks(
+    what: &str,
+    pool_len: usize,
+    block_elems: usize,
+    indices: &[u32],
+) -> Result<()> {
     if block_elems == 0 || !pool_len.is_multiple_of(block_elems) {
-        return shape_err(format!("{what}: pool of {pool_len} values is not blocks of {block_elems}"));
+        return shape_err(format!(
+            "{what}: pool of {pool_len} values is not blocks of {block_elems}"
+        ));
     }
     let n_blocks = pool_len / block_elems;
     if let Some(&b) = indices.iter().find(|&&b| b as usize >= n_blocks) {
-        return Err(KernelError::InvalidArgument(format!("{what}: block {b} >= {n_blocks}")));
+        return Err(KernelError::InvalidArgument(format!(
+            "{what}: block {b} >= {n_blocks}"
+        )));
     }
     Ok(())
 }
@@ -384,9 +443,18 @@ pub fn gather_blocks(pool: &[f32], block_elems: usize, indices: &[u32]) -> Resul
 }
 
 /// Overwrite blocks `indices` of `pool` from `data` laid out as [`gather_blocks`] returns.
-pub fn scatter_blocks(pool: &mut [f32], block_elems: usize, indices: &[u32], data: &[f32]) -> Result<()> {
+pub fn scatter_blocks(
+    pool: &mut [f32],
+    block_elems: usize,
+    indices: &[u32],
+    data: &[f32],
+) -> Result<()> {
     check_blocks("scatter_blocks", pool.len(), block_elems, indices)?;
-    check_len("scatter_blocks data", data.len(), indices.len() * block_elems)?;
+    check_len(
+        "scatter_blocks data",
+        data.len(),
+        indices.len() * block_elems,
+    )?;
     for (&b, d) in indices.iter().zip(data.chunks_exact(block_elems)) {
         pool[b as usize * block_elems..][..block_elems].copy_from_slice(d);
     }
@@ -418,11 +486,21 @@ mod tests {
 
     #[test]
     fn attention_single_key_returns_its_value() {
-        let p = AttnParams { n_heads: 2, n_kv_heads: 1, head_dim: 2, scale: 1.0, window: None };
+        let p = AttnParams {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+            scale: 1.0,
+            window: None,
+        };
         let k_pool = vec![0.5, 0.5, 9., 9.];
         let v_pool = vec![3.0, -1.0, 9., 9.];
         let table = [0u32];
-        let seqs = [AttnSeq { block_table: &table, n_past: 0, n_new: 1 }];
+        let seqs = [AttnSeq {
+            block_table: &table,
+            n_past: 0,
+            n_new: 1,
+        }];
         let o = attention(&[1., 2., 3., 4.], &k_pool, &v_pool, 2, &seqs, &p).unwrap();
         assert_eq!(o, vec![3.0, -1.0, 3.0, -1.0]);
     }
@@ -430,16 +508,26 @@ mod tests {
     #[test]
     fn linear_attention_one_step_by_hand() {
         // S = 0, g = 0, β = 1: S = v kᵀ, o = scale · v (kᵀ q).
-        let p = LinearAttnParams { n_heads: 1, key_dim: 2, value_dim: 1, scale: 0.5, chunk: 1 };
+        let p = LinearAttnParams {
+            n_heads: 1,
+            key_dim: 2,
+            value_dim: 1,
+            scale: 0.5,
+            chunk: 1,
+        };
         let mut state = vec![0.0; 2];
-        let o = linear_attention(&[1., 1.], &[1., 0.], &[4.], &[1.], &[0.], &mut state, &p).unwrap();
+        let o =
+            linear_attention(&[1., 1.], &[1., 0.], &[4.], &[1.], &[0.], &mut state, &p).unwrap();
         assert_eq!(state, vec![4.0, 0.0]);
         assert_eq!(o, vec![2.0]);
     }
 
     #[test]
     fn argmax_ties_and_nans() {
-        assert_eq!(argmax(&[1., 3., 3., f32::NAN, 0., 0.], 3).unwrap(), vec![1, 1]);
+        assert_eq!(
+            argmax(&[1., 3., 3., f32::NAN, 0., 0.], 3).unwrap(),
+            vec![1, 1]
+        );
         assert_eq!(argmax(&[f32::NAN, 2.0], 2).unwrap(), vec![1]);
     }
 
@@ -448,7 +536,13 @@ mod tests {
         assert!(matmul_f32(&[1.0; 3], &[1.0; 4], 2, 2, 2).is_err());
         assert!(softmax(&[1.0; 3], 2).is_err());
         assert!(gather_blocks(&[0.0; 8], 4, &[2]).is_err());
-        let p = AttnParams { n_heads: 3, n_kv_heads: 2, head_dim: 2, scale: 1.0, window: None };
+        let p = AttnParams {
+            n_heads: 3,
+            n_kv_heads: 2,
+            head_dim: 2,
+            scale: 1.0,
+            window: None,
+        };
         assert!(attention(&[0.0; 6], &[0.0; 8], &[0.0; 8], 2, &[], &p).is_err());
     }
 }

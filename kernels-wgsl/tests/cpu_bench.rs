@@ -15,8 +15,10 @@ fn cpu_kernels_vs_peak_and_gemm() {
         .iter()
         .map(|&(m, k, n)| bench::gemm_baseline(&opt, m, k, n).expect("gemm baseline"))
         .collect();
-    let rows = bench::bench_backend(&CpuBackend::new(), &peak, &gemm, &opt, &mut |s| eprintln!("{s}"))
-        .expect("bench");
+    let rows = bench::bench_backend(&CpuBackend::new(), &peak, &gemm, &opt, &mut |s| {
+        eprintln!("{s}")
+    })
+    .expect("bench");
     for r in &rows {
         println!(
             "{:<18} {:<5} {:<14} {:>9.3} ms {:>7.1} GFLOP/s  {:.2} of peak  {}",
@@ -26,7 +28,9 @@ fn cpu_kernels_vs_peak_and_gemm() {
             r.median_ms,
             r.gflops,
             r.ratio_to_peak,
-            r.ratio_to_gemm.map(|g| format!("{g:.2}× gemm")).unwrap_or_default()
+            r.ratio_to_gemm
+                .map(|g| format!("{g:.2}× gemm"))
+                .unwrap_or_default()
         );
         assert!(r.gflops.is_finite() && r.gflops > 0.0, "{r:?}");
     }

@@ -3,8 +3,8 @@
 
 use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::{
-    quant, reference, AttnParams, AttnSeq, Backend, DType, HostTensor, KernelError, LinearAttnParams, RopeStyle,
-    Tensor,
+    quant, reference, AttnParams, AttnSeq, Backend, DType, HostTensor, KernelError,
+    LinearAttnParams, RopeStyle, Tensor,
 };
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -31,16 +31,25 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let scale = want.iter().map(|v| v.abs()).sum::<f32>() / want.len().max(1) as f32;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        assert!(err <= tol * (w.abs() + scale), "{what}: element {i}: got {g}, want {w} (err {err}, tol {tol})");
+        assert!(
+            err <= tol * (w.abs() + scale),
+            "{what}: element {i}: got {g}, want {w} (err {err}, tol {tol})"
+        );
     }
 }
 
 fn up(b: &CpuBackend, shape: &[usize], data: &[f32]) -> Tensor {
-    b.upload(&HostTensor::from_f32(shape.to_vec(), data)).expect("upload")
+    b.upload(&HostTensor::from_f32(shape.to_vec(), data))
+        .expect("upload")
 }
 
 fn up_bytes(b: &CpuBackend, dtype: DType, shape: &[usize], bytes: Vec<u8>) -> Tensor {
-    b.upload(&HostTensor { dtype, shape: shape.to_vec(), bytes }).expect("upload")
+    b.upload(&HostTensor {
+        dtype,
+        shape: shape.to_vec(),
+        bytes,
+    })
+    .expect("upload")
 }
 
 const DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::Q4_1, DType::Q8_0];
@@ -53,15 +62,26 @@ fn matmul_all_dtypes_odd_shapes() {
     for &m in &[1, 3, 7, 8, 17, 33] {
         for &n in &[1, 3, 17, 257] {
             for dtype in DTYPES {
-                let ks: &[usize] = if dtype.block_len() == 1 { &[1, 7, 33, 96] } else { &[32, 96, 320] };
+                let ks: &[usize] = if dtype.block_len() == 1 {
+                    &[1, 7, 33, 96]
+                } else {
+                    &[32, 96, 320]
+                };
                 for &k in ks {
                     let x = rng.vec(m * k);
                     let w = rng.vec(n * k);
                     let bytes = quant::quantize(dtype, &w).unwrap();
                     let want = reference::matmul(&x, m, k, dtype, &bytes, n).unwrap();
-                    let got = b.matmul(&up(&b, &[m, k], &x), &up_bytes(&b, dtype, &[n, k], bytes)).unwrap();
+                    let got = b
+                        .matmul(&up(&b, &[m, k], &x), &up_bytes(&b, dtype, &[n, k], bytes))
+                        .unwrap();
                     assert_eq!(got.shape(), &[m, n]);
-                    assert_close(&format!("matmul {dtype:?} {m}x{k}x{n}"), &b.download(&got).unwrap(), &want, 1e-4);
+                    assert_close(
+                        &format!("matmul {dtype:?} {m}x{k}x{n}"),
+                        &b.download(&got).unwrap(),
+                        &want,
+                        1e-4,
+                    );
                 }
             }
         }
@@ -80,9 +100,19 @@ fn matmul_quantized_multi_panel_and_batched_x() {
         let bytes = quant::quantize(dtype, &w).unwrap();
         let want = reference::matmul(&x, m, k, dtype, &bytes, n).unwrap();
         // x as [3, 3, k]: leading dims are kept.
-        let got = b.matmul(&up(&b, &[3, 3, k], &x), &up_bytes(&b, dtype, &[n, k], bytes)).unwrap();
+        let got = b
+            .matmul(
+                &up(&b, &[3, 3, k], &x),
+                &up_bytes(&b, dtype, &[n, k], bytes),
+            )
+            .unwrap();
         assert_eq!(got.shape(), &[3, 3, n]);
-        assert_close(&format!("matmul {dtype:?} multi-panel"), &b.download(&got).unwrap(), &want, 1e-4);
+        assert_close(
+            &format!("matmul {dtype:?} multi-panel"),
+            &b.download(&got).unwrap(),
+            &want,
+            1e-4,
+        );
     }
 }
 
@@ -98,8 +128,15 @@ fn embedding_all_dtypes() {
         let table = up_bytes(&b, dtype, &[vocab, d], bytes);
         let got = b.embedding(&table, &ids).unwrap();
         assert_eq!(got.shape(), &[ids.len(), d]);
-        assert_eq!(b.download(&got).unwrap(), want, "{dtype:?} rows are decoded exactly");
-        assert!(b.embedding(&table, &[257]).is_err(), "out-of-range id is an error");
+        assert_eq!(
+            b.download(&got).unwrap(),
+            want,
+            "{dtype:?} rows are decoded exactly"
+        );
+        assert!(
+            b.embedding(&table, &[257]).is_err(),
+            "out-of-range id is an error"
+        );
     }
 }
 
@@ -115,14 +152,34 @@ fn rowwise_and_elementwise_ops() {
         let tw = up(&b, &[d], &w);
         let what = |op: &str| format!("{op} [{rows}, {d}]");
         let got = b.download(&b.rms_norm(&tx, &tw, 1e-5).unwrap()).unwrap();
-        assert_close(&what("rms_norm"), &got, &reference::rms_norm(&x, &w, 1e-5).unwrap(), 1e-5);
+        assert_close(
+            &what("rms_norm"),
+            &got,
+            &reference::rms_norm(&x, &w, 1e-5).unwrap(),
+            1e-5,
+        );
         let got = b.download(&b.softmax(&tx).unwrap()).unwrap();
-        assert_close(&what("softmax"), &got, &reference::softmax(&x, d).unwrap(), 1e-5);
+        assert_close(
+            &what("softmax"),
+            &got,
+            &reference::softmax(&x, d).unwrap(),
+            1e-5,
+        );
         let got = b.download(&b.add(&tx, &ty).unwrap()).unwrap();
         assert_eq!(got, reference::add(&x, &y).unwrap(), "{}", what("add"));
         let got = b.download(&b.swiglu(&tx, &ty).unwrap()).unwrap();
-        assert_close(&what("swiglu"), &got, &reference::swiglu(&x, &y).unwrap(), 1e-5);
-        assert_eq!(b.argmax(&tx).unwrap(), reference::argmax(&x, d).unwrap(), "{}", what("argmax"));
+        assert_close(
+            &what("swiglu"),
+            &got,
+            &reference::swiglu(&x, &y).unwrap(),
+            1e-5,
+        );
+        assert_eq!(
+            b.argmax(&tx).unwrap(),
+            reference::argmax(&x, d).unwrap(),
+            "{}",
+            what("argmax")
+        );
     }
     // Ties pick the lowest index.
     let t = up(&b, &[2, 4], &[1.0, 5.0, 5.0, 0.0, -1.0, -1.0, -1.0, -1.0]);
@@ -138,17 +195,33 @@ fn rope_both_styles() {
             let x = rng.vec(n * heads * hd);
             let pos: Vec<u32> = (0..n as u32).map(|i| i * 37 + 5).collect();
             let want = reference::rope(&x, heads, hd, &pos, 10000.0, style).unwrap();
-            let got = b.rope(&up(&b, &[n, heads, hd], &x), &pos, 10000.0, style).unwrap();
-            assert_close(&format!("rope {style:?} {n}x{heads}x{hd}"), &b.download(&got).unwrap(), &want, 1e-5);
+            let got = b
+                .rope(&up(&b, &[n, heads, hd], &x), &pos, 10000.0, style)
+                .unwrap();
+            assert_close(
+                &format!("rope {style:?} {n}x{heads}x{hd}"),
+                &b.download(&got).unwrap(),
+                &want,
+                1e-5,
+            );
         }
     }
 }
 
 /// Fill a paged pool for several sequences with random K/V through `kv_write`, check the pool
 /// against the reference writer, then compare attention against the reference.
-fn attention_case(b: &CpuBackend, rng: &mut Rng, p: AttnParams, block_size: usize, seq_lens: &[(usize, usize)]) {
+fn attention_case(
+    b: &CpuBackend,
+    rng: &mut Rng,
+    p: AttnParams,
+    block_size: usize,
+    seq_lens: &[(usize, usize)],
+) {
     let row = p.n_kv_heads * p.head_dim;
-    let total_blocks: usize = seq_lens.iter().map(|&(past, new)| (past + new).div_ceil(block_size)).sum();
+    let total_blocks: usize = seq_lens
+        .iter()
+        .map(|&(past, new)| (past + new).div_ceil(block_size))
+        .sum();
     let n_blocks = total_blocks + 3;
     // A shuffled, non-contiguous assignment of pool blocks to sequences.
     let mut free: Vec<u32> = (0..n_blocks as u32).collect();
@@ -157,7 +230,11 @@ fn attention_case(b: &CpuBackend, rng: &mut Rng, p: AttnParams, block_size: usiz
     }
     let tables: Vec<Vec<u32>> = seq_lens
         .iter()
-        .map(|&(past, new)| (0..(past + new).div_ceil(block_size)).map(|_| free.pop().unwrap_or(0)).collect())
+        .map(|&(past, new)| {
+            (0..(past + new).div_ceil(block_size))
+                .map(|_| free.pop().unwrap_or(0))
+                .collect()
+        })
         .collect();
     let pool_shape = [n_blocks, block_size, p.n_kv_heads, p.head_dim];
     let (kp, vp) = (b.zeros(&pool_shape).unwrap(), b.zeros(&pool_shape).unwrap());
@@ -165,20 +242,43 @@ fn attention_case(b: &CpuBackend, rng: &mut Rng, p: AttnParams, block_size: usiz
     let mut host_v = host_k.clone();
     for (t, &(past, new)) in tables.iter().zip(seq_lens) {
         let n = past + new;
-        let slots: Vec<u32> = (0..n).map(|pos| t[pos / block_size] * block_size as u32 + (pos % block_size) as u32).collect();
+        let slots: Vec<u32> = (0..n)
+            .map(|pos| t[pos / block_size] * block_size as u32 + (pos % block_size) as u32)
+            .collect();
         let (k, v) = (rng.vec(n * row), rng.vec(n * row));
         reference::kv_write(&mut host_k, &mut host_v, &k, &v, row, &slots).unwrap();
-        b.kv_write(&kp, &vp, &up(b, &[n, p.n_kv_heads, p.head_dim], &k), &up(b, &[n, p.n_kv_heads, p.head_dim], &v), &slots)
-            .unwrap();
+        b.kv_write(
+            &kp,
+            &vp,
+            &up(b, &[n, p.n_kv_heads, p.head_dim], &k),
+            &up(b, &[n, p.n_kv_heads, p.head_dim], &v),
+            &slots,
+        )
+        .unwrap();
     }
     assert_eq!(b.download(&kp).unwrap(), host_k, "k pool after kv_write");
     assert_eq!(b.download(&vp).unwrap(), host_v, "v pool after kv_write");
-    let seqs: Vec<AttnSeq<'_>> =
-        tables.iter().zip(seq_lens).map(|(t, &(n_past, n_new))| AttnSeq { block_table: t, n_past, n_new }).collect();
+    let seqs: Vec<AttnSeq<'_>> = tables
+        .iter()
+        .zip(seq_lens)
+        .map(|(t, &(n_past, n_new))| AttnSeq {
+            block_table: t,
+            n_past,
+            n_new,
+        })
+        .collect();
     let rows: usize = seq_lens.iter().map(|s| s.1).sum();
     let q = rng.vec(rows * p.n_heads * p.head_dim);
     let want = reference::attention(&q, &host_k, &host_v, block_size, &seqs, &p).unwrap();
-    let got = b.attention(&up(b, &[rows, p.n_heads, p.head_dim], &q), &kp, &vp, &seqs, &p).unwrap();
+    let got = b
+        .attention(
+            &up(b, &[rows, p.n_heads, p.head_dim], &q),
+            &kp,
+            &vp,
+            &seqs,
+            &p,
+        )
+        .unwrap();
     assert_eq!(got.shape(), &[rows, p.n_heads * p.head_dim]);
     let what = format!("attention {p:?} bs {block_size} seqs {seq_lens:?}");
     assert_close(&what, &b.download(&got).unwrap(), &want, 1e-4);
@@ -192,7 +292,13 @@ fn attention_gqa_windows_blocks_multi_sequence() {
         for &hd in &[16, 64] {
             for window in [None, Some(5), Some(40)] {
                 for &bs in &[16, 32] {
-                    let p = AttnParams { n_heads: nh, n_kv_heads: nkv, head_dim: hd, scale: 1.0 / (hd as f32).sqrt(), window };
+                    let p = AttnParams {
+                        n_heads: nh,
+                        n_kv_heads: nkv,
+                        head_dim: hd,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                        window,
+                    };
                     // Prefill from scratch, prefill after a cached prefix, and decode steps, in one call.
                     attention_case(&b, &mut rng, p, bs, &[(0, 17), (33, 3), (100, 1), (0, 1)]);
                 }
@@ -206,10 +312,19 @@ fn attention_gqa_windows_blocks_multi_sequence() {
 fn attention_long_prefill_and_split_key_decode() {
     let b = CpuBackend::new();
     let mut rng = Rng(0x1009);
-    let p = AttnParams { n_heads: 9, n_kv_heads: 3, head_dim: 64, scale: 0.125, window: None };
+    let p = AttnParams {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        scale: 0.125,
+        window: None,
+    };
     attention_case(&b, &mut rng, p, 16, &[(1000, 1)]);
     attention_case(&b, &mut rng, p, 32, &[(257, 70), (1500, 1), (3, 1)]);
-    let pw = AttnParams { window: Some(300), ..p };
+    let pw = AttnParams {
+        window: Some(300),
+        ..p
+    };
     attention_case(&b, &mut rng, pw, 32, &[(1200, 1), (0, 257)]);
 }
 
@@ -238,7 +353,9 @@ fn lin_inputs(rng: &mut Rng, n: usize, p: &LinearAttnParams) -> LinInputs {
         q,
         k,
         v: rng.vec(n * h * dv),
-        beta: (0..n * h).map(|_| 0.05 + 0.45 * (rng.next() + 1.0)).collect(),
+        beta: (0..n * h)
+            .map(|_| 0.05 + 0.45 * (rng.next() + 1.0))
+            .collect(),
         g: (0..n * h).map(|_| -0.5 * (rng.next() + 1.0)).collect(),
     }
 }
@@ -266,18 +383,38 @@ fn linear_attention_chunked_equals_step_and_reference() {
     let b = CpuBackend::new();
     let mut rng = Rng(0xde17a);
     for &(h, dk, dv, n) in &[(1, 16, 16, 1), (3, 16, 24, 100), (2, 64, 32, 130)] {
-        let base = LinearAttnParams { n_heads: h, key_dim: dk, value_dim: dv, scale: 1.0 / (dk as f32).sqrt(), chunk: 1 };
+        let base = LinearAttnParams {
+            n_heads: h,
+            key_dim: dk,
+            value_dim: dv,
+            scale: 1.0 / (dk as f32).sqrt(),
+            chunk: 1,
+        };
         let inp = lin_inputs(&mut rng, n, &base);
         let init = rng.vec(h * dv * dk);
         let mut ref_state = init.clone();
-        let want = reference::linear_attention(&inp.q, &inp.k, &inp.v, &inp.beta, &inp.g, &mut ref_state, &base).unwrap();
+        let want = reference::linear_attention(
+            &inp.q,
+            &inp.k,
+            &inp.v,
+            &inp.beta,
+            &inp.g,
+            &mut ref_state,
+            &base,
+        )
+        .unwrap();
         for chunk in [1, 7, 64] {
             let p = LinearAttnParams { chunk, ..base };
             let state = up(&b, &[h, dv, dk], &init);
             let got = run_linear(&b, &inp, &state, &p);
             let what = format!("linear attention h{h} dk{dk} dv{dv} n{n} chunk {chunk}");
             assert_close(&what, &got, &want, 2e-4);
-            assert_close(&format!("{what} state"), &b.download(&state).unwrap(), &ref_state, 2e-4);
+            assert_close(
+                &format!("{what} state"),
+                &b.download(&state).unwrap(),
+                &ref_state,
+                2e-4,
+            );
         }
     }
 }
@@ -286,7 +423,13 @@ fn linear_attention_chunked_equals_step_and_reference() {
 fn linear_attention_state_carries_across_calls() {
     let b = CpuBackend::new();
     let mut rng = Rng(0x57a7e);
-    let p = LinearAttnParams { n_heads: 2, key_dim: 32, value_dim: 16, scale: 0.2, chunk: 16 };
+    let p = LinearAttnParams {
+        n_heads: 2,
+        key_dim: 32,
+        value_dim: 16,
+        scale: 0.2,
+        chunk: 16,
+    };
     let n = 75;
     let inp = lin_inputs(&mut rng, n, &p);
     let whole_state = b.zeros(&[2, 16, 32]).unwrap();
@@ -307,7 +450,12 @@ fn linear_attention_state_carries_across_calls() {
     parts.extend(run_linear(&b, &split(40, 41), &state, &p));
     parts.extend(run_linear(&b, &split(41, n), &state, &p));
     assert_close("split outputs", &parts, &whole, 1e-4);
-    assert_close("split state", &b.download(&state).unwrap(), &b.download(&whole_state).unwrap(), 1e-4);
+    assert_close(
+        "split state",
+        &b.download(&state).unwrap(),
+        &b.download(&whole_state).unwrap(),
+        1e-4,
+    );
 }
 
 #[test]
@@ -319,7 +467,10 @@ fn gather_scatter_and_write_round_trip() {
     let init = rng.vec(6 * block);
     let pool = up(&b, &shape, &init);
     let got = b.gather_blocks(&pool, &[4, 0, 5]).unwrap();
-    assert_eq!(got, reference::gather_blocks(&init, block, &[4, 0, 5]).unwrap());
+    assert_eq!(
+        got,
+        reference::gather_blocks(&init, block, &[4, 0, 5]).unwrap()
+    );
     let data = rng.vec(2 * block);
     b.scatter_blocks(&pool, &[1, 3], &data).unwrap();
     let mut expect = init.clone();
@@ -340,21 +491,53 @@ fn bad_arguments_are_errors_not_panics() {
     let q = up_bytes(&b, DType::Q4_1, &[1, 32], vec![0; 20]);
     assert!(b.download(&q).is_err(), "download of a quantized tensor");
     assert!(b.add(&x, &q).is_err());
-    assert!(b.upload(&HostTensor { dtype: DType::Q8_0, shape: vec![1, 32], bytes: vec![0; 33] }).is_err());
+    assert!(b
+        .upload(&HostTensor {
+            dtype: DType::Q8_0,
+            shape: vec![1, 32],
+            bytes: vec![0; 33]
+        })
+        .is_err());
     let pool = b.zeros(&[2, 16, 1, 4]).unwrap();
     assert!(b.gather_blocks(&pool, &[2]).is_err());
     assert!(b.scatter_blocks(&pool, &[0], &[0.0; 3]).is_err());
     assert!(b.write(&pool, &[0.0; 3]).is_err());
     let k = up(&b, &[1, 1, 4], &[0.0; 4]);
-    assert!(b.kv_write(&pool, &pool, &k, &k, &[0]).is_err(), "same pool for k and v");
+    assert!(
+        b.kv_write(&pool, &pool, &k, &k, &[0]).is_err(),
+        "same pool for k and v"
+    );
     let vpool = b.zeros(&[2, 16, 1, 4]).unwrap();
-    assert!(b.kv_write(&pool, &vpool, &k, &k, &[32]).is_err(), "slot out of range");
-    let p = AttnParams { n_heads: 2, n_kv_heads: 1, head_dim: 4, scale: 0.5, window: None };
+    assert!(
+        b.kv_write(&pool, &vpool, &k, &k, &[32]).is_err(),
+        "slot out of range"
+    );
+    let p = AttnParams {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        scale: 0.5,
+        window: None,
+    };
     let qt = up(&b, &[1, 2, 4], &[0.0; 8]);
     let short = [0u32];
-    let seqs = [AttnSeq { block_table: &short, n_past: 20, n_new: 1 }];
-    assert!(b.attention(&qt, &pool, &vpool, &seqs, &p).is_err(), "block table too short");
+    let seqs = [AttnSeq {
+        block_table: &short,
+        n_past: 20,
+        n_new: 1,
+    }];
+    assert!(
+        b.attention(&qt, &pool, &vpool, &seqs, &p).is_err(),
+        "block table too short"
+    );
     let bad = [7u32, 0];
-    let seqs = [AttnSeq { block_table: &bad, n_past: 20, n_new: 1 }];
-    assert!(b.attention(&qt, &pool, &vpool, &seqs, &p).is_err(), "block index out of range");
+    let seqs = [AttnSeq {
+        block_table: &bad,
+        n_past: 20,
+        n_new: 1,
+    }];
+    assert!(
+        b.attention(&qt, &pool, &vpool, &seqs, &p).is_err(),
+        "block index out of range"
+    );
 }

@@ -40,14 +40,24 @@ impl BandwidthEstimator {
 
     /// Folds in one transfer of `bytes` that took `elapsed`. Returns the new estimate, or `None`
     /// if the sample was too small to count (or the table is full of other peers).
-    pub fn record(&mut self, peer: PeerId, bytes: u64, elapsed: Duration, now: Instant) -> Option<f64> {
+    pub fn record(
+        &mut self,
+        peer: PeerId,
+        bytes: u64,
+        elapsed: Duration,
+        now: Instant,
+    ) -> Option<f64> {
         if bytes < self.min_sample_bytes || elapsed.is_zero() {
             return None;
         }
         let sample = bytes as f64 / elapsed.as_secs_f64();
         if !self.peers.contains_key(&peer) && self.peers.len() >= self.max_peers {
             // Evict the stalest peer rather than refusing a fresh measurement.
-            let stalest = self.peers.iter().min_by_key(|(_, e)| e.updated_at).map(|(p, _)| *p)?;
+            let stalest = self
+                .peers
+                .iter()
+                .min_by_key(|(_, e)| e.updated_at)
+                .map(|(p, _)| *p)?;
             self.peers.remove(&stalest);
         }
         let e = self.peers.entry(peer).or_insert(BandwidthEstimate {
@@ -82,7 +92,11 @@ impl BandwidthEstimator {
 
     /// The `n` best-measured peers, fastest first (for adverts).
     pub fn top(&self, n: usize) -> Vec<(PeerId, f64)> {
-        let mut v: Vec<(PeerId, f64)> = self.peers.iter().map(|(p, e)| (*p, e.bytes_per_sec)).collect();
+        let mut v: Vec<(PeerId, f64)> = self
+            .peers
+            .iter()
+            .map(|(p, e)| (*p, e.bytes_per_sec))
+            .collect();
         v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(n);
         v
@@ -98,9 +112,19 @@ mod tests {
         let t0 = Instant::now();
         let p = PeerId::random();
         let mut e = BandwidthEstimator::new(0.5, 1000, 4);
-        assert_eq!(e.record(p, 100, Duration::from_secs(1), t0), None, "too small to count");
-        assert_eq!(e.record(p, 1_000_000, Duration::from_secs(1), t0), Some(1_000_000.0));
-        assert_eq!(e.record(p, 3_000_000, Duration::from_secs(1), t0), Some(2_000_000.0));
+        assert_eq!(
+            e.record(p, 100, Duration::from_secs(1), t0),
+            None,
+            "too small to count"
+        );
+        assert_eq!(
+            e.record(p, 1_000_000, Duration::from_secs(1), t0),
+            Some(1_000_000.0)
+        );
+        assert_eq!(
+            e.record(p, 3_000_000, Duration::from_secs(1), t0),
+            Some(2_000_000.0)
+        );
         assert!(!e.is_stale(&p, t0 + Duration::from_secs(1), Duration::from_secs(2)));
         assert!(e.is_stale(&p, t0 + Duration::from_secs(3), Duration::from_secs(2)));
         assert!(e.is_stale(&PeerId::random(), t0, Duration::from_secs(2)));
@@ -115,6 +139,9 @@ mod tests {
         e.record(b, 30, Duration::from_secs(1), t0 + Duration::from_secs(1));
         e.record(c, 20, Duration::from_secs(1), t0 + Duration::from_secs(2));
         assert!(e.get(&a).is_none());
-        assert_eq!(e.top(5).into_iter().map(|x| x.0).collect::<Vec<_>>(), vec![b, c]);
+        assert_eq!(
+            e.top(5).into_iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![b, c]
+        );
     }
 }

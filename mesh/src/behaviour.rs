@@ -2,7 +2,9 @@
 
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{allow_block_list, connection_limits, gossipsub, identify, mdns, ping, request_response};
+use libp2p::{
+    allow_block_list, connection_limits, gossipsub, identify, mdns, ping, request_response,
+};
 
 use crate::auction::AuctionCodec;
 

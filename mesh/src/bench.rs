@@ -100,7 +100,9 @@ impl Default for MeshBenchOptions {
 
 /// Runs the in-process parts of the bench on a fresh multi-threaded runtime.
 pub fn run(opts: &MeshBenchOptions) -> Result<MeshBenchReport, BenchError> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut report = MeshBenchReport::default();
         for (quic, streams) in [(false, 1u16), (false, 4), (true, 1), (true, 4)] {
@@ -163,9 +165,13 @@ async fn raw_tcp(total: u64, layer: usize) -> Result<f64, BenchError> {
     let mut ack = [0u8; 1];
     c.read_exact(&mut ack).await?;
     let elapsed = t0.elapsed();
-    let got = server.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+    let got = server
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
     if got != total {
-        return Err(BenchError::Timeout(format!("raw tcp moved {got} of {total} bytes")));
+        return Err(BenchError::Timeout(format!(
+            "raw tcp moved {got} of {total} bytes"
+        )));
     }
     Ok(total as f64 / elapsed.as_secs_f64() / (1u64 << 20) as f64)
 }
@@ -213,7 +219,9 @@ pub async fn mesh_kv_once(
     let sender = sender.clone();
     let send = tokio::spawn(async move {
         let template = layer_template(layer);
-        let mut s = sender.open_kv_transfer_with(receiver_id, header, streams).await?;
+        let mut s = sender
+            .open_kv_transfer_with(receiver_id, header, streams)
+            .await?;
         let mut left = total;
         for l in 0..layers {
             let n = left.min(layer as u64) as usize;
@@ -236,11 +244,17 @@ pub async fn mesh_kv_once(
     .ok_or_else(|| BenchError::Timeout("KV transfer never arrived".into()))?;
     let mut sink = VecSink::counting();
     incoming.receive(&mut sink).await.map_err(MeshError::from)?;
-    let sent = send.await.map_err(|e| std::io::Error::other(e.to_string()))??;
+    let sent = send
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
     Ok(sent.goodput() / (1u64 << 20) as f64)
 }
 
-async fn kv_goodput(opts: &MeshBenchOptions, quic: bool, streams: u16) -> Result<KvGoodput, BenchError> {
+async fn kv_goodput(
+    opts: &MeshBenchOptions,
+    quic: bool,
+    streams: u16,
+) -> Result<KvGoodput, BenchError> {
     let total = opts.kv_mib << 20;
     let layer = (opts.layer_mib << 20) as usize;
     let (rx_handle, mut rx_events) = Mesh::spawn(kv_config(quic))?;
@@ -248,10 +262,26 @@ async fn kv_goodput(opts: &MeshBenchOptions, quic: bool, streams: u16) -> Result
     let addr = first_addr(&rx_handle).await?;
     tx_handle.dial(addr).await?;
     // Warm-up (connection windows, allocator) so neither side pays it in the measurement.
-    mesh_kv_once(&tx_handle, rx_handle.local_peer_id(), &mut rx_events, 16 << 20, layer, streams).await?;
+    mesh_kv_once(
+        &tx_handle,
+        rx_handle.local_peer_id(),
+        &mut rx_events,
+        16 << 20,
+        layer,
+        streams,
+    )
+    .await?;
     raw_tcp(16 << 20, layer).await?;
     let raw = raw_tcp(total, layer).await?;
-    let mesh = mesh_kv_once(&tx_handle, rx_handle.local_peer_id(), &mut rx_events, total, layer, streams).await?;
+    let mesh = mesh_kv_once(
+        &tx_handle,
+        rx_handle.local_peer_id(),
+        &mut rx_events,
+        total,
+        layer,
+        streams,
+    )
+    .await?;
     tx_handle.shutdown().await;
     rx_handle.shutdown().await;
     Ok(KvGoodput {
@@ -282,7 +312,9 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
         c
     };
     let (h0, ev0) = Mesh::spawn(mk())?;
-    let boot = first_addr(&h0).await?.with(libp2p::multiaddr::Protocol::P2p(h0.local_peer_id()));
+    let boot = first_addr(&h0)
+        .await?
+        .with(libp2p::multiaddr::Protocol::P2p(h0.local_peer_id()));
     let mut nodes = vec![(h0, ev0)];
     for _ in 1..n {
         let mut c = mk();
@@ -379,7 +411,9 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
         for h in &handles {
             h.shutdown().await;
         }
-        return Err(BenchError::Timeout(format!("{n} nodes: only {converged} converged in 60 s")));
+        return Err(BenchError::Timeout(format!(
+            "{n} nodes: only {converged} converged in 60 s"
+        )));
     }
 
     let home = handles[0].clone();
@@ -458,12 +492,16 @@ pub struct ShapedGoodput {
 /// Receiver half of the shaped bench: listens on `listen`, writes its full `/p2p` address to
 /// `addr_file` (atomically, via rename), receives one transfer, then waits for the sender to hang up.
 pub fn serve_kv(listen: &str, addr_file: &std::path::Path) -> Result<u64, BenchError> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut cfg = kv_config(false);
         cfg.listen = vec![listen.to_string()];
         let (h, mut ev) = Mesh::spawn(cfg)?;
-        let addr = first_addr(&h).await?.with(libp2p::multiaddr::Protocol::P2p(h.local_peer_id()));
+        let addr = first_addr(&h)
+            .await?
+            .with(libp2p::multiaddr::Protocol::P2p(h.local_peer_id()));
         let tmp = addr_file.with_extension("tmp");
         std::fs::write(&tmp, addr.to_string())?;
         std::fs::rename(&tmp, addr_file)?;
@@ -498,7 +536,9 @@ pub fn serve_kv(listen: &str, addr_file: &std::path::Path) -> Result<u64, BenchE
 
 /// Sender half of the shaped bench: dials `addr`, moves `mib` MiB in 4 MiB layers over one stream.
 pub fn send_kv(addr: &str, mib: u64, rate_mbit: f64) -> Result<ShapedGoodput, BenchError> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let addr: Multiaddr = addr
             .parse()
@@ -527,9 +567,14 @@ pub fn send_kv(addr: &str, mib: u64, rate_mbit: f64) -> Result<ShapedGoodput, Be
         for l in 0..layers {
             let n = left.min(layer as u64) as usize;
             left -= n as u64;
-            s.send_layer(l, template[..n].to_vec()).await.map_err(MeshError::from)?;
+            s.send_layer(l, template[..n].to_vec())
+                .await
+                .map_err(MeshError::from)?;
         }
-        let sent = s.finish(KvTrailer::default()).await.map_err(MeshError::from)?;
+        let sent = s
+            .finish(KvTrailer::default())
+            .await
+            .map_err(MeshError::from)?;
         h.shutdown().await;
         let goodput_mbit = sent.goodput() * 8.0 / 1e6;
         Ok(ShapedGoodput {

@@ -101,6 +101,9 @@ pub struct Limits {
     /// A KV transfer with no progress for this long fails.
     #[serde(with = "humantime_serde")]
     pub kv_idle_timeout: Duration,
+    /// Connection set-up (pnet + noise + yamux) must finish within this.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for MeshConfig {
@@ -156,6 +159,7 @@ impl Default for Limits {
             max_streams_per_transfer: 16,
             max_pending_transfers: 64,
             kv_idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -187,7 +191,9 @@ mod keypair_hex {
         match k {
             None => s.serialize_none(),
             Some(k) => {
-                let bytes = k.to_protobuf_encoding().map_err(serde::ser::Error::custom)?;
+                let bytes = k
+                    .to_protobuf_encoding()
+                    .map_err(serde::ser::Error::custom)?;
                 s.serialize_some(&crate::config::hex_encode(&bytes))
             }
         }
@@ -197,7 +203,8 @@ mod keypair_hex {
         let Some(s) = Option::<String>::deserialize(d)? else {
             return Ok(None);
         };
-        let bytes = crate::config::hex_decode(&s).ok_or_else(|| D::Error::custom("keypair: invalid hex"))?;
+        let bytes = crate::config::hex_decode(&s)
+            .ok_or_else(|| D::Error::custom("keypair: invalid hex"))?;
         Keypair::from_protobuf_encoding(&bytes)
             .map(Some)
             .map_err(|e| D::Error::custom(format!("keypair: {e}")))
@@ -212,7 +219,7 @@ pub(crate) fn hex_encode(bytes: &[u8]) -> String {
 /// Parses hex (either case); `None` on odd length or a non-hex digit.
 pub(crate) fn hex_decode(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -240,7 +247,9 @@ mod tests {
             cfg.keypair.map(|k| k.public().to_peer_id())
         );
         assert_eq!(back.advert_expiry, Duration::from_millis(1500));
-        let partial = MeshConfig::from_toml("advert_interval = \"2s\"\n[limits]\nevent_queue = 8\n").expect("partial");
+        let partial =
+            MeshConfig::from_toml("advert_interval = \"2s\"\n[limits]\nevent_queue = 8\n")
+                .expect("partial");
         assert_eq!(partial.advert_interval, Duration::from_secs(2));
         assert_eq!(partial.limits.event_queue, 8);
         assert!(MeshConfig::from_toml("bogus = 1").is_err());
@@ -248,7 +257,10 @@ mod tests {
 
     #[test]
     fn hex_helpers() {
-        assert_eq!(hex_decode(&hex_encode(&[0, 255, 16])), Some(vec![0, 255, 16]));
+        assert_eq!(
+            hex_decode(&hex_encode(&[0, 255, 16])),
+            Some(vec![0, 255, 16])
+        );
         assert_eq!(hex_decode("abc"), None);
         assert_eq!(hex_decode("zz"), None);
     }

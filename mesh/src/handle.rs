@@ -28,7 +28,11 @@ pub(crate) enum Command {
     KnownPeers(oneshot::Sender<Vec<PeerId>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
-    Request(PeerId, AuctionRequest, oneshot::Sender<Result<AuctionResponse, MeshError>>),
+    Request(
+        PeerId,
+        AuctionRequest,
+        oneshot::Sender<Result<AuctionResponse, MeshError>>,
+    ),
     AnswerCall(CallToken, CallAnswer),
 }
 
@@ -90,7 +94,10 @@ impl MeshHandle {
         self.shared.local_peer_id
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, MeshError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, MeshError> {
         let (tx, rx) = oneshot::channel();
         self.shared
             .commands
@@ -115,7 +122,10 @@ impl MeshHandle {
     }
 
     /// Peers whose adverts say they can prefill `model`, most useful first.
-    pub async fn prefill_candidates(&self, model: ModelRef) -> Result<Vec<(PeerId, Advert)>, MeshError> {
+    pub async fn prefill_candidates(
+        &self,
+        model: ModelRef,
+    ) -> Result<Vec<(PeerId, Advert)>, MeshError> {
         self.ask(|tx| Command::Candidates(model, tx)).await
     }
 
@@ -135,7 +145,11 @@ impl MeshHandle {
     }
 
     /// Sends one auction request and waits for the answer (honouring emulated latency both ways).
-    pub async fn request(&self, peer: PeerId, req: AuctionRequest) -> Result<AuctionResponse, MeshError> {
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        req: AuctionRequest,
+    ) -> Result<AuctionResponse, MeshError> {
         let delay = self.added_latency(&peer);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -150,7 +164,8 @@ impl MeshHandle {
     /// Sends `call` to every candidate and collects answers until all answered or `call.deadline_ms`
     /// elapsed. Scoring and choosing the winner is the caller's (policy's) job.
     pub async fn call_auction(&self, candidates: &[PeerId], call: Call) -> AuctionRound {
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(call.deadline_ms));
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(u64::from(call.deadline_ms));
         let mut pending: FuturesUnordered<_> = candidates
             .iter()
             .map(|&p| {
@@ -163,7 +178,9 @@ impl MeshHandle {
         while let Ok(Some((p, r))) = tokio::time::timeout_at(deadline, pending.next()).await {
             answered.push(p);
             match r {
-                Ok(AuctionResponse::Bid(b)) if b.request_id == call.request_id => round.bids.push((p, b)),
+                Ok(AuctionResponse::Bid(b)) if b.request_id == call.request_id => {
+                    round.bids.push((p, b))
+                }
                 Ok(AuctionResponse::Decline { reason, .. }) => round.declines.push((p, reason)),
                 _ => round.silent.push(p),
             }
@@ -193,7 +210,11 @@ impl MeshHandle {
     }
 
     /// Opens a KV transfer to `peer` over the configured number of parallel streams.
-    pub async fn open_kv_transfer(&self, peer: PeerId, header: KvHeader) -> Result<KvSender, MeshError> {
+    pub async fn open_kv_transfer(
+        &self,
+        peer: PeerId,
+        header: KvHeader,
+    ) -> Result<KvSender, MeshError> {
         self.open_kv_transfer_with(peer, header, self.shared.streams_per_transfer)
             .await
     }

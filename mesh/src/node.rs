@@ -16,14 +16,16 @@ use libp2p::request_response::{self, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{
-    allow_block_list, connection_limits, identify, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm,
+    allow_block_list, connection_limits, identify, mdns, noise, ping, tcp, yamux, Multiaddr,
+    PeerId, Swarm,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::advert::{self, Advert, AdvertBody, BandwidthReport, PeerTable, ADVERT_TOPIC};
 use crate::auction::{
-    AuctionCodec, AuctionRequest, AuctionResponse, AwardCheck, BidBook, DeclineReason, AUCTION_PROTOCOL,
+    AuctionCodec, AuctionRequest, AuctionResponse, AwardCheck, BidBook, DeclineReason,
+    AUCTION_PROTOCOL,
 };
 use crate::bandwidth::BandwidthEstimator;
 use crate::behaviour::{MeshBehaviour, MeshBehaviourEvent};
@@ -60,7 +62,10 @@ struct Task {
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     pending_calls: HashMap<u64, PendingCall>,
     next_token: u64,
-    outbound: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<AuctionResponse, MeshError>>>,
+    outbound: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<AuctionResponse, MeshError>>,
+    >,
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
     stats: Arc<MeshStats>,
     estimator: Arc<Mutex<BandwidthEstimator>>,
@@ -72,7 +77,8 @@ struct Task {
 }
 
 fn parse_psk(hex: &str) -> Result<PreSharedKey, MeshError> {
-    let bytes = crate::config::hex_decode(hex).ok_or_else(|| MeshError::Config("psk: not hex".into()))?;
+    let bytes =
+        crate::config::hex_decode(hex).ok_or_else(|| MeshError::Config("psk: not hex".into()))?;
     let key: [u8; 32] = bytes
         .try_into()
         .map_err(|_| MeshError::Config("psk: need 32 bytes (64 hex chars)".into()))?;
@@ -83,6 +89,7 @@ fn build_transport(
     key: &Keypair,
     psk: Option<PreSharedKey>,
     quic: bool,
+    handshake_timeout: Duration,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, MeshError> {
     let noise = noise::Config::new(key).map_err(|e| MeshError::Start(e.to_string()))?;
     let tcp_cfg = tcp::Config::default().nodelay(true);
@@ -92,12 +99,16 @@ fn build_transport(
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
             .multiplex(yamux::Config::default())
+            // A peer with the wrong PSK produces garbage that can stall negotiation: bound it.
+            .timeout(handshake_timeout)
             .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
             .boxed(),
         None => tcp::tokio::Transport::new(tcp_cfg)
             .upgrade(Version::V1Lazy)
             .authenticate(noise)
             .multiplex(yamux::Config::default())
+            // A peer with the wrong PSK produces garbage that can stall negotiation: bound it.
+            .timeout(handshake_timeout)
             .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
             .boxed(),
     };
@@ -113,7 +124,10 @@ impl Mesh {
     /// Starts a node. Must be called inside a tokio runtime. Returns the handle and the bounded
     /// event stream; the node runs until [`MeshHandle::shutdown`] or every handle is dropped.
     pub fn spawn(cfg: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>), MeshError> {
-        let key = cfg.keypair.clone().unwrap_or_else(Keypair::generate_ed25519);
+        let key = cfg
+            .keypair
+            .clone()
+            .unwrap_or_else(Keypair::generate_ed25519);
         let local = key.public().to_peer_id();
         let psk = cfg.psk.as_deref().map(parse_psk).transpose()?;
         let allowlist = match &cfg.allowlist {
@@ -121,13 +135,16 @@ impl Mesh {
             Some(list) => {
                 let mut set = HashSet::new();
                 for s in list {
-                    set.insert(s.parse::<PeerId>().map_err(|e| MeshError::Config(format!("allowlist {s}: {e}")))?);
+                    set.insert(
+                        s.parse::<PeerId>()
+                            .map_err(|e| MeshError::Config(format!("allowlist {s}: {e}")))?,
+                    );
                 }
                 set.insert(local);
                 Some(Arc::new(set))
             }
         };
-        let transport = build_transport(&key, psk, cfg.quic)?;
+        let transport = build_transport(&key, psk, cfg.quic, cfg.limits.handshake_timeout)?;
 
         let gossip_cfg = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(cfg.gossip_heartbeat)
@@ -136,8 +153,11 @@ impl Mesh {
             .max_transmit_size(cfg.limits.max_advert_bytes + 1024)
             .build()
             .map_err(|e| MeshError::Config(format!("gossipsub: {e}")))?;
-        let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_cfg)
-            .map_err(|e| MeshError::Start(format!("gossipsub: {e}")))?;
+        let mut gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_cfg,
+        )
+        .map_err(|e| MeshError::Start(format!("gossipsub: {e}")))?;
         let topic = IdentTopic::new(ADVERT_TOPIC);
         gossipsub
             .subscribe(&topic)
@@ -162,10 +182,17 @@ impl Mesh {
             [(AUCTION_PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default()
                 .with_request_timeout(cfg.limits.auction_timeout)
-                .with_max_concurrent_streams(cfg.limits.max_pending_calls.max(1) * 2),
+                .with_max_concurrent_streams(
+                    // Pending calls hold their stream; leave room for the immediate answers
+                    // (overload declines, awards) so those are not dropped at capacity.
+                    cfg.limits.max_pending_calls + 64,
+                ),
         );
         let mdns = if cfg.mdns {
-            Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local).map_err(|e| MeshError::Start(format!("mdns: {e}")))?)
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), local)
+                    .map_err(|e| MeshError::Start(format!("mdns: {e}")))?,
+            )
         } else {
             None
         };
@@ -177,7 +204,10 @@ impl Mesh {
         let behaviour = MeshBehaviour {
             allow: allow.into(),
             limits,
-            identify: identify::Behaviour::new(identify::Config::new("/prfaas/id/1".into(), key.public())),
+            identify: identify::Behaviour::new(identify::Config::new(
+                "/prfaas/id/1".into(),
+                key.public(),
+            )),
             ping: ping::Behaviour::new(ping::Config::new()),
             gossipsub,
             auction,
@@ -188,16 +218,21 @@ impl Mesh {
             transport,
             behaviour,
             local,
-            libp2p::swarm::Config::with_tokio_executor().with_idle_connection_timeout(Duration::from_secs(60)),
+            libp2p::swarm::Config::with_tokio_executor()
+                .with_idle_connection_timeout(Duration::from_secs(60)),
         );
         for a in &cfg.listen {
-            let addr: Multiaddr = a.parse().map_err(|e| MeshError::Config(format!("listen {a}: {e}")))?;
+            let addr: Multiaddr = a
+                .parse()
+                .map_err(|e| MeshError::Config(format!("listen {a}: {e}")))?;
             swarm
                 .listen_on(addr)
                 .map_err(|e| MeshError::Start(format!("listen {a}: {e}")))?;
         }
         for b in &cfg.bootstrap {
-            let addr: Multiaddr = b.parse().map_err(|e| MeshError::Config(format!("bootstrap {b}: {e}")))?;
+            let addr: Multiaddr = b
+                .parse()
+                .map_err(|e| MeshError::Config(format!("bootstrap {b}: {e}")))?;
             if let Err(e) = swarm.dial(addr) {
                 tracing::warn!(bootstrap = %b, error = %e, "bootstrap dial failed");
             }
@@ -285,15 +320,22 @@ impl Mesh {
             max_streams,
             sender_limits,
         };
-        Ok((MeshHandle { shared: Arc::new(shared) }, ev_rx))
+        Ok((
+            MeshHandle {
+                shared: Arc::new(shared),
+            },
+            ev_rx,
+        ))
     }
 }
 
 impl Task {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
-        let mut advert_tick = tokio::time::interval(self.cfg.advert_interval.max(Duration::from_millis(10)));
+        let mut advert_tick =
+            tokio::time::interval(self.cfg.advert_interval.max(Duration::from_millis(10)));
         advert_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let maint_period = (self.cfg.advert_expiry / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let maint_period =
+            (self.cfg.advert_expiry / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut maintenance = tokio::time::interval(maint_period);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -396,7 +438,11 @@ impl Task {
                         reason,
                     },
                 };
-                let _ = self.swarm.behaviour_mut().auction.send_response(pc.channel, resp);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .auction
+                    .send_response(pc.channel, resp);
             }
         }
     }
@@ -410,7 +456,14 @@ impl Task {
         let addrs: Vec<Multiaddr> = self
             .table
             .get(&peer)
-            .map(|e| e.advert.listen_addrs.iter().filter_map(|a| a.parse().ok()).take(8).collect())
+            .map(|e| {
+                e.advert
+                    .listen_addrs
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .take(8)
+                    .collect()
+            })
             .unwrap_or_default();
         if !addrs.is_empty() {
             let opts = DialOpts::peer_id(peer)
@@ -437,13 +490,23 @@ impl Task {
         let advert = Advert {
             node_id: self.swarm.local_peer_id().to_base58(),
             seq: self.seq,
-            listen_addrs: self.listen_addrs.iter().take(8).map(|a| a.to_string()).collect(),
+            listen_addrs: self
+                .listen_addrs
+                .iter()
+                .take(8)
+                .map(|a| a.to_string())
+                .collect(),
             body: self.body.clone(),
             observed_bandwidth,
         };
         match advert::codec::encode(&advert, self.cfg.limits.max_advert_bytes) {
             Ok(bytes) => {
-                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), bytes)
+                {
                     // InsufficientPeers before anyone joined is expected; anything else is logged.
                     tracing::trace!(error = %e, "advert not published");
                 }
@@ -490,7 +553,9 @@ impl Task {
         }
         let stale_after = bw.stale_after;
         let target = {
-            let Ok(est) = self.estimator.lock() else { return };
+            let Ok(est) = self.estimator.lock() else {
+                return;
+            };
             self.table
                 .peers()
                 .map(|(p, _)| *p)
@@ -505,7 +570,8 @@ impl Task {
         let Some(peer) = target else { return };
         self.last_probe.insert(peer, now);
         if self.last_probe.len() > self.cfg.limits.max_known_peers {
-            self.last_probe.retain(|_, t| now.saturating_duration_since(*t) <= stale_after);
+            self.last_probe
+                .retain(|_, t| now.saturating_duration_since(*t) <= stale_after);
         }
         self.probe_running.store(true, Ordering::Release);
         let running = self.probe_running.clone();
@@ -549,19 +615,19 @@ impl Task {
                 }
             }
             SwarmEvent::ConnectionClosed {
-                peer_id, num_established, ..
-            } => {
-                if num_established == 0 {
-                    self.emit(MeshEvent::PeerDisconnected { peer: peer_id });
-                }
-            }
+                peer_id,
+                num_established: 0,
+                ..
+            } => self.emit(MeshEvent::PeerDisconnected { peer: peer_id }),
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 peer_id,
                 error,
             } => {
                 if matches!(error, DialError::Denied { .. }) {
-                    self.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .refused_connections
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(d) = self.dials.remove(&connection_id) {
                     let _ = d.send(Err(MeshError::Dial(error.to_string())));
@@ -571,7 +637,9 @@ impl Task {
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
                 // PSK mismatch (handshake fails), allowlist or limits denial.
-                self.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .refused_connections
+                    .fetch_add(1, Ordering::Relaxed);
                 self.emit(MeshEvent::ConnectionRefused {
                     peer: None,
                     reason: error.to_string(),
@@ -593,22 +661,32 @@ impl Task {
                 if verdict != MessageAcceptance::Accept {
                     self.stats.refused_adverts.fetch_add(1, Ordering::Relaxed);
                 }
-                let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                    &message_id,
-                    &propagation_source,
-                    verdict,
-                );
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, verdict);
             }
-            MeshBehaviourEvent::Auction(request_response::Event::Message { peer, message, .. }) => match message {
-                request_response::Message::Request { request, channel, .. } => self.on_request(peer, request, channel),
-                request_response::Message::Response { request_id, response } => {
+            MeshBehaviourEvent::Auction(request_response::Event::Message {
+                peer, message, ..
+            }) => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
                     if let Some(tx) = self.outbound.remove(&request_id) {
                         let _ = tx.send(Ok(response));
                     }
                 }
             },
             MeshBehaviourEvent::Auction(request_response::Event::OutboundFailure {
-                peer, request_id, error, ..
+                peer,
+                request_id,
+                error,
+                ..
             }) => {
                 if let Some(tx) = self.outbound.remove(&request_id) {
                     let _ = tx.send(Err(MeshError::Request {
@@ -619,7 +697,9 @@ impl Task {
             }
             MeshBehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
-                    if self.swarm.connected_peers().count() < self.cfg.target_peers && self.allowed(&peer) {
+                    if self.swarm.connected_peers().count() < self.cfg.target_peers
+                        && self.allowed(&peer)
+                    {
                         let opts = DialOpts::peer_id(peer)
                             .addresses(vec![addr])
                             .condition(PeerCondition::DisconnectedAndNotDialing)
@@ -650,7 +730,9 @@ impl Task {
             return MessageAcceptance::Ignore;
         }
         // Learn the mesh: dial advertised addresses while below the target peer count.
-        if !self.swarm.is_connected(&peer) && self.swarm.connected_peers().count() < self.cfg.target_peers {
+        if !self.swarm.is_connected(&peer)
+            && self.swarm.connected_peers().count() < self.cfg.target_peers
+        {
             let addrs: Vec<Multiaddr> = advert
                 .listen_addrs
                 .iter()
@@ -679,7 +761,12 @@ impl Task {
         }
     }
 
-    fn on_request(&mut self, peer: PeerId, req: AuctionRequest, channel: ResponseChannel<AuctionResponse>) {
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        req: AuctionRequest,
+        channel: ResponseChannel<AuctionResponse>,
+    ) {
         if !self.allowed(&peer) {
             self.stats.refused_auction.fetch_add(1, Ordering::Relaxed);
             return; // dropping the channel fails the request on the other side
@@ -687,7 +774,9 @@ impl Task {
         let now = Instant::now();
         let resp = match req {
             AuctionRequest::Call(call) => {
-                if self.pending_calls.len() >= self.cfg.limits.max_pending_calls || !self.book.has_room() {
+                if self.pending_calls.len() >= self.cfg.limits.max_pending_calls
+                    || !self.book.has_room()
+                {
                     AuctionResponse::Decline {
                         request_id: call.request_id,
                         reason: DeclineReason::Overloaded,
@@ -740,7 +829,11 @@ impl Task {
                 AuctionResponse::Cancelled { request_id }
             }
         };
-        let _ = self.swarm.behaviour_mut().auction.send_response(channel, resp);
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .auction
+            .send_response(channel, resp);
     }
 }
 

@@ -132,7 +132,13 @@ mod tests {
     fn framed_rejects_oversized_length_before_allocating() {
         let mut bytes: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
         let r: Result<u32, _> = futures::executor::block_on(read_framed(&mut bytes, 1024));
-        assert!(matches!(r, Err(WireError::TooLarge { len: 0xffff_ffff, max: 1024 })));
+        assert!(matches!(
+            r,
+            Err(WireError::TooLarge {
+                len: 0xffff_ffff,
+                max: 1024
+            })
+        ));
     }
 }
 

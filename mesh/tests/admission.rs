@@ -11,6 +11,8 @@ use prfaas_mesh::{MeshConfig, MeshEvent};
 fn psk_cfg(key: &str) -> MeshConfig {
     let mut c = MeshConfig::local();
     c.psk = Some(key.into());
+    // Wrong-key handshakes stall until this timeout; keep the test short.
+    c.limits.handshake_timeout = Duration::from_secs(2);
     c
 }
 
@@ -28,14 +30,26 @@ async fn psk_mesh_admits_only_key_holders() {
     let key = "11".repeat(32);
     let mut a = spawn(psk_cfg(&key)).await;
     let b = spawn(psk_cfg(&key)).await;
-    assert_eq!(b.handle.dial(a.p2p_addr()).await.expect("same key connects"), a.id());
+    assert_eq!(
+        b.handle
+            .dial(a.p2p_addr())
+            .await
+            .expect("same key connects"),
+        a.id()
+    );
 
     let wrong = spawn(psk_cfg(&"22".repeat(32))).await;
-    assert!(wrong.handle.dial(a.p2p_addr()).await.is_err(), "wrong key must not connect");
-    assert!(refused(&mut a).await);
-
-    let open = spawn(MeshConfig::local()).await;
-    assert!(open.handle.dial(a.p2p_addr()).await.is_err(), "no key must not connect");
+    let mut no_key = MeshConfig::local();
+    no_key.limits.handshake_timeout = Duration::from_secs(2);
+    let open = spawn(no_key).await;
+    let (r1, r2) = tokio::join!(
+        wrong.handle.dial(a.p2p_addr()),
+        open.handle.dial(a.p2p_addr())
+    );
+    assert!(r1.is_err(), "wrong key must not connect");
+    assert!(r2.is_err(), "no key must not connect");
+    assert!(refused(&mut a).await, "first refusal");
+    assert!(refused(&mut a).await, "second refusal");
     assert!(a.handle.stats().refused_connections >= 2);
     let connected = a.handle.connected_peers().await.expect("peers");
     assert_eq!(connected, vec![b.id()]);
@@ -47,8 +61,16 @@ async fn allowlist_refuses_outsiders() {
     let mut cfg = MeshConfig::local();
     cfg.allowlist = Some(vec![insider.id().to_base58()]);
     let mut guarded = spawn(cfg).await;
-    guarded.handle.set_advert(prefill_body(0, 1.0)).await.expect("advert");
-    insider.handle.dial(guarded.p2p_addr()).await.expect("insider connects");
+    guarded
+        .handle
+        .set_advert(prefill_body(0, 1.0))
+        .await
+        .expect("advert");
+    insider
+        .handle
+        .dial(guarded.p2p_addr())
+        .await
+        .expect("insider connects");
 
     let outsider = spawn(MeshConfig::local()).await;
     // The transport handshake may complete, but the guarded node denies the connection.

@@ -12,7 +12,10 @@ async fn converges(n: usize, budget: Duration) {
     let nodes = star(n, |_| MeshConfig::local()).await;
     let t0 = Instant::now();
     let (nodes, missing) = converge(nodes, budget).await;
-    assert_eq!(missing, 0, "{n} nodes: {missing} (node, peer) pairs never discovered");
+    assert_eq!(
+        missing, 0,
+        "{n} nodes: {missing} (node, peer) pairs never discovered"
+    );
     eprintln!("{n} nodes converged in {:?}", t0.elapsed());
     // The table answers "who can prefill M", most useful (shortest queue) first.
     let cands = nodes[0]
@@ -73,7 +76,10 @@ async fn late_joiner_learns_the_mesh() {
     let mut cfg = MeshConfig::local();
     cfg.bootstrap = vec![nodes[2].p2p_addr().to_string()];
     let mut late = spawn(cfg).await;
-    late.handle.set_advert(prefill_body(9, 9.0)).await.expect("advert");
+    late.handle
+        .set_advert(prefill_body(9, 9.0))
+        .await
+        .expect("advert");
     let expected: HashSet<_> = nodes.iter().map(|n| n.id()).collect();
     let missing = discover_all(&mut late.events, &expected, Duration::from_secs(10)).await;
     assert!(missing.is_empty(), "late joiner missed {missing:?}");

@@ -6,7 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use prfaas_mesh::auction::{AuctionRequest, AuctionResponse, AwardRefusal, Award, Bid, Call, DeclineReason};
+use prfaas_mesh::auction::{
+    AuctionRequest, AuctionResponse, Award, AwardRefusal, Bid, Call, DeclineReason,
+};
 use prfaas_mesh::{CallAnswer, MeshConfig, MeshEvent};
 
 fn call(request_id: u64, deadline_ms: u32) -> Call {
@@ -105,7 +107,9 @@ async fn call_bid_award_round_trip() {
         .await
         .expect("bidder saw award")
         .expect("join");
-    assert!(matches!(&evs[0], MeshEvent::Awarded { award, .. } if award.request_id == 7 && award.price == 3.0));
+    assert!(
+        matches!(&evs[0], MeshEvent::Awarded { award, .. } if award.request_id == 7 && award.price == 3.0)
+    );
     // The bid is consumed: a second award is refused.
     let again = home
         .handle
@@ -147,8 +151,14 @@ async fn deadline_without_bids_returns_empty_round() {
     let took = t0.elapsed();
     assert!(round.bids.is_empty(), "{round:?}");
     assert_eq!(round.silent, vec![bidder_id]);
-    assert!(took >= Duration::from_millis(300), "returned before the deadline: {took:?}");
-    assert!(took < Duration::from_secs(3), "deadline not honoured: {took:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "returned before the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "deadline not honoured: {took:?}"
+    );
     let _bidder = watcher.await.expect("join");
 }
 
@@ -165,7 +175,8 @@ async fn overloaded_bidder_declines() {
     for i in 0..5u64 {
         let h = home.handle.clone();
         handles.push(tokio::spawn(async move {
-            h.request(bidder_id, AuctionRequest::Call(call(100 + i, 1_000))).await
+            h.request(bidder_id, AuctionRequest::Call(call(100 + i, 1_000)))
+                .await
         }));
     }
     for h in handles {
@@ -181,7 +192,10 @@ async fn overloaded_bidder_declines() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert_eq!(declines, 3, "two calls pending, three declined as overloaded");
+    assert_eq!(
+        declines, 3,
+        "two calls pending, three declined as overloaded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,9 +235,17 @@ async fn emulated_latency_delays_the_round_trip() {
     let (home, bidder) = pair(MeshConfig::local()).await;
     let bidder_id = bidder.id();
     let _task = auto_bidder(bidder, CallAnswer::Decline(DeclineReason::NotPrefilling));
-    home.handle.set_added_latency(bidder_id, Duration::from_millis(40));
+    home.handle
+        .set_added_latency(bidder_id, Duration::from_millis(40));
     let t0 = Instant::now();
     let round = home.handle.call_auction(&[bidder_id], call(3, 2_000)).await;
-    assert_eq!(round.declines, vec![(bidder_id, DeclineReason::NotPrefilling)]);
-    assert!(t0.elapsed() >= Duration::from_millis(80), "{:?}", t0.elapsed());
+    assert_eq!(
+        round.declines,
+        vec![(bidder_id, DeclineReason::NotPrefilling)]
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(80),
+        "{:?}",
+        t0.elapsed()
+    );
 }

@@ -23,24 +23,39 @@ fn engine(kind: SyntheticKind, cfg: EngineConfig) -> Engine {
 }
 
 fn cfg() -> EngineConfig {
-    EngineConfig { prefill_chunk: 32, ..EngineConfig::with_capacity(1024) }
+    EngineConfig {
+        prefill_chunk: 32,
+        ..EngineConfig::with_capacity(1024)
+    }
 }
 
 /// A deterministic "text" prompt of `n` byte tokens.
 fn prompt(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| 32 + (i * 7 + salt * 13 + i * i) % 90).collect()
+    (0..n as u32)
+        .map(|i| 32 + (i * 7 + salt * 13 + i * i) % 90)
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Greedy continuation of a live sequence whose next input is `first`.
-fn continue_greedy(e: &mut Engine, seq: prfaas_node::engine::SeqId, first: u32, n: usize) -> Vec<u32> {
+fn continue_greedy(
+    e: &mut Engine,
+    seq: prfaas_node::engine::SeqId,
+    first: u32,
+    n: usize,
+) -> Vec<u32> {
     let mut s = Sampler::new(SamplingParams::greedy(n));
     s.accept(first);
-    let (toks, _) = e.continue_decode(seq, first, &mut s, &mut |_| {}).expect("decode");
+    let (toks, _) = e
+        .continue_decode(seq, first, &mut s, &mut |_| {})
+        .expect("decode");
     toks
 }
 
@@ -48,10 +63,16 @@ fn continue_greedy(e: &mut Engine, seq: prfaas_node::engine::SeqId, first: u32, 
 fn engine_greedy_output_is_not_degenerate() {
     for kind in KINDS {
         let mut e = engine(kind, cfg());
-        let g = e.generate(&prompt(40, 1), &SamplingParams::greedy(24), &mut |_| {}).unwrap();
+        let g = e
+            .generate(&prompt(40, 1), &SamplingParams::greedy(24), &mut |_| {})
+            .unwrap();
         let distinct: std::collections::HashSet<_> = g.tokens.iter().collect();
         assert_eq!(g.tokens.len(), 24);
-        assert!(distinct.len() >= 3, "{kind:?} greedy output collapsed: {:?}", g.tokens);
+        assert!(
+            distinct.len() >= 3,
+            "{kind:?} greedy output collapsed: {:?}",
+            g.tokens
+        );
     }
 }
 
@@ -76,7 +97,8 @@ fn engine_export_import_continues_token_identically() {
         }
         // Byte round trip of the documented layout.
         for (l, kv) in export.layers.iter().enumerate() {
-            let back = LayerKv::from_le_bytes(&export.layout, l, p.len(), &kv.to_le_bytes()).unwrap();
+            let back =
+                LayerKv::from_le_bytes(&export.layout, l, p.len(), &kv.to_le_bytes()).unwrap();
             assert_eq!(&back, kv);
         }
 
@@ -109,13 +131,19 @@ fn engine_import_rejects_foreign_or_malformed_kv() {
     let export = dense.export_kv(pre.seq).unwrap();
 
     let mut hybrid = engine(SyntheticKind::TinyHybrid, cfg());
-    assert!(matches!(hybrid.import_kv(&export), Err(EngineError::Incompatible(_))));
+    assert!(matches!(
+        hybrid.import_kv(&export),
+        Err(EngineError::Incompatible(_))
+    ));
 
     // Same model, different weights (seed) → different hash.
     let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let (c, w) = synthetic_model(SyntheticKind::TinyDense, DEFAULT_SEED + 1);
     let mut other = Engine::new(Model::new(c, &w, backend).unwrap(), cfg()).unwrap();
-    assert!(matches!(other.import_kv(&export), Err(EngineError::Incompatible(_))));
+    assert!(matches!(
+        other.import_kv(&export),
+        Err(EngineError::Incompatible(_))
+    ));
 
     let mut truncated = export.clone();
     if let LayerKv::Paged { k, .. } = &mut truncated.layers[0] {
@@ -141,13 +169,25 @@ fn engine_prefix_cache_hit_equals_cold_prefill() {
         let pre1 = warm.prefill(&p1, &mut NullSink).unwrap();
         warm.release(pre1.seq).unwrap();
         let hit = warm.prefill(&p2, &mut NullSink).unwrap();
-        assert_eq!(hit.cached_tokens, 48, "{kind:?}: expected a 3-block prefix hit");
+        assert_eq!(
+            hit.cached_tokens, 48,
+            "{kind:?}: expected a 3-block prefix hit"
+        );
 
-        let mut cold_engine = engine(kind, EngineConfig { prefix_cache: false, ..cfg() });
+        let mut cold_engine = engine(
+            kind,
+            EngineConfig {
+                prefix_cache: false,
+                ..cfg()
+            },
+        );
         let cold = cold_engine.prefill(&p2, &mut NullSink).unwrap();
         assert_eq!(cold.cached_tokens, 0);
         let d = max_abs_diff(&hit.logits, &cold.logits);
-        assert!(d < 1e-3, "{kind:?}: prefix-hit logits differ from cold by {d}");
+        assert!(
+            d < 1e-3,
+            "{kind:?}: prefix-hit logits differ from cold by {d}"
+        );
 
         let first = prfaas_node::engine::sampler::argmax(&cold.logits);
         assert_eq!(first, prfaas_node::engine::sampler::argmax(&hit.logits));
@@ -161,54 +201,133 @@ fn engine_prefix_cache_hit_equals_cold_prefill() {
 fn engine_chunked_prefill_equals_one_shot() {
     for kind in KINDS {
         let p = prompt(70, 6);
-        let mut one = engine(kind, EngineConfig { prefill_chunk: 512, prefix_cache: false, ..cfg() });
-        let mut chunked = engine(kind, EngineConfig { prefill_chunk: 7, prefix_cache: false, ..cfg() });
+        let mut one = engine(
+            kind,
+            EngineConfig {
+                prefill_chunk: 512,
+                prefix_cache: false,
+                ..cfg()
+            },
+        );
+        let mut chunked = engine(
+            kind,
+            EngineConfig {
+                prefill_chunk: 7,
+                prefix_cache: false,
+                ..cfg()
+            },
+        );
         let a = one.prefill(&p, &mut NullSink).unwrap();
         let b = chunked.prefill(&p, &mut NullSink).unwrap();
         let d = max_abs_diff(&a.logits, &b.logits);
         assert!(d < 1e-3, "{kind:?}: chunked prefill differs by {d}");
-        assert_eq!(one.export_kv(a.seq).unwrap().layers.len(), chunked.export_kv(b.seq).unwrap().layers.len());
+        assert_eq!(
+            one.export_kv(a.seq).unwrap().layers.len(),
+            chunked.export_kv(b.seq).unwrap().layers.len()
+        );
     }
 }
 
 #[test]
 fn engine_continuous_batching_matches_sequential() {
     for kind in KINDS {
-        let prompts: Vec<Vec<u32>> = [5usize, 17, 33, 50, 9].iter().enumerate().map(|(i, &n)| prompt(n, i as u32)).collect();
-        let params = SamplingParams { max_tokens: 10, stop_tokens: vec![], ..SamplingParams::greedy(10) };
-        let mut seq_engine = engine(kind, EngineConfig { prefix_cache: false, ..cfg() });
+        let prompts: Vec<Vec<u32>> = [5usize, 17, 33, 50, 9]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| prompt(n, i as u32))
+            .collect();
+        let params = SamplingParams {
+            max_tokens: 10,
+            stop_tokens: vec![],
+            ..SamplingParams::greedy(10)
+        };
+        let mut seq_engine = engine(
+            kind,
+            EngineConfig {
+                prefix_cache: false,
+                ..cfg()
+            },
+        );
         let sequential: Vec<Vec<u32>> = prompts
             .iter()
             .map(|p| seq_engine.generate(p, &params, &mut |_| {}).unwrap().tokens)
             .collect();
         // max_batch 3 < 5 prompts: sequences join as others leave.
-        let mut batch_engine = engine(kind, EngineConfig { prefix_cache: false, ..cfg() });
+        let mut batch_engine = engine(
+            kind,
+            EngineConfig {
+                prefix_cache: false,
+                ..cfg()
+            },
+        );
         let batched = batch_engine.generate_batch(&prompts, &params, 3).unwrap();
         assert_eq!(batched, sequential, "{kind:?}: batched decode diverged");
         assert_eq!(batch_engine.live_sequences(), 0);
         let st = batch_engine.kv_stats();
-        assert_eq!(st.in_use + st.leased, 0, "{kind:?}: blocks stranded: {st:?}");
+        assert_eq!(
+            st.in_use + st.leased,
+            0,
+            "{kind:?}: blocks stranded: {st:?}"
+        );
     }
 }
 
 #[test]
 fn engine_seeded_sampling_is_reproducible() {
-    let params = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 9, max_tokens: 12, stop_tokens: vec![] };
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        seed: 9,
+        max_tokens: 12,
+        stop_tokens: vec![],
+    };
     let mut e = engine(SyntheticKind::TinyHybrid, cfg());
-    let a = e.generate(&prompt(12, 7), &params, &mut |_| {}).unwrap().tokens;
-    let b = e.generate(&prompt(12, 7), &params, &mut |_| {}).unwrap().tokens;
+    let a = e
+        .generate(&prompt(12, 7), &params, &mut |_| {})
+        .unwrap()
+        .tokens;
+    let b = e
+        .generate(&prompt(12, 7), &params, &mut |_| {})
+        .unwrap()
+        .tokens;
     assert_eq!(a, b);
-    let c = e.generate(&prompt(12, 7), &SamplingParams { seed: 10, ..params.clone() }, &mut |_| {}).unwrap().tokens;
+    let c = e
+        .generate(
+            &prompt(12, 7),
+            &SamplingParams {
+                seed: 10,
+                ..params.clone()
+            },
+            &mut |_| {},
+        )
+        .unwrap()
+        .tokens;
     assert_eq!(c.len(), 12);
 }
 
 #[test]
 fn engine_rejects_bad_requests_and_runs_out_cleanly() {
-    let mut e = engine(SyntheticKind::TinyDense, EngineConfig { n_blocks: 4, ..cfg() });
-    assert!(matches!(e.prefill(&[], &mut NullSink), Err(EngineError::Request(_))));
-    assert!(matches!(e.prefill(&[100_000], &mut NullSink), Err(EngineError::Request(_))));
+    let mut e = engine(
+        SyntheticKind::TinyDense,
+        EngineConfig {
+            n_blocks: 4,
+            ..cfg()
+        },
+    );
+    assert!(matches!(
+        e.prefill(&[], &mut NullSink),
+        Err(EngineError::Request(_))
+    ));
+    assert!(matches!(
+        e.prefill(&[100_000], &mut NullSink),
+        Err(EngineError::Request(_))
+    ));
     // 4 blocks of 16 tokens: a 100-token prompt does not fit.
-    assert!(matches!(e.prefill(&prompt(100, 1), &mut NullSink), Err(EngineError::Kv(_))));
+    assert!(matches!(
+        e.prefill(&prompt(100, 1), &mut NullSink),
+        Err(EngineError::Kv(_))
+    ));
     let st = e.kv_stats();
     assert_eq!(st.in_use, 0, "failed prefill stranded blocks: {st:?}");
     // A prompt that fits still works afterwards.

@@ -343,6 +343,15 @@ fn hostile_headers_are_rejected_without_huge_allocations() {
     b.extend_from_slice(&(1u64 << 60).to_le_bytes());
     b.extend_from_slice(&[0; 64]);
     assert!(matches!(parse(b), GgufError::Truncated { .. }));
+    // An array that fits in the file but would blow up in memory (one byte → one MetaValue).
+    let mut b = header(0, 1);
+    put_str(&mut b, "k");
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    let n = (1u64 << 22) + 1;
+    b.extend_from_slice(&n.to_le_bytes());
+    b.resize(b.len() + n as usize, 0);
+    assert!(matches!(parse(b), GgufError::Invalid(m) if m.contains("limit")));
     // Unknown value type, deeply nested arrays.
     let mut b = header(0, 1);
     put_str(&mut b, "k");
@@ -455,7 +464,12 @@ fn real_model() -> Option<PathBuf> {
 #[test]
 fn smollm2_loads_with_the_documented_geometry() {
     let Some(path) = real_model() else { return };
+    let t0 = std::time::Instant::now();
     let m = load_gguf(&path).unwrap();
+    eprintln!(
+        "load_gguf (parse, copy tensors, tokenizer, hash): {:?}",
+        t0.elapsed()
+    );
     let c = &m.config;
     assert_eq!(c.arch, "llama");
     assert_eq!(

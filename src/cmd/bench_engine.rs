@@ -55,13 +55,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Deterministic prompt of `n` ordinary token ids.
 fn bench_prompt(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
     let span = vocab.saturating_sub(300).max(1);
-    (0..n).map(|i| (256 + (i * 7919 + salt * 104_729) % span) as u32).collect()
+    (0..n)
+        .map(|i| (256 + (i * 7919 + salt * 104_729) % span) as u32)
+        .collect()
 }
 
-fn engine_for(loaded: &LoadedModel, backend: BackendKind, capacity: usize) -> anyhow::Result<Engine> {
+fn engine_for(
+    loaded: &LoadedModel,
+    backend: BackendKind,
+    capacity: usize,
+) -> anyhow::Result<Engine> {
     let be = make_backend(backend)?;
     let model = Model::new(loaded.config.clone(), &loaded.weights, be)?;
-    let cfg = EngineConfig { prefix_cache: false, ..EngineConfig::with_capacity(capacity) };
+    let cfg = EngineConfig {
+        prefix_cache: false,
+        ..EngineConfig::with_capacity(capacity)
+    };
     Ok(Engine::new(model, cfg)?)
 }
 
@@ -80,13 +89,21 @@ fn time_prefill(engine: &mut Engine, n: usize, reps: usize) -> anyhow::Result<Du
 }
 
 /// Aggregate greedy decode tok/s of `batch` sequences with 128-token prompts.
-fn time_decode(engine: &mut Engine, batch: usize, steps: usize, reps: usize) -> anyhow::Result<f64> {
+fn time_decode(
+    engine: &mut Engine,
+    batch: usize,
+    steps: usize,
+    reps: usize,
+) -> anyhow::Result<f64> {
     let vocab = engine.model().config().vocab_size;
     let mut rates = Vec::new();
     for r in 0..reps.max(1) {
         let mut live = Vec::with_capacity(batch);
         for b in 0..batch {
-            let pre = engine.prefill(&bench_prompt(128, vocab, 1000 + r * batch + b), &mut NullSink)?;
+            let pre = engine.prefill(
+                &bench_prompt(128, vocab, 1000 + r * batch + b),
+                &mut NullSink,
+            )?;
             live.push((pre.seq, prfaas_node::engine::sampler::argmax(&pre.logits)));
         }
         let t = Instant::now();
@@ -133,7 +150,9 @@ fn phi_kv(
             "phi_kv_gbps": gbps,
         }));
     }
-    Ok(json!({ "model": loaded.config.name, "kv_bytes_per_token": bytes_per_token, "points": rows }))
+    Ok(
+        json!({ "model": loaded.config.name, "kv_bytes_per_token": bytes_per_token, "points": rows }),
+    )
 }
 
 /// Runs `scripts/bench-llamacpp` when present and its build is already cached (building it takes
@@ -143,12 +162,21 @@ fn llamacpp(model: &str) -> Option<Value> {
     let script = Path::new("scripts/bench-llamacpp");
     let cache = std::env::var("LLAMACPP_DIR").unwrap_or_else(|_| "target/llamacpp".into());
     if !script.exists() || !Path::new(&cache).join("build/bin/llama-bench").exists() {
-        tracing::info!("llama.cpp comparison skipped: scripts/bench-llamacpp or its cached build is missing");
+        tracing::info!(
+            "llama.cpp comparison skipped: scripts/bench-llamacpp or its cached build is missing"
+        );
         return None;
     }
-    let out = std::process::Command::new(script).arg("--model").arg(model).output().ok()?;
+    let out = std::process::Command::new(script)
+        .arg("--model")
+        .arg(model)
+        .output()
+        .ok()?;
     if !out.status.success() {
-        tracing::warn!("llama.cpp comparison failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        tracing::warn!(
+            "llama.cpp comparison failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         return None;
     }
     serde_json::from_slice(&out.stdout).ok()
@@ -175,7 +203,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             report["prefill"] = json!(prefill);
             report["decode"] = json!([{ "batch": 1, "tok_s": d1 }, { "batch": 16, "tok_s": d16 }]);
             report["decode_batch16_over_batch1"] = json!(d16 / d1);
-            phi.push(phi_kv(&real, args.backend, &args.phi_lengths, args.phi_max_tokens, 1)?);
+            phi.push(phi_kv(
+                &real,
+                args.backend,
+                &args.phi_lengths,
+                args.phi_max_tokens,
+                1,
+            )?);
             if !args.no_llamacpp {
                 if let Some(ll) = llamacpp(&args.model) {
                     report["ratios_vs_llamacpp"] = ratios(&report, &ll);
@@ -204,7 +238,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// `ours / llama.cpp` for every figure both sides have.
 fn ratios(ours: &Value, theirs: &Value) -> Value {
     let mut out = Vec::new();
-    for (key, field, theirs_key) in [("prefill", "tokens", "prefill_tok_s"), ("decode", "batch", "decode_tok_s")] {
+    for (key, field, theirs_key) in [
+        ("prefill", "tokens", "prefill_tok_s"),
+        ("decode", "batch", "decode_tok_s"),
+    ] {
         for x in ours[key].as_array().into_iter().flatten() {
             let n = x[field].to_string();
             if let (Some(p), Some(q)) = (x["tok_s"].as_f64(), theirs[theirs_key][&n].as_f64()) {
@@ -223,14 +260,26 @@ fn print_table(r: &Value) {
     if let Some(m) = r["model"].as_str() {
         println!("model: {m}");
         for p in r["prefill"].as_array().into_iter().flatten() {
-            println!("  prefill {:>5} tokens: {:>9.1} tok/s", p["tokens"], p["tok_s"].as_f64().unwrap_or(0.0));
+            println!(
+                "  prefill {:>5} tokens: {:>9.1} tok/s",
+                p["tokens"],
+                p["tok_s"].as_f64().unwrap_or(0.0)
+            );
         }
         for d in r["decode"].as_array().into_iter().flatten() {
-            println!("  decode batch {:>3}:     {:>9.1} tok/s", d["batch"], d["tok_s"].as_f64().unwrap_or(0.0));
+            println!(
+                "  decode batch {:>3}:     {:>9.1} tok/s",
+                d["batch"],
+                d["tok_s"].as_f64().unwrap_or(0.0)
+            );
         }
     }
     for x in r["ratios_vs_llamacpp"].as_array().into_iter().flatten() {
-        let what = if x["figure"] == "prefill" { format!("prefill {}", x["tokens"]) } else { format!("decode b{}", x["batch"]) };
+        let what = if x["figure"] == "prefill" {
+            format!("prefill {}", x["tokens"])
+        } else {
+            format!("decode b{}", x["batch"])
+        };
         println!(
             "  vs llama.cpp {what}: {:.1} vs {:.1} tok/s = {:.2}x",
             x["ours_tok_s"].as_f64().unwrap_or(0.0),
@@ -239,7 +288,11 @@ fn print_table(r: &Value) {
         );
     }
     for m in r["phi_kv"].as_array().into_iter().flatten() {
-        println!("Φ_kv {} (KV {} bytes/token):", m["model"].as_str().unwrap_or("?"), m["kv_bytes_per_token"]);
+        println!(
+            "Φ_kv {} (KV {} bytes/token):",
+            m["model"].as_str().unwrap_or("?"),
+            m["kv_bytes_per_token"]
+        );
         for p in m["points"].as_array().into_iter().flatten() {
             match p["phi_kv_gbps"].as_f64() {
                 Some(g) => println!(
@@ -249,7 +302,11 @@ fn print_table(r: &Value) {
                     p["kv_bytes"],
                     g
                 ),
-                None => println!("  {:>6} tokens: skipped ({})", p["tokens"], p["skipped"].as_str().unwrap_or("")),
+                None => println!(
+                    "  {:>6} tokens: skipped ({})",
+                    p["tokens"],
+                    p["skipped"].as_str().unwrap_or("")
+                ),
             }
         }
     }

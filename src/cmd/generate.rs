@@ -9,8 +9,8 @@ use anyhow::Context;
 use prfaas_kernels::{Backend, BackendKind};
 use prfaas_node::engine::chat::{ChatMessage, ChatTemplate};
 use prfaas_node::engine::gguf::load_gguf;
-use prfaas_node::engine::tokenizer::Tokenizer;
 use prfaas_node::engine::synthetic::{synthetic_model, ByteTokenizer, SyntheticKind, DEFAULT_SEED};
+use prfaas_node::engine::tokenizer::Tokenizer;
 use prfaas_node::engine::{Engine, EngineConfig, Model, ModelConfig, ModelWeights, SamplingParams};
 
 /// Where `scripts/fetch-model` puts the default model.
@@ -65,7 +65,10 @@ impl TextCodec {
     fn token_bytes(&self, id: u32) -> Vec<u8> {
         match self {
             TextCodec::Bytes(t) => t.token_bytes(id),
-            TextCodec::Bpe(t) => t.token_bytes(id, true).map(<[u8]>::to_vec).unwrap_or_default(),
+            TextCodec::Bpe(t) => t
+                .token_bytes(id, true)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default(),
         }
     }
     fn token_text(&self, id: Option<u32>) -> String {
@@ -109,7 +112,9 @@ pub(crate) fn load_model(spec: &str) -> anyhow::Result<LoadedModel> {
         anyhow::bail!("model file {spec} not found (or use `tiny-hybrid` / `tiny-dense`)");
     }
     let m = load_gguf(path).with_context(|| format!("loading {spec}"))?;
-    let stop_tokens = (0..m.tokenizer.vocab_size() as u32).filter(|&t| m.tokenizer.is_eog(t)).collect();
+    let stop_tokens = (0..m.tokenizer.vocab_size() as u32)
+        .filter(|&t| m.tokenizer.is_eog(t))
+        .collect();
     Ok(LoadedModel {
         config: m.config,
         weights: m.weights,
@@ -188,7 +193,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut stream = Utf8Stream { pending: Vec::new() };
+    let mut stream = Utf8Stream {
+        pending: Vec::new(),
+    };
     let codec = &loaded.codec;
     let stops = &loaded.stop_tokens;
     let mut write_err = None;
@@ -230,7 +237,10 @@ fn render_chat(loaded: &LoadedModel, prompt: &str) -> anyhow::Result<String> {
         }
         Some(src) => {
             let (bos, eos) = match &loaded.codec {
-                TextCodec::Bpe(t) => (loaded.codec.token_text(t.bos()), loaded.codec.token_text(t.eos())),
+                TextCodec::Bpe(t) => (
+                    loaded.codec.token_text(t.bos()),
+                    loaded.codec.token_text(t.eos()),
+                ),
                 TextCodec::Bytes(_) => (String::new(), String::new()),
             };
             let tpl = ChatTemplate::new(src, &bos, &eos)?;

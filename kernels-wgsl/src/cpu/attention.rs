@@ -14,7 +14,7 @@ use crate::backend::{AttnParams, AttnSeq, Result};
 use crate::reference::check_attention;
 
 /// Keys per tile.
-const TILE: usize = 64;
+const TILE: usize = 128;
 /// Query rows per task.
 const Q_CHUNK: usize = 32;
 /// Smallest key range worth a task of its own when splitting keys.
@@ -67,7 +67,15 @@ pub(crate) fn attention(
             };
             let kb = s.n_past + i1;
             for kvh in 0..nkv {
-                base.push(Task { seq: si, q_base, kvh, i0, i1, ka, kb });
+                base.push(Task {
+                    seq: si,
+                    q_base,
+                    kvh,
+                    i0,
+                    i1,
+                    ka,
+                    kb,
+                });
             }
         }
         q_base += s.n_new;
@@ -77,7 +85,11 @@ pub(crate) fn attention(
     let mut tasks = Vec::with_capacity(base.len());
     for t in base.iter().copied() {
         let keys = t.kb - t.ka;
-        let splits = if base.len() >= want { 1 } else { want.div_ceil(base.len()).min(keys / MIN_SPLIT_KEYS).max(1) };
+        let splits = if base.len() >= want {
+            1
+        } else {
+            want.div_ceil(base.len()).min(keys / MIN_SPLIT_KEYS).max(1)
+        };
         let step = keys.div_ceil(splits).div_ceil(TILE) * TILE;
         let mut ka = t.ka;
         while ka < t.kb {
@@ -92,8 +104,22 @@ pub(crate) fn attention(
         .map(|t| {
             let s = &seqs[t.seq];
             let nv = (t.i1 - t.i0) * group;
-            let mut part = Partial { m: vec![f32::NEG_INFINITY; nv], l: vec![0.0; nv], acc: vec![0.0; nv * hd] };
-            attn_task(q, k_pool, v_pool, block_size, s.block_table, s.n_past, t, p, &mut part);
+            let mut part = Partial {
+                m: vec![f32::NEG_INFINITY; nv],
+                l: vec![0.0; nv],
+                acc: vec![0.0; nv * hd],
+            };
+            attn_task(
+                q,
+                k_pool,
+                v_pool,
+                block_size,
+                s.block_table,
+                s.n_past,
+                t,
+                p,
+                &mut part,
+            );
             part
         })
         .collect();
@@ -112,7 +138,11 @@ pub(crate) fn attention(
                     continue;
                 }
                 let mnew = gm[o].max(m);
-                let c_old = if gm[o] == f32::NEG_INFINITY { 0.0 } else { (gm[o] - mnew).exp() };
+                let c_old = if gm[o] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (gm[o] - mnew).exp()
+                };
                 let c_new = (m - mnew).exp();
                 gl[o] = gl[o] * c_old + l * c_new;
                 gm[o] = mnew;
@@ -133,6 +163,11 @@ pub(crate) fn attention(
 
 multiversion! {
     /// Online-softmax attention of one task's query vectors over keys `t.ka..t.kb`.
+    ///
+    /// Per key tile: gather K and V rows (the paged layout makes them non-contiguous), scores
+    /// `S = Q·Kᵀ` and the update `acc += P·V` as small single-threaded `gemm` calls (the task is
+    /// already one of many parallel ones), and the causal/window mask and softmax bookkeeping on
+    /// the `[vectors, tile]` score block in between.
     fn attn_task(
         q: &[f32],
         k_pool: &[f32],
@@ -148,7 +183,7 @@ multiversion! {
         let group = nh / nkv;
         let row = nkv * hd;
         let nv = (t.i1 - t.i0) * group;
-        // Scaled queries, [nv, hd].
+        // Scaled queries, [nv, hd]: vector (i - i0)·group + g is row i, head kvh·group + g.
         let mut qs = vec![0.0f32; nv * hd];
         for i in t.i0..t.i1 {
             for g in 0..group {
@@ -159,59 +194,62 @@ multiversion! {
                 }
             }
         }
-        let mut kt = vec![0.0f32; hd * TILE]; // K tile transposed: [hd, TILE]
+        let mut kt = vec![0.0f32; TILE * hd]; // K tile: [TILE, hd]
         let mut vt = vec![0.0f32; TILE * hd]; // V tile: [TILE, hd]
-        let mut s = [0.0f32; TILE];
+        let mut s = vec![0.0f32; nv * TILE]; // scores, then probabilities: [nv, TILE]
         let mut k0 = t.ka;
         while k0 < t.kb {
             let k1 = (k0 + TILE).min(t.kb);
             let nk = k1 - k0;
-            for j in 0..nk {
-                let pos = k0 + j;
+            // Copy runs of consecutive slots (one pool block at a time).
+            let mut pos = k0;
+            while pos < k1 {
+                let run = (block_size - pos % block_size).min(k1 - pos);
                 let slot = table[pos / block_size] as usize * block_size + pos % block_size;
-                let off = slot * row + t.kvh * hd;
-                for (d, &x) in k_pool[off..off + hd].iter().enumerate() {
-                    kt[d * TILE + j] = x;
+                for r in 0..run {
+                    let off = (slot + r) * row + t.kvh * hd;
+                    let j = pos - k0 + r;
+                    kt[j * hd..(j + 1) * hd].copy_from_slice(&k_pool[off..off + hd]);
+                    vt[j * hd..(j + 1) * hd].copy_from_slice(&v_pool[off..off + hd]);
                 }
-                vt[j * hd..(j + 1) * hd].copy_from_slice(&v_pool[off..off + hd]);
+                pos += run;
             }
+            super::matmul::gemm_local(&qs, hd, &kt, hd, false, &mut s, TILE, (nv, hd, nk), false);
+            let mut any = false;
             for i in t.i0..t.i1 {
-                let pos = n_past + i;
+                let qpos = n_past + i;
                 let first = match p.window {
-                    Some(w) => (pos + 1).saturating_sub(w),
+                    Some(w) => (qpos + 1).saturating_sub(w),
                     None => 0,
                 };
                 // Visible keys of this row within the tile: [lo, hi).
-                let lo = first.max(k0) - k0;
-                let hi = (pos + 1).min(k1).saturating_sub(k0);
-                if lo >= hi {
-                    continue;
-                }
+                let lo = (first.max(k0) - k0).min(nk);
+                let hi = (qpos + 1).min(k1).saturating_sub(k0).max(lo);
                 for g in 0..group {
                     let v = (i - t.i0) * group + g;
-                    let qv = &qs[v * hd..(v + 1) * hd];
-                    s.fill(0.0);
-                    for (d, &qd) in qv.iter().enumerate() {
-                        simd::axpy(&mut s, qd, &kt[d * TILE..(d + 1) * TILE]);
+                    let srow = &mut s[v * TILE..v * TILE + nk];
+                    if lo >= hi {
+                        srow.fill(0.0);
+                        continue;
                     }
-                    let mx = s[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    any = true;
+                    let mx = srow[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                     let mold = part.m[v];
                     let mnew = mold.max(mx);
                     let corr = if mold == f32::NEG_INFINITY { 0.0 } else { simd::exp_neg(mold - mnew) };
-                    let mut sum = 0.0f32;
-                    for (j, x) in s.iter_mut().enumerate() {
+                    let mut sum = [0.0f32; simd::LANES];
+                    for (j, x) in srow.iter_mut().enumerate() {
                         let e = simd::exp_neg(*x - mnew);
                         *x = if j >= lo && j < hi { e } else { 0.0 };
-                        sum += *x;
+                        sum[j % simd::LANES] += *x;
                     }
-                    part.l[v] = part.l[v] * corr + sum;
+                    part.l[v] = part.l[v] * corr + simd::hsum(&sum);
                     part.m[v] = mnew;
-                    let acc = &mut part.acc[v * hd..(v + 1) * hd];
-                    simd::scale(acc, corr);
-                    for j in lo..hi {
-                        simd::axpy(acc, s[j], &vt[j * hd..(j + 1) * hd]);
-                    }
+                    simd::scale(&mut part.acc[v * hd..(v + 1) * hd], corr);
                 }
+            }
+            if any {
+                super::matmul::gemm_local(&s, TILE, &vt, hd, true, &mut part.acc, hd, (nv, nk, hd), true);
             }
             k0 = k1;
         }

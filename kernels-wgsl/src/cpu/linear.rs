@@ -33,7 +33,15 @@ pub(crate) fn linear_attention(
     state: &mut [f32],
     p: &LinearAttnParams,
 ) -> Result<Vec<f32>> {
-    let n = check_linear_attention(q.len(), k.len(), v.len(), beta.len(), g.len(), state.len(), p)?;
+    let n = check_linear_attention(
+        q.len(),
+        k.len(),
+        v.len(),
+        beta.len(),
+        g.len(),
+        state.len(),
+        p,
+    )?;
     let (nh, dk, dv) = (p.n_heads, p.key_dim, p.value_dim);
     let chunk = p.chunk.clamp(1, MAX_CHUNK);
     let per_head: Vec<Vec<f32>> = state
@@ -45,9 +53,32 @@ pub(crate) fn linear_attention(
             while t0 < n {
                 let c = chunk.min(n - t0);
                 if c == 1 {
-                    step(q, k, v, beta, g, s, p, h, t0, &mut out[t0 * dv..(t0 + 1) * dv]);
+                    step(
+                        q,
+                        k,
+                        v,
+                        beta,
+                        g,
+                        s,
+                        p,
+                        h,
+                        t0,
+                        &mut out[t0 * dv..(t0 + 1) * dv],
+                    );
                 } else {
-                    chunk_form(q, k, v, beta, g, s, p, h, t0, c, &mut out[t0 * dv..(t0 + c) * dv]);
+                    chunk_form(
+                        q,
+                        k,
+                        v,
+                        beta,
+                        g,
+                        s,
+                        p,
+                        h,
+                        t0,
+                        c,
+                        &mut out[t0 * dv..(t0 + c) * dv],
+                    );
                 }
                 t0 += c;
             }

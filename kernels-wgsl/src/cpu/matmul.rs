@@ -33,9 +33,23 @@ fn parallelism() -> Parallelism {
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` for f32 slices, via `gemm`. `out` may have a row stride
 /// (`out_rs ≥ n`) so a caller can fill a column range of a wider matrix.
-pub(crate) fn gemm_f32(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, out_rs: usize) {
-    assert!(x.len() >= m * k && w.len() >= n * k, "gemm_f32: operand too short");
-    assert!(m == 0 || n == 0 || out.len() >= (m - 1) * out_rs + n, "gemm_f32: output too short");
+pub(crate) fn gemm_f32(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out_rs: usize,
+) {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k,
+        "gemm_f32: operand too short"
+    );
+    assert!(
+        m == 0 || n == 0 || out.len() >= (m - 1) * out_rs + n,
+        "gemm_f32: output too short"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -72,8 +86,77 @@ pub(crate) fn gemm_f32(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize
     }
 }
 
+/// Single-threaded `out[m, n] (+)= x[m, k] · w[n, k]ᵀ` (row strides `x_rs`, `w_rs`, `out_rs`) for
+/// use inside an already-parallel task (attention tiles). `w_t` says `w` is given as `[k, n]`
+/// (row stride `w_rs`) instead, i.e. `out = x · w`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_local(
+    x: &[f32],
+    x_rs: usize,
+    w: &[f32],
+    w_rs: usize,
+    w_t: bool,
+    out: &mut [f32],
+    out_rs: usize,
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let w_need = if w_t {
+        (k - 1) * w_rs + n
+    } else {
+        (n - 1) * w_rs + k
+    };
+    assert!(
+        x.len() >= (m - 1) * x_rs + k && w.len() >= w_need,
+        "gemm_local: operand too short"
+    );
+    assert!(
+        out.len() >= (m - 1) * out_rs + n,
+        "gemm_local: output too short"
+    );
+    let (rhs_cs, rhs_rs) = if w_t {
+        (1, w_rs as isize)
+    } else {
+        (w_rs as isize, 1)
+    };
+    // SAFETY: the asserts above bound every index gemm touches for these strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            out_rs as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            x_rs as isize,
+            w.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 /// `x[m, k] · w[n, k]ᵀ → [m, n]` with `w` stored as `dtype` bytes.
-pub(crate) fn matmul(x: &[f32], m: usize, k: usize, dtype: DType, w: &[u8], n: usize) -> Result<Vec<f32>> {
+pub(crate) fn matmul(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    dtype: DType,
+    w: &[u8],
+    n: usize,
+) -> Result<Vec<f32>> {
     if !k.is_multiple_of(dtype.block_len()) {
         return Err(KernelError::Shape(format!(
             "matmul: k = {k} is not a multiple of the {dtype:?} block length"
@@ -91,7 +174,8 @@ pub(crate) fn matmul(x: &[f32], m: usize, k: usize, dtype: DType, w: &[u8], n: u
         return Ok(out);
     }
     if dtype == DType::F32 {
-        let wf: &[f32] = bytemuck::try_cast_slice(w).map_err(|e| KernelError::Device(format!("{e:?}")))?;
+        let wf: &[f32] =
+            bytemuck::try_cast_slice(w).map_err(|e| KernelError::Device(format!("{e:?}")))?;
         gemm_f32(x, wf, &mut out, m, k, n, n);
         return Ok(out);
     }
@@ -104,7 +188,15 @@ pub(crate) fn matmul(x: &[f32], m: usize, k: usize, dtype: DType, w: &[u8], n: u
 }
 
 /// Dequantize `w` in panels of rows and multiply each with `gemm`.
-fn matmul_panels(x: &[f32], m: usize, k: usize, dtype: DType, w: &[u8], n: usize, out: &mut [f32]) -> Result<()> {
+fn matmul_panels(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    dtype: DType,
+    w: &[u8],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
     let panel_rows = (PANEL_BYTES / 4 / k.max(1)).max(16).min(n);
     let row_bytes = dtype.bytes_for(k);
     let mut scratch = vec![0.0f32; panel_rows * k];
@@ -133,12 +225,20 @@ fn matvec(x: &[f32], m: usize, k: usize, dtype: DType, w: &[u8], n: usize, out: 
         Vec::new()
     };
     let mut outt = vec![0.0f32; n * m]; // [n, m]: each task writes a contiguous column block
-    outt.par_chunks_mut(MATVEC_COLS_PER_TASK * m).enumerate().for_each(|(t, o)| {
-        let j0 = t * MATVEC_COLS_PER_TASK;
-        let cols = o.len() / m;
-        let wt = &w[j0 * row_bytes..(j0 + cols) * row_bytes];
-        matvec_task(x, &xsum, m, k, dtype, wt, o);
-    });
+    outt.par_chunks_mut(MATVEC_COLS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let j0 = t * MATVEC_COLS_PER_TASK;
+            let cols = o.len() / m;
+            let wt = &w[j0 * row_bytes..(j0 + cols) * row_bytes];
+            #[cfg(target_arch = "x86_64")]
+            if dtype == DType::Q4_1 && simd::Isa::get() == simd::Isa::Avx512 {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                unsafe { matvec_q4_1_avx512(x, &xsum, m, k, wt, o) };
+                return;
+            }
+            matvec_task(x, &xsum, m, k, dtype, wt, o);
+        });
     for j in 0..n {
         for i in 0..m {
             out[i * n + j] = outt[j * m + i];
@@ -182,24 +282,88 @@ multiversion! {
     }
 }
 
-#[inline(always)]
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+/// [`matvec_task`] for Q4_1 with explicit AVX-512: LLVM vectorises the generic nibble loop only
+/// 4 lanes wide, and decode mat-vecs are the one place the quantized format is used directly.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn matvec_q4_1_avx512(x: &[f32], xsum: &[f32], m: usize, k: usize, w: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let row_bytes = DType::Q4_1.bytes_for(k);
+    let nb = k / QK;
+    let cols = out.len() / m.max(1);
+    let mask = _mm_set1_epi8(0x0f);
+    for c in 0..cols {
+        let (wb, _) =
+            w[c * row_bytes..(c + 1) * row_bytes].as_chunks::<{ quant::Q4_1_BLOCK_BYTES }>();
+        for i in 0..m {
+            let (xb, _) = x[i * k..(i + 1) * k].as_chunks::<QK>();
+            let xs = &xsum[i * nb..(i + 1) * nb];
+            let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut off = 0.0f32;
+            for ((xb, &sx), wb) in xb.iter().zip(xs).zip(wb) {
+                let d = _mm512_set1_ps(f16_at(wb, 0));
+                off = f16_at(wb, 2).mul_add(sx, off);
+                // SAFETY: `wb` is 20 bytes, so bytes 4..20 are in bounds; `xb` is 32 floats.
+                let (qs, x0, x1) = unsafe {
+                    (
+                        _mm_loadu_si128(wb.as_ptr().add(4).cast()),
+                        _mm512_loadu_ps(xb.as_ptr()),
+                        _mm512_loadu_ps(xb.as_ptr().add(16)),
+                    )
+                };
+                let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask)));
+                let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                    _mm_srli_epi16::<4>(qs),
+                    mask,
+                )));
+                acc0 = _mm512_fmadd_ps(_mm512_mul_ps(x0, d), lo, acc0);
+                acc1 = _mm512_fmadd_ps(_mm512_mul_ps(x1, d), hi, acc1);
+            }
+            out[c * m + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + off;
+        }
+    }
 }
 
-/// `Σ x·w` for one Q4_1 row: per block `d·Σ x_j q_j + m·Σ x_j`.
+/// f16 → f32 by bit manipulation: `half`'s conversion checks CPU features on every call, which
+/// costs more than the 32 multiply-adds of a block in the decode loop.
+#[inline(always)]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16_bits_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+/// Exact f16 → f32 conversion (normals, subnormals, ±0, inf, NaN).
+#[inline(always)]
+pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let exp = u32::from(h >> 10) & 0x1f;
+    let man = u32::from(h & 0x03ff);
+    if exp == 0x1f {
+        return f32::from_bits(sign | 0x7f80_0000 | (man << 13));
+    }
+    if exp == 0 {
+        // Zero or subnormal: man · 2^-24.
+        let v = man as f32 * (1.0 / 16_777_216.0);
+        return if sign != 0 { -v } else { v };
+    }
+    f32::from_bits(sign | ((exp + 112) << 23) | (man << 13))
+}
+
+/// `Σ x·w` for one Q4_1 row: per block `d·Σ x_j q_j + m·Σ x_j`. Fixed-size arrays so the
+/// inner loops have no bounds checks and vectorise.
 #[inline(always)]
 fn dot_q4_1(x: &[f32], xsum: &[f32], w: &[u8]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let mut off = 0.0f32;
-    for ((xb, &xs), wb) in x.chunks_exact(QK).zip(xsum).zip(w.chunks_exact(quant::Q4_1_BLOCK_BYTES)) {
+    let (xb, _) = x.as_chunks::<QK>();
+    let (wb, _) = w.as_chunks::<{ quant::Q4_1_BLOCK_BYTES }>();
+    for ((xb, &xs), wb) in xb.iter().zip(xsum).zip(wb) {
         let d = f16_at(wb, 0);
         let mn = f16_at(wb, 2);
-        let qs = &wb[4..4 + QK / 2];
         let mut blk = [0.0f32; LANES];
         for l in 0..LANES {
-            let lo = f32::from(qs[l] & 0x0f);
-            let hi = f32::from(qs[l] >> 4);
+            let q = wb[4 + l];
+            let lo = f32::from(q & 0x0f);
+            let hi = f32::from(q >> 4);
             blk[l] = xb[l].mul_add(lo, xb[l + 16] * hi);
         }
         for l in 0..LANES {
@@ -214,16 +378,37 @@ fn dot_q4_1(x: &[f32], xsum: &[f32], w: &[u8]) -> f32 {
 #[inline(always)]
 fn dot_q8_0(x: &[f32], w: &[u8]) -> f32 {
     let mut acc = [0.0f32; LANES];
-    for (xb, wb) in x.chunks_exact(QK).zip(w.chunks_exact(quant::Q8_0_BLOCK_BYTES)) {
+    let (xb, _) = x.as_chunks::<QK>();
+    let (wb, _) = w.as_chunks::<{ quant::Q8_0_BLOCK_BYTES }>();
+    for (xb, wb) in xb.iter().zip(wb) {
         let d = f16_at(wb, 0);
-        let qs = &wb[2..2 + QK];
         let mut blk = [0.0f32; LANES];
         for l in 0..LANES {
-            blk[l] = xb[l].mul_add(f32::from(qs[l] as i8), xb[l + 16] * f32::from(qs[l + 16] as i8));
+            blk[l] = xb[l].mul_add(
+                f32::from(wb[2 + l] as i8),
+                xb[l + 16] * f32::from(wb[18 + l] as i8),
+            );
         }
         for l in 0..LANES {
             acc[l] = d.mul_add(blk[l], acc[l]);
         }
     }
     simd::hsum(&acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_bits_conversion_is_exact_for_every_value() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32();
+            let got = f16_bits_to_f32(h);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#06x}: {got} vs {want}"
+            );
+        }
+    }
 }

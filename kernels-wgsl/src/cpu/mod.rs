@@ -20,8 +20,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rayon::prelude::*;
 
 use crate::backend::{
-    AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, HostTensor, KernelError, LinearAttnParams,
-    Result, RopeStyle, Storage, Tensor,
+    AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, HostTensor, KernelError,
+    LinearAttnParams, Result, RopeStyle, Storage, Tensor,
 };
 use crate::{quant, reference};
 
@@ -83,14 +83,20 @@ fn storage(t: &Tensor) -> Result<&Arc<CpuStorage>> {
 
 fn read_f32<'a>(t: &'a Tensor, what: &str) -> Result<F32Read<'a>> {
     if t.dtype != DType::F32 {
-        return Err(KernelError::Unsupported(format!("{what}: expected an F32 tensor, got {:?}", t.dtype)));
+        return Err(KernelError::Unsupported(format!(
+            "{what}: expected an F32 tensor, got {:?}",
+            t.dtype
+        )));
     }
     Ok(F32Read(storage(t)?.data.read().map_err(poisoned)?))
 }
 
 fn write_f32<'a>(t: &'a Tensor, what: &str) -> Result<F32Write<'a>> {
     if t.dtype != DType::F32 {
-        return Err(KernelError::Unsupported(format!("{what}: expected an F32 tensor, got {:?}", t.dtype)));
+        return Err(KernelError::Unsupported(format!(
+            "{what}: expected an F32 tensor, got {:?}",
+            t.dtype
+        )));
     }
     Ok(F32Write(storage(t)?.data.write().map_err(poisoned)?))
 }
@@ -107,20 +113,28 @@ fn f32_tensor(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
     Tensor {
         shape,
         dtype: DType::F32,
-        storage: Storage::Cpu(Arc::new(CpuStorage { data: RwLock::new(CpuData::F32(data)) })),
+        storage: Storage::Cpu(Arc::new(CpuStorage {
+            data: RwLock::new(CpuData::F32(data)),
+        })),
     }
 }
 
 fn last_dim(t: &Tensor, what: &str) -> Result<usize> {
     match t.shape.last() {
         Some(&d) if d > 0 => Ok(d),
-        _ => Err(KernelError::Shape(format!("{what}: tensor of shape {:?} has no rows", t.shape))),
+        _ => Err(KernelError::Shape(format!(
+            "{what}: tensor of shape {:?} has no rows",
+            t.shape
+        ))),
     }
 }
 
 fn same_shape(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
     if a.shape != b.shape {
-        return Err(KernelError::Shape(format!("{what}: shapes {:?} and {:?} differ", a.shape, b.shape)));
+        return Err(KernelError::Shape(format!(
+            "{what}: shapes {:?} and {:?} differ",
+            a.shape, b.shape
+        )));
     }
     Ok(())
 }
@@ -131,9 +145,15 @@ fn map_rows(x: &[f32], out: &mut [f32], d: usize, f: impl Fn(&[f32], &mut [f32])
         let rows_per_task = (PAR_MIN_ELEMS / 4 / d).max(1);
         out.par_chunks_mut(d * rows_per_task)
             .zip(x.par_chunks(d * rows_per_task))
-            .for_each(|(o, x)| o.chunks_exact_mut(d).zip(x.chunks_exact(d)).for_each(|(o, x)| f(x, o)));
+            .for_each(|(o, x)| {
+                o.chunks_exact_mut(d)
+                    .zip(x.chunks_exact(d))
+                    .for_each(|(o, x)| f(x, o))
+            });
     } else {
-        out.chunks_exact_mut(d).zip(x.chunks_exact(d)).for_each(|(o, x)| f(x, o));
+        out.chunks_exact_mut(d)
+            .zip(x.chunks_exact(d))
+            .for_each(|(o, x)| f(x, o));
     }
 }
 
@@ -147,7 +167,10 @@ fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> V
     };
     if a.len() >= PAR_MIN_ELEMS {
         out.par_chunks_mut(PAR_MIN_ELEMS / 4)
-            .zip(a.par_chunks(PAR_MIN_ELEMS / 4).zip(b.par_chunks(PAR_MIN_ELEMS / 4)))
+            .zip(
+                a.par_chunks(PAR_MIN_ELEMS / 4)
+                    .zip(b.par_chunks(PAR_MIN_ELEMS / 4)),
+            )
             .for_each(body);
     } else {
         body((&mut out, (a, b)));
@@ -180,14 +203,20 @@ impl Backend for CpuBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
             kind: BackendKind::Cpu,
-            description: format!("cpu ({} threads, {})", rayon::current_num_threads(), Self::simd_level()),
+            description: format!(
+                "cpu ({} threads, {})",
+                rayon::current_num_threads(),
+                Self::simd_level()
+            ),
             software: false,
         }
     }
 
     fn upload(&self, host: &HostTensor) -> Result<Tensor> {
         let numel = host.numel();
-        if !numel.is_multiple_of(host.dtype.block_len()) || host.bytes.len() != host.dtype.bytes_for(numel) {
+        if !numel.is_multiple_of(host.dtype.block_len())
+            || host.bytes.len() != host.dtype.bytes_for(numel)
+        {
             return Err(KernelError::Shape(format!(
                 "{:?} tensor {:?} needs {} bytes, got {}",
                 host.dtype,
@@ -203,7 +232,9 @@ impl Backend for CpuBackend {
         Ok(Tensor {
             shape: host.shape.clone(),
             dtype: host.dtype,
-            storage: Storage::Cpu(Arc::new(CpuStorage { data: RwLock::new(data) })),
+            storage: Storage::Cpu(Arc::new(CpuStorage {
+                data: RwLock::new(data),
+            })),
         })
     }
 
@@ -212,7 +243,10 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
-        Ok(f32_tensor(shape.to_vec(), vec![0.0; shape.iter().product()]))
+        Ok(f32_tensor(
+            shape.to_vec(),
+            vec![0.0; shape.iter().product()],
+        ))
     }
 
     fn sync(&self) -> Result<()> {
@@ -221,11 +255,16 @@ impl Backend for CpuBackend {
 
     fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
         let [vocab, d] = table.shape[..] else {
-            return Err(KernelError::Shape(format!("embedding: table shape {:?} is not [vocab, d]", table.shape)));
+            return Err(KernelError::Shape(format!(
+                "embedding: table shape {:?} is not [vocab, d]",
+                table.shape
+            )));
         };
         let guard = storage(table)?.data.read().map_err(poisoned)?;
         let out = match &*guard {
-            CpuData::F32(v) => reference::embedding(DType::F32, bytemuck::cast_slice(v), vocab, d, ids)?,
+            CpuData::F32(v) => {
+                reference::embedding(DType::F32, bytemuck::cast_slice(v), vocab, d, ids)?
+            }
             CpuData::Raw(b) => reference::embedding(table.dtype, b, vocab, d, ids)?,
         };
         Ok(f32_tensor(vec![ids.len(), d], out))
@@ -233,10 +272,16 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let [n, k] = w.shape[..] else {
-            return Err(KernelError::Shape(format!("matmul: weight shape {:?} is not [n, k]", w.shape)));
+            return Err(KernelError::Shape(format!(
+                "matmul: weight shape {:?} is not [n, k]",
+                w.shape
+            )));
         };
         if x.shape.last() != Some(&k) {
-            return Err(KernelError::Shape(format!("matmul: x {:?} · w {:?}ᵀ: inner dims differ", x.shape, w.shape)));
+            return Err(KernelError::Shape(format!(
+                "matmul: x {:?} · w {:?}ᵀ: inner dims differ",
+                x.shape, w.shape
+            )));
         }
         let m = x.numel() / k.max(1);
         let xs = read_f32(x, "matmul x")?;
@@ -259,7 +304,10 @@ impl Backend for CpuBackend {
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
         let d = last_dim(x, "rms_norm")?;
         if w.shape != [d] {
-            return Err(KernelError::Shape(format!("rms_norm: weight {:?} for rows of {d}", w.shape)));
+            return Err(KernelError::Shape(format!(
+                "rms_norm: weight {:?} for rows of {d}",
+                w.shape
+            )));
         }
         let (xs, ws) = (read_f32(x, "rms_norm x")?, read_f32(w, "rms_norm w")?);
         let mut out = vec![0.0f32; xs.len()];
@@ -275,7 +323,10 @@ impl Backend for CpuBackend {
 
     fn rope(&self, x: &Tensor, positions: &[u32], base: f32, style: RopeStyle) -> Result<Tensor> {
         let [n, heads, hd] = x.shape[..] else {
-            return Err(KernelError::Shape(format!("rope: x shape {:?} is not [n, heads, head_dim]", x.shape)));
+            return Err(KernelError::Shape(format!(
+                "rope: x shape {:?} is not [n, heads, head_dim]",
+                x.shape
+            )));
         };
         if n != positions.len() || !hd.is_multiple_of(2) {
             return Err(KernelError::Shape(format!(
@@ -288,29 +339,35 @@ impl Backend for CpuBackend {
         let mut out = vec![0.0f32; xs.len()];
         let row = heads * hd;
         let rotate_row = |((o, x), &pos): ((&mut [f32], &[f32]), &u32)| {
-                // Angles in f64 so long positions keep their precision; one table per row.
-                let cs: Vec<(f32, f32)> = (0..half)
-                    .map(|i| {
-                        let (s, c) = reference::rope_angle(pos, i, hd, base).sin_cos();
-                        (s as f32, c as f32)
-                    })
-                    .collect();
-                for (o, x) in o.chunks_exact_mut(hd).zip(x.chunks_exact(hd)) {
-                    for (i, &(s, c)) in cs.iter().enumerate() {
-                        let (a, b) = match style {
-                            RopeStyle::Normal => (2 * i, 2 * i + 1),
-                            RopeStyle::Neox => (i, i + half),
-                        };
-                        o[a] = x[a] * c - x[b] * s;
-                        o[b] = x[a] * s + x[b] * c;
-                    }
+            // Angles in f64 so long positions keep their precision; one table per row.
+            let cs: Vec<(f32, f32)> = (0..half)
+                .map(|i| {
+                    let (s, c) = reference::rope_angle(pos, i, hd, base).sin_cos();
+                    (s as f32, c as f32)
+                })
+                .collect();
+            for (o, x) in o.chunks_exact_mut(hd).zip(x.chunks_exact(hd)) {
+                for (i, &(s, c)) in cs.iter().enumerate() {
+                    let (a, b) = match style {
+                        RopeStyle::Normal => (2 * i, 2 * i + 1),
+                        RopeStyle::Neox => (i, i + half),
+                    };
+                    o[a] = x[a] * c - x[b] * s;
+                    o[b] = x[a] * s + x[b] * c;
                 }
+            }
         };
         let row = row.max(1);
         if xs.len() >= PAR_MIN_ELEMS {
-            out.par_chunks_mut(row).zip(xs.par_chunks(row)).zip(positions.par_iter()).for_each(rotate_row);
+            out.par_chunks_mut(row)
+                .zip(xs.par_chunks(row))
+                .zip(positions.par_iter())
+                .for_each(rotate_row);
         } else {
-            out.chunks_mut(row).zip(xs.chunks(row)).zip(positions.iter()).for_each(rotate_row);
+            out.chunks_mut(row)
+                .zip(xs.chunks(row))
+                .zip(positions.iter())
+                .for_each(rotate_row);
         }
         Ok(f32_tensor(x.shape.clone(), out))
     }
@@ -318,7 +375,10 @@ impl Backend for CpuBackend {
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         same_shape(gate, up, "swiglu")?;
         let (g, u) = (read_f32(gate, "swiglu gate")?, read_f32(up, "swiglu up")?);
-        Ok(f32_tensor(gate.shape.clone(), zip_map(&g, &u, |g, u| g / (1.0 + (-g).exp()) * u)))
+        Ok(f32_tensor(
+            gate.shape.clone(),
+            zip_map(&g, &u, |g, u| g / (1.0 + (-g).exp()) * u),
+        ))
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -350,13 +410,25 @@ impl Backend for CpuBackend {
         reference::argmax(&xs, d)
     }
 
-    fn kv_write(&self, k_pool: &Tensor, v_pool: &Tensor, k: &Tensor, v: &Tensor, slots: &[u32]) -> Result<()> {
+    fn kv_write(
+        &self,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        slots: &[u32],
+    ) -> Result<()> {
         let [_, _, nkv, hd] = k_pool.shape[..] else {
-            return Err(KernelError::Shape(format!("kv_write: pool shape {:?} is not 4-D", k_pool.shape)));
+            return Err(KernelError::Shape(format!(
+                "kv_write: pool shape {:?} is not 4-D",
+                k_pool.shape
+            )));
         };
         same_shape(k_pool, v_pool, "kv_write pools")?;
         if same_storage(k_pool, v_pool) {
-            return Err(KernelError::InvalidArgument("kv_write: k_pool and v_pool are the same tensor".into()));
+            return Err(KernelError::InvalidArgument(
+                "kv_write: k_pool and v_pool are the same tensor".into(),
+            ));
         }
         if k.numel() != slots.len() * nkv * hd || v.numel() != k.numel() {
             return Err(KernelError::Shape(format!(
@@ -381,7 +453,10 @@ impl Backend for CpuBackend {
         params: &AttnParams,
     ) -> Result<Tensor> {
         let [_, bs, nkv, hd] = k_pool.shape[..] else {
-            return Err(KernelError::Shape(format!("attention: pool shape {:?} is not 4-D", k_pool.shape)));
+            return Err(KernelError::Shape(format!(
+                "attention: pool shape {:?} is not 4-D",
+                k_pool.shape
+            )));
         };
         same_shape(k_pool, v_pool, "attention pools")?;
         if nkv != params.n_kv_heads || hd != params.head_dim {
@@ -395,7 +470,10 @@ impl Backend for CpuBackend {
         let vp = read_f32(v_pool, "attention v_pool")?;
         let out = attention::attention(&qs, &kp, &vp, bs, seqs, params)?;
         let rows = out.len() / (params.n_heads * params.head_dim).max(1);
-        Ok(f32_tensor(vec![rows, params.n_heads * params.head_dim], out))
+        Ok(f32_tensor(
+            vec![rows, params.n_heads * params.head_dim],
+            out,
+        ))
     }
 
     fn linear_attention(
@@ -432,7 +510,11 @@ impl Backend for CpuBackend {
         let mut w = write_f32(t, "write")?;
         let dst = w.slice();
         if dst.len() != data.len() {
-            return Err(KernelError::Shape(format!("write: tensor has {} values, data {}", dst.len(), data.len())));
+            return Err(KernelError::Shape(format!(
+                "write: tensor has {} values, data {}",
+                dst.len(),
+                data.len()
+            )));
         }
         dst.copy_from_slice(data);
         Ok(())

@@ -60,7 +60,8 @@ impl PrefixSummary {
         let nbits = (self.bits.len() * 8) as u64;
         let h1 = key;
         let h2 = key.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(31) | 1;
-        (0..u64::from(self.probes)).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) % nbits) as usize)
+        (0..u64::from(self.probes))
+            .map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) % nbits) as usize)
     }
 
     /// Records one block hash.
@@ -79,7 +80,8 @@ impl PrefixSummary {
         if self.bits.is_empty() || self.probes == 0 {
             return false;
         }
-        self.positions(key).all(|p| self.bits[p / 8] & (1 << (p % 8)) != 0)
+        self.positions(key)
+            .all(|p| self.bits[p / 8] & (1 << (p % 8)) != 0)
     }
 
     /// How many leading blocks of `prefix_block_hashes` are probably cached.
@@ -180,6 +182,9 @@ mod tests {
         let mut f = PrefixSummary::with_size(256, 3);
         f.insert(11);
         f.insert(22);
-        assert_eq!(f.cached_prefix_blocks(&[11, 22, 0xdead_beef_dead_beef, 11]), 2);
+        assert_eq!(
+            f.cached_prefix_blocks(&[11, 22, 0xdead_beef_dead_beef, 11]),
+            2
+        );
     }
 }

@@ -5,7 +5,9 @@ pub mod codec;
 pub mod message;
 pub mod table;
 
-pub use message::{Advert, AdvertBody, BandwidthReport, ModelRef, PrefillPoint, PrefixSummary, Role};
+pub use message::{
+    Advert, AdvertBody, BandwidthReport, ModelRef, PrefillPoint, PrefixSummary, Role,
+};
 pub use table::{PeerEntry, PeerTable};
 
 /// The gossipsub topic adverts are published on; the version is part of the name so a wire change

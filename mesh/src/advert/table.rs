@@ -131,7 +131,11 @@ impl PeerTable {
             a.body
                 .queue_depth
                 .cmp(&b.body.queue_depth)
-                .then(a.body.price_per_1k_tokens.total_cmp(&b.body.price_per_1k_tokens))
+                .then(
+                    a.body
+                        .price_per_1k_tokens
+                        .total_cmp(&b.body.price_per_1k_tokens),
+                )
                 .then(b.peak_prefill_speed().total_cmp(&a.peak_prefill_speed()))
                 .then(pa.cmp(pb))
         });
@@ -211,7 +215,11 @@ mod tests {
         t.upsert(cheap, advert(cheap, 1, 0, 0.5, 1), now);
         t.upsert(pricey, advert(pricey, 1, 0, 2.0, 1), now);
         t.upsert(other_model, advert(other_model, 1, 0, 0.0, 2), now);
-        let order: Vec<PeerId> = t.prefill_candidates(&model(1)).into_iter().map(|(p, _)| p).collect();
+        let order: Vec<PeerId> = t
+            .prefill_candidates(&model(1))
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         assert_eq!(order, vec![cheap, pricey, busy]);
     }
 }

@@ -129,7 +129,10 @@ mod tests {
         let home = PeerId::random();
         let mut b = BidBook::new(4);
         assert!(b.record(home, &bid(1, 10, 100), t0));
-        assert_eq!(b.award(home, &award(1, 10), t0 + Duration::from_millis(99)), AwardCheck::Accepted);
+        assert_eq!(
+            b.award(home, &award(1, 10), t0 + Duration::from_millis(99)),
+            AwardCheck::Accepted
+        );
         assert_eq!(
             b.award(home, &award(1, 10), t0 + Duration::from_millis(99)),
             AwardCheck::Refused(AwardRefusal::UnknownBid)
@@ -143,7 +146,10 @@ mod tests {
         let mut b = BidBook::new(4);
         b.record(home, &bid(1, 10, 100), t0);
         b.record(home, &bid(2, 20, 100), t0);
-        assert_eq!(b.award(home, &award(2, 21), t0), AwardCheck::Refused(AwardRefusal::UnknownBid));
+        assert_eq!(
+            b.award(home, &award(2, 21), t0),
+            AwardCheck::Refused(AwardRefusal::UnknownBid)
+        );
         assert_eq!(
             b.award(PeerId::random(), &award(2, 20), t0),
             AwardCheck::Refused(AwardRefusal::UnknownBid)

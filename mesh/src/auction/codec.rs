@@ -15,7 +15,9 @@ pub struct AuctionCodec {
 
 impl Default for AuctionCodec {
     fn default() -> Self {
-        Self { max_bytes: 64 * 1024 }
+        Self {
+            max_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -24,21 +26,34 @@ impl libp2p::request_response::Codec for AuctionCodec {
     type Request = AuctionRequest;
     type Response = AuctionResponse;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<AuctionRequest>
+    async fn read_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<AuctionRequest>
     where
         T: AsyncRead + Unpin + Send,
     {
         Ok(wire::read_framed(io, self.max_bytes).await?)
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<AuctionResponse>
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<AuctionResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
         Ok(wire::read_framed(io, self.max_bytes).await?)
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: AuctionRequest) -> std::io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: AuctionRequest,
+    ) -> std::io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -46,7 +61,12 @@ impl libp2p::request_response::Codec for AuctionCodec {
         io.flush().await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: AuctionResponse) -> std::io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: AuctionResponse,
+    ) -> std::io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {

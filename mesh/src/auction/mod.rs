@@ -5,8 +5,9 @@ pub mod book;
 pub mod codec;
 pub mod protocol;
 
-pub use book::{BidBook, AwardCheck};
+pub use book::{AwardCheck, BidBook};
 pub use codec::AuctionCodec;
 pub use protocol::{
-    AuctionRequest, AuctionResponse, Award, AwardRefusal, Bid, Call, DeclineReason, AUCTION_PROTOCOL,
+    AuctionRequest, AuctionResponse, Award, AwardRefusal, Bid, Call, DeclineReason,
+    AUCTION_PROTOCOL,
 };

@@ -88,13 +88,19 @@ impl From<WireError> for KvError {
 }
 
 /// Writes the stream hello.
-pub async fn write_hello<W: AsyncWrite + Unpin>(io: &mut W, hello: &StreamHello) -> Result<(), KvError> {
+pub async fn write_hello<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    hello: &StreamHello,
+) -> Result<(), KvError> {
     wire::write_framed(io, hello, MAX_HELLO_BYTES).await?;
     Ok(())
 }
 
 /// Reads and sanity-checks a stream hello.
-pub async fn read_hello<R: AsyncRead + Unpin>(io: &mut R, max_streams: u16) -> Result<StreamHello, KvError> {
+pub async fn read_hello<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max_streams: u16,
+) -> Result<StreamHello, KvError> {
     let hello: StreamHello = wire::read_framed(io, MAX_HELLO_BYTES).await?;
     if hello.stream_count == 0 || hello.stream_index >= hello.stream_count {
         return Err(KvError::Protocol(format!(
@@ -112,13 +118,19 @@ pub async fn read_hello<R: AsyncRead + Unpin>(io: &mut R, max_streams: u16) -> R
     if hello.header.max_layer_bytes > hello.header.total_bytes && hello.header.layers > 0 {
         // Not fatal by itself, but a header announcing a layer bigger than the whole transfer
         // is a sign of a broken sender; refuse early.
-        return Err(KvError::Protocol("max_layer_bytes exceeds total_bytes".into()));
+        return Err(KvError::Protocol(
+            "max_layer_bytes exceeds total_bytes".into(),
+        ));
     }
     Ok(hello)
 }
 
 /// Writes one layer frame: header, then the raw bytes.
-pub async fn write_layer<W: AsyncWrite + Unpin>(io: &mut W, layer: u32, bytes: &[u8]) -> Result<(), KvError> {
+pub async fn write_layer<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    layer: u32,
+    bytes: &[u8],
+) -> Result<(), KvError> {
     let header = FrameHeader::Layer {
         layer,
         byte_len: bytes.len() as u64,
@@ -166,7 +178,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     remaining: u64,
     max_trailer_bytes: usize,
 ) -> Result<Frame, KvError> {
-    let header: FrameHeader = wire::read_framed(io, MAX_FRAME_HEADER_BYTES + max_trailer_bytes).await?;
+    let header: FrameHeader =
+        wire::read_framed(io, MAX_FRAME_HEADER_BYTES + max_trailer_bytes).await?;
     match header {
         FrameHeader::Layer {
             layer,
@@ -202,7 +215,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             })?;
             let got = checksum(&bytes);
             if got != expected {
-                return Err(KvError::Corrupt { layer, expected, got });
+                return Err(KvError::Corrupt {
+                    layer,
+                    expected,
+                    got,
+                });
             }
             Ok(Frame::Layer { layer, bytes })
         }

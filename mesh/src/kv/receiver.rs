@@ -167,7 +167,9 @@ impl KvIncoming {
             let (i, s) = tokio::time::timeout(idle, self.streams.recv())
                 .await
                 .map_err(|_| KvError::Timeout("all streams of the transfer"))?
-                .ok_or_else(|| KvError::Truncated("sender gave up before opening all streams".into()))?;
+                .ok_or_else(|| {
+                    KvError::Truncated("sender gave up before opening all streams".into())
+                })?;
             let slot = slots
                 .get_mut(usize::from(i))
                 .ok_or_else(|| KvError::Protocol(format!("stream index {i}")))?;
@@ -242,12 +244,25 @@ async fn coordinate<S: KvSink>(
     for layer in 0..h.layers {
         let s = usize::from(super::protocol::stream_for_layer(layer, n));
         match next_item(&mut rxs[s], idle).await? {
-            Frame::Layer { layer: got, bytes: data } if got == layer => {
+            Frame::Layer {
+                layer: got,
+                bytes: data,
+            } if got == layer => {
                 bytes += data.len() as u64;
-                sink.write_layer(layer, data).map_err(|e| KvError::Sink(e.0))?;
+                sink.write_layer(layer, data)
+                    .map_err(|e| KvError::Sink(e.0))?;
             }
-            Frame::Layer { layer: got, .. } => return Err(KvError::OutOfOrder { expected: layer, got }),
-            Frame::End(_) => return Err(KvError::Truncated(format!("stream {s} ended before layer {layer}"))),
+            Frame::Layer { layer: got, .. } => {
+                return Err(KvError::OutOfOrder {
+                    expected: layer,
+                    got,
+                })
+            }
+            Frame::End(_) => {
+                return Err(KvError::Truncated(format!(
+                    "stream {s} ended before layer {layer}"
+                )))
+            }
         }
     }
     let mut trailer = None;
@@ -256,7 +271,10 @@ async fn coordinate<S: KvSink>(
             Frame::End(t) if i == 0 => trailer = t,
             Frame::End(_) => {}
             Frame::Layer { layer, .. } => {
-                return Err(KvError::Protocol(format!("layer {layer} beyond the announced {}", h.layers)))
+                return Err(KvError::Protocol(format!(
+                    "layer {layer} beyond the announced {}",
+                    h.layers
+                )))
             }
         }
     }
@@ -309,7 +327,9 @@ async fn read_stream(
             Frame::Layer { bytes, .. } => {
                 let len = bytes.len() as u64;
                 // Readers share the announced total; claim this frame's share atomically.
-                match remaining.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(len)) {
+                match remaining
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(len))
+                {
                     Ok(_) => Ok(()),
                     Err(r) => Err(KvError::Oversized {
                         what: "transfer (announced total)",

@@ -155,7 +155,11 @@ impl KvSender {
             )));
         }
         let s = usize::from(stream_for_layer(layer, self.stream_count));
-        if self.writers[s].send(WriterMsg::Layer(layer, bytes)).await.is_err() {
+        if self.writers[s]
+            .send(WriterMsg::Layer(layer, bytes))
+            .await
+            .is_err()
+        {
             return Err(self.writer_error(s).await);
         }
         self.next_layer += 1;
@@ -184,25 +188,34 @@ impl KvSender {
         let mut stream0 = None;
         let tasks = std::mem::take(&mut self.tasks);
         for (i, t) in tasks.into_iter().enumerate() {
-            let r = t.await.map_err(|e| KvError::Protocol(format!("writer task: {e}")))??;
+            let r = t
+                .await
+                .map_err(|e| KvError::Protocol(format!("writer task: {e}")))??;
             if i == 0 {
                 stream0 = r;
             }
         }
-        let mut stream0 = stream0.ok_or_else(|| KvError::Protocol("stream 0 not returned".into()))?;
-        let ack: KvAck = tokio::time::timeout(self.limits.idle_timeout, wire::read_framed(&mut stream0, 4096))
-            .await
-            .map_err(|_| KvError::Timeout("receiver ack"))?
-            .map_err(|e| match KvError::from(e) {
-                KvError::Truncated(_) => KvError::Rejected("stream closed without ack".into()),
-                other => other,
-            })?;
+        let mut stream0 =
+            stream0.ok_or_else(|| KvError::Protocol("stream 0 not returned".into()))?;
+        let ack: KvAck = tokio::time::timeout(
+            self.limits.idle_timeout,
+            wire::read_framed(&mut stream0, 4096),
+        )
+        .await
+        .map_err(|_| KvError::Timeout("receiver ack"))?
+        .map_err(|e| match KvError::from(e) {
+            KvError::Truncated(_) => KvError::Rejected("stream closed without ack".into()),
+            other => other,
+        })?;
         let _ = stream0.close().await;
         if !ack.ok {
             return Err(KvError::Rejected(ack.error.unwrap_or_default()));
         }
         if ack.bytes != self.bytes {
-            return Err(KvError::Rejected(format!("ack for {} of {} bytes", ack.bytes, self.bytes)));
+            return Err(KvError::Rejected(format!(
+                "ack for {} of {} bytes",
+                ack.bytes, self.bytes
+            )));
         }
         let elapsed = self.started.elapsed();
         if let Ok(mut est) = self.estimator.lock() {
@@ -238,7 +251,9 @@ async fn write_stream(
     codec::write_hello(&mut stream, &hello).await?;
     while let Some(msg) = rx.recv().await {
         match msg {
-            WriterMsg::Layer(layer, bytes) => codec::write_layer(&mut stream, layer, &bytes).await?,
+            WriterMsg::Layer(layer, bytes) => {
+                codec::write_layer(&mut stream, layer, &bytes).await?
+            }
             WriterMsg::End(trailer) => {
                 codec::write_end(&mut stream, trailer.as_ref(), limits.max_trailer_bytes).await?;
                 if hello.stream_index == 0 {

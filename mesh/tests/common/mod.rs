@@ -22,9 +22,7 @@ impl Node {
 
     /// Dialable address including `/p2p/<id>`.
     pub fn p2p_addr(&self) -> Multiaddr {
-        self.addr
-            .clone()
-            .with(libp2p_p2p(self.id()))
+        self.addr.clone().with(libp2p_p2p(self.id()))
     }
 }
 
@@ -70,7 +68,11 @@ pub async fn spawn(cfg: MeshConfig) -> Node {
         .find(|a| a.to_string().contains("127.0.0.1"))
         .cloned()
         .unwrap_or_else(|| addrs[0].clone());
-    Node { handle, events, addr }
+    Node {
+        handle,
+        events,
+        addr,
+    }
 }
 
 /// Waits (bounded) for the first event matching `pred`, discarding others.

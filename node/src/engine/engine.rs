@@ -144,11 +144,17 @@ impl Engine {
     /// Allocates the KV pools and state tensors for `config` on the model's backend.
     pub fn new(model: Model, config: EngineConfig) -> Result<Self, EngineError> {
         if config.prefill_chunk == 0 {
-            return Err(EngineError::Request("prefill_chunk must be at least 1".into()));
+            return Err(EngineError::Request(
+                "prefill_chunk must be at least 1".into(),
+            ));
         }
         let backend = Arc::clone(model.backend());
         let layout = KvLayout::from_model(model.config(), config.block_size)?;
-        let n_state_slots = if layout.has_state() { config.n_state_slots.max(1) } else { 0 };
+        let n_state_slots = if layout.has_state() {
+            config.n_state_slots.max(1)
+        } else {
+            0
+        };
         let store = KvStore::new(KvStoreConfig::for_layout(
             &layout,
             config.n_blocks,
@@ -159,18 +165,34 @@ impl Engine {
         let mut state_shapes = Vec::new();
         for shape in &layout.layers {
             match *shape {
-                LayerKvShape::Paged { n_kv_heads, head_dim, .. } => {
+                LayerKvShape::Paged {
+                    n_kv_heads,
+                    head_dim,
+                    ..
+                } => {
                     let dims = [config.n_blocks, config.block_size, n_kv_heads, head_dim];
-                    pools.push(Some(PagedPool { k: backend.zeros(&dims)?, v: backend.zeros(&dims)? }));
+                    pools.push(Some(PagedPool {
+                        k: backend.zeros(&dims)?,
+                        v: backend.zeros(&dims)?,
+                    }));
                 }
-                LayerKvShape::State { heads, key_dim, value_dim } => {
+                LayerKvShape::State {
+                    heads,
+                    key_dim,
+                    value_dim,
+                } => {
                     pools.push(None);
                     state_shapes.push([heads, value_dim, key_dim]);
                 }
             }
         }
         let state_tensors = (0..n_state_slots)
-            .map(|_| state_shapes.iter().map(|s| backend.zeros(s)).collect::<Result<Vec<_>, _>>())
+            .map(|_| {
+                state_shapes
+                    .iter()
+                    .map(|s| backend.zeros(s))
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let layout_hash = layout.layout_hash(model.model_hash());
         Ok(Self {
@@ -240,7 +262,10 @@ impl Engine {
             )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EngineError::Request(format!("token id {bad} >= vocab {}", c.vocab_size)));
+            return Err(EngineError::Request(format!(
+                "token id {bad} >= vocab {}",
+                c.vocab_size
+            )));
         }
         Ok(())
     }
@@ -282,7 +307,11 @@ impl Engine {
     /// Uses the prefix cache when enabled (partial block hits for dense models, exact-match state
     /// for hybrid ones), runs the rest in chunks of `prefill_chunk` tokens, and during the last
     /// chunk hands each layer's KV to `sink` as soon as that layer is done for the whole prompt.
-    pub fn prefill(&mut self, tokens: &[u32], sink: &mut dyn KvSink) -> Result<PrefillOutput, EngineError> {
+    pub fn prefill(
+        &mut self,
+        tokens: &[u32],
+        sink: &mut dyn KvSink,
+    ) -> Result<PrefillOutput, EngineError> {
         self.check_tokens(tokens)?;
         let now = Instant::now();
         let n = tokens.len();
@@ -292,7 +321,11 @@ impl Engine {
         } else {
             Default::default()
         };
-        let mut seq = Seq { tokens: tokens[..hit.n_tokens].to_vec(), blocks: hit.blocks, state: None };
+        let mut seq = Seq {
+            tokens: tokens[..hit.n_tokens].to_vec(),
+            blocks: hit.blocks,
+            state: None,
+        };
         // From here on `seq` holds references: register it first so that `release` cleans up on
         // any error below.
         let id = self.new_seq_id();
@@ -329,7 +362,11 @@ impl Engine {
             return Err(e);
         }
         match self.prefill_inner(id, tokens, cached_tokens, sink, now) {
-            Ok(logits) => Ok(PrefillOutput { seq: id, logits, cached_tokens }),
+            Ok(logits) => Ok(PrefillOutput {
+                seq: id,
+                logits,
+                cached_tokens,
+            }),
             Err(e) => {
                 let _ = self.release(id);
                 Err(e)
@@ -371,7 +408,16 @@ impl Engine {
             None => Vec::new(),
         };
         let mut snapshot = None;
-        let run = self.run_chunks(tokens, &bounds, &blocks, state, &states, sink, want_snapshot.then_some(snap_at), &mut snapshot);
+        let run = self.run_chunks(
+            tokens,
+            &bounds,
+            &blocks,
+            state,
+            &states,
+            sink,
+            want_snapshot.then_some(snap_at),
+            &mut snapshot,
+        );
         let logits = match run {
             Ok(l) => l,
             Err(e) => {
@@ -387,7 +433,10 @@ impl Engine {
             let seq_blocks = seq.blocks.clone();
             let cache_len = if hybrid { snap_at } else { n };
             if !hybrid || snapshot.is_some() {
-                if let Err(e) = self.store.insert_prefix(&tokens[..cache_len], &seq_blocks, snapshot, now) {
+                if let Err(e) =
+                    self.store
+                        .insert_prefix(&tokens[..cache_len], &seq_blocks, snapshot, now)
+                {
                     // Caching is an optimisation: a refusal must not fail the request.
                     tracing::warn!(error = %e, "prefix cache insert refused");
                     if let Some(s) = snapshot {
@@ -419,9 +468,21 @@ impl Engine {
         for (ci, &(a, b)) in bounds.iter().enumerate() {
             let last = ci + 1 == bounds.len();
             let positions: Vec<u32> = (a as u32..b as u32).collect();
-            let slots: Vec<u32> = (a..b).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32).collect();
-            let rows = [SeqRows { block_table: blocks, n_past: a, n_new: b - a, states }];
-            let batch = Batch { tokens: &tokens[a..b], positions: &positions, slots: &slots, seqs: &rows };
+            let slots: Vec<u32> = (a..b)
+                .map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
+                .collect();
+            let rows = [SeqRows {
+                block_table: blocks,
+                n_past: a,
+                n_new: b - a,
+                states,
+            }];
+            let batch = Batch {
+                tokens: &tokens[a..b],
+                positions: &positions,
+                slots: &slots,
+                seqs: &rows,
+            };
             let wants = last && sink.wants_kv();
             let this = &*self;
             let mut hook = |layer: usize| -> Result<(), EngineError> {
@@ -431,7 +492,9 @@ impl Engine {
                 }
                 Ok(())
             };
-            let out = self.model.forward(&self.pools, &batch, &[(b - a - 1) as u32], &mut hook)?;
+            let out = self
+                .model
+                .forward(&self.pools, &batch, &[(b - a - 1) as u32], &mut hook)?;
             if last {
                 logits = Some(self.backend.download(&out)?);
             }
@@ -455,27 +518,50 @@ impl Engine {
         states: &[Tensor],
     ) -> Result<LayerKv, EngineError> {
         match (&self.pools[layer], self.layout.layers[layer]) {
-            (Some(pool), LayerKvShape::Paged { n_kv_heads, head_dim, .. }) => {
+            (
+                Some(pool),
+                LayerKvShape::Paged {
+                    n_kv_heads,
+                    head_dim,
+                    ..
+                },
+            ) => {
                 let nb = self.layout.blocks_for_tokens(n_tokens);
                 let blocks = blocks.get(..nb).ok_or_else(|| {
-                    EngineError::Request(format!("{n_tokens} tokens but only {} blocks", blocks.len()))
+                    EngineError::Request(format!(
+                        "{n_tokens} tokens but only {} blocks",
+                        blocks.len()
+                    ))
                 })?;
                 let row = n_kv_heads * head_dim;
                 let mut k = self.backend.gather_blocks(&pool.k, blocks)?;
                 let mut v = self.backend.gather_blocks(&pool.v, blocks)?;
                 // Padding after the last token is zeroed so exports are deterministic.
-                k.get_mut(n_tokens * row..).into_iter().flatten().for_each(|x| *x = 0.0);
-                v.get_mut(n_tokens * row..).into_iter().flatten().for_each(|x| *x = 0.0);
+                k.get_mut(n_tokens * row..)
+                    .into_iter()
+                    .flatten()
+                    .for_each(|x| *x = 0.0);
+                v.get_mut(n_tokens * row..)
+                    .into_iter()
+                    .flatten()
+                    .for_each(|x| *x = 0.0);
                 Ok(LayerKv::Paged { k, v })
             }
             (None, LayerKvShape::State { .. }) => {
-                let idx = self.layout.layers[..layer].iter().filter(|l| !l.is_paged()).count();
+                let idx = self.layout.layers[..layer]
+                    .iter()
+                    .filter(|l| !l.is_paged())
+                    .count();
                 let t = states
                     .get(idx)
                     .ok_or_else(|| EngineError::Request(format!("no state for layer {layer}")))?;
-                Ok(LayerKv::State { state: self.backend.download(t)? })
+                Ok(LayerKv::State {
+                    state: self.backend.download(t)?,
+                })
             }
-            _ => Err(EngineError::Request(format!("layer {layer}: pool and layout disagree"))),
+            _ => Err(EngineError::Request(format!(
+                "layer {layer}: pool and layout disagree"
+            ))),
         }
     }
 
@@ -490,7 +576,12 @@ impl Engine {
         let layers = (0..self.layout.layers.len())
             .map(|l| self.export_layer(l, &blocks, s.tokens.len(), &states))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(KvExport { layout: self.layout.clone(), layout_hash: self.layout_hash, tokens: s.tokens.clone(), layers })
+        Ok(KvExport {
+            layout: self.layout.clone(),
+            layout_hash: self.layout_hash,
+            tokens: s.tokens.clone(),
+            layers,
+        })
     }
 
     /// Checks that `export` fits this engine and has the right sizes, without side effects.
@@ -517,7 +608,12 @@ impl Engine {
                 _ => false,
             };
             if !ok {
-                return Err(SinkError::BadLayer { layer: l, got: kv.size_bytes(), want }.into());
+                return Err(SinkError::BadLayer {
+                    layer: l,
+                    got: kv.size_bytes(),
+                    want,
+                }
+                .into());
             }
         }
         Ok(())
@@ -541,7 +637,14 @@ impl Engine {
             None
         };
         let id = self.new_seq_id();
-        self.seqs.insert(id, Seq { tokens: export.tokens.clone(), blocks, state });
+        self.seqs.insert(
+            id,
+            Seq {
+                tokens: export.tokens.clone(),
+                blocks,
+                state,
+            },
+        );
         if let Err(e) = self.write_import(id, export) {
             let _ = self.release(id);
             return Err(e);
@@ -564,18 +667,25 @@ impl Engine {
                     self.backend.scatter_blocks(&pool.v, &idx, v)?;
                 }
                 (LayerKv::State { state }, None) => {
-                    let t = states
-                        .get(linear)
-                        .ok_or_else(|| EngineError::Incompatible(format!("layer {l}: no state slot")))?;
+                    let t = states.get(linear).ok_or_else(|| {
+                        EngineError::Incompatible(format!("layer {l}: no state slot"))
+                    })?;
                     self.backend.write(t, state)?;
                     linear += 1;
                 }
-                _ => return Err(EngineError::Incompatible(format!("layer {l}: wrong kind of KV"))),
+                _ => {
+                    return Err(EngineError::Incompatible(format!(
+                        "layer {l}: wrong kind of KV"
+                    )))
+                }
             }
         }
         if self.config.prefix_cache && !self.layout.has_state() {
             let blocks = self.seq(id)?.blocks.clone();
-            if let Err(e) = self.store.insert_prefix(&export.tokens, &blocks, None, Instant::now()) {
+            if let Err(e) = self
+                .store
+                .insert_prefix(&export.tokens, &blocks, None, Instant::now())
+            {
                 tracing::warn!(error = %e, "prefix cache insert of imported KV refused");
             }
         }
@@ -594,13 +704,20 @@ impl Engine {
         for &(id, tok) in batch {
             let s = self.seq(id)?;
             if !seen.insert(id) {
-                return Err(EngineError::Request(format!("{id:?} twice in one decode batch")));
+                return Err(EngineError::Request(format!(
+                    "{id:?} twice in one decode batch"
+                )));
             }
             if tok as usize >= c.vocab_size {
-                return Err(EngineError::Request(format!("token id {tok} >= vocab {}", c.vocab_size)));
+                return Err(EngineError::Request(format!(
+                    "token id {tok} >= vocab {}",
+                    c.vocab_size
+                )));
             }
             if s.tokens.len() >= c.max_context {
-                return Err(EngineError::Request(format!("{id:?} reached the context limit")));
+                return Err(EngineError::Request(format!(
+                    "{id:?} reached the context limit"
+                )));
             }
         }
         // Grow block tables first, so a failure leaves every sequence as it was (extra empty
@@ -644,31 +761,56 @@ impl Engine {
                 states: &states[i],
             })
             .collect();
-        let fb = Batch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &rows };
+        let fb = Batch {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            seqs: &rows,
+        };
         let all: Vec<u32> = (0..batch.len() as u32).collect();
-        let out = self.model.forward(&self.pools, &fb, &all, &mut |_| Ok::<(), EngineError>(()))?;
+        let out = self
+            .model
+            .forward(&self.pools, &fb, &all, &mut |_| Ok::<(), EngineError>(()))?;
         for &(id, tok) in batch {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.tokens.push(tok);
             }
         }
-        Ok(StepLogits { tensor: out, rows: batch.len() })
+        Ok(StepLogits {
+            tensor: out,
+            rows: batch.len(),
+        })
     }
 
     /// Samples one token per row. All-greedy batches use the backend's argmax, so only the ids
     /// cross to the host; otherwise the logits are downloaded once.
-    pub fn sample(&self, logits: &StepLogits, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>, EngineError> {
+    pub fn sample(
+        &self,
+        logits: &StepLogits,
+        samplers: &mut [&mut Sampler],
+    ) -> Result<Vec<u32>, EngineError> {
         if samplers.len() != logits.rows {
-            return Err(EngineError::Request(format!("{} samplers for {} rows", samplers.len(), logits.rows)));
+            return Err(EngineError::Request(format!(
+                "{} samplers for {} rows",
+                samplers.len(),
+                logits.rows
+            )));
         }
         if samplers.iter().all(|s| s.params().is_greedy()) {
             let ids = self.backend.argmax(&logits.tensor)?;
-            samplers.iter_mut().zip(&ids).for_each(|(s, &t)| s.accept(t));
+            samplers
+                .iter_mut()
+                .zip(&ids)
+                .for_each(|(s, &t)| s.accept(t));
             return Ok(ids);
         }
         let all = self.backend.download(&logits.tensor)?;
         let vocab = all.len() / logits.rows.max(1);
-        Ok(samplers.iter_mut().zip(all.chunks_exact(vocab)).map(|(s, row)| s.sample(row)).collect())
+        Ok(samplers
+            .iter_mut()
+            .zip(all.chunks_exact(vocab))
+            .map(|(s, row)| s.sample(row))
+            .collect())
     }
 
     /// Generates from `prompt` until a stop token or `max_tokens`; `on_token` sees each token as
@@ -747,7 +889,12 @@ impl Engine {
                     let mut sampler = Sampler::new(params.clone());
                     let next = sampler.sample(&pre.logits);
                     outputs[idx].push(next);
-                    live.push(Live { idx, seq: pre.seq, next, sampler });
+                    live.push(Live {
+                        idx,
+                        seq: pre.seq,
+                        next,
+                        sampler,
+                    });
                 }
                 // Finished sequences leave before the step.
                 let mut i = 0;
@@ -767,7 +914,8 @@ impl Engine {
                 }
                 let batch: Vec<(SeqId, u32)> = live.iter().map(|l| (l.seq, l.next)).collect();
                 let logits = self.decode_step(&batch)?;
-                let mut samplers: Vec<&mut Sampler> = live.iter_mut().map(|l| &mut l.sampler).collect();
+                let mut samplers: Vec<&mut Sampler> =
+                    live.iter_mut().map(|l| &mut l.sampler).collect();
                 let toks = self.sample(&logits, &mut samplers)?;
                 for (l, t) in live.iter_mut().zip(toks) {
                     l.next = t;

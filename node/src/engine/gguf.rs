@@ -26,6 +26,11 @@ const MAX_DIMS: usize = 4;
 /// bounds the recursion on hostile input.
 const MAX_ARRAY_DEPTH: usize = 4;
 const DEFAULT_ALIGNMENT: u64 = 32;
+/// Longest metadata array accepted. Real vocabularies are < 300k entries; the bound keeps a hostile
+/// file from turning each of its bytes into a 32-byte [`MetaValue`] (a 100 MB file → 3 GB).
+const MAX_ARRAY_LEN: u64 = 1 << 22;
+/// Up-front reservation cap: counts from the file are only trusted as far as the bytes behind them.
+const MAX_RESERVE: usize = 4096;
 
 /// Why a GGUF file could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -275,7 +280,12 @@ impl<'a> Reader<'a> {
                         len: self.buf.len(),
                     });
                 }
-                let mut out = Vec::with_capacity(count as usize);
+                if count > MAX_ARRAY_LEN {
+                    return Err(GgufError::Invalid(format!(
+                        "key {key:?}: array of {count} elements (limit {MAX_ARRAY_LEN})"
+                    )));
+                }
+                let mut out = Vec::with_capacity((count as usize).min(MAX_RESERVE));
                 for _ in 0..count {
                     out.push(self.value(key, elem_ty, depth + 1)?);
                 }
@@ -357,14 +367,14 @@ impl GgufFile {
                 bytes.len()
             )));
         }
-        let mut metadata = HashMap::with_capacity(n_kv as usize);
+        let mut metadata = HashMap::with_capacity((n_kv as usize).min(MAX_RESERVE));
         for _ in 0..n_kv {
             let key = r.string("metadata key")?;
             let ty = r.u32("metadata value type")?;
             let value = r.value(&key, ty, 0)?;
             metadata.insert(key, value);
         }
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity((n_tensors as usize).min(MAX_RESERVE));
         for _ in 0..n_tensors {
             let name = r.string("tensor name")?;
             let n_dims = r.u32("tensor dims")? as usize;

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use prfaas_kernels::{AttnParams, AttnSeq, Backend, HostTensor, KernelError, LinearAttnParams, Tensor};
+use prfaas_kernels::{
+    AttnParams, AttnSeq, Backend, HostTensor, KernelError, LinearAttnParams, Tensor,
+};
 use sha2::{Digest, Sha256};
 
 use super::config::{LayerKind, MixerWeights, ModelConfig, ModelWeights};
@@ -104,15 +106,23 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("name", &self.config.name).finish_non_exhaustive()
+        f.debug_struct("Model")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
     }
 }
 
 fn host_f32(t: &HostTensor, what: &str) -> Result<Vec<f32>, ModelError> {
     if t.dtype != prfaas_kernels::DType::F32 || t.bytes.len() != 4 * t.numel() {
-        return Err(ModelError::Invalid(format!("{what} must be F32, got {:?}", t.dtype)));
+        return Err(ModelError::Invalid(format!(
+            "{what} must be F32, got {:?}",
+            t.dtype
+        )));
     }
-    Ok(t.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(t.bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// SHA-256 over the config (JSON) and every weight's dtype, shape and bytes: identifies the exact
@@ -180,7 +190,10 @@ impl Model {
             if t.shape == [n, k] {
                 Ok(())
             } else {
-                Err(ModelError::Invalid(format!("{what}: shape {:?}, expected [{n}, {k}]", t.shape)))
+                Err(ModelError::Invalid(format!(
+                    "{what}: shape {:?}, expected [{n}, {k}]",
+                    t.shape
+                )))
             }
         };
         let h = c.hidden_size;
@@ -188,9 +201,19 @@ impl Model {
         let up = |t: &HostTensor| backend.upload(t);
         let mut layers = Vec::with_capacity(c.n_layers());
         for (i, (kind, lw)) in c.layers.iter().zip(&weights.layers).enumerate() {
-            shape2(&lw.w_gate, c.intermediate_size, h, &format!("layer {i} gate"))?;
+            shape2(
+                &lw.w_gate,
+                c.intermediate_size,
+                h,
+                &format!("layer {i} gate"),
+            )?;
             shape2(&lw.w_up, c.intermediate_size, h, &format!("layer {i} up"))?;
-            shape2(&lw.w_down, h, c.intermediate_size, &format!("layer {i} down"))?;
+            shape2(
+                &lw.w_down,
+                h,
+                c.intermediate_size,
+                &format!("layer {i} down"),
+            )?;
             let mixer = match (kind, &lw.mixer) {
                 (LayerKind::Full | LayerKind::Sliding { .. }, MixerWeights::Attention(a)) => {
                     let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
@@ -198,14 +221,19 @@ impl Model {
                     shape2(&a.wk, kv, h, &format!("layer {i} wk"))?;
                     shape2(&a.wv, kv, h, &format!("layer {i} wv"))?;
                     shape2(&a.wo, h, q, &format!("layer {i} wo"))?;
-                    let bias = |b: &Option<HostTensor>, n: usize| -> Result<Option<Vec<f32>>, ModelError> {
+                    let bias = |b: &Option<HostTensor>,
+                                n: usize|
+                     -> Result<Option<Vec<f32>>, ModelError> {
                         b.as_ref()
                             .map(|t| {
                                 let v = host_f32(t, "bias")?;
                                 if v.len() == n {
                                     Ok(v)
                                 } else {
-                                    Err(ModelError::Invalid(format!("layer {i}: bias of {} values, want {n}", v.len())))
+                                    Err(ModelError::Invalid(format!(
+                                        "layer {i}: bias of {} values, want {n}",
+                                        v.len()
+                                    )))
                                 }
                             })
                             .transpose()
@@ -224,7 +252,14 @@ impl Model {
                         },
                     }
                 }
-                (&LayerKind::Linear { heads, key_dim, value_dim }, MixerWeights::Linear(m)) => {
+                (
+                    &LayerKind::Linear {
+                        heads,
+                        key_dim,
+                        value_dim,
+                    },
+                    MixerWeights::Linear(m),
+                ) => {
                     shape2(&m.wq, heads * key_dim, h, &format!("layer {i} linear wq"))?;
                     shape2(&m.wk, heads * key_dim, h, &format!("layer {i} linear wk"))?;
                     shape2(&m.wv, heads * value_dim, h, &format!("layer {i} linear wv"))?;
@@ -265,7 +300,11 @@ impl Model {
                 up(o)?
             }
             (None, true) => token_embd.clone(),
-            (None, false) => return Err(ModelError::Invalid("no output weight and embeddings not tied".into())),
+            (None, false) => {
+                return Err(ModelError::Invalid(
+                    "no output weight and embeddings not tied".into(),
+                ))
+            }
         };
         let model_hash = hash_model(&config, weights);
         Ok(Self {
@@ -318,12 +357,21 @@ impl Model {
             .into());
         }
         if pools.len() != self.layers.len() {
-            return Err(ModelError::Batch(format!("{} pools for {} layers", pools.len(), self.layers.len())).into());
+            return Err(ModelError::Batch(format!(
+                "{} pools for {} layers",
+                pools.len(),
+                self.layers.len()
+            ))
+            .into());
         }
         let attn_seqs: Vec<AttnSeq<'_>> = batch
             .seqs
             .iter()
-            .map(|s| AttnSeq { block_table: s.block_table, n_past: s.n_past, n_new: s.n_new })
+            .map(|s| AttnSeq {
+                block_table: s.block_table,
+                n_past: s.n_past,
+                n_new: s.n_new,
+            })
             .collect();
 
         let mut x = be.embedding(&self.token_embd, batch.tokens)?;
@@ -331,14 +379,27 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             let xn = be.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let mixed = match &layer.mixer {
-                DevMixer::Attention { wq, wk, wv, wo, bq, bk, bv, window } => {
+                DevMixer::Attention {
+                    wq,
+                    wk,
+                    wv,
+                    wo,
+                    bq,
+                    bk,
+                    bv,
+                    window,
+                } => {
                     let Some(pool) = &pools[li] else {
                         return Err(ModelError::Batch(format!("layer {li} has no KV pool")).into());
                     };
-                    let proj = |w: &Tensor, b: &Option<Vec<f32>>, heads: usize| -> Result<Tensor, KernelError> {
+                    let proj = |w: &Tensor,
+                                b: &Option<Vec<f32>>,
+                                heads: usize|
+                     -> Result<Tensor, KernelError> {
                         let mut t = be.matmul(&xn, w)?;
                         if let Some(b) = b {
-                            let rows: Vec<f32> = b.iter().copied().cycle().take(n * b.len()).collect();
+                            let rows: Vec<f32> =
+                                b.iter().copied().cycle().take(n * b.len()).collect();
                             let bt = be.upload(&HostTensor::from_f32(vec![n, b.len()], &rows))?;
                             t = be.add(&t, &bt)?;
                         }
@@ -360,9 +421,20 @@ impl Model {
                     let att = be.attention(&q, &pool.k, &pool.v, &attn_seqs, &params)?;
                     be.matmul(&att, wo)?
                 }
-                DevMixer::Linear { wq, wk, wv, w_beta, w_g, wo, heads, key_dim, value_dim } => {
+                DevMixer::Linear {
+                    wq,
+                    wk,
+                    wv,
+                    w_beta,
+                    w_g,
+                    wo,
+                    heads,
+                    key_dim,
+                    value_dim,
+                } => {
                     let dims = (*heads, *key_dim, *value_dim);
-                    let out = self.linear_mixer(&xn, [wq, wk, wv, w_beta, w_g], dims, batch, linear_idx)?;
+                    let out =
+                        self.linear_mixer(&xn, [wq, wk, wv, w_beta, w_g], dims, batch, linear_idx)?;
                     linear_idx += 1;
                     be.matmul(&out, wo)?
                 }
@@ -416,7 +488,9 @@ impl Model {
         let mut row = 0usize;
         for s in batch.seqs {
             let state = s.states.get(linear_idx).ok_or_else(|| {
-                ModelError::Batch(format!("sequence has no state for linear layer #{linear_idx}"))
+                ModelError::Batch(format!(
+                    "sequence has no state for linear layer #{linear_idx}"
+                ))
             })?;
             let r = row..row + s.n_new;
             row += s.n_new;
@@ -425,8 +499,14 @@ impl Model {
             l2_normalize(&mut qs, dk);
             l2_normalize(&mut ks, dk);
             let vs = &v[r.start * heads * dv..r.end * heads * dv];
-            let bs: Vec<f32> = b[r.start * heads..r.end * heads].iter().map(|&x| sigmoid(x)).collect();
-            let gs: Vec<f32> = g[r.start * heads..r.end * heads].iter().map(|&x| -softplus(x)).collect();
+            let bs: Vec<f32> = b[r.start * heads..r.end * heads]
+                .iter()
+                .map(|&x| sigmoid(x))
+                .collect();
+            let gs: Vec<f32> = g[r.start * heads..r.end * heads]
+                .iter()
+                .map(|&x| -softplus(x))
+                .collect();
             let m = s.n_new;
             let upl = |shape: Vec<usize>, d: &[f32]| be.upload(&HostTensor::from_f32(shape, d));
             let o = be.linear_attention(

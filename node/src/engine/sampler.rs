@@ -24,13 +24,23 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, stop_tokens: Vec::new(), max_tokens: 64 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            stop_tokens: Vec::new(),
+            max_tokens: 64,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn greedy(max_tokens: usize) -> Self {
-        Self { max_tokens, ..Self::default() }
+        Self {
+            max_tokens,
+            ..Self::default()
+        }
     }
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0 || self.top_k == 1
@@ -55,7 +65,11 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = SplitMix64::new(params.seed);
-        Self { params, rng, generated: 0 }
+        Self {
+            params,
+            rng,
+            generated: 0,
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -65,7 +79,11 @@ impl Sampler {
     /// Picks a token from one row of logits (any finite or infinite values; NaN rows fall back
     /// to the lowest index, never panic).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let tok = if self.params.is_greedy() { argmax(logits) } else { self.sample_stochastic(logits) };
+        let tok = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.sample_stochastic(logits)
+        };
         self.generated += 1;
         tok
     }
@@ -103,7 +121,10 @@ impl Sampler {
             cand.truncate(self.params.top_k);
         }
         let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|&(_, v)| f64::from(v - max).exp()).collect();
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&(_, v)| f64::from(v - max).exp())
+            .collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if self.params.top_p < 1.0 {
@@ -160,7 +181,13 @@ mod tests {
 
     #[test]
     fn seeded_sampling_is_deterministic_and_respects_top_k() {
-        let p = SamplingParams { temperature: 1.0, top_k: 2, seed: 42, max_tokens: 1000, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 2,
+            seed: 42,
+            max_tokens: 1000,
+            ..Default::default()
+        };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
             (0..200).map(|_| s.sample(&logits())).collect::<Vec<_>>()
@@ -170,21 +197,34 @@ mod tests {
         // top-2 by logit are ids 1 and 5 (tie at 2.0, lower id first) → only those appear.
         assert!(a.iter().all(|&t| t == 1 || t == 5), "{a:?}");
         assert!(a.contains(&1) && a.contains(&5));
-        let other = draw(&SamplingParams { seed: 43, ..p.clone() });
+        let other = draw(&SamplingParams {
+            seed: 43,
+            ..p.clone()
+        });
         assert_ne!(a, other);
     }
 
     #[test]
     fn top_p_keeps_the_nucleus() {
         // softmax of [5, 0, 0, 0]: p0 ≈ 0.98 → top_p 0.9 keeps only id 0.
-        let p = SamplingParams { temperature: 1.0, top_p: 0.9, seed: 1, max_tokens: 100, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 1,
+            max_tokens: 100,
+            ..Default::default()
+        };
         let mut s = Sampler::new(p);
         assert!((0..100).all(|_| s.sample(&[5.0, 0.0, 0.0, 0.0]) == 0));
     }
 
     #[test]
     fn stop_and_length() {
-        let mut s = Sampler::new(SamplingParams { stop_tokens: vec![7], max_tokens: 2, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            stop_tokens: vec![7],
+            max_tokens: 2,
+            ..Default::default()
+        });
         s.accept(3);
         assert_eq!(s.finished(7), Some(FinishReason::Stop));
         assert_eq!(s.finished(3), None);

@@ -29,7 +29,10 @@ impl LayerKv {
     /// The layer's bytes in the export layout (K then V, or the state; little-endian f32).
     pub fn to_le_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.size_bytes());
-        let mut put = |xs: &[f32]| xs.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        let mut put = |xs: &[f32]| {
+            xs.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()))
+        };
         match self {
             LayerKv::Paged { k, v } => {
                 put(k);
@@ -49,7 +52,11 @@ impl LayerKv {
     ) -> Result<Self, SinkError> {
         let want = layout.export_layer_bytes(layer, n_tokens);
         if bytes.len() != want || want == 0 {
-            return Err(SinkError::BadLayer { layer, got: bytes.len(), want });
+            return Err(SinkError::BadLayer {
+                layer,
+                got: bytes.len(),
+                want,
+            });
         }
         let vals: Vec<f32> = bytes
             .chunks_exact(4)
@@ -57,7 +64,10 @@ impl LayerKv {
             .collect();
         Ok(if layout.layers[layer].is_paged() {
             let half = vals.len() / 2;
-            LayerKv::Paged { k: vals[..half].to_vec(), v: vals[half..].to_vec() }
+            LayerKv::Paged {
+                k: vals[..half].to_vec(),
+                v: vals[half..].to_vec(),
+            }
         } else {
             LayerKv::State { state: vals }
         })
@@ -69,7 +79,11 @@ impl LayerKv {
 #[non_exhaustive]
 pub enum SinkError {
     #[error("layer {layer}: {got} bytes of KV, layout says {want}")]
-    BadLayer { layer: usize, got: usize, want: usize },
+    BadLayer {
+        layer: usize,
+        got: usize,
+        want: usize,
+    },
     #[error("KV sink closed: {0}")]
     Closed(String),
 }

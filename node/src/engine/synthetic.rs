@@ -69,7 +69,9 @@ pub fn synthetic_config(kind: SyntheticKind) -> ModelConfig {
         .map(|i| match kind {
             SyntheticKind::TinyDense => LayerKind::Full,
             SyntheticKind::TinyHybrid => match i % 4 {
-                3 if i == 3 => LayerKind::Sliding { window: SLIDING_WINDOW },
+                3 if i == 3 => LayerKind::Sliding {
+                    window: SLIDING_WINDOW,
+                },
                 3 => LayerKind::Full,
                 _ => LayerKind::Linear {
                     heads: LIN_HEADS,
@@ -123,16 +125,23 @@ pub fn synthetic_model(kind: SyntheticKind, seed: u64) -> (ModelConfig, ModelWei
                     bv: None,
                 })
             }
-            LayerKind::Linear { heads, key_dim, value_dim } => {
-                MixerWeights::Linear(LinearAttentionWeights {
-                    wq: rand_tensor(&mut rng, &[heads * key_dim, h], inv(h), DType::Q8_0),
-                    wk: rand_tensor(&mut rng, &[heads * key_dim, h], inv(h), DType::Q8_0),
-                    wv: rand_tensor(&mut rng, &[heads * value_dim, h], inv(h), DType::Q8_0),
-                    w_beta: rand_tensor(&mut rng, &[heads, h], inv(h), DType::F32),
-                    w_g: rand_tensor(&mut rng, &[heads, h], 0.5 * inv(h), DType::F32),
-                    wo: rand_tensor(&mut rng, &[h, heads * value_dim], 0.5 * inv(heads * value_dim), DType::Q4_1),
-                })
-            }
+            LayerKind::Linear {
+                heads,
+                key_dim,
+                value_dim,
+            } => MixerWeights::Linear(LinearAttentionWeights {
+                wq: rand_tensor(&mut rng, &[heads * key_dim, h], inv(h), DType::Q8_0),
+                wk: rand_tensor(&mut rng, &[heads * key_dim, h], inv(h), DType::Q8_0),
+                wv: rand_tensor(&mut rng, &[heads * value_dim, h], inv(h), DType::Q8_0),
+                w_beta: rand_tensor(&mut rng, &[heads, h], inv(h), DType::F32),
+                w_g: rand_tensor(&mut rng, &[heads, h], 0.5 * inv(h), DType::F32),
+                wo: rand_tensor(
+                    &mut rng,
+                    &[h, heads * value_dim],
+                    0.5 * inv(heads * value_dim),
+                    DType::Q4_1,
+                ),
+            }),
         };
         layers.push(LayerWeights {
             attn_norm: norm_tensor(&mut rng, h),
@@ -152,7 +161,12 @@ pub fn synthetic_model(kind: SyntheticKind, seed: u64) -> (ModelConfig, ModelWei
         token_embd,
         output_norm: norm_tensor(&mut rng, h),
         // Logit spread of a few units: peaked enough that greedy is meaningful, but not one-hot.
-        output: Some(rand_tensor(&mut rng, &[cfg.vocab_size, h], 3.0 * inv(h), DType::Q8_0)),
+        output: Some(rand_tensor(
+            &mut rng,
+            &[cfg.vocab_size, h],
+            3.0 * inv(h),
+            DType::Q8_0,
+        )),
         layers,
     };
     (cfg, weights)
@@ -201,7 +215,11 @@ fn rand_tensor(rng: &mut SplitMix64, shape: &[usize], scale: f32, dtype: DType) 
         DType::Q8_0 | DType::Q4_1 => dtype,
         _ => DType::F32,
     };
-    HostTensor { dtype, shape: shape.to_vec(), bytes }
+    HostTensor {
+        dtype,
+        shape: shape.to_vec(),
+        bytes,
+    }
 }
 
 /// GGUF Q8_0: per 32 values `{d: f16, qs: [i8; 32]}` with `x ≈ d·q`.
@@ -212,7 +230,11 @@ fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
         out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        out.extend(block.iter().map(|v| ((v * id).round().clamp(-127.0, 127.0) as i8) as u8));
+        out.extend(
+            block
+                .iter()
+                .map(|v| ((v * id).round().clamp(-127.0, 127.0) as i8) as u8),
+        );
     }
     out
 }
@@ -270,13 +292,23 @@ mod tests {
             assert_eq!(w1.token_embd.bytes, w2.token_embd.bytes);
             assert_ne!(w1.token_embd.bytes, w3.token_embd.bytes);
             assert_eq!(w1.layers.len(), c1.n_layers());
-            assert_eq!(w1.token_embd.bytes.len(), DType::Q8_0.bytes_for(SYNTH_VOCAB * HIDDEN));
+            assert_eq!(
+                w1.token_embd.bytes.len(),
+                DType::Q8_0.bytes_for(SYNTH_VOCAB * HIDDEN)
+            );
         }
         let hybrid = synthetic_config(SyntheticKind::TinyHybrid);
-        let linear = hybrid.layers.iter().filter(|l| matches!(l, LayerKind::Linear { .. })).count();
+        let linear = hybrid
+            .layers
+            .iter()
+            .filter(|l| matches!(l, LayerKind::Linear { .. }))
+            .count();
         assert_eq!(linear, 6);
         assert!(hybrid.layers.contains(&LayerKind::Full));
-        assert!(hybrid.layers.iter().any(|l| matches!(l, LayerKind::Sliding { .. })));
+        assert!(hybrid
+            .layers
+            .iter()
+            .any(|l| matches!(l, LayerKind::Sliding { .. })));
     }
 
     #[test]

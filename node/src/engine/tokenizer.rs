@@ -66,7 +66,7 @@ impl TokenKind {
 }
 
 /// A byte-level BPE tokenizer with special-token handling.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Tokenizer {
     /// BPE + pre-tokenizer only; it knows no special tokens (we split those out ourselves).
     bpe: tokenizers::Tokenizer,
@@ -80,6 +80,20 @@ pub struct Tokenizer {
     /// Extra end-of-generation tokens (e.g. `<|im_end|>`, `<|endoftext|>`).
     eog: Vec<TokenId>,
     add_bos: bool,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    // The vocabulary is large; a log line needs only its size and the special ids.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.pieces.len())
+            .field("specials", &self.specials.len())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eog", &self.eog)
+            .field("add_bos", &self.add_bos)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How the text is split before BPE.
@@ -538,7 +552,7 @@ impl StreamDecoder<'_> {
                 }
                 Err(e) => {
                     let valid = e.valid_up_to();
-                    // Safe: from_utf8 just validated this prefix.
+                    // The prefix up to `valid` is valid UTF-8, so this copies it unchanged.
                     out.push_str(&String::from_utf8_lossy(&self.pending[..valid]));
                     match e.error_len() {
                         // Incomplete character at the end: wait for the next token.
