@@ -33,15 +33,24 @@ async fn probes_seed_the_estimate_and_adverts_carry_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let est = est.expect("a probe measured the link within 10 s");
-    assert!(est.bytes_per_sec > 1e6, "loopback goodput implausibly low: {est:?}");
+    assert!(
+        est.bytes_per_sec > 1e6,
+        "loopback goodput implausibly low: {est:?}"
+    );
     // The next adverts of both nodes report the link.
     let t0 = Instant::now();
     let mut reported = false;
     while t0.elapsed() < Duration::from_secs(10) && !reported {
-        let cands = b.handle.prefill_candidates(model()).await.expect("candidates");
-        reported = cands
-            .iter()
-            .any(|(_, adv)| adv.observed_bandwidth.iter().any(|r| r.peer == b.id().to_base58()));
+        let cands = b
+            .handle
+            .prefill_candidates(model())
+            .await
+            .expect("candidates");
+        reported = cands.iter().any(|(_, adv)| {
+            adv.observed_bandwidth
+                .iter()
+                .any(|r| r.peer == b.id().to_base58())
+        });
         if !reported {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

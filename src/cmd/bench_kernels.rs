@@ -39,7 +39,10 @@ struct Report {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let opt = BenchOptions { min_reps: args.reps.max(1), ..BenchOptions::default() };
+    let opt = BenchOptions {
+        min_reps: args.reps.max(1),
+        ..BenchOptions::default()
+    };
     let peak = bench::cpu_peak();
     let mut progress = |s: &str| eprintln!("[bench kernels] {s}");
     progress(&format!("fp32 peak: {}", peak.formula));
@@ -69,10 +72,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for b in &backends {
         progress(&format!("backend: {}", b.info().description));
-        results.extend(bench::bench_backend(b.as_ref(), &peak, &gemm_g, &opt, &mut progress)?);
+        results.extend(bench::bench_backend(
+            b.as_ref(),
+            &peak,
+            &gemm_g,
+            &opt,
+            &mut progress,
+        )?);
     }
 
-    let report = Report { peak, gemm, results, skipped };
+    let report = Report {
+        peak,
+        gemm,
+        results,
+        skipped,
+    };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -88,7 +102,10 @@ fn print_table(r: &Report) {
         r.peak.clock_source, r.peak.gflops_avx2
     );
     for (shape, g) in &r.gemm {
-        println!("gemm crate f32 {shape}: {g:.1} GFLOP/s ({:.2} of peak)", g / r.peak.gflops);
+        println!(
+            "gemm crate f32 {shape}: {g:.1} GFLOP/s ({:.2} of peak)",
+            g / r.peak.gflops
+        );
     }
     println!();
     println!(
@@ -96,7 +113,10 @@ fn print_table(r: &Report) {
         "backend", "kernel", "dtype", "shape", "median ms", "GFLOP/s", "/peak", "/gemm"
     );
     for c in &r.results {
-        let vs_gemm = c.ratio_to_gemm.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+        let vs_gemm = c
+            .ratio_to_gemm
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "-".into());
         println!(
             "{:<6} {:<18} {:<5} {:<14} {:>10.3} {:>9.1} {:>7.2} {:>8}",
             c.backend, c.kernel, c.dtype, c.shape, c.median_ms, c.gflops, c.ratio_to_peak, vs_gemm

@@ -44,7 +44,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(listen) = &args.kv_serve {
-        let file = args.addr_file.as_deref().context("--kv-serve needs --addr-file")?;
+        let file = args
+            .addr_file
+            .as_deref()
+            .context("--kv-serve needs --addr-file")?;
         bench::serve_kv(listen, file)?;
         return Ok(());
     }
@@ -110,7 +113,10 @@ fn shaped(args: &Args) -> Result<Vec<ShapedGoodput>, String> {
     if args.shaped_mbit.is_empty() {
         return Ok(vec![]);
     }
-    let euid = Command::new("id").arg("-u").output().map_err(|e| format!("id -u: {e}"))?;
+    let euid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map_err(|e| format!("id -u: {e}"))?;
     if String::from_utf8_lossy(&euid.stdout).trim() != "0" {
         return Err("not root".into());
     }
@@ -132,11 +138,15 @@ fn shaped(args: &Args) -> Result<Vec<ShapedGoodput>, String> {
         if !o.status.success() {
             return Err(format!(
                 "netns-shaped-kv {rate} failed: {}",
-                String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
             ));
         }
         let line = String::from_utf8_lossy(&o.stdout);
-        let r: ShapedGoodput = serde_json::from_str(line.trim()).map_err(|e| format!("bad output {line}: {e}"))?;
+        let r: ShapedGoodput =
+            serde_json::from_str(line.trim()).map_err(|e| format!("bad output {line}: {e}"))?;
         out.push(r);
     }
     Ok(out)

@@ -40,14 +40,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let json = serde_json::to_string(&report)?;
     std::fs::write(args.out.join("report.json"), &json)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    if args.json {
-        println!("{json}");
+    let text = if args.json {
+        format!("{json}\n")
     } else {
-        print!("{}", sim::report::table(&report));
-        println!(
-            "charts: {0}/lambda_vs_t.svg {0}/ttft_cdf.svg",
+        format!(
+            "{}charts: {1}/lambda_vs_t.svg {1}/ttft_cdf.svg\n",
+            sim::report::table(&report),
             args.out.display()
-        );
+        )
+    };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+        _ => {}
     }
     Ok(())
 }
