@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 mod cmd;
 
 #[derive(Debug, Parser)]
-#[command(name = "prfaas", version, about = "Prefill-as-a-Service over a peer-to-peer mesh")]
+#[command(
+    name = "prfaas",
+    version,
+    about = "Prefill-as-a-Service over a peer-to-peer mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -50,7 +50,7 @@ pub struct Args {
 /// Turns token ids into text for the model at hand.
 pub(crate) enum TextCodec {
     Bytes(ByteTokenizer),
-    Bpe(Tokenizer),
+    Bpe(Box<Tokenizer>),
 }
 
 impl TextCodec {
@@ -118,7 +118,7 @@ pub(crate) fn load_model(spec: &str) -> anyhow::Result<LoadedModel> {
     Ok(LoadedModel {
         config: m.config,
         weights: m.weights,
-        codec: TextCodec::Bpe(m.tokenizer),
+        codec: TextCodec::Bpe(Box::new(m.tokenizer)),
         chat_template: m.chat_template,
         stop_tokens,
     })

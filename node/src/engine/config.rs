@@ -13,7 +13,11 @@ pub enum LayerKind {
     /// Softmax attention over the last `window` tokens (paged K/V blocks).
     Sliding { window: usize },
     /// Gated delta-rule linear attention: a fixed-size recurrent state per sequence.
-    Linear { heads: usize, key_dim: usize, value_dim: usize },
+    Linear {
+        heads: usize,
+        key_dim: usize,
+        value_dim: usize,
+    },
 }
 
 impl LayerKind {

@@ -2,15 +2,15 @@
 
 pub mod chat;
 pub mod config;
-pub mod gguf;
-pub mod hf;
-pub mod tokenizer;
 #[allow(clippy::module_inception)]
 pub mod engine;
+pub mod gguf;
+pub mod hf;
 pub mod model;
 pub mod sampler;
 pub mod sink;
 pub mod synthetic;
+pub mod tokenizer;
 
 pub use config::{LayerKind, ModelConfig, ModelWeights};
 pub use engine::{Engine, EngineConfig, EngineError, Generation, PrefillOutput, SeqId, StepLogits};
