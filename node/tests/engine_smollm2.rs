@@ -19,6 +19,12 @@ fn model_path() -> PathBuf {
 fn load() -> Option<LoadedModel> {
     let p = model_path();
     if !p.exists() {
+        let required = std::env::var("PRFAAS_REQUIRE_MODEL").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "PRFAAS_REQUIRE_MODEL=1 but {} is missing (run scripts/fetch-model)",
+            p.display()
+        );
         eprintln!(
             "\n*** SKIPPED: {} not found (run scripts/fetch-model) ***\n",
             p.display()
