@@ -452,6 +452,7 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
                     request_id: r as u64 + 1,
                     bid_id: bid.bid_id,
                     price: bid.price,
+                    tokens: Vec::new(),
                 },
             )
             .await?;

@@ -147,7 +147,7 @@ impl Default for Limits {
             max_connections_per_peer: 2,
             max_known_peers: 1024,
             max_advert_bytes: 64 * 1024,
-            max_auction_bytes: 64 * 1024,
+            max_auction_bytes: 1024 * 1024,
             max_pending_calls: 64,
             max_outstanding_bids: 256,
             auction_timeout: Duration::from_secs(5),

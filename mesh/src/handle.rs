@@ -57,6 +57,14 @@ pub struct AuctionRound {
     pub silent: Vec<PeerId>,
 }
 
+/// Per-peer emulated link rates in bytes/s (see [`MeshHandle::set_emulated_bandwidth`]).
+pub(crate) type EmulatedRates = Arc<RwLock<HashMap<PeerId, f64>>>;
+
+/// Rate emulated towards `peer`, if any.
+pub(crate) fn emulated_rate(rates: &EmulatedRates, peer: &PeerId) -> Option<f64> {
+    rates.read().ok().and_then(|m| m.get(peer).copied())
+}
+
 /// State shared by every clone of a handle (no message passing through it: it holds settings and
 /// the KV stream control, which libp2p-stream designed to be used outside the swarm task).
 pub(crate) struct Shared {
@@ -68,6 +76,8 @@ pub(crate) struct Shared {
     pub estimator: Arc<Mutex<BandwidthEstimator>>,
     pub stats: Arc<MeshStats>,
     pub added_latency: RwLock<HashMap<PeerId, Duration>>,
+    /// Emulated link rate per peer, bytes/s (shared with the probe task in the swarm).
+    pub emulated_rate: EmulatedRates,
     pub next_transfer: Arc<AtomicU64>,
     pub streams_per_transfer: u16,
     pub max_streams: u16,
@@ -237,7 +247,10 @@ impl MeshHandle {
             header,
             streams.clamp(1, self.shared.max_streams.max(1)),
             id,
-            self.shared.sender_limits,
+            SenderLimits {
+                emulated_rate: emulated_rate(&self.shared.emulated_rate, &peer),
+                ..self.shared.sender_limits
+            },
             self.shared.estimator.clone(),
         )
         .await?)
@@ -268,6 +281,22 @@ impl MeshHandle {
                 m.remove(&peer);
             } else {
                 m.insert(peer, delay);
+            }
+        }
+    }
+
+    /// Emulated link rate for KV transfers (and bandwidth probes) sent to `peer`, in bytes per
+    /// second: the sender paces itself so a transfer takes at least `bytes / rate`. `None` removes
+    /// it. For tests and benchmarks on one machine (kernel shaping needs root and namespaces).
+    pub fn set_emulated_bandwidth(&self, peer: PeerId, bytes_per_sec: Option<f64>) {
+        if let Ok(mut m) = self.shared.emulated_rate.write() {
+            match bytes_per_sec.filter(|r| r.is_finite() && *r > 0.0) {
+                Some(r) => {
+                    m.insert(peer, r);
+                }
+                None => {
+                    m.remove(&peer);
+                }
             }
         }
     }

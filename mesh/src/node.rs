@@ -31,7 +31,7 @@ use crate::bandwidth::BandwidthEstimator;
 use crate::behaviour::{MeshBehaviour, MeshBehaviourEvent};
 use crate::config::MeshConfig;
 use crate::event::{CallToken, MeshEvent};
-use crate::handle::{CallAnswer, Command, MeshHandle, Shared};
+use crate::handle::{emulated_rate, CallAnswer, Command, EmulatedRates, MeshHandle, Shared};
 use crate::kv::receiver::{Acceptor, ReceiverLimits};
 use crate::kv::sender::SenderLimits;
 use crate::kv::{KvHeader, KvTrailer, KV_PROTOCOL};
@@ -73,6 +73,7 @@ struct Task {
     control: libp2p_stream::Control,
     probe_running: Arc<AtomicBool>,
     last_probe: HashMap<PeerId, Instant>,
+    emulated_rate: EmulatedRates,
     next_transfer: Arc<AtomicU64>,
 }
 
@@ -258,7 +259,9 @@ impl Mesh {
         let sender_limits = SenderLimits {
             max_trailer_bytes: cfg.limits.max_trailer_bytes,
             idle_timeout: cfg.limits.kv_idle_timeout,
+            emulated_rate: None,
         };
+        let emulated_rate = EmulatedRates::default();
         // Unique-ish start so a restarted sender does not reuse ids a receiver still remembers.
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -302,6 +305,7 @@ impl Mesh {
             control: control.clone(),
             probe_running: Arc::new(AtomicBool::new(false)),
             last_probe: HashMap::new(),
+            emulated_rate: emulated_rate.clone(),
             next_transfer: next_transfer.clone(),
             cfg: cfg.clone(),
         };
@@ -315,6 +319,7 @@ impl Mesh {
             estimator,
             stats,
             added_latency: RwLock::new(HashMap::new()),
+            emulated_rate,
             next_transfer,
             streams_per_transfer: cfg.streams_per_transfer.max(1),
             max_streams,
@@ -580,6 +585,7 @@ impl Task {
         let limits = SenderLimits {
             max_trailer_bytes: self.cfg.limits.max_trailer_bytes,
             idle_timeout: self.cfg.limits.kv_idle_timeout,
+            emulated_rate: emulated_rate(&self.emulated_rate, &peer),
         };
         let probe_bytes = bw.probe_bytes.max(1);
         let id = self.next_transfer.fetch_add(1, Ordering::Relaxed);

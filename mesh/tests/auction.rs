@@ -98,6 +98,7 @@ async fn call_bid_award_round_trip() {
                 request_id: 7,
                 bid_id: b.bid_id,
                 price: 3.0,
+                tokens: Vec::new(),
             },
         )
         .await
@@ -119,6 +120,7 @@ async fn call_bid_award_round_trip() {
                 request_id: 7,
                 bid_id: 42,
                 price: 3.0,
+                tokens: Vec::new(),
             }),
         )
         .await
@@ -214,6 +216,7 @@ async fn award_to_expired_bid_is_refused() {
                 request_id: 9,
                 bid_id: 42,
                 price: 1.0,
+                tokens: Vec::new(),
             }),
         )
         .await

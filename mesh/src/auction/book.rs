@@ -120,6 +120,7 @@ mod tests {
             request_id,
             bid_id,
             price: 1.0,
+            tokens: Vec::new(),
         }
     }
 

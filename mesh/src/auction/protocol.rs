@@ -71,6 +71,27 @@ pub struct Award {
     pub bid_id: u64,
     /// Price the home will pay.
     pub price: f64,
+    /// The prompt's token ids (only the winner ever sees the prompt), little-endian `u32`s.
+    /// Bounded by the auction message size limit.
+    #[serde(with = "crate::wire::cbor_bytes", default)]
+    pub tokens: Vec<u8>,
+}
+
+impl Award {
+    /// Packs `tokens` into [`Award::tokens`].
+    pub fn pack_tokens(tokens: &[u32]) -> Vec<u8> {
+        tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+    }
+
+    /// The prompt tokens, or `None` when the byte length is not a multiple of 4.
+    pub fn unpack_tokens(&self) -> Option<Vec<u32>> {
+        (self.tokens.len() % 4 == 0).then(|| {
+            self.tokens
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+    }
 }
 
 /// Why an award was refused.

@@ -43,6 +43,8 @@ enum WriterMsg {
 pub(crate) struct SenderLimits {
     pub max_trailer_bytes: usize,
     pub idle_timeout: Duration,
+    /// Emulated link rate towards this peer in bytes/s (tests and benchmarks; `None` = no pacing).
+    pub emulated_rate: Option<f64>,
 }
 
 /// An open KV transfer. Call [`send_layer`](Self::send_layer) for layers `0..header.layers` in
@@ -164,7 +166,16 @@ impl KvSender {
         }
         self.next_layer += 1;
         self.bytes += len;
+        self.pace().await;
         Ok(())
+    }
+
+    /// With an emulated link rate, waits until the bytes sent so far could have crossed it.
+    async fn pace(&self) {
+        if let Some(rate) = self.limits.emulated_rate.filter(|r| *r > 0.0) {
+            let due = self.started + Duration::from_secs_f64(self.bytes as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
     }
 
     /// Ends every stream (stream 0 carries `trailer`), then waits for the receiver's ack.
