@@ -17,6 +17,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run one mesh node (OpenAI API + mesh) from a config file.
+    Node(cmd::node::Args),
+    /// Make a node identity file.
+    Keygen(cmd::keygen::Args),
     /// Generate text with a model on this machine (no mesh).
     Generate(cmd::generate::Args),
     /// Run the discrete-event simulator on a scenario.
@@ -40,6 +44,8 @@ fn main() -> std::process::ExitCode {
     init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Node(a) => cmd::node::run(a),
+        Command::Keygen(a) => cmd::keygen::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Simulate(a) => cmd::simulate::run(a),
         Command::Bench(Bench::Kernels(a)) => cmd::bench_kernels::run(a),

@@ -22,7 +22,7 @@ pub use config::MeshConfig;
 pub use error::MeshError;
 pub use event::{CallToken, MeshEvent};
 pub use handle::{AuctionRound, CallAnswer, MeshHandle};
-pub use libp2p::{multiaddr, Multiaddr, PeerId};
+pub use libp2p::{identity, multiaddr, Multiaddr, PeerId};
 pub use node::Mesh;
 pub use stats::MeshStatsSnapshot;
 pub mod policy;

@@ -99,7 +99,11 @@ impl Metrics {
             mesh_peers: Gauge::default(),
         };
         r.register("requests", "Finished requests", m.requests.clone());
-        r.register("inflight_requests", "Requests in flight", m.inflight.clone());
+        r.register(
+            "inflight_requests",
+            "Requests in flight",
+            m.inflight.clone(),
+        );
         r.register("ttft_seconds", "Time to first token", m.ttft.clone());
         r.register(
             "decode_tokens_per_second",
@@ -134,16 +138,25 @@ impl Metrics {
             "Current offload threshold t",
             m.offload_threshold.clone(),
         );
-        r.register("mesh_peers", "Peers in the peer table", m.mesh_peers.clone());
+        r.register(
+            "mesh_peers",
+            "Peers in the peer table",
+            m.mesh_peers.clone(),
+        );
         *m.registry.lock().expect("fresh mutex") = r;
         m
     }
 
     /// Counter shorthand: `inc(&m.auctions, "won")`.
     pub fn inc(family: &Family<KindLabel, Counter>, kind: &str) {
+        family.get_or_create(&KindLabel { kind: kind.into() }).inc();
+    }
+
+    /// Counter shorthand adding `n`.
+    pub fn inc_by(family: &Family<KindLabel, Counter>, kind: &str, n: u64) {
         family
             .get_or_create(&KindLabel { kind: kind.into() })
-            .inc();
+            .inc_by(n);
     }
 
     /// Renders the OpenMetrics text exposition.
@@ -173,7 +186,10 @@ mod tests {
             .inc();
         m.ttft.observe(0.25);
         let text = m.render();
-        assert!(text.contains("prfaas_auctions_total{kind=\"won\"} 1"), "{text}");
+        assert!(
+            text.contains("prfaas_auctions_total{kind=\"won\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("prfaas_requests_total{route=\"remote\",outcome=\"ok\"} 1"),
             "{text}"

@@ -84,8 +84,9 @@ pub enum GenerateEvent {
         prompt_tokens: usize,
         route: PrefillRoute,
     },
-    /// New text (may be empty when a token ends inside a UTF-8 sequence).
-    Delta { text: String, token: u32 },
+    /// New text (may be empty when a token ends inside a UTF-8 sequence). `token` is the id
+    /// generated at this step; `None` for a final flush of held-back text (no new token).
+    Delta { text: String, token: Option<u32> },
     /// Generation ended normally.
     Finished {
         finish: FinishReason,

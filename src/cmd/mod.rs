@@ -4,4 +4,11 @@ pub mod bench_engine;
 pub mod bench_kernels;
 pub mod bench_mesh;
 pub mod generate;
+pub mod keygen;
+pub mod node;
 pub mod simulate;
+
+/// Starts the OpenAI-compatible HTTP API of a node.
+pub fn api_starter() -> prfaas_node::actors::node::ApiStarter {
+    |_, _| Err(std::io::Error::other("HTTP API not merged yet"))
+}

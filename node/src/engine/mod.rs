@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod gguf;
 pub mod hf;
+pub mod loader;
 pub mod model;
 pub mod sampler;
 pub mod sink;

@@ -1,0 +1,190 @@
+//! `MeshBridge`: the only actor that talks to the libp2p swarm. It turns `MeshEvent`s into
+//! messages for the other actors, publishes this node's advert when it changes, and mirrors the
+//! mesh's view (peers, bandwidth) into the metrics.
+
+use actix::prelude::*;
+use prfaas_mesh::advert::message::PrefillPoint;
+use prfaas_mesh::{AdvertBody, MeshEvent, Role};
+use tokio::sync::mpsc;
+
+use super::core::Core;
+use super::kvstore::{AdvertPart, KvStore};
+use super::prefill::{BidFor, PrefillWorker, Serve};
+use super::MAILBOX;
+use crate::metrics::PeerLabel;
+use prfaas_mesh::auction::DeclineReason;
+use prfaas_mesh::CallAnswer;
+
+pub struct MeshBridge {
+    core: Core,
+    prefill: Addr<PrefillWorker>,
+    kv: Addr<KvStore>,
+    events: Option<mpsc::Receiver<MeshEvent>>,
+    last_advert: Option<AdvertBody>,
+}
+
+impl std::fmt::Debug for MeshBridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshBridge").finish_non_exhaustive()
+    }
+}
+
+impl MeshBridge {
+    pub fn new(
+        core: Core,
+        prefill: Addr<PrefillWorker>,
+        kv: Addr<KvStore>,
+        events: mpsc::Receiver<MeshEvent>,
+    ) -> Self {
+        Self {
+            core,
+            prefill,
+            kv,
+            events: Some(events),
+            last_advert: None,
+        }
+    }
+
+    /// Re-publishes the advert if anything in it changed.
+    fn refresh_advert(&mut self, ctx: &mut Context<Self>) {
+        let core = self.core.clone();
+        let kv = self.kv.clone();
+        let fut = async move {
+            let part = kv.send(AdvertPart).await.ok()?;
+            let view = core.compute.view();
+            let mut roles = Vec::new();
+            if core.cfg.serves_prefill() {
+                roles.push(Role::Prefill);
+            }
+            if core.cfg.is_home() {
+                roles.push(Role::Decode);
+            }
+            Some(AdvertBody {
+                region: core.cfg.mesh.region.clone(),
+                roles,
+                models: vec![core.model_ref.clone()],
+                prefill_profile: vec![PrefillPoint {
+                    tokens: core.cfg.policy.offload_threshold_tokens.max(1) as u32,
+                    tokens_per_sec: view.prefill_tokens_per_s as f32,
+                }],
+                queue_depth: core.compute.queued_jobs() as u32,
+                free_kv_blocks: part.free_blocks,
+                price_per_1k_tokens: core.cfg.policy.price_per_1k_tokens,
+                prefix_summary: part.summary,
+                software_version: concat!("prfaas/", env!("CARGO_PKG_VERSION")).into(),
+            })
+        };
+        ctx.spawn(fut.into_actor(self).map(|body, act, _| {
+            let Some(mut body) = body else { return };
+            // Speed moves a little with every prefill: only a real change is worth gossiping.
+            if let Some(last) = &act.last_advert {
+                let mut same = body.clone();
+                same.prefill_profile = last.prefill_profile.clone();
+                let drift = match (body.prefill_profile.first(), last.prefill_profile.first()) {
+                    (Some(a), Some(b)) => {
+                        (a.tokens_per_sec / b.tokens_per_sec.max(1e-3) - 1.0).abs()
+                    }
+                    _ => 1.0,
+                };
+                if &same == last && drift < 0.2 {
+                    return;
+                }
+                if drift < 0.2 {
+                    body.prefill_profile = last.prefill_profile.clone();
+                }
+            }
+            act.last_advert = Some(body.clone());
+            let mesh = act.core.mesh.clone();
+            actix::spawn(async move {
+                if let Err(e) = mesh.set_advert(body).await {
+                    tracing::debug!(error = %e, "publishing the advert failed");
+                }
+            });
+        }));
+    }
+
+    fn refresh_metrics(&mut self, ctx: &mut Context<Self>) {
+        let core = self.core.clone();
+        ctx.spawn(
+            async move {
+                if let Ok(peers) = core.mesh.known_peers().await {
+                    core.metrics.mesh_peers.set(peers.len() as i64);
+                    for p in peers {
+                        if let Some(b) = core.mesh.observed_bandwidth(&p) {
+                            core.metrics
+                                .peer_bandwidth
+                                .get_or_create(&PeerLabel {
+                                    peer: p.to_string(),
+                                })
+                                .set(b.bytes_per_sec);
+                        }
+                    }
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Actor for MeshBridge {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX);
+        if let Some(rx) = self.events.take() {
+            ctx.add_stream(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|ev| (ev, rx))
+            }));
+        }
+        self.refresh_advert(ctx);
+        let every = self
+            .core
+            .cfg
+            .mesh
+            .advert_interval
+            .max(std::time::Duration::from_millis(50));
+        ctx.run_interval(every, |act, ctx| {
+            act.refresh_advert(ctx);
+            act.refresh_metrics(ctx);
+        });
+    }
+}
+
+impl StreamHandler<MeshEvent> for MeshBridge {
+    fn handle(&mut self, ev: MeshEvent, _: &mut Self::Context) {
+        match ev {
+            MeshEvent::AuctionCall { peer, call, token } => {
+                if self.prefill.try_send(BidFor { peer, call, token }).is_err() {
+                    let mesh = self.core.mesh.clone();
+                    actix::spawn(async move {
+                        let _ = mesh
+                            .answer_call(token, CallAnswer::Decline(DeclineReason::Overloaded))
+                            .await;
+                    });
+                }
+            }
+            MeshEvent::Awarded { peer, award } => {
+                if let Err(e) = self.prefill.try_send(Serve { peer, award }) {
+                    tracing::warn!(%peer, error = %e, "cannot serve an award: prefill worker busy");
+                }
+            }
+            MeshEvent::KvIncoming(inc) => {
+                let (peer, request) = (inc.peer(), inc.header().request_id);
+                if let Err(refused) = self.core.deliver_kv(inc) {
+                    tracing::warn!(%peer, request, "refusing a KV transfer nobody waits for");
+                    drop(refused);
+                }
+            }
+            MeshEvent::PeerDiscovered { peer } => tracing::info!(%peer, "peer joined the mesh"),
+            MeshEvent::PeerExpired { peer } => tracing::info!(%peer, "peer expired"),
+            MeshEvent::ConnectionRefused { peer, reason } => {
+                tracing::warn!(?peer, %reason, "connection refused at admission")
+            }
+            other => tracing::debug!(event = ?other, "mesh event"),
+        }
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {
+        tracing::info!("mesh event stream ended");
+    }
+}

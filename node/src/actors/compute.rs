@@ -1,0 +1,647 @@
+//! The compute thread: the one place the [`Engine`] lives.
+//!
+//! The engine is not `Sync` and its kernels block (CPU work, `device.poll` on wgpu), so it runs on
+//! a dedicated OS thread, never on an actix/tokio worker. Actors hand it [`Job`]s through a bounded
+//! channel; it interleaves them with **continuous batching**: between two decode steps of all live
+//! sequences it takes at most one prefill-type job, so a long prompt delays running decodes by one
+//! prefill at a time, never starves them.
+//!
+//! Each request's tokens go out as [`GenerateEvent`]s on its own bounded channel. The thread never
+//! waits on a client: a full channel (client not reading) or a closed one (client gone) cancels
+//! that request and frees its KV at once.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::loader::{TextCodec, Utf8Stream};
+use crate::engine::{
+    Engine, FinishReason, KvExport, KvSink, LayerKv, Sampler, SamplingParams, SeqId, SinkError,
+};
+use crate::kv::prefix::block_hashes;
+use crate::kv::KvStats;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::service::{GenerateEvent, PrefillRoute, Timings, Usage};
+
+/// Decrements the node's in-flight count when the request ends, however it ends.
+#[derive(Debug)]
+pub struct InflightGuard(Arc<AtomicUsize>, Arc<Metrics>);
+
+impl InflightGuard {
+    /// Counts one more request in flight.
+    pub fn new(count: Arc<AtomicUsize>, metrics: Arc<Metrics>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        metrics.inflight.inc();
+        Self(count, metrics)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.inflight.dec();
+    }
+}
+
+/// A request that ends in local decode.
+#[derive(Debug)]
+pub struct DecodeJob {
+    pub request_id: u64,
+    /// The whole prompt.
+    pub tokens: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub events: mpsc::Sender<GenerateEvent>,
+    /// How the prompt was (or will be) prefilled; for `Started` and metrics.
+    pub route: PrefillRoute,
+    pub admitted: Instant,
+    pub guard: InflightGuard,
+}
+
+/// KV and last-position logits of a prompt prefilled by a peer.
+#[derive(Debug)]
+pub struct ImportedKv {
+    pub export: KvExport,
+    pub logits: Vec<f32>,
+}
+
+/// A prefill served for a peer (the auction winner's side).
+#[derive(Debug)]
+pub struct ServedPrefill {
+    /// Last-position logits (the trailer).
+    pub logits: Vec<f32>,
+    /// Prompt tokens that came from this node's prefix cache.
+    pub cached_tokens: usize,
+    pub elapsed: Duration,
+}
+
+/// Work for the compute thread.
+#[derive(Debug)]
+pub enum Job {
+    /// Prefill locally, then decode.
+    Generate(Box<DecodeJob>),
+    /// Import KV prefilled by a peer, then decode.
+    Import(Box<DecodeJob>, Box<ImportedKv>),
+    /// Prefill `tokens` for a peer: each layer's bytes go to `layers` as soon as the layer is
+    /// final; the sequence is released afterwards (its prefix stays cached).
+    ServePrefill {
+        tokens: Vec<u32>,
+        layers: mpsc::Sender<(u32, Vec<u8>)>,
+        done: oneshot::Sender<Result<ServedPrefill, String>>,
+    },
+}
+
+impl Job {
+    fn prefill_tokens(&self) -> usize {
+        match self {
+            Job::Generate(j) => j.tokens.len(),
+            Job::Import(..) => 0,
+            Job::ServePrefill { tokens, .. } => tokens.len(),
+        }
+    }
+}
+
+/// What the rest of the node may read without waiting for the compute thread (which can be
+/// busy for seconds in a long prefill): refreshed after every job and decode step.
+#[derive(Debug, Default, Clone)]
+pub struct EngineView {
+    pub kv: KvStats,
+    /// Short (64-bit) hashes of every block in the prefix cache, for bids and adverts.
+    pub cached_blocks: HashSet<u64>,
+    /// Sequences decoding now.
+    pub live: usize,
+    /// Prefill throughput estimate, tokens/s (EWMA of measured prefills).
+    pub prefill_tokens_per_s: f64,
+}
+
+/// Shared counters between the compute thread and its handle.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Jobs queued or running.
+    queued_jobs: AtomicUsize,
+    /// Prompt tokens queued for prefill (for queue-delay estimates).
+    queued_prefill_tokens: AtomicU64,
+}
+
+/// Handle to the compute thread (cloneable; the thread ends when every handle is dropped).
+#[derive(Clone)]
+pub struct ComputeHandle {
+    jobs: std_mpsc::SyncSender<Job>,
+    counters: Arc<Counters>,
+    view: Arc<Mutex<EngineView>>,
+}
+
+impl std::fmt::Debug for ComputeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComputeHandle").finish_non_exhaustive()
+    }
+}
+
+/// The compute queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("compute queue is full or stopped")]
+pub struct QueueFull;
+
+impl ComputeHandle {
+    /// Queues a job; fails at once when the queue is full (the caller answers 429 / declines).
+    pub fn submit(&self, job: Job) -> Result<(), (QueueFull, Box<Job>)> {
+        let tokens = job.prefill_tokens() as u64;
+        self.counters.queued_jobs.fetch_add(1, Ordering::AcqRel);
+        self.counters
+            .queued_prefill_tokens
+            .fetch_add(tokens, Ordering::AcqRel);
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.counters.queued_jobs.fetch_sub(1, Ordering::AcqRel);
+                self.counters
+                    .queued_prefill_tokens
+                    .fetch_sub(tokens, Ordering::AcqRel);
+                let job = match e {
+                    std_mpsc::TrySendError::Full(j) | std_mpsc::TrySendError::Disconnected(j) => j,
+                };
+                Err((QueueFull, Box::new(job)))
+            }
+        }
+    }
+
+    /// A copy of the latest engine view.
+    pub fn view(&self) -> EngineView {
+        self.view.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Jobs queued or running.
+    pub fn queued_jobs(&self) -> usize {
+        self.counters.queued_jobs.load(Ordering::Acquire)
+    }
+
+    /// Seconds of prefill work queued ahead of a new job.
+    pub fn queue_delay_s(&self) -> f64 {
+        let rate = self.view().prefill_tokens_per_s.max(1.0);
+        self.counters.queued_prefill_tokens.load(Ordering::Acquire) as f64 / rate
+    }
+
+    /// Leading prompt tokens whose KV this node's prefix cache probably holds (from the view;
+    /// the prefill itself does the exact lookup).
+    pub fn cached_prefix_tokens(&self, tokens: &[u32], block_size: usize) -> usize {
+        let n = tokens.len().saturating_sub(1);
+        let hashes: Vec<u64> = block_hashes(&tokens[..n], block_size)
+            .iter()
+            .map(|h| h.short())
+            .collect();
+        cached_leading(&self.view(), &hashes) * block_size
+    }
+}
+
+/// Leading entries of `short_hashes` present in the view's cache.
+pub fn cached_leading(view: &EngineView, short_hashes: &[u64]) -> usize {
+    short_hashes
+        .iter()
+        .take_while(|h| view.cached_blocks.contains(h))
+        .count()
+}
+
+/// Settings of the compute thread.
+#[derive(Debug, Clone)]
+pub struct ComputeConfig {
+    pub max_batch: usize,
+    pub queue: usize,
+    /// Initial prefill speed estimate (tokens/s), refined by measurement.
+    pub prefill_tokens_per_s: f64,
+}
+
+/// Starts the compute thread owning `engine`.
+pub fn spawn(
+    engine: Engine,
+    codec: TextCodec,
+    metrics: Arc<Metrics>,
+    cfg: ComputeConfig,
+) -> std::io::Result<(ComputeHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std_mpsc::sync_channel(cfg.queue.max(1));
+    let counters = Arc::new(Counters::default());
+    let view = Arc::new(Mutex::new(EngineView {
+        prefill_tokens_per_s: cfg.prefill_tokens_per_s,
+        ..EngineView::default()
+    }));
+    let handle = ComputeHandle {
+        jobs: tx,
+        counters: counters.clone(),
+        view: view.clone(),
+    };
+    let worker = Worker {
+        engine,
+        codec,
+        metrics,
+        max_batch: cfg.max_batch.max(1),
+        live: Vec::new(),
+        counters,
+        view,
+        prefill_rate: cfg.prefill_tokens_per_s.max(1.0),
+    };
+    let join = std::thread::Builder::new()
+        .name("prfaas-compute".into())
+        .spawn(move || worker.run(rx))?;
+    Ok((handle, join))
+}
+
+/// One sequence being decoded.
+struct Live {
+    job: Box<DecodeJob>,
+    seq: SeqId,
+    sampler: Sampler,
+    /// Next input token (already sampled and emitted).
+    next: u32,
+    generated: usize,
+    utf8: Utf8Stream,
+    text: String,
+    /// Bytes of `text` already sent.
+    sent: usize,
+    first_token_at: Instant,
+    cached_tokens: usize,
+}
+
+enum Step {
+    Continue,
+    Done(FinishReason),
+    Cancelled,
+}
+
+struct Worker {
+    engine: Engine,
+    codec: TextCodec,
+    metrics: Arc<Metrics>,
+    max_batch: usize,
+    live: Vec<Live>,
+    counters: Arc<Counters>,
+    view: Arc<Mutex<EngineView>>,
+    prefill_rate: f64,
+}
+
+impl Worker {
+    fn run(mut self, rx: std_mpsc::Receiver<Job>) {
+        loop {
+            // Idle: block for work. Busy: take at most one job between decode steps.
+            let job = if self.live.is_empty() {
+                match rx.recv() {
+                    Ok(j) => Some(j),
+                    Err(_) => break,
+                }
+            } else if self.live.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(j) => Some(j),
+                    Err(std_mpsc::TryRecvError::Empty) => None,
+                    Err(std_mpsc::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                None
+            };
+            if let Some(job) = job {
+                let tokens = job.prefill_tokens() as u64;
+                self.run_job(job);
+                self.counters.queued_jobs.fetch_sub(1, Ordering::AcqRel);
+                self.counters
+                    .queued_prefill_tokens
+                    .fetch_sub(tokens, Ordering::AcqRel);
+            }
+            if !self.live.is_empty() {
+                self.decode_step();
+            }
+            self.publish_view();
+        }
+        // Shutting down: whoever is still decoding is told so.
+        for l in std::mem::take(&mut self.live) {
+            let _ = l.job.events.try_send(GenerateEvent::Failed {
+                message: "node shutting down".into(),
+            });
+            let _ = self.engine.release(l.seq);
+        }
+    }
+
+    fn publish_view(&mut self) {
+        let kv = self.engine.kv_stats();
+        let cached_blocks = self
+            .engine
+            .kv_store_mut()
+            .cached_block_hashes()
+            .map(|h| h.short())
+            .collect();
+        let m = &self.metrics;
+        for (kind, v) in [
+            ("used", kv.in_use),
+            ("leased", kv.leased),
+            ("free", kv.free),
+            ("cached", kv.cached),
+        ] {
+            m.kv_blocks
+                .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
+                .set(v as i64);
+        }
+        if let Ok(mut v) = self.view.lock() {
+            *v = EngineView {
+                kv,
+                cached_blocks,
+                live: self.live.len(),
+                prefill_tokens_per_s: self.prefill_rate,
+            };
+        }
+    }
+
+    fn note_prefill(&mut self, tokens: usize, elapsed: Duration) {
+        // Tiny prompts measure overheads, not throughput.
+        if tokens >= 32 {
+            let rate = tokens as f64 / elapsed.as_secs_f64().max(1e-6);
+            self.prefill_rate = 0.7 * self.prefill_rate + 0.3 * rate;
+        }
+    }
+
+    fn run_job(&mut self, job: Job) {
+        match job {
+            Job::Generate(j) => {
+                let t0 = Instant::now();
+                match self.engine.prefill(&j.tokens, &mut crate::engine::NullSink) {
+                    Ok(out) => {
+                        let uncached = j.tokens.len() - out.cached_tokens;
+                        self.note_prefill(uncached, t0.elapsed());
+                        Metrics::inc_by(&self.metrics.prefill_tokens, "local", uncached as u64);
+                        self.start_decode(j, out.seq, &out.logits, out.cached_tokens);
+                    }
+                    Err(e) => fail(&self.metrics, j, &format!("prefill failed: {e}")),
+                }
+            }
+            Job::Import(j, kv) => match self.engine.import_kv(&kv.export) {
+                Ok(seq) => self.start_decode(j, seq, &kv.logits, 0),
+                Err(e) => fail(&self.metrics, j, &format!("importing KV failed: {e}")),
+            },
+            Job::ServePrefill {
+                tokens,
+                layers,
+                done,
+            } => {
+                let t0 = Instant::now();
+                let mut sink = ChannelSink { tx: layers };
+                let r = self.engine.prefill(&tokens, &mut sink);
+                // Close the layer channel before answering, so the sender sees the end.
+                drop(sink);
+                let r = match r {
+                    Ok(out) => {
+                        let uncached = tokens.len() - out.cached_tokens;
+                        self.note_prefill(uncached, t0.elapsed());
+                        Metrics::inc_by(&self.metrics.prefill_tokens, "served", uncached as u64);
+                        let _ = self.engine.release(out.seq);
+                        Ok(ServedPrefill {
+                            logits: out.logits,
+                            cached_tokens: out.cached_tokens,
+                            elapsed: t0.elapsed(),
+                        })
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = done.send(r);
+            }
+        }
+    }
+
+    /// Samples the first token from the prefill logits and adds the sequence to the batch.
+    fn start_decode(&mut self, job: Box<DecodeJob>, seq: SeqId, logits: &[f32], cached: usize) {
+        let mut sampler = Sampler::new(job.sampling.clone());
+        let first = sampler.sample(logits);
+        let started = GenerateEvent::Started {
+            request_id: job.request_id,
+            prompt_tokens: job.tokens.len(),
+            route: job.route.clone(),
+        };
+        if job.events.try_send(started).is_err() {
+            let _ = self.engine.release(seq);
+            record(&self.metrics, &job.route, "cancelled");
+            return;
+        }
+        let now = Instant::now();
+        self.metrics
+            .ttft
+            .observe(now.duration_since(job.admitted).as_secs_f64());
+        let mut live = Live {
+            job,
+            seq,
+            sampler,
+            next: first,
+            generated: 0,
+            utf8: Utf8Stream::default(),
+            text: String::new(),
+            sent: 0,
+            first_token_at: now,
+            cached_tokens: cached,
+        };
+        match emit(&self.codec, &mut live, first) {
+            Step::Continue => self.live.push(live),
+            other => self.finish(live, other),
+        }
+    }
+
+    fn decode_step(&mut self) {
+        let batch: Vec<(SeqId, u32)> = self.live.iter().map(|l| (l.seq, l.next)).collect();
+        let toks = self.engine.decode_step(&batch).and_then(|logits| {
+            let mut samplers: Vec<&mut Sampler> =
+                self.live.iter_mut().map(|l| &mut l.sampler).collect();
+            self.engine.sample(&logits, &mut samplers)
+        });
+        let toks = match toks {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, batch = batch.len(), "decode step failed");
+                for l in std::mem::take(&mut self.live) {
+                    let _ = self.engine.release(l.seq);
+                    fail(&self.metrics, l.job, &format!("decode failed: {e}"));
+                }
+                return;
+            }
+        };
+        let mut done = Vec::new();
+        for (i, t) in toks.into_iter().enumerate().take(self.live.len()) {
+            self.live[i].next = t;
+            match emit(&self.codec, &mut self.live[i], t) {
+                Step::Continue => {}
+                other => done.push((i, other)),
+            }
+        }
+        // Highest index first: `swap_remove` then only moves sequences that stay.
+        for (i, how) in done.into_iter().rev() {
+            let l = self.live.swap_remove(i);
+            self.finish(l, how);
+        }
+    }
+
+    fn finish(&mut self, mut l: Live, how: Step) {
+        let _ = self.engine.release(l.seq);
+        match how {
+            Step::Continue => {}
+            Step::Cancelled => record(&self.metrics, &l.job.route, "cancelled"),
+            Step::Done(finish) => {
+                let tail = l.utf8.finish();
+                l.text.push_str(&tail);
+                if l.sent < l.text.len() {
+                    let text = l.text[l.sent..].to_string();
+                    let _ = l
+                        .job
+                        .events
+                        .try_send(GenerateEvent::Delta { text, token: None });
+                }
+                let decode_s = l.first_token_at.elapsed().as_secs_f64();
+                let tokens_per_s = if l.generated > 1 && decode_s > 0.0 {
+                    (l.generated - 1) as f64 / decode_s
+                } else {
+                    0.0
+                };
+                let ev = GenerateEvent::Finished {
+                    finish,
+                    usage: Usage {
+                        prompt_tokens: l.job.tokens.len(),
+                        completion_tokens: l.generated,
+                        cached_tokens: l.cached_tokens,
+                    },
+                    timings: Timings {
+                        ttft_s: l
+                            .first_token_at
+                            .duration_since(l.job.admitted)
+                            .as_secs_f64(),
+                        decode_s,
+                        tokens_per_s,
+                    },
+                };
+                self.metrics.generated_tokens.inc_by(l.generated as u64);
+                if tokens_per_s > 0.0 {
+                    self.metrics.decode_rate.observe(tokens_per_s);
+                }
+                let outcome = if l.job.events.try_send(ev).is_ok() {
+                    "ok"
+                } else {
+                    "cancelled"
+                };
+                record(&self.metrics, &l.job.route, outcome);
+            }
+        }
+    }
+}
+
+/// Handles one generated token: stop tokens, stop strings, max tokens, and sending the text.
+fn emit(codec: &TextCodec, l: &mut Live, tok: u32) -> Step {
+    l.generated += 1;
+    let stop_token = l.job.sampling.stop_tokens.contains(&tok);
+    if !stop_token {
+        let piece = l.utf8.push(&codec.token_bytes(tok));
+        l.text.push_str(&piece);
+    }
+    // Stop strings: cut before the first occurrence in the unsent text (plus overlap).
+    let search_from = l
+        .sent
+        .saturating_sub(l.job.stop.iter().map(String::len).max().unwrap_or(0));
+    let search_from = floor_char_boundary(&l.text, search_from);
+    let hit = l
+        .job
+        .stop
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| {
+            l.text[search_from..]
+                .find(s.as_str())
+                .map(|p| p + search_from)
+        })
+        .min();
+    if let Some(pos) = hit {
+        let pos = pos.max(l.sent);
+        if pos > l.sent {
+            let text = l.text[l.sent..pos].to_string();
+            if l.job
+                .events
+                .try_send(GenerateEvent::Delta {
+                    text,
+                    token: Some(tok),
+                })
+                .is_err()
+            {
+                return Step::Cancelled;
+            }
+        }
+        l.text.truncate(pos);
+        l.sent = pos;
+        return Step::Done(FinishReason::Stop);
+    }
+    if stop_token {
+        return Step::Done(FinishReason::Stop);
+    }
+    // Hold back what could still become a stop string.
+    let hold = l
+        .job
+        .stop
+        .iter()
+        .map(|s| s.len().saturating_sub(1))
+        .max()
+        .unwrap_or(0);
+    let safe = floor_char_boundary(&l.text, l.text.len().saturating_sub(hold)).max(l.sent);
+    let text = l.text[l.sent..safe].to_string();
+    l.sent = safe;
+    if l.job
+        .events
+        .try_send(GenerateEvent::Delta {
+            text,
+            token: Some(tok),
+        })
+        .is_err()
+    {
+        return Step::Cancelled;
+    }
+    if l.generated >= l.job.sampling.max_tokens {
+        return Step::Done(FinishReason::Length);
+    }
+    Step::Continue
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn route_label(route: &PrefillRoute) -> &'static str {
+    match route {
+        PrefillRoute::Local { .. } => "local",
+        PrefillRoute::Remote { .. } => "remote",
+    }
+}
+
+fn record(metrics: &Metrics, route: &PrefillRoute, outcome: &str) {
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: route_label(route).into(),
+            outcome: outcome.into(),
+        })
+        .inc();
+}
+
+/// Ends a request that could not start or continue.
+pub fn fail(metrics: &Metrics, job: Box<DecodeJob>, message: &str) {
+    tracing::warn!(request = job.request_id, %message, "request failed");
+    record(metrics, &job.route, "error");
+    let _ = job.events.try_send(GenerateEvent::Failed {
+        message: message.into(),
+    });
+}
+
+/// Hands each layer's bytes to the KV sender task; blocks (this is the compute thread) while the
+/// network is behind, which is the back-pressure the layer-wise pipeline wants.
+struct ChannelSink {
+    tx: mpsc::Sender<(u32, Vec<u8>)>,
+}
+
+impl KvSink for ChannelSink {
+    fn layer(&mut self, layer: usize, kv: LayerKv) -> Result<(), SinkError> {
+        self.tx
+            .blocking_send((layer as u32, kv.to_le_bytes()))
+            .map_err(|_| SinkError::Closed("KV transfer ended".into()))
+    }
+}

@@ -1,0 +1,189 @@
+//! State every actor of one node shares (immutable facts, counters and small bounded tables).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prfaas_mesh::kv::KvIncoming;
+use prfaas_mesh::{MeshHandle, ModelRef, PeerId};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::compute::ComputeHandle;
+use crate::config::NodeConfig;
+use crate::engine::loader::TextSide;
+use crate::kv::KvLayout;
+use crate::metrics::Metrics;
+use crate::service::NodeInfo;
+
+/// Recent auctions kept for `/mesh` and the demo.
+pub const RECENT_AUCTIONS: usize = 64;
+
+/// One auction as the home saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuctionRecord {
+    pub request_id: u64,
+    pub prompt_tokens: usize,
+    pub cached_tokens: usize,
+    /// Every offer: bidder (peer id or `"local"`), price, delays and the score it got.
+    pub bids: Vec<BidRecord>,
+    pub declines: usize,
+    pub silent: usize,
+    /// Winner (`"local"` for the reserve bid) and what it is paid.
+    pub winner: Option<String>,
+    pub payment: f64,
+    /// `awarded`, `no_bids`, `reserve_won`, `award_refused`, `transfer_failed`, `ok`.
+    pub outcome: String,
+    pub elapsed_ms: f64,
+}
+
+/// One offer in an [`AuctionRecord`].
+#[derive(Debug, Clone, Serialize)]
+pub struct BidRecord {
+    pub bidder: String,
+    pub price: f64,
+    pub queue_delay_ms: u32,
+    pub est_prefill_ms: u32,
+    pub cached_tokens: u32,
+    /// Bandwidth the home used for the score, bytes/s (0 for the reserve).
+    pub bandwidth: f64,
+    pub score: f64,
+}
+
+/// Shared by the actors of one node.
+pub struct NodeCore {
+    pub cfg: NodeConfig,
+    pub info: NodeInfo,
+    pub text: TextSide,
+    pub model_ref: ModelRef,
+    pub layout: KvLayout,
+    pub vocab: usize,
+    pub max_context: usize,
+    pub metrics: Arc<Metrics>,
+    pub mesh: MeshHandle,
+    pub compute: ComputeHandle,
+    pub inflight: Arc<AtomicUsize>,
+    next_request: AtomicU64,
+    /// Offload threshold t in tokens (adapted at run time).
+    pub threshold: AtomicUsize,
+    /// Home side: transfers we await, keyed by (winner, request id).
+    pending_kv: Mutex<HashMap<(PeerId, u64), oneshot::Sender<KvIncoming>>>,
+    recent: Mutex<VecDeque<AuctionRecord>>,
+}
+
+impl std::fmt::Debug for NodeCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCore")
+            .field("name", &self.cfg.node.name)
+            .field("peer", &self.info.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeCore {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: NodeConfig,
+        info: NodeInfo,
+        text: TextSide,
+        model_ref: ModelRef,
+        layout: KvLayout,
+        vocab: usize,
+        max_context: usize,
+        metrics: Arc<Metrics>,
+        mesh: MeshHandle,
+        compute: ComputeHandle,
+    ) -> Self {
+        let threshold = cfg.policy.offload_threshold_tokens;
+        metrics.offload_threshold.set(threshold as i64);
+        // Request ids start at a random-ish point so a restarted home does not reuse ids a peer
+        // may still associate with an old transfer.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            & 0x0000_ffff_ffff_0000;
+        Self {
+            cfg,
+            info,
+            text,
+            model_ref,
+            layout,
+            vocab,
+            max_context,
+            metrics,
+            mesh,
+            compute,
+            inflight: Arc::new(AtomicUsize::new(0)),
+            next_request: AtomicU64::new(seed.max(1)),
+            threshold: AtomicUsize::new(threshold),
+            pending_kv: Mutex::new(HashMap::new()),
+            recent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// A fresh request id.
+    pub fn next_request_id(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers interest in the KV transfer `(peer, request_id)`; the bridge delivers it.
+    pub fn expect_kv(&self, peer: PeerId, request_id: u64) -> oneshot::Receiver<KvIncoming> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut m) = self.pending_kv.lock() {
+            m.insert((peer, request_id), tx);
+        }
+        rx
+    }
+
+    /// Stops waiting for `(peer, request_id)` (timeout or failure).
+    pub fn forget_kv(&self, peer: PeerId, request_id: u64) {
+        if let Ok(mut m) = self.pending_kv.lock() {
+            m.remove(&(peer, request_id));
+        }
+    }
+
+    /// Hands an incoming transfer to whoever waits for it; `Err` gives it back when nobody does.
+    pub fn deliver_kv(&self, incoming: KvIncoming) -> Result<(), KvIncoming> {
+        let key = (incoming.peer(), incoming.header().request_id);
+        let waiter = self.pending_kv.lock().ok().and_then(|mut m| m.remove(&key));
+        match waiter {
+            Some(tx) => tx.send(incoming),
+            None => Err(incoming),
+        }
+    }
+
+    /// Transfers awaited right now.
+    pub fn pending_transfers(&self) -> usize {
+        self.pending_kv.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Remembers an auction for `/mesh`.
+    pub fn record_auction(&self, rec: AuctionRecord) {
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() == RECENT_AUCTIONS {
+                r.pop_front();
+            }
+            r.push_back(rec);
+        }
+    }
+
+    /// Recent auctions, oldest first.
+    pub fn recent_auctions(&self) -> Vec<AuctionRecord> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Observed bandwidth to `peer` in bytes/s, or the configured assumption when unmeasured.
+    pub fn bandwidth_to(&self, peer: &PeerId) -> (f64, bool) {
+        match self.mesh.observed_bandwidth(peer) {
+            Some(b) if b.bytes_per_sec > 0.0 => (b.bytes_per_sec, true),
+            _ => (self.cfg.policy.assumed_bandwidth_bytes_per_s, false),
+        }
+    }
+}
+
+/// The node's shared state.
+pub type Core = Arc<NodeCore>;

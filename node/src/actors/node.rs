@@ -1,0 +1,456 @@
+//! `Node`: the supervisor. [`Node::start`] loads the model, starts the compute thread, the mesh
+//! (on its own arbiter), every actor and the HTTP API, and returns a [`NodeHandle`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use prfaas_mesh::{Mesh, MeshConfig, Multiaddr, PeerId};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use super::admission::{Admission, StopAdmitting};
+use super::bridge::MeshBridge;
+use super::compute::{self, ComputeConfig};
+use super::core::{Core, NodeCore};
+use super::decode::DecodeEngine;
+use super::kvstore::KvStore;
+use super::planner::Planner;
+use super::prefill::PrefillWorker;
+use super::MAILBOX;
+use crate::config::{ConfigError, NodeConfig, NodeRole};
+use crate::engine::loader::{load_model, make_backend, LoadError};
+use crate::engine::{Engine, EngineConfig, EngineError, Model, ModelError, NullSink};
+use crate::kv::layout::KV_LAYOUT_VERSION;
+use crate::metrics::Metrics;
+use crate::service::{GenerateEvent, GenerateRequest, MeshView, NodeInfo, Submit, SubmitError};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("identity file {path}: {why}")]
+    Identity { path: String, why: String },
+    #[error("mesh: {0}")]
+    Mesh(String),
+    #[error("HTTP API on {addr}: {source}")]
+    Api {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The supervisor actor.
+#[derive(Debug)]
+pub struct Node {
+    core: Core,
+    admission: Addr<Admission>,
+}
+
+impl Actor for Node {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX);
+    }
+}
+
+impl Handler<MeshView> for Node {
+    type Result = ResponseFuture<serde_json::Value>;
+
+    fn handle(&mut self, _: MeshView, _: &mut Self::Context) -> Self::Result {
+        let core = self.core.clone();
+        Box::pin(async move { mesh_view(&core).await })
+    }
+}
+
+/// Builds the `/mesh` JSON.
+async fn mesh_view(core: &Core) -> serde_json::Value {
+    let me = core.mesh.local_peer_id();
+    let known = core.mesh.known_peers().await.unwrap_or_default();
+    let connected = core.mesh.connected_peers().await.unwrap_or_default();
+    let prefillers: Vec<PeerId> = core
+        .mesh
+        .prefill_candidates(core.model_ref.clone())
+        .await
+        .map(|v| v.into_iter().map(|(p, _)| p).collect())
+        .unwrap_or_default();
+    let peers: Vec<serde_json::Value> = known
+        .iter()
+        .filter(|p| **p != me)
+        .map(|p| {
+            let bw = core.mesh.observed_bandwidth(p);
+            json!({
+                "peer": p.to_string(),
+                "connected": connected.contains(p),
+                "prefills_our_model": prefillers.contains(p),
+                "bandwidth_bytes_per_s": bw.map(|b| b.bytes_per_sec),
+                "bandwidth_samples": bw.map(|b| b.samples),
+            })
+        })
+        .collect();
+    let view = core.compute.view();
+    let listen: Vec<String> = core
+        .mesh
+        .listen_addrs()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    json!({
+        "node": core.cfg.node.name,
+        "peer_id": me.to_string(),
+        "listen": listen,
+        "roles": core.info.roles,
+        "model": core.info.model_id,
+        "backend": core.info.backend,
+        "offload_threshold_tokens": core.threshold.load(Ordering::Relaxed),
+        "inflight": core.inflight.load(Ordering::Relaxed),
+        "pending_transfers": core.pending_transfers(),
+        "prefill_tokens_per_s": view.prefill_tokens_per_s,
+        "decoding": view.live,
+        "queued_jobs": core.compute.queued_jobs(),
+        "kv": view.kv,
+        "peers": peers,
+        "mesh_stats": core.mesh.stats(),
+        "recent_auctions": core.recent_auctions(),
+    })
+}
+
+/// Stop gracefully: refuse new requests, let in-flight ones finish (up to the grace period),
+/// then stop the mesh. Resolves when done.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for Node {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
+        let core = self.core.clone();
+        let admission = self.admission.clone();
+        Box::pin(async move {
+            let _ = admission.send(StopAdmitting).await;
+            let grace = core.cfg.node.shutdown_grace;
+            let t0 = Instant::now();
+            while core.inflight.load(Ordering::Acquire) > 0 && t0.elapsed() < grace {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = core.inflight.load(Ordering::Acquire);
+            if left > 0 {
+                tracing::warn!(left, "shutdown grace elapsed with requests in flight");
+            }
+            core.mesh.shutdown().await;
+        })
+    }
+}
+
+/// A running node.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    pub core: Core,
+    pub node: Addr<Node>,
+    pub admission: Addr<Admission>,
+    /// Where the HTTP API listens, if it was started.
+    pub api_addr: Option<SocketAddr>,
+    api_server: Option<actix_web::dev::ServerHandle>,
+}
+
+impl NodeHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.core.mesh.local_peer_id()
+    }
+
+    /// Mesh listen addresses with `/p2p/<id>` appended (what others bootstrap from).
+    pub async fn mesh_addrs(&self) -> Vec<Multiaddr> {
+        let id = self.peer_id();
+        self.core
+            .mesh
+            .listen_addrs()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| a.with(prfaas_mesh::multiaddr::Protocol::P2p(id)))
+            .collect()
+    }
+
+    /// Submits a request directly (what the HTTP API does).
+    pub async fn submit(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<mpsc::Receiver<GenerateEvent>, SubmitError> {
+        self.admission
+            .send(Submit(req))
+            .await
+            .map_err(|e| SubmitError::Unavailable(format!("admission: {e}")))?
+    }
+
+    /// Graceful stop (see [`Shutdown`]), then the HTTP server.
+    pub async fn shutdown(&self) {
+        let _ = self.node.send(Shutdown).await;
+        if let Some(s) = &self.api_server {
+            s.stop(true).await;
+        }
+    }
+}
+
+fn load_identity(cfg: &mut NodeConfig) -> Result<(), StartError> {
+    let Some(path) = cfg.node.identity.clone() else {
+        return Ok(());
+    };
+    let err = |why: String| StartError::Identity {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+    let bytes = hex_decode(text.trim()).ok_or_else(|| err("not hex".into()))?;
+    let key = prfaas_mesh::identity::Keypair::from_protobuf_encoding(&bytes)
+        .map_err(|e| err(e.to_string()))?;
+    cfg.mesh.keypair = Some(key);
+    Ok(())
+}
+
+/// Writes a fresh ed25519 identity to `path` (hex of the libp2p protobuf encoding, mode 0600
+/// on Unix) and returns its peer id. Refuses to overwrite an existing file.
+pub fn keygen(path: &Path) -> Result<PeerId, StartError> {
+    let err = |why: String| StartError::Identity {
+        path: path.display().to_string(),
+        why,
+    };
+    let key = prfaas_mesh::identity::Keypair::generate_ed25519();
+    let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    use std::io::Write;
+    let mut f = opts.open(path).map_err(|e| err(e.to_string()))?;
+    f.write_all(format!("{hex}\n").as_bytes())
+        .map_err(|e| err(e.to_string()))?;
+    Ok(key.public().to_peer_id())
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// What the blocking start-up produced.
+struct Loaded {
+    engine: Engine,
+    text: crate::engine::loader::TextSide,
+    model_id: String,
+    vocab: usize,
+    max_context: usize,
+    backend: String,
+    prefill_rate: f64,
+}
+
+fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
+    let t0 = Instant::now();
+    let bundle = load_model(&cfg.node.model)?;
+    let backend = make_backend(cfg.node.backend)?;
+    let backend_name = backend.info().kind.to_string();
+    let e = &cfg.engine;
+    let max_context = bundle.config.max_context.min(e.kv_capacity_tokens);
+    let model = Model::new(bundle.config.clone(), &bundle.weights, backend)?;
+    let mut engine = Engine::new(
+        model,
+        EngineConfig {
+            block_size: e.block_size,
+            n_blocks: e.kv_capacity_tokens.div_ceil(e.block_size),
+            n_state_slots: e.state_slots,
+            prefill_chunk: e.prefill_chunk,
+            prefix_cache: e.prefix_cache,
+            lease_ttl: Duration::from_secs(30),
+        },
+    )?;
+    // Seed the prefill-speed estimate with one short measured prefill (bids and adverts need a
+    // number before the first real request; real prefills refine it).
+    let n = 64.min(max_context.saturating_sub(1)).max(1);
+    let probe: Vec<u32> = (0..n as u32)
+        .map(|i| (i * 7 + 11) % bundle.config.vocab_size as u32)
+        .collect();
+    let t = Instant::now();
+    let out = engine.prefill(&probe, &mut NullSink)?;
+    let prefill_rate = n as f64 / t.elapsed().as_secs_f64().max(1e-6);
+    engine.release(out.seq)?;
+    tracing::info!(
+        node = %cfg.node.name,
+        model = %bundle.config.name,
+        backend = %backend_name,
+        load_ms = t0.elapsed().as_millis() as u64,
+        prefill_tok_s = prefill_rate as u64,
+        "model loaded"
+    );
+    Ok(Loaded {
+        vocab: bundle.config.vocab_size,
+        model_id: bundle.config.name.clone(),
+        max_context,
+        backend: backend_name,
+        text: bundle.text,
+        engine,
+        prefill_rate,
+    })
+}
+
+/// Starts the mesh on its own arbiter (its own thread), so the swarm never waits for actors.
+async fn start_mesh(
+    cfg: MeshConfig,
+) -> Result<
+    (
+        prfaas_mesh::MeshHandle,
+        mpsc::Receiver<prfaas_mesh::MeshEvent>,
+    ),
+    StartError,
+> {
+    let arbiter = Arbiter::new();
+    let (tx, rx) = oneshot::channel();
+    let spawned = arbiter.spawn(async move {
+        let _ = tx.send(Mesh::spawn(cfg).map_err(|e| e.to_string()));
+    });
+    if !spawned {
+        return Err(StartError::Mesh("mesh arbiter did not start".into()));
+    }
+    rx.await
+        .map_err(|_| StartError::Mesh("mesh arbiter stopped".into()))?
+        .map_err(StartError::Mesh)
+}
+
+/// How the node serves HTTP: the API module plugs in here.
+pub type ApiStarter =
+    fn(SocketAddr, &NodeHandle) -> std::io::Result<(actix_web::dev::Server, SocketAddr)>;
+
+impl Node {
+    /// Starts a node inside the current actix `System`. Loading the model runs on a blocking
+    /// thread; the HTTP API starts when `api` is given (tests may drive [`NodeHandle::submit`]).
+    pub async fn start(
+        mut cfg: NodeConfig,
+        api: Option<ApiStarter>,
+    ) -> Result<NodeHandle, StartError> {
+        cfg.validate()?;
+        load_identity(&mut cfg)?;
+        let cfg_load = cfg.clone();
+        let loaded = tokio::task::spawn_blocking(move || load(&cfg_load))
+            .await
+            .map_err(|e| StartError::Other(format!("model loading thread: {e}")))??;
+        let metrics = Arc::new(Metrics::new());
+        let layout = loaded.engine.layout().clone();
+        let model_ref = prfaas_mesh::ModelRef {
+            model_id: loaded.model_id.clone(),
+            weights_hash: loaded.engine.model().model_hash(),
+            kv_layout_version: KV_LAYOUT_VERSION,
+            kv_layout_hash: loaded.engine.layout_hash(),
+        };
+        let (compute, _join) = compute::spawn(
+            loaded.engine,
+            loaded.text.codec.clone(),
+            metrics.clone(),
+            ComputeConfig {
+                max_batch: cfg.engine.max_batch,
+                queue: cfg.engine.queue,
+                prefill_tokens_per_s: loaded.prefill_rate,
+            },
+        )
+        .map_err(|e| StartError::Other(format!("compute thread: {e}")))?;
+        let mut mesh_cfg = cfg.mesh.clone();
+        if mesh_cfg.region.is_empty() {
+            mesh_cfg.region = "local".into();
+        }
+        let (mesh, events) = start_mesh(mesh_cfg).await?;
+        let info = NodeInfo {
+            model_id: loaded.model_id.clone(),
+            peer_id: mesh.local_peer_id().to_string(),
+            roles: cfg
+                .node
+                .roles
+                .iter()
+                .map(|r| match r {
+                    NodeRole::Prefill => "prefill",
+                    NodeRole::Decode => "decode",
+                    NodeRole::Pd => "pd",
+                })
+                .map(String::from)
+                .collect(),
+            backend: loaded.backend.clone(),
+            max_context: loaded.max_context,
+        };
+        let core: Core = Arc::new(NodeCore::new(
+            cfg.clone(),
+            info,
+            loaded.text,
+            model_ref,
+            layout,
+            loaded.vocab,
+            loaded.max_context,
+            metrics,
+            mesh,
+            compute,
+        ));
+        let decode = DecodeEngine::new(core.clone()).start();
+        let kv = KvStore::new(core.clone()).start();
+        let planner = Planner::new(core.clone(), decode.clone()).start();
+        let admission = Admission::new(core.clone(), planner).start();
+        let prefill = PrefillWorker::new(core.clone(), decode).start();
+        MeshBridge::new(core.clone(), prefill, kv, events).start();
+        let node = Node {
+            core: core.clone(),
+            admission: admission.clone(),
+        }
+        .start();
+        let mut handle = NodeHandle {
+            core,
+            node,
+            admission,
+            api_addr: None,
+            api_server: None,
+        };
+        if let Some(start_api) = api {
+            let listen = cfg.api.listen;
+            let (server, addr) = start_api(listen, &handle).map_err(|source| StartError::Api {
+                addr: listen,
+                source,
+            })?;
+            handle.api_server = Some(server.handle());
+            handle.api_addr = Some(addr);
+            actix::spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "HTTP server stopped");
+                }
+            });
+        }
+        tracing::info!(
+            node = %cfg.node.name,
+            peer = %handle.peer_id(),
+            api = ?handle.api_addr,
+            roles = ?cfg.node.roles,
+            "node started"
+        );
+        Ok(handle)
+    }
+}

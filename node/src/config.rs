@@ -1,0 +1,288 @@
+//! Node configuration (TOML, human durations). Every field is documented in `configs/README.md`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use prfaas_kernels::BackendKind;
+use prfaas_mesh::MeshConfig;
+use serde::{Deserialize, Serialize};
+
+/// What a node does in the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Prefills for others: bids in auctions and streams KV to the winner's home.
+    Prefill,
+    /// Homes requests (HTTP API) and decodes them; long prompts go to auction.
+    Decode,
+    /// Both: homes requests, prefills short ones itself and bids for others' long ones.
+    Pd,
+}
+
+/// A whole node: `[node]`, `[api]`, `[engine]`, `[policy]` and `[mesh]` tables.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    pub api: ApiSection,
+    pub engine: EngineSection,
+    pub policy: PolicySection,
+    pub mesh: MeshConfig,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// Human-readable name used in logs and the demo's output.
+    pub name: String,
+    /// Roles: `prefill`, `decode`, `pd`.
+    pub roles: Vec<NodeRole>,
+    /// GGUF path or a synthetic model (`tiny-hybrid`, `tiny-dense`).
+    pub model: String,
+    /// Compute backend: `auto`, `cpu`, `wgpu`.
+    pub backend: BackendKind,
+    /// Identity file written by `prfaas keygen` (hex of the libp2p key). Without it (and without
+    /// `mesh.keypair`) the node gets a fresh identity on every start.
+    pub identity: Option<PathBuf>,
+    /// How long shutdown waits for in-flight requests before cancelling them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSection {
+    /// HTTP listen address (port 0 picks a free port). Prefill-only nodes may serve it too
+    /// (health, metrics, mesh view).
+    pub listen: SocketAddr,
+    /// Requests admitted at once; more get HTTP 429.
+    pub max_inflight: usize,
+    /// HTTP worker threads.
+    pub workers: usize,
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    /// KV cache capacity in tokens over all sequences (prefix cache included).
+    pub kv_capacity_tokens: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Prompt tokens per forward call during prefill.
+    pub prefill_chunk: usize,
+    /// Most sequences decoded together.
+    pub max_batch: usize,
+    /// Keep and reuse prompt prefixes.
+    pub prefix_cache: bool,
+    /// Linear-attention state slots (hybrid models).
+    pub state_slots: usize,
+    /// Jobs waiting for the compute thread; more are refused.
+    pub queue: usize,
+}
+
+/// `[policy]`: offload rule, pricing and auction scoring (see `prfaas_mesh::policy`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicySection {
+    /// Offload iff the uncached prompt length exceeds this many tokens.
+    pub offload_threshold_tokens: usize,
+    /// How long the home waits for bids.
+    #[serde(with = "humantime_serde")]
+    pub auction_deadline: Duration,
+    /// How long the home waits for the winner's KV to arrive completely.
+    #[serde(with = "humantime_serde")]
+    pub transfer_timeout: Duration,
+    /// Asking price per 1K uncached prompt tokens on an idle node (mesh currency).
+    pub price_per_1k_tokens: f64,
+    /// Relative price premium per second of queued prefill work.
+    pub queue_premium_per_s: f64,
+    /// Multiplies this node's own (reserve) prefill price: what prefilling here costs the
+    /// decodes it stalls. `1` = local compute is worth what peers ask; higher favours offload.
+    pub reserve_price_factor: f64,
+    /// λ: price units per second of time to first token when scoring bids.
+    pub lambda_per_s: f64,
+    /// Highest acceptable bid score (also the posted reserve for the second-score rule).
+    pub max_score: f64,
+    /// Bandwidth assumed towards a bidder the node has never measured, bytes/s.
+    pub assumed_bandwidth_bytes_per_s: f64,
+    /// Prefills this node queues for others at most; more calls are declined as overloaded.
+    pub max_served_prefills: usize,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            name: "node".into(),
+            roles: vec![NodeRole::Pd],
+            model: crate::engine::loader::DEFAULT_MODEL.into(),
+            backend: BackendKind::Auto,
+            identity: None,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_inflight: 64,
+            workers: 2,
+        }
+    }
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            kv_capacity_tokens: 32 * 1024,
+            block_size: 16,
+            prefill_chunk: 512,
+            max_batch: 32,
+            prefix_cache: true,
+            state_slots: 64,
+            queue: 256,
+        }
+    }
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self {
+            offload_threshold_tokens: 256,
+            auction_deadline: Duration::from_millis(200),
+            transfer_timeout: Duration::from_secs(60),
+            price_per_1k_tokens: 1.0,
+            queue_premium_per_s: 0.5,
+            reserve_price_factor: 3.0,
+            lambda_per_s: 1.0,
+            max_score: 1.0e6,
+            assumed_bandwidth_bytes_per_s: 100.0e6,
+            max_served_prefills: 8,
+        }
+    }
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Toml {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let cfg: Self = toml::from_str(&text).map_err(|source| ConfigError::Toml {
+            path: path.display().to_string(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values a node cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.node.roles.is_empty() {
+            return bad("node.roles is empty (use prefill, decode or pd)");
+        }
+        if self.engine.block_size == 0 || self.engine.kv_capacity_tokens < self.engine.block_size {
+            return bad("engine.block_size must be > 0 and ≤ engine.kv_capacity_tokens");
+        }
+        if self.engine.max_batch == 0 || self.engine.prefill_chunk == 0 || self.engine.queue == 0 {
+            return bad("engine.max_batch, engine.prefill_chunk and engine.queue must be > 0");
+        }
+        if self.api.max_inflight == 0 || self.api.workers == 0 {
+            return bad("api.max_inflight and api.workers must be > 0");
+        }
+        let p = &self.policy;
+        for (name, v) in [
+            ("policy.price_per_1k_tokens", p.price_per_1k_tokens),
+            ("policy.queue_premium_per_s", p.queue_premium_per_s),
+            ("policy.lambda_per_s", p.lambda_per_s),
+            ("policy.reserve_price_factor", p.reserve_price_factor),
+            ("policy.max_score", p.max_score),
+            (
+                "policy.assumed_bandwidth_bytes_per_s",
+                p.assumed_bandwidth_bytes_per_s,
+            ),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be finite and ≥ 0"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Homes client requests (has the decode role).
+    pub fn is_home(&self) -> bool {
+        self.node
+            .roles
+            .iter()
+            .any(|r| matches!(r, NodeRole::Decode | NodeRole::Pd))
+    }
+
+    /// Prefills for others (bids in auctions).
+    pub fn serves_prefill(&self) -> bool {
+        self.node
+            .roles
+            .iter()
+            .any(|r| matches!(r, NodeRole::Prefill | NodeRole::Pd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config_and_rejects_unknown_fields() {
+        let cfg: NodeConfig = toml::from_str(
+            r#"
+            [node]
+            name = "p1"
+            roles = ["prefill"]
+            model = "tiny-hybrid"
+            backend = "cpu"
+            [api]
+            listen = "127.0.0.1:0"
+            [policy]
+            offload_threshold_tokens = 64
+            auction_deadline = "150ms"
+            [mesh]
+            listen = ["/ip4/127.0.0.1/tcp/0"]
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.serves_prefill() && !cfg.is_home());
+        assert_eq!(cfg.policy.auction_deadline, Duration::from_millis(150));
+        assert!(toml::from_str::<NodeConfig>("[node]\nbogus = 1\n").is_err());
+        let mut bad = cfg.clone();
+        bad.node.roles.clear();
+        assert!(bad.validate().is_err());
+    }
+}

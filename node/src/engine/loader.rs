@@ -1,0 +1,217 @@
+//! Loading a model by name for serving: a GGUF path or a built-in synthetic model, with the text
+//! side (tokenizer, chat template, stop tokens) the serving layer needs.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use prfaas_kernels::{Backend, BackendKind};
+
+use super::chat::{ChatError, ChatMessage, ChatTemplate};
+use super::gguf::{load_gguf, GgufError};
+use super::synthetic::{synthetic_model, ByteTokenizer, SyntheticKind, DEFAULT_SEED};
+use super::tokenizer::{Tokenizer, TokenizerError};
+use super::{ModelConfig, ModelWeights};
+
+/// Where `scripts/fetch-model` puts the default model.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Why a model could not be loaded or its text handled.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    #[error("model file {0} not found: run `scripts/fetch-model` to download it")]
+    DefaultMissing(String),
+    #[error("model file {0} not found (or use `tiny-hybrid` / `tiny-dense`)")]
+    Missing(String),
+    #[error("loading {path}: {source}")]
+    Gguf {
+        path: String,
+        #[source]
+        source: GgufError,
+    },
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error("backend `{kind}`: {source}")]
+    Backend {
+        kind: BackendKind,
+        #[source]
+        source: prfaas_kernels::KernelError,
+    },
+}
+
+/// Turns text into token ids and back for the model at hand.
+#[derive(Debug, Clone)]
+pub enum TextCodec {
+    /// Synthetic models: one token per byte.
+    Bytes(ByteTokenizer),
+    /// GGUF byte-level BPE.
+    Bpe(Box<Tokenizer>),
+}
+
+impl TextCodec {
+    /// Token ids of `text`; `special` parses control tokens such as `<|im_start|>` in it.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, TokenizerError> {
+        match self {
+            TextCodec::Bytes(t) => Ok(t.encode(text)),
+            TextCodec::Bpe(t) => t.encode(text, t.add_bos(), special),
+        }
+    }
+
+    /// Raw bytes of one token (a token may be part of a UTF-8 character); specials are empty.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self {
+            TextCodec::Bytes(t) => t.token_bytes(id),
+            TextCodec::Bpe(t) => t
+                .token_bytes(id, true)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default(),
+        }
+    }
+
+    fn special_text(&self, id: Option<u32>) -> String {
+        match (self, id) {
+            (TextCodec::Bpe(t), Some(id)) => {
+                String::from_utf8_lossy(t.token_bytes(id, false).unwrap_or_default()).into_owned()
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+/// A model read from disk or generated, not yet on a backend, with its text side.
+#[derive(Debug, Clone)]
+pub struct ModelBundle {
+    pub config: ModelConfig,
+    pub weights: ModelWeights,
+    pub text: TextSide,
+}
+
+/// Everything about a model's text: tokenizer, chat template, stop tokens.
+#[derive(Debug, Clone)]
+pub struct TextSide {
+    pub codec: TextCodec,
+    /// Jinja chat template from the model file, if any.
+    pub chat_template: Option<String>,
+    /// Tokens that end generation (EOS, `<|im_end|>`).
+    pub stop_tokens: Vec<u32>,
+}
+
+impl TextSide {
+    /// Renders `messages` with the model's chat template (generation prompt appended). Models
+    /// without a template get the messages' contents joined by newlines.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, LoadError> {
+        match &self.chat_template {
+            None => Ok(messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")),
+            Some(src) => {
+                let (bos, eos) = match &self.codec {
+                    TextCodec::Bpe(t) => (
+                        self.codec.special_text(t.bos()),
+                        self.codec.special_text(t.eos()),
+                    ),
+                    TextCodec::Bytes(_) => (String::new(), String::new()),
+                };
+                let tpl = ChatTemplate::new(src, &bos, &eos)?;
+                Ok(tpl.render(messages, true)?)
+            }
+        }
+    }
+
+    /// Whether chat prompts contain special tokens to parse (`<|im_start|>` …).
+    pub fn chat_uses_specials(&self) -> bool {
+        self.chat_template.is_some()
+    }
+}
+
+/// Loads `spec`: a synthetic model name (`tiny-hybrid`, `tiny-dense`) or a GGUF path.
+pub fn load_model(spec: &str) -> Result<ModelBundle, LoadError> {
+    if let Some(kind) = SyntheticKind::from_name(spec) {
+        let (config, weights) = synthetic_model(kind, DEFAULT_SEED);
+        let codec = ByteTokenizer;
+        return Ok(ModelBundle {
+            config,
+            weights,
+            text: TextSide {
+                stop_tokens: vec![codec.eos()],
+                codec: TextCodec::Bytes(codec),
+                chat_template: None,
+            },
+        });
+    }
+    let path = Path::new(spec);
+    if !path.exists() {
+        if spec == DEFAULT_MODEL {
+            return Err(LoadError::DefaultMissing(spec.into()));
+        }
+        return Err(LoadError::Missing(spec.into()));
+    }
+    let m = load_gguf(path).map_err(|source| LoadError::Gguf {
+        path: spec.into(),
+        source,
+    })?;
+    let stop_tokens = (0..m.tokenizer.vocab_size() as u32)
+        .filter(|&t| m.tokenizer.is_eog(t))
+        .collect();
+    Ok(ModelBundle {
+        config: m.config,
+        weights: m.weights,
+        text: TextSide {
+            codec: TextCodec::Bpe(Box::new(m.tokenizer)),
+            chat_template: m.chat_template,
+            stop_tokens,
+        },
+    })
+}
+
+/// The backend for `kind`, following `select_backend`'s `auto` rule.
+pub fn make_backend(kind: BackendKind) -> Result<Arc<dyn Backend>, LoadError> {
+    match kind {
+        BackendKind::Cpu => Ok(Arc::new(prfaas_kernels::cpu::CpuBackend::new())),
+        _ => prfaas_kernels::select_backend(kind)
+            .map_err(|source| LoadError::Backend { kind, source }),
+    }
+}
+
+/// Streams decoded text while holding back incomplete UTF-8 sequences.
+#[derive(Debug, Default, Clone)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Adds a token's bytes; returns the text that is now complete.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        match std::str::from_utf8(&self.pending) {
+            Ok(s) => {
+                let out = s.to_string();
+                self.pending.clear();
+                out
+            }
+            Err(e) if e.error_len().is_none() => {
+                // Incomplete character at the end: emit the valid part, keep the rest.
+                let valid = e.valid_up_to();
+                let out = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+                self.pending.drain(..valid);
+                out
+            }
+            Err(_) => {
+                let out = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                out
+            }
+        }
+    }
+
+    /// Whatever is left (invalid tails become U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let out = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        out
+    }
+}

@@ -1,0 +1,170 @@
+//! Helpers shared by the multi-node integration tests: node configs on loopback (port 0), waiting
+//! for the mesh with bounded polls, running requests and collecting their events.
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use prfaas_kernels::BackendKind;
+use prfaas_mesh::MeshConfig;
+use prfaas_node::actors::{Node, NodeHandle};
+use prfaas_node::config::{NodeConfig, NodeRole};
+use prfaas_node::engine::loader::{load_model, make_backend};
+use prfaas_node::engine::{Engine, EngineConfig, FinishReason, Model, SamplingParams};
+use prfaas_node::service::{GenerateEvent, GenerateRequest, PrefillRoute, PromptInput, Usage};
+
+/// Where `scripts/fetch-model` puts the default model.
+pub const SMOLLM2: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Whether the default model is present; when it is not, says so loudly (and fails under
+/// `PRFAAS_REQUIRE_MODEL=1`, as CI sets).
+pub fn smollm2_available(test: &str) -> bool {
+    if std::path::Path::new(SMOLLM2).exists() {
+        return true;
+    }
+    if std::env::var("PRFAAS_REQUIRE_MODEL").as_deref() == Ok("1") {
+        panic!("{test}: {SMOLLM2} missing and PRFAAS_REQUIRE_MODEL=1 (run scripts/fetch-model)");
+    }
+    eprintln!("SKIP {test}: {SMOLLM2} missing (run scripts/fetch-model)");
+    false
+}
+
+/// A node config for tests: loopback mesh with fast timers, no HTTP unless asked.
+pub fn node_config(
+    name: &str,
+    roles: &[NodeRole],
+    model: &str,
+    bootstrap: Vec<String>,
+) -> NodeConfig {
+    let mut c = NodeConfig::default();
+    c.node.name = name.into();
+    c.node.roles = roles.to_vec();
+    c.node.model = model.into();
+    c.node.backend = BackendKind::Cpu;
+    c.node.shutdown_grace = Duration::from_secs(5);
+    c.api.listen = "127.0.0.1:0".parse().expect("static address");
+    c.api.workers = 1;
+    c.engine.kv_capacity_tokens = 16 * 1024;
+    c.engine.max_batch = 16;
+    c.policy.offload_threshold_tokens = 48;
+    // Debug builds on a loaded 2-core machine: generous deadlines, still bounded.
+    c.policy.auction_deadline = Duration::from_millis(2000);
+    c.policy.transfer_timeout = Duration::from_secs(60);
+    c.mesh = MeshConfig::local();
+    c.mesh.bootstrap = bootstrap;
+    c
+}
+
+/// Starts a node (no HTTP API).
+pub async fn start(cfg: NodeConfig) -> NodeHandle {
+    Node::start(cfg, None).await.expect("node starts")
+}
+
+/// Mesh bootstrap addresses of `n` as strings.
+pub async fn addrs_of(n: &NodeHandle) -> Vec<String> {
+    n.mesh_addrs()
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// Waits (bounded) until `home` sees `want` prefill candidates for its model.
+pub async fn wait_for_prefillers(home: &NodeHandle, want: usize) {
+    let t0 = Instant::now();
+    loop {
+        let c = home
+            .core
+            .mesh
+            .prefill_candidates(home.core.model_ref.clone())
+            .await
+            .unwrap_or_default();
+        let others = c.iter().filter(|(p, _)| *p != home.peer_id()).count();
+        if others >= want {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "home saw {others}/{want} prefill peers after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// What one request produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub route: PrefillRoute,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub usage: Usage,
+}
+
+impl Outcome {
+    pub fn is_remote(&self) -> bool {
+        matches!(self.route, PrefillRoute::Remote { .. })
+    }
+}
+
+/// Submits a greedy text-completion request and collects its events (bounded in time).
+pub async fn run_text(node: &NodeHandle, prompt: &str, max_tokens: usize) -> Outcome {
+    let req = GenerateRequest {
+        prompt: PromptInput::Text(prompt.into()),
+        sampling: SamplingParams::greedy(max_tokens),
+        stop: vec![],
+        stream: true,
+    };
+    let rx = node.submit(req).await.expect("request admitted");
+    collect(rx).await
+}
+
+/// Drains a request's event channel.
+pub async fn collect(mut rx: tokio::sync::mpsc::Receiver<GenerateEvent>) -> Outcome {
+    let mut route = None;
+    let mut tokens = Vec::new();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("request finishes within 300 s")
+            .expect("event stream ends with Finished or Failed");
+        match ev {
+            GenerateEvent::Started { route: r, .. } => route = Some(r),
+            GenerateEvent::Delta { text: t, token } => {
+                text.push_str(&t);
+                tokens.extend(token);
+            }
+            GenerateEvent::Finished { finish, usage, .. } => {
+                return Outcome {
+                    route: route.expect("Started before Finished"),
+                    tokens,
+                    text,
+                    finish,
+                    usage,
+                }
+            }
+            GenerateEvent::Failed { message } => panic!("request failed: {message}"),
+        }
+    }
+}
+
+/// Greedy output of a plain local engine (the reference every mesh path must reproduce), without
+/// the stop token.
+pub fn reference(model: &str, prompt: &str, max_tokens: usize) -> Vec<u32> {
+    let b = load_model(model).expect("model loads");
+    let backend = make_backend(BackendKind::Cpu).expect("cpu backend");
+    let m = Model::new(b.config.clone(), &b.weights, backend).expect("model");
+    let mut e = Engine::new(m, EngineConfig::with_capacity(8192)).expect("engine");
+    let tokens = b.text.codec.encode(prompt, false).expect("encode");
+    let params = SamplingParams {
+        stop_tokens: b.text.stop_tokens.clone(),
+        ..SamplingParams::greedy(max_tokens)
+    };
+    let g = e.generate(&tokens, &params, &mut |_| {}).expect("generate");
+    g.tokens
+        .into_iter()
+        .filter(|t| !b.text.stop_tokens.contains(t))
+        .collect()
+}
