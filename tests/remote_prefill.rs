@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use prfaas_kernels::BackendKind;
 use prfaas_node::config::NodeRole;
 
 /// Prompts of mixed lengths: short ones stay local (≤ t = 48 tokens), long ones are offloaded.
@@ -42,9 +43,10 @@ async fn tiny_hybrid_remote_prefill_matches_local() {
     .await;
     wait_for_prefillers(&home, 1).await;
     let max_tokens = 24;
+    let mut reference = Reference::new(model, BackendKind::Cpu);
     let (mut remote, mut local) = (0, 0);
     for p in prompts() {
-        let want = reference(model, &p, max_tokens);
+        let want = reference.greedy(&p, max_tokens);
         let got = run_text(&home, &p, max_tokens).await;
         let n = home.core.text.codec.encode(&p, false).unwrap().len();
         if n > 48 {
@@ -63,4 +65,97 @@ async fn tiny_hybrid_remote_prefill_matches_local() {
     assert!(remote >= 10 && local >= 3, "remote {remote}, local {local}");
     home.shutdown().await;
     prefill.shutdown().await;
+}
+
+/// The same invariant on the real default model (SmolLM2, GGUF Q4_1), 20 prompts of mixed lengths.
+#[actix_rt::test]
+async fn smollm2_remote_prefill_matches_local() {
+    if !smollm2_available("smollm2_remote_prefill_matches_local") {
+        return;
+    }
+    let prefill = start(node_config(
+        "prefill",
+        &[NodeRole::Prefill],
+        SMOLLM2,
+        vec![],
+    ))
+    .await;
+    let home = start(node_config(
+        "home",
+        &[NodeRole::Decode],
+        SMOLLM2,
+        addrs_of(&prefill).await,
+    ))
+    .await;
+    wait_for_prefillers(&home, 1).await;
+    let max_tokens = 12;
+    let mut reference = Reference::new(SMOLLM2, BackendKind::Cpu);
+    let (mut remote, mut local) = (0, 0);
+    for p in prompts() {
+        let want = reference.greedy(&p, max_tokens);
+        let got = run_text(&home, &p, max_tokens).await;
+        let n = home.core.text.codec.encode(&p, false).unwrap().len();
+        assert_eq!(
+            got.is_remote(),
+            n > 48,
+            "{n}-token prompt routed {:?}",
+            got.route
+        );
+        if got.is_remote() {
+            remote += 1;
+        } else {
+            local += 1;
+        }
+        assert_eq!(got.tokens, want, "prompt {p:?} via {:?}", got.route);
+    }
+    assert!(remote >= 5 && local >= 3, "remote {remote}, local {local}");
+    home.shutdown().await;
+    prefill.shutdown().await;
+}
+
+/// The portable-kernel promise: KV made by a `wgpu` prefill node (lavapipe in CI) is decoded by a
+/// `cpu` home and gives the tokens of an all-`cpu` mesh.
+#[actix_rt::test]
+async fn wgpu_prefill_serves_cpu_decode() {
+    let require = std::env::var("PRFAAS_REQUIRE_GPU").as_deref() == Ok("1");
+    if prfaas_node::engine::loader::make_backend(BackendKind::Wgpu).is_err() {
+        assert!(!require, "no wgpu adapter and PRFAAS_REQUIRE_GPU=1");
+        eprintln!("SKIP wgpu_prefill_serves_cpu_decode: no wgpu adapter");
+        return;
+    }
+    let mut models = vec!["tiny-hybrid"];
+    if smollm2_available("wgpu_prefill_serves_cpu_decode (SmolLM2 part)") {
+        models.push(SMOLLM2);
+    }
+    for model in models {
+        let mut pcfg = node_config("prefill-wgpu", &[NodeRole::Prefill], model, vec![]);
+        pcfg.node.backend = BackendKind::Wgpu;
+        let prefill = start(pcfg).await;
+        let mut hcfg = node_config(
+            "home-cpu",
+            &[NodeRole::Decode],
+            model,
+            addrs_of(&prefill).await,
+        );
+        // Lavapipe prefill is slower than this machine's native CPU: make the home's own
+        // compute expensive so the auction still goes to the wgpu node this test is about.
+        hcfg.policy.reserve_price_factor = 1e6;
+        let home = start(hcfg).await;
+        wait_for_prefillers(&home, 1).await;
+        let mut reference = Reference::new(model, BackendKind::Cpu);
+        let long: Vec<String> = prompts()
+            .into_iter()
+            .filter(|p| home.core.text.codec.encode(p, false).map_or(0, |t| t.len()) > 48)
+            .take(3)
+            .collect();
+        assert_eq!(long.len(), 3);
+        for p in &long {
+            let want = reference.greedy(p, 8);
+            let got = run_text(&home, p, 8).await;
+            assert!(got.is_remote(), "{model}: not offloaded: {:?}", got.route);
+            assert_eq!(got.tokens, want, "{model}: prompt {p:?}");
+        }
+        home.shutdown().await;
+        prefill.shutdown().await;
+    }
 }

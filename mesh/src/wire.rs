@@ -176,6 +176,8 @@ pub mod cbor_bytes {
                 Ok(out)
             }
         }
-        d.deserialize_bytes(V)
+        // `deserialize_byte_buf`, not `deserialize_bytes`: ciborium serves the latter only for
+        // strings that fit its small scratch buffer and rejects longer ones.
+        d.deserialize_byte_buf(V)
     }
 }

@@ -150,21 +150,39 @@ pub async fn collect(mut rx: tokio::sync::mpsc::Receiver<GenerateEvent>) -> Outc
     }
 }
 
-/// Greedy output of a plain local engine (the reference every mesh path must reproduce), without
-/// the stop token.
-pub fn reference(model: &str, prompt: &str, max_tokens: usize) -> Vec<u32> {
-    let b = load_model(model).expect("model loads");
-    let backend = make_backend(BackendKind::Cpu).expect("cpu backend");
-    let m = Model::new(b.config.clone(), &b.weights, backend).expect("model");
-    let mut e = Engine::new(m, EngineConfig::with_capacity(8192)).expect("engine");
-    let tokens = b.text.codec.encode(prompt, false).expect("encode");
-    let params = SamplingParams {
-        stop_tokens: b.text.stop_tokens.clone(),
-        ..SamplingParams::greedy(max_tokens)
-    };
-    let g = e.generate(&tokens, &params, &mut |_| {}).expect("generate");
-    g.tokens
-        .into_iter()
-        .filter(|t| !b.text.stop_tokens.contains(t))
-        .collect()
+/// A plain local engine: the reference every mesh path must reproduce.
+pub struct Reference {
+    engine: Engine,
+    text: prfaas_node::engine::loader::TextSide,
+}
+
+impl Reference {
+    pub fn new(model: &str, backend: BackendKind) -> Self {
+        let b = load_model(model).expect("model loads");
+        let backend = make_backend(backend).expect("backend");
+        let m = Model::new(b.config.clone(), &b.weights, backend).expect("model");
+        let engine = Engine::new(m, EngineConfig::with_capacity(8192)).expect("engine");
+        Self {
+            engine,
+            text: b.text,
+        }
+    }
+
+    /// Greedy tokens for `prompt` (tokenized as plain text), without the stop token.
+    pub fn greedy(&mut self, prompt: &str, max_tokens: usize) -> Vec<u32> {
+        let tokens = self.text.codec.encode(prompt, false).expect("encode");
+        let params = SamplingParams {
+            stop_tokens: self.text.stop_tokens.clone(),
+            ..SamplingParams::greedy(max_tokens)
+        };
+        let g = self
+            .engine
+            .generate(&tokens, &params, &mut |_| {})
+            .expect("generate");
+        let stops = &self.text.stop_tokens;
+        g.tokens
+            .into_iter()
+            .filter(|t| !stops.contains(t))
+            .collect()
+    }
 }
