@@ -17,6 +17,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a local 3-node mesh on the default model and serve real chat requests through it.
+    Demo(cmd::demo::Args),
     /// Run one mesh node (OpenAI API + mesh) from a config file.
     Node(cmd::node::Args),
     /// Make a node identity file.
@@ -38,12 +40,15 @@ enum Bench {
     Engine(cmd::bench_engine::Args),
     /// KV stream goodput vs raw TCP, auction latency, advert convergence.
     Mesh(cmd::bench_mesh::Args),
+    /// Serving end to end: remote-prefill overlap, mesh vs all-local under the same load.
+    Node(cmd::bench_node::Args),
 }
 
 fn main() -> std::process::ExitCode {
     init_tracing();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
         Command::Node(a) => cmd::node::run(a),
         Command::Keygen(a) => cmd::keygen::run(a),
         Command::Generate(a) => cmd::generate::run(a),
@@ -51,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(Bench::Kernels(a)) => cmd::bench_kernels::run(a),
         Command::Bench(Bench::Engine(a)) => cmd::bench_engine::run(a),
         Command::Bench(Bench::Mesh(a)) => cmd::bench_mesh::run(a),
+        Command::Bench(Bench::Node(a)) => cmd::bench_node::run_cmd(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

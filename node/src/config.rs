@@ -82,6 +82,9 @@ pub struct EngineSection {
     pub state_slots: usize,
     /// Jobs waiting for the compute thread; more are refused.
     pub queue: usize,
+    /// Prompt length of the prefill measured at start-up to seed the speed estimate that bids
+    /// and adverts use (0 skips it and assumes 100 tokens/s until real prefills are measured).
+    pub calibration_tokens: usize,
 }
 
 /// `[policy]`: offload rule, pricing and auction scoring (see `prfaas_mesh::policy`).
@@ -146,6 +149,7 @@ impl Default for EngineSection {
             prefix_cache: true,
             state_slots: 64,
             queue: 256,
+            calibration_tokens: 128,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! OpenAI-compatible HTTP API (`api`) and the contract between them (`service`).
 
 pub mod actors;
+pub mod api;
 pub mod config;
 pub mod engine;
 pub mod kv;

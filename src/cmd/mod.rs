@@ -3,6 +3,8 @@
 pub mod bench_engine;
 pub mod bench_kernels;
 pub mod bench_mesh;
+pub mod bench_node;
+pub mod demo;
 pub mod generate;
 pub mod keygen;
 pub mod node;
@@ -10,5 +12,5 @@ pub mod simulate;
 
 /// Starts the OpenAI-compatible HTTP API of a node.
 pub fn api_starter() -> prfaas_node::actors::node::ApiStarter {
-    |_, _| Err(std::io::Error::other("HTTP API not merged yet"))
+    prfaas_node::actors::node::http_api
 }

@@ -46,6 +46,7 @@ pub fn node_config(
     c.api.workers = 1;
     c.engine.kv_capacity_tokens = 16 * 1024;
     c.engine.max_batch = 16;
+    c.engine.calibration_tokens = 16;
     c.policy.offload_threshold_tokens = 48;
     // Debug builds on a loaded 2-core machine: generous deadlines, still bounded.
     c.policy.auction_deadline = Duration::from_millis(2000);
@@ -55,8 +56,19 @@ pub fn node_config(
     c
 }
 
+/// Logs to the test's output when `RUST_LOG` is set.
+pub fn init_logs() {
+    if std::env::var("RUST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Starts a node (no HTTP API).
 pub async fn start(cfg: NodeConfig) -> NodeHandle {
+    init_logs();
     Node::start(cfg, None).await.expect("node starts")
 }
 

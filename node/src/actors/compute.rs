@@ -350,8 +350,8 @@ impl Worker {
     }
 
     fn note_prefill(&mut self, tokens: usize, elapsed: Duration) {
-        // Tiny prompts measure overheads, not throughput.
-        if tokens >= 32 {
+        // Short prompts measure overheads, not throughput.
+        if tokens >= 64 {
             let rate = tokens as f64 / elapsed.as_secs_f64().max(1e-6);
             self.prefill_rate = 0.7 * self.prefill_rate + 0.3 * rate;
         }

@@ -290,16 +290,24 @@ fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
             lease_ttl: Duration::from_secs(30),
         },
     )?;
-    // Seed the prefill-speed estimate with one short measured prefill (bids and adverts need a
-    // number before the first real request; real prefills refine it).
-    let n = 64.min(max_context.saturating_sub(1)).max(1);
-    let probe: Vec<u32> = (0..n as u32)
-        .map(|i| (i * 7 + 11) % bundle.config.vocab_size as u32)
-        .collect();
-    let t = Instant::now();
-    let out = engine.prefill(&probe, &mut NullSink)?;
-    let prefill_rate = n as f64 / t.elapsed().as_secs_f64().max(1e-6);
-    engine.release(out.seq)?;
+    // Seed the prefill-speed estimate with one measured prefill (bids and adverts need a number
+    // before the first real request; real prefills refine it).
+    let n = e
+        .calibration_tokens
+        .min(max_context.saturating_sub(1))
+        .min(e.kv_capacity_tokens / 2);
+    let prefill_rate = if n == 0 {
+        100.0
+    } else {
+        let probe: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 7 + 11) % bundle.config.vocab_size as u32)
+            .collect();
+        let t = Instant::now();
+        let out = engine.prefill(&probe, &mut NullSink)?;
+        let rate = n as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        engine.release(out.seq)?;
+        rate
+    };
     tracing::info!(
         node = %cfg.node.name,
         model = %bundle.config.name,
@@ -345,6 +353,20 @@ async fn start_mesh(
 /// How the node serves HTTP: the API module plugs in here.
 pub type ApiStarter =
     fn(SocketAddr, &NodeHandle) -> std::io::Result<(actix_web::dev::Server, SocketAddr)>;
+
+/// The OpenAI-compatible HTTP API of `node` on `listen` (an [`ApiStarter`]).
+pub fn http_api(
+    listen: SocketAddr,
+    node: &NodeHandle,
+) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
+    let state = crate::api::ApiState::new(
+        node.admission.clone().recipient(),
+        node.node.clone().recipient(),
+        node.core.info.clone(),
+        node.core.metrics.clone(),
+    );
+    crate::api::start(listen, state, node.core.cfg.api.workers)
+}
 
 impl Node {
     /// Starts a node inside the current actix `System`. Loading the model runs on a blocking
