@@ -5,7 +5,7 @@
 //! bounded channel of [`GenerateEvent`]s that ends with exactly one `Finished` or `Failed`.
 //! Dropping the receiver cancels the request (its KV is released at the next decode step).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::engine::chat::ChatMessage;
@@ -33,7 +33,7 @@ pub struct GenerateRequest {
 }
 
 /// How the prompt got prefilled.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PrefillRoute {
     /// Prefilled by this node.
@@ -55,7 +55,7 @@ pub enum PrefillRoute {
 }
 
 /// Token counts, as in OpenAI's `usage`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -64,7 +64,7 @@ pub struct Usage {
 }
 
 /// Timings of a finished request, seconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
     /// Admission to the first generated token.
     pub ttft_s: f64,
