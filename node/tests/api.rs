@@ -492,6 +492,13 @@ async fn errors_have_openai_shape_and_status() {
         assert!(!e.error.message.is_empty());
         assert_eq!(retry.is_some(), status == 429, "Retry-After only on 429");
     }
+    // A known route with the wrong method: 405 in the same shape.
+    let err = client::get_json(&chat).await.expect_err("405");
+    assert!(
+        matches!(err, ClientError::Status { status: 405, error: Some(ref b), .. }
+            if b.error.code.as_deref() == Some("method_not_allowed")),
+        "{err:?}"
+    );
     // The client surfaces status, message and Retry-After.
     let err = client::chat(&h.base, &user("overloaded"), &ChatParams::default(), true)
         .await

@@ -344,6 +344,11 @@ fn sse_stream(
 }
 
 /// Non-stream: gathers the whole answer.
+///
+/// Known limit: actix-web does not drop a handler future when its client disconnects (it only
+/// notices on a failed write, and nothing is written until the answer is complete), so an
+/// abandoned non-stream request runs to `max_tokens` or its stop before its KV is released.
+/// Streams do not have this problem (see `ApiLimits::sse_keepalive`).
 async fn collect(
     reply: Reply,
     mut rx: mpsc::Receiver<GenerateEvent>,
