@@ -96,7 +96,7 @@ pub enum ClientError {
         status: u16,
         message: String,
         /// OpenAI error body, when the server sent one.
-        error: Option<ErrorBody>,
+        error: Option<Box<ErrorBody>>,
         /// `Retry-After` seconds (429).
         retry_after: Option<u64>,
     },
@@ -108,7 +108,7 @@ pub enum ClientError {
     Decode { url: String, message: String },
     /// The server sent an error event after the stream began.
     #[error("the server reported an error mid-stream: {}", .0.error.message)]
-    Stream(ErrorBody),
+    Stream(Box<ErrorBody>),
     /// The stream ended before `[DONE]`.
     #[error("the stream from {url} ended before [DONE]")]
     Truncated { url: String },
@@ -219,7 +219,8 @@ fn request_body(p: &ChatParams, stream: bool) -> serde_json::Value {
 }
 
 fn status_error(url: &str, status: u16, body: &[u8], retry_after: Option<u64>) -> ClientError {
-    let error: Option<ErrorBody> = serde_json::from_slice(body).ok();
+    let error: Option<Box<ErrorBody>> =
+        serde_json::from_slice::<ErrorBody>(body).ok().map(Box::new);
     let message = match &error {
         Some(e) => e.error.message.clone(),
         None => String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
@@ -341,7 +342,10 @@ async fn call(
                 return Ok(out);
             }
             if event.event.as_deref() == Some("error") || event.data.starts_with("{\"error\"") {
-                return Err(ClientError::Stream(decode(url, event.data.as_bytes())?));
+                return Err(ClientError::Stream(Box::new(decode(
+                    url,
+                    event.data.as_bytes(),
+                )?)));
             }
             out.chunks += 1;
             let (id, text, finish, usage, prfaas) = if chat {

@@ -6,7 +6,7 @@
 //! the request, and actix-web drops the SSE body (which owns the receiver) when the client goes
 //! away.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::http::header;
 use actix_web::web::{self, Bytes, BytesMut};
@@ -115,7 +115,7 @@ async fn serve(
             .insert_header((header::CACHE_CONTROL, "no-cache"))
             // Reverse proxies (nginx) would otherwise buffer the token stream.
             .insert_header(("X-Accel-Buffering", "no"))
-            .streaming(sse_stream(ctx, rx)))
+            .streaming(sse_stream(ctx, rx, state.limits.sse_keepalive)))
     } else {
         collect(ctx, rx).await
     }
@@ -253,6 +253,7 @@ struct SseState {
     reply: Reply,
     rx: mpsc::Receiver<GenerateEvent>,
     opened: bool,
+    keepalive: Duration,
 }
 
 /// The SSE body: a role chunk (chat), one chunk per non-empty delta, the finish chunk carrying the
@@ -260,11 +261,13 @@ struct SseState {
 fn sse_stream(
     reply: Reply,
     rx: mpsc::Receiver<GenerateEvent>,
+    keepalive: Duration,
 ) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
     let state = SseState {
         reply,
         rx,
         opened: false,
+        keepalive,
     };
     futures::stream::unfold(Some(state), |state| async move {
         let mut st = state?;
@@ -279,7 +282,11 @@ fn sse_stream(
             }
         }
         loop {
-            let event = st.rx.recv().await;
+            let event = match tokio::time::timeout(st.keepalive, st.rx.recv()).await {
+                Ok(event) => event,
+                // A comment: clients ignore it, and a dead connection fails the write.
+                Err(_) => return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), Some(st))),
+            };
             let out = match event {
                 Some(GenerateEvent::Delta { text, .. }) => {
                     if text.is_empty() {
@@ -337,6 +344,11 @@ fn sse_stream(
 }
 
 /// Non-stream: gathers the whole answer.
+///
+/// Known limit: actix-web does not drop a handler future when its client disconnects (it only
+/// notices on a failed write, and nothing is written until the answer is complete), so an
+/// abandoned non-stream request runs to `max_tokens` or its stop before its KV is released.
+/// Streams do not have this problem (see `ApiLimits::sse_keepalive`).
 async fn collect(
     reply: Reply,
     mut rx: mpsc::Receiver<GenerateEvent>,

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// Unknown route (404).
     #[error("no route for {method} {path}")]
     NoRoute { method: String, path: String },
+    /// Known route, wrong method (405).
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
     /// Body over the configured limit (413).
     #[error("request body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
@@ -70,6 +73,9 @@ impl ApiError {
                 Some("model".to_owned()),
             ),
             ApiError::NoRoute { .. } => ("invalid_request_error", Some("not_found"), None),
+            ApiError::MethodNotAllowed { .. } => {
+                ("invalid_request_error", Some("method_not_allowed"), None)
+            }
             ApiError::TooLarge { .. } => ("invalid_request_error", Some("request_too_large"), None),
             ApiError::Overloaded(_) => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             ApiError::Unavailable(_) => ("server_error", Some("service_unavailable"), None),
@@ -91,6 +97,7 @@ impl ResponseError for ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -31,6 +31,11 @@ pub struct ApiLimits {
     /// `max_tokens` when the client sends none (OpenAI's own default is "until the context
     /// ends", which would let one careless request occupy a decode slot for minutes).
     pub default_max_tokens: usize,
+    /// An SSE comment is sent after this long without an event. actix-web notices a client that
+    /// went away only when a write fails, so without it a request waiting on a slow prefill (or
+    /// a stalled peer) would hold its KV until it finished; it also keeps proxies from timing
+    /// the stream out.
+    pub sse_keepalive: std::time::Duration,
 }
 
 impl Default for ApiLimits {
@@ -38,6 +43,7 @@ impl Default for ApiLimits {
         Self {
             max_body_bytes: 4 << 20,
             default_max_tokens: 256,
+            sse_keepalive: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -126,17 +132,26 @@ pub fn start(
 /// Registers every route; public so a caller can embed the API in its own `App`
 /// (the state must then be registered as `web::Data<ApiState>`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route(
+    // Each resource answers a wrong method with a JSON 405 instead of actix's empty one.
+    let resource = |path: &str, route: actix_web::Route| {
+        web::resource(path)
+            .route(route)
+            .default_service(web::to(method_not_allowed))
+    };
+    cfg.service(resource(
         "/v1/chat/completions",
         web::post().to(completions::chat_completions),
-    )
-    .route("/v1/completions", web::post().to(completions::completions))
-    .route("/v1/models", web::get().to(models))
-    .route("/v1/models/{id}", web::get().to(model))
-    .route("/healthz", web::get().to(healthz))
-    .route("/metrics", web::get().to(metrics))
-    .route("/mesh", web::get().to(mesh))
-    .route("/", web::get().to(dashboard))
+    ))
+    .service(resource(
+        "/v1/completions",
+        web::post().to(completions::completions),
+    ))
+    .service(resource("/v1/models", web::get().to(models)))
+    .service(resource("/v1/models/{id}", web::get().to(model)))
+    .service(resource("/healthz", web::get().to(healthz)))
+    .service(resource("/metrics", web::get().to(metrics)))
+    .service(resource("/mesh", web::get().to(mesh)))
+    .service(resource("/", web::get().to(dashboard)))
     .default_service(web::to(not_found));
 }
 
@@ -199,6 +214,13 @@ async fn dashboard() -> HttpResponse {
     HttpResponse::build(StatusCode::OK)
         .insert_header((header::CONTENT_TYPE, "text/html; charset=utf-8"))
         .body(include_str!("dashboard.html"))
+}
+
+async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed {
+        method: req.method().to_string(),
+        path: req.path().to_owned(),
+    })
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
