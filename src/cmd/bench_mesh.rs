@@ -16,6 +16,9 @@ pub struct Args {
     /// MiB per KV goodput measurement.
     #[arg(long, default_value_t = 1024)]
     pub kv_mib: u64,
+    /// Skip the loopback KV goodput part.
+    #[arg(long)]
+    pub no_kv: bool,
     /// Mesh sizes for auction latency and advert convergence.
     #[arg(long, value_delimiter = ',', default_value = "50,100")]
     pub nodes: Vec<usize>,
@@ -61,6 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         kv_mib: args.kv_mib,
         scales: args.nodes.clone(),
         rounds: args.rounds,
+        kv: !args.no_kv,
         ..MeshBenchOptions::default()
     };
     let report = bench::run(&opts)?;
@@ -71,25 +75,43 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("KV stream goodput vs raw TCP (loopback, same bytes, same run):");
-    println!("  transport streams   MiB   mesh MiB/s  raw TCP MiB/s  ratio");
-    for k in &report.kv {
+    if !report.kv.is_empty() {
+        println!("KV stream goodput vs raw TCP (loopback, same bytes, same run):");
         println!(
-            "  {:<9} {:>7} {:>5} {:>12.1} {:>14.1} {:>6.3}",
-            k.transport,
-            k.streams,
-            k.bytes >> 20,
-            k.mesh_mib_s,
-            k.raw_tcp_mib_s,
-            k.ratio
+            "  transport streams   MiB   mesh MiB/s  raw TCP MiB/s  ratio   CPU s/GiB mesh  raw TCP  ratio"
         );
+        for k in &report.kv {
+            println!(
+                "  {:<9} {:>7} {:>5} {:>12.1} {:>14.1} {:>6.3} {:>15.2} {:>8.2} {:>6.2}",
+                k.transport,
+                k.streams,
+                k.bytes >> 20,
+                k.mesh_mib_s,
+                k.raw_tcp_mib_s,
+                k.ratio,
+                k.mesh_cpu_s_per_gib,
+                k.raw_tcp_cpu_s_per_gib,
+                k.mesh_cpu_s_per_gib / k.raw_tcp_cpu_s_per_gib
+            );
+        }
     }
     println!("Auction call→award and advert convergence (one process):");
-    println!("  nodes  convergence ms  rounds  candidates  P50 ms  P99 ms");
+    println!(
+        "  nodes  convergence ms  rounds ok/tried  no-bid  refused  bids  silent  P50 ms  P99 ms"
+    );
     for s in &report.scale {
         println!(
-            "  {:>5} {:>15.0} {:>7} {:>11} {:>7.2} {:>7.2}",
-            s.nodes, s.convergence_ms, s.rounds, s.candidates, s.p50_ms, s.p99_ms
+            "  {:>5} {:>15.0} {:>9}/{:<6} {:>6} {:>8} {:>5} {:>7} {:>7.2} {:>7.2}",
+            s.nodes,
+            s.convergence_ms,
+            s.rounds,
+            s.rounds_tried,
+            s.rounds_without_bids,
+            s.awards_refused,
+            s.bids,
+            s.silent,
+            s.p50_ms,
+            s.p99_ms
         );
     }
     match &shaped {

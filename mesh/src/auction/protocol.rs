@@ -85,7 +85,7 @@ impl Award {
 
     /// The prompt tokens, or `None` when the byte length is not a multiple of 4.
     pub fn unpack_tokens(&self) -> Option<Vec<u32>> {
-        (self.tokens.len() % 4 == 0).then(|| {
+        self.tokens.len().is_multiple_of(4).then(|| {
             self.tokens
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
