@@ -84,8 +84,11 @@ async fn with_cpu<T, F: std::future::Future<Output = Result<T, BenchError>>>(
 pub struct MeshScale {
     /// Nodes in the process.
     pub nodes: usize,
-    /// From the first node's start until every node's peer table held every other node, ms.
+    /// From the first node's start until every node's peer table held every other node, ms;
+    /// `NaN` if that did not happen within the bound (see `converged`).
     pub convergence_ms: f64,
+    /// Nodes whose table held every other node within the bound.
+    pub converged: usize,
     /// Auction rounds measured.
     pub rounds: usize,
     /// Candidates called per round.
@@ -358,6 +361,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// How long [`scale`] waits for every node to know every other.
+const CONVERGENCE_BOUND: Duration = Duration::from_secs(30);
+
 /// Bootstrap peers per joining node in [`scale`]: a random graph of degree ≥ 3 is connected with
 /// high probability and has a small diameter, unlike a star whose hub must relay every advert.
 const BOOTSTRAP_PEERS: usize = 3;
@@ -477,7 +483,7 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
     drop(done_tx);
     let mut converged = 0;
     let mut last = Duration::ZERO;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + CONVERGENCE_BOUND;
     while converged < n {
         match tokio::time::timeout_at(deadline, done_rx.recv()).await {
             Ok(Some(t)) => {
@@ -487,13 +493,10 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
             _ => break,
         }
     }
+    // Not converging is a result, not an error: report how many nodes did and still measure
+    // the auction among the candidates the home knows.
     if converged < n {
-        for h in &handles {
-            h.shutdown().await;
-        }
-        return Err(BenchError::Timeout(format!(
-            "{n} nodes: only {converged} converged in 60 s"
-        )));
+        tracing::warn!(n, converged, "mesh did not converge within its bound");
     }
 
     let home = handles[0].clone();
@@ -555,7 +558,12 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
     lat.sort_by(f64::total_cmp);
     Ok(MeshScale {
         nodes: n,
-        convergence_ms: last.as_secs_f64() * 1e3,
+        convergence_ms: if converged == n {
+            last.as_secs_f64() * 1e3
+        } else {
+            f64::NAN
+        },
+        converged,
         rounds: lat.len(),
         rounds_tried: rounds,
         rounds_without_bids: no_bids,
@@ -672,6 +680,70 @@ pub fn send_kv(addr: &str, mib: u64, rate_mbit: f64) -> Result<ShapedGoodput, Be
         Ok(ShapedGoodput {
             rate_mbit,
             bytes: sent.bytes,
+            goodput_mbit,
+            ratio: goodput_mbit / rate_mbit,
+        })
+    })
+}
+
+/// Raw TCP receiver for the shaped bench's baseline: listens on `listen` (`IP:PORT`, port 0 for
+/// any), writes the bound `IP:PORT` to `addr_file` (atomically), reads one connection to its end
+/// and answers one byte so the sender's clock covers delivery. Returns the bytes received.
+pub fn serve_tcp(listen: &str, addr_file: &std::path::Path) -> Result<u64, BenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let tmp = addr_file.with_extension("tmp");
+        std::fs::write(&tmp, listener.local_addr()?.to_string())?;
+        std::fs::rename(&tmp, addr_file)?;
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
+            .await
+            .map_err(|_| BenchError::Timeout("no raw TCP connection".into()))??;
+        let mut len = [0u8; 8];
+        s.read_exact(&mut len).await?;
+        let total = u64::from_le_bytes(len);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < total {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        s.write_all(&[1]).await?;
+        s.shutdown().await?;
+        Ok(got)
+    })
+}
+
+/// Raw TCP sender for the shaped bench's baseline: the same bytes as the mesh transfer, in
+/// 4 MiB writes, timed until the receiver's one-byte answer.
+pub fn send_tcp(addr: &str, mib: u64, rate_mbit: f64) -> Result<ShapedGoodput, BenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let total = mib << 20;
+        let template = layer_template(4 << 20);
+        let t0 = Instant::now();
+        let mut c = tokio::net::TcpStream::connect(addr).await?;
+        c.set_nodelay(true)?;
+        c.write_all(&total.to_le_bytes()).await?;
+        let mut sent = 0u64;
+        while sent < total {
+            let n = (total - sent).min(template.len() as u64) as usize;
+            c.write_all(&template[..n]).await?;
+            sent += n as u64;
+        }
+        let mut ack = [0u8; 1];
+        c.read_exact(&mut ack).await?;
+        let goodput_mbit = total as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e6;
+        Ok(ShapedGoodput {
+            rate_mbit,
+            bytes: total,
             goodput_mbit,
             ratio: goodput_mbit / rate_mbit,
         })

@@ -438,9 +438,8 @@ impl Task {
                     let _ = reply.send(Err(MeshError::Overloaded));
                     return;
                 }
-                // Let request-response dial by itself when needed: a separate dial here made its
-                // own dial fail the peer condition, and that dial failure failed the request, so
-                // every call to a peer we were not yet connected to went unanswered.
+                // One dial, owned by request-response, with the advertised addresses: it queues
+                // the request until that connection is up (or fails it if the dial fails).
                 let addrs = if self.swarm.is_connected(&peer) {
                     Vec::new()
                 } else {
