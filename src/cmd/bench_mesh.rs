@@ -116,7 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("Auction call→award and advert convergence (one process):");
     println!(
-        "  nodes  convergence ms  rounds ok/tried  no-bid  refused  bids  silent  P50 ms  P99 ms"
+        "  nodes  converged  convergence ms  rounds ok/tried  no-bid  refused  bids  silent  P50 ms  P99 ms"
     );
     for s in &report.scale {
         println!(
