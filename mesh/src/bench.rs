@@ -46,6 +46,37 @@ pub struct KvGoodput {
     pub raw_tcp_mib_s: f64,
     /// mesh / raw TCP.
     pub ratio: f64,
+    /// Process CPU seconds (user + system, both ends) per GiB moved by the mesh; `NaN` where
+    /// `/proc/self/stat` is unavailable. Unlike goodput this hardly depends on machine load.
+    pub mesh_cpu_s_per_gib: f64,
+    /// The same for raw TCP.
+    pub raw_tcp_cpu_s_per_gib: f64,
+}
+
+/// CPU seconds (user + system) this process has used so far, from `/proc/self/stat`; `None`
+/// where that file does not exist or does not parse.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // Linux reports in USER_HZ, which is 100 on every mainstream configuration.
+    Some(ticks / 100.0)
+}
+
+/// Runs `f`, returning its value and the process CPU seconds it used per GiB of `bytes`.
+async fn with_cpu<T, F: std::future::Future<Output = Result<T, BenchError>>>(
+    bytes: u64,
+    f: F,
+) -> Result<(T, f64), BenchError> {
+    let c0 = process_cpu_seconds();
+    let v = f.await?;
+    let per_gib = match (c0, process_cpu_seconds()) {
+        (Some(a), Some(b)) => (b - a) / (bytes as f64 / (1u64 << 30) as f64),
+        _ => f64::NAN,
+    };
+    Ok((v, per_gib))
 }
 
 /// Auction latency and convergence for one mesh size.
@@ -53,12 +84,25 @@ pub struct KvGoodput {
 pub struct MeshScale {
     /// Nodes in the process.
     pub nodes: usize,
-    /// Time from every node publishing its advert until every node knew every other, ms.
+    /// From the first node's start until every node's peer table held every other node, ms;
+    /// `NaN` if that did not happen within the bound (see `converged`).
     pub convergence_ms: f64,
+    /// Nodes whose table held every other node within the bound.
+    pub converged: usize,
     /// Auction rounds measured.
     pub rounds: usize,
     /// Candidates called per round.
     pub candidates: usize,
+    /// Rounds attempted.
+    pub rounds_tried: usize,
+    /// Rounds in which no candidate bid before the deadline.
+    pub rounds_without_bids: usize,
+    /// Awards the winner refused (e.g. its bid had expired).
+    pub awards_refused: usize,
+    /// Bids received over all rounds.
+    pub bids: usize,
+    /// Candidates that stayed silent (no answer before the deadline, or a failed request).
+    pub silent: usize,
     /// Call → award accepted, median, ms.
     pub p50_ms: f64,
     /// Call → award accepted, 99th percentile, ms.
@@ -85,6 +129,8 @@ pub struct MeshBenchOptions {
     pub scales: Vec<usize>,
     /// Auction rounds per size.
     pub rounds: usize,
+    /// Run the KV goodput part (TCP and QUIC, 1 and 4 streams).
+    pub kv: bool,
 }
 
 impl Default for MeshBenchOptions {
@@ -94,6 +140,7 @@ impl Default for MeshBenchOptions {
             layer_mib: 4,
             scales: vec![50, 100],
             rounds: 200,
+            kv: true,
         }
     }
 }
@@ -105,7 +152,12 @@ pub fn run(opts: &MeshBenchOptions) -> Result<MeshBenchReport, BenchError> {
         .build()?;
     rt.block_on(async {
         let mut report = MeshBenchReport::default();
-        for (quic, streams) in [(false, 1u16), (false, 4), (true, 1), (true, 4)] {
+        let cases: &[(bool, u16)] = if opts.kv {
+            &[(false, 1), (false, 4), (true, 1), (true, 4)]
+        } else {
+            &[]
+        };
+        for &(quic, streams) in cases {
             let m = kv_goodput(opts, quic, streams).await?;
             tracing::info!(?m, "kv goodput");
             report.kv.push(m);
@@ -250,7 +302,9 @@ pub async fn mesh_kv_once(
     Ok(sent.goodput() / (1u64 << 20) as f64)
 }
 
-async fn kv_goodput(
+/// One KV goodput case: `kv_mib` MiB between two fresh in-process nodes, compared with raw TCP
+/// moving the same bytes right before.
+pub async fn kv_goodput(
     opts: &MeshBenchOptions,
     quic: bool,
     streams: u16,
@@ -272,14 +326,17 @@ async fn kv_goodput(
     )
     .await?;
     raw_tcp(16 << 20, layer).await?;
-    let raw = raw_tcp(total, layer).await?;
-    let mesh = mesh_kv_once(
-        &tx_handle,
-        rx_handle.local_peer_id(),
-        &mut rx_events,
+    let (raw, raw_cpu) = with_cpu(total, raw_tcp(total, layer)).await?;
+    let (mesh, mesh_cpu) = with_cpu(
         total,
-        layer,
-        streams,
+        mesh_kv_once(
+            &tx_handle,
+            rx_handle.local_peer_id(),
+            &mut rx_events,
+            total,
+            layer,
+            streams,
+        ),
     )
     .await?;
     tx_handle.shutdown().await;
@@ -291,6 +348,8 @@ async fn kv_goodput(
         mesh_mib_s: mesh,
         raw_tcp_mib_s: raw,
         ratio: mesh / raw,
+        mesh_cpu_s_per_gib: mesh_cpu,
+        raw_tcp_cpu_s_per_gib: raw_cpu,
     })
 }
 
@@ -302,28 +361,48 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// Spawns `n` nodes (star bootstrap), measures convergence, then call → award rounds from node 0.
-async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
+/// How long [`scale`] waits for every node to know every other.
+const CONVERGENCE_BOUND: Duration = Duration::from_secs(30);
+
+/// Bootstrap peers per joining node in [`scale`]: a random graph of degree ≥ 3 is connected with
+/// high probability and has a small diameter, unlike a star whose hub must relay every advert.
+const BOOTSTRAP_PEERS: usize = 3;
+
+/// Spawns `n` nodes, each bootstrapping to [`BOOTSTRAP_PEERS`] random earlier nodes (peers then
+/// find more through adverts' listen addresses), measures convergence, then call → award rounds
+/// from node 0.
+pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
+    use rand_core::{Rng, SeedableRng};
     let mk = || {
         let mut c = MeshConfig::local();
         c.bandwidth.probes = false;
-        c.advert_interval = Duration::from_millis(500);
+        // The DESIGN's advert period. Every advert costs each node ~mesh_n signature checks, so
+        // N nodes in one process pay N² of them per period: faster periods only measure the CPU.
+        c.advert_interval = Duration::from_secs(1);
         c.advert_expiry = Duration::from_secs(10);
+        // The default heartbeat (local() uses 100 ms for fast tests): N nodes in one process run
+        // N heartbeats per period, each gossiping IHAVE lists to `gossip_lazy` peers.
+        c.gossip_heartbeat = MeshConfig::default().gossip_heartbeat;
         c
     };
-    let (h0, ev0) = Mesh::spawn(mk())?;
-    let boot = first_addr(&h0)
-        .await?
-        .with(libp2p::multiaddr::Protocol::P2p(h0.local_peer_id()));
-    let mut nodes = vec![(h0, ev0)];
-    for _ in 1..n {
-        let mut c = mk();
-        c.bootstrap = vec![boot.to_string()];
-        nodes.push(Mesh::spawn(c)?);
-    }
-    let ids: HashSet<PeerId> = nodes.iter().map(|(h, _)| h.local_peer_id()).collect();
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(0x5EED_u64 ^ n as u64);
+    // Convergence is timed from the first node's start: nodes already connect and publish while
+    // later ones are spawned, so a later start would hide part of the work.
     let t0 = Instant::now();
-    for (i, (h, _)) in nodes.iter().enumerate() {
+    let mut addrs: Vec<Multiaddr> = Vec::with_capacity(n);
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = mk();
+        let mut picks: Vec<usize> = Vec::new();
+        while picks.len() < BOOTSTRAP_PEERS.min(i) {
+            let j = (rng.next_u64() % i as u64) as usize;
+            if !picks.contains(&j) {
+                picks.push(j);
+            }
+        }
+        c.bootstrap = picks.iter().map(|&j| addrs[j].to_string()).collect();
+        let (h, ev) = Mesh::spawn(c)?;
+        // Set before the node has any peer, so its first advert already says what it serves.
         h.set_advert(AdvertBody {
             roles: vec![Role::Prefill, Role::Decode],
             models: vec![bench_model()],
@@ -335,7 +414,14 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
             ..AdvertBody::default()
         })
         .await?;
+        addrs.push(
+            first_addr(&h)
+                .await?
+                .with(libp2p::multiaddr::Protocol::P2p(h.local_peer_id())),
+        );
+        nodes.push((h, ev));
     }
+    let ids: HashSet<PeerId> = nodes.iter().map(|(h, _)| h.local_peer_id()).collect();
     // Each node: count discoveries, then serve calls by bidding at once (until shut down).
     let (done_tx, mut done_rx) = mpsc::channel::<Duration>(n);
     let mut handles = Vec::new();
@@ -397,7 +483,7 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
     drop(done_tx);
     let mut converged = 0;
     let mut last = Duration::ZERO;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + CONVERGENCE_BOUND;
     while converged < n {
         match tokio::time::timeout_at(deadline, done_rx.recv()).await {
             Ok(Some(t)) => {
@@ -407,13 +493,10 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
             _ => break,
         }
     }
+    // Not converging is a result, not an error: report how many nodes did and still measure
+    // the auction among the candidates the home knows.
     if converged < n {
-        for h in &handles {
-            h.shutdown().await;
-        }
-        return Err(BenchError::Timeout(format!(
-            "{n} nodes: only {converged} converged in 60 s"
-        )));
+        tracing::warn!(n, converged, "mesh did not converge within its bound");
     }
 
     let home = handles[0].clone();
@@ -425,6 +508,7 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
         .take(8)
         .collect();
     let mut lat = Vec::with_capacity(rounds);
+    let (mut no_bids, mut refused, mut bids, mut silent) = (0, 0, 0, 0);
     for r in 0..rounds {
         let t = Instant::now();
         let call = Call {
@@ -437,12 +521,15 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
             deadline_ms: 1_000,
         };
         let round = home.call_auction(&candidates, call).await;
+        bids += round.bids.len();
+        silent += round.silent.len();
         let Some((winner, bid)) = round
             .bids
             .iter()
             .min_by(|a, b| a.1.price.total_cmp(&b.1.price))
             .cloned()
         else {
+            no_bids += 1;
             continue;
         };
         let accepted = home
@@ -458,6 +545,8 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
             .await?;
         if accepted {
             lat.push(t.elapsed().as_secs_f64() * 1e3);
+        } else {
+            refused += 1;
         }
     }
     for h in &handles {
@@ -469,8 +558,18 @@ async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
     lat.sort_by(f64::total_cmp);
     Ok(MeshScale {
         nodes: n,
-        convergence_ms: last.as_secs_f64() * 1e3,
+        convergence_ms: if converged == n {
+            last.as_secs_f64() * 1e3
+        } else {
+            f64::NAN
+        },
+        converged,
         rounds: lat.len(),
+        rounds_tried: rounds,
+        rounds_without_bids: no_bids,
+        awards_refused: refused,
+        bids,
+        silent,
         candidates: candidates.len(),
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
@@ -581,6 +680,70 @@ pub fn send_kv(addr: &str, mib: u64, rate_mbit: f64) -> Result<ShapedGoodput, Be
         Ok(ShapedGoodput {
             rate_mbit,
             bytes: sent.bytes,
+            goodput_mbit,
+            ratio: goodput_mbit / rate_mbit,
+        })
+    })
+}
+
+/// Raw TCP receiver for the shaped bench's baseline: listens on `listen` (`IP:PORT`, port 0 for
+/// any), writes the bound `IP:PORT` to `addr_file` (atomically), reads one connection to its end
+/// and answers one byte so the sender's clock covers delivery. Returns the bytes received.
+pub fn serve_tcp(listen: &str, addr_file: &std::path::Path) -> Result<u64, BenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let tmp = addr_file.with_extension("tmp");
+        std::fs::write(&tmp, listener.local_addr()?.to_string())?;
+        std::fs::rename(&tmp, addr_file)?;
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
+            .await
+            .map_err(|_| BenchError::Timeout("no raw TCP connection".into()))??;
+        let mut len = [0u8; 8];
+        s.read_exact(&mut len).await?;
+        let total = u64::from_le_bytes(len);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < total {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        s.write_all(&[1]).await?;
+        s.shutdown().await?;
+        Ok(got)
+    })
+}
+
+/// Raw TCP sender for the shaped bench's baseline: the same bytes as the mesh transfer, in
+/// 4 MiB writes, timed until the receiver's one-byte answer.
+pub fn send_tcp(addr: &str, mib: u64, rate_mbit: f64) -> Result<ShapedGoodput, BenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let total = mib << 20;
+        let template = layer_template(4 << 20);
+        let t0 = Instant::now();
+        let mut c = tokio::net::TcpStream::connect(addr).await?;
+        c.set_nodelay(true)?;
+        c.write_all(&total.to_le_bytes()).await?;
+        let mut sent = 0u64;
+        while sent < total {
+            let n = (total - sent).min(template.len() as u64) as usize;
+            c.write_all(&template[..n]).await?;
+            sent += n as u64;
+        }
+        let mut ack = [0u8; 1];
+        c.read_exact(&mut ack).await?;
+        let goodput_mbit = total as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e6;
+        Ok(ShapedGoodput {
+            rate_mbit,
+            bytes: total,
             goodput_mbit,
             ratio: goodput_mbit / rate_mbit,
         })

@@ -38,12 +38,57 @@ pub struct MeshConfig {
     pub gossip_heartbeat: Duration,
     /// Keep dialling peers learned from adverts until this many are connected.
     pub target_peers: usize,
+    /// Gossipsub mesh shape for the advert topic.
+    pub gossip: GossipConfig,
     /// Parallel streams per KV transfer by default.
     pub streams_per_transfer: u16,
     /// Bandwidth estimation.
     pub bandwidth: BandwidthConfig,
     /// Bounds on everything that can grow.
     pub limits: Limits,
+}
+
+/// Gossipsub parameters for the advert topic.
+///
+/// Adverts are small (well under 1 KiB), signed, and re-sent every `advert_interval`, so the
+/// defaults trade gossipsub's generic redundancy for less work per message: every copy a node
+/// receives costs a signature check *before* duplicate filtering, so a node verifies about
+/// `mesh_n` copies of every advert in the mesh. A smaller mesh (4 instead of libp2p's 6, at most
+/// 8 instead of 12) keeps that cost down while still leaving several disjoint paths; lost
+/// messages are repaired by the next periodic advert and by IHAVE/IWANT gossip.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GossipConfig {
+    /// Target number of mesh peers (gossipsub `D`).
+    pub mesh_n: usize,
+    /// Graft more peers below this (`D_low`).
+    pub mesh_n_low: usize,
+    /// Prune peers above this (`D_high`).
+    pub mesh_n_high: usize,
+    /// Mesh peers that must be outbound connections (eclipse protection); `2 × this ≤ mesh_n`.
+    pub mesh_outbound_min: usize,
+    /// Peers we gossip IHAVE to each heartbeat (`D_lazy`).
+    pub gossip_lazy: usize,
+    /// Publish our own adverts to every subscribed peer, not only mesh peers. Costs one extra
+    /// verification per connected peer; helps only while the mesh is still forming.
+    pub flood_publish: bool,
+    /// Messages at least this large make receivers send IDONTWANT to their mesh peers, so those
+    /// do not forward a copy they would otherwise send (saves signature checks on duplicates).
+    pub idontwant_threshold: usize,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        Self {
+            mesh_n: 4,
+            mesh_n_low: 3,
+            mesh_n_high: 8,
+            mesh_outbound_min: 2,
+            gossip_lazy: 4,
+            flood_publish: false,
+            idontwant_threshold: 256,
+        }
+    }
 }
 
 /// Bandwidth estimator settings.
@@ -121,6 +166,7 @@ impl Default for MeshConfig {
             advert_expiry: Duration::from_secs(5),
             gossip_heartbeat: Duration::from_millis(500),
             target_peers: 8,
+            gossip: GossipConfig::default(),
             streams_per_transfer: 1,
             bandwidth: BandwidthConfig::default(),
             limits: Limits::default(),

@@ -58,6 +58,9 @@ struct Task {
     book: BidBook,
     body: AdvertBody,
     seq: u64,
+    /// Our last advert reached nobody (no subscribed peer yet): publish again as soon as a peer
+    /// subscribes instead of waiting a whole `advert_interval` (this is what makes joins fast).
+    advert_unsent: bool,
     listen_addrs: Vec<Multiaddr>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     pending_calls: HashMap<u64, PendingCall>,
@@ -67,6 +70,10 @@ struct Task {
         oneshot::Sender<Result<AuctionResponse, MeshError>>,
     >,
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
+    /// Discovery dials (from adverts / mDNS) still in flight. They count towards `target_peers`:
+    /// counting only established connections made every node dial every peer whose advert
+    /// arrived before its first dials completed — an all-to-all connection storm at 50+ nodes.
+    discovery_dials: HashMap<PeerId, Instant>,
     stats: Arc<MeshStats>,
     estimator: Arc<Mutex<BandwidthEstimator>>,
     allowlist: Option<Arc<HashSet<PeerId>>>,
@@ -147,8 +154,19 @@ impl Mesh {
         };
         let transport = build_transport(&key, psk, cfg.quic, cfg.limits.handshake_timeout)?;
 
+        let g = &cfg.gossip;
         let gossip_cfg = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(cfg.gossip_heartbeat)
+            // libp2p waits 5 s before the first heartbeat; a joining node's mesh would only be
+            // repaired (grafts to reach `mesh_n_low`) after that.
+            .heartbeat_initial_delay(cfg.gossip_heartbeat)
+            .mesh_n(g.mesh_n)
+            .mesh_n_low(g.mesh_n_low)
+            .mesh_n_high(g.mesh_n_high)
+            .mesh_outbound_min(g.mesh_outbound_min)
+            .gossip_lazy(g.gossip_lazy)
+            .flood_publish(g.flood_publish)
+            .idontwant_message_size_threshold(g.idontwant_threshold)
             .validation_mode(gossipsub::ValidationMode::Strict)
             .validate_messages()
             .max_transmit_size(cfg.limits.max_advert_bytes + 1024)
@@ -293,12 +311,14 @@ impl Mesh {
                 ..AdvertBody::default()
             },
             seq: 0,
+            advert_unsent: false,
             listen_addrs: vec![],
             listen_waiters: vec![],
             pending_calls: HashMap::new(),
             next_token: 0,
             outbound: HashMap::new(),
             dials: HashMap::new(),
+            discovery_dials: HashMap::new(),
             stats: stats.clone(),
             estimator: estimator.clone(),
             allowlist,
@@ -418,8 +438,18 @@ impl Task {
                     let _ = reply.send(Err(MeshError::Overloaded));
                     return;
                 }
-                self.dial_known(peer);
-                let id = self.swarm.behaviour_mut().auction.send_request(&peer, req);
+                // One dial, owned by request-response, with the advertised addresses: it queues
+                // the request until that connection is up (or fails it if the dial fails).
+                let addrs = if self.swarm.is_connected(&peer) {
+                    Vec::new()
+                } else {
+                    self.advertised_addrs(&peer)
+                };
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .auction
+                    .send_request_with_addresses(&peer, req, addrs);
                 self.outbound.insert(id, reply);
             }
             Command::AnswerCall(token, answer) => {
@@ -452,15 +482,38 @@ impl Task {
         }
     }
 
-    /// Dials `peer` at its advertised addresses if not connected (request-response then sends
-    /// the queued request once the connection is up).
-    fn dial_known(&mut self, peer: PeerId) {
-        if self.swarm.is_connected(&peer) {
+    /// Dials a peer learned from an advert or mDNS while established connections plus discovery
+    /// dials in flight stay below `target_peers`.
+    fn discovery_dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if addrs.is_empty()
+            || self.swarm.is_connected(&peer)
+            || self.discovery_dials.contains_key(&peer)
+        {
             return;
         }
-        let addrs: Vec<Multiaddr> = self
-            .table
-            .get(&peer)
+        // A dial that never reports back (should not happen) must not block discovery forever.
+        let now = Instant::now();
+        let timeout = self.cfg.limits.handshake_timeout * 2;
+        self.discovery_dials
+            .retain(|_, t| now.saturating_duration_since(*t) < timeout);
+        if self.swarm.connected_peers().count() + self.discovery_dials.len()
+            >= self.cfg.target_peers
+        {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if self.swarm.dial(opts).is_ok() {
+            self.discovery_dials.insert(peer, now);
+        }
+    }
+
+    /// `peer`'s advertised listen addresses (at most 8), for dialling it.
+    fn advertised_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.table
+            .get(peer)
             .map(|e| {
                 e.advert
                     .listen_addrs
@@ -469,14 +522,7 @@ impl Task {
                     .take(8)
                     .collect()
             })
-            .unwrap_or_default();
-        if !addrs.is_empty() {
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            let _ = self.swarm.dial(opts);
-        }
+            .unwrap_or_default()
     }
 
     fn publish_advert(&mut self) {
@@ -506,14 +552,18 @@ impl Task {
         };
         match advert::codec::encode(&advert, self.cfg.limits.max_advert_bytes) {
             Ok(bytes) => {
-                if let Err(e) = self
+                match self
                     .swarm
                     .behaviour_mut()
                     .gossipsub
                     .publish(self.topic.clone(), bytes)
                 {
-                    // InsufficientPeers before anyone joined is expected; anything else is logged.
-                    tracing::trace!(error = %e, "advert not published");
+                    Ok(_) => self.advert_unsent = false,
+                    Err(e) => {
+                        // InsufficientPeers before anyone joined is expected.
+                        self.advert_unsent = true;
+                        tracing::trace!(error = %e, "advert not published");
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "own advert does not encode within the limit"),
@@ -613,6 +663,7 @@ impl Task {
                 num_established,
                 ..
             } => {
+                self.discovery_dials.remove(&peer_id);
                 if let Some(d) = self.dials.remove(&connection_id) {
                     let _ = d.send(Ok(peer_id));
                 }
@@ -634,6 +685,9 @@ impl Task {
                     self.stats
                         .refused_connections
                         .fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(p) = peer_id {
+                    self.discovery_dials.remove(&p);
                 }
                 if let Some(d) = self.dials.remove(&connection_id) {
                     let _ = d.send(Err(MeshError::Dial(error.to_string())));
@@ -673,6 +727,11 @@ impl Task {
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, verdict);
             }
+            MeshBehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
+                if self.advert_unsent && topic == self.topic.hash() =>
+            {
+                self.publish_advert();
+            }
             MeshBehaviourEvent::Auction(request_response::Event::Message {
                 peer, message, ..
             }) => match message {
@@ -703,14 +762,8 @@ impl Task {
             }
             MeshBehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
-                    if self.swarm.connected_peers().count() < self.cfg.target_peers
-                        && self.allowed(&peer)
-                    {
-                        let opts = DialOpts::peer_id(peer)
-                            .addresses(vec![addr])
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
-                            .build();
-                        let _ = self.swarm.dial(opts);
+                    if self.allowed(&peer) {
+                        self.discovery_dial(peer, vec![addr]);
                     }
                 }
             }
@@ -736,23 +789,13 @@ impl Task {
             return MessageAcceptance::Ignore;
         }
         // Learn the mesh: dial advertised addresses while below the target peer count.
-        if !self.swarm.is_connected(&peer)
-            && self.swarm.connected_peers().count() < self.cfg.target_peers
-        {
-            let addrs: Vec<Multiaddr> = advert
-                .listen_addrs
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .take(8)
-                .collect();
-            if !addrs.is_empty() {
-                let opts = DialOpts::peer_id(peer)
-                    .addresses(addrs)
-                    .condition(PeerCondition::DisconnectedAndNotDialing)
-                    .build();
-                let _ = self.swarm.dial(opts);
-            }
-        }
+        let addrs: Vec<Multiaddr> = advert
+            .listen_addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .take(8)
+            .collect();
+        self.discovery_dial(peer, addrs);
         match self.table.upsert(peer, advert, Instant::now()) {
             advert::table::Upsert::New => {
                 self.stats.adverts_accepted.fetch_add(1, Ordering::Relaxed);

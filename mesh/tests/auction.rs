@@ -252,3 +252,44 @@ async fn emulated_latency_delays_the_round_trip() {
         t0.elapsed()
     );
 }
+
+/// A home that learned a bidder only from gossip (no connection yet) still gets its bid: the
+/// request dials the bidder's advertised address (large meshes call peers they are not
+/// connected to all the time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_reaches_a_bidder_known_only_from_gossip() {
+    let hub = spawn(MeshConfig::local()).await;
+    let boot = hub.p2p_addr().to_string();
+    // One peer each, so neither dials the other when its advert arrives through the hub.
+    let leaf = |boot: &str| MeshConfig {
+        target_peers: 1,
+        bootstrap: vec![boot.to_string()],
+        ..MeshConfig::local()
+    };
+    let mut home = spawn(leaf(&boot)).await;
+    let bidder = spawn(leaf(&boot)).await;
+    bidder
+        .handle
+        .set_advert(prefill_body(0, 1.0))
+        .await
+        .expect("advert");
+    let bidder_id = bidder.id();
+    wait_for(&mut home.events, Duration::from_secs(10), |ev| match ev {
+        MeshEvent::PeerDiscovered { peer } if peer == bidder_id => Some(()),
+        _ => None,
+    })
+    .await
+    .expect("home learned the bidder through the hub");
+    let connected = home.handle.connected_peers().await.expect("peers");
+    assert!(
+        !connected.contains(&bidder_id),
+        "precondition: home must not be connected to the bidder yet"
+    );
+    let bidder_handle = bidder.handle.clone();
+    let _task = auto_bidder(bidder, CallAnswer::Bid(bid(10_000)));
+    let round = home.handle.call_auction(&[bidder_id], call(9, 5_000)).await;
+    assert_eq!(round.bids.len(), 1, "{round:?}");
+    assert_eq!(round.bids[0].0, bidder_id);
+    bidder_handle.shutdown().await;
+    hub.handle.shutdown().await;
+}

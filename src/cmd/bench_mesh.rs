@@ -16,6 +16,9 @@ pub struct Args {
     /// MiB per KV goodput measurement.
     #[arg(long, default_value_t = 1024)]
     pub kv_mib: u64,
+    /// Skip the loopback KV goodput part.
+    #[arg(long)]
+    pub no_kv: bool,
     /// Mesh sizes for auction latency and advert convergence.
     #[arg(long, value_delimiter = ',', default_value = "50,100")]
     pub nodes: Vec<usize>,
@@ -37,6 +40,12 @@ pub struct Args {
     /// Internal: send one transfer to this address and print the goodput as JSON.
     #[arg(long, hide = true)]
     pub kv_send: Option<String>,
+    /// Internal: run a raw TCP receiver listening on this `IP:PORT` (shaped-link baseline).
+    #[arg(long, hide = true)]
+    pub tcp_serve: Option<String>,
+    /// Internal: send the same bytes over raw TCP to this `IP:PORT` and print JSON.
+    #[arg(long, hide = true)]
+    pub tcp_send: Option<String>,
     /// Internal: configured link rate for `--kv-send`'s ratio.
     #[arg(long, hide = true, default_value_t = 0.0)]
     pub rate_mbit: f64,
@@ -51,6 +60,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bench::serve_kv(listen, file)?;
         return Ok(());
     }
+    if let Some(listen) = &args.tcp_serve {
+        let file = args
+            .addr_file
+            .as_deref()
+            .context("--tcp-serve needs --addr-file")?;
+        bench::serve_tcp(listen, file)?;
+        return Ok(());
+    }
+    if let Some(addr) = &args.tcp_send {
+        let r = bench::send_tcp(addr, args.kv_mib, args.rate_mbit)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
     if let Some(addr) = &args.kv_send {
         let r = bench::send_kv(addr, args.kv_mib, args.rate_mbit)?;
         println!("{}", serde_json::to_string(&r)?);
@@ -61,6 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         kv_mib: args.kv_mib,
         scales: args.nodes.clone(),
         rounds: args.rounds,
+        kv: !args.no_kv,
         ..MeshBenchOptions::default()
     };
     let report = bench::run(&opts)?;
@@ -71,35 +94,64 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("KV stream goodput vs raw TCP (loopback, same bytes, same run):");
-    println!("  transport streams   MiB   mesh MiB/s  raw TCP MiB/s  ratio");
-    for k in &report.kv {
+    if !report.kv.is_empty() {
+        println!("KV stream goodput vs raw TCP (loopback, same bytes, same run):");
         println!(
-            "  {:<9} {:>7} {:>5} {:>12.1} {:>14.1} {:>6.3}",
-            k.transport,
-            k.streams,
-            k.bytes >> 20,
-            k.mesh_mib_s,
-            k.raw_tcp_mib_s,
-            k.ratio
+            "  transport streams   MiB   mesh MiB/s  raw TCP MiB/s  ratio   CPU s/GiB mesh  raw TCP  ratio"
         );
+        for k in &report.kv {
+            println!(
+                "  {:<9} {:>7} {:>5} {:>12.1} {:>14.1} {:>6.3} {:>15.2} {:>8.2} {:>6.2}",
+                k.transport,
+                k.streams,
+                k.bytes >> 20,
+                k.mesh_mib_s,
+                k.raw_tcp_mib_s,
+                k.ratio,
+                k.mesh_cpu_s_per_gib,
+                k.raw_tcp_cpu_s_per_gib,
+                k.mesh_cpu_s_per_gib / k.raw_tcp_cpu_s_per_gib
+            );
+        }
     }
     println!("Auction call→award and advert convergence (one process):");
-    println!("  nodes  convergence ms  rounds  candidates  P50 ms  P99 ms");
+    println!(
+        "  nodes  converged  convergence ms  rounds ok/tried  no-bid  refused  bids  silent  P50 ms  P99 ms"
+    );
     for s in &report.scale {
         println!(
-            "  {:>5} {:>15.0} {:>7} {:>11} {:>7.2} {:>7.2}",
-            s.nodes, s.convergence_ms, s.rounds, s.candidates, s.p50_ms, s.p99_ms
+            "  {:>5} {:>9} {:>15.0} {:>9}/{:<6} {:>6} {:>8} {:>5} {:>7} {:>7.2} {:>7.2}",
+            s.nodes,
+            s.converged,
+            s.convergence_ms,
+            s.rounds,
+            s.rounds_tried,
+            s.rounds_without_bids,
+            s.awards_refused,
+            s.bids,
+            s.silent,
+            s.p50_ms,
+            s.p99_ms
         );
     }
     match &shaped {
         Ok(v) if v.is_empty() => println!("Shaped links: skipped (no rates requested)"),
         Ok(v) => {
-            println!("KV goodput through tc tbf-shaped veth (netns):");
+            println!(
+                "Goodput through a tc tbf-shaped veth pair (netns), ratio to the configured rate:"
+            );
+            println!(
+                "    rate Mbit/s  raw TCP Mbit/s  ratio   mesh KV Mbit/s  ratio   mesh/raw TCP"
+            );
             for s in v {
                 println!(
-                    "  {:>6.0} Mbit/s: {:>7.1} Mbit/s goodput, ratio {:.3}",
-                    s.rate_mbit, s.goodput_mbit, s.ratio
+                    "  {:>12.0} {:>15.1} {:>6.3} {:>16.1} {:>6.3} {:>14.3}",
+                    s.mesh.rate_mbit,
+                    s.tcp.goodput_mbit,
+                    s.tcp.ratio,
+                    s.mesh.goodput_mbit,
+                    s.mesh.ratio,
+                    s.mesh.goodput_mbit / s.tcp.goodput_mbit
                 );
             }
         }
@@ -108,8 +160,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One shaped-link rate: raw TCP and the mesh KV stream moving the same bytes, in the same run.
+/// Raw TCP is the ceiling: tbf counts Ethernet, IP and TCP headers against the rate
+/// (1448 payload bytes per 1514 on the wire ≈ 0.956).
+#[derive(Debug, serde::Serialize)]
+struct ShapedPair {
+    tcp: ShapedGoodput,
+    mesh: ShapedGoodput,
+}
+
 /// Runs `scripts/netns-shaped-kv` per rate; `Err(reason)` when it cannot (not root, no script).
-fn shaped(args: &Args) -> Result<Vec<ShapedGoodput>, String> {
+fn shaped(args: &Args) -> Result<Vec<ShapedPair>, String> {
     if args.shaped_mbit.is_empty() {
         return Ok(vec![]);
     }
@@ -144,10 +205,17 @@ fn shaped(args: &Args) -> Result<Vec<ShapedGoodput>, String> {
                     .unwrap_or("")
             ));
         }
-        let line = String::from_utf8_lossy(&o.stdout);
-        let r: ShapedGoodput =
-            serde_json::from_str(line.trim()).map_err(|e| format!("bad output {line}: {e}"))?;
-        out.push(r);
+        // The script prints two JSON lines: raw TCP first, then the mesh transfer.
+        let text = String::from_utf8_lossy(&o.stdout);
+        let parsed: Vec<ShapedGoodput> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l.trim()).map_err(|e| format!("bad output {l}: {e}")))
+            .collect::<Result<_, _>>()?;
+        let [tcp, mesh]: [ShapedGoodput; 2] = parsed
+            .try_into()
+            .map_err(|v: Vec<_>| format!("expected 2 result lines, got {}", v.len()))?;
+        out.push(ShapedPair { tcp, mesh });
     }
     Ok(out)
 }

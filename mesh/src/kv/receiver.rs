@@ -126,6 +126,72 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Aborts the stream-gathering task (and through it the readers it owns) on early exit.
+struct GatherOnDrop(Option<JoinHandle<AbortOnDrop>>);
+
+impl GatherOnDrop {
+    fn take(mut self) -> Option<JoinHandle<AbortOnDrop>> {
+        self.0.take()
+    }
+}
+
+impl Drop for GatherOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Receives the transfer's streams as the acceptor hands them over and starts each one's reader
+/// at once. Returns the readers in stream-index order (the caller needs stream 0 for the ack).
+/// A bad, duplicate or missing stream is reported to every reader slot not yet taken, which is
+/// where the coordinator will be waiting.
+async fn gather(
+    mut streams: mpsc::Receiver<(u16, Stream)>,
+    mut txs: Vec<Option<mpsc::Sender<ReaderItem>>>,
+    idle: Duration,
+    spawn_reader: impl Fn(Stream, u16, mpsc::Sender<ReaderItem>) -> JoinHandle<Result<Stream, KvError>>,
+) -> AbortOnDrop {
+    let n = txs.len();
+    let mut slots: Vec<Option<JoinHandle<Result<Stream, KvError>>>> =
+        (0..n).map(|_| None).collect();
+    let mut have = 0;
+    let failure = loop {
+        if have == n {
+            break None;
+        }
+        let (i, s) = match tokio::time::timeout(idle, streams.recv()).await {
+            Err(_) => break Some(KvError::Timeout("all streams of the transfer")),
+            Ok(None) => {
+                break Some(KvError::Truncated(
+                    "sender gave up before opening all streams".into(),
+                ))
+            }
+            Ok(Some(x)) => x,
+        };
+        let Some(tx) = txs.get_mut(usize::from(i)).and_then(Option::take) else {
+            break Some(KvError::Protocol(format!(
+                "stream index {i} out of range or duplicate"
+            )));
+        };
+        slots[usize::from(i)] = Some(spawn_reader(s, i, tx));
+        have += 1;
+    };
+    let readers = AbortOnDrop(slots.into_iter().flatten().collect());
+    if let Some(e) = failure {
+        let msg = e.to_string();
+        let mut first = Some(e);
+        for tx in txs.into_iter().flatten() {
+            let e = first
+                .take()
+                .unwrap_or_else(|| KvError::Protocol(msg.clone()));
+            let _ = tx.send(Err(e)).await;
+        }
+    }
+    readers
+}
+
 /// What a reader task hands to the in-order coordinator.
 type ReaderItem = Result<Frame, KvError>;
 
@@ -160,56 +226,56 @@ impl KvIncoming {
         let n = self.stream_count;
         let idle = self.limits.idle_timeout;
 
-        // Gather every stream of the transfer (they are opened concurrently by the sender).
-        let mut slots: Vec<Option<Stream>> = (0..n).map(|_| None).collect();
-        let mut have = 0;
-        while have < n {
-            let (i, s) = tokio::time::timeout(idle, self.streams.recv())
-                .await
-                .map_err(|_| KvError::Timeout("all streams of the transfer"))?
-                .ok_or_else(|| {
-                    KvError::Truncated("sender gave up before opening all streams".into())
-                })?;
-            let slot = slots
-                .get_mut(usize::from(i))
-                .ok_or_else(|| KvError::Protocol(format!("stream index {i}")))?;
-            if slot.replace(s).is_some() {
-                return Err(KvError::Protocol(format!("duplicate stream index {i}")));
-            }
-            have += 1;
-        }
-
         // One reader per stream, each with a one-slot channel: a reader can be at most one layer
         // ahead of the coordinator, so buffered data is bounded by ~2 layers per stream.
+        // Readers start as soon as their stream arrives, not once all have: a sender's early
+        // layers on stream 0 may use up a shared connection window (QUIC) before the other
+        // streams' hellos get through, and waiting for those would deadlock the transfer.
         let remaining = Arc::new(AtomicU64::new(h.total_bytes));
         let mut rxs = Vec::with_capacity(usize::from(n));
-        let mut guard = AbortOnDrop(Vec::with_capacity(usize::from(n)));
-        for (i, s) in slots.into_iter().enumerate() {
-            let s = s.ok_or_else(|| KvError::Protocol("missing stream".into()))?;
+        let mut txs = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
             let (tx, rx) = mpsc::channel::<ReaderItem>(1);
+            txs.push(Some(tx));
             rxs.push(rx);
-            guard.0.push(tokio::spawn(read_stream(
-                s,
-                i as u16,
-                n,
-                h.layers,
-                max_layer,
-                remaining.clone(),
-                self.limits.max_trailer_bytes,
-                tx,
-            )));
         }
+        let streams = std::mem::replace(&mut self.streams, mpsc::channel(1).1);
+        let spawn_reader = {
+            let (layers, max_trailer) = (h.layers, self.limits.max_trailer_bytes);
+            move |s: Stream, i: u16, tx: mpsc::Sender<ReaderItem>| {
+                tokio::spawn(read_stream(
+                    s,
+                    i,
+                    n,
+                    layers,
+                    max_layer,
+                    remaining.clone(),
+                    max_trailer,
+                    tx,
+                ))
+            }
+        };
+        let gather = GatherOnDrop(Some(tokio::spawn(gather(streams, txs, idle, spawn_reader))));
 
         let result = coordinate(&mut rxs, &h, n, idle, sink).await;
         let elapsed = self.started.elapsed();
         // Ack on stream 0 (success or failure), then let the other readers finish.
-        let stream0 = match guard.0.first_mut() {
-            Some(t) if result.is_ok() => tokio::time::timeout(idle, t)
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .and_then(|r| r.ok()),
-            _ => None,
+        let stream0 = match result {
+            Ok(_) => match gather.take() {
+                Some(g) => match g.await {
+                    Ok(mut readers) => match readers.0.first_mut() {
+                        Some(t) => tokio::time::timeout(idle, t)
+                            .await
+                            .ok()
+                            .and_then(|r| r.ok())
+                            .and_then(|r| r.ok()),
+                        None => None,
+                    },
+                    Err(_) => None,
+                },
+                None => None,
+            },
+            Err(_) => None,
         };
         match (result, stream0) {
             (Ok(bytes), Some(mut s)) => {
