@@ -76,7 +76,7 @@ impl Handler<Submit> for FakeAdmission {
             };
             let delta = |t: &str| GenerateEvent::Delta {
                 text: t.into(),
-                token: 1,
+                token: Some(1),
             };
             let failed = |m: &str| GenerateEvent::Failed { message: m.into() };
             // A send fails only when the API dropped the receiver; the script just ends then.

@@ -382,14 +382,12 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         }
         let results = futures::future::join_all(futs).await;
         let (mut ok, mut remote) = (0, 0);
-        for r in &results {
-            if let Ok(r) = r {
-                ok += 1;
-                remote += usize::from(matches!(
-                    r.prfaas.as_ref().map(|e| &e.route),
-                    Some(PrefillRoute::Remote { .. })
-                ));
-            }
+        for r in results.iter().flatten() {
+            ok += 1;
+            remote += usize::from(matches!(
+                r.prfaas.as_ref().map(|e| &e.route),
+                Some(PrefillRoute::Remote { .. })
+            ));
         }
         println!(
             "  {ok}/{} completed ({remote} prefilled remotely) in {:.1} s\n",

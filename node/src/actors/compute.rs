@@ -624,6 +624,7 @@ fn record(metrics: &Metrics, route: &PrefillRoute, outcome: &str) {
 }
 
 /// Ends a request that could not start or continue.
+#[allow(clippy::boxed_local)] // jobs travel boxed; unboxing to fail one would only copy it
 pub fn fail(metrics: &Metrics, job: Box<DecodeJob>, message: &str) {
     tracing::warn!(request = job.request_id, %message, "request failed");
     record(metrics, &job.route, "error");

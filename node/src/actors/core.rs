@@ -144,12 +144,12 @@ impl NodeCore {
     }
 
     /// Hands an incoming transfer to whoever waits for it; `Err` gives it back when nobody does.
-    pub fn deliver_kv(&self, incoming: KvIncoming) -> Result<(), KvIncoming> {
+    pub fn deliver_kv(&self, incoming: KvIncoming) -> Result<(), Box<KvIncoming>> {
         let key = (incoming.peer(), incoming.header().request_id);
         let waiter = self.pending_kv.lock().ok().and_then(|mut m| m.remove(&key));
         match waiter {
-            Some(tx) => tx.send(incoming),
-            None => Err(incoming),
+            Some(tx) => tx.send(incoming).map_err(Box::new),
+            None => Err(Box::new(incoming)),
         }
     }
 
