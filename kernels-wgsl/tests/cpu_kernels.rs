@@ -541,3 +541,37 @@ fn bad_arguments_are_errors_not_panics() {
         "block index out of range"
     );
 }
+
+/// The small-batch quantized kernels (decode): every row-tile size (16, 8, 4, 2, 1 and their
+/// remainders), column counts that are not multiples of the column tile, long rows, all-zero and
+/// tiny-magnitude activation blocks (the one-row integer path scales each block by its maximum),
+/// compared with the dequantize-then-multiply reference.
+#[test]
+fn matmul_quantized_small_batches_odd_shapes() {
+    let b = CpuBackend::new();
+    let mut rng = Rng(0xdec0de);
+    for &m in &[1, 2, 4, 5, 9, 16, 19, 31, 32] {
+        for &(k, n) in &[(32, 1), (96, 7), (576, 33), (1536, 13)] {
+            for dtype in [DType::Q4_1, DType::Q8_0] {
+                let mut x = rng.vec(m * k);
+                // Row 0: first block all zero, second block ~1e-6 (relative rounding still fine).
+                x[..32].fill(0.0);
+                if k >= 64 {
+                    x[32..64].iter_mut().for_each(|v| *v *= 1e-6);
+                }
+                let w = rng.vec(n * k);
+                let bytes = quant::quantize(dtype, &w).unwrap();
+                let want = reference::matmul(&x, m, k, dtype, &bytes, n).unwrap();
+                let got = b
+                    .matmul(&up(&b, &[m, k], &x), &up_bytes(&b, dtype, &[n, k], bytes))
+                    .unwrap();
+                assert_close(
+                    &format!("small-batch matmul {dtype:?} {m}x{k}x{n}"),
+                    &b.download(&got).unwrap(),
+                    &want,
+                    1e-4,
+                );
+            }
+        }
+    }
+}

@@ -133,8 +133,16 @@ fn phi_kv(
     let mut rows = Vec::new();
     let mut bytes_per_token = 0;
     for &n in lengths {
-        if n > loaded.config.max_context || n > max_tokens {
-            rows.push(json!({ "tokens": n, "skipped": "beyond context or --phi-max-tokens" }));
+        if n > loaded.config.max_context {
+            let why = format!(
+                "beyond the model's context of {}",
+                loaded.config.max_context
+            );
+            rows.push(json!({ "tokens": n, "skipped": why }));
+            continue;
+        }
+        if n > max_tokens {
+            rows.push(json!({ "tokens": n, "skipped": "beyond --phi-max-tokens" }));
             continue;
         }
         let mut engine = engine_for(loaded, backend, n + 16)?;

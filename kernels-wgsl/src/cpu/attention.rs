@@ -109,7 +109,14 @@ pub(crate) fn attention(
                 l: vec![0.0; nv],
                 acc: vec![0.0; nv * hd],
             };
-            attn_task(
+            // One query row (decode): scores for the whole key range fit a small buffer, so the
+            // direct two-pass kernel beats tiled gemm calls on a 1-row problem.
+            let attend = if t.i1 - t.i0 == 1 {
+                decode_task
+            } else {
+                attn_task
+            };
+            attend(
                 q,
                 k_pool,
                 v_pool,
@@ -159,6 +166,72 @@ pub(crate) fn attention(
         }
     }
     Ok(out)
+}
+
+multiversion! {
+    /// Attention of one query row (its `group` heads sharing KV head `t.kvh`) over keys
+    /// `t.ka..t.kb`: scores into a buffer, one softmax pass, then `acc = Σ p·v` with each V row
+    /// loaded once for the whole group. Leaves the unnormalised state in `part` like [`attn_task`].
+    fn decode_task(
+        q: &[f32],
+        k_pool: &[f32],
+        v_pool: &[f32],
+        block_size: usize,
+        table: &[u32],
+        _n_past: usize,
+        t: &Task,
+        p: &AttnParams,
+        part: &mut Partial,
+    ) {
+        let (nh, hd, nkv) = (p.n_heads, p.head_dim, p.n_kv_heads);
+        let group = nh / nkv;
+        let row = nkv * hd;
+        let nk = t.kb - t.ka;
+        if nk == 0 {
+            return;
+        }
+        let qrow = &q[(t.q_base + t.i0) * nh * hd..][..nh * hd];
+        let qs: Vec<f32> = qrow[t.kvh * group * hd..(t.kvh + 1) * group * hd]
+            .iter()
+            .map(|&v| v * p.scale)
+            .collect();
+        // scores[g·nk + j] for key ka + j.
+        let mut scores = vec![0.0f32; group * nk];
+        // Visit keys in runs of consecutive pool slots (one block at a time): no division per key.
+        let for_each_key = |f: &mut dyn FnMut(usize, usize)| {
+            let mut pos = t.ka;
+            while pos < t.kb {
+                let run = (block_size - pos % block_size).min(t.kb - pos);
+                let slot = table[pos / block_size] as usize * block_size + pos % block_size;
+                for r in 0..run {
+                    f(pos - t.ka + r, (slot + r) * row + t.kvh * hd);
+                }
+                pos += run;
+            }
+        };
+        for_each_key(&mut |j, off| {
+            let kr = &k_pool[off..off + hd];
+            for g in 0..group {
+                scores[g * nk + j] = simd::dot(&qs[g * hd..(g + 1) * hd], kr);
+            }
+        });
+        for g in 0..group {
+            let srow = &mut scores[g * nk..(g + 1) * nk];
+            let mx = srow.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            for x in srow.iter_mut() {
+                *x = simd::exp_neg(*x - mx);
+            }
+            part.m[g] = mx;
+            part.l[g] = simd::sum(srow);
+        }
+        let acc = &mut part.acc;
+        for_each_key(&mut |j, off| {
+            let vr = &v_pool[off..off + hd];
+            for g in 0..group {
+                simd::axpy(&mut acc[g * hd..(g + 1) * hd], scores[g * nk + j], vr);
+            }
+        });
+    }
 }
 
 multiversion! {

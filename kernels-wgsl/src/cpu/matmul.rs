@@ -15,8 +15,12 @@ use super::simd::{self, multiversion, LANES};
 use crate::backend::{DType, KernelError, Result};
 use crate::quant::{self, QK};
 
-/// Row count from which weights are dequantized to f32 and multiplied with `gemm`.
+/// Row count from which weights are dequantized to f32 and multiplied with `gemm` (portable path).
 pub(crate) const GEMM_MIN_ROWS: usize = 8;
+/// Row count up to which Q4_1/Q8_0 products use the explicit small-M kernels of
+/// [`super::qmatvec`] when the CPU has them: there every weight block is read once for all rows,
+/// which beats dequantizing whole panels for `gemm` until the batch is large.
+pub(crate) const QMATVEC_MAX_ROWS: usize = 32;
 /// Upper bound of the f32 scratch used to dequantize one weight panel.
 const PANEL_BYTES: usize = 4 << 20;
 /// Output columns per rayon task in the mat-vec path.
@@ -177,6 +181,13 @@ pub(crate) fn matmul(
         let wf: &[f32] =
             bytemuck::try_cast_slice(w).map_err(|e| KernelError::Device(format!("{e:?}")))?;
         gemm_f32(x, wf, &mut out, m, k, n, n);
+        return Ok(out);
+    }
+    if matches!(dtype, DType::Q4_1 | DType::Q8_0)
+        && m <= QMATVEC_MAX_ROWS
+        && super::qmatvec::available()
+    {
+        super::qmatvec::matmul(x, m, k, dtype, w, n, &mut out);
         return Ok(out);
     }
     if m >= GEMM_MIN_ROWS {

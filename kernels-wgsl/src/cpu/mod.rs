@@ -13,6 +13,7 @@
 mod attention;
 mod linear;
 pub(crate) mod matmul;
+mod qmatvec;
 pub(crate) mod simd;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};

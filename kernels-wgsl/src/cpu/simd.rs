@@ -90,6 +90,19 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     hsum(&acc) + tail
 }
 
+/// `Σ x[i]` with [`LANES`] independent accumulators.
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut c = x.chunks_exact(LANES);
+    for v in &mut c {
+        for l in 0..LANES {
+            acc[l] += v[l];
+        }
+    }
+    hsum(&acc) + c.remainder().iter().sum::<f32>()
+}
+
 /// Sum of the accumulator lanes, pairwise.
 #[inline(always)]
 pub(crate) fn hsum(acc: &[f32; LANES]) -> f32 {
