@@ -289,4 +289,15 @@ mod tests {
         bad.node.roles.clear();
         assert!(bad.validate().is_err());
     }
+
+    #[test]
+    fn shipped_example_configs_parse() {
+        for f in ["node-prefill.toml", "node-decode.toml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../configs")
+                .join(f);
+            let cfg = NodeConfig::from_file(&path).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(!cfg.mesh.listen.is_empty(), "{f}");
+        }
+    }
 }

@@ -27,6 +27,9 @@ use crate::kv::KvLayout;
 use crate::metrics::Metrics;
 use crate::service::PrefillRoute;
 
+/// Longest wait for the swarm to answer a query.
+const MESH_ANSWER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Most block hashes sent in a call (64 KiB of hashes ≈ 130K tokens at 16 per block).
 const MAX_CALL_HASHES: usize = 8192;
 
@@ -134,7 +137,17 @@ async fn decide(core: &Core, job: &DecodeJob) -> Decision {
         ));
     }
     let me = core.mesh.local_peer_id();
-    let candidates: Vec<PeerId> = match core.mesh.prefill_candidates(core.model_ref.clone()).await {
+    // Every wait on the mesh is bounded: a stalled swarm costs latency, never a stuck request.
+    let asked = tokio::time::timeout(
+        MESH_ANSWER,
+        core.mesh.prefill_candidates(core.model_ref.clone()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        tracing::warn!("mesh did not list candidates in time");
+        Err(prfaas_mesh::MeshError::ShutDown)
+    });
+    let candidates: Vec<PeerId> = match asked {
         Ok(c) => c.into_iter().map(|(p, _)| p).filter(|p| *p != me).collect(),
         Err(e) => {
             Metrics::inc(&m.offload_decisions, "no_candidates");
@@ -225,7 +238,15 @@ async fn auction(
         kv_bytes_estimate: kv_bytes,
         deadline_ms: pol.auction_deadline.as_millis().min(u128::from(u32::MAX)) as u32,
     };
-    let round = core.mesh.call_auction(candidates, call).await;
+    let round = tokio::time::timeout(
+        pol.auction_deadline + MESH_ANSWER,
+        core.mesh.call_auction(candidates, call),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        tracing::warn!("auction round overran its deadline");
+        Default::default()
+    });
     rec.declines = round.declines.len();
     rec.silent = round.silent.len();
 
@@ -342,7 +363,16 @@ async fn auction(
         tokens: Award::pack_tokens(&job.tokens),
     };
     let award_sent = Instant::now();
-    match core.mesh.award(peer, award).await {
+    let awarded = tokio::time::timeout(
+        MESH_ANSWER + core.cfg.mesh.limits.auction_timeout,
+        core.mesh.award(peer, award),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        tracing::warn!(%peer, "award not answered in time");
+        Err(prfaas_mesh::MeshError::ShutDown)
+    });
+    match awarded {
         Ok(true) => Metrics::inc(&core.metrics.auctions, "awarded"),
         Ok(false) => {
             core.forget_kv(peer, job.request_id);
