@@ -48,6 +48,10 @@ pub fn node_config(
     c.engine.max_batch = 16;
     c.engine.calibration_tokens = 16;
     c.policy.offload_threshold_tokens = 48;
+    // These tests are about what happens once a prompt is offloaded, not about auction
+    // economics (tests/placement.rs): a home's own prefill never outbids a peer here, whatever
+    // the noisy speed estimates of a loaded machine say.
+    c.policy.reserve_price_factor = 1e6;
     // Debug builds on a loaded 2-core machine: generous deadlines, still bounded.
     c.policy.auction_deadline = Duration::from_millis(2000);
     c.policy.transfer_timeout = Duration::from_secs(60);
