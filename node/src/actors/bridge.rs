@@ -107,6 +107,20 @@ impl MeshBridge {
         let core = self.core.clone();
         ctx.spawn(
             async move {
+                // Adapt t to the best link towards a peer that could prefill for us.
+                if core.cfg.is_home() {
+                    if let Ok(c) = core.mesh.prefill_candidates(core.model_ref.clone()).await {
+                        let me = core.mesh.local_peer_id();
+                        let best = c
+                            .iter()
+                            .filter(|(p, _)| *p != me)
+                            .map(|(p, _)| core.bandwidth_to(p).0)
+                            .fold(0.0, f64::max);
+                        if best > 0.0 {
+                            core.adapt_threshold(best);
+                        }
+                    }
+                }
                 if let Ok(peers) = core.mesh.known_peers().await {
                     core.metrics.mesh_peers.set(peers.len() as i64);
                     for p in peers {

@@ -176,6 +176,41 @@ impl NodeCore {
             .unwrap_or_default()
     }
 
+    /// Re-derives the offload threshold `t` from what this node measures (DESIGN.md §4 step 2):
+    /// offloading `l` tokens pays only when the local prefill time `l / r` (plus the local queue)
+    /// exceeds shipping its KV at the best observed bandwidth `l · B / bw` plus the auction's
+    /// fixed cost `c`. The break-even length is `l* = (c − q) / (1/r − B/bw)`; when shipping a
+    /// token costs more than computing it (`B/bw ≥ 1/r`), nothing is worth offloading.
+    /// `t = max(configured t, l*)`, capped at the context length. Returns the new `t`.
+    pub fn adapt_threshold(&self, best_bandwidth: f64) -> usize {
+        const AUCTION_COST_S: f64 = 0.05;
+        let base = self.cfg.policy.offload_threshold_tokens;
+        let view = self.compute.view();
+        let r = view.prefill_tokens_per_s.max(1.0);
+        let per_token_ship = self.layout.bytes_per_token() as f64 / best_bandwidth.max(1.0);
+        let per_token_gain = 1.0 / r - per_token_ship;
+        let queue = self.compute.queue_delay_s();
+        let t = if per_token_gain <= 0.0 {
+            self.max_context
+        } else {
+            let l_star = ((AUCTION_COST_S - queue).max(0.0) / per_token_gain).ceil();
+            base.max(l_star.min(self.max_context as f64) as usize)
+        };
+        let old = self.threshold.swap(t, Ordering::Relaxed);
+        if old != t && (old.abs_diff(t) * 10 > old.max(1)) {
+            tracing::info!(
+                old,
+                new = t,
+                best_bandwidth_mb_s = best_bandwidth / 1e6,
+                prefill_tok_s = r,
+                queue_s = queue,
+                "offload threshold adapted"
+            );
+        }
+        self.metrics.offload_threshold.set(t as i64);
+        t
+    }
+
     /// Observed bandwidth to `peer` in bytes/s, or the configured assumption when unmeasured.
     pub fn bandwidth_to(&self, peer: &PeerId) -> (f64, bool) {
         match self.mesh.observed_bandwidth(peer) {
