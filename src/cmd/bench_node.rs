@@ -78,23 +78,9 @@ async fn addrs(n: &NodeHandle) -> Vec<String> {
 }
 
 async fn wait_prefillers(home: &NodeHandle, want: usize) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    loop {
-        let c = home
-            .core
-            .mesh
-            .prefill_candidates(home.core.model_ref.clone())
-            .await
-            .unwrap_or_default();
-        if c.iter().filter(|(p, _)| *p != home.peer_id()).count() >= want {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(30),
-            "mesh did not converge"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    home.wait_for_prefillers(want, Duration::from_secs(30))
+        .await
+        .map_err(|seen| anyhow::anyhow!("mesh did not converge ({seen}/{want} prefill peers)"))
 }
 
 /// A distinct prompt of about `tokens` tokens.

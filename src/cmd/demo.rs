@@ -225,26 +225,13 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     }
     // Both decode nodes must see the prefill node before the requests start; bounded wait on
     // the gossip.
-    let want = [(&a, 1usize), (&b, 1usize)];
-    let wait_t = Instant::now();
-    loop {
-        let mut ok = true;
-        for (h, n) in want {
-            let c = h
-                .core
-                .mesh
-                .prefill_candidates(h.core.model_ref.clone())
-                .await
-                .unwrap_or_default();
-            ok &= c.iter().filter(|(p, _)| *p != h.peer_id()).count() >= n;
-        }
-        if ok {
-            break;
-        }
-        if wait_t.elapsed() > Duration::from_secs(30) {
+    for h in [&a, &b] {
+        if h.wait_for_prefillers(1, Duration::from_secs(30))
+            .await
+            .is_err()
+        {
             bail!("the mesh did not converge within 30 s");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!(
         "mesh up in {:.1} s (offload threshold t = {} tokens)\n",

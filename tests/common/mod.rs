@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prfaas_kernels::BackendKind;
 use prfaas_mesh::MeshConfig;
@@ -87,23 +87,11 @@ pub async fn addrs_of(n: &NodeHandle) -> Vec<String> {
 
 /// Waits (bounded) until `home` sees `want` prefill candidates for its model.
 pub async fn wait_for_prefillers(home: &NodeHandle, want: usize) {
-    let t0 = Instant::now();
-    loop {
-        let c = home
-            .core
-            .mesh
-            .prefill_candidates(home.core.model_ref.clone())
-            .await
-            .unwrap_or_default();
-        let others = c.iter().filter(|(p, _)| *p != home.peer_id()).count();
-        if others >= want {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "home saw {others}/{want} prefill peers after 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    if let Err(seen) = home
+        .wait_for_prefillers(want, Duration::from_secs(30))
+        .await
+    {
+        panic!("home saw {seen}/{want} prefill peers after 30 s");
     }
 }
 

@@ -190,6 +190,28 @@ impl NodeHandle {
             .collect()
     }
 
+    /// Waits until this node's peer table lists at least `want` other peers that can prefill
+    /// its model, polling the mesh every 25 ms for at most `limit`. `Err` carries how many it saw.
+    pub async fn wait_for_prefillers(&self, want: usize, limit: Duration) -> Result<(), usize> {
+        let t0 = Instant::now();
+        loop {
+            let c = self
+                .core
+                .mesh
+                .prefill_candidates(self.core.model_ref.clone())
+                .await
+                .unwrap_or_default();
+            let others = c.iter().filter(|(p, _)| *p != self.peer_id()).count();
+            if others >= want {
+                return Ok(());
+            }
+            if t0.elapsed() >= limit {
+                return Err(others);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Submits a request directly (what the HTTP API does).
     pub async fn submit(
         &self,
