@@ -144,7 +144,13 @@ async fn threshold_follows_observed_bandwidth() {
     let long = "A long prompt that certainly exceeds the offload threshold of the home. ".repeat(4);
     let out = run_text(&home, &long, 2).await;
     assert!(!out.is_remote());
-    // A fast link: back to the configured t.
-    assert_eq!(home.core.adapt_threshold(1.0e12), configured);
+    // A fast link: t is the configured one or the break-even length of the auction's fixed
+    // cost at the measured local speed, whichever is larger.
+    let rate = home.core.compute.view().prefill_tokens_per_s;
+    let break_even = (prfaas_node::actors::core::AUCTION_COST_S * rate).ceil() as usize;
+    assert_eq!(
+        home.core.adapt_threshold(1.0e12),
+        configured.max(break_even)
+    );
     home.shutdown().await;
 }

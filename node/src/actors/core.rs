@@ -183,7 +183,6 @@ impl NodeCore {
     /// token costs more than computing it (`B/bw ≥ 1/r`), nothing is worth offloading.
     /// `t = max(configured t, l*)`, capped at the context length. Returns the new `t`.
     pub fn adapt_threshold(&self, best_bandwidth: f64) -> usize {
-        const AUCTION_COST_S: f64 = 0.05;
         let base = self.cfg.policy.offload_threshold_tokens;
         let view = self.compute.view();
         let r = view.prefill_tokens_per_s.max(1.0);
@@ -219,6 +218,9 @@ impl NodeCore {
         }
     }
 }
+
+/// Fixed cost of offloading one prompt in [`NodeCore::adapt_threshold`] (auction round trip), s.
+pub const AUCTION_COST_S: f64 = 0.05;
 
 /// The node's shared state.
 pub type Core = Arc<NodeCore>;
