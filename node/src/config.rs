@@ -93,6 +93,9 @@ pub struct EngineSection {
 pub struct PolicySection {
     /// Offload iff the uncached prompt length exceeds this many tokens.
     pub offload_threshold_tokens: usize,
+    /// Raise `t` at run time to the break-even length at the best observed bandwidth, local
+    /// prefill speed and queue (never below `offload_threshold_tokens`). `false` pins `t`.
+    pub adaptive_threshold: bool,
     /// How long the home waits for bids.
     #[serde(with = "humantime_serde")]
     pub auction_deadline: Duration,
@@ -158,6 +161,7 @@ impl Default for PolicySection {
     fn default() -> Self {
         Self {
             offload_threshold_tokens: 256,
+            adaptive_threshold: true,
             auction_deadline: Duration::from_millis(200),
             transfer_timeout: Duration::from_secs(60),
             price_per_1k_tokens: 1.0,

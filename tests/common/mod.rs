@@ -48,6 +48,8 @@ pub fn node_config(
     c.engine.max_batch = 16;
     c.engine.calibration_tokens = 16;
     c.policy.offload_threshold_tokens = 48;
+    // Which prompts go remote must not depend on how fast this (loaded) machine prefills.
+    c.policy.adaptive_threshold = false;
     // These tests are about what happens once a prompt is offloaded, not about auction
     // economics (tests/placement.rs): a home's own prefill never outbids a peer here, whatever
     // the noisy speed estimates of a loaded machine say.

@@ -56,7 +56,7 @@ impl MeshBridge {
             if core.cfg.serves_prefill() {
                 roles.push(Role::Prefill);
             }
-            if core.cfg.is_home() {
+            if core.cfg.is_home() && core.cfg.policy.adaptive_threshold {
                 roles.push(Role::Decode);
             }
             Some(AdvertBody {
@@ -108,7 +108,7 @@ impl MeshBridge {
         ctx.spawn(
             async move {
                 // Adapt t to the best link towards a peer that could prefill for us.
-                if core.cfg.is_home() {
+                if core.cfg.is_home() && core.cfg.policy.adaptive_threshold {
                     if let Ok(c) = core.mesh.prefill_candidates(core.model_ref.clone()).await {
                         let me = core.mesh.local_peer_id();
                         let best = c
