@@ -131,13 +131,24 @@ pub async fn write_layer<W: AsyncWrite + Unpin>(
     layer: u32,
     bytes: &[u8],
 ) -> Result<(), KvError> {
+    write_layer_header(io, layer, bytes).await?;
+    io.write_all(bytes).await?;
+    Ok(())
+}
+
+/// Writes the header of the layer frame carrying `bytes`; the caller writes `bytes` next
+/// (in pieces, e.g. to bound each piece's write time).
+pub async fn write_layer_header<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    layer: u32,
+    bytes: &[u8],
+) -> Result<(), KvError> {
     let header = FrameHeader::Layer {
         layer,
         byte_len: bytes.len() as u64,
         checksum: checksum(bytes),
     };
     wire::write_framed(io, &header, MAX_FRAME_HEADER_BYTES).await?;
-    io.write_all(bytes).await?;
     Ok(())
 }
 

@@ -259,21 +259,44 @@ async fn write_stream(
     mut rx: mpsc::Receiver<WriterMsg>,
     limits: SenderLimits,
 ) -> Result<Option<Stream>, KvError> {
-    codec::write_hello(&mut stream, &hello).await?;
+    let idle = limits.idle_timeout;
+    bounded(idle, codec::write_hello(&mut stream, &hello)).await?;
     while let Some(msg) = rx.recv().await {
         match msg {
             WriterMsg::Layer(layer, bytes) => {
-                codec::write_layer(&mut stream, layer, &bytes).await?
+                bounded(idle, codec::write_layer_header(&mut stream, layer, &bytes)).await?;
+                for piece in bytes.chunks(WRITE_PIECE) {
+                    bounded(idle, async {
+                        stream.write_all(piece).await.map_err(KvError::from)
+                    })
+                    .await?;
+                }
             }
             WriterMsg::End(trailer) => {
-                codec::write_end(&mut stream, trailer.as_ref(), limits.max_trailer_bytes).await?;
+                let end = codec::write_end(&mut stream, trailer.as_ref(), limits.max_trailer_bytes);
+                bounded(idle, end).await?;
                 if hello.stream_index == 0 {
                     return Ok(Some(stream));
                 }
-                stream.close().await?;
+                bounded(idle, async { stream.close().await.map_err(KvError::from) }).await?;
                 return Ok(None);
             }
         }
     }
     Err(KvError::Usage("transfer dropped before finish".into()))
+}
+
+/// Largest piece of a layer written under one idle timeout: a receiver that stops reading
+/// fails the transfer after `kv_idle_timeout` without progress, instead of holding the sender
+/// (and the prefill feeding it) forever, while a slow but moving link is never cut.
+const WRITE_PIECE: usize = 1 << 20;
+
+/// `fut`, failed with [`KvError::Timeout`] when it takes longer than `idle`.
+async fn bounded<T>(
+    idle: Duration,
+    fut: impl std::future::Future<Output = Result<T, KvError>>,
+) -> Result<T, KvError> {
+    tokio::time::timeout(idle, fut)
+        .await
+        .map_err(|_| KvError::Timeout("KV write (receiver not reading)"))?
 }
