@@ -6,6 +6,8 @@ mod common;
 use common::*;
 use prfaas_kernels::BackendKind;
 use prfaas_node::config::NodeRole;
+use prfaas_node::metrics::KindLabel;
+use prfaas_node::service::PrefillRoute;
 
 /// Prompts of mixed lengths: short ones stay local (≤ t = 48 tokens), long ones are offloaded.
 fn prompts() -> Vec<String> {
@@ -158,4 +160,81 @@ async fn wgpu_prefill_serves_cpu_decode() {
         home.shutdown().await;
         prefill.shutdown().await;
     }
+}
+
+/// A winner that stalls mid-transfer costs latency, never the request or the KV: the home gives
+/// up after its transfer timeout, frees the leased blocks and prefills locally (same tokens); the
+/// winner abandons the transfer after its own transfer timeout, its compute thread is free again
+/// and it serves the next offload normally.
+#[actix_rt::test]
+async fn stalled_winner_falls_back_locally_and_frees_its_lease() {
+    let model = "tiny-hybrid";
+    let mut pcfg = node_config("prefill", &[NodeRole::Prefill], model, vec![]);
+    pcfg.mesh.limits.kv_idle_timeout = std::time::Duration::from_secs(3);
+    pcfg.policy.transfer_timeout = std::time::Duration::from_secs(5);
+    let prefill = start(pcfg).await;
+    let mut hcfg = node_config("home", &[NodeRole::Decode], model, addrs_of(&prefill).await);
+    hcfg.policy.transfer_timeout = std::time::Duration::from_secs(3);
+    let home = start(hcfg).await;
+    wait_for_prefillers(&home, 1).await;
+    let long: Vec<String> = prompts()
+        .into_iter()
+        .filter(|p| home.core.text.codec.encode(p, false).map_or(0, |t| t.len()) > 48)
+        .take(2)
+        .collect();
+    let mut reference = Reference::new(model, BackendKind::Cpu);
+
+    // 100 bytes/s from the winner to the home: the KV cannot arrive within 3 s.
+    prefill
+        .core
+        .mesh
+        .set_emulated_bandwidth(home.peer_id(), Some(100.0));
+    let got = run_text(&home, &long[0], 8).await;
+    match &got.route {
+        PrefillRoute::Local { reason } => assert!(
+            reason.contains("failed") || reason.contains("unusable"),
+            "unexpected local reason: {reason}"
+        ),
+        other => panic!("a stalled transfer was used: {other:?}"),
+    }
+    assert_eq!(got.tokens, reference.greedy(&long[0], 8));
+    let kv = home.core.compute.view().kv;
+    assert_eq!(
+        (kv.leased, kv.leases_active, kv.in_use),
+        (0, 0, 0),
+        "home kept blocks of the abandoned transfer"
+    );
+
+    // The winner notices (bounded by its idle timeout) and is usable again.
+    prefill
+        .core
+        .mesh
+        .set_emulated_bandwidth(home.peer_id(), None);
+    let failed = || {
+        prefill
+            .core
+            .metrics
+            .auctions
+            .get_or_create(&KindLabel {
+                kind: "serve_failed".into(),
+            })
+            .get()
+    };
+    let t0 = std::time::Instant::now();
+    while failed() == 0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "the winner never gave up its stalled transfer"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let got = run_text(&home, &long[1], 8).await;
+    assert!(
+        got.is_remote(),
+        "winner not usable after a stall: {:?}",
+        got.route
+    );
+    assert_eq!(got.tokens, reference.greedy(&long[1], 8));
+    home.shutdown().await;
+    prefill.shutdown().await;
 }

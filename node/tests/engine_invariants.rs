@@ -334,3 +334,103 @@ fn engine_rejects_bad_requests_and_runs_out_cleanly() {
     let pre = e.prefill(&prompt(30, 1), &mut NullSink).unwrap();
     e.release(pre.seq).unwrap();
 }
+
+/// The home's receive path: blocks leased up front, layers written into them one by one as they
+/// arrive, committed at the end; cancelled, expired or malformed imports free everything.
+#[test]
+fn engine_leased_layerwise_import_matches_and_never_strands_blocks() {
+    for kind in KINDS {
+        let p = prompt(45, 4);
+        let mut a = engine(kind, cfg());
+        let pre = a.prefill(&p, &mut NullSink).unwrap();
+        let first = prfaas_node::engine::sampler::argmax(&pre.logits);
+        let export = a.export_kv(pre.seq).unwrap();
+        let local = continue_greedy(&mut a, pre.seq, first, 12);
+
+        let mut b = engine(kind, cfg());
+        let t0 = std::time::Instant::now();
+        let id = b.begin_import(p.clone(), t0).unwrap();
+        let s = b.kv_stats();
+        assert_eq!(s.leases_active, 1, "{kind:?}");
+        assert_eq!(s.leased, b.layout().blocks_for_tokens(p.len()), "{kind:?}");
+        for (l, kv) in export.layers.iter().enumerate() {
+            b.import_layer(id, l, kv, t0).unwrap();
+        }
+        let seq = b.finish_import(id).unwrap();
+        let s = b.kv_stats();
+        assert_eq!((s.leased, s.leases_active), (0, 0), "{kind:?}");
+        assert_eq!(
+            continue_greedy(&mut b, seq, first, 12),
+            local,
+            "{kind:?}: KV written into leased blocks diverged"
+        );
+        b.release(seq).unwrap();
+
+        // Cancelled half way: nothing stays leased or in use.
+        let mut c = engine(kind, cfg());
+        let id = c.begin_import(p.clone(), t0).unwrap();
+        c.import_layer(id, 0, &export.layers[0], t0).unwrap();
+        c.cancel_import(id);
+        let s = c.kv_stats();
+        assert_eq!((s.leased, s.in_use, s.leases_active), (0, 0, 0), "{kind:?}");
+        assert_eq!(c.pending_imports(), 0);
+
+        // A layer out of order, then one of the wrong size: each fails the import and frees it.
+        let id = c.begin_import(p.clone(), t0).unwrap();
+        assert!(c.import_layer(id, 1, &export.layers[1], t0).is_err());
+        assert_eq!(
+            c.kv_stats().leased,
+            0,
+            "{kind:?}: out-of-order layer kept its lease"
+        );
+        assert!(
+            c.finish_import(id).is_err(),
+            "a failed import cannot be committed"
+        );
+        let id = c.begin_import(p.clone(), t0).unwrap();
+        let mut bad = export.layers[0].clone();
+        match &mut bad {
+            LayerKv::Paged { k, .. } => {
+                k.pop();
+            }
+            LayerKv::State { state } => {
+                state.pop();
+            }
+        }
+        assert!(c.import_layer(id, 0, &bad, t0).is_err());
+        assert_eq!(
+            c.kv_stats().leased,
+            0,
+            "{kind:?}: malformed layer kept its lease"
+        );
+
+        // Finishing early (layers missing) fails and frees.
+        let id = c.begin_import(p.clone(), t0).unwrap();
+        c.import_layer(id, 0, &export.layers[0], t0).unwrap();
+        assert!(c.finish_import(id).is_err());
+        assert_eq!(
+            c.kv_stats().leased,
+            0,
+            "{kind:?}: early finish kept its lease"
+        );
+
+        // A sender that goes silent: the lease expires after its TTL and everything is freed.
+        let id = c.begin_import(p.clone(), t0).unwrap();
+        let ttl = c.config().lease_ttl;
+        assert!(c.expire_imports(t0 + ttl / 2).is_empty());
+        assert_eq!(c.expire_imports(t0 + ttl * 2), vec![id]);
+        let s = c.kv_stats();
+        assert_eq!((s.leased, s.in_use, s.leases_active), (0, 0, 0), "{kind:?}");
+        assert!(c.import_layer(id, 0, &export.layers[0], t0).is_err());
+
+        // No room: the lease is refused up front, before any byte travels.
+        let mut tiny = engine(
+            kind,
+            EngineConfig {
+                prefill_chunk: 32,
+                ..EngineConfig::with_capacity(32)
+            },
+        );
+        assert!(tiny.begin_import(p.clone(), t0).is_err());
+    }
+}

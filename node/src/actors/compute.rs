@@ -9,8 +9,13 @@
 //! Each request's tokens go out as [`GenerateEvent`]s on its own bounded channel. The thread never
 //! waits on a client: a full channel (client not reading) or a closed one (client gone) cancels
 //! that request and frees its KV at once.
+//!
+//! KV prefilled by a peer arrives through an [`ImportTicket`]: blocks are leased when the offload
+//! starts, each layer is written into them as soon as it is received (these small copies jump the
+//! queue: they never wait behind a prefill), and [`Job::FinishImport`] turns the lease into a
+//! decoding sequence once the last layer and the trailer are in.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,10 +24,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::loader::{TextCodec, Utf8Stream};
 use crate::engine::{
-    Engine, FinishReason, KvExport, KvSink, LayerKv, Sampler, SamplingParams, SeqId, SinkError,
+    Engine, FinishReason, KvSink, LayerKv, Sampler, SamplingParams, SeqId, SinkError,
 };
 use crate::kv::prefix::block_hashes;
-use crate::kv::KvStats;
+use crate::kv::{KvStats, LeaseId};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::service::{GenerateEvent, PrefillRoute, Timings, Usage};
 
@@ -61,13 +66,6 @@ pub struct DecodeJob {
     pub guard: InflightGuard,
 }
 
-/// KV and last-position logits of a prompt prefilled by a peer.
-#[derive(Debug)]
-pub struct ImportedKv {
-    pub export: KvExport,
-    pub logits: Vec<f32>,
-}
-
 /// A prefill served for a peer (the auction winner's side).
 #[derive(Debug)]
 pub struct ServedPrefill {
@@ -83,8 +81,14 @@ pub struct ServedPrefill {
 pub enum Job {
     /// Prefill locally, then decode.
     Generate(Box<DecodeJob>),
-    /// Import KV prefilled by a peer, then decode.
-    Import(Box<DecodeJob>, Box<ImportedKv>),
+    /// Decode from KV a peer prefilled, all of whose layers went through `ticket`; `logits` are
+    /// the prompt's last-position logits (the transfer's trailer). If the import failed, the
+    /// prompt is prefilled here instead (the client only sees extra latency).
+    FinishImport {
+        job: Box<DecodeJob>,
+        ticket: ImportTicket,
+        logits: Vec<f32>,
+    },
     /// Prefill `tokens` for a peer: each layer's bytes go to `layers` as soon as the layer is
     /// final; the sequence is released afterwards (its prefix stays cached).
     ServePrefill {
@@ -98,7 +102,7 @@ impl Job {
     fn prefill_tokens(&self) -> usize {
         match self {
             Job::Generate(j) => j.tokens.len(),
-            Job::Import(..) => 0,
+            Job::FinishImport { .. } => 0,
             Job::ServePrefill { tokens, .. } => tokens.len(),
         }
     }
@@ -126,12 +130,86 @@ struct Counters {
     queued_prefill_tokens: AtomicU64,
 }
 
+/// What the compute thread receives: queued work, or a step of a KV import (run at once).
+#[derive(Debug)]
+enum Msg {
+    Work(Job),
+    Import(ImportOp),
+}
+
+#[derive(Debug)]
+enum ImportOp {
+    Begin {
+        key: u64,
+        tokens: Vec<u32>,
+        failed: ImportFailure,
+    },
+    Layer {
+        key: u64,
+        layer: usize,
+        kv: LayerKv,
+    },
+    Cancel {
+        key: u64,
+    },
+}
+
 /// Handle to the compute thread (cloneable; the thread ends when every handle is dropped).
 #[derive(Clone)]
 pub struct ComputeHandle {
-    jobs: std_mpsc::SyncSender<Job>,
+    /// Unbounded as a channel; queued *work* is bounded by `queue` through `counters` (import
+    /// steps are not: their bytes are bounded by the KV leases they write into).
+    jobs: std_mpsc::Sender<Msg>,
+    queue: usize,
     counters: Arc<Counters>,
     view: Arc<Mutex<EngineView>>,
+    next_import: Arc<AtomicU64>,
+}
+
+/// Where the compute thread records why an import failed (first reason wins).
+type ImportFailure = Arc<Mutex<Option<String>>>;
+
+/// One KV import in progress on the compute thread (see the module docs). Dropping it without
+/// finishing cancels the import and frees its leased blocks.
+#[derive(Debug)]
+pub struct ImportTicket {
+    key: u64,
+    jobs: std_mpsc::Sender<Msg>,
+    failed: ImportFailure,
+    finished: bool,
+}
+
+impl ImportTicket {
+    /// Hands layer `layer` to the compute thread to write into the leased blocks. Fails when the
+    /// import already failed (no room for the KV, a bad layer, lease expired) or the thread is
+    /// gone, so the caller can abandon the transfer early.
+    pub fn layer(&self, layer: usize, kv: LayerKv) -> Result<(), String> {
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        self.jobs
+            .send(Msg::Import(ImportOp::Layer {
+                key: self.key,
+                layer,
+                kv,
+            }))
+            .map_err(|_| "compute thread stopped".to_string())
+    }
+
+    /// Why the import failed, if it did (as far as the compute thread got).
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+impl Drop for ImportTicket {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self
+                .jobs
+                .send(Msg::Import(ImportOp::Cancel { key: self.key }));
+        }
+    }
 }
 
 impl std::fmt::Debug for ComputeHandle {
@@ -149,22 +227,52 @@ impl ComputeHandle {
     /// Queues a job; fails at once when the queue is full (the caller answers 429 / declines).
     pub fn submit(&self, job: Job) -> Result<(), (QueueFull, Box<Job>)> {
         let tokens = job.prefill_tokens() as u64;
-        self.counters.queued_jobs.fetch_add(1, Ordering::AcqRel);
+        // A finishing import is not new work: its KV is already here, refusing it would waste
+        // the transfer.
+        let bounded = !matches!(job, Job::FinishImport { .. });
+        if self.counters.queued_jobs.fetch_add(1, Ordering::AcqRel) >= self.queue && bounded {
+            self.counters.queued_jobs.fetch_sub(1, Ordering::AcqRel);
+            return Err((QueueFull, Box::new(job)));
+        }
         self.counters
             .queued_prefill_tokens
             .fetch_add(tokens, Ordering::AcqRel);
-        match self.jobs.try_send(job) {
+        match self.jobs.send(Msg::Work(job)) {
             Ok(()) => Ok(()),
-            Err(e) => {
+            Err(std_mpsc::SendError(msg)) => {
                 self.counters.queued_jobs.fetch_sub(1, Ordering::AcqRel);
                 self.counters
                     .queued_prefill_tokens
                     .fetch_sub(tokens, Ordering::AcqRel);
-                let job = match e {
-                    std_mpsc::TrySendError::Full(j) | std_mpsc::TrySendError::Disconnected(j) => j,
-                };
-                Err((QueueFull, Box::new(job)))
+                match msg {
+                    Msg::Work(job) => Err((QueueFull, Box::new(job))),
+                    Msg::Import(_) => unreachable!("a work job was sent"),
+                }
             }
+        }
+    }
+
+    /// Starts importing the KV of `tokens` from a peer: the compute thread leases blocks for it
+    /// (ahead of any queued work). Feed the layers through the ticket, in order, then submit
+    /// [`Job::FinishImport`].
+    pub fn begin_import(&self, tokens: Vec<u32>) -> ImportTicket {
+        let key = self.next_import.fetch_add(1, Ordering::Relaxed);
+        let failed = Arc::new(Mutex::new(None));
+        let sent = self.jobs.send(Msg::Import(ImportOp::Begin {
+            key,
+            tokens,
+            failed: failed.clone(),
+        }));
+        if sent.is_err() {
+            if let Ok(mut f) = failed.lock() {
+                *f = Some("compute thread stopped".into());
+            }
+        }
+        ImportTicket {
+            key,
+            jobs: self.jobs.clone(),
+            failed,
+            finished: false,
         }
     }
 
@@ -220,7 +328,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     cfg: ComputeConfig,
 ) -> std::io::Result<(ComputeHandle, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = std_mpsc::sync_channel(cfg.queue.max(1));
+    let (tx, rx) = std_mpsc::channel();
     let counters = Arc::new(Counters::default());
     let view = Arc::new(Mutex::new(EngineView {
         prefill_tokens_per_s: cfg.prefill_tokens_per_s,
@@ -228,8 +336,10 @@ pub fn spawn(
     }));
     let handle = ComputeHandle {
         jobs: tx,
+        queue: cfg.queue.max(1),
         counters: counters.clone(),
         view: view.clone(),
+        next_import: Arc::new(AtomicU64::new(1)),
     };
     let worker = Worker {
         engine,
@@ -240,6 +350,7 @@ pub fn spawn(
         counters,
         view,
         prefill_rate: cfg.prefill_tokens_per_s.max(1.0),
+        imports: HashMap::new(),
     };
     let join = std::thread::Builder::new()
         .name("prfaas-compute".into())
@@ -278,46 +389,128 @@ struct Worker {
     counters: Arc<Counters>,
     view: Arc<Mutex<EngineView>>,
     prefill_rate: f64,
+    /// Imports in progress: ticket key → (lease, where to report a failure).
+    imports: HashMap<u64, (LeaseId, ImportFailure)>,
 }
 
+/// How long an idle compute thread sleeps before checking for expired KV leases.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
 impl Worker {
-    fn run(mut self, rx: std_mpsc::Receiver<Job>) {
-        loop {
-            // Idle: block for work. Busy: take at most one job between decode steps.
-            let job = if self.live.is_empty() {
-                match rx.recv() {
-                    Ok(j) => Some(j),
-                    Err(_) => break,
+    fn run(mut self, rx: std_mpsc::Receiver<Msg>) {
+        // Work taken off the channel but not started yet (import steps run as they come).
+        let mut waiting: VecDeque<Job> = VecDeque::new();
+        let mut open = true;
+        while open || !waiting.is_empty() || !self.live.is_empty() {
+            // Idle: block for a message (waking now and then to expire leases). Busy: take what
+            // is there without waiting.
+            if open && waiting.is_empty() && self.live.is_empty() {
+                match rx.recv_timeout(IDLE_TICK) {
+                    Ok(m) => self.accept(m, &mut waiting),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => open = false,
                 }
-            } else if self.live.len() < self.max_batch {
+            }
+            while open {
                 match rx.try_recv() {
-                    Ok(j) => Some(j),
-                    Err(std_mpsc::TryRecvError::Empty) => None,
-                    Err(std_mpsc::TryRecvError::Disconnected) => break,
+                    Ok(m) => self.accept(m, &mut waiting),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => open = false,
                 }
-            } else {
-                None
+            }
+            if !open {
+                // Every handle is gone: the node is shutting down.
+                break;
+            }
+            // At most one job between two decode steps; a new sequence only while the batch
+            // has room (a served prefill adds none).
+            let runnable = match waiting.front() {
+                Some(Job::ServePrefill { .. }) => true,
+                Some(_) => self.live.len() < self.max_batch,
+                None => false,
             };
-            if let Some(job) = job {
-                let tokens = job.prefill_tokens() as u64;
-                self.run_job(job);
-                self.counters.queued_jobs.fetch_sub(1, Ordering::AcqRel);
-                self.counters
-                    .queued_prefill_tokens
-                    .fetch_sub(tokens, Ordering::AcqRel);
+            if runnable {
+                if let Some(job) = waiting.pop_front() {
+                    let tokens = job.prefill_tokens() as u64;
+                    self.run_job(job);
+                    self.counters.queued_jobs.fetch_sub(1, Ordering::AcqRel);
+                    self.counters
+                        .queued_prefill_tokens
+                        .fetch_sub(tokens, Ordering::AcqRel);
+                }
             }
             if !self.live.is_empty() {
                 self.decode_step();
             }
+            self.expire_imports();
             self.publish_view();
         }
-        // Shutting down: whoever is still decoding is told so.
+        // Shutting down: whoever is still waiting or decoding is told so.
+        for job in waiting {
+            match job {
+                Job::Generate(j) | Job::FinishImport { job: j, .. } => {
+                    fail(&self.metrics, j, "node shutting down")
+                }
+                Job::ServePrefill { done, .. } => {
+                    let _ = done.send(Err("node shutting down".into()));
+                }
+            }
+        }
         for l in std::mem::take(&mut self.live) {
             let _ = l.job.events.try_send(GenerateEvent::Failed {
                 message: "node shutting down".into(),
             });
             let _ = self.engine.release(l.seq);
         }
+    }
+
+    /// Runs an import step at once, or queues work.
+    fn accept(&mut self, msg: Msg, waiting: &mut VecDeque<Job>) {
+        let op = match msg {
+            Msg::Work(job) => return waiting.push_back(job),
+            Msg::Import(op) => op,
+        };
+        match op {
+            ImportOp::Begin {
+                key,
+                tokens,
+                failed,
+            } => match self.engine.begin_import(tokens, Instant::now()) {
+                Ok(lease) => {
+                    self.imports.insert(key, (lease, failed));
+                }
+                Err(e) => report(&failed, format!("no room for the KV here: {e}")),
+            },
+            ImportOp::Layer { key, layer, kv } => {
+                let Some((lease, failed)) = self.imports.get(&key) else {
+                    return; // already failed or cancelled
+                };
+                if let Err(e) = self.engine.import_layer(*lease, layer, &kv, Instant::now()) {
+                    report(failed, format!("writing layer {layer}: {e}"));
+                    self.imports.remove(&key);
+                }
+            }
+            ImportOp::Cancel { key } => {
+                if let Some((lease, _)) = self.imports.remove(&key) {
+                    self.engine.cancel_import(lease);
+                }
+            }
+        }
+    }
+
+    /// Frees the blocks of imports whose sender went silent for a whole lease.
+    fn expire_imports(&mut self) {
+        let expired = self.engine.expire_imports(Instant::now());
+        if expired.is_empty() {
+            return;
+        }
+        self.imports.retain(|_, (lease, failed)| {
+            let gone = expired.contains(lease);
+            if gone {
+                report(failed, "KV lease expired: the transfer stalled".into());
+            }
+            !gone
+        });
     }
 
     fn publish_view(&mut self) {
@@ -371,10 +564,30 @@ impl Worker {
                     Err(e) => fail(&self.metrics, j, &format!("prefill failed: {e}")),
                 }
             }
-            Job::Import(j, kv) => match self.engine.import_kv(&kv.export) {
-                Ok(seq) => self.start_decode(j, seq, &kv.logits, 0),
-                Err(e) => fail(&self.metrics, j, &format!("importing KV failed: {e}")),
-            },
+            Job::FinishImport {
+                mut job,
+                mut ticket,
+                logits,
+            } => {
+                ticket.finished = true;
+                let done = match self.imports.remove(&ticket.key) {
+                    Some((lease, _)) => self.engine.finish_import(lease).map_err(|e| e.to_string()),
+                    None => Err(ticket
+                        .failure()
+                        .unwrap_or_else(|| "import unknown to the compute thread".into())),
+                };
+                match done {
+                    Ok(seq) => self.start_decode(job, seq, &logits, 0),
+                    Err(e) => {
+                        // The KV is unusable but the request is not lost: prefill it here.
+                        tracing::warn!(request = job.request_id, error = %e, "imported KV unusable; prefilling locally");
+                        job.route = PrefillRoute::Local {
+                            reason: format!("imported KV unusable ({e}); prefilled locally"),
+                        };
+                        self.run_job(Job::Generate(job));
+                    }
+                }
+            }
             Job::ServePrefill {
                 tokens,
                 layers,
@@ -621,6 +834,14 @@ fn record(metrics: &Metrics, route: &PrefillRoute, outcome: &str) {
             outcome: outcome.into(),
         })
         .inc();
+}
+
+/// Records why an import failed, for its ticket's holder.
+fn report(failed: &Mutex<Option<String>>, why: String) {
+    tracing::debug!(%why, "KV import failed");
+    if let Ok(mut f) = failed.lock() {
+        f.get_or_insert(why);
+    }
 }
 
 /// Ends a request that could not start or continue.

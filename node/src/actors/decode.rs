@@ -44,7 +44,7 @@ impl Handler<RunJob> for DecodeEngine {
             Ok(()) => true,
             Err((e, job)) => {
                 match *job {
-                    Job::Generate(j) | Job::Import(j, _) => {
+                    Job::Generate(j) | Job::FinishImport { job: j, .. } => {
                         fail(&self.core.metrics, j, &e.to_string())
                     }
                     Job::ServePrefill { done, .. } => {

@@ -309,7 +309,9 @@ fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
             n_state_slots: e.state_slots,
             prefill_chunk: e.prefill_chunk,
             prefix_cache: e.prefix_cache,
-            lease_ttl: Duration::from_secs(30),
+            // KV leased for an incoming transfer is freed when no layer arrives for this long
+            // (the planner gives up on the transfer at the same time).
+            lease_ttl: cfg.policy.transfer_timeout,
         },
     )?;
     // Seed the prefill-speed estimate with one measured prefill (bids and adverts need a number

@@ -17,11 +17,11 @@ use prfaas_mesh::kv::{KvIncoming, KvTrailer};
 use prfaas_mesh::policy::{self, OffloadRule, Placement, PricingParams, RequestShape};
 use prfaas_mesh::PeerId;
 
-use super::compute::{DecodeJob, ImportedKv, Job};
+use super::compute::{DecodeJob, ImportTicket, Job};
 use super::core::{AuctionRecord, BidRecord, Core};
 use super::decode::{DecodeEngine, RunJob};
 use super::MAILBOX;
-use crate::engine::{KvExport, LayerKv};
+use crate::engine::LayerKv;
 use crate::kv::prefix::block_hashes;
 use crate::kv::KvLayout;
 use crate::metrics::Metrics;
@@ -74,7 +74,10 @@ enum Decision {
     Remote {
         peer: PeerId,
         price: f64,
-        kv: Box<ImportedKv>,
+        /// The KV, already written into leased blocks.
+        ticket: ImportTicket,
+        /// Last-position logits from the trailer.
+        logits: Vec<f32>,
         kv_bytes: u64,
         transfer_s: f64,
     },
@@ -91,7 +94,8 @@ async fn plan(core: Core, decode: Addr<DecodeEngine>, mut job: Box<DecodeJob>) {
         Decision::Remote {
             peer,
             price,
-            kv,
+            ticket,
+            logits,
             kv_bytes,
             transfer_s,
         } => {
@@ -107,7 +111,11 @@ async fn plan(core: Core, decode: Addr<DecodeEngine>, mut job: Box<DecodeJob>) {
                 kv_bytes,
                 transfer_s,
             };
-            Job::Import(job, kv)
+            Job::FinishImport {
+                job,
+                ticket,
+                logits,
+            }
         }
     };
     if decode.send(RunJob(next)).await.is_err() {
@@ -354,7 +362,9 @@ async fn auction(
     let (peer, bid) = round.bids[won.bidder as usize].clone();
     rec.winner = Some(peer.to_string());
     rec.payment = won.payment;
-    // Register for the KV before the award: the winner may start streaming at once.
+    // Lease room for the KV and register for it before the award: the winner may start
+    // streaming at once.
+    let ticket = core.compute.begin_import(job.tokens.clone());
     let incoming = core.expect_kv(peer, job.request_id);
     let award = Award {
         request_id: job.request_id,
@@ -389,10 +399,10 @@ async fn auction(
             ));
         }
     }
-    let received = receive(core, peer, job, incoming).await;
+    let received = receive(core, peer, job, incoming, &ticket).await;
     core.forget_kv(peer, job.request_id);
     match received {
-        Ok((kv, bytes)) => {
+        Ok((logits, bytes)) => {
             rec.outcome = "ok".into();
             let transfer_s = award_sent.elapsed().as_secs_f64();
             core.metrics
@@ -404,7 +414,8 @@ async fn auction(
             Ok(Decision::Remote {
                 peer,
                 price: won.payment,
-                kv: Box::new(kv),
+                ticket,
+                logits,
                 kv_bytes: bytes,
                 transfer_s,
             })
@@ -416,13 +427,15 @@ async fn auction(
     }
 }
 
-/// Waits for the winner's transfer and receives it, checking it fits this model and prompt.
+/// Waits for the winner's transfer and receives it into `ticket`'s leased blocks, checking it
+/// fits this model and prompt. Returns the trailer's logits and the bytes received.
 async fn receive(
     core: &Core,
     peer: PeerId,
     job: &DecodeJob,
     incoming: tokio::sync::oneshot::Receiver<KvIncoming>,
-) -> Result<(ImportedKv, u64), String> {
+    ticket: &ImportTicket,
+) -> Result<(Vec<f32>, u64), String> {
     let timeout = core.cfg.policy.transfer_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let inc = tokio::time::timeout_at(deadline, incoming)
@@ -444,59 +457,65 @@ async fn receive(
         ));
     }
     debug_assert_eq!(inc.peer(), peer);
-    let mut sink = HomeSink::new(core.layout.clone(), n, core.vocab);
+    if let Some(e) = ticket.failure() {
+        // Refuse the stream (dropping it resets it) rather than receive what cannot be kept.
+        return Err(e);
+    }
+    let mut sink = HomeSink::new(core.layout.clone(), n, core.vocab, ticket);
     let got = tokio::time::timeout_at(deadline, inc.receive(&mut sink))
         .await
         .map_err(|_| format!("KV stream not complete within {timeout:?}"))?
         .map_err(|e| e.to_string())?;
     let logits = sink.logits.ok_or("transfer ended without logits")?;
-    let export = KvExport {
-        layout: core.layout.clone(),
-        layout_hash: core.model_ref.kv_layout_hash,
-        tokens: job.tokens.clone(),
-        layers: sink.layers,
-    };
-    Ok((ImportedKv { export, logits }, got.bytes))
+    Ok((logits, got.bytes))
 }
 
 /// Home side of a transfer: parses each layer as it arrives (so a bad frame fails the transfer
-/// at once) and keeps the trailer's logits.
-struct HomeSink {
+/// at once) and hands it to the compute thread, which writes it into the leased blocks; keeps
+/// the trailer's logits.
+struct HomeSink<'a> {
     layout: KvLayout,
     tokens: usize,
     vocab: usize,
-    layers: Vec<LayerKv>,
+    ticket: &'a ImportTicket,
+    /// Layers handed over so far.
+    layers: usize,
     logits: Option<Vec<f32>>,
 }
 
-impl HomeSink {
-    fn new(layout: KvLayout, tokens: usize, vocab: usize) -> Self {
+impl<'a> HomeSink<'a> {
+    fn new(layout: KvLayout, tokens: usize, vocab: usize, ticket: &'a ImportTicket) -> Self {
         Self {
-            layers: Vec::with_capacity(layout.layers.len()),
             layout,
             tokens,
             vocab,
+            ticket,
+            layers: 0,
             logits: None,
         }
     }
 }
 
-impl MeshKvSink for HomeSink {
+impl MeshKvSink for HomeSink<'_> {
     fn write_layer(&mut self, layer: u32, bytes: Vec<u8>) -> Result<(), MeshSinkError> {
-        if layer as usize != self.layers.len() {
+        if layer as usize != self.layers {
             return Err(MeshSinkError(format!(
                 "layer {layer} arrived, expected {}",
-                self.layers.len()
+                self.layers
             )));
         }
         let kv = LayerKv::from_le_bytes(&self.layout, layer as usize, self.tokens, &bytes)
             .map_err(|e| MeshSinkError(e.to_string()))?;
-        self.layers.push(kv);
+        drop(bytes);
+        self.ticket
+            .layer(layer as usize, kv)
+            .map_err(MeshSinkError)?;
+        self.layers += 1;
         Ok(())
     }
 
     fn finish(&mut self, trailer: KvTrailer) -> Result<(), MeshSinkError> {
-        if self.layers.len() != self.layout.layers.len() {
+        if self.layers != self.layout.layers.len() {
             return Err(MeshSinkError("trailer before the last layer".into()));
         }
         if trailer.payload.len() != self.vocab * 4 {

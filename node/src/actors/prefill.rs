@@ -187,7 +187,13 @@ impl Handler<Serve> for PrefillWorker {
         serving.fetch_add(1, Ordering::AcqRel);
         actix::spawn(async move {
             let request = award.request_id;
-            let r = serve(&core, &decode, peer, request, tokens).await;
+            // The home stops waiting after its transfer timeout; so does the winner (a home that
+            // reads too slowly or not at all must not hold this node's compute thread, which
+            // blocks while the layer queue is full). Dropping `serve` aborts the transfer.
+            let limit = core.cfg.policy.transfer_timeout;
+            let r = tokio::time::timeout(limit, serve(&core, &decode, peer, request, tokens))
+                .await
+                .unwrap_or_else(|_| Err(format!("transfer not done within {limit:?}")));
             serving.fetch_sub(1, Ordering::AcqRel);
             match r {
                 Ok(()) => Metrics::inc(&core.metrics.auctions, "served"),

@@ -18,7 +18,7 @@ use super::sampler::{FinishReason, Sampler, SamplingParams};
 use super::sink::{KvExport, KvSink, LayerKv, NullSink, SinkError};
 use crate::kv::{
     BlockId, KvError, KvLayout, KvLayoutError, KvStats, KvStore, KvStoreConfig, LayerKvShape,
-    StateSlot,
+    LeaseId, StateSlot,
 };
 
 /// Errors of engine operations.
@@ -128,6 +128,18 @@ pub struct Engine {
     state_tensors: Vec<Vec<Tensor>>,
     seqs: HashMap<SeqId, Seq>,
     next_seq: u64,
+    /// KV transfers being written into leased blocks, by lease.
+    imports: HashMap<LeaseId, PendingImport>,
+}
+
+/// An import between [`Engine::begin_import`] and [`Engine::finish_import`].
+#[derive(Debug)]
+struct PendingImport {
+    tokens: Vec<u32>,
+    blocks: Vec<BlockId>,
+    state: Option<StateSlot>,
+    /// Layers are written strictly in order; this one is next.
+    next_layer: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -206,6 +218,7 @@ impl Engine {
             state_tensors,
             seqs: HashMap::new(),
             next_seq: 0,
+            imports: HashMap::new(),
         })
     }
 
@@ -601,95 +614,183 @@ impl Engine {
         }
         let n = export.tokens.len();
         for (l, kv) in export.layers.iter().enumerate() {
-            let want = self.layout.export_layer_bytes(l, n);
-            let ok = match (kv, self.layout.layers[l].is_paged()) {
-                (LayerKv::Paged { k, v }, true) => k.len() == v.len() && kv.size_bytes() == want,
-                (LayerKv::State { .. }, false) => kv.size_bytes() == want,
-                _ => false,
-            };
-            if !ok {
-                return Err(SinkError::BadLayer {
-                    layer: l,
-                    got: kv.size_bytes(),
-                    want,
-                }
-                .into());
-            }
+            self.check_layer(l, n, kv)?;
         }
         Ok(())
     }
 
-    /// Creates a sequence from exported KV (the remote-prefill path). Decode continues from it
-    /// exactly as if the prefill had run here.
-    pub fn import_kv(&mut self, export: &KvExport) -> Result<SeqId, EngineError> {
-        self.check_import(export)?;
-        let n = export.tokens.len();
-        let blocks = self.store.allocate(self.layout.blocks_for_tokens(n))?;
-        let state = if self.layout.has_state() {
-            match self.store.allocate_state() {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    self.store.release(&blocks)?;
-                    return Err(e.into());
-                }
-            }
-        } else {
-            None
+    /// Checks that `kv` is layer `layer` of an `n`-token prompt: right kind and size.
+    fn check_layer(&self, layer: usize, n: usize, kv: &LayerKv) -> Result<(), EngineError> {
+        let want = self.layout.export_layer_bytes(layer, n);
+        let ok = match (kv, self.layout.layers[layer].is_paged()) {
+            (LayerKv::Paged { k, v }, true) => k.len() == v.len() && kv.size_bytes() == want,
+            (LayerKv::State { .. }, false) => kv.size_bytes() == want,
+            _ => false,
         };
-        let id = self.new_seq_id();
-        self.seqs.insert(
-            id,
-            Seq {
-                tokens: export.tokens.clone(),
-                blocks,
-                state,
-            },
-        );
-        if let Err(e) = self.write_import(id, export) {
-            let _ = self.release(id);
-            return Err(e);
+        if ok {
+            Ok(())
+        } else {
+            Err(SinkError::BadLayer {
+                layer,
+                got: kv.size_bytes(),
+                want,
+            }
+            .into())
         }
-        Ok(id)
     }
 
-    fn write_import(&mut self, id: SeqId, export: &KvExport) -> Result<(), EngineError> {
-        let s = self.seq(id)?;
-        let idx: Vec<u32> = s.blocks.iter().map(|b| b.0).collect();
-        let states = match s.state {
-            Some(slot) => self.state_slot(slot)?.to_vec(),
-            None => Vec::new(),
-        };
-        let mut linear = 0;
+    /// Creates a sequence from exported KV (the remote-prefill path). Decode continues from it
+    /// exactly as if the prefill had run here. The whole-KV form of
+    /// [`begin_import`](Self::begin_import) + [`import_layer`](Self::import_layer) per layer +
+    /// [`finish_import`](Self::finish_import).
+    pub fn import_kv(&mut self, export: &KvExport) -> Result<SeqId, EngineError> {
+        self.check_import(export)?;
+        let id = self.begin_import(export.tokens.clone(), Instant::now())?;
         for (l, kv) in export.layers.iter().enumerate() {
-            match (kv, &self.pools[l]) {
-                (LayerKv::Paged { k, v }, Some(pool)) => {
-                    self.backend.scatter_blocks(&pool.k, &idx, k)?;
-                    self.backend.scatter_blocks(&pool.v, &idx, v)?;
-                }
-                (LayerKv::State { state }, None) => {
-                    let t = states.get(linear).ok_or_else(|| {
-                        EngineError::Incompatible(format!("layer {l}: no state slot"))
-                    })?;
-                    self.backend.write(t, state)?;
-                    linear += 1;
-                }
-                _ => {
-                    return Err(EngineError::Incompatible(format!(
-                        "layer {l}: wrong kind of KV"
-                    )))
-                }
+            // `import_layer` cancels the import itself when it fails.
+            self.import_layer(id, l, kv, Instant::now())?;
+        }
+        self.finish_import(id)
+    }
+
+    /// Starts receiving the KV of `tokens` from elsewhere: leases the blocks (and the
+    /// linear-attention state slot) it needs, so the transfer cannot fail at the end for lack of
+    /// room and each layer is written straight into its final place as it arrives. The lease
+    /// expires (and frees everything) unless [`import_layer`](Self::import_layer) keeps it alive
+    /// and [`finish_import`](Self::finish_import) commits it; see [`expire_imports`](Self::expire_imports).
+    pub fn begin_import(&mut self, tokens: Vec<u32>, now: Instant) -> Result<LeaseId, EngineError> {
+        self.check_tokens(&tokens)?;
+        let n_blocks = self.layout.blocks_for_tokens(tokens.len());
+        let lease = self.store.lease(n_blocks, self.layout.has_state(), now)?;
+        self.imports.insert(
+            lease.id,
+            PendingImport {
+                tokens,
+                blocks: lease.blocks,
+                state: lease.state,
+                next_layer: 0,
+            },
+        );
+        Ok(lease.id)
+    }
+
+    /// Writes layer `layer` (the next one in order) of import `id` into its leased blocks and
+    /// extends the lease. On any error the import is cancelled and its blocks freed.
+    pub fn import_layer(
+        &mut self,
+        id: LeaseId,
+        layer: usize,
+        kv: &LayerKv,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let r = self.write_import_layer(id, layer, kv, now);
+        if r.is_err() {
+            self.cancel_import(id);
+        }
+        r
+    }
+
+    fn write_import_layer(
+        &mut self,
+        id: LeaseId,
+        layer: usize,
+        kv: &LayerKv,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let p = self.imports.get(&id).ok_or(KvError::UnknownLease(id))?;
+        if layer != p.next_layer || layer >= self.layout.layers.len() {
+            return Err(EngineError::Incompatible(format!(
+                "layer {layer} arrived, expected {}",
+                p.next_layer
+            )));
+        }
+        self.check_layer(layer, p.tokens.len(), kv)?;
+        match (kv, &self.pools[layer]) {
+            (LayerKv::Paged { k, v }, Some(pool)) => {
+                let idx: Vec<u32> = p.blocks.iter().map(|b| b.0).collect();
+                self.backend.scatter_blocks(&pool.k, &idx, k)?;
+                self.backend.scatter_blocks(&pool.v, &idx, v)?;
+            }
+            (LayerKv::State { state }, None) => {
+                // The i-th linear layer's state lives in the slot's i-th tensor.
+                let linear = self.layout.layers[..layer]
+                    .iter()
+                    .filter(|l| !l.is_paged())
+                    .count();
+                let slot = p.state.ok_or_else(|| {
+                    EngineError::Incompatible(format!("layer {layer}: no state slot leased"))
+                })?;
+                let t = self.state_slot(slot)?.get(linear).ok_or_else(|| {
+                    EngineError::Incompatible(format!("layer {layer}: no state tensor"))
+                })?;
+                self.backend.write(t, state)?;
+            }
+            _ => {
+                return Err(EngineError::Incompatible(format!(
+                    "layer {layer}: wrong kind of KV"
+                )))
             }
         }
+        self.store.extend_lease(id, now)?;
+        if let Some(p) = self.imports.get_mut(&id) {
+            p.next_layer += 1;
+        }
+        Ok(())
+    }
+
+    /// Commits import `id` once every layer is written: its blocks become a live sequence
+    /// (and, for full-attention models, enter the prefix cache). Fails, freeing the blocks, when
+    /// layers are missing or the lease already expired.
+    pub fn finish_import(&mut self, id: LeaseId) -> Result<SeqId, EngineError> {
+        let p = self.imports.remove(&id).ok_or(KvError::UnknownLease(id))?;
+        if p.next_layer != self.layout.layers.len() {
+            let _ = self.store.cancel(id);
+            return Err(EngineError::Incompatible(format!(
+                "import finished after {} of {} layers",
+                p.next_layer,
+                self.layout.layers.len()
+            )));
+        }
+        let (blocks, state) = self.store.commit(id)?;
         if self.config.prefix_cache && !self.layout.has_state() {
-            let blocks = self.seq(id)?.blocks.clone();
             if let Err(e) = self
                 .store
-                .insert_prefix(&export.tokens, &blocks, None, Instant::now())
+                .insert_prefix(&p.tokens, &blocks, None, Instant::now())
             {
                 tracing::warn!(error = %e, "prefix cache insert of imported KV refused");
             }
         }
-        Ok(())
+        let seq = self.new_seq_id();
+        self.seqs.insert(
+            seq,
+            Seq {
+                tokens: p.tokens,
+                blocks,
+                state,
+            },
+        );
+        Ok(seq)
+    }
+
+    /// Abandons import `id` and frees its blocks (unknown or expired ids are ignored).
+    pub fn cancel_import(&mut self, id: LeaseId) {
+        if self.imports.remove(&id).is_some() {
+            let _ = self.store.cancel(id);
+        }
+    }
+
+    /// Frees imports whose lease ran out (a sender that went silent); returns their ids.
+    pub fn expire_imports(&mut self, now: Instant) -> Vec<LeaseId> {
+        let expired = self.store.expire(now);
+        for id in &expired {
+            self.imports.remove(id);
+        }
+        expired
+    }
+
+    /// Imports in progress.
+    pub fn pending_imports(&self) -> usize {
+        self.imports.len()
     }
 
     /// One decode step for a batch of live sequences, each fed one token (continuous batching:
