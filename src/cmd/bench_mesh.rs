@@ -116,14 +116,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("Auction call→award and advert convergence (one process):");
     println!(
-        "  nodes  converged  convergence ms  rounds ok/tried  no-bid  refused  bids  silent  P50 ms  P99 ms"
+        "  nodes  converged  convergence ms (after last start)  rounds ok/tried  no-bid  refused  bids  silent  P50 ms  P99 ms  CPU cores"
     );
     for s in &report.scale {
         println!(
-            "  {:>5} {:>9} {:>15.0} {:>9}/{:<6} {:>6} {:>8} {:>5} {:>7} {:>7.2} {:>7.2}",
+            "  {:>5} {:>9} {:>15.0} {:>18.0} {:>9}/{:<6} {:>6} {:>8} {:>5} {:>7} {:>7.2} {:>7.2} {:>10.2}",
             s.nodes,
             s.converged,
             s.convergence_ms,
+            s.convergence_after_last_start_ms,
             s.rounds,
             s.rounds_tried,
             s.rounds_without_bids,
@@ -131,7 +132,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             s.bids,
             s.silent,
             s.p50_ms,
-            s.p99_ms
+            s.p99_ms,
+            s.cpu_cores_during_rounds
         );
     }
     match &shaped {
