@@ -211,8 +211,9 @@ impl ActQ8 {
 }
 
 super::simd::multiversion! {
-    /// Fills the planes, scales, sums and corrections of an [`ActQ8`] (compiled per ISA so
-    /// `round` is one instruction, not a libm call per value).
+    /// Fills the planes, scales, sums and corrections of an [`ActQ8`]. Fixed-size blocks and
+    /// `round_ties_even` (one `vrndscaleps`; `round` is a libm call per value) so the whole loop
+    /// vectorises: this runs once per projection and used to cost as much as small products.
     fn quantize_rows(
         x: &[f32],
         two: bool,
@@ -223,34 +224,41 @@ super::simd::multiversion! {
         delta: &mut [f32],
         corr: &mut [i32],
     ) {
-        for (b, xb) in x.chunks_exact(QK).enumerate() {
-            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            sum[b] = xb.iter().sum();
-            if amax == 0.0 || !amax.is_finite() {
+        let (xb, _) = x.as_chunks::<QK>();
+        for (b, xb) in xb.iter().enumerate() {
+            let mut amax = 0.0f32;
+            for v in xb {
+                amax = amax.max(v.abs());
+            }
+            sum[b] = super::simd::sum(xb);
+            if amax == 0.0 || !amax.is_finite() || !sum[b].is_finite() {
                 // All zero, or non-finite input, which the f32 path would propagate: do the same.
-                scale[b] = if amax == 0.0 { 0.0 } else { f32::NAN };
+                scale[b] = if amax == 0.0 && sum[b] == 0.0 { 0.0 } else { f32::NAN };
                 delta[b] = scale[b];
                 continue;
             }
             let id = 127.0 / amax;
+            let mut hq = [0i32; QK];
+            let mut lq = [0i32; QK];
+            for j in 0..QK {
+                let t = xb[j] * id;
+                let r = t.round_ties_even().clamp(-127.0, 127.0);
+                hq[j] = r as i32;
+                lq[j] = ((t - r) * 256.0).round_ties_even().clamp(-127.0, 127.0) as i32;
+            }
             let h = &mut hi[b * QK..(b + 1) * QK];
-            let mut qsum = 0i32;
+            for (h, &q) in h.iter_mut().zip(&hq) {
+                *h = q as i8;
+            }
+            let mut qsum = hq.iter().sum::<i32>();
             if two {
                 scale[b] = amax / 127.0 / 256.0;
-                let l = &mut lo[b * QK..(b + 1) * QK];
-                for ((&v, h), l) in xb.iter().zip(h.iter_mut()).zip(l.iter_mut()) {
-                    let t = v * id;
-                    let r = t.round().clamp(-127.0, 127.0);
-                    *h = r as i8;
-                    *l = ((t - r) * 256.0).round().clamp(-127.0, 127.0) as i8;
-                    qsum += 256 * i32::from(*h) + i32::from(*l);
+                for (l, &q) in lo[b * QK..(b + 1) * QK].iter_mut().zip(&lq) {
+                    *l = q as i8;
                 }
+                qsum = 256 * qsum + lq.iter().sum::<i32>();
             } else {
                 scale[b] = amax / 127.0;
-                for (&v, h) in xb.iter().zip(h.iter_mut()) {
-                    *h = (v * id).round().clamp(-127.0, 127.0) as i8;
-                    qsum += i32::from(*h);
-                }
             }
             corr[b] = 128 * qsum;
             delta[b] = sum[b] - qsum as f32 * scale[b];
