@@ -542,15 +542,17 @@ fn bad_arguments_are_errors_not_panics() {
     );
 }
 
-/// The small-batch quantized kernels (decode): every row-tile size (16, 8, 4, 2, 1 and their
-/// remainders), column counts that are not multiples of the column tile, long rows, all-zero and
-/// tiny-magnitude activation blocks (the one-row integer path scales each block by its maximum),
-/// compared with the dequantize-then-multiply reference.
+/// The small-batch quantized kernels (decode): every row-tile size (1..8 and the balanced splits
+/// of 9..32 rows), column counts that are not multiples of the 16-column panel, long rows,
+/// all-zero and tiny-magnitude activation blocks (activations are quantized per block, scaled by
+/// its maximum), compared with the dequantize-then-multiply reference. The tolerance is 3e-4, not
+/// 1e-4: with 8-bit-plane activations (two planes, ~2^-16 of a block's maximum per value) the
+/// rounding of `x` summed over k products is ~1e-4 of a typical output on its own.
 #[test]
 fn matmul_quantized_small_batches_odd_shapes() {
     let b = CpuBackend::new();
     let mut rng = Rng(0xdec0de);
-    for &m in &[1, 2, 4, 5, 9, 16, 19, 31, 32] {
+    for &m in &[1, 2, 3, 4, 5, 9, 16, 17, 19, 31, 32] {
         for &(k, n) in &[(32, 1), (96, 7), (576, 33), (1536, 13)] {
             for dtype in [DType::Q4_1, DType::Q8_0] {
                 let mut x = rng.vec(m * k);
@@ -569,7 +571,7 @@ fn matmul_quantized_small_batches_odd_shapes() {
                     &format!("small-batch matmul {dtype:?} {m}x{k}x{n}"),
                     &b.download(&got).unwrap(),
                     &want,
-                    1e-4,
+                    3e-4,
                 );
             }
         }

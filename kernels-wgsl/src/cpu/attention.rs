@@ -17,8 +17,10 @@ use crate::reference::check_attention;
 const TILE: usize = 128;
 /// Query rows per task.
 const Q_CHUNK: usize = 32;
-/// Smallest key range worth a task of its own when splitting keys.
-const MIN_SPLIT_KEYS: usize = 256;
+/// Smallest key range worth a task of its own when splitting keys. Decode (one query row per
+/// sequence) at batch 1 has only `n_kv_heads` base tasks (3 for SmolLM2, an odd count for two
+/// threads), so short contexts are split too; the exact merge costs ~1 µs.
+const MIN_SPLIT_KEYS: usize = 64;
 
 /// One unit of parallel work.
 #[derive(Debug, Clone, Copy)]
@@ -90,10 +92,16 @@ pub(crate) fn attention(
         } else {
             want.div_ceil(base.len()).min(keys / MIN_SPLIT_KEYS).max(1)
         };
-        let step = keys.div_ceil(splits).div_ceil(TILE) * TILE;
+        // Multi-row tasks work in tiles of TILE keys; one-row (decode) tasks have no tiles.
+        let gran = if t.i1 - t.i0 == 1 {
+            MIN_SPLIT_KEYS
+        } else {
+            TILE
+        };
+        let step = keys.div_ceil(splits).div_ceil(gran) * gran;
         let mut ka = t.ka;
         while ka < t.kb {
-            let kb = (ka + step.max(TILE)).min(t.kb);
+            let kb = (ka + step.max(gran)).min(t.kb);
             tasks.push(Task { ka, kb, ..t });
             ka = kb;
         }
@@ -168,6 +176,38 @@ pub(crate) fn attention(
     Ok(out)
 }
 
+/// The keys `ka..kb` of one sequence and KV head in a paged pool.
+struct KeyRuns<'a> {
+    ka: usize,
+    kb: usize,
+    block_size: usize,
+    table: &'a [u32],
+    /// Floats per pool slot (`n_kv_heads · head_dim`).
+    row: usize,
+    /// Offset of the KV head inside a slot.
+    col: usize,
+}
+
+impl KeyRuns<'_> {
+    /// Calls `f(j, offset)` for key `ka + j` at float `offset` of the pool, visiting runs of
+    /// consecutive slots (one block at a time: no division per key). Generic and always inlined
+    /// so the per-key body is compiled into the (multiversioned) caller: through a `dyn` closure
+    /// it cost a call per key and lost the caller's vector ISA.
+    #[inline(always)]
+    fn for_each(&self, mut f: impl FnMut(usize, usize)) {
+        let mut pos = self.ka;
+        while pos < self.kb {
+            let run = (self.block_size - pos % self.block_size).min(self.kb - pos);
+            let slot = self.table[pos / self.block_size] as usize * self.block_size
+                + pos % self.block_size;
+            for r in 0..run {
+                f(pos - self.ka + r, (slot + r) * self.row + self.col);
+            }
+            pos += run;
+        }
+    }
+}
+
 multiversion! {
     /// Attention of one query row (its `group` heads sharing KV head `t.kvh`) over keys
     /// `t.ka..t.kb`: scores into a buffer, one softmax pass, then `acc = Σ p·v` with each V row
@@ -197,19 +237,8 @@ multiversion! {
             .collect();
         // scores[g·nk + j] for key ka + j.
         let mut scores = vec![0.0f32; group * nk];
-        // Visit keys in runs of consecutive pool slots (one block at a time): no division per key.
-        let for_each_key = |f: &mut dyn FnMut(usize, usize)| {
-            let mut pos = t.ka;
-            while pos < t.kb {
-                let run = (block_size - pos % block_size).min(t.kb - pos);
-                let slot = table[pos / block_size] as usize * block_size + pos % block_size;
-                for r in 0..run {
-                    f(pos - t.ka + r, (slot + r) * row + t.kvh * hd);
-                }
-                pos += run;
-            }
-        };
-        for_each_key(&mut |j, off| {
+        let keys = KeyRuns { ka: t.ka, kb: t.kb, block_size, table, row, col: t.kvh * hd };
+        keys.for_each(|j, off| {
             let kr = &k_pool[off..off + hd];
             for g in 0..group {
                 scores[g * nk + j] = simd::dot(&qs[g * hd..(g + 1) * hd], kr);
@@ -225,7 +254,7 @@ multiversion! {
             part.l[g] = simd::sum(srow);
         }
         let acc = &mut part.acc;
-        for_each_key(&mut |j, off| {
+        keys.for_each(|j, off| {
             let vr = &v_pool[off..off + hd];
             for g in 0..group {
                 simd::axpy(&mut acc[g * hd..(g + 1) * hd], scores[g * nk + j], vr);
