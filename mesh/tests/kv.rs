@@ -83,7 +83,7 @@ fn cfg(quic: bool) -> MeshConfig {
 }
 
 async fn next_incoming(node: &mut Node) -> KvIncoming {
-    wait_for(&mut node.events, Duration::from_secs(20), |ev| match ev {
+    wait_for(&mut node.events, Duration::from_secs(60), |ev| match ev {
         MeshEvent::KvIncoming(i) => Some(i),
         _ => None,
     })

@@ -17,7 +17,7 @@ use super::compute::{cached_leading, Job};
 use super::core::Core;
 use super::decode::{DecodeEngine, RunJob};
 use super::MAILBOX;
-use crate::metrics::{KindLabel, Metrics};
+use crate::metrics::Metrics;
 
 /// Calls remembered to check awards against (bounded; oldest forgotten first).
 const REMEMBERED_CALLS: usize = 1024;
@@ -251,16 +251,15 @@ async fn serve(
         .open_kv_transfer(peer, header)
         .await
         .map_err(|e| format!("opening the KV stream: {e}"))?;
-    let sent = core.metrics.kv_bytes.get_or_create(&KindLabel {
-        kind: "sent".into(),
-    });
     while let Some((layer, bytes)) = lrx.recv().await {
         let len = bytes.len() as u64;
         sender
             .send_layer(layer, bytes)
             .await
             .map_err(|e| format!("sending layer {layer}: {e}"))?;
-        sent.inc_by(len);
+        // Never keep a metric family's guard across an await: it is a read lock on the family,
+        // and another task on this thread creating a label (a write lock) would deadlock it.
+        Metrics::inc_by(&core.metrics.kv_bytes, "sent", len);
     }
     let served = drx
         .await
