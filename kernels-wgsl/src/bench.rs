@@ -164,7 +164,8 @@ pub const ATTN_PARAMS: AttnParams = AttnParams {
 pub const ATTN_PREFILL_ROWS: usize = 128;
 const ATTN_BLOCK: usize = 32;
 
-fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+/// `n` deterministic values in [-0.5, 0.5) from an xorshift64 stream (benchmark and test data).
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
     (0..n)
         .map(|_| {

@@ -10,6 +10,7 @@
 
 use std::time::Instant;
 
+use prfaas_kernels::bench::pseudo_random;
 use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::{quant, AttnParams, AttnSeq, Backend, DType, HostTensor, RopeStyle, Tensor};
 
@@ -23,20 +24,8 @@ const LAYERS: usize = 30;
 const CONTEXT: usize = 192;
 const BLOCK: usize = 16;
 
-fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
-}
-
 fn weight(b: &CpuBackend, dtype: DType, n: usize, k: usize, seed: u64) -> Tensor {
-    let bytes = quant::quantize(dtype, &vals(n * k, seed)).expect("quantize");
+    let bytes = quant::quantize(dtype, &pseudo_random(n * k, seed)).expect("quantize");
     b.upload(&HostTensor {
         dtype,
         shape: vec![n, k],
@@ -48,7 +37,7 @@ fn weight(b: &CpuBackend, dtype: DType, n: usize, k: usize, seed: u64) -> Tensor
 fn act(b: &CpuBackend, shape: &[usize], seed: u64) -> Tensor {
     b.upload(&HostTensor::from_f32(
         shape.to_vec(),
-        &vals(shape.iter().product(), seed),
+        &pseudo_random(shape.iter().product(), seed),
     ))
     .expect("upload")
 }

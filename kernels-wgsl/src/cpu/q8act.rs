@@ -665,15 +665,11 @@ mod tests {
     use super::*;
     use crate::{quant, reference};
 
+    /// Values in [-1, 1) (exactly twice the bench stream: both steps are exact in f32).
     fn vals(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
+        crate::bench::pseudo_random(n, seed)
+            .into_iter()
+            .map(|x| x * 2.0)
             .collect()
     }
 
