@@ -766,14 +766,7 @@ fn emit(codec: &TextCodec, l: &mut Live, tok: u32) -> Step {
         let pos = pos.max(l.sent);
         if pos > l.sent {
             let text = l.text[l.sent..pos].to_string();
-            if l.job
-                .events
-                .try_send(GenerateEvent::Delta {
-                    text,
-                    token: Some(tok),
-                })
-                .is_err()
-            {
+            if !send_delta(l, text, tok) {
                 return Step::Cancelled;
             }
         }
@@ -795,20 +788,25 @@ fn emit(codec: &TextCodec, l: &mut Live, tok: u32) -> Step {
     let safe = floor_char_boundary(&l.text, l.text.len().saturating_sub(hold)).max(l.sent);
     let text = l.text[l.sent..safe].to_string();
     l.sent = safe;
-    if l.job
-        .events
-        .try_send(GenerateEvent::Delta {
-            text,
-            token: Some(tok),
-        })
-        .is_err()
-    {
+    if !send_delta(l, text, tok) {
         return Step::Cancelled;
     }
     if l.generated >= l.job.sampling.max_tokens {
         return Step::Done(FinishReason::Length);
     }
     Step::Continue
+}
+
+/// Sends `text` (produced by token `tok`); `false` when the client is gone or not reading, which
+/// cancels the request.
+fn send_delta(l: &Live, text: String, tok: u32) -> bool {
+    l.job
+        .events
+        .try_send(GenerateEvent::Delta {
+            text,
+            token: Some(tok),
+        })
+        .is_ok()
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
