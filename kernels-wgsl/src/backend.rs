@@ -266,6 +266,14 @@ pub trait Backend: Send + Sync + 'static {
     fn zeros(&self, shape: &[usize]) -> Result<Tensor>;
     /// Wait until all recorded work has finished.
     fn sync(&self) -> Result<()>;
+    /// Runs `f`, a sequence of ops, where this backend launches ops most cheaply. The CPU backend
+    /// runs it on one of its worker threads: an op called from outside the pool is handed over
+    /// and waited for (a wake-up of a worker and a sleep and wake-up of the caller, tens of µs),
+    /// which is more than a batch-1 decode op takes; called from a worker, an op forks its work
+    /// directly. Other backends run `f` in place.
+    fn run(&self, f: &mut (dyn FnMut() + Send)) {
+        f()
+    }
 
     /// Rows of `table` (`[vocab, d]`, any dtype) for `ids` → `[ids.len(), d]`.
     fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor>;

@@ -283,6 +283,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn run(&self, f: &mut (dyn FnMut() + Send)) {
+        // `scope` runs its closure on a pool worker (in place when already on one), so the
+        // ops inside `f` fork their work without a hand-over per op.
+        rayon::scope(|_| f());
+    }
+
     fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor> {
         let [vocab, d] = table.shape[..] else {
             return Err(KernelError::Shape(format!(

@@ -499,15 +499,16 @@ impl Engine {
             let wants = last && sink.wants_kv();
             let this = &*self;
             let mut hook = |layer: usize| -> Result<(), EngineError> {
-                if wants {
-                    let kv = this.export_layer(layer, blocks, n, states)?;
-                    sink.layer(layer, kv)?;
-                }
+                let kv = this.export_layer(layer, blocks, n, states)?;
+                sink.layer(layer, kv)?;
                 Ok(())
             };
-            let out = self
-                .model
-                .forward(&self.pools, &batch, &[(b - a - 1) as u32], &mut hook)?;
+            let out = self.model.forward(
+                &self.pools,
+                &batch,
+                &[(b - a - 1) as u32],
+                if wants { Some(&mut hook) } else { None },
+            )?;
             if last {
                 logits = Some(self.backend.download(&out)?);
             }
@@ -871,7 +872,7 @@ impl Engine {
         let all: Vec<u32> = (0..batch.len() as u32).collect();
         let out = self
             .model
-            .forward(&self.pools, &fb, &all, &mut |_| Ok::<(), EngineError>(()))?;
+            .forward::<EngineError>(&self.pools, &fb, &all, None)?;
         for &(id, tok) in batch {
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.tokens.push(tok);

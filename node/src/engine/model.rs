@@ -332,20 +332,20 @@ impl Model {
     }
 
     /// Runs the batch through every layer and returns logits `[logit_rows.len(), vocab]` for the
-    /// requested rows. `pools[l]` must be `Some` exactly for paged layers. `after_layer(l)` runs
-    /// once layer `l`'s KV has been written for every row of the batch (the KV sink hook).
+    /// requested rows. `pools[l]` must be `Some` exactly for paged layers. `after_layer(l)`, if
+    /// given, runs once layer `l`'s KV has been written for every row of the batch (the KV sink
+    /// hook).
     pub fn forward<E>(
         &self,
         pools: &[Option<PagedPool>],
         batch: &Batch<'_>,
         logit_rows: &[u32],
-        after_layer: &mut dyn FnMut(usize) -> Result<(), E>,
+        mut after_layer: Option<&mut dyn FnMut(usize) -> Result<(), E>>,
     ) -> Result<Tensor, E>
     where
-        E: From<ModelError> + From<KernelError>,
+        E: From<ModelError> + From<KernelError> + Send,
     {
         let be = &*self.backend;
-        let c = &self.config;
         let n = batch.tokens.len();
         let total: usize = batch.seqs.iter().map(|s| s.n_new).sum();
         if n == 0 || total != n || batch.positions.len() != n || batch.slots.len() != n {
@@ -374,85 +374,145 @@ impl Model {
             })
             .collect();
 
-        let mut x = be.embedding(&self.token_embd, batch.tokens)?;
+        // The layers run on the backend's workers (`Backend::run`): all in one call without a
+        // hook, else one call from the ffn half of layer l-1 to the token mixer of layer l, so
+        // that `after_layer(l)` (the KV sink, which need not be `Send`) runs on the caller's
+        // thread between them. Step `n_layers` is the last ffn plus the output projection.
+        let mut hidden = Some(be.embedding(&self.token_embd, batch.tokens)?);
         let mut linear_idx = 0usize;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let xn = be.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let mixed = match &layer.mixer {
-                DevMixer::Attention {
-                    wq,
-                    wk,
-                    wv,
-                    wo,
-                    bq,
-                    bk,
-                    bv,
-                    window,
-                } => {
-                    let Some(pool) = &pools[li] else {
-                        return Err(ModelError::Batch(format!("layer {li} has no KV pool")).into());
-                    };
-                    let proj = |w: &Tensor,
-                                b: &Option<Vec<f32>>,
-                                heads: usize|
-                     -> Result<Tensor, KernelError> {
-                        let mut t = be.matmul(&xn, w)?;
-                        if let Some(b) = b {
-                            let rows: Vec<f32> =
-                                b.iter().copied().cycle().take(n * b.len()).collect();
-                            let bt = be.upload(&HostTensor::from_f32(vec![n, b.len()], &rows))?;
-                            t = be.add(&t, &bt)?;
-                        }
-                        t.reshape(&[n, heads, c.head_dim])
-                    };
-                    let q = proj(wq, bq, c.n_heads)?;
-                    let k = proj(wk, bk, c.n_kv_heads)?;
-                    let v = proj(wv, bv, c.n_kv_heads)?;
-                    let q = be.rope(&q, batch.positions, c.rope_base, c.rope_style)?;
-                    let k = be.rope(&k, batch.positions, c.rope_base, c.rope_style)?;
-                    be.kv_write(&pool.k, &pool.v, &k, &v, batch.slots)?;
-                    let params = AttnParams {
-                        n_heads: c.n_heads,
-                        n_kv_heads: c.n_kv_heads,
-                        head_dim: c.head_dim,
-                        scale: 1.0 / (c.head_dim as f32).sqrt(),
-                        window: *window,
-                    };
-                    let att = be.attention(&q, &pool.k, &pool.v, &attn_seqs, &params)?;
-                    be.matmul(&att, wo)?
-                }
-                DevMixer::Linear {
-                    wq,
-                    wk,
-                    wv,
-                    w_beta,
-                    w_g,
-                    wo,
-                    heads,
-                    key_dim,
-                    value_dim,
-                } => {
-                    let dims = (*heads, *key_dim, *value_dim);
-                    let out =
-                        self.linear_mixer(&xn, [wq, wk, wv, w_beta, w_g], dims, batch, linear_idx)?;
-                    linear_idx += 1;
-                    be.matmul(&out, wo)?
-                }
+        let n_layers = self.layers.len();
+        let mut from = 0usize;
+        while from <= n_layers {
+            let to = if after_layer.is_some() {
+                from
+            } else {
+                n_layers
             };
-            x = be.add(&x, &mixed)?;
-            after_layer(li)?;
-            let xn = be.rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let gate = be.matmul(&xn, &layer.w_gate)?;
-            let upv = be.matmul(&xn, &layer.w_up)?;
-            let act = be.swiglu(&gate, &upv)?;
-            let down = be.matmul(&act, &layer.w_down)?;
-            x = be.add(&x, &down)?;
+            let mut result: Result<(), E> = Ok(());
+            be.run(&mut || {
+                result = (from..=to).try_for_each(|li| {
+                    let mut x = hidden.take().ok_or_else(|| {
+                        ModelError::Batch("hidden state missing between layers".into())
+                    })?;
+                    if li > 0 {
+                        x = self.ffn(&self.layers[li - 1], x)?;
+                    }
+                    x = if li < n_layers {
+                        self.mixer(li, x, pools, batch, &attn_seqs, &mut linear_idx)?
+                    } else {
+                        self.logits(x, logit_rows)?
+                    };
+                    hidden = Some(x);
+                    Ok(())
+                });
+            });
+            result?;
+            if let (Some(hook), true) = (after_layer.as_mut(), to < n_layers) {
+                hook(to)?;
+            }
+            from = to + 1;
         }
+        hidden.ok_or_else(|| ModelError::Batch("the backend did not run the model".into()).into())
+    }
+
+    /// Token mixer of layer `li` (attention or linear attention) plus its residual.
+    fn mixer(
+        &self,
+        li: usize,
+        x: Tensor,
+        pools: &[Option<PagedPool>],
+        batch: &Batch<'_>,
+        attn_seqs: &[AttnSeq<'_>],
+        linear_idx: &mut usize,
+    ) -> Result<Tensor, ModelError> {
+        let be = &*self.backend;
+        let c = &self.config;
+        let n = batch.tokens.len();
+        let layer = &self.layers[li];
+        let xn = be.rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+        let mixed = match &layer.mixer {
+            DevMixer::Attention {
+                wq,
+                wk,
+                wv,
+                wo,
+                bq,
+                bk,
+                bv,
+                window,
+            } => {
+                let Some(pool) = &pools[li] else {
+                    return Err(ModelError::Batch(format!("layer {li} has no KV pool")));
+                };
+                let proj = |w: &Tensor,
+                            b: &Option<Vec<f32>>,
+                            heads: usize|
+                 -> Result<Tensor, KernelError> {
+                    let mut t = be.matmul(&xn, w)?;
+                    if let Some(b) = b {
+                        let rows: Vec<f32> = b.iter().copied().cycle().take(n * b.len()).collect();
+                        let bt = be.upload(&HostTensor::from_f32(vec![n, b.len()], &rows))?;
+                        t = be.add(&t, &bt)?;
+                    }
+                    t.reshape(&[n, heads, c.head_dim])
+                };
+                let q = proj(wq, bq, c.n_heads)?;
+                let k = proj(wk, bk, c.n_kv_heads)?;
+                let v = proj(wv, bv, c.n_kv_heads)?;
+                let q = be.rope(&q, batch.positions, c.rope_base, c.rope_style)?;
+                let k = be.rope(&k, batch.positions, c.rope_base, c.rope_style)?;
+                be.kv_write(&pool.k, &pool.v, &k, &v, batch.slots)?;
+                let params = AttnParams {
+                    n_heads: c.n_heads,
+                    n_kv_heads: c.n_kv_heads,
+                    head_dim: c.head_dim,
+                    scale: 1.0 / (c.head_dim as f32).sqrt(),
+                    window: *window,
+                };
+                let att = be.attention(&q, &pool.k, &pool.v, attn_seqs, &params)?;
+                be.matmul(&att, wo)?
+            }
+            DevMixer::Linear {
+                wq,
+                wk,
+                wv,
+                w_beta,
+                w_g,
+                wo,
+                heads,
+                key_dim,
+                value_dim,
+            } => {
+                let dims = (*heads, *key_dim, *value_dim);
+                let out =
+                    self.linear_mixer(&xn, [wq, wk, wv, w_beta, w_g], dims, batch, *linear_idx)?;
+                *linear_idx += 1;
+                be.matmul(&out, wo)?
+            }
+        };
+        Ok(be.add(&x, &mixed)?)
+    }
+
+    /// Feed-forward half of `layer` (SwiGLU MLP) plus its residual.
+    fn ffn(&self, layer: &DevLayer, x: Tensor) -> Result<Tensor, ModelError> {
+        let be = &*self.backend;
+        let xn = be.rms_norm(&x, &layer.ffn_norm, self.config.rms_eps)?;
+        let gate = be.matmul(&xn, &layer.w_gate)?;
+        let upv = be.matmul(&xn, &layer.w_up)?;
+        let act = be.swiglu(&gate, &upv)?;
+        let down = be.matmul(&act, &layer.w_down)?;
+        Ok(be.add(&x, &down)?)
+    }
+
+    /// Final norm and output projection of the rows whose logits are wanted.
+    fn logits(&self, mut x: Tensor, logit_rows: &[u32]) -> Result<Tensor, ModelError> {
+        let be = &*self.backend;
+        let n = x.shape().first().copied().unwrap_or(0);
         if logit_rows.len() != n || logit_rows.iter().enumerate().any(|(i, &r)| r as usize != i) {
             // Gather only the rows whose logits are wanted (the last token of a prefill chunk).
             x = be.embedding(&x, logit_rows)?;
         }
-        let xn = be.rms_norm(&x, &self.output_norm, c.rms_eps)?;
+        let xn = be.rms_norm(&x, &self.output_norm, self.config.rms_eps)?;
         Ok(be.matmul(&xn, &self.output)?)
     }
 
