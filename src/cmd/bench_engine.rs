@@ -195,7 +195,7 @@ fn phi_kv(
 
 /// Runs `scripts/bench-llamacpp` when present and its build is already cached (building it takes
 /// ~8 minutes, which a benchmark run should not trigger silently). It prints one JSON object:
-/// `{"prefill_tok_s": {"128": x, ...}, "decode_tok_s": {"1": y}, ...}`.
+/// `{"prefill_tok_s": {"128": x, ...}, "decode_tok_s": {"1": y, "16": z}, "batched_decode_tok_s": ...}`.
 fn llamacpp(model: &str) -> Option<Value> {
     let script = Path::new("scripts/bench-llamacpp");
     let cache = std::env::var("LLAMACPP_DIR").unwrap_or_else(|_| "target/llamacpp".into());
@@ -336,6 +336,13 @@ fn print_table(r: &Value) {
             x["ours_tok_s"].as_f64().unwrap_or(0.0),
             x["llamacpp_tok_s"].as_f64().unwrap_or(0.0),
             x["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let batched = &r["llamacpp"]["batched_decode_tok_s"];
+    if let (Some(b1), Some(b16)) = (batched["1"].as_f64(), batched["16"].as_f64()) {
+        println!(
+            "  llama.cpp batch 16 / batch 1 (llama-batched-bench, same prompts): {b16:.1} / {b1:.1} tok/s = {:.2}x",
+            b16 / b1
         );
     }
     for m in r["phi_kv"].as_array().into_iter().flatten() {
