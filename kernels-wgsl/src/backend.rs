@@ -279,6 +279,12 @@ pub trait Backend: Send + Sync + 'static {
     fn embedding(&self, table: &Tensor, ids: &[u32]) -> Result<Tensor>;
     /// `x: [m, k]` (F32) · `w: [n, k]` (F32/F16/Q4_1/Q8_0)ᵀ → `[m, n]`.
     fn matmul(&self, x: &Tensor, w: &Tensor) -> Result<Tensor>;
+    /// `x · wᵢᵀ` for several weights with the same `k` (a layer's q/k/v, or gate/up). Backends
+    /// may share work between the products: the CPU backend quantizes `x` once and runs them all
+    /// in one parallel region. Same results as one `matmul` per weight.
+    fn matmul_many(&self, x: &Tensor, ws: &[&Tensor]) -> Result<Vec<Tensor>> {
+        ws.iter().map(|w| self.matmul(x, w)).collect()
+    }
     /// Row-wise RMSNorm: `x / sqrt(mean(x²) + eps) · w`, `w: [d]`.
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor>;
     /// Rotate `x: [n, heads, head_dim]` in place semantics (returns the result); row `i` is at

@@ -116,6 +116,46 @@ fn matmul_quantized_multi_panel_and_batched_x() {
     }
 }
 
+/// `matmul_many` (one activation quantization, one parallel region) gives bitwise the same
+/// products as one `matmul` per weight, for mixed weight dtypes and sizes (a layer's q/k/v with a
+/// ragged last panel, big enough to be split over threads) and for weights it cannot fuse (F32).
+#[test]
+fn matmul_many_equals_separate_matmuls() {
+    let b = CpuBackend::new();
+    let mut rng = Rng(7);
+    let k = 576;
+    let shapes = [(DType::Q4_1, 1000), (DType::Q8_0, 333), (DType::Q4_1, 17)];
+    let ws: Vec<Tensor> = shapes
+        .iter()
+        .map(|&(dtype, n)| {
+            let bytes = quant::quantize(dtype, &rng.vec(n * k)).unwrap();
+            up_bytes(&b, dtype, &[n, k], bytes)
+        })
+        .collect();
+    let f32_w = up(&b, &[40, k], &rng.vec(40 * k));
+    for m in [1, 3, 16] {
+        let x = up(&b, &[m, k], &rng.vec(m * k));
+        for set in [vec![&ws[0], &ws[1], &ws[2]], vec![&ws[2], &f32_w, &ws[0]]] {
+            let many = b.matmul_many(&x, &set).unwrap();
+            assert_eq!(many.len(), set.len());
+            for (got, w) in many.iter().zip(&set) {
+                let want = b.matmul(&x, w).unwrap();
+                assert_eq!(got.shape(), want.shape());
+                assert_eq!(
+                    b.download(got).unwrap(),
+                    b.download(&want).unwrap(),
+                    "m = {m}, weight {:?} {:?}",
+                    w.dtype(),
+                    w.shape()
+                );
+            }
+        }
+    }
+    // Mismatched inner dimensions are an error, not a panic.
+    let x = up(&b, &[1, 64], &rng.vec(64));
+    assert!(b.matmul_many(&x, &[&ws[0]]).is_err());
+}
+
 #[test]
 fn embedding_all_dtypes() {
     let b = CpuBackend::new();

@@ -349,6 +349,38 @@ impl Backend for CpuBackend {
         Ok(f32_tensor(shape, out))
     }
 
+    fn matmul_many(&self, x: &Tensor, ws: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let k = x.shape.last().copied().unwrap_or(0);
+        let m = x.numel() / k.max(1);
+        // Only when every weight takes the 8-bit-activation path (the same test as `matmul`).
+        let packed: Option<Vec<&q8act::PackedWeight>> = ws
+            .iter()
+            .map(|w| {
+                let p = storage(w).ok()?.packed.as_ref()?;
+                (m <= matmul::QMATVEC_MAX_ROWS && w.shape[..] == [p.n(), k] && p.k() == k)
+                    .then_some(p)
+            })
+            .collect();
+        let (Some(packed), Some(planes)) = (packed, decode_planes()) else {
+            return ws.iter().map(|w| self.matmul(x, w)).collect();
+        };
+        let xs = read_f32(x, "matmul x")?;
+        let mut outs: Vec<Vec<f32>> = packed.iter().map(|p| vec![0.0f32; m * p.n()]).collect();
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+        q8act::matmul_many(&xs, m, &packed, &mut views, planes, q8act::Kernel::best());
+        Ok(outs
+            .into_iter()
+            .zip(&packed)
+            .map(|(o, p)| {
+                let mut shape = x.shape.clone();
+                if let Some(l) = shape.last_mut() {
+                    *l = p.n();
+                }
+                f32_tensor(shape, o)
+            })
+            .collect())
+    }
+
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
         let d = last_dim(x, "rms_norm")?;
         if w.shape != [d] {

@@ -330,33 +330,63 @@ pub(crate) fn matmul(
     planes: Planes,
     kernel: Kernel,
 ) {
-    let (n, k) = (w.n, w.k);
+    matmul_many(x, m, &[w], &mut [out], planes, kernel);
+}
+
+/// `outs[i][m, nᵢ] = x[m, k] · wᵢᵀ` for weights that share `k` (a layer's q/k/v, or gate/up):
+/// `x` is quantized once and the panels of every weight are split over the threads as one
+/// parallel region, instead of one quantization and one fork/join per product.
+/// `x.len() == m·k`, `outs[i].len() == m·nᵢ` (checked).
+pub(crate) fn matmul_many(
+    x: &[f32],
+    m: usize,
+    ws: &[&PackedWeight],
+    outs: &mut [&mut [f32]],
+    planes: Planes,
+    kernel: Kernel,
+) {
+    let k = ws.first().map_or(0, |w| w.k);
     assert!(
-        x.len() == m * k && out.len() == m * n,
-        "q8act::matmul: x has {} values for [{m}, {k}], out {} for [{m}, {n}]",
+        ws.len() == outs.len()
+            && x.len() == m * k
+            && ws
+                .iter()
+                .zip(outs.iter())
+                .all(|(w, o)| w.k == k && o.len() == m * w.n),
+        "q8act::matmul_many: x has {} values for [{m}, {k}]; weights {:?}, outputs {:?}",
         x.len(),
-        out.len()
+        ws.iter().map(|w| [w.n, w.k]).collect::<Vec<_>>(),
+        outs.iter().map(|o| o.len()).collect::<Vec<_>>()
     );
-    if m == 0 {
+    if m == 0 || ws.is_empty() {
         return;
     }
-    let optr = OutPtr(out.as_mut_ptr());
+    let optrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
     let run = |act: &ActQ8| {
-        let panels = w.panels();
-        let task = |p0: usize, p1: usize| {
-            // SAFETY: panels p0..p1 write only columns 16·p0 .. min(16·p1, n) of each of the m
-            // rows of `out`, which has m·n elements; ranges of different tasks are disjoint.
-            unsafe { run_panels(w, act, p0, p1, optr.get(), kernel) }
-        };
+        // SAFETY (both branches): panels p0..p1 of weight i write only columns 16·p0 ..
+        // min(16·p1, nᵢ) of each of the m rows of `outs[i]`, which has m·nᵢ elements; the
+        // ranges of different tasks are disjoint.
         let threads = rayon::current_num_threads();
-        if threads == 1 || estimate_ns(w, m, planes) < PAR_MIN_NS {
-            task(0, panels);
-        } else {
-            let per = panels.div_ceil(threads * CHUNKS_PER_THREAD).max(1);
-            (0..panels.div_ceil(per))
-                .into_par_iter()
-                .for_each(|c| task(c * per, ((c + 1) * per).min(panels)));
+        let cost: f64 = ws.iter().map(|w| estimate_ns(w, m, planes)).sum();
+        if threads == 1 || cost < PAR_MIN_NS {
+            for (w, o) in ws.iter().zip(&optrs) {
+                unsafe { run_panels(w, act, 0, w.panels(), o.get(), kernel) };
+            }
+            return;
         }
+        let total: usize = ws.iter().map(|w| w.panels()).sum();
+        let per = total.div_ceil(threads * CHUNKS_PER_THREAD).max(1);
+        let tasks: Vec<(usize, usize, usize)> = ws
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| {
+                (0..w.panels().div_ceil(per))
+                    .map(move |c| (i, c * per, ((c + 1) * per).min(w.panels())))
+            })
+            .collect();
+        tasks.par_iter().for_each(|&(i, p0, p1)| unsafe {
+            run_panels(ws[i], act, p0, p1, optrs[i].get(), kernel)
+        });
     };
     SCRATCH.with(|s| match s.try_borrow_mut() {
         Ok(mut act) => {

@@ -444,11 +444,11 @@ impl Model {
                 let Some(pool) = &pools[li] else {
                     return Err(ModelError::Batch(format!("layer {li} has no KV pool")));
                 };
-                let proj = |w: &Tensor,
+                let [q, k, v] = self.products(&xn, [wq, wk, wv])?;
+                let proj = |mut t: Tensor,
                             b: &Option<Vec<f32>>,
                             heads: usize|
                  -> Result<Tensor, KernelError> {
-                    let mut t = be.matmul(&xn, w)?;
                     if let Some(b) = b {
                         let rows: Vec<f32> = b.iter().copied().cycle().take(n * b.len()).collect();
                         let bt = be.upload(&HostTensor::from_f32(vec![n, b.len()], &rows))?;
@@ -456,9 +456,9 @@ impl Model {
                     }
                     t.reshape(&[n, heads, c.head_dim])
                 };
-                let q = proj(wq, bq, c.n_heads)?;
-                let k = proj(wk, bk, c.n_kv_heads)?;
-                let v = proj(wv, bv, c.n_kv_heads)?;
+                let q = proj(q, bq, c.n_heads)?;
+                let k = proj(k, bk, c.n_kv_heads)?;
+                let v = proj(v, bv, c.n_kv_heads)?;
                 let q = be.rope(&q, batch.positions, c.rope_base, c.rope_style)?;
                 let k = be.rope(&k, batch.positions, c.rope_base, c.rope_style)?;
                 be.kv_write(&pool.k, &pool.v, &k, &v, batch.slots)?;
@@ -497,11 +497,22 @@ impl Model {
     fn ffn(&self, layer: &DevLayer, x: Tensor) -> Result<Tensor, ModelError> {
         let be = &*self.backend;
         let xn = be.rms_norm(&x, &layer.ffn_norm, self.config.rms_eps)?;
-        let gate = be.matmul(&xn, &layer.w_gate)?;
-        let upv = be.matmul(&xn, &layer.w_up)?;
+        let [gate, upv] = self.products(&xn, [&layer.w_gate, &layer.w_up])?;
         let act = be.swiglu(&gate, &upv)?;
         let down = be.matmul(&act, &layer.w_down)?;
         Ok(be.add(&x, &down)?)
+    }
+
+    /// `x · wᵢᵀ` for `N` weights of the same input (`Backend::matmul_many`).
+    fn products<const N: usize>(
+        &self,
+        x: &Tensor,
+        ws: [&Tensor; N],
+    ) -> Result<[Tensor; N], ModelError> {
+        let out = self.backend.matmul_many(x, &ws)?;
+        let got = out.len();
+        out.try_into()
+            .map_err(|_| ModelError::Batch(format!("{got} products for {N} weights")))
     }
 
     /// Final norm and output projection of the rows whose logits are wanted.
