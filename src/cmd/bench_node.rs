@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use prfaas_kernels::BackendKind;
-use prfaas_mesh::MeshConfig;
 use prfaas_node::actors::compute::Job;
 use prfaas_node::actors::{Node, NodeHandle};
 use prfaas_node::config::{NodeConfig, NodeRole};
@@ -54,27 +53,11 @@ pub struct Args {
 }
 
 fn cfg(args: &Args, name: &str, roles: &[NodeRole], bootstrap: Vec<String>) -> NodeConfig {
-    let mut c = NodeConfig::default();
-    c.node.name = name.into();
-    c.node.roles = roles.to_vec();
-    c.node.model = args.model.clone();
-    c.node.backend = args.backend;
-    c.engine.kv_capacity_tokens = 16 * 1024;
+    let mut c = super::local_node_config(name, roles, &args.model, args.backend, bootstrap);
     // Every prompt is new work: no prefix cache, so repeated measurements stay comparable.
     c.engine.prefix_cache = false;
     c.policy.offload_threshold_tokens = 256;
-    c.policy.auction_deadline = Duration::from_millis(500);
-    c.mesh = MeshConfig::local();
-    c.mesh.bootstrap = bootstrap;
     c
-}
-
-async fn addrs(n: &NodeHandle) -> Vec<String> {
-    n.mesh_addrs()
-        .await
-        .iter()
-        .map(ToString::to_string)
-        .collect()
 }
 
 async fn wait_prefillers(home: &NodeHandle, want: usize) -> anyhow::Result<()> {
@@ -177,7 +160,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let mut pcfg = cfg(&args, "prefill", &[NodeRole::Prefill], vec![]);
     pcfg.policy.max_served_prefills = 1;
     let p = Node::start(pcfg, None).await?;
-    let mut hcfg = cfg(&args, "home", &[NodeRole::Decode], addrs(&p).await);
+    let mut hcfg = cfg(
+        &args,
+        "home",
+        &[NodeRole::Decode],
+        super::mesh_addrs(&p).await,
+    );
     hcfg.policy.reserve_price_factor = 1e6;
     let h = Node::start(hcfg, None).await?;
     wait_prefillers(&h, 1).await?;
@@ -231,7 +219,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         let mut others = Vec::new();
         if mesh {
             let p = Node::start(cfg(&args, "prefill", &[NodeRole::Prefill], vec![]), None).await?;
-            let boot = addrs(&p).await;
+            let boot = super::mesh_addrs(&p).await;
             let mut hs = Vec::new();
             for name in ["decode-a", "decode-b"] {
                 hs.push(

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use prfaas_kernels::BackendKind;
-use prfaas_mesh::MeshConfig;
-use prfaas_node::actors::{Node, NodeHandle};
+use prfaas_node::actors::Node;
 use prfaas_node::api::client::{self, ChatParams};
 use prfaas_node::config::{NodeConfig, NodeRole};
 use prfaas_node::engine::chat::ChatMessage;
@@ -127,27 +126,9 @@ fn node_cfg(
     backend: BackendKind,
     bootstrap: Vec<String>,
 ) -> NodeConfig {
-    let mut c = NodeConfig::default();
-    c.node.name = name.into();
-    c.node.roles = roles.to_vec();
-    c.node.model = args.model.clone();
-    c.node.backend = backend;
-    c.api.listen = "127.0.0.1:0".parse().expect("static address");
-    c.api.workers = 1;
-    c.engine.kv_capacity_tokens = 16 * 1024;
+    let mut c = super::local_node_config(name, roles, &args.model, backend, bootstrap);
     c.policy.offload_threshold_tokens = args.threshold;
-    c.policy.auction_deadline = Duration::from_millis(500);
-    c.mesh = MeshConfig::local();
-    c.mesh.bootstrap = bootstrap;
     c
-}
-
-async fn addrs(n: &NodeHandle) -> Vec<String> {
-    n.mesh_addrs()
-        .await
-        .iter()
-        .map(ToString::to_string)
-        .collect()
 }
 
 fn short(s: &str, n: usize) -> String {
@@ -181,7 +162,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     )
     .await
     .context("starting prefill-1")?;
-    let boot = addrs(&prefill).await;
+    let boot = super::mesh_addrs(&prefill).await;
     let a = Node::start(
         node_cfg(
             "decode-a",
@@ -195,7 +176,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     .await
     .context("starting decode-a")?;
     let mut boot_b = boot;
-    boot_b.extend(addrs(&a).await);
+    boot_b.extend(super::mesh_addrs(&a).await);
     let b = Node::start(
         node_cfg(
             "decode-b",
