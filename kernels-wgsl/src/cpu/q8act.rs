@@ -38,7 +38,11 @@ const Q4_QUANT_BYTES: usize = PANEL * 16;
 const Q8_QUANT_BYTES: usize = PANEL * QK;
 /// Estimated cost, in nanoseconds, below which a product runs on the calling thread: waking the
 /// other workers and joining them costs several microseconds (far more on a loaded machine).
-const PAR_MIN_NS: f64 = 25_000.0;
+/// Since the model's layers run on a pool worker (`Backend::run`), the other workers are usually
+/// still spinning between ops, and splitting SmolLM2's 576×576 products (≈ 20 µs) pays: 8 µs
+/// instead of 25 µs took batch-1 decode on 2 idle cores from 96–111 to 131–175 tok/s (A/B of
+/// two builds, alternating runs of `prfaas generate`, 2026-11-23).
+const PAR_MIN_NS: f64 = 8_000.0;
 /// Chunks per thread when splitting panels, so a thread slowed down by other load on the machine
 /// does not hold the whole product back.
 const CHUNKS_PER_THREAD: usize = 3;
