@@ -79,6 +79,13 @@ pub struct TableSyncConfig {
     /// A peer asking again within this period gets an empty table.
     #[serde(with = "humantime_serde")]
     pub serve_interval: Duration,
+    /// One more sync, from another connected peer, this long after the first one answered
+    /// (zero: none). It picks up nodes that joined at about the same time as we did, whose
+    /// adverts had not reached our first sync source yet; this replaces every node
+    /// re-publishing its advert for every newcomer. Back-to-back runs of the 100-node
+    /// in-process bench: convergence 1.9–2.0 s with 300 ms, 2.3 s without.
+    #[serde(with = "humantime_serde")]
+    pub followup_after: Duration,
 }
 
 impl Default for TableSyncConfig {
@@ -90,6 +97,7 @@ impl Default for TableSyncConfig {
             burst: 3,
             period: Duration::from_secs(10),
             serve_interval: Duration::from_secs(10),
+            followup_after: Duration::from_millis(300),
         }
     }
 }

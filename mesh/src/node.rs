@@ -83,6 +83,12 @@ struct Task {
     syncing: HashSet<PeerId>,
     /// When we last served each peer's table request (bounded by `max_known_peers`).
     served: HashMap<PeerId, Instant>,
+    /// Peers we synced from (at most 16 remembered), so the follow-up asks someone else.
+    synced_from: HashSet<PeerId>,
+    /// When the one follow-up sync is due (set by the first sync's answer).
+    followup_sync_at: Option<Instant>,
+    /// Whether the follow-up was scheduled already (it happens once per node).
+    followup_done: bool,
     cfg: MeshConfig,
     topic: IdentTopic,
     events: mpsc::Sender<MeshEvent>,
@@ -360,6 +366,9 @@ impl Mesh {
             ),
             syncing: HashSet::new(),
             served: HashMap::new(),
+            synced_from: HashSet::new(),
+            followup_sync_at: None,
+            followup_done: false,
             topic,
             events: ev_tx,
             table: PeerTable::new(cfg.limits.max_known_peers),
@@ -635,7 +644,10 @@ impl Task {
                     .gossipsub
                     .publish(self.topic.clone(), bytes)
                 {
-                    Ok(_) => self.advert_unsent = false,
+                    Ok(_) => {
+                        self.stats.adverts_published.fetch_add(1, Ordering::Relaxed);
+                        self.advert_unsent = false;
+                    }
                     Err(e) => {
                         // InsufficientPeers before anyone joined is expected.
                         self.advert_unsent = true;
@@ -649,6 +661,7 @@ impl Task {
 
     fn maintain(&mut self) {
         let now = Instant::now();
+        self.maybe_followup_sync(now);
         for peer in self.table.expire(now, self.cfg.advert_expiry) {
             if let Ok(mut e) = self.estimator.lock() {
                 e.forget(&peer);
@@ -902,16 +915,29 @@ impl Task {
         };
         if let Some(known) = self.table.get(&peer).map(|e| e.advert.seq) {
             let seq = unverified.advert.seq;
-            let same_bytes = || self.table.signed(&peer).is_some_and(|s| **s == *data);
-            if seq < known || (seq == known && !same_bytes()) {
-                // A peer's table may lag behind what gossip told us: not an offence there.
-                if matches!(origin, Origin::Sync { .. }) {
+            let same_bytes = seq == known && self.table.signed(&peer).is_some_and(|s| **s == *data);
+            if same_bytes {
+                // The advert we hold. Through gossip this means we had it from a table sync
+                // (gossipsub drops byte-identical copies itself): accept so it is forwarded to
+                // our mesh peers, who may not have it.
+                return match origin {
+                    Origin::Gossip => MessageAcceptance::Accept,
+                    Origin::Sync { .. } => MessageAcceptance::Ignore,
+                };
+            }
+            if seq <= known {
+                // A peer's table may lag behind what gossip told us, and two adverts of one node
+                // published in quick succession can arrive out of order over different paths:
+                // neither is an offence. Older than the expiry period (sequence numbers are
+                // wall-clock ms) or the same number with other bytes is a replay or an
+                // equivocation: rejected and counted. Either way it is never stored.
+                let expiry_ms =
+                    u64::try_from(self.cfg.advert_expiry.as_millis()).unwrap_or(u64::MAX);
+                let in_flight = seq < known && known - seq < expiry_ms;
+                if matches!(origin, Origin::Sync { .. }) || in_flight {
                     return MessageAcceptance::Ignore;
                 }
                 return refuse(&self.stats, Some(&self.stats.adverts_replayed));
-            }
-            if seq == known {
-                return MessageAcceptance::Ignore; // the advert we hold, seen again
             }
         }
         let advert = match unverified.verify() {
@@ -950,10 +976,44 @@ impl Task {
             self.stats.adverts_from_sync.fetch_add(1, Ordering::Relaxed);
         }
         if new {
-            self.newcomer_seen = true;
+            self.newcomer_seen |= self.newcomer_needs_us();
             self.emit(MeshEvent::PeerDiscovered { peer });
         }
         MessageAcceptance::Accept
+    }
+
+    /// Whether a node we just heard of for the first time may not know us yet, so our next
+    /// advert tick should publish instead of waiting for the refresh period. With table sync
+    /// the newcomer fetches its bootstrap peers' tables on connecting (and once more a little
+    /// later, see [`Task::maybe_followup_sync`]), which hold every advert that had spread by
+    /// then, so nobody needs to republish for it. Republishing for every newcomer cost N adverts
+    /// (N²·`mesh_n` receptions in one process) per join: measured at 100 nodes, 651 adverts
+    /// published instead of 100 while joining, convergence 7.9 s instead of 3.2 s and auction
+    /// P99 2.2 s instead of 38 ms.
+    fn newcomer_needs_us(&self) -> bool {
+        !self.cfg.table_sync.enabled
+    }
+
+    /// One follow-up table sync, `table_sync.followup_after` after our first sync completed, from a
+    /// connected peer we have not synced from: adverts of nodes that joined at about the same
+    /// time as us had not reached our first sync sources yet. O(N) entries once per node
+    /// instead of every node republishing for every newcomer.
+    fn maybe_followup_sync(&mut self, now: Instant) {
+        let Some(due) = self.followup_sync_at else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        let candidate = self
+            .swarm
+            .connected_peers()
+            .find(|p| !self.synced_from.contains(p) && !self.syncing.contains(p))
+            .copied();
+        if let Some(peer) = candidate {
+            self.followup_sync_at = None;
+            self.send_sync(peer);
+        }
     }
 
     /// Asks `peer` (just dialled) for its table, unless sync is off, we already asked it, or
@@ -966,8 +1026,15 @@ impl Task {
         if !self.sync_bucket.try_take(Instant::now()) {
             return;
         }
-        let max_entries = u32::try_from(ts.max_entries).unwrap_or(u32::MAX);
+        self.send_sync(peer);
+    }
+
+    fn send_sync(&mut self, peer: PeerId) {
+        let max_entries = u32::try_from(self.cfg.table_sync.max_entries).unwrap_or(u32::MAX);
         self.syncing.insert(peer);
+        if self.synced_from.len() < 16 {
+            self.synced_from.insert(peer);
+        }
         self.swarm
             .behaviour_mut()
             .table
@@ -1028,6 +1095,13 @@ impl Task {
     fn on_table_response(&mut self, peer: PeerId, res: TableResponse) {
         if !self.syncing.remove(&peer) {
             return;
+        }
+        if !self.followup_done {
+            self.followup_done = true;
+            let after = self.cfg.table_sync.followup_after;
+            if !after.is_zero() {
+                self.followup_sync_at = Some(Instant::now() + after);
+            }
         }
         let max = self.cfg.table_sync.max_entries;
         for e in res.entries.into_iter().take(max) {

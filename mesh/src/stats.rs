@@ -24,6 +24,8 @@ pub struct MeshStats {
     pub adverts_replayed: AtomicU64,
     /// Adverts (new peers or newer sequence numbers) learned through table sync.
     pub adverts_from_sync: AtomicU64,
+    /// Our own adverts published (every one costs the mesh ~N·`mesh_n` receptions).
+    pub adverts_published: AtomicU64,
 }
 
 /// A point-in-time copy of [`MeshStats`].
@@ -47,6 +49,8 @@ pub struct MeshStatsSnapshot {
     pub adverts_replayed: u64,
     /// See [`MeshStats::adverts_from_sync`].
     pub adverts_from_sync: u64,
+    /// See [`MeshStats::adverts_published`].
+    pub adverts_published: u64,
 }
 
 impl MeshStats {
@@ -63,6 +67,7 @@ impl MeshStats {
             adverts_forged: r(&self.adverts_forged),
             adverts_replayed: r(&self.adverts_replayed),
             adverts_from_sync: r(&self.adverts_from_sync),
+            adverts_published: r(&self.adverts_published),
         }
     }
 }

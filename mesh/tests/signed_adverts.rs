@@ -2,6 +2,9 @@
 //! gossipsub peer (plain libp2p, unsigned gossip like the mesh) publishes forged, altered and
 //! replayed adverts, which the node must reject and count; a late joiner learns the mesh from a
 //! table sync before any advert refresh could have taught it.
+//!
+//! Honest reordering (an advert a few ms older than the one held, arriving over another path)
+//! is ignored without being counted, so an honest mesh shows no refusals.
 
 mod common;
 
@@ -84,25 +87,33 @@ async fn forged_altered_and_replayed_adverts_are_rejected_and_counted() {
     .await
     .expect("node subscribed");
 
+    // Sequence numbers are wall-clock ms: 60 s apart is a replay, not in-flight reordering.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let (s5, s4) = (now_ms, now_ms - 60_000);
     let victim = Keypair::generate_ed25519();
     let mallory = Keypair::generate_ed25519();
-    let honest_5 = signed(&victim, 5, 7);
+    let honest_5 = signed(&victim, s5, 7);
     let env: SignedAdvert = wire::decode(&honest_5, 64 * 1024).expect("envelope");
     // Altered: the victim's signature over a different body (queue depth 0).
     let altered = wire::encode(
         &SignedAdvert {
-            advert: wire::encode(&advert(&victim, 6, 0), 64 * 1024).expect("enc"),
+            advert: wire::encode(&advert(&victim, s5 + 1, 0), 64 * 1024).expect("enc"),
             ..env.clone()
         },
         64 * 1024,
     )
     .expect("enc");
     // Wrong signer: Mallory signs an advert naming the victim.
-    let wrong_signer = codec::sign(&advert(&victim, 7, 0), &mallory, 64 * 1024).expect("sign");
-    // Replay: an older advert the victim really signed.
-    let replayed_4 = signed(&victim, 4, 0);
+    let wrong_signer = codec::sign(&advert(&victim, s5 + 2, 0), &mallory, 64 * 1024).expect("sign");
+    // Replay: an older advert the victim really signed (a minute older).
+    let replayed_4 = signed(&victim, s4, 0);
+    // Reordering in flight (1 ms older than the one held): ignored, neither stored nor counted.
+    let reordered = signed(&victim, s5 - 1, 0);
     // Same sequence number, different (validly signed) content: equivocation counts as replay.
-    let conflicting_5 = signed(&victim, 5, 1);
+    let conflicting_5 = signed(&victim, s5, 1);
     // Sent last: once the node discovers this peer, everything before it was processed (one
     // connection, one swarm task, in order).
     let marker = Keypair::generate_ed25519();
@@ -113,6 +124,7 @@ async fn forged_altered_and_replayed_adverts_are_rejected_and_counted() {
         altered,
         wrong_signer,
         replayed_4,
+        reordered,
         conflicting_5,
         marker_ad,
     ];
@@ -152,7 +164,7 @@ async fn forged_altered_and_replayed_adverts_are_rejected_and_counted() {
         .iter()
         .find(|(p, _)| *p == victim.public().to_peer_id())
         .map(|(_, a)| (a.seq, a.body.queue_depth));
-    assert_eq!(v, Some((5, 7)));
+    assert_eq!(v, Some((s5, 7)));
     node.handle.shutdown().await;
 }
 
