@@ -89,7 +89,10 @@ pub struct Unverified {
     pub signer: PeerId,
     /// The advert as claimed.
     pub advert: Advert,
-    key: PublicKey,
+    /// Protobuf-encoded key, decoded only in [`Self::verify`]: decoding an ed25519 key
+    /// decompresses a curve point (a field square root), which a stale or already-known advert
+    /// (most table-sync entries) should not pay.
+    key: Vec<u8>,
     signed_bytes: Vec<u8>,
     signature: Vec<u8>,
 }
@@ -97,10 +100,17 @@ pub struct Unverified {
 impl Unverified {
     /// Checks the signature; the advert is authentic only if this returns it.
     pub fn verify(self) -> Result<Advert, AdvertError> {
+        let key = PublicKey::try_decode_protobuf(&self.key)
+            .map_err(|e| AdvertError::BadKey(e.to_string()))?;
+        if key.to_peer_id() != self.signer {
+            return Err(AdvertError::BadKey(
+                "key does not hash to its peer id".into(),
+            ));
+        }
         let mut msg = Vec::with_capacity(SIGNING_DOMAIN.len() + self.signed_bytes.len());
         msg.extend_from_slice(SIGNING_DOMAIN);
         msg.extend_from_slice(&self.signed_bytes);
-        if self.key.verify(&msg, &self.signature) {
+        if key.verify(&msg, &self.signature) {
             Ok(self.advert)
         } else {
             Err(AdvertError::BadSignature {
@@ -149,9 +159,7 @@ pub fn sign(advert: &Advert, key: &Keypair, max: usize) -> Result<Vec<u8>, Adver
 /// id. Does **not** check the signature (see [`Unverified::verify`]).
 pub fn open(bytes: &[u8], max: usize) -> Result<Unverified, AdvertError> {
     let env: SignedAdvert = wire::decode(bytes, max)?;
-    let key =
-        PublicKey::try_decode_protobuf(&env.key).map_err(|e| AdvertError::BadKey(e.to_string()))?;
-    let signer = key.to_peer_id();
+    let signer = peer_id_of_key_bytes(&env.key)?;
     let advert: Advert = wire::decode(&env.advert, max)?;
     let claimed: Option<PeerId> = advert.node_id.parse().ok();
     if claimed != Some(signer) {
@@ -163,10 +171,31 @@ pub fn open(bytes: &[u8], max: usize) -> Result<Unverified, AdvertError> {
     Ok(Unverified {
         signer,
         advert,
-        key,
+        key: env.key,
         signed_bytes: env.advert,
         signature: env.signature,
     })
+}
+
+/// Longest protobuf key encoding libp2p inlines into the peer id (identity multihash); longer
+/// keys (RSA, ECDSA) are hashed with SHA-256.
+const MAX_INLINE_KEY_LENGTH: usize = 42;
+
+/// The peer id of a protobuf-encoded public key without decoding the key (no curve work): for
+/// ed25519 (and other short keys) the peer id is the identity multihash of these exact bytes.
+/// A byte string that is not a valid key is caught by [`Unverified::verify`].
+fn peer_id_of_key_bytes(key: &[u8]) -> Result<PeerId, AdvertError> {
+    if key.len() <= MAX_INLINE_KEY_LENGTH {
+        // Multihash: varint code 0x00 (identity), varint length (< 128: one byte), digest.
+        let mut mh = Vec::with_capacity(2 + key.len());
+        mh.push(0x00);
+        mh.push(key.len() as u8);
+        mh.extend_from_slice(key);
+        return PeerId::from_bytes(&mh).map_err(|e| AdvertError::BadKey(e.to_string()));
+    }
+    PublicKey::try_decode_protobuf(key)
+        .map(|k| k.to_peer_id())
+        .map_err(|e| AdvertError::BadKey(e.to_string()))
 }
 
 /// [`open`] then [`Unverified::verify`]: the signer and its authentic advert.
@@ -240,6 +269,17 @@ mod tests {
             matches!(r, Err(AdvertError::SourceMismatch { .. })),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn peer_id_from_key_bytes_matches_libp2p() {
+        let key = Keypair::generate_ed25519();
+        let bytes = key.public().encode_protobuf();
+        assert_eq!(
+            peer_id_of_key_bytes(&bytes).expect("peer id"),
+            key.public().to_peer_id()
+        );
+        assert!(peer_id_of_key_bytes(&[0xff; 100]).is_err());
     }
 
     #[test]
