@@ -393,8 +393,9 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
     let mk = || {
         let mut c = MeshConfig::local();
         c.bandwidth.probes = false;
-        // The DESIGN's advert period. Every advert costs each node ~mesh_n signature checks, so
-        // N nodes in one process pay N² of them per period: faster periods only measure the CPU.
+        // The DESIGN's advert period. Every advert costs each node ~mesh_n receptions and one
+        // signature check, so N nodes in one process pay N² of them per period: faster periods
+        // only measure the CPU.
         c.advert_interval = Duration::from_secs(1);
         c.advert_expiry = Duration::from_secs(10);
         // The default heartbeat (local() uses 100 ms for fast tests): N nodes in one process run

@@ -27,15 +27,15 @@ pub struct MeshConfig {
     pub mdns: bool,
     /// Operator region label (copied into adverts).
     pub region: String,
-    /// How often our advert may be re-published while something is new: our advert changed or a
-    /// node we had not heard of appeared (it may not have heard of us either). Changes made
-    /// through `set_advert` are published at once regardless.
+    /// How often our advert may be re-published while something is new: our advert changed, or
+    /// (only with table sync off) a node we had not heard of appeared and may not know us.
+    /// Changes made through `set_advert` are published at once regardless.
     #[serde(with = "humantime_serde")]
     pub advert_interval: Duration,
     /// Re-publication period of an unchanged advert in a mesh without newcomers, so peers do not
     /// expire us. `None`: `max(advert_interval, advert_expiry / 3)`, i.e. three chances per
     /// expiry period. Every advert costs every node in the mesh about `gossip.mesh_n` receptions
-    /// (each with a signature check), so a quiet mesh should not pay the join-time rate.
+    /// and one signature check, so a quiet mesh should not pay the join-time rate.
     #[serde(default, with = "humantime_serde")]
     pub advert_refresh: Option<Duration>,
     /// Peers whose last advert is older than this are dropped from the peer table.
