@@ -6,6 +6,7 @@ use libp2p::{
     allow_block_list, connection_limits, gossipsub, identify, mdns, ping, request_response,
 };
 
+use crate::advert::sync::TableCodec;
 use crate::auction::AuctionCodec;
 
 /// One node's behaviours. Admission (`allow`, `limits`) comes first so denied connections never
@@ -18,6 +19,7 @@ pub(crate) struct MeshBehaviour {
     pub ping: ping::Behaviour,
     pub gossipsub: gossipsub::Behaviour,
     pub auction: request_response::Behaviour<AuctionCodec>,
+    pub table: request_response::Behaviour<TableCodec>,
     pub kv: libp2p_stream::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
 }

@@ -113,6 +113,17 @@ pub struct MeshScale {
     /// Process CPU (cores, both user and system) while the auction rounds ran: what the whole
     /// in-process mesh costs, which on a loaded 2-core machine bounds every latency above.
     pub cpu_cores_during_rounds: f64,
+    /// Process CPU (cores) from the first node's start until convergence (or its bound): what
+    /// joining and advert gossip cost.
+    pub cpu_cores_converging: f64,
+    /// Adverts accepted, summed over nodes (gossip and table sync).
+    pub adverts_accepted: u64,
+    /// Of those, learned through table sync.
+    pub adverts_from_sync: u64,
+    /// Adverts refused, summed over nodes (an honest mesh should show 0).
+    pub adverts_refused: u64,
+    /// Adverts published, summed over nodes.
+    pub adverts_published: u64,
 }
 
 /// Everything `prfaas bench mesh` reports.
@@ -382,8 +393,9 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
     let mk = || {
         let mut c = MeshConfig::local();
         c.bandwidth.probes = false;
-        // The DESIGN's advert period. Every advert costs each node ~mesh_n signature checks, so
-        // N nodes in one process pay N² of them per period: faster periods only measure the CPU.
+        // The DESIGN's advert period. Every advert costs each node ~mesh_n receptions and one
+        // signature check, so N nodes in one process pay N² of them per period: faster periods
+        // only measure the CPU.
         c.advert_interval = Duration::from_secs(1);
         c.advert_expiry = Duration::from_secs(10);
         // The default heartbeat (local() uses 100 ms for fast tests): N nodes in one process run
@@ -394,7 +406,7 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(0x5EED_u64 ^ n as u64);
     // Convergence is timed from the first node's start: nodes already connect and publish while
     // later ones are spawned, so a later start would hide part of the work.
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), process_cpu_seconds());
     let mut addrs: Vec<Multiaddr> = Vec::with_capacity(n);
     let mut nodes = Vec::with_capacity(n);
     for i in 0..n {
@@ -505,6 +517,10 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
     if converged < n {
         tracing::warn!(n, converged, "mesh did not converge within its bound");
     }
+    let cpu_cores_converging = match (cpu0, process_cpu_seconds()) {
+        (Some(a), Some(b)) => (b - a) / t0.elapsed().as_secs_f64().max(1e-9),
+        _ => f64::NAN,
+    };
 
     let home = handles[0].clone();
     let candidates: Vec<PeerId> = home
@@ -529,6 +545,16 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
             deadline_ms: 1_000,
         };
         let round = home.call_auction(&candidates, call).await;
+        // Which rounds miss the P99 goal, and when (RUST_LOG=prfaas_mesh=debug).
+        if t.elapsed() > Duration::from_millis(50) {
+            tracing::debug!(
+                round = r,
+                ms = t.elapsed().as_millis() as u64,
+                since_start_ms = t0.elapsed().as_millis() as u64,
+                silent = round.silent.len(),
+                "slow auction round"
+            );
+        }
         bids += round.bids.len();
         silent += round.silent.len();
         let Some((winner, bid)) = round
@@ -561,6 +587,15 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
         (Some(a), Some(b)) => (b - a) / rounds_t0.elapsed().as_secs_f64().max(1e-9),
         _ => f64::NAN,
     };
+    let (mut adverts_accepted, mut adverts_from_sync, mut adverts_refused) = (0, 0, 0);
+    let mut adverts_published = 0;
+    for h in &handles {
+        let st = h.stats();
+        adverts_accepted += st.adverts_accepted;
+        adverts_from_sync += st.adverts_from_sync;
+        adverts_refused += st.refused_adverts;
+        adverts_published += st.adverts_published;
+    }
     for h in &handles {
         h.shutdown().await;
     }
@@ -591,6 +626,11 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         cpu_cores_during_rounds,
+        cpu_cores_converging,
+        adverts_accepted,
+        adverts_from_sync,
+        adverts_refused,
+        adverts_published,
     })
 }
 

@@ -22,6 +22,10 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::advert::sync::{
+    TableCodec, TableEntry, TableRequest, TableResponse, TokenBucket, ENTRY_OVERHEAD,
+    TABLE_PROTOCOL,
+};
 use crate::advert::{self, Advert, AdvertBody, BandwidthReport, PeerTable, ADVERT_TOPIC};
 use crate::auction::{
     AuctionCodec, AuctionRequest, AuctionResponse, AwardCheck, BidBook, DeclineReason,
@@ -49,8 +53,42 @@ struct PendingCall {
     deadline: Instant,
 }
 
+/// Where a signed advert came from (decides how stale copies are treated and how old it is).
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// Gossip: arrives as it is published; an older sequence number is a replay.
+    Gossip,
+    /// Table sync: the serving peer's copy, `age` old; it may legitimately lag behind gossip.
+    Sync { age: Duration },
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it). Advert sequence numbers
+/// start here, so a restarted node's adverts still beat those it sent before the restart.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 struct Task {
     swarm: Swarm<MeshBehaviour>,
+    /// Signs our adverts (`/prfaas/advert/2` carries the signature in the payload).
+    key: Keypair,
+    /// Our latest signed advert, served first in table sync.
+    own_signed: Option<Arc<[u8]>>,
+    /// Rate limit on the table syncs we start.
+    sync_bucket: TokenBucket,
+    /// Peers we asked for their table and have not answered yet.
+    syncing: HashSet<PeerId>,
+    /// When we last served each peer's table request (bounded by `max_known_peers`).
+    served: HashMap<PeerId, Instant>,
+    /// Peers we synced from (at most 16 remembered), so the follow-up asks someone else.
+    synced_from: HashSet<PeerId>,
+    /// When the one follow-up sync is due (set by the first sync's answer).
+    followup_sync_at: Option<Instant>,
+    /// Whether the follow-up was scheduled already (it happens once per node).
+    followup_done: bool,
     cfg: MeshConfig,
     topic: IdentTopic,
     events: mpsc::Sender<MeshEvent>,
@@ -172,16 +210,18 @@ impl Mesh {
             .gossip_lazy(g.gossip_lazy)
             .flood_publish(g.flood_publish)
             .idontwant_message_size_threshold(g.idontwant_threshold)
-            .validation_mode(gossipsub::ValidationMode::Strict)
+            // Adverts sign themselves (advert::codec says why): gossip messages carry no
+            // author, sequence number or signature, and are identified by a hash of their
+            // content, so duplicates are dropped before any signature work.
+            .validation_mode(gossipsub::ValidationMode::Anonymous)
+            .message_id_fn(content_message_id)
             .validate_messages()
             .max_transmit_size(cfg.limits.max_advert_bytes + 1024)
             .build()
             .map_err(|e| MeshError::Config(format!("gossipsub: {e}")))?;
-        let mut gossipsub = gossipsub::Behaviour::new(
-            gossipsub::MessageAuthenticity::Signed(key.clone()),
-            gossip_cfg,
-        )
-        .map_err(|e| MeshError::Start(format!("gossipsub: {e}")))?;
+        let mut gossipsub =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_cfg)
+                .map_err(|e| MeshError::Start(format!("gossipsub: {e}")))?;
         let topic = IdentTopic::new(ADVERT_TOPIC);
         gossipsub
             .subscribe(&topic)
@@ -212,6 +252,15 @@ impl Mesh {
                     cfg.limits.max_pending_calls + 64,
                 ),
         );
+        let table = request_response::Behaviour::with_codec(
+            TableCodec {
+                max_bytes: cfg.table_sync.max_bytes,
+            },
+            [(TABLE_PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(cfg.limits.auction_timeout)
+                .with_max_concurrent_streams(16),
+        );
         let mdns = if cfg.mdns {
             Some(
                 mdns::tokio::Behaviour::new(mdns::Config::default(), local)
@@ -235,6 +284,7 @@ impl Mesh {
             ping: ping::Behaviour::new(ping::Config::new()),
             gossipsub,
             auction,
+            table,
             kv,
             mdns: mdns.into(),
         };
@@ -307,6 +357,18 @@ impl Mesh {
 
         let task = Task {
             swarm,
+            key: key.clone(),
+            own_signed: None,
+            sync_bucket: TokenBucket::new(
+                cfg.table_sync.burst,
+                cfg.table_sync.period,
+                Instant::now(),
+            ),
+            syncing: HashSet::new(),
+            served: HashMap::new(),
+            synced_from: HashSet::new(),
+            followup_sync_at: None,
+            followup_done: false,
             topic,
             events: ev_tx,
             table: PeerTable::new(cfg.limits.max_known_peers),
@@ -315,7 +377,7 @@ impl Mesh {
                 region: cfg.region.clone(),
                 ..AdvertBody::default()
             },
-            seq: 0,
+            seq: unix_ms(),
             advert_unsent: false,
             newcomer_seen: false,
             last_publish: None,
@@ -549,7 +611,7 @@ impl Task {
     fn publish_advert(&mut self) {
         self.newcomer_seen = false;
         self.last_publish = Some(Instant::now());
-        self.seq += 1;
+        self.seq = (self.seq + 1).max(unix_ms());
         let observed_bandwidth = self
             .estimator
             .lock()
@@ -573,15 +635,19 @@ impl Task {
             body: self.body.clone(),
             observed_bandwidth,
         };
-        match advert::codec::encode(&advert, self.cfg.limits.max_advert_bytes) {
+        match advert::codec::sign(&advert, &self.key, self.cfg.limits.max_advert_bytes) {
             Ok(bytes) => {
+                self.own_signed = Some(Arc::from(bytes.as_slice()));
                 match self
                     .swarm
                     .behaviour_mut()
                     .gossipsub
                     .publish(self.topic.clone(), bytes)
                 {
-                    Ok(_) => self.advert_unsent = false,
+                    Ok(_) => {
+                        self.stats.adverts_published.fetch_add(1, Ordering::Relaxed);
+                        self.advert_unsent = false;
+                    }
                     Err(e) => {
                         // InsufficientPeers before anyone joined is expected.
                         self.advert_unsent = true;
@@ -595,6 +661,7 @@ impl Task {
 
     fn maintain(&mut self) {
         let now = Instant::now();
+        self.maybe_followup_sync(now);
         for peer in self.table.expire(now, self.cfg.advert_expiry) {
             if let Ok(mut e) = self.estimator.lock() {
                 e.forget(&peer);
@@ -684,8 +751,12 @@ impl Task {
                 peer_id,
                 connection_id,
                 num_established,
+                endpoint,
                 ..
             } => {
+                if num_established.get() == 1 && endpoint.is_dialer() {
+                    self.maybe_sync(peer_id);
+                }
                 self.discovery_dials.remove(&peer_id);
                 if let Some(d) = self.dials.remove(&connection_id) {
                     let _ = d.send(Ok(peer_id));
@@ -740,10 +811,7 @@ impl Task {
                 message_id,
                 message,
             }) => {
-                let verdict = self.on_advert(message.source, &message.data);
-                if verdict != MessageAcceptance::Accept {
-                    self.stats.refused_adverts.fetch_add(1, Ordering::Relaxed);
-                }
+                let verdict = self.on_signed_advert(&message.data, Origin::Gossip);
                 let _ = self
                     .swarm
                     .behaviour_mut()
@@ -783,6 +851,24 @@ impl Task {
                     }));
                 }
             }
+            MeshBehaviourEvent::Table(request_response::Event::Message {
+                peer, message, ..
+            }) => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_table_request(peer, request, channel),
+                request_response::Message::Response { response, .. } => {
+                    self.on_table_response(peer, response)
+                }
+            },
+            MeshBehaviourEvent::Table(request_response::Event::OutboundFailure {
+                peer,
+                error,
+                ..
+            }) => {
+                tracing::debug!(%peer, %error, "table sync failed");
+                self.syncing.remove(&peer);
+            }
             MeshBehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
                     if self.allowed(&peer) {
@@ -794,23 +880,73 @@ impl Task {
         }
     }
 
-    fn on_advert(&mut self, source: Option<PeerId>, data: &[u8]) -> MessageAcceptance {
-        if source.is_some_and(|s| !self.allowed(&s)) {
-            return MessageAcceptance::Reject;
-        }
-        let advert = match advert::codec::decode(data, source, self.cfg.limits.max_advert_bytes) {
-            Ok(a) => a,
+    /// Checks a signed advert (from gossip or table sync) and stores it. Cheap checks first:
+    /// decoding, signer = named node, allowlist, and the sequence number against the table, so
+    /// the signature is verified once per unique, newer advert and never for replays.
+    fn on_signed_advert(&mut self, data: &[u8], origin: Origin) -> MessageAcceptance {
+        let refuse = |stats: &MeshStats, counter: Option<&AtomicU64>| {
+            stats.refused_adverts.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = counter {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            MessageAcceptance::Reject
+        };
+        let unverified = match advert::codec::open(data, self.cfg.limits.max_advert_bytes) {
+            Ok(u) => u,
             Err(e) => {
                 tracing::debug!(error = %e, "advert rejected");
-                return MessageAcceptance::Reject;
+                let forged = matches!(e, advert::codec::AdvertError::SourceMismatch { .. });
+                return refuse(&self.stats, forged.then_some(&self.stats.adverts_forged));
             }
         };
-        let Some(peer) = source else {
-            return MessageAcceptance::Reject;
-        };
+        let peer = unverified.signer;
+        if !self.allowed(&peer) {
+            return refuse(&self.stats, None);
+        }
         if peer == *self.swarm.local_peer_id() {
             return MessageAcceptance::Ignore;
         }
+        let age = match origin {
+            Origin::Gossip => Duration::ZERO,
+            Origin::Sync { age } if age >= self.cfg.advert_expiry => {
+                return MessageAcceptance::Ignore; // would expire at once
+            }
+            Origin::Sync { age } => age,
+        };
+        if let Some(known) = self.table.get(&peer).map(|e| e.advert.seq) {
+            let seq = unverified.advert.seq;
+            let same_bytes = seq == known && self.table.signed(&peer).is_some_and(|s| **s == *data);
+            if same_bytes {
+                // The advert we hold. Through gossip this means we had it from a table sync
+                // (gossipsub drops byte-identical copies itself): accept so it is forwarded to
+                // our mesh peers, who may not have it.
+                return match origin {
+                    Origin::Gossip => MessageAcceptance::Accept,
+                    Origin::Sync { .. } => MessageAcceptance::Ignore,
+                };
+            }
+            if seq <= known {
+                // A peer's table may lag behind what gossip told us, and two adverts of one node
+                // published in quick succession can arrive out of order over different paths:
+                // neither is an offence. Older than the expiry period (sequence numbers are
+                // wall-clock ms) or the same number with other bytes is a replay or an
+                // equivocation: rejected and counted. Either way it is never stored.
+                let expiry_ms =
+                    u64::try_from(self.cfg.advert_expiry.as_millis()).unwrap_or(u64::MAX);
+                let in_flight = seq < known && known - seq < expiry_ms;
+                if matches!(origin, Origin::Sync { .. }) || in_flight {
+                    return MessageAcceptance::Ignore;
+                }
+                return refuse(&self.stats, Some(&self.stats.adverts_replayed));
+            }
+        }
+        let advert = match unverified.verify() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "advert rejected");
+                return refuse(&self.stats, Some(&self.stats.adverts_forged));
+            }
+        };
         // Learn the mesh: dial advertised addresses while below the target peer count. The
         // addresses are parsed only when a dial will happen (most adverts come from peers we are
         // connected to or do not need).
@@ -822,18 +958,155 @@ impl Task {
                 .take(8)
                 .collect()
         });
-        match self.table.upsert(peer, advert, Instant::now()) {
-            advert::table::Upsert::New => {
-                self.newcomer_seen = true;
-                self.stats.adverts_accepted.fetch_add(1, Ordering::Relaxed);
-                self.emit(MeshEvent::PeerDiscovered { peer });
-                MessageAcceptance::Accept
+        let now = Instant::now();
+        let received_at = now.checked_sub(age).unwrap_or(now);
+        let upsert = self
+            .table
+            .upsert_signed(peer, advert, Arc::from(data), received_at);
+        let new = match upsert {
+            advert::table::Upsert::New => true,
+            advert::table::Upsert::Updated => false,
+            advert::table::Upsert::Stale | advert::table::Upsert::Full => {
+                return MessageAcceptance::Ignore
             }
-            advert::table::Upsert::Updated => {
-                self.stats.adverts_accepted.fetch_add(1, Ordering::Relaxed);
-                MessageAcceptance::Accept
+        };
+        // Counters before the event, so whoever reacts to the event sees them.
+        self.stats.adverts_accepted.fetch_add(1, Ordering::Relaxed);
+        if matches!(origin, Origin::Sync { .. }) {
+            self.stats.adverts_from_sync.fetch_add(1, Ordering::Relaxed);
+        }
+        if new {
+            self.newcomer_seen |= self.newcomer_needs_us();
+            self.emit(MeshEvent::PeerDiscovered { peer });
+        }
+        MessageAcceptance::Accept
+    }
+
+    /// Whether a node we just heard of for the first time may not know us yet, so our next
+    /// advert tick should publish instead of waiting for the refresh period. With table sync
+    /// the newcomer fetches its bootstrap peers' tables on connecting (and once more a little
+    /// later, see [`Task::maybe_followup_sync`]), which hold every advert that had spread by
+    /// then, so nobody needs to republish for it. Republishing for every newcomer cost N adverts
+    /// (N²·`mesh_n` receptions in one process) per join: measured at 100 nodes, 651 adverts
+    /// published instead of 100 while joining, convergence 7.9 s instead of 3.2 s and auction
+    /// P99 2.2 s instead of 38 ms.
+    fn newcomer_needs_us(&self) -> bool {
+        !self.cfg.table_sync.enabled
+    }
+
+    /// One follow-up table sync, `table_sync.followup_after` after our first sync completed, from a
+    /// connected peer we have not synced from: adverts of nodes that joined at about the same
+    /// time as us had not reached our first sync sources yet. O(N) entries once per node
+    /// instead of every node republishing for every newcomer.
+    fn maybe_followup_sync(&mut self, now: Instant) {
+        let Some(due) = self.followup_sync_at else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        let candidate = self
+            .swarm
+            .connected_peers()
+            .find(|p| !self.synced_from.contains(p) && !self.syncing.contains(p))
+            .copied();
+        if let Some(peer) = candidate {
+            self.followup_sync_at = None;
+            self.send_sync(peer);
+        }
+    }
+
+    /// Asks `peer` (just dialled) for its table, unless sync is off, we already asked it, or
+    /// the token bucket is empty.
+    fn maybe_sync(&mut self, peer: PeerId) {
+        let ts = &self.cfg.table_sync;
+        if !ts.enabled || !self.allowed(&peer) || self.syncing.contains(&peer) {
+            return;
+        }
+        if !self.sync_bucket.try_take(Instant::now()) {
+            return;
+        }
+        self.send_sync(peer);
+    }
+
+    fn send_sync(&mut self, peer: PeerId) {
+        let max_entries = u32::try_from(self.cfg.table_sync.max_entries).unwrap_or(u32::MAX);
+        self.syncing.insert(peer);
+        if self.synced_from.len() < 16 {
+            self.synced_from.insert(peer);
+        }
+        self.swarm
+            .behaviour_mut()
+            .table
+            .send_request(&peer, TableRequest { max_entries });
+    }
+
+    /// Serves our table of signed adverts (ours first), within the entry and byte bounds; an
+    /// empty table to a peer that asked within `serve_interval`.
+    fn on_table_request(
+        &mut self,
+        peer: PeerId,
+        req: TableRequest,
+        channel: ResponseChannel<TableResponse>,
+    ) {
+        if !self.allowed(&peer) || !self.cfg.table_sync.enabled {
+            self.stats.refused_auction.fetch_add(1, Ordering::Relaxed);
+            return; // dropping the channel fails the request on the other side
+        }
+        let ts = &self.cfg.table_sync;
+        let now = Instant::now();
+        let mut res = TableResponse::default();
+        let due = self
+            .served
+            .get(&peer)
+            .is_none_or(|t| now.saturating_duration_since(*t) >= ts.serve_interval);
+        if due {
+            self.served.insert(peer, now);
+            if self.served.len() > self.cfg.limits.max_known_peers {
+                let keep = ts.serve_interval;
+                self.served
+                    .retain(|_, t| now.saturating_duration_since(*t) < keep);
             }
-            advert::table::Upsert::Stale | advert::table::Upsert::Full => MessageAcceptance::Ignore,
+            let max_entries = (req.max_entries as usize).min(ts.max_entries);
+            // Room for the response's own framing.
+            let mut budget = ts.max_bytes.saturating_sub(64);
+            let own = self.own_signed.iter().map(|s| (s, Duration::ZERO));
+            let others = self
+                .table
+                .signed_entries()
+                .filter(|(p, _, _)| **p != peer)
+                .map(|(_, s, at)| (s, now.saturating_duration_since(at)));
+            for (signed, age) in own.chain(others).take(max_entries) {
+                let cost = signed.len() + ENTRY_OVERHEAD;
+                if cost > budget {
+                    break;
+                }
+                budget -= cost;
+                res.entries.push(TableEntry {
+                    age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                    signed: signed.to_vec(),
+                });
+            }
+        }
+        let _ = self.swarm.behaviour_mut().table.send_response(channel, res);
+    }
+
+    /// Verifies and stores every entry of a table we asked for (only from peers we asked).
+    fn on_table_response(&mut self, peer: PeerId, res: TableResponse) {
+        if !self.syncing.remove(&peer) {
+            return;
+        }
+        if !self.followup_done {
+            self.followup_done = true;
+            let after = self.cfg.table_sync.followup_after;
+            if !after.is_zero() {
+                self.followup_sync_at = Some(Instant::now() + after);
+            }
+        }
+        let max = self.cfg.table_sync.max_entries;
+        for e in res.entries.into_iter().take(max) {
+            let age = Duration::from_millis(e.age_ms);
+            let _ = self.on_signed_advert(&e.signed, Origin::Sync { age });
         }
     }
 
@@ -911,6 +1184,15 @@ impl Task {
             .auction
             .send_response(channel, resp);
     }
+}
+
+/// Gossip message id = the first 20 bytes of SHA-256 over the payload: identical adverts share
+/// an id (so duplicates are dropped by a cache lookup), and nobody can make a different advert
+/// collide with an honest one to have it suppressed.
+fn content_message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(&m.data);
+    gossipsub::MessageId::new(&digest[..20])
 }
 
 /// A small transfer in 256 KiB layers whose only purpose is to measure goodput to `peer`.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct MeshStats {
     /// Connections refused or failed at admission (PSK mismatch, not allowlisted, limits).
     pub refused_connections: AtomicU64,
-    /// Gossip messages rejected (undecodable, wrong source, not allowlisted).
+    /// Adverts rejected (undecodable, forged, replayed, not allowlisted).
     pub refused_adverts: AtomicU64,
     /// Auction requests refused (not allowlisted, overloaded).
     pub refused_auction: AtomicU64,
@@ -17,6 +17,15 @@ pub struct MeshStats {
     pub dropped_events: AtomicU64,
     /// Adverts accepted.
     pub adverts_accepted: AtomicU64,
+    /// Adverts refused as forged: bad signature, or signed by another key than the node named.
+    pub adverts_forged: AtomicU64,
+    /// Gossiped adverts refused as replays: older sequence number than the one held, or the same
+    /// number with different bytes.
+    pub adverts_replayed: AtomicU64,
+    /// Adverts (new peers or newer sequence numbers) learned through table sync.
+    pub adverts_from_sync: AtomicU64,
+    /// Our own adverts published (every one costs the mesh ~N·`mesh_n` receptions).
+    pub adverts_published: AtomicU64,
 }
 
 /// A point-in-time copy of [`MeshStats`].
@@ -34,6 +43,14 @@ pub struct MeshStatsSnapshot {
     pub dropped_events: u64,
     /// See [`MeshStats::adverts_accepted`].
     pub adverts_accepted: u64,
+    /// See [`MeshStats::adverts_forged`].
+    pub adverts_forged: u64,
+    /// See [`MeshStats::adverts_replayed`].
+    pub adverts_replayed: u64,
+    /// See [`MeshStats::adverts_from_sync`].
+    pub adverts_from_sync: u64,
+    /// See [`MeshStats::adverts_published`].
+    pub adverts_published: u64,
 }
 
 impl MeshStats {
@@ -47,6 +64,10 @@ impl MeshStats {
             refused_kv: r(&self.refused_kv),
             dropped_events: r(&self.dropped_events),
             adverts_accepted: r(&self.adverts_accepted),
+            adverts_forged: r(&self.adverts_forged),
+            adverts_replayed: r(&self.adverts_replayed),
+            adverts_from_sync: r(&self.adverts_from_sync),
+            adverts_published: r(&self.adverts_published),
         }
     }
 }

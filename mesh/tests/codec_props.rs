@@ -23,6 +23,9 @@ proptest! {
         let _ = wire::decode::<FrameHeader>(&bytes, 4096);
         let _ = wire::decode::<KvAck>(&bytes, 4096);
         let _ = prfaas_mesh::advert::codec::decode(&bytes, Some(prfaas_mesh::PeerId::random()), 64 * 1024);
+        let _ = prfaas_mesh::advert::codec::open_verified(&bytes, 64 * 1024);
+        let _ = wire::decode::<prfaas_mesh::advert::sync::TableResponse>(&bytes, 64 * 1024);
+        let _ = wire::decode::<prfaas_mesh::advert::sync::TableRequest>(&bytes, 1024);
     }
 
     #[test]
@@ -70,5 +73,28 @@ proptest! {
             Err(prfaas_mesh::kv::KvError::Corrupt { .. })
         );
         prop_assert!(is_corrupt);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any single bit flip anywhere in a signed advert envelope (key, advert bytes, signature or
+    /// CBOR framing) makes it fail to open or to verify: nothing altered is ever accepted.
+    #[test]
+    fn signed_advert_bit_flips_never_verify(flip in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let key = prfaas_mesh::identity::Keypair::generate_ed25519();
+        let advert = Advert {
+            node_id: key.public().to_peer_id().to_base58(),
+            seq: 42,
+            listen_addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            body: prfaas_mesh::AdvertBody::default(),
+            observed_bandwidth: vec![],
+        };
+        let mut bytes = prfaas_mesh::advert::codec::sign(&advert, &key, 64 * 1024).expect("sign");
+        prop_assert!(prfaas_mesh::advert::codec::open_verified(&bytes, 64 * 1024).is_ok());
+        let i = flip.index(bytes.len());
+        bytes[i] ^= 1 << bit;
+        prop_assert!(prfaas_mesh::advert::codec::open_verified(&bytes, 64 * 1024).is_err());
     }
 }

@@ -136,6 +136,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             s.cpu_cores_during_rounds
         );
     }
+    for s in &report.scale {
+        println!(
+            "  {} nodes: adverts published {}, accepted {} ({} through table sync), refused {}; CPU cores while converging {:.2}",
+            s.nodes, s.adverts_published, s.adverts_accepted, s.adverts_from_sync, s.adverts_refused, s.cpu_cores_converging
+        );
+    }
     match &shaped {
         Ok(v) if v.is_empty() => println!("Shaped links: skipped (no rates requested)"),
         Ok(v) => {

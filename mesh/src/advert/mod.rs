@@ -1,8 +1,11 @@
-//! `/prfaas/advert/1`: what each node can do and how loaded it is, gossiped (gossipsub, strict
-//! signing) every advert interval and whenever it changes; [`PeerTable`] keeps the latest per peer.
+//! `/prfaas/advert/2`: what each node can do and how loaded it is, gossiped every advert interval
+//! and whenever it changes, each advert signed by its node inside the payload ([`codec`] says why
+//! the signature moved there); [`PeerTable`] keeps the latest per peer. `/prfaas/table/1`
+//! ([`sync`]) lets a joining node fetch a peer's table of signed adverts at once.
 
 pub mod codec;
 pub mod message;
+pub mod sync;
 pub mod table;
 
 pub use message::{
@@ -11,5 +14,6 @@ pub use message::{
 pub use table::{PeerEntry, PeerTable};
 
 /// The gossipsub topic adverts are published on; the version is part of the name so a wire change
-/// lands on a new topic instead of confusing old nodes.
-pub const ADVERT_TOPIC: &str = "/prfaas/advert/1";
+/// lands on a new topic instead of confusing old nodes. Version 2: self-signed envelopes
+/// ([`codec::SignedAdvert`]) over unsigned gossip.
+pub const ADVERT_TOPIC: &str = "/prfaas/advert/2";

@@ -1,6 +1,7 @@
 //! Latest advert per peer, with expiry of silent peers. Sans-IO: the caller passes `now`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -21,6 +22,9 @@ pub struct PeerEntry {
 #[derive(Debug, Clone)]
 pub struct PeerTable {
     entries: HashMap<PeerId, PeerEntry>,
+    /// The signed envelope (`/prfaas/advert/2`) each entry came from, when it came signed: what
+    /// table sync serves, so a peer can verify every entry itself instead of trusting us.
+    signed: HashMap<PeerId, Arc<[u8]>>,
     max_peers: usize,
 }
 
@@ -42,8 +46,65 @@ impl PeerTable {
     pub fn new(max_peers: usize) -> Self {
         Self {
             entries: HashMap::new(),
+            signed: HashMap::new(),
             max_peers,
         }
+    }
+
+    /// Like [`Self::upsert`] for an advert that arrived in (and was verified from) the signed
+    /// envelope `signed`, which is kept for table sync. `received_at` may lie in the past (an
+    /// entry learned through table sync is as old as the serving peer's copy, so two peers
+    /// syncing from each other can never keep a dead node alive); an older `received_at` never
+    /// replaces a newer one.
+    pub fn upsert_signed(
+        &mut self,
+        peer: PeerId,
+        advert: Advert,
+        signed: Arc<[u8]>,
+        received_at: Instant,
+    ) -> Upsert {
+        match self.entries.get_mut(&peer) {
+            None => {
+                if self.entries.len() >= self.max_peers {
+                    return Upsert::Full;
+                }
+                self.entries.insert(
+                    peer,
+                    PeerEntry {
+                        advert,
+                        received_at,
+                    },
+                );
+                self.signed.insert(peer, signed);
+                Upsert::New
+            }
+            Some(e) if advert.seq <= e.advert.seq => {
+                if advert.seq == e.advert.seq {
+                    e.received_at = e.received_at.max(received_at);
+                }
+                Upsert::Stale
+            }
+            Some(e) => {
+                *e = PeerEntry {
+                    advert,
+                    received_at: e.received_at.max(received_at),
+                };
+                self.signed.insert(peer, signed);
+                Upsert::Updated
+            }
+        }
+    }
+
+    /// The signed envelope `peer`'s current advert came in, if it came signed.
+    pub fn signed(&self, peer: &PeerId) -> Option<&Arc<[u8]>> {
+        self.signed.get(peer)
+    }
+
+    /// Every entry that came signed: (peer, envelope, when it was received).
+    pub fn signed_entries(&self) -> impl Iterator<Item = (&PeerId, &Arc<[u8]>, Instant)> {
+        self.signed
+            .iter()
+            .filter_map(|(p, s)| self.entries.get(p).map(|e| (p, s, e.received_at)))
     }
 
     /// Stores `advert` from `peer` unless an advert with the same or a newer sequence is known.
@@ -72,6 +133,8 @@ impl PeerTable {
                     advert,
                     received_at: now,
                 };
+                // The stored envelope no longer matches the entry.
+                self.signed.remove(&peer);
                 Upsert::Updated
             }
             None => Upsert::Stale,
@@ -88,12 +151,14 @@ impl PeerTable {
             .collect();
         for p in &dead {
             self.entries.remove(p);
+            self.signed.remove(p);
         }
         dead
     }
 
     /// Removes one peer (e.g. it was banned).
     pub fn remove(&mut self, peer: &PeerId) -> Option<PeerEntry> {
+        self.signed.remove(peer);
         self.entries.remove(peer)
     }
 
@@ -191,6 +256,36 @@ mod tests {
         let gone = t.expire(t0 + Duration::from_secs(3), Duration::from_millis(1500));
         assert_eq!(gone, vec![a]);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn signed_upsert_keeps_the_envelope_and_never_makes_an_entry_younger_from_the_past() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(8);
+        let a = PeerId::random();
+        let env: Arc<[u8]> = Arc::from(&b"env-5"[..]);
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(
+            t.upsert_signed(a, advert(a, 5, 0, 1.0, 1), env.clone(), later),
+            Upsert::New
+        );
+        assert_eq!(t.signed(&a), Some(&env));
+        // Same seq learned through sync with an older age: the entry does not get older.
+        assert_eq!(
+            t.upsert_signed(a, advert(a, 5, 0, 1.0, 1), env.clone(), t0),
+            Upsert::Stale
+        );
+        assert_eq!(t.get(&a).map(|e| e.received_at), Some(later));
+        // Older seq never replaces, and the envelope stays.
+        assert_eq!(
+            t.upsert_signed(a, advert(a, 4, 0, 1.0, 1), Arc::from(&b"x"[..]), later),
+            Upsert::Stale
+        );
+        assert_eq!(t.signed(&a), Some(&env));
+        assert_eq!(t.signed_entries().count(), 1);
+        t.expire(later + Duration::from_secs(10), Duration::from_secs(1));
+        assert_eq!(t.signed_entries().count(), 0);
+        assert!(t.signed(&a).is_none());
     }
 
     #[test]
