@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
-use libp2p::{gossipsub, identity::Keypair, noise, tcp, yamux, Swarm};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::{gossipsub, identity::Keypair, noise, tcp, yamux, Multiaddr, Swarm};
 use prfaas_mesh::advert::codec::{self, SignedAdvert};
+use prfaas_mesh::advert::sync::{TableCodec, TableEntry, TableResponse, TABLE_PROTOCOL};
 use prfaas_mesh::advert::{Advert, ADVERT_TOPIC};
 use prfaas_mesh::{wire, MeshConfig, MeshEvent};
 
@@ -204,4 +206,138 @@ async fn late_joiner_learns_the_table_through_sync() {
     for n in &nodes {
         n.handle.shutdown().await;
     }
+}
+
+/// A peer that answers every `/prfaas/table/1` request with `entries`.
+fn rogue_table_server() -> Swarm<request_response::Behaviour<TableCodec>> {
+    libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                TableCodec { max_bytes: 1 << 20 },
+                [(TABLE_PROTOCOL, ProtocolSupport::Full)],
+                request_response::Config::default(),
+            )
+        })
+        .expect("behaviour")
+        .build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_table_sync_entries_are_rejected_and_counted() {
+    let mut node = spawn(MeshConfig::local()).await;
+    let mut rogue = rogue_table_server();
+    rogue
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+        .expect("listen");
+    let addr: Multiaddr = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } =
+                rogue.select_next_some().await
+            {
+                break address;
+            }
+        }
+    })
+    .await
+    .expect("rogue listens");
+    let addr = addr.with(libp2p::multiaddr::Protocol::P2p(*rogue.local_peer_id()));
+
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let victim = Keypair::generate_ed25519();
+    let mallory = Keypair::generate_ed25519();
+    let honest = signed(&victim, now_ms, 7);
+    let env: SignedAdvert = wire::decode(&honest, 64 * 1024).expect("envelope");
+    // The victim's signature over another body, and Mallory's signature over the victim's name.
+    let altered = wire::encode(
+        &SignedAdvert {
+            advert: wire::encode(&advert(&victim, now_ms + 1, 0), 64 * 1024).expect("enc"),
+            ..env
+        },
+        64 * 1024,
+    )
+    .expect("enc");
+    let wrong_signer =
+        codec::sign(&advert(&victim, now_ms + 2, 0), &mallory, 64 * 1024).expect("sign");
+    let marker = Keypair::generate_ed25519();
+    let entries: Vec<TableEntry> = [
+        honest,
+        altered,
+        wrong_signer,
+        b"not an advert".to_vec(),
+        signed(&marker, now_ms, 0),
+    ]
+    .into_iter()
+    .map(|signed| TableEntry { age_ms: 0, signed })
+    .collect();
+
+    let dial = node.handle.dial(addr);
+    let serve = async {
+        loop {
+            if let libp2p::swarm::SwarmEvent::Behaviour(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            }) = rogue.select_next_some().await
+            {
+                let entries = entries.clone();
+                let _ = rogue
+                    .behaviour_mut()
+                    .send_response(channel, TableResponse { entries });
+            }
+        }
+    };
+    let marker_id = marker.public().to_peer_id();
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut serve = std::pin::pin!(serve);
+        let mut dial = std::pin::pin!(dial);
+        let mut dialled = false;
+        loop {
+            tokio::select! {
+                _ = &mut serve => {}
+                r = &mut dial, if !dialled => {
+                    r.expect("node dials the rogue");
+                    dialled = true;
+                }
+                ev = node.events.recv() => match ev {
+                    Some(MeshEvent::PeerDiscovered { peer }) if peer == marker_id => break true,
+                    Some(_) => {}
+                    None => break false,
+                },
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        found,
+        Ok(true),
+        "the valid synced advert was never accepted"
+    );
+    let s = node.handle.stats();
+    assert!(s.adverts_forged >= 2, "altered + wrong signer: {s:?}");
+    assert!(s.refused_adverts >= 3, "two forgeries and garbage: {s:?}");
+    assert!(
+        s.adverts_from_sync >= 2,
+        "victim + marker through sync: {s:?}"
+    );
+    // The table holds the victim's real advert (queue depth 7), untouched by the forgeries.
+    let cands = node
+        .handle
+        .prefill_candidates(model())
+        .await
+        .expect("cands");
+    let v = cands
+        .iter()
+        .find(|(p, _)| *p == victim.public().to_peer_id())
+        .map(|(_, a)| (a.seq, a.body.queue_depth));
+    assert_eq!(v, Some((now_ms, 7)));
+    node.handle.shutdown().await;
 }
