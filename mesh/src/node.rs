@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::advert::sync::{
     TableCodec, TableEntry, TableRequest, TableResponse, TokenBucket, ENTRY_OVERHEAD,
-    TABLE_PROTOCOL,
+    MAX_REQUEST_BYTES, TABLE_PROTOCOL,
 };
 use crate::advert::{self, Advert, AdvertBody, BandwidthReport, PeerTable, ADVERT_TOPIC};
 use crate::auction::{
@@ -240,9 +240,7 @@ impl Mesh {
                 .with_max_established_per_peer(Some(cfg.limits.max_connections_per_peer)),
         );
         let auction = request_response::Behaviour::with_codec(
-            AuctionCodec {
-                max_bytes: cfg.limits.max_auction_bytes,
-            },
+            AuctionCodec::new(cfg.limits.max_auction_bytes, cfg.limits.max_auction_bytes),
             [(AUCTION_PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default()
                 .with_request_timeout(cfg.limits.auction_timeout)
@@ -253,9 +251,7 @@ impl Mesh {
                 ),
         );
         let table = request_response::Behaviour::with_codec(
-            TableCodec {
-                max_bytes: cfg.table_sync.max_bytes,
-            },
+            TableCodec::new(MAX_REQUEST_BYTES, cfg.table_sync.max_bytes),
             [(TABLE_PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default()
                 .with_request_timeout(cfg.limits.auction_timeout)

@@ -181,3 +181,91 @@ pub mod cbor_bytes {
         d.deserialize_byte_buf(V)
     }
 }
+
+/// A libp2p request-response codec for one protocol: every message is `u32 length || CBOR`
+/// ([`read_framed`] / [`write_framed`]), requests and responses each under their own bound.
+pub struct CborCodec<Req, Resp> {
+    /// Largest encoded request accepted or sent.
+    pub max_request_bytes: usize,
+    /// Largest encoded response accepted or sent.
+    pub max_response_bytes: usize,
+    _messages: std::marker::PhantomData<fn() -> (Req, Resp)>,
+}
+
+impl<Req, Resp> CborCodec<Req, Resp> {
+    /// A codec refusing requests above `max_request_bytes` and responses above
+    /// `max_response_bytes`.
+    pub fn new(max_request_bytes: usize, max_response_bytes: usize) -> Self {
+        Self {
+            max_request_bytes,
+            max_response_bytes,
+            _messages: std::marker::PhantomData,
+        }
+    }
+}
+
+// By hand: a derive would require `Req: Clone`/`Debug`, which the codec does not need.
+impl<Req, Resp> Clone for CborCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self::new(self.max_request_bytes, self.max_response_bytes)
+    }
+}
+
+impl<Req, Resp> std::fmt::Debug for CborCodec<Req, Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CborCodec")
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .finish()
+    }
+}
+
+impl<Req, Resp> libp2p::request_response::Codec for CborCodec<Req, Resp>
+where
+    Req: Serialize + DeserializeOwned + Send + Sync + 'static,
+    Resp: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    type Protocol = libp2p::StreamProtocol;
+    type Request = Req;
+    type Response = Resp;
+
+    async fn read_request<T>(&mut self, _: &Self::Protocol, io: &mut T) -> std::io::Result<Req>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        Ok(read_framed(io, self.max_request_bytes).await?)
+    }
+
+    async fn read_response<T>(&mut self, _: &Self::Protocol, io: &mut T) -> std::io::Result<Resp>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        Ok(read_framed(io, self.max_response_bytes).await?)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        req: Req,
+    ) -> std::io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_framed(io, &req, self.max_request_bytes).await?;
+        io.flush().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        res: Resp,
+    ) -> std::io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_framed(io, &res, self.max_response_bytes).await?;
+        io.flush().await
+    }
+}

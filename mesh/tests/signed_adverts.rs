@@ -220,7 +220,7 @@ fn rogue_table_server() -> Swarm<request_response::Behaviour<TableCodec>> {
         .expect("tcp")
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
-                TableCodec { max_bytes: 1 << 20 },
+                TableCodec::new(1024, 1 << 20),
                 [(TABLE_PROTOCOL, ProtocolSupport::Full)],
                 request_response::Config::default(),
             )

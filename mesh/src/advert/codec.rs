@@ -65,6 +65,12 @@ pub enum AdvertError {
     /// Signing our own advert failed (key type cannot sign).
     #[error("cannot sign advert: {0}")]
     Sign(String),
+    /// The envelope decodes but is not in the encoding [`sign`] produces (e.g. a map key sent as
+    /// a byte string instead of text, which ciborium also accepts). The signature covers only
+    /// the advert bytes, so such a re-framed copy would verify, yet get a new content-hash id
+    /// and slip past gossip's duplicate filter: only the canonical encoding is accepted.
+    #[error("advert envelope is not canonically encoded")]
+    NonCanonical,
 }
 
 /// The signed envelope gossiped on `/prfaas/advert/2` and served by table sync.
@@ -159,6 +165,9 @@ pub fn sign(advert: &Advert, key: &Keypair, max: usize) -> Result<Vec<u8>, Adver
 /// id. Does **not** check the signature (see [`Unverified::verify`]).
 pub fn open(bytes: &[u8], max: usize) -> Result<Unverified, AdvertError> {
     let env: SignedAdvert = wire::decode(bytes, max)?;
+    if wire::encode(&env, max)? != bytes {
+        return Err(AdvertError::NonCanonical);
+    }
     let signer = peer_id_of_key_bytes(&env.key)?;
     let advert: Advert = wire::decode(&env.advert, max)?;
     let claimed: Option<PeerId> = advert.node_id.parse().ok();
@@ -269,6 +278,27 @@ mod tests {
             matches!(r, Err(AdvertError::SourceMismatch { .. })),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn reframed_envelope_is_refused_though_its_signature_holds() {
+        let key = Keypair::generate_ed25519();
+        let bytes = sign(&advert_of(&key, 1), &key, 64 * 1024).expect("sign");
+        // The map key "key" as a CBOR byte string (0x43) instead of text (0x63): ciborium
+        // decodes it to the same envelope, whose signature still verifies.
+        let at = bytes
+            .windows(4)
+            .position(|w| w == b"\x63key")
+            .expect("map key");
+        let mut reframed = bytes.clone();
+        reframed[at] = 0x43;
+        let env: SignedAdvert = wire::decode(&reframed, 64 * 1024).expect("still decodes");
+        assert_eq!(wire::encode(&env, 64 * 1024).expect("enc"), bytes);
+        assert!(matches!(
+            open(&reframed, 64 * 1024),
+            Err(AdvertError::NonCanonical)
+        ));
+        assert!(open_verified(&bytes, 64 * 1024).is_ok());
     }
 
     #[test]

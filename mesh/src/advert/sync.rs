@@ -8,11 +8,8 @@
 //! number of entries used, one request per new outbound connection and a token bucket on the
 //! asker, and at most one answer per peer per interval on the server.
 
-use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
-
-use crate::wire;
 
 /// Protocol name of table sync.
 pub const TABLE_PROTOCOL: StreamProtocol = StreamProtocol::new("/prfaas/table/1");
@@ -46,69 +43,12 @@ pub struct TableResponse {
 /// CBOR bytes a [`TableEntry`] costs beyond its envelope (map keys, lengths, a u64).
 pub const ENTRY_OVERHEAD: usize = 32;
 
-/// Ciborium codec for table sync, `u32 length || CBOR`, refusing messages above `max_bytes`.
-#[derive(Debug, Clone, Copy)]
-pub struct TableCodec {
-    /// Largest encoded response accepted or sent (requests are tiny and bounded to 1 KiB).
-    pub max_bytes: usize,
-}
+/// Ciborium codec for table sync (`u32 length || CBOR`): `TableCodec::new(MAX_REQUEST_BYTES,
+/// max_response_bytes)`.
+pub type TableCodec = crate::wire::CborCodec<TableRequest, TableResponse>;
 
 /// Requests are a single small integer.
-const MAX_REQUEST_BYTES: usize = 1024;
-
-impl libp2p::request_response::Codec for TableCodec {
-    type Protocol = StreamProtocol;
-    type Request = TableRequest;
-    type Response = TableResponse;
-
-    async fn read_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> std::io::Result<TableRequest>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        Ok(wire::read_framed(io, MAX_REQUEST_BYTES).await?)
-    }
-
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> std::io::Result<TableResponse>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        Ok(wire::read_framed(io, self.max_bytes).await?)
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: TableRequest,
-    ) -> std::io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        wire::write_framed(io, &req, MAX_REQUEST_BYTES).await?;
-        io.flush().await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: TableResponse,
-    ) -> std::io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        wire::write_framed(io, &res, self.max_bytes).await?;
-        io.flush().await
-    }
-}
+pub const MAX_REQUEST_BYTES: usize = 1024;
 
 /// A token bucket: `burst` requests at once, then one per `period`. Sans-IO (caller passes now).
 #[derive(Debug, Clone)]
@@ -167,7 +107,7 @@ mod tests {
     #[test]
     fn codec_roundtrip_and_bound() {
         use libp2p::request_response::Codec;
-        let mut c = TableCodec { max_bytes: 256 };
+        let mut c = TableCodec::new(MAX_REQUEST_BYTES, 256);
         let res = TableResponse {
             entries: vec![TableEntry {
                 age_ms: 3,
