@@ -34,6 +34,19 @@ fn signed(key: &Keypair, seq: u64, queue_depth: u32) -> Vec<u8> {
     codec::sign(&advert(key, seq, queue_depth), key, 64 * 1024).expect("sign")
 }
 
+/// (sequence, queue depth) of the advert `node` holds for `key`'s peer, if any.
+async fn held(node: &Node, key: &Keypair) -> Option<(u64, u32)> {
+    let cands = node
+        .handle
+        .prefill_candidates(model())
+        .await
+        .expect("cands");
+    cands
+        .iter()
+        .find(|(p, _)| *p == key.public().to_peer_id())
+        .map(|(_, a)| (a.seq, a.body.queue_depth))
+}
+
 /// A bare gossipsub swarm configured like the mesh's advert topic (anonymous messages, content
 /// ids), so what it publishes reaches the node's advert validation unchanged.
 fn rogue() -> Swarm<gossipsub::Behaviour> {
@@ -157,16 +170,7 @@ async fn forged_altered_and_replayed_adverts_are_rejected_and_counted() {
     assert_eq!(s.refused_adverts, 4, "{s:?}");
     assert_eq!(s.adverts_accepted, 2, "{s:?}");
     // The table holds the honest advert (seq 5, queue 7), untouched by the forgeries.
-    let cands = node
-        .handle
-        .prefill_candidates(model())
-        .await
-        .expect("cands");
-    let v = cands
-        .iter()
-        .find(|(p, _)| *p == victim.public().to_peer_id())
-        .map(|(_, a)| (a.seq, a.body.queue_depth));
-    assert_eq!(v, Some((s5, 7)));
+    assert_eq!(held(&node, &victim).await, Some((s5, 7)));
     node.handle.shutdown().await;
 }
 
@@ -329,15 +333,6 @@ async fn forged_table_sync_entries_are_rejected_and_counted() {
         "victim + marker through sync: {s:?}"
     );
     // The table holds the victim's real advert (queue depth 7), untouched by the forgeries.
-    let cands = node
-        .handle
-        .prefill_candidates(model())
-        .await
-        .expect("cands");
-    let v = cands
-        .iter()
-        .find(|(p, _)| *p == victim.public().to_peer_id())
-        .map(|(_, a)| (a.seq, a.body.queue_depth));
-    assert_eq!(v, Some((now_ms, 7)));
+    assert_eq!(held(&node, &victim).await, Some((now_ms, 7)));
     node.handle.shutdown().await;
 }
