@@ -130,6 +130,22 @@ fn same_storage(a: &Tensor, b: &Tensor) -> bool {
     }
 }
 
+/// The repacked form of weight `w` when a product of `m` rows of width `k` with it takes the
+/// 8-bit-activation path (small batches of Q4_1/Q8_0 products on CPUs with the kernel).
+fn packed_for(w: &Tensor, m: usize, k: usize) -> Option<&q8act::PackedWeight> {
+    let p = storage(w).ok()?.packed.as_ref()?;
+    (m <= matmul::QMATVEC_MAX_ROWS && w.shape[..] == [p.n(), k] && p.k() == k).then_some(p)
+}
+
+/// The shape of `x · wᵀ`: `x`'s shape with its last dimension set to `n`.
+fn product_shape(x: &Tensor, n: usize) -> Vec<usize> {
+    let mut shape = x.shape.clone();
+    if let Some(l) = shape.last_mut() {
+        *l = n;
+    }
+    shape
+}
+
 fn f32_tensor(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
     debug_assert_eq!(shape.iter().product::<usize>(), data.len());
     Tensor {
@@ -323,11 +339,7 @@ impl Backend for CpuBackend {
         let xs = read_f32(x, "matmul x")?;
         let ws = storage(w)?;
         let guard = ws.data.read().map_err(poisoned)?;
-        let packed = ws
-            .packed
-            .as_ref()
-            .filter(|p| m <= matmul::QMATVEC_MAX_ROWS && p.n() == n && p.k() == k)
-            .zip(decode_planes());
+        let packed = packed_for(w, m, k).zip(decode_planes());
         let out = match (&*guard, packed) {
             (_, Some((pw, planes))) => {
                 debug_assert_eq!(pw.dtype(), w.dtype);
@@ -342,25 +354,15 @@ impl Backend for CpuBackend {
             }
             (CpuData::Raw(b), None) => matmul::matmul(&xs, m, k, w.dtype, b, n)?,
         };
-        let mut shape = x.shape.clone();
-        if let Some(l) = shape.last_mut() {
-            *l = n;
-        }
-        Ok(f32_tensor(shape, out))
+        Ok(f32_tensor(product_shape(x, n), out))
     }
 
     fn matmul_many(&self, x: &Tensor, ws: &[&Tensor]) -> Result<Vec<Tensor>> {
         let k = x.shape.last().copied().unwrap_or(0);
         let m = x.numel() / k.max(1);
-        // Only when every weight takes the 8-bit-activation path (the same test as `matmul`).
-        let packed: Option<Vec<&q8act::PackedWeight>> = ws
-            .iter()
-            .map(|w| {
-                let p = storage(w).ok()?.packed.as_ref()?;
-                (m <= matmul::QMATVEC_MAX_ROWS && w.shape[..] == [p.n(), k] && p.k() == k)
-                    .then_some(p)
-            })
-            .collect();
+        // Only when every weight takes the 8-bit-activation path, as `matmul` would.
+        let packed: Option<Vec<&q8act::PackedWeight>> =
+            ws.iter().map(|w| packed_for(w, m, k)).collect();
         let (Some(packed), Some(planes)) = (packed, decode_planes()) else {
             return ws.iter().map(|w| self.matmul(x, w)).collect();
         };
@@ -371,13 +373,7 @@ impl Backend for CpuBackend {
         Ok(outs
             .into_iter()
             .zip(&packed)
-            .map(|(o, p)| {
-                let mut shape = x.shape.clone();
-                if let Some(l) = shape.last_mut() {
-                    *l = p.n();
-                }
-                f32_tensor(shape, o)
-            })
+            .map(|(o, p)| f32_tensor(product_shape(x, p.n()), o))
             .collect())
     }
 
