@@ -50,6 +50,27 @@ async fn held(node: &Node, key: &Keypair) -> Option<(u64, u32)> {
 /// A bare gossipsub swarm configured like the mesh's advert topic (anonymous messages, content
 /// ids), so what it publishes reaches the node's advert validation unchanged.
 fn rogue() -> Swarm<gossipsub::Behaviour> {
+    bare_swarm(|| {
+        let cfg = gossipsub::ConfigBuilder::default()
+            .validation_mode(gossipsub::ValidationMode::Anonymous)
+            .message_id_fn(|m| {
+                use std::hash::{DefaultHasher, Hash, Hasher};
+                let mut h = DefaultHasher::new();
+                m.data.hash(&mut h);
+                gossipsub::MessageId::from(h.finish().to_be_bytes().to_vec())
+            })
+            .build()
+            .expect("gossip config");
+        let mut g = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, cfg)
+            .expect("gossipsub");
+        g.subscribe(&gossipsub::IdentTopic::new(ADVERT_TOPIC))
+            .expect("subscribe");
+        g
+    })
+}
+
+/// A plain libp2p swarm over TCP + noise + yamux (what the mesh speaks) running `behaviour`.
+fn bare_swarm<B: libp2p::swarm::NetworkBehaviour>(behaviour: impl FnOnce() -> B) -> Swarm<B> {
     libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -58,23 +79,7 @@ fn rogue() -> Swarm<gossipsub::Behaviour> {
             yamux::Config::default,
         )
         .expect("tcp")
-        .with_behaviour(|_| {
-            let cfg = gossipsub::ConfigBuilder::default()
-                .validation_mode(gossipsub::ValidationMode::Anonymous)
-                .message_id_fn(|m| {
-                    use std::hash::{DefaultHasher, Hash, Hasher};
-                    let mut h = DefaultHasher::new();
-                    m.data.hash(&mut h);
-                    gossipsub::MessageId::from(h.finish().to_be_bytes().to_vec())
-                })
-                .build()
-                .expect("gossip config");
-            let mut g = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, cfg)
-                .expect("gossipsub");
-            g.subscribe(&gossipsub::IdentTopic::new(ADVERT_TOPIC))
-                .expect("subscribe");
-            g
-        })
+        .with_behaviour(|_| behaviour())
         .expect("behaviour")
         .build()
 }
@@ -212,25 +217,15 @@ async fn late_joiner_learns_the_table_through_sync() {
     }
 }
 
-/// A peer that answers every `/prfaas/table/1` request with `entries`.
+/// A peer speaking only `/prfaas/table/1` (the test answers its requests).
 fn rogue_table_server() -> Swarm<request_response::Behaviour<TableCodec>> {
-    libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
+    bare_swarm(|| {
+        request_response::Behaviour::with_codec(
+            TableCodec::new(1024, 1 << 20),
+            [(TABLE_PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default(),
         )
-        .expect("tcp")
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                TableCodec::new(1024, 1 << 20),
-                [(TABLE_PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default(),
-            )
-        })
-        .expect("behaviour")
-        .build()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
