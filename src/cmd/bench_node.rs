@@ -100,7 +100,9 @@ struct Done {
 
 async fn run(node: &NodeHandle, text: String, max_tokens: usize) -> anyhow::Result<Done> {
     let req = GenerateRequest {
+        request_id: None,
         prompt: PromptInput::Text(text),
+        max_tokens: Some(max_tokens),
         sampling: SamplingParams::greedy(max_tokens),
         stop: vec![],
         stream: true,

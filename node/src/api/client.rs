@@ -162,6 +162,36 @@ pub async fn get_json(url: &str) -> Result<serde_json::Value, ClientError> {
     })
 }
 
+/// `POST url` with a JSON body and parse the JSON answer (e.g. `/tokenize`).
+pub async fn post_json(
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, ClientError> {
+    let mut res = client(Duration::from_secs(300))
+        .post(url)
+        .send_json(body)
+        .await
+        .map_err(|e| ClientError::Send {
+            url: url.to_owned(),
+            message: e.to_string(),
+        })?;
+    let bytes = res
+        .body()
+        .limit(MAX_RESPONSE_BYTES)
+        .await
+        .map_err(|e| ClientError::Body {
+            url: url.to_owned(),
+            message: e.to_string(),
+        })?;
+    if !res.status().is_success() {
+        return Err(status_error(url, res.status().as_u16(), &bytes, None));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+        url: url.to_owned(),
+        message: e.to_string(),
+    })
+}
+
 /// `GET url` as text (e.g. `/metrics`).
 pub async fn get_text(url: &str) -> Result<String, ClientError> {
     let mut res = client(Duration::from_secs(30))

@@ -51,11 +51,33 @@ pub enum TextCodec {
 }
 
 impl TextCodec {
-    /// Token ids of `text`; `special` parses control tokens such as `<|im_start|>` in it.
-    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, TokenizerError> {
+    /// Token ids of a prompt, with the BOS token the model's tokenizer adds; `parse_special`
+    /// turns control-token text such as `<|im_start|>` into that token (raw prompts and the
+    /// chat template's own markup), else it is plain text (what users typed into a message).
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.tokenize(text, true, parse_special)
+    }
+
+    /// Token ids of `text`; `add_special` adds the BOS token when the model's tokenizer adds
+    /// one (llama-server's `/tokenize` flags).
+    pub fn tokenize(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         match self {
             TextCodec::Bytes(t) => Ok(t.encode(text)),
-            TextCodec::Bpe(t) => t.encode(text, t.add_bos(), special),
+            TextCodec::Bpe(t) => t.encode(text, add_special && t.add_bos(), parse_special),
+        }
+    }
+
+    /// Raw bytes of one token with special tokens as their text (`<|im_end|>`), for
+    /// `/tokenize` pieces and `/detokenize`; `None` for an id outside the vocabulary.
+    pub fn piece(&self, id: u32) -> Option<Vec<u8>> {
+        match self {
+            TextCodec::Bytes(t) => Some(t.token_bytes(id)),
+            TextCodec::Bpe(t) => t.token_bytes(id, false).ok().map(<[u8]>::to_vec),
         }
     }
 
