@@ -49,7 +49,10 @@ fn options() -> anyhow::Result<Options> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
         match a.as_str() {
             "--psk-file" => o.psk_file = Some(value()?.into()),
             "--bootstrap" => o.bootstrap.push(value()?),
@@ -68,7 +71,11 @@ fn edge_config(model: &str, psk: String, bootstrap: Vec<String>, local: bool) ->
     c.node.backend = BackendKind::Auto;
     c.api.listen = "127.0.0.1:0".parse().expect("a literal address");
     c.engine.kv_capacity_tokens = 4096;
-    c.mesh = if local { MeshConfig::local() } else { MeshConfig::default() };
+    c.mesh = if local {
+        MeshConfig::local()
+    } else {
+        MeshConfig::default()
+    };
     c.mesh.psk = Some(psk);
     c.mesh.bootstrap = bootstrap;
     c
@@ -89,10 +96,19 @@ fn random_psk() -> String {
 async fn run() -> anyhow::Result<()> {
     let o = options()?;
     if !o.bootstrap.is_empty() {
-        let path = o.psk_file.ok_or_else(|| anyhow::anyhow!("--psk-file is required"))?;
+        let path = o
+            .psk_file
+            .ok_or_else(|| anyhow::anyhow!("--psk-file is required"))?;
         let psk = std::fs::read_to_string(&path)?.trim().to_owned();
-        let edge = Node::start(edge_config(&o.model, psk, o.bootstrap, false), Some(http_api)).await?;
-        println!("edge node {} joined; serving prefills until Ctrl-C", edge.peer_id());
+        let edge = Node::start(
+            edge_config(&o.model, psk, o.bootstrap, false),
+            Some(http_api),
+        )
+        .await?;
+        println!(
+            "edge node {} joined; serving prefills until Ctrl-C",
+            edge.peer_id()
+        );
         actix_rt::signal::ctrl_c().await?;
         edge.shutdown().await;
         return Ok(());
@@ -108,7 +124,12 @@ async fn run() -> anyhow::Result<()> {
     remote.node.roles = vec![NodeRole::Decode];
     remote.node.backend = BackendKind::Cpu;
     let remote = Node::start(remote, Some(http_api)).await?;
-    let boot: Vec<String> = remote.mesh_addrs().await.iter().map(ToString::to_string).collect();
+    let boot: Vec<String> = remote
+        .mesh_addrs()
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let mut edge_cfg = edge_config(&o.model, psk, boot, true);
     edge_cfg.node.backend = BackendKind::Cpu;
     let edge = Node::start(edge_cfg, Some(http_api)).await?;

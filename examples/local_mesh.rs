@@ -44,7 +44,11 @@ fn config(name: &str, role: NodeRole, model: &str, bootstrap: Vec<String>) -> No
 }
 
 async fn bootstrap_addrs(n: &NodeHandle) -> Vec<String> {
-    n.mesh_addrs().await.iter().map(ToString::to_string).collect()
+    n.mesh_addrs()
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 async fn run() -> anyhow::Result<()> {
@@ -57,17 +61,31 @@ async fn run() -> anyhow::Result<()> {
         );
         "tiny-hybrid"
     };
-    let prefill = Node::start(config("prefill", NodeRole::Prefill, model, vec![]), Some(http_api)).await?;
+    let prefill = Node::start(
+        config("prefill", NodeRole::Prefill, model, vec![]),
+        Some(http_api),
+    )
+    .await?;
     let boot = bootstrap_addrs(&prefill).await;
-    let decode_a = Node::start(config("decode-a", NodeRole::Decode, model, boot.clone()), Some(http_api)).await?;
-    let decode_b = Node::start(config("decode-b", NodeRole::Decode, model, boot), Some(http_api)).await?;
+    let decode_a = Node::start(
+        config("decode-a", NodeRole::Decode, model, boot.clone()),
+        Some(http_api),
+    )
+    .await?;
+    let decode_b = Node::start(
+        config("decode-b", NodeRole::Decode, model, boot),
+        Some(http_api),
+    )
+    .await?;
     for home in [&decode_a, &decode_b] {
         home.wait_for_prefillers(1, Duration::from_secs(30))
             .await
             .map_err(|seen| anyhow::anyhow!("the decode node saw {seen} prefill peers in 30 s"))?;
     }
 
-    let api = decode_a.api_addr.ok_or_else(|| anyhow::anyhow!("no HTTP API"))?;
+    let api = decode_a
+        .api_addr
+        .ok_or_else(|| anyhow::anyhow!("no HTTP API"))?;
     let question = format!(
         "{} Summarise the text above in one sentence.",
         "A mesh of nodes shares the work of serving a language model. ".repeat(8)
@@ -80,7 +98,12 @@ async fn run() -> anyhow::Result<()> {
     )
     .await?;
     match answer.prfaas.map(|p| p.route) {
-        Some(PrefillRoute::Remote { peer, kv_bytes, transfer_s, .. }) => println!(
+        Some(PrefillRoute::Remote {
+            peer,
+            kv_bytes,
+            transfer_s,
+            ..
+        }) => println!(
             "prefilled remotely by {peer}: {kv_bytes} KV bytes in {:.1} ms",
             transfer_s * 1e3
         ),

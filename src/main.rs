@@ -62,7 +62,10 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => match std::fs::File::create(&a.log_file) {
             Ok(f) => init_tracing(cli.log_format, std::sync::Mutex::new(f)),
             Err(e) => {
-                eprintln!("error: cannot write the log file {}: {e}", a.log_file.display());
+                eprintln!(
+                    "error: cannot write the log file {}: {e}",
+                    a.log_file.display()
+                );
                 return std::process::ExitCode::FAILURE;
             }
         },

@@ -238,9 +238,9 @@ async fn tokenizer_endpoints_and_raw_prompt_specials() {
         async move {
             match client::post_json(&url, &body).await {
                 Ok(v) => (200, v),
-                Err(client::ClientError::Status { status, message, .. }) => {
-                    (status, serde_json::Value::String(message))
-                }
+                Err(client::ClientError::Status {
+                    status, message, ..
+                }) => (status, serde_json::Value::String(message)),
                 Err(e) => panic!("{url}: {e}"),
             }
         }
@@ -263,11 +263,7 @@ async fn tokenizer_endpoints_and_raw_prompt_specials() {
     // <|im_start|> is id 1, <|im_end|> id 2 in SmolLM2's vocabulary.
     assert_eq!(ids.iter().filter(|&&t| t == 1).count(), 2, "{parsed}");
     assert_eq!(ids.iter().filter(|&&t| t == 2).count(), 1, "{parsed}");
-    assert!(
-        plain_len > ids.len() + 10,
-        "{plain_len} vs {}",
-        ids.len()
-    );
+    assert!(plain_len > ids.len() + 10, "{plain_len} vs {}", ids.len());
     let (_, pieces) = post(
         "/tokenize",
         serde_json::json!({"content": prompt, "with_pieces": true}),

@@ -189,7 +189,12 @@ impl Metrics {
                 &m.auction_duration,
             ),
         ] {
-            r.register_with_unit(name.trim_end_matches("_seconds"), help, Unit::Seconds, h.clone());
+            r.register_with_unit(
+                name.trim_end_matches("_seconds"),
+                help,
+                Unit::Seconds,
+                h.clone(),
+            );
         }
         r.register_with_unit(
             "kv_transfer",
@@ -301,7 +306,10 @@ mod tests {
             text.contains("prfaas_time_to_first_token_seconds_count 1"),
             "{text}"
         );
-        assert!(text.contains("# UNIT prfaas_kv_transfer_bytes bytes"), "{text}");
+        assert!(
+            text.contains("# UNIT prfaas_kv_transfer_bytes bytes"),
+            "{text}"
+        );
         assert!(text.contains("prfaas_kv_transfer_bytes_count 1"), "{text}");
         for name in [
             "inter_token_latency_seconds",
@@ -330,7 +338,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("prfaas_e2e_request_latency_seconds_count{model_name=\"SmolLM2 135M\"} 1"),
+            text.contains(
+                "prfaas_e2e_request_latency_seconds_count{model_name=\"SmolLM2 135M\"} 1"
+            ),
             "{text}"
         );
     }

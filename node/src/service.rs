@@ -11,7 +11,6 @@ use tokio::sync::mpsc;
 use crate::engine::chat::ChatMessage;
 use crate::engine::{FinishReason, SamplingParams};
 
-
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptInput {

@@ -88,18 +88,20 @@ impl Handler<Submit> for FakeAdmission {
                 text: t.into(),
                 token: Some(1),
                 // A made-up distribution: each character's own logprob and `k` alternatives.
-                logprobs: with_logprobs.filter(|_| !t.is_empty()).map(|k| TokenLogprob {
-                    token: t.into(),
-                    bytes: t.as_bytes().to_vec(),
-                    logprob: -0.25,
-                    top: (0..k)
-                        .map(|i| TopLogprob {
-                            token: format!("alt{i}"),
-                            bytes: format!("alt{i}").into_bytes(),
-                            logprob: -1.0 - i as f32,
-                        })
-                        .collect(),
-                }),
+                logprobs: with_logprobs
+                    .filter(|_| !t.is_empty())
+                    .map(|k| TokenLogprob {
+                        token: t.into(),
+                        bytes: t.as_bytes().to_vec(),
+                        logprob: -0.25,
+                        top: (0..k)
+                            .map(|i| TopLogprob {
+                                token: format!("alt{i}"),
+                                bytes: format!("alt{i}").into_bytes(),
+                                logprob: -1.0 - i as f32,
+                            })
+                            .collect(),
+                    }),
             };
             let failed = |m: &str| GenerateEvent::Failed { message: m.into() };
             // A send fails only when the API dropped the receiver; the script just ends then.
@@ -912,12 +914,7 @@ async fn logprobs_request_ids_and_operator_endpoints() {
     assert!(id.is_some_and(|id| id != long));
 
     // /tokenize and /detokenize.
-    let (status, _, text) = send(
-        "/tokenize",
-        None,
-        serde_json::json!({"content": "a<s>"}),
-    )
-    .await;
+    let (status, _, text) = send("/tokenize", None, serde_json::json!({"content": "a<s>"})).await;
     assert_eq!((status, text.as_str()), (200, r#"{"tokens":[97,300]}"#));
     let (_, _, text) = send(
         "/tokenize",
@@ -927,7 +924,10 @@ async fn logprobs_request_ids_and_operator_endpoints() {
     )
     .await;
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    assert_eq!(v["tokens"][0], serde_json::json!({"id": 299, "piece": "<bos>"}));
+    assert_eq!(
+        v["tokens"][0],
+        serde_json::json!({"id": 299, "piece": "<bos>"})
+    );
     assert_eq!(v["tokens"].as_array().map(Vec::len), Some(5));
     let (status, _, text) = send(
         "/detokenize",

@@ -177,10 +177,26 @@ mod tests {
         std::fs::write(&psk, format!("{}\n", "ab".repeat(32))).expect("write psk");
         let psk = psk.display().to_string();
         let args = parse(&[
-            "--name", "edge-1", "--model", "tiny-hybrid", "--role", "prefill,decode",
-            "--backend", "cpu", "--api", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--bootstrap", "/ip4/10.0.0.1/tcp/4001/p2p/x", "--bootstrap", "/ip4/10.0.0.2/tcp/4001/p2p/y",
-            "--psk-file", &psk, "--identity", "id.key",
+            "--name",
+            "edge-1",
+            "--model",
+            "tiny-hybrid",
+            "--role",
+            "prefill,decode",
+            "--backend",
+            "cpu",
+            "--api",
+            "127.0.0.1:0",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+            "/ip4/10.0.0.1/tcp/4001/p2p/x",
+            "--bootstrap",
+            "/ip4/10.0.0.2/tcp/4001/p2p/y",
+            "--psk-file",
+            &psk,
+            "--identity",
+            "id.key",
         ])
         .expect("parses");
         let cfg = args.node_config().expect("valid");

@@ -24,8 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::loader::{TextCodec, Utf8Stream};
 use crate::engine::{
-    Engine, FinishReason, KvSink, LayerKv, Sampler, SamplingParams, SeqId, SinkError,
-    TokenLogprobs,
+    Engine, FinishReason, KvSink, LayerKv, Sampler, SamplingParams, SeqId, SinkError, TokenLogprobs,
 };
 use crate::kv::prefix::block_hashes;
 use crate::kv::{KvStats, LeaseId};
@@ -575,7 +574,9 @@ impl Worker {
                         let uncached = j.tokens.len() - out.cached_tokens;
                         self.note_prefill(uncached, t0.elapsed());
                         self.note_prefix_cache(j.tokens.len(), out.cached_tokens);
-                        self.metrics.prefill_time.observe(t0.elapsed().as_secs_f64());
+                        self.metrics
+                            .prefill_time
+                            .observe(t0.elapsed().as_secs_f64());
                         Metrics::inc_by(&self.metrics.prefill_tokens, "local", uncached as u64);
                         self.start_decode(j, out.seq, &out.logits, out.cached_tokens);
                     }
@@ -597,8 +598,7 @@ impl Worker {
                 match done {
                     Ok(seq) => {
                         let m = &self.metrics;
-                        m.prefill_time
-                            .observe(job.admitted.elapsed().as_secs_f64());
+                        m.prefill_time.observe(job.admitted.elapsed().as_secs_f64());
                         if let PrefillRoute::Remote {
                             kv_bytes,
                             transfer_s,
@@ -794,7 +794,10 @@ impl Worker {
                 };
                 tracing::info!(
                     completion_tokens = l.generated,
-                    ttft_s = l.first_token_at.duration_since(l.job.admitted).as_secs_f64(),
+                    ttft_s = l
+                        .first_token_at
+                        .duration_since(l.job.admitted)
+                        .as_secs_f64(),
                     decode_s,
                     outcome,
                     "request finished"

@@ -311,9 +311,13 @@ pub fn readable_model_name(spec: &str, own_name: &str) -> String {
     };
     let is_quant = |tag: &str| {
         let t = tag.to_ascii_uppercase();
-        ["Q", "IQ", "F16", "F32", "BF16"]
-            .iter()
-            .any(|p| t.starts_with(p) && t[p.len()..].chars().next().is_none_or(|c| c.is_ascii_digit() || c == '_'))
+        ["Q", "IQ", "F16", "F32", "BF16"].iter().any(|p| {
+            t.starts_with(p)
+                && t[p.len()..]
+                    .chars()
+                    .next()
+                    .is_none_or(|c| c.is_ascii_digit() || c == '_')
+        })
     };
     match stem.rsplit_once(['.', '-']) {
         Some((name, tag)) if !name.is_empty() && is_quant(tag) => name.to_owned(),
@@ -544,13 +548,19 @@ mod tests {
             std::fs::write(&p, b"").expect("write");
             readable_model_name(&p.display().to_string(), "run label")
         };
-        assert_eq!(named("SmolLM2-135M-Instruct.Q4_1.gguf"), "SmolLM2-135M-Instruct");
+        assert_eq!(
+            named("SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "SmolLM2-135M-Instruct"
+        );
         assert_eq!(named("gemma-3-270m-q4_k_m.gguf"), "gemma-3-270m");
         assert_eq!(named("model-f16.gguf"), "model");
         assert_eq!(named("Qwen3-0.6B.gguf"), "Qwen3-0.6B");
         assert_eq!(named("plain.gguf"), "plain");
         let _ = std::fs::remove_dir_all(&dir);
         // Not a file (a synthetic model): its own name.
-        assert_eq!(readable_model_name("tiny-hybrid", "tiny-hybrid"), "tiny-hybrid");
+        assert_eq!(
+            readable_model_name("tiny-hybrid", "tiny-hybrid"),
+            "tiny-hybrid"
+        );
     }
 }

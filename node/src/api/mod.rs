@@ -142,11 +142,11 @@ pub fn start(
             .wrap(from_fn(request_id))
             .configure(routes)
     })
-        .workers(workers.max(1))
-        .disable_signals()
-        // In-flight streams get this long to finish on a graceful stop.
-        .shutdown_timeout(10)
-        .bind(listen)?;
+    .workers(workers.max(1))
+    .disable_signals()
+    // In-flight streams get this long to finish on a graceful stop.
+    .shutdown_timeout(10)
+    .bind(listen)?;
     let addr = server
         .addrs()
         .first()
@@ -255,9 +255,7 @@ async fn request_id(
         .get(&name)
         .and_then(|v| v.to_str().ok())
         .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_REQUEST_ID
-                && v.bytes().all(|b| b.is_ascii_graphic())
+            !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
         })
         .map(str::to_owned)
         .unwrap_or_else(new_request_id);
@@ -318,10 +316,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
     })
 }
 
-async fn tokenize(
-    state: web::Data<ApiState>,
-    body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+async fn tokenize(state: web::Data<ApiState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
     let b: TokenizeBody = json_body(&body)?;
     let with_pieces = b.with_pieces;
     let tokens = state

@@ -104,7 +104,10 @@ pub fn unsupported(
         ("functions", "function calling is not supported"),
         ("tool_choice", "tool calling is not supported"),
         ("function_call", "function calling is not supported"),
-        ("response_format", "only `{\"type\": \"text\"}` is supported"),
+        (
+            "response_format",
+            "only `{\"type\": \"text\"}` is supported",
+        ),
         ("echo", "`echo` is not supported"),
         ("suffix", "`suffix` (insertion) is not supported"),
         ("best_of", "only `best_of` = 1 is supported"),
@@ -113,27 +116,29 @@ pub fn unsupported(
         ("prediction", "predicted outputs are not supported"),
         ("web_search_options", "web search is not supported"),
     ];
-    FIELDS.into_iter().find(|(name, _)| {
-        let Some(v) = other.get(*name) else {
-            return false;
-        };
-        let ok = match *name {
-            "tool_choice" => neutral(v) || v == "none" || v == "auto",
-            "function_call" => neutral(v) || v == "none" || v == "auto",
-            "response_format" => {
-                neutral(v) || v.get("type").and_then(Value::as_str) == Some("text")
-            }
-            "best_of" => neutral(v) || v.as_u64() == Some(1),
-            "modalities" => neutral(v) || *v == serde_json::json!(["text"]),
-            _ => neutral(v),
-        };
-        !ok
-    })
-    .or_else(|| {
-        other
-            .contains_key("reasoning_effort")
-            .then_some(("reasoning_effort", "this model has no reasoning mode"))
-    })
+    FIELDS
+        .into_iter()
+        .find(|(name, _)| {
+            let Some(v) = other.get(*name) else {
+                return false;
+            };
+            let ok = match *name {
+                "tool_choice" => neutral(v) || v == "none" || v == "auto",
+                "function_call" => neutral(v) || v == "none" || v == "auto",
+                "response_format" => {
+                    neutral(v) || v.get("type").and_then(Value::as_str) == Some("text")
+                }
+                "best_of" => neutral(v) || v.as_u64() == Some(1),
+                "modalities" => neutral(v) || *v == serde_json::json!(["text"]),
+                _ => neutral(v),
+            };
+            !ok
+        })
+        .or_else(|| {
+            other
+                .contains_key("reasoning_effort")
+                .then_some(("reasoning_effort", "this model has no reasoning mode"))
+        })
 }
 
 /// `stream_options`.
@@ -919,7 +924,13 @@ mod tests {
         // No `max_tokens`: whatever fits after the prompt (admission resolves it).
         assert_eq!(p.generate.max_tokens, None);
         assert_eq!(
-            (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty),
+            (
+                s.temperature,
+                s.top_p,
+                s.top_k,
+                s.min_p,
+                s.repetition_penalty
+            ),
             (1.0, 1.0, 0, 0.0, 1.0)
         );
         assert_eq!((s.presence_penalty, s.frequency_penalty), (0.0, 0.0));
@@ -950,15 +961,22 @@ mod tests {
         .expect("valid");
         let s = &p.generate.sampling;
         assert_eq!(
-            (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_p),
+            (
+                s.presence_penalty,
+                s.frequency_penalty,
+                s.repetition_penalty,
+                s.min_p
+            ),
             (0.5, -0.25, 1.1, 0.05)
         );
         assert_eq!(s.logit_bias, vec![(3, 2.5), (7, -100.0)]);
         assert_eq!(s.logprobs, Some(3));
         assert!(p.logprobs);
         // Chat `logprobs: true` alone lists no alternatives; completions take a count.
-        let p = chat(serde_json::json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true}))
-            .expect("valid");
+        let p = chat(
+            serde_json::json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true}),
+        )
+        .expect("valid");
         assert_eq!(p.generate.sampling.logprobs, Some(0));
         let req = parse_body(br#"{"prompt":"x","logprobs":2}"#).expect("json");
         let p = validate(req, Endpoint::Completions, "m", BOUNDS).expect("valid");
@@ -973,17 +991,29 @@ mod tests {
             other => panic!("expected a 400, got {other:?}"),
         };
         for (field, value) in [
-            ("tools", serde_json::json!([{"type": "function", "function": {"name": "f"}}])),
+            (
+                "tools",
+                serde_json::json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
             ("tool_choice", serde_json::json!("required")),
             ("functions", serde_json::json!([{"name": "f"}])),
             ("function_call", serde_json::json!({"name": "f"})),
-            ("response_format", serde_json::json!({"type": "json_object"})),
+            (
+                "response_format",
+                serde_json::json!({"type": "json_object"}),
+            ),
             ("echo", serde_json::json!(true)),
             ("suffix", serde_json::json!("end")),
             ("best_of", serde_json::json!(2)),
-            ("audio", serde_json::json!({"voice": "alloy", "format": "wav"})),
+            (
+                "audio",
+                serde_json::json!({"voice": "alloy", "format": "wav"}),
+            ),
             ("modalities", serde_json::json!(["text", "audio"])),
-            ("prediction", serde_json::json!({"type": "content", "content": "x"})),
+            (
+                "prediction",
+                serde_json::json!({"type": "content", "content": "x"}),
+            ),
             ("web_search_options", serde_json::json!({})),
             ("reasoning_effort", serde_json::json!("low")),
             ("presence_penalty", serde_json::json!(2.5)),
@@ -1033,7 +1063,10 @@ mod tests {
         let toks = [tok("Hé", -0.1), tok("llo", -0.2)];
         let chat = logprobs_value(Endpoint::Chat, &toks, 0);
         assert_eq!(chat["content"][0]["token"], "Hé");
-        assert_eq!(chat["content"][0]["bytes"], serde_json::json!([72, 195, 169]));
+        assert_eq!(
+            chat["content"][0]["bytes"],
+            serde_json::json!([72, 195, 169])
+        );
         assert_eq!(chat["content"][1]["top_logprobs"][0]["token"], "z");
         assert!(chat["refusal"].is_null());
         let text = logprobs_value(Endpoint::Completions, &toks, 5);

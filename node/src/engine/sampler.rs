@@ -110,12 +110,13 @@ pub struct TokenLogprobs {
 /// Log-softmax of `logits` at `token` and the `k` most likely tokens (NaN logits count as -inf).
 pub fn logprobs_of(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     let val = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
-    let max = logits.iter().copied().map(val).fold(f32::NEG_INFINITY, f32::max);
+    let max = logits
+        .iter()
+        .copied()
+        .map(val)
+        .fold(f32::NEG_INFINITY, f32::max);
     let lse = if max.is_finite() {
-        let sum: f64 = logits
-            .iter()
-            .map(|&v| f64::from(val(v) - max).exp())
-            .sum();
+        let sum: f64 = logits.iter().map(|&v| f64::from(val(v) - max).exp()).sum();
         f64::from(max) + sum.ln()
     } else {
         0.0
