@@ -71,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         stop_tokens: loaded.text.stop_tokens.clone(),
         max_tokens: args.max_tokens,
+        ..SamplingParams::default()
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
