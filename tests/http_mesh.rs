@@ -125,42 +125,17 @@ async fn thirty_two_concurrent_requests_across_three_nodes() {
 /// The official `openai` Python package streams a chat completion from a real node.
 #[actix_rt::test]
 async fn official_openai_client_streams_from_a_node() {
-    let has_openai = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !has_openai {
-        assert!(
-            std::env::var("PRFAAS_REQUIRE_OPENAI").as_deref() != Ok("1"),
-            "python3 with the openai package is required (PRFAAS_REQUIRE_OPENAI=1)"
-        );
-        eprintln!("SKIP official_openai_client_streams_from_a_node: `python3 -c 'import openai'` fails (pip install openai)");
-        return;
-    }
-    let model = if smollm2_available("official_openai_client_streams_from_a_node") {
+    let test = "official_openai_client_streams_from_a_node";
+    let model = if smollm2_available(test) {
         SMOLLM2
     } else {
         "tiny-hybrid"
     };
     let n = start_http(node_config("solo", &[NodeRole::Pd], model, vec![])).await;
-    let url = format!("{}/v1", base(&n));
-    let model_id = n.core.info.model_id.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .args(["tests/python/openai_stream.py", &url, &model_id])
-            .output()
-    })
-    .await
-    .expect("join")
-    .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "openai client failed:\n{stdout}\n{stderr}"
-    );
-    assert!(!stdout.trim().is_empty());
+    let args = vec![format!("{}/v1", base(&n)), n.core.info.model_id.clone()];
+    if let Some(out) = python_openai(test, "openai_stream.py", args).await {
+        assert!(!out.trim().is_empty());
+    }
     n.shutdown().await;
 }
 

@@ -167,41 +167,30 @@ pub async fn post_json(
     url: &str,
     body: &serde_json::Value,
 ) -> Result<serde_json::Value, ClientError> {
-    let mut res = client(Duration::from_secs(300))
-        .post(url)
-        .send_json(body)
-        .await
-        .map_err(|e| ClientError::Send {
-            url: url.to_owned(),
-            message: e.to_string(),
-        })?;
-    let bytes = res
-        .body()
-        .limit(MAX_RESPONSE_BYTES)
-        .await
-        .map_err(|e| ClientError::Body {
-            url: url.to_owned(),
-            message: e.to_string(),
-        })?;
-    if !res.status().is_success() {
-        return Err(status_error(url, res.status().as_u16(), &bytes, None));
-    }
-    serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+    let sent = client(Duration::from_secs(300)).post(url).send_json(body);
+    let bytes = success_body(url, sent).await?;
+    decode(url, &bytes)
+}
+
+/// `GET url` as text (e.g. `/metrics`).
+pub async fn get_text(url: &str) -> Result<String, ClientError> {
+    let sent = client(Duration::from_secs(30)).get(url).send();
+    let body = success_body(url, sent).await?;
+    String::from_utf8(body.to_vec()).map_err(|e| ClientError::Decode {
         url: url.to_owned(),
         message: e.to_string(),
     })
 }
 
-/// `GET url` as text (e.g. `/metrics`).
-pub async fn get_text(url: &str) -> Result<String, ClientError> {
-    let mut res = client(Duration::from_secs(30))
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| ClientError::Send {
-            url: url.to_owned(),
-            message: e.to_string(),
-        })?;
+/// The body of a response that must succeed (an error status becomes [`ClientError::Status`]).
+async fn success_body(
+    url: &str,
+    sent: awc::SendClientRequest,
+) -> Result<actix_web::web::Bytes, ClientError> {
+    let mut res = sent.await.map_err(|e| ClientError::Send {
+        url: url.to_owned(),
+        message: e.to_string(),
+    })?;
     let body = res
         .body()
         .limit(MAX_RESPONSE_BYTES)
@@ -213,10 +202,7 @@ pub async fn get_text(url: &str) -> Result<String, ClientError> {
     if !res.status().is_success() {
         return Err(status_error(url, res.status().as_u16(), &body, None));
     }
-    String::from_utf8(body.to_vec()).map_err(|e| ClientError::Decode {
-        url: url.to_owned(),
-        message: e.to_string(),
-    })
+    Ok(body)
 }
 
 fn request_body(p: &ChatParams, stream: bool) -> serde_json::Value {
