@@ -4,20 +4,23 @@
 //! [`KvLayout::layout_hash`] (mixed with the model's weights hash) is what adverts and KV stream
 //! headers carry, so a mismatch is caught before a single byte of KV is written.
 //!
-//! # Export layout (version 1)
+//! # Export layout (version 2)
 //!
-//! An exported sequence of `n_tokens` tokens is the concatenation, in layer order, of:
+//! KV travels as *pieces*: one layer's KV for a range of tokens `start..end` of a sequence of
+//! `n_tokens` tokens. A piece's bytes are
 //!
-//! * for each **paged** layer ([`LayerKvShape::Paged`], full or sliding-window attention): the K
-//!   tensor, then the V tensor, each `[n_tokens_padded, n_kv_heads, head_dim]` where
-//!   `n_tokens_padded = ceil(n_tokens / block_size) · block_size` (the tail of the last block is
-//!   padding; readers must ignore it, writers should zero it). Sliding-window layers ship all tokens
-//!   in version 1; `window` is recorded so that a later version can trim them.
-//! * for each **state** layer ([`LayerKvShape::State`], linear attention): the recurrent state
-//!   `[heads, value_dim, key_dim]`.
+//! * for a **paged** layer ([`LayerKvShape::Paged`], full or sliding-window attention): the K
+//!   rows, then the V rows, each `[end - start, n_kv_heads, head_dim]` (no padding). `start` is a
+//!   multiple of `block_size`; `end` is one too, or `n_tokens`. The pieces of a layer cover
+//!   exactly [`KvLayout::transfer_rows`]: every token for full attention, and for a
+//!   sliding-window layer only the last `window` tokens (from the block boundary at or before
+//!   `n_tokens - window`), the only ones a decode will read;
+//! * for a **state** layer ([`LayerKvShape::State`], linear attention): the recurrent state
+//!   `[heads, value_dim, key_dim]`, one piece covering `0..n_tokens`.
 //!
-//! Every element is `dtype` ([`KvDType::F32`] in version 1), little-endian, row-major (last index
-//! fastest). Nothing else (no headers, no alignment padding) sits between tensors.
+//! Every element is `dtype`, little-endian, row-major (last index fastest). A whole-sequence
+//! export is one piece per layer, concatenated in layer order. (Version 1 shipped whole layers,
+//! padded to whole blocks, and every token of sliding-window layers.)
 //!
 //! In device memory the engine keeps one K and one V pool per paged layer, each
 //! `[n_blocks, block_size, n_kv_heads, head_dim]`; one [`super::BlockId`] indexes the same block
@@ -30,7 +33,7 @@ use crate::engine::{LayerKind, ModelConfig};
 
 /// The layout version this code writes and accepts. Bump on any change to the export layout or
 /// to the hash encoding.
-pub const KV_LAYOUT_VERSION: u32 = 1;
+pub const KV_LAYOUT_VERSION: u32 = 2;
 
 /// Element type of exported and stored KV.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -49,6 +52,14 @@ impl KvDType {
         match self {
             KvDType::F32 => 4,
             KvDType::F16 => 2,
+        }
+    }
+
+    /// Name on the wire and in configs (`"f32"`, `"f16"`).
+    pub fn label(self) -> &'static str {
+        match self {
+            KvDType::F32 => "f32",
+            KvDType::F16 => "f16",
         }
     }
 
@@ -254,19 +265,49 @@ impl KvLayout {
         n_tokens.div_ceil(self.block_size)
     }
 
-    /// Bytes of `layer` in the export layout for a sequence of `n_tokens` tokens (K and V, padded
-    /// to whole blocks, for paged layers; the state for state layers).
-    pub fn export_layer_bytes(&self, layer: usize, n_tokens: usize) -> usize {
+    /// The tokens of paged `layer` that a sequence of `n_tokens` tokens exports: all of them for
+    /// full attention; for a sliding window `w`, `n_tokens - w` rounded down to a block boundary
+    /// onwards (a decode at position `p ≥ n_tokens` reads only keys after `p - w`). Empty for
+    /// state and out-of-range layers.
+    pub fn transfer_rows(&self, layer: usize, n_tokens: usize) -> std::ops::Range<usize> {
         match self.layers.get(layer) {
-            Some(l @ LayerKvShape::Paged { .. }) => {
-                self.blocks_for_tokens(n_tokens)
-                    * self.block_size
-                    * l.kv_elems_per_token()
-                    * self.dtype.size_bytes()
+            Some(LayerKvShape::Paged { window: None, .. }) => 0..n_tokens,
+            Some(LayerKvShape::Paged {
+                window: Some(w), ..
+            }) => {
+                let from = n_tokens.saturating_sub(*w) / self.block_size * self.block_size;
+                from..n_tokens
             }
-            Some(LayerKvShape::State { .. }) => self.state_bytes(layer),
+            _ => 0..0,
+        }
+    }
+
+    /// Whether some layer exports fewer than all `n_tokens` tokens (a sliding window shorter
+    /// than the sequence): such KV can resume decoding but cannot serve as a cached prefix.
+    pub fn trims(&self, n_tokens: usize) -> bool {
+        (0..self.layers.len())
+            .any(|l| self.layers[l].is_paged() && self.transfer_rows(l, n_tokens).start > 0)
+    }
+
+    /// Bytes of a piece of `layer` holding `rows` tokens (K and V rows for paged layers; the
+    /// whole state, whatever `rows`, for state layers).
+    pub fn piece_bytes(&self, layer: usize, rows: usize) -> usize {
+        self.piece_elems(layer, rows) * self.dtype.size_bytes()
+    }
+
+    /// Elements of a piece of `layer` holding `rows` tokens (see [`piece_bytes`](Self::piece_bytes)).
+    pub fn piece_elems(&self, layer: usize, rows: usize) -> usize {
+        match self.layers.get(layer) {
+            Some(l @ LayerKvShape::Paged { .. }) => rows * l.kv_elems_per_token(),
+            Some(l @ LayerKvShape::State { .. }) => l.state_elems(),
             None => 0,
         }
+    }
+
+    /// Bytes of `layer` in the export layout for a sequence of `n_tokens` tokens: its
+    /// [`transfer_rows`](Self::transfer_rows) for paged layers, the state for state layers.
+    pub fn export_layer_bytes(&self, layer: usize, n_tokens: usize) -> usize {
+        self.piece_bytes(layer, self.transfer_rows(layer, n_tokens).len())
     }
 
     /// Total bytes of an exported sequence of `n_tokens` tokens (sum over layers).
