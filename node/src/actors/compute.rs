@@ -594,7 +594,10 @@ impl Worker {
                 done,
             } => {
                 let t0 = Instant::now();
-                let mut sink = ChannelSink { tx: layers };
+                let mut sink = ChannelSink {
+                    tx: layers,
+                    dtype: self.engine.layout().dtype,
+                };
                 let r = self.engine.prefill(&tokens, &mut sink);
                 // Close the layer channel before answering, so the sender sees the end.
                 drop(sink);
@@ -856,12 +859,14 @@ pub fn fail(metrics: &Metrics, job: Box<DecodeJob>, message: &str) {
 /// network is behind, which is the back-pressure the layer-wise pipeline wants.
 struct ChannelSink {
     tx: mpsc::Sender<(u32, Vec<u8>)>,
+    /// The engine's KV dtype (what goes on the wire).
+    dtype: crate::kv::KvDType,
 }
 
 impl KvSink for ChannelSink {
     fn layer(&mut self, layer: usize, kv: LayerKv) -> Result<(), SinkError> {
         self.tx
-            .blocking_send((layer as u32, kv.to_le_bytes()))
+            .blocking_send((layer as u32, kv.to_le_bytes(self.dtype)))
             .map_err(|_| SinkError::Closed("KV transfer ended".into()))
     }
 }

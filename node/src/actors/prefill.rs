@@ -236,7 +236,7 @@ async fn serve(
         model: core.model_ref.clone(),
         layers: layers as u32,
         tokens: n as u32,
-        dtype: "f32".into(),
+        dtype: layout.dtype.to_string(),
         max_layer_bytes: (0..layers)
             .map(|l| layout.export_layer_bytes(l, n) as u64)
             .max()

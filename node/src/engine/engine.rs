@@ -3,7 +3,8 @@
 //! [`KvSink`] layer by layer, KV export/import, and continuously batched decode steps.
 //!
 //! Device memory: one K and one V pool per paged layer (`[n_blocks, block_size, n_kv_heads,
-//! head_dim]`, a block id addresses the same rows in every layer) and, per state slot, one
+//! head_dim]` of [`EngineConfig::kv_dtype`], a block id addresses the same rows in every layer)
+//! and, per state slot, one
 //! `[heads, value_dim, key_dim]` tensor per linear layer. Which ids are free, cached or in use is
 //! decided by [`KvStore`]; the engine only moves data.
 
@@ -17,8 +18,8 @@ use super::model::{Batch, Model, ModelError, PagedPool, SeqRows};
 use super::sampler::{FinishReason, Sampler, SamplingParams};
 use super::sink::{KvExport, KvSink, LayerKv, NullSink, SinkError};
 use crate::kv::{
-    BlockId, KvError, KvLayout, KvLayoutError, KvStats, KvStore, KvStoreConfig, LayerKvShape,
-    LeaseId, StateSlot,
+    BlockId, KvDType, KvError, KvLayout, KvLayoutError, KvStats, KvStore, KvStoreConfig,
+    LayerKvShape, LeaseId, StateSlot,
 };
 
 /// Errors of engine operations.
@@ -58,6 +59,9 @@ pub struct EngineConfig {
     /// Look up and fill the prefix cache on prefill.
     pub prefix_cache: bool,
     pub lease_ttl: Duration,
+    /// Element type of the paged KV pools and of exported KV (f16 by default). Part of the
+    /// layout hash: engines exchange KV only when they agree on it.
+    pub kv_dtype: KvDType,
 }
 
 impl EngineConfig {
@@ -70,6 +74,7 @@ impl EngineConfig {
             prefill_chunk: 512,
             prefix_cache: true,
             lease_ttl: Duration::from_secs(30),
+            kv_dtype: KvDType::default(),
         }
     }
 }
@@ -161,7 +166,8 @@ impl Engine {
             ));
         }
         let backend = Arc::clone(model.backend());
-        let layout = KvLayout::from_model(model.config(), config.block_size)?;
+        let layout =
+            KvLayout::from_model(model.config(), config.block_size)?.with_dtype(config.kv_dtype);
         let n_state_slots = if layout.has_state() {
             config.n_state_slots.max(1)
         } else {
@@ -183,9 +189,10 @@ impl Engine {
                     ..
                 } => {
                     let dims = [config.n_blocks, config.block_size, n_kv_heads, head_dim];
+                    let dtype = layout.dtype.kernel_dtype();
                     pools.push(Some(PagedPool {
-                        k: backend.zeros(&dims)?,
-                        v: backend.zeros(&dims)?,
+                        k: backend.zeros_dtype(&dims, dtype)?,
+                        v: backend.zeros_dtype(&dims, dtype)?,
                     }));
                 }
                 LayerKvShape::State {
@@ -623,20 +630,16 @@ impl Engine {
     /// Checks that `kv` is layer `layer` of an `n`-token prompt: right kind and size.
     fn check_layer(&self, layer: usize, n: usize, kv: &LayerKv) -> Result<(), EngineError> {
         let want = self.layout.export_layer_bytes(layer, n);
+        let got = kv.size_bytes(self.layout.dtype);
         let ok = match (kv, self.layout.layers[layer].is_paged()) {
-            (LayerKv::Paged { k, v }, true) => k.len() == v.len() && kv.size_bytes() == want,
-            (LayerKv::State { .. }, false) => kv.size_bytes() == want,
+            (LayerKv::Paged { k, v }, true) => k.len() == v.len() && got == want,
+            (LayerKv::State { .. }, false) => got == want,
             _ => false,
         };
         if ok {
             Ok(())
         } else {
-            Err(SinkError::BadLayer {
-                layer,
-                got: kv.size_bytes(),
-                want,
-            }
-            .into())
+            Err(SinkError::BadLayer { layer, got, want }.into())
         }
     }
 
