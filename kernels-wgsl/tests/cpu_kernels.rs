@@ -1,6 +1,11 @@
 //! Native CPU backend vs the plain reference implementations (`prfaas_kernels::reference`), on odd
 //! shapes, every weight dtype, GQA ratios, windows and paged layouts, with relative tolerances.
 
+mod common {
+    mod f16_pools;
+    pub use f16_pools::f16_pools_round_trip;
+}
+
 use half::f16;
 use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::{
@@ -560,38 +565,16 @@ fn gather_scatter_and_write_round_trip() {
 fn gather_scatter_f16_pools_round_trip_exactly() {
     let b = CpuBackend::new();
     let mut rng = Rng(0xf16);
-    for shape in [
-        [1usize, 1, 1, 1],
-        [7, 3, 1, 7],
-        [5, 16, 3, 64],
-        [33, 2, 2, 33],
-    ] {
-        let block: usize = shape[1..].iter().product();
-        let pool = b.zeros_dtype(&shape, DType::F16).unwrap();
-        let mut host = vec![f16::ZERO; shape[0] * block];
-        // Values spanning f16's range, with ties and out-of-range values.
-        let mut data: Vec<f32> = rng
-            .vec(shape[0] * block)
-            .iter()
-            .map(|v| v * 70000.0)
-            .collect();
-        data[0] = 1.0 + 2f32.powi(-11);
-        let idx: Vec<u32> = (0..shape[0] as u32).rev().collect();
-        b.scatter_blocks(&pool, &idx, &data).unwrap();
-        reference::scatter_blocks(&mut host, block, &idx, &data).unwrap();
-        assert_eq!(b.download(&pool).unwrap(), widen(&host), "{shape:?}");
-        let pick: Vec<u32> = (0..shape[0] as u32).step_by(2).collect();
-        let got = b.gather_blocks(&pool, &pick).unwrap();
-        assert_eq!(got, reference::gather_blocks(&host, block, &pick).unwrap());
-        let other = b.zeros_dtype(&shape, DType::F16).unwrap();
-        b.scatter_blocks(&other, &pick, &got).unwrap();
-        let again = b.gather_blocks(&other, &pick).unwrap();
-        assert_eq!(
-            again.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            "{shape:?}: f16 values must survive export/import unchanged"
-        );
-    }
+    common::f16_pools_round_trip(
+        &b,
+        &[
+            [1usize, 1, 1, 1],
+            [7, 3, 1, 7],
+            [5, 16, 3, 64],
+            [33, 2, 2, 33],
+        ],
+        |n| rng.vec(n),
+    );
     // Mixed pool dtypes, raw-byte dtypes and f16 `write` are refused.
     let kp = b.zeros_dtype(&[2, 4, 1, 8], DType::F16).unwrap();
     let vp = b.zeros(&[2, 4, 1, 8]).unwrap();

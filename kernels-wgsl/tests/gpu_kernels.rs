@@ -7,6 +7,11 @@
 
 use std::sync::OnceLock;
 
+mod common {
+    mod f16_pools;
+    pub use f16_pools::f16_pools_round_trip;
+}
+
 use half::f16;
 use prfaas_kernels::gpu::{MatmulPath, WgpuBackend};
 use prfaas_kernels::{
@@ -515,49 +520,16 @@ fn gather_scatter_blocks_and_write_round_trip() {
 fn gather_scatter_f16_pools_match_the_reference_bit_for_bit() {
     let Some(b) = gpu() else { return };
     let mut rng = Rng(0xf16);
-    for shape in [
-        [1usize, 1, 1, 2],
-        [7, 3, 1, 6],
-        [5, 16, 3, 64],
-        [33, 1, 3, 2],
-    ] {
-        let block: usize = shape[1..].iter().product();
-        let pool = b.zeros_dtype(&shape, DType::F16).unwrap();
-        let mut host = vec![f16::ZERO; shape[0] * block];
-        let mut data: Vec<f32> = rng
-            .vec(shape[0] * block)
-            .iter()
-            .map(|v| v * 70000.0)
-            .collect();
-        let specials = [
-            1.0 + 2f32.powi(-11),
-            1.0 + 3.0 * 2f32.powi(-11),
-            65519.0,
-            65520.0,
-            -2f32.powi(-24),
-            3.0 * 2f32.powi(-26),
-            2f32.powi(-26),
-            f32::NEG_INFINITY,
-        ];
-        for (d, s) in data.iter_mut().zip(specials) {
-            *d = s;
-        }
-        let idx: Vec<u32> = (0..shape[0] as u32).rev().collect();
-        b.scatter_blocks(&pool, &idx, &data).unwrap();
-        reference::scatter_blocks(&mut host, block, &idx, &data).unwrap();
-        let got_all = b.download(&pool).unwrap();
-        assert_eq!(
-            got_all.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            widen(&host).iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            "{shape:?}"
-        );
-        let pick: Vec<u32> = (0..shape[0] as u32).step_by(2).collect();
-        let got = b.gather_blocks(&pool, &pick).unwrap();
-        assert_eq!(got, reference::gather_blocks(&host, block, &pick).unwrap());
-        let other = b.zeros_dtype(&shape, DType::F16).unwrap();
-        b.scatter_blocks(&other, &pick, &got).unwrap();
-        assert_eq!(b.gather_blocks(&other, &pick).unwrap(), got);
-    }
+    common::f16_pools_round_trip(
+        b,
+        &[
+            [1usize, 1, 1, 2],
+            [7, 3, 1, 6],
+            [5, 16, 3, 64],
+            [33, 1, 3, 2],
+        ],
+        |n| rng.vec(n),
+    );
     // Repeated slot in kv_write: last row wins, as in the reference.
     let kp = b.zeros_dtype(&[2, 4, 1, 8], DType::F16).unwrap();
     let vp = b.zeros_dtype(&[2, 4, 1, 8], DType::F16).unwrap();

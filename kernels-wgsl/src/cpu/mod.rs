@@ -439,9 +439,7 @@ impl Backend for CpuBackend {
             )));
         };
         let guard = storage(table)?.data.read().map_err(poisoned)?;
-        let out = match &*guard {
-            data => reference::embedding(table.dtype, data.bytes(), vocab, d, ids)?,
-        };
+        let out = reference::embedding(table.dtype, guard.bytes(), vocab, d, ids)?;
         Ok(f32_tensor(vec![ids.len(), d], out))
     }
 

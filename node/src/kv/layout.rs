@@ -680,7 +680,7 @@ mod tests {
             1.0 + 2f32.powi(-11),
             65504.0,
             1e-7,
-            3.14159,
+            3.25159,
         ];
         for dtype in [KvDType::F32, KvDType::F16] {
             let mut bytes = vec![0xaa];
