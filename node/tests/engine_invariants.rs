@@ -12,6 +12,7 @@ use prfaas_node::engine::{
     CollectSink, Engine, EngineConfig, EngineError, KvPiece, LayerKv, Model, NullSink, Sampler,
     SamplingParams,
 };
+use prfaas_node::kv::KvDType;
 
 const KINDS: [SyntheticKind; 2] = [SyntheticKind::TinyDense, SyntheticKind::TinyHybrid];
 
@@ -35,6 +36,12 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
         .map(|i| 32 + (i * 7 + salt * 13 + i * i) % 90)
         .collect()
 }
+
+/// Logit tolerance between two ways of computing the same prefill (chunked vs one-shot, prefix
+/// hit vs cold). Different chunkings differ in the last bits of f32; f16 KV rounds those to
+/// different f16 neighbours now and then (a 2⁻¹¹ relative step), which moves logits by up to a
+/// few thousandths on the synthetic models. The exact invariant (remote == local) holds for both.
+const DTYPES_AND_TOLERANCES: [(KvDType, f32); 2] = [(KvDType::F32, 1e-3), (KvDType::F16, 2e-2)];
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -139,7 +146,7 @@ fn engine_streams_every_chunk_and_import_continues_token_identically() {
             assert_eq!(&join_pieces(&mine), ex, "{kind:?} layer {l}");
             // Byte round trip of the documented layout.
             for piece in &mine {
-                let bytes = piece.kv.to_le_bytes();
+                let bytes = piece.kv.to_le_bytes(layout.dtype);
                 assert_eq!(bytes.len(), layout.piece_bytes(l, piece.tokens.len()));
                 let back = LayerKv::from_le_bytes(&layout, l, piece.tokens.len(), &bytes).unwrap();
                 assert_eq!(&back, &piece.kv);
@@ -167,6 +174,83 @@ fn engine_streams_every_chunk_and_import_continues_token_identically() {
         }
         let seq_c = c.finish_import(id).unwrap();
         assert_eq!(continue_greedy(&mut c, seq_c, first, 12), local);
+    }
+}
+
+/// KV dtypes: f16 is the default; f16 KV shipped as bytes (the wire form) and imported
+/// continues token-identically to the engine that prefilled it; `f32` still works the same way;
+/// f16 exports are half the paged bytes of f32 ones (state stays f32); and the two dtypes never
+/// exchange KV (the layout hash differs).
+#[test]
+fn engine_kv_dtypes_wire_round_trip_and_f32_still_works() {
+    assert_eq!(cfg().kv_dtype, KvDType::F16, "f16 is the default");
+    for kind in KINDS {
+        let p = prompt(45, 5);
+        let mut exports = Vec::new();
+        for dtype in [KvDType::F16, KvDType::F32] {
+            let c = EngineConfig {
+                kv_dtype: dtype,
+                ..cfg()
+            };
+            let mut a = engine(kind, c.clone());
+            assert_eq!(a.layout().dtype, dtype);
+            let pre = a.prefill(&p, &mut NullSink).unwrap();
+            let first = prfaas_node::engine::sampler::argmax(&pre.logits);
+            let export = a.export_kv(pre.seq).unwrap();
+            let local = continue_greedy(&mut a, pre.seq, first, 12);
+
+            // Through the wire encoding, layer by layer into leased blocks (the home's path).
+            let mut b = engine(kind, c);
+            let id = b
+                .begin_import(p.clone(), std::time::Instant::now())
+                .unwrap();
+            let mut wire_bytes = 0;
+            for mut piece in export.pieces() {
+                let (l, rows) = (piece.layer, piece.tokens.len());
+                let bytes = piece.kv.to_le_bytes(dtype);
+                assert_eq!(bytes.len(), b.layout().export_layer_bytes(l, p.len()));
+                wire_bytes += bytes.len();
+                let back = LayerKv::from_le_bytes(b.layout(), l, rows, &bytes).unwrap();
+                assert_eq!(
+                    back, piece.kv,
+                    "{kind:?} {dtype}: layer {l} changed on the wire"
+                );
+                piece.kv = back;
+                b.import_piece(id, &piece, std::time::Instant::now())
+                    .unwrap();
+            }
+            assert_eq!(wire_bytes, export.size_bytes());
+            let seq = b.finish_import(id).unwrap();
+            // Re-exporting the imported KV gives the same values (f16 values survive exactly).
+            assert_eq!(b.export_kv(seq).unwrap().layers, export.layers);
+            assert_eq!(
+                continue_greedy(&mut b, seq, first, 12),
+                local,
+                "{kind:?} {dtype}: remote prefill diverged from local"
+            );
+            exports.push(export);
+        }
+        let (h, f) = (&exports[0], &exports[1]);
+        assert_ne!(h.layout_hash, f.layout_hash, "{kind:?}");
+        let state = h.layout.state_slot_bytes();
+        assert_eq!(state, f.layout.state_slot_bytes());
+        assert_eq!(
+            2 * (h.size_bytes() - state),
+            f.size_bytes() - state,
+            "{kind:?}"
+        );
+        let mut f32_engine = engine(
+            kind,
+            EngineConfig {
+                kv_dtype: KvDType::F32,
+                ..cfg()
+            },
+        );
+        assert!(matches!(
+            f32_engine.import_kv(h),
+            Err(EngineError::Incompatible(_))
+        ));
+        assert_eq!(f32_engine.kv_stats().in_use, 0);
     }
 }
 
@@ -213,7 +297,11 @@ fn engine_import_rejects_foreign_or_malformed_kv() {
 
 #[test]
 fn engine_prefix_cache_hit_equals_cold_prefill() {
-    for kind in KINDS {
+    for (kind, (kv_dtype, tol)) in KINDS
+        .into_iter()
+        .flat_map(|k| DTYPES_AND_TOLERANCES.map(|d| (k, d)))
+    {
+        let cfg = || EngineConfig { kv_dtype, ..cfg() };
         // 48 shared tokens = 3 blocks; the first prompt ends one token later so that tiny-hybrid
         // snapshots its linear state exactly at the shared boundary.
         let shared = prompt(48, 4);
@@ -242,8 +330,8 @@ fn engine_prefix_cache_hit_equals_cold_prefill() {
         assert_eq!(cold.cached_tokens, 0);
         let d = max_abs_diff(&hit.logits, &cold.logits);
         assert!(
-            d < 1e-3,
-            "{kind:?}: prefix-hit logits differ from cold by {d}"
+            d < tol,
+            "{kind:?} {kv_dtype}: prefix-hit logits differ from cold by {d}"
         );
 
         let first = prfaas_node::engine::sampler::argmax(&cold.logits);
@@ -256,7 +344,11 @@ fn engine_prefix_cache_hit_equals_cold_prefill() {
 
 #[test]
 fn engine_chunked_prefill_equals_one_shot() {
-    for kind in KINDS {
+    for (kind, (kv_dtype, tol)) in KINDS
+        .into_iter()
+        .flat_map(|k| DTYPES_AND_TOLERANCES.map(|d| (k, d)))
+    {
+        let cfg = || EngineConfig { kv_dtype, ..cfg() };
         let p = prompt(70, 6);
         let mut one = engine(
             kind,
@@ -277,7 +369,10 @@ fn engine_chunked_prefill_equals_one_shot() {
         let a = one.prefill(&p, &mut NullSink).unwrap();
         let b = chunked.prefill(&p, &mut NullSink).unwrap();
         let d = max_abs_diff(&a.logits, &b.logits);
-        assert!(d < 1e-3, "{kind:?}: chunked prefill differs by {d}");
+        assert!(
+            d < tol,
+            "{kind:?} {kv_dtype}: chunked prefill differs by {d}"
+        );
         assert_eq!(
             one.export_kv(a.seq).unwrap().layers.len(),
             chunked.export_kv(b.seq).unwrap().layers.len()

@@ -647,7 +647,10 @@ impl Worker {
                 done,
             } => {
                 let t0 = Instant::now();
-                let mut sink = ChannelSink { tx: pieces };
+                let mut sink = ChannelSink {
+                    tx: pieces,
+                    dtype: self.engine.layout().dtype,
+                };
                 let r = self.engine.prefill(&tokens, &mut sink);
                 // Close the piece channel before answering, so the sender sees the end.
                 drop(sink);
@@ -909,6 +912,8 @@ pub fn fail(metrics: &Metrics, job: Box<DecodeJob>, message: &str) {
 /// compute thread serves every other request too, and must not stall behind one slow link.
 struct ChannelSink {
     tx: mpsc::UnboundedSender<(PieceId, Vec<u8>)>,
+    /// The engine's KV dtype (what goes on the wire).
+    dtype: crate::kv::KvDType,
 }
 
 impl KvSink for ChannelSink {
@@ -919,7 +924,7 @@ impl KvSink for ChannelSink {
             end: piece.tokens.end as u32,
         };
         self.tx
-            .send((id, piece.kv.to_le_bytes()))
+            .send((id, piece.kv.to_le_bytes(self.dtype)))
             .map_err(|_| SinkError::Closed("KV transfer ended".into()))
     }
 }

@@ -312,6 +312,7 @@ fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
             // KV leased for an incoming transfer is freed when no layer arrives for this long
             // (the planner gives up on the transfer at the same time).
             lease_ttl: cfg.policy.transfer_timeout,
+            kv_dtype: e.kv_dtype,
         },
     )?;
     // Seed the prefill-speed estimate with one measured prefill (bids and adverts need a number

@@ -235,7 +235,7 @@ async fn serve(
         model: core.model_ref.clone(),
         layers: layers as u32,
         tokens: n as u32,
-        dtype: layout.dtype.label().into(),
+        dtype: layout.dtype.to_string(),
         // A piece is at most a whole layer's export.
         max_piece_bytes: (0..layers)
             .map(|l| layout.export_layer_bytes(l, n) as u64)

@@ -3,7 +3,8 @@
 //! [`KvSink`] layer by layer, KV export/import, and continuously batched decode steps.
 //!
 //! Device memory: one K and one V pool per paged layer (`[n_blocks, block_size, n_kv_heads,
-//! head_dim]`, a block id addresses the same rows in every layer) and, per state slot, one
+//! head_dim]` of [`EngineConfig::kv_dtype`], a block id addresses the same rows in every layer)
+//! and, per state slot, one
 //! `[heads, value_dim, key_dim]` tensor per linear layer. Which ids are free, cached or in use is
 //! decided by [`KvStore`]; the engine only moves data.
 
@@ -17,8 +18,8 @@ use super::model::{Batch, Model, ModelError, PagedPool, SeqRows};
 use super::sampler::{FinishReason, Sampler, SamplingParams};
 use super::sink::{KvExport, KvPiece, KvSink, LayerKv, NullSink, SinkError};
 use crate::kv::{
-    BlockId, KvError, KvLayout, KvLayoutError, KvStats, KvStore, KvStoreConfig, LayerKvShape,
-    LeaseId, StateSlot,
+    BlockId, KvDType, KvError, KvLayout, KvLayoutError, KvStats, KvStore, KvStoreConfig,
+    LayerKvShape, LeaseId, StateSlot,
 };
 
 /// Errors of engine operations.
@@ -58,6 +59,9 @@ pub struct EngineConfig {
     /// Look up and fill the prefix cache on prefill.
     pub prefix_cache: bool,
     pub lease_ttl: Duration,
+    /// Element type of the paged KV pools and of exported KV (f16 by default). Part of the
+    /// layout hash: engines exchange KV only when they agree on it.
+    pub kv_dtype: KvDType,
 }
 
 impl EngineConfig {
@@ -70,6 +74,7 @@ impl EngineConfig {
             prefill_chunk: 512,
             prefix_cache: true,
             lease_ttl: Duration::from_secs(30),
+            kv_dtype: KvDType::default(),
         }
     }
 }
@@ -162,7 +167,8 @@ impl Engine {
             ));
         }
         let backend = Arc::clone(model.backend());
-        let layout = KvLayout::from_model(model.config(), config.block_size)?;
+        let layout =
+            KvLayout::from_model(model.config(), config.block_size)?.with_dtype(config.kv_dtype);
         let n_state_slots = if layout.has_state() {
             config.n_state_slots.max(1)
         } else {
@@ -184,9 +190,10 @@ impl Engine {
                     ..
                 } => {
                     let dims = [config.n_blocks, config.block_size, n_kv_heads, head_dim];
+                    let dtype = layout.dtype.kernel_dtype();
                     pools.push(Some(PagedPool {
-                        k: backend.zeros(&dims)?,
-                        v: backend.zeros(&dims)?,
+                        k: backend.zeros_dtype(&dims, dtype)?,
+                        v: backend.zeros_dtype(&dims, dtype)?,
                     }));
                 }
                 LayerKvShape::State {

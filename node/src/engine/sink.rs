@@ -8,10 +8,12 @@
 
 use std::ops::Range;
 
-use crate::kv::KvLayout;
+use crate::kv::layout::STATE_DTYPE;
+use crate::kv::{KvDType, KvLayout};
 
 /// One layer's KV for a range of a sequence's tokens, in the export layout of
-/// [`crate::kv::layout`] (f32 values here; the wire encoding is the layout's dtype).
+/// [`crate::kv::layout`], as f32 values (an f16 layout's values widened exactly;
+/// [`LayerKv::to_le_bytes`] encodes them in the layout's dtype).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LayerKv {
     /// Full / sliding attention: `k` and `v` are each `[rows, n_kv_heads, head_dim]`, one row per
@@ -35,27 +37,34 @@ impl LayerKv {
         self.len() == 0
     }
 
-    /// Bytes this layer takes in the export layout.
-    pub fn size_bytes(&self) -> usize {
-        4 * match self {
-            LayerKv::Paged { k, v } => k.len() + v.len(),
-            LayerKv::State { state } => state.len(),
+    /// The element type this layer takes in a layout of paged-KV `dtype` (state is always f32).
+    fn wire_dtype(&self, dtype: KvDType) -> KvDType {
+        match self {
+            LayerKv::Paged { .. } => dtype,
+            LayerKv::State { .. } => STATE_DTYPE,
         }
     }
 
-    /// The layer's bytes in the export layout (K then V, or the state; little-endian f32).
-    pub fn to_le_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.size_bytes());
-        let mut put = |xs: &[f32]| {
-            xs.iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()))
-        };
+    /// Bytes this layer takes in the export layout with paged-KV `dtype` (the layout's `dtype`).
+    pub fn size_bytes(&self, dtype: KvDType) -> usize {
+        self.wire_dtype(dtype).size_bytes()
+            * match self {
+                LayerKv::Paged { k, v } => k.len() + v.len(),
+                LayerKv::State { state } => state.len(),
+            }
+    }
+
+    /// The layer's bytes in the export layout with paged-KV `dtype` (the layout's `dtype`):
+    /// K then V in `dtype`, or the state in f32; little-endian.
+    pub fn to_le_bytes(&self, dtype: KvDType) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.size_bytes(dtype));
+        let d = self.wire_dtype(dtype);
         match self {
             LayerKv::Paged { k, v } => {
-                put(k);
-                put(v);
+                d.encode(k, &mut out);
+                d.encode(v, &mut out);
             }
-            LayerKv::State { state } => put(state),
+            LayerKv::State { state } => d.encode(state, &mut out),
         }
         out
     }
@@ -75,10 +84,15 @@ impl LayerKv {
                 want,
             });
         }
-        let vals: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        // The length check above makes this a whole number of values.
+        let vals = layout
+            .layer_dtype(layer)
+            .decode(bytes)
+            .map_err(|_| SinkError::BadLayer {
+                layer,
+                got: bytes.len(),
+                want,
+            })?;
         Ok(if layout.layers[layer].is_paged() {
             let half = vals.len() / 2;
             LayerKv::Paged {
@@ -172,7 +186,10 @@ pub struct KvExport {
 impl KvExport {
     /// Total KV bytes (what crosses the network).
     pub fn size_bytes(&self) -> usize {
-        self.layers.iter().map(LayerKv::size_bytes).sum()
+        self.layers
+            .iter()
+            .map(|l| l.size_bytes(self.layout.dtype))
+            .sum()
     }
 
     /// The export as one piece per layer (what [`crate::engine::Engine::import_piece`] takes).
