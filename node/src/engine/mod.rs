@@ -17,5 +17,5 @@ pub use config::{LayerKind, ModelConfig, ModelWeights};
 pub use engine::{Engine, EngineConfig, EngineError, Generation, PrefillOutput, SeqId, StepLogits};
 pub use model::{Model, ModelError};
 pub use sampler::{logprobs_of, FinishReason, Sampler, SamplingParams, TokenLogprobs};
-pub use sink::{CollectSink, KvExport, KvSink, LayerKv, NullSink, SinkError};
+pub use sink::{CollectSink, KvExport, KvPiece, KvSink, LayerKv, NullSink, SinkError};
 pub use synthetic::{synthetic_model, ByteTokenizer, SyntheticKind};
