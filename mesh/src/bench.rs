@@ -656,6 +656,8 @@ pub fn serve_kv(listen: &str, addr_file: &std::path::Path) -> Result<u64, BenchE
     rt.block_on(async {
         let mut cfg = kv_config(false);
         cfg.listen = vec![listen.to_string()];
+        // A veth address inside the bench's own network namespace: nobody else can reach it.
+        cfg.open = true;
         let (h, mut ev) = Mesh::spawn(cfg)?;
         let addr = first_addr(&h)
             .await?

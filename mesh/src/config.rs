@@ -14,6 +14,8 @@ pub struct MeshConfig {
     #[serde(with = "keypair_hex")]
     pub keypair: Option<Keypair>,
     /// Multiaddrs to listen on, e.g. `/ip4/0.0.0.0/tcp/4001`, `/ip4/0.0.0.0/udp/4001/quic-v1`.
+    /// Anything but a loopback address needs `psk`, `allowlist` or `open = true` (see
+    /// [`MeshConfig::check_exposure`]).
     pub listen: Vec<String>,
     /// Multiaddrs (ideally with `/p2p/<id>`) dialled at start.
     pub bootstrap: Vec<String>,
@@ -21,6 +23,10 @@ pub struct MeshConfig {
     pub psk: Option<String>,
     /// If set, only these peer ids (base58) may connect, gossip, bid or stream KV.
     pub allowlist: Option<Vec<String>>,
+    /// Run an open mesh: listen on non-loopback addresses with neither a PSK nor an allowlist,
+    /// so anyone who can reach the port may join, bid, win auctions (and so read the prompts
+    /// they prefill) and stream KV. Off by default: such a node refuses to start.
+    pub open: bool,
     /// Also use QUIC (ignored with a PSK).
     pub quic: bool,
     /// Discover peers on the local network with mDNS.
@@ -213,10 +219,11 @@ impl Default for MeshConfig {
     fn default() -> Self {
         Self {
             keypair: None,
-            listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             bootstrap: vec![],
             psk: None,
             allowlist: None,
+            open: false,
             quic: false,
             mdns: false,
             region: String::new(),
@@ -288,6 +295,19 @@ impl MeshConfig {
         }
     }
 
+    /// Secure by default: refuses listen addresses other machines can reach (anything but
+    /// loopback, an in-process memory transport, or nothing) unless the mesh is private (`psk`)
+    /// or closed (`allowlist`), or the operator chose `open = true`.
+    pub fn check_exposure(&self) -> Result<(), crate::MeshError> {
+        if self.open || self.psk.is_some() || self.allowlist.is_some() {
+            return Ok(());
+        }
+        match self.listen.iter().find(|a| !is_local_only(a)) {
+            None => Ok(()),
+            Some(addr) => Err(crate::MeshError::Exposed { addr: addr.clone() }),
+        }
+    }
+
     /// Parses a TOML config.
     pub fn from_toml(s: &str) -> Result<Self, crate::MeshError> {
         toml::from_str(s).map_err(|e| crate::MeshError::Config(e.to_string()))
@@ -320,6 +340,21 @@ mod keypair_hex {
         Keypair::from_protobuf_encoding(&bytes)
             .map(Some)
             .map_err(|e| D::Error::custom(format!("keypair: {e}")))
+    }
+}
+
+/// Whether a listen multiaddr is reachable from this machine only: a loopback IP or the
+/// in-process memory transport. Unparsable addresses count as exposed (they fail later anyway).
+fn is_local_only(addr: &str) -> bool {
+    use libp2p::multiaddr::Protocol;
+    let Ok(ma) = addr.parse::<libp2p::Multiaddr>() else {
+        return false;
+    };
+    match ma.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        Some(Protocol::Memory(_)) => true,
+        _ => false,
     }
 }
 
@@ -385,6 +420,39 @@ mod tests {
             MeshConfig::from_toml("").expect("empty").advert_refresh,
             None
         );
+    }
+
+    #[test]
+    fn exposed_listen_needs_a_psk_an_allowlist_or_open() {
+        let mut c = MeshConfig::default();
+        assert!(c.check_exposure().is_ok(), "default listens on loopback");
+        for local in ["/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0", "/memory/7"] {
+            c.listen = vec![local.into()];
+            assert!(c.check_exposure().is_ok(), "{local}");
+        }
+        for exposed in [
+            "/ip4/0.0.0.0/tcp/4001",
+            "/ip4/10.0.0.2/udp/4001/quic-v1",
+            "/ip6/::/tcp/0",
+            "/dns4/example.org/tcp/1",
+            "garbage",
+        ] {
+            c.listen = vec!["/ip4/127.0.0.1/tcp/0".into(), exposed.into()];
+            let err = c.check_exposure().expect_err(exposed).to_string();
+            assert!(err.contains(exposed) && err.contains("open = true"), "{err}");
+            assert!(err.contains("psk") && err.contains("allowlist"), "{err}");
+        }
+        let ok = |f: &dyn Fn(&mut MeshConfig)| {
+            let mut c = c.clone();
+            f(&mut c);
+            c.check_exposure().is_ok()
+        };
+        assert!(ok(&|c| c.psk = Some("ab".repeat(32))));
+        assert!(ok(&|c| c.allowlist = Some(vec![])));
+        assert!(ok(&|c| c.open = true));
+        let parsed = MeshConfig::from_toml("open = true\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\n")
+            .expect("parse");
+        assert!(parsed.open && parsed.check_exposure().is_ok());
     }
 
     #[test]

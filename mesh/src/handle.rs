@@ -55,6 +55,9 @@ pub struct AuctionRound {
     pub declines: Vec<(PeerId, DeclineReason)>,
     /// Candidates that did not answer in time or failed.
     pub silent: Vec<PeerId>,
+    /// Bids refused by [`crate::policy::check_bid`] (bad price, claims that contradict the
+    /// bidder's advert); they are not in `bids`.
+    pub refused: Vec<(PeerId, crate::policy::BidFault)>,
 }
 
 /// Per-peer emulated link rates in bytes/s (see [`MeshHandle::set_emulated_bandwidth`]).
@@ -176,6 +179,18 @@ impl MeshHandle {
     pub async fn call_auction(&self, candidates: &[PeerId], call: Call) -> AuctionRound {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(u64::from(call.deadline_ms));
+        // The bidders' adverts, to check their claims against (a bidder unknown to the table
+        // cannot be checked and is refused).
+        let adverts: HashMap<PeerId, Advert> = tokio::time::timeout_at(
+            deadline,
+            self.prefill_candidates(call.model.clone()),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
         let mut pending: FuturesUnordered<_> = candidates
             .iter()
             .map(|&p| {
@@ -189,7 +204,17 @@ impl MeshHandle {
             answered.push(p);
             match r {
                 Ok(AuctionResponse::Bid(b)) if b.request_id == call.request_id => {
-                    round.bids.push((p, b))
+                    match crate::policy::check_bid(&call, &b, adverts.get(&p)) {
+                        Ok(()) => round.bids.push((p, b)),
+                        Err(fault) => {
+                            tracing::info!(peer = %p, %fault, "bid refused");
+                            self.shared
+                                .stats
+                                .bids_refused
+                                .fetch_add(1, Ordering::Relaxed);
+                            round.refused.push((p, fault));
+                        }
+                    }
                 }
                 Ok(AuctionResponse::Decline { reason, .. }) => round.declines.push((p, reason)),
                 _ => round.silent.push(p),

@@ -175,6 +175,7 @@ impl Mesh {
     /// Starts a node. Must be called inside a tokio runtime. Returns the handle and the bounded
     /// event stream; the node runs until [`MeshHandle::shutdown`] or every handle is dropped.
     pub fn spawn(cfg: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>), MeshError> {
+        cfg.check_exposure()?;
         let key = cfg
             .keypair
             .clone()

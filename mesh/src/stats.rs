@@ -26,6 +26,8 @@ pub struct MeshStats {
     pub adverts_from_sync: AtomicU64,
     /// Our own adverts published (every one costs the mesh ~N·`mesh_n` receptions).
     pub adverts_published: AtomicU64,
+    /// Bids refused by the home's checks (bad price, claims contradicting the advert).
+    pub bids_refused: AtomicU64,
 }
 
 /// A point-in-time copy of [`MeshStats`].
@@ -51,6 +53,8 @@ pub struct MeshStatsSnapshot {
     pub adverts_from_sync: u64,
     /// See [`MeshStats::adverts_published`].
     pub adverts_published: u64,
+    /// See [`MeshStats::bids_refused`].
+    pub bids_refused: u64,
 }
 
 impl MeshStats {
@@ -68,6 +72,7 @@ impl MeshStats {
             adverts_replayed: r(&self.adverts_replayed),
             adverts_from_sync: r(&self.adverts_from_sync),
             adverts_published: r(&self.adverts_published),
+            bids_refused: r(&self.bids_refused),
         }
     }
 }

@@ -46,22 +46,19 @@ impl Admission {
     /// Prompt tokens of `req`, checked against the model's limits.
     fn tokenize(&self, req: &GenerateRequest) -> Result<Vec<u32>, SubmitError> {
         let text = &self.core.text;
-        let (prompt, special) = match &req.prompt {
+        let tokens = match &req.prompt {
             PromptInput::Chat(msgs) => {
                 if msgs.is_empty() {
                     return Err(SubmitError::BadRequest("`messages` is empty".into()));
                 }
-                let s = text
-                    .render_chat(msgs)
-                    .map_err(|e| SubmitError::BadRequest(format!("chat template: {e}")))?;
-                (s, text.chat_uses_specials())
+                text.encode_chat(msgs)
+                    .map_err(|e| SubmitError::BadRequest(format!("chat prompt: {e}")))?
             }
-            PromptInput::Text(t) => (t.clone(), false),
+            PromptInput::Text(t) => text
+                .codec
+                .encode(t, false)
+                .map_err(|e| SubmitError::BadRequest(format!("tokenizer: {e}")))?,
         };
-        let tokens = text
-            .codec
-            .encode(&prompt, special)
-            .map_err(|e| SubmitError::BadRequest(format!("tokenizer: {e}")))?;
         if tokens.is_empty() {
             return Err(SubmitError::BadRequest("the prompt is empty".into()));
         }
