@@ -488,7 +488,8 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
                             bid_id,
                             price: 1.0 + (i % 7) as f64,
                             queue_delay_ms: 0,
-                            est_prefill_ms: 100,
+                            // 2048 tokens at the advertised 250 tokens/s: homes check it.
+                            est_prefill_ms: 8_200,
                             cached_tokens: 0,
                             valid_for_ms: 2_000,
                         };

@@ -63,6 +63,12 @@ pub struct MeshConfig {
     /// Table sync (`/prfaas/table/1`): fetch a peer's signed adverts on connecting to it.
     #[serde(default)]
     pub table_sync: TableSyncConfig,
+    /// Redialling bootstrap addresses and lost peers (backoff with jitter).
+    #[serde(default)]
+    pub redial: crate::discovery::RedialConfig,
+    /// Per-peer record of failed, late and lying transfers; bans repeated liars.
+    #[serde(default)]
+    pub reputation: crate::reputation::ReputationConfig,
 }
 
 /// Table sync: on each new outbound connection (rate-limited) a node asks the peer for its table
@@ -188,8 +194,13 @@ pub struct Limits {
     pub max_auction_bytes: usize,
     /// Inbound calls awaiting the application's answer; more are declined as overloaded.
     pub max_pending_calls: usize,
+    /// Inbound calls from one peer awaiting an answer; more from it are declined as overloaded
+    /// (so one peer cannot hold every pending-call place).
+    pub max_pending_calls_per_peer: usize,
     /// Outstanding bids remembered for award checks.
     pub max_outstanding_bids: usize,
+    /// Outstanding bids for one home; calls from a home holding this many are declined.
+    pub max_outstanding_bids_per_peer: usize,
     /// Auction request timeout (no answer ⇒ error).
     #[serde(with = "humantime_serde")]
     pub auction_timeout: Duration,
@@ -213,6 +224,11 @@ pub struct Limits {
     /// Connection set-up (pnet + noise + yamux) must finish within this.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Largest clock difference assumed between nodes. Advert sequence numbers are the signer's
+    /// wall-clock ms: an advert older than `advert_expiry` plus this is refused as a replay,
+    /// one from further in the future is refused outright.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
 }
 
 impl Default for MeshConfig {
@@ -237,6 +253,8 @@ impl Default for MeshConfig {
             bandwidth: BandwidthConfig::default(),
             limits: Limits::default(),
             table_sync: TableSyncConfig::default(),
+            redial: crate::discovery::RedialConfig::default(),
+            reputation: crate::reputation::ReputationConfig::default(),
         }
     }
 }
@@ -262,7 +280,9 @@ impl Default for Limits {
             max_advert_bytes: 64 * 1024,
             max_auction_bytes: 1024 * 1024,
             max_pending_calls: 64,
+            max_pending_calls_per_peer: 16,
             max_outstanding_bids: 256,
+            max_outstanding_bids_per_peer: 64,
             auction_timeout: Duration::from_secs(5),
             command_queue: 256,
             event_queue: 1024,
@@ -273,6 +293,7 @@ impl Default for Limits {
             max_pending_transfers: 64,
             kv_idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            max_clock_skew: Duration::from_secs(10),
         }
     }
 }

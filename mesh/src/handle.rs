@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     pub streams_per_transfer: u16,
     pub max_streams: u16,
     pub sender_limits: SenderLimits,
+    pub serve_gate: crate::auction::ServeGate,
+    pub reputation: Arc<Mutex<crate::reputation::Reputation>>,
 }
 
 /// Cloneable handle to a running mesh node.
@@ -105,6 +107,43 @@ impl MeshHandle {
     /// This node's peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.shared.local_peer_id
+    }
+
+    /// Records how a transfer from auction winner `peer` went (the home reports it); repeated
+    /// lies ban the peer for `reputation.ban_for`: it is left out of every auction meanwhile.
+    pub fn record_transfer(&self, peer: PeerId, outcome: crate::reputation::TransferOutcome) {
+        let Ok(mut r) = self.shared.reputation.lock() else {
+            return;
+        };
+        if r.record(peer, outcome, Instant::now()) {
+            tracing::warn!(%peer, "peer banned after repeated failed KV verifications");
+            self.shared.stats.peers_banned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Per-peer transfer records (for `/mesh`).
+    pub fn reputation(&self) -> Vec<(PeerId, crate::reputation::PeerRecord)> {
+        self.shared
+            .reputation
+            .lock()
+            .map(|r| r.records(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// Score factor (≥ 1) for bids of `peer` from its transfer record.
+    pub fn reputation_penalty(&self, peer: &PeerId) -> f64 {
+        self.shared
+            .reputation
+            .lock()
+            .map(|r| r.penalty(peer))
+            .unwrap_or(1.0)
+    }
+
+    /// How many won awards this node serves at once; set its maximum, check it when bidding.
+    /// The mesh checks it again when an award arrives and hands the place to the application
+    /// with [`crate::MeshEvent::Awarded`].
+    pub fn serve_gate(&self) -> &crate::auction::ServeGate {
+        &self.shared.serve_gate
     }
 
     async fn ask<T>(

@@ -3,9 +3,11 @@
 //!
 //! Only claims that make a bid *win* are checked. A price of 0 is a legitimate gift; a negative
 //! or non-finite one would win every second-score auction outright (and poison the payment
-//! rule). A bidder claiming to prefill much faster than its advertised speed, or to hold cached
-//! blocks its advertised prefix summary does not contain, would win on a lie; claiming to be
-//! slower only loses, so it is never refused.
+//! rule). A bidder claiming to prefill much faster than its advertised speed would win on a lie;
+//! claiming to be slower only loses, so it is never refused. Cached-token claims are only
+//! bounded by the prompt: the advertised prefix summary lags the bidder's cache by up to an
+//! advert refresh, so an honest bidder that just cached a prefix would be refused if claims
+//! had to match it (a cache claim that turns out false shows up as a late transfer).
 
 use crate::advert::Advert;
 use crate::auction::{Bid, Call};
@@ -31,13 +33,13 @@ pub enum BidFault {
     /// The bidder does not advertise prefill for the called model.
     #[error("bidder does not advertise this model")]
     WrongModel,
-    /// More cached tokens than the prompt has, or than the bidder's prefix summary supports.
-    #[error("claims {claimed} cached tokens; its advert supports at most {supported}")]
+    /// More cached tokens than the prompt has.
+    #[error("claims {claimed} cached tokens of a {prompt_len}-token prompt")]
     CacheClaim {
         /// Claimed.
         claimed: u32,
-        /// What the advert's prefix summary makes plausible.
-        supported: u32,
+        /// The prompt's length.
+        prompt_len: u32,
     },
     /// The advert has no usable prefill speed to check claims against.
     #[error("bidder advertises no prefill speed")]
@@ -62,11 +64,10 @@ pub fn check_bid(call: &Call, bid: &Bid, advert: Option<&Advert>) -> Result<(), 
     if !advert.can_prefill(&call.model) {
         return Err(BidFault::WrongModel);
     }
-    let supported = supported_cached_tokens(call, advert);
-    if bid.cached_tokens > supported {
+    if bid.cached_tokens > call.prompt_len {
         return Err(BidFault::CacheClaim {
             claimed: bid.cached_tokens,
-            supported,
+            prompt_len: call.prompt_len,
         });
     }
     let speed = f64::from(advert.peak_prefill_speed());
@@ -82,20 +83,6 @@ pub fn check_bid(call: &Call, bid: &Bid, advert: Option<&Advert>) -> Result<(), 
         });
     }
     Ok(())
-}
-
-/// The most prompt tokens the bidder can plausibly hold: the leading blocks its advertised
-/// prefix summary (a Bloom filter, so false positives only make this more lenient) contains,
-/// in tokens, never more than the prompt. The call does not carry the block size; the hashes
-/// cover the prompt's blocks (possibly truncated), so `prompt_len / hashes` over-estimates it.
-fn supported_cached_tokens(call: &Call, advert: &Advert) -> u32 {
-    let hashes = &call.prefix_block_hashes;
-    if hashes.is_empty() {
-        return 0;
-    }
-    let blocks = advert.body.prefix_summary.cached_prefix_blocks(hashes);
-    let per_block = call.prompt_len.div_ceil(hashes.len() as u32).max(1);
-    (blocks as u32).saturating_mul(per_block).min(call.prompt_len)
 }
 
 #[cfg(test)]
@@ -185,12 +172,11 @@ mod tests {
             check_bid(&c, &bid(1.0, 0, 0), Some(&a)),
             Err(BidFault::TooFast { claimed_ms: 0, .. })
         ));
-        // Claims the whole prompt cached, but its summary holds 4 blocks.
         assert!(matches!(
-            check_bid(&c, &bid(0.0, 0, 1000), Some(&a)),
+            check_bid(&c, &bid(0.0, 0, 1001), Some(&a)),
             Err(BidFault::CacheClaim {
-                claimed: 1000,
-                supported: 400
+                claimed: 1001,
+                prompt_len: 1000
             })
         ));
         let mut other = advert(1000.0, &[]);

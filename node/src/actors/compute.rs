@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::loader::{TextCodec, Utf8Stream};
 use crate::engine::{
-    Engine, FinishReason, KvSink, LayerKv, Sampler, SamplingParams, SeqId, SinkError,
+    Engine, EngineError, FinishReason, KvSink, LayerKv, Sampler, SamplingParams, SeqId, SinkError,
+    VerifyConfig,
 };
 use crate::kv::prefix::block_hashes;
 use crate::kv::{KvStats, LeaseId};
@@ -164,7 +165,12 @@ pub struct ComputeHandle {
     counters: Arc<Counters>,
     view: Arc<Mutex<EngineView>>,
     next_import: Arc<AtomicU64>,
+    verdicts: VerdictHook,
 }
+
+/// Told, for each verified import from a peer, the peer id and whether its KV passed (set once,
+/// after the mesh starts: the node feeds it to the mesh's reputation records).
+pub type VerdictHook = Arc<std::sync::OnceLock<Box<dyn Fn(&str, bool) + Send + Sync>>>;
 
 /// Where the compute thread records why an import failed (first reason wins).
 type ImportFailure = Arc<Mutex<Option<String>>>;
@@ -277,6 +283,11 @@ impl ComputeHandle {
     }
 
     /// A copy of the latest engine view.
+    /// Sets who hears import verdicts (once; later calls are ignored).
+    pub fn on_import_verdict(&self, hook: Box<dyn Fn(&str, bool) + Send + Sync>) {
+        let _ = self.verdicts.set(hook);
+    }
+
     pub fn view(&self) -> EngineView {
         self.view.lock().map(|v| v.clone()).unwrap_or_default()
     }
@@ -340,6 +351,7 @@ pub fn spawn(
         counters: counters.clone(),
         view: view.clone(),
         next_import: Arc::new(AtomicU64::new(1)),
+        verdicts: VerdictHook::default(),
     };
     let worker = Worker {
         engine,
@@ -351,6 +363,7 @@ pub fn spawn(
         view,
         prefill_rate: cfg.prefill_tokens_per_s.max(1.0),
         imports: HashMap::new(),
+        verdicts: handle.verdicts.clone(),
     };
     let join = std::thread::Builder::new()
         .name("prfaas-compute".into())
@@ -391,12 +404,20 @@ struct Worker {
     prefill_rate: f64,
     /// Imports in progress: ticket key → (lease, where to report a failure).
     imports: HashMap<u64, (LeaseId, ImportFailure)>,
+    verdicts: VerdictHook,
 }
 
 /// How long an idle compute thread sleeps before checking for expired KV leases.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
 impl Worker {
+    /// Reports a verification verdict on the peer that prefilled for `route`.
+    fn verdict(&self, route: &PrefillRoute, passed: bool) {
+        if let (PrefillRoute::Remote { peer, .. }, Some(hook)) = (route, self.verdicts.get()) {
+            hook(peer, passed);
+        }
+    }
+
     fn run(mut self, rx: std_mpsc::Receiver<Msg>) {
         // Work taken off the channel but not started yet (import steps run as they come).
         let mut waiting: VecDeque<Job> = VecDeque::new();
@@ -571,7 +592,22 @@ impl Worker {
             } => {
                 ticket.finished = true;
                 let done = match self.imports.remove(&ticket.key) {
-                    Some((lease, _)) => self.engine.finish_import(lease).map_err(|e| e.to_string()),
+                    // Verified before decoding (DESIGN.md §8); only KV that passed enters the
+                    // prefix cache.
+                    Some((lease, _)) => self
+                        .engine
+                        .finish_verified_import(lease, &logits, &VerifyConfig::fresh(job.request_id))
+                        .map(|(seq, _)| {
+                            self.verdict(&job.route, true);
+                            seq
+                        })
+                        .map_err(|e| {
+                            if matches!(e, EngineError::Unverified(_)) {
+                                Metrics::inc(&self.metrics.auctions, "kv_rejected");
+                                self.verdict(&job.route, false);
+                            }
+                            e.to_string()
+                        }),
                     None => Err(ticket
                         .failure()
                         .unwrap_or_else(|| "import unknown to the compute thread".into())),

@@ -41,7 +41,13 @@ pub enum EngineError {
     Request(String),
     #[error("incompatible KV: {0}")]
     Incompatible(String),
+    /// Imported KV failed verification (see [`verify`]): made up, of another prompt, corrupted.
+    #[error("imported KV failed verification: {0}")]
+    Unverified(String),
 }
+
+#[path = "verify.rs"]
+pub mod verify;
 
 /// Sizing and behaviour of an [`Engine`].
 #[derive(Debug, Clone, PartialEq)]
