@@ -284,7 +284,7 @@ async fn call_reaches_a_bidder_known_only_from_gossip() {
         bootstrap: vec![boot.to_string()],
         ..MeshConfig::local()
     };
-    let mut home = spawn(leaf(&boot)).await;
+    let home = spawn(leaf(&boot)).await;
     let bidder = spawn(leaf(&boot)).await;
     bidder
         .handle
@@ -292,12 +292,22 @@ async fn call_reaches_a_bidder_known_only_from_gossip() {
         .await
         .expect("advert");
     let bidder_id = bidder.id();
-    wait_for(&mut home.events, Duration::from_secs(10), |ev| match ev {
-        MeshEvent::PeerDiscovered { peer } if peer == bidder_id => Some(()),
-        _ => None,
-    })
-    .await
-    .expect("home learned the bidder through the hub");
+    // Its prefill advert (bids are checked against it), not only its first one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !home
+        .handle
+        .prefill_candidates(model())
+        .await
+        .expect("candidates")
+        .iter()
+        .any(|(p, _)| *p == bidder_id)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "home never learned the bidder through the hub"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let connected = home.handle.connected_peers().await.expect("peers");
     assert!(
         !connected.contains(&bidder_id),

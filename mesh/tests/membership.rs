@@ -188,10 +188,17 @@ async fn mesh_reforms_after_a_partition_heals() {
     c.bootstrap = vec![addr_of(relay.port, far.id()).to_string()];
     let (home, mut home_ev) = Mesh::spawn(c).expect("spawn home");
     assert!(connected(&mut home_ev, far.id()).await, "first join");
+    let home_id = home.local_peer_id();
+    let far_saw = wait_for(&mut far.events, HEAL, |ev| {
+        eprintln!("far: {ev:?}");
+        matches!(ev, MeshEvent::PeerConnected { peer } if peer == home_id).then_some(())
+    })
+    .await;
+    assert!(far_saw.is_some(), "far side of the first join");
 
     relay.cut.store(true, Ordering::Release);
     assert!(disconnected(&mut home_ev, far.id()).await, "partition");
-    assert!(disconnected(&mut far.events, home.local_peer_id()).await);
+
     // While cut, redials fail (counted).
     let failed = home.stats().dials_failed;
     let t0 = tokio::time::Instant::now();
