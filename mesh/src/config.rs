@@ -460,7 +460,10 @@ mod tests {
         ] {
             c.listen = vec!["/ip4/127.0.0.1/tcp/0".into(), exposed.into()];
             let err = c.check_exposure().expect_err(exposed).to_string();
-            assert!(err.contains(exposed) && err.contains("open = true"), "{err}");
+            assert!(
+                err.contains(exposed) && err.contains("open = true"),
+                "{err}"
+            );
             assert!(err.contains("psk") && err.contains("allowlist"), "{err}");
         }
         let ok = |f: &dyn Fn(&mut MeshConfig)| {

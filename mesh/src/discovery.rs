@@ -279,10 +279,7 @@ mod tests {
         assert_eq!(r.due(t0, none), vec![], "in flight: not due again");
         let c1 = ConnectionId::new_unchecked(1);
         r.dialing(d[0].key, c1);
-        assert_eq!(
-            r.on_dial_failed(c1, t0),
-            Some((DialKey::Bootstrap(0), 1))
-        );
+        assert_eq!(r.on_dial_failed(c1, t0), Some((DialKey::Bootstrap(0), 1)));
         assert_eq!(r.due(t0, none), vec![], "backing off");
         let mut t = t0;
         let mut waits = Vec::new();

@@ -117,7 +117,10 @@ impl MeshHandle {
         };
         if r.record(peer, outcome, Instant::now()) {
             tracing::warn!(%peer, "peer banned after repeated failed KV verifications");
-            self.shared.stats.peers_banned.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .peers_banned
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -220,16 +223,14 @@ impl MeshHandle {
             tokio::time::Instant::now() + Duration::from_millis(u64::from(call.deadline_ms));
         // The bidders' adverts, to check their claims against (a bidder unknown to the table
         // cannot be checked and is refused).
-        let adverts: HashMap<PeerId, Advert> = tokio::time::timeout_at(
-            deadline,
-            self.prefill_candidates(call.model.clone()),
-        )
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+        let adverts: HashMap<PeerId, Advert> =
+            tokio::time::timeout_at(deadline, self.prefill_candidates(call.model.clone()))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
         let mut pending: FuturesUnordered<_> = candidates
             .iter()
             .map(|&p| {

@@ -14,8 +14,8 @@ pub mod error;
 pub mod event;
 pub mod handle;
 pub mod kv;
-pub mod reputation;
 mod node;
+pub mod reputation;
 pub mod stats;
 pub mod wire;
 

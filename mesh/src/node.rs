@@ -35,12 +35,12 @@ use crate::bandwidth::BandwidthEstimator;
 use crate::behaviour::{MeshBehaviour, MeshBehaviourEvent};
 use crate::config::MeshConfig;
 use crate::discovery::{DialKey, Redialer};
-use crate::reputation::Reputation;
 use crate::event::{CallToken, MeshEvent};
 use crate::handle::{emulated_rate, CallAnswer, Command, EmulatedRates, MeshHandle, Shared};
 use crate::kv::receiver::{Acceptor, ReceiverLimits};
 use crate::kv::sender::SenderLimits;
 use crate::kv::{KvHeader, KvTrailer, KV_PROTOCOL};
+use crate::reputation::Reputation;
 use crate::stats::MeshStats;
 use crate::MeshError;
 
@@ -475,7 +475,8 @@ impl Task {
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Redials are checked more often than maintenance runs, so a healed link is used soon.
         let mut redial_tick = tokio::time::interval(
-            (self.cfg.redial.initial / 2).clamp(Duration::from_millis(20), Duration::from_millis(250)),
+            (self.cfg.redial.initial / 2)
+                .clamp(Duration::from_millis(20), Duration::from_millis(250)),
         );
         redial_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -850,8 +851,7 @@ impl Task {
             } => {
                 // Peers we still hold an advert of are redialled (a partition, a restart).
                 let addrs = self.advertised_addrs(&peer_id);
-                self.redial
-                    .on_disconnected(peer_id, addrs, Instant::now());
+                self.redial.on_disconnected(peer_id, addrs, Instant::now());
                 self.emit(MeshEvent::PeerDisconnected { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError {
@@ -1276,7 +1276,11 @@ impl Task {
         let now = Instant::now();
         let resp = match req {
             AuctionRequest::Call(call) => {
-                let from_peer = self.pending_calls.values().filter(|c| c.peer == peer).count();
+                let from_peer = self
+                    .pending_calls
+                    .values()
+                    .filter(|c| c.peer == peer)
+                    .count();
                 if self.pending_calls.len() >= self.cfg.limits.max_pending_calls
                     || from_peer >= self.cfg.limits.max_pending_calls_per_peer
                     || !self.book.has_room(&peer)
@@ -1332,7 +1336,9 @@ impl Task {
                             }
                         }
                         None => {
-                            self.stats.awards_refused_busy.fetch_add(1, Ordering::Relaxed);
+                            self.stats
+                                .awards_refused_busy
+                                .fetch_add(1, Ordering::Relaxed);
                             refused(AwardRefusal::Overloaded)
                         }
                     },
@@ -1408,10 +1414,7 @@ mod tests {
     fn advert_age_comes_from_the_signed_sequence_number() {
         let skew = Duration::from_secs(2);
         let now = 1_000_000;
-        assert_eq!(
-            advert_age_from_seq(now, now, skew),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(advert_age_from_seq(now, now, skew), Some(Duration::ZERO));
         assert_eq!(
             advert_age_from_seq(now - 1_500, now, skew),
             Some(Duration::ZERO),

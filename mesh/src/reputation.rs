@@ -181,13 +181,21 @@ mod tests {
         assert_eq!(r.penalty(&good), 1.0);
         assert_eq!(r.penalty(&PeerId::random()), 1.0);
         assert!(r.penalty(&flaky) > 1.0);
-        assert!(!r.record(liar, TransferOutcome::Lied, t0), "one lie: no ban yet");
+        assert!(
+            !r.record(liar, TransferOutcome::Lied, t0),
+            "one lie: no ban yet"
+        );
         assert!(!r.is_banned(&liar, t0));
         assert!(r.record(liar, TransferOutcome::Lied, t0), "second lie bans");
         assert!(r.is_banned(&liar, t0 + Duration::from_secs(599)));
         assert!(r.penalty(&liar) > r.penalty(&flaky));
         assert_eq!(r.banned(t0), 1);
-        let rec = r.records(t0).into_iter().find(|(p, _)| *p == liar).unwrap().1;
+        let rec = r
+            .records(t0)
+            .into_iter()
+            .find(|(p, _)| *p == liar)
+            .unwrap()
+            .1;
         assert_eq!((rec.lied, rec.banned_ms), (2, 600_000));
         // The ban ends; a new ban needs new lies.
         let later = t0 + Duration::from_secs(601);

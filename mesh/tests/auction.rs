@@ -70,7 +70,10 @@ async fn pair(bidder_cfg: MeshConfig) -> (Node, Node) {
         .expect("candidates")
         .is_empty()
     {
-        assert!(Instant::now() < deadline, "home never got the bidder's advert");
+        assert!(
+            Instant::now() < deadline,
+            "home never got the bidder's advert"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (home, bidder)
@@ -385,9 +388,20 @@ async fn awards_beyond_capacity_are_refused() {
         let round = home.handle.call_auction(&[bidder_id], call(r, 2_000)).await;
         assert_eq!(round.bids.len(), 1, "{round:?}");
     }
-    let first = home.handle.request(bidder_id, award(31)).await.expect("answered");
-    assert!(matches!(first, AuctionResponse::AwardAccepted { .. }), "{first:?}");
-    let second = home.handle.request(bidder_id, award(32)).await.expect("answered");
+    let first = home
+        .handle
+        .request(bidder_id, award(31))
+        .await
+        .expect("answered");
+    assert!(
+        matches!(first, AuctionResponse::AwardAccepted { .. }),
+        "{first:?}"
+    );
+    let second = home
+        .handle
+        .request(bidder_id, award(32))
+        .await
+        .expect("answered");
     assert!(
         matches!(
             second,
@@ -401,8 +415,15 @@ async fn awards_beyond_capacity_are_refused() {
     assert_eq!(bidder_handle.stats().awards_refused_busy, 1);
     // Serving the first award ends: its place is free again.
     drop(slot_rx.recv().await.expect("first award's slot"));
-    let third = home.handle.request(bidder_id, award(33)).await.expect("answered");
-    assert!(matches!(third, AuctionResponse::AwardAccepted { .. }), "{third:?}");
+    let third = home
+        .handle
+        .request(bidder_id, award(33))
+        .await
+        .expect("answered");
+    assert!(
+        matches!(third, AuctionResponse::AwardAccepted { .. }),
+        "{third:?}"
+    );
 }
 
 /// Repeated lies (failed KV verifications reported by the home) ban the winner: it is left out
@@ -416,10 +437,16 @@ async fn repeated_liars_are_banned_from_auctions() {
     home.handle.record_transfer(liar, TransferOutcome::Failed);
     assert!(home.handle.reputation_penalty(&liar) > 1.0);
     home.handle.record_transfer(liar, TransferOutcome::Lied);
-    assert!(listed(home.handle.prefill_candidates(model()).await.expect("c")));
+    assert!(listed(
+        home.handle.prefill_candidates(model()).await.expect("c")
+    ));
     home.handle.record_transfer(liar, TransferOutcome::Lied);
-    assert!(!listed(home.handle.prefill_candidates(model()).await.expect("c")));
+    assert!(!listed(
+        home.handle.prefill_candidates(model()).await.expect("c")
+    ));
     assert_eq!(home.handle.stats().peers_banned, 1);
     let rec = home.handle.reputation();
-    assert!(rec.iter().any(|(p, r)| *p == liar && r.lied == 2 && r.banned_ms > 0));
+    assert!(rec
+        .iter()
+        .any(|(p, r)| *p == liar && r.lied == 2 && r.banned_ms > 0));
 }

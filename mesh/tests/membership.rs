@@ -209,7 +209,10 @@ async fn mesh_reforms_after_a_partition_heals() {
     relay.cut.store(false, Ordering::Release);
     let healed = tokio::time::Instant::now();
     assert!(connected(&mut home_ev, far.id()).await, "not re-formed");
-    eprintln!("re-formed {:?} after the partition healed", healed.elapsed());
+    eprintln!(
+        "re-formed {:?} after the partition healed",
+        healed.elapsed()
+    );
     home.shutdown().await;
     far.handle.shutdown().await;
 }

@@ -174,7 +174,10 @@ async fn forged_altered_and_replayed_adverts_are_rejected_and_counted() {
     assert_eq!(s.adverts_replayed, 2, "{s:?}");
     assert_eq!(s.refused_adverts, 4, "{s:?}");
     assert_eq!(s.adverts_accepted, 2, "{s:?}");
-    assert_eq!(s.adverts_stale, 1, "the replay is older than the expiry: {s:?}");
+    assert_eq!(
+        s.adverts_stale, 1,
+        "the replay is older than the expiry: {s:?}"
+    );
     // The table holds the honest advert (seq 5, queue 7), untouched by the forgeries.
     assert_eq!(held(&node, &victim).await, Some((s5, 7)));
     node.handle.shutdown().await;

@@ -203,6 +203,7 @@ fn special_tokens_in_chat_content_are_plain_text() {
     let rendered = text.render_chat(&msgs).expect("render");
     assert_eq!(
         text.encode_chat(&msgs).expect("encode"),
-        tok.encode(&rendered, tok.add_bos(), true).expect("encode rendered")
+        tok.encode(&rendered, tok.add_bos(), true)
+            .expect("encode rendered")
     );
 }

@@ -84,8 +84,8 @@ fn scramble(rng: &mut Rng, xs: &mut [f32]) {
     xs.iter_mut().for_each(|x| *x = rng.normal() * rms);
 }
 
-/// Imports `kv` into `home` and verifies it against `logits`; the import is then cancelled.
-fn verify(home: &mut Engine, kv: &KvExport, logits: &[f32], cfg: &VerifyConfig) -> VerifyReport {
+/// Leases room for `kv` in `home` and writes every layer (not finished yet).
+fn start_import(home: &mut Engine, kv: &KvExport) -> prfaas_node::kv::LeaseId {
     let id = home
         .begin_import(kv.tokens.clone(), Instant::now())
         .expect("lease");
@@ -93,6 +93,12 @@ fn verify(home: &mut Engine, kv: &KvExport, logits: &[f32], cfg: &VerifyConfig) 
         home.import_layer(id, l, layer, Instant::now())
             .expect("sizes are right");
     }
+    id
+}
+
+/// Imports `kv` into `home` and verifies it against `logits`; the import is then cancelled.
+fn verify(home: &mut Engine, kv: &KvExport, logits: &[f32], cfg: &VerifyConfig) -> VerifyReport {
+    let id = start_import(home, kv);
     let r = home.verify_import(id, logits, cfg).expect("verify runs");
     home.cancel_import(id);
     r
@@ -143,7 +149,10 @@ fn verification_passes_honest_kv_and_catches_lies() {
         let t0 = Instant::now();
         let honest = verify(&mut home, &kv, &logits, &cfg);
         verify_time += t0.elapsed();
-        assert!(honest.passed(), "trial {trial}: honest KV refused: {honest:?}");
+        assert!(
+            honest.passed(),
+            "trial {trial}: honest KV refused: {honest:?}"
+        );
         assert_eq!(honest.positions.len(), cfg.positions + 1);
         honest_max = honest_max.max(honest.max_kv_error);
         honest_logits_max = honest_logits_max.max(honest.logits_error);
@@ -192,7 +201,10 @@ fn verification_passes_honest_kv_and_catches_lies() {
         d.detected += usize::from(!r.passed());
         if r.positions.contains(&t) {
             d.sampled += 1;
-            assert!(!r.passed(), "position {t} was recomputed but not caught: {r:?}");
+            assert!(
+                !r.passed(),
+                "position {t} was recomputed but not caught: {r:?}"
+            );
         }
     }
     let k = VerifyConfig::default().positions;
@@ -234,33 +246,27 @@ fn failed_verification_discards_the_import_and_nan_is_refused() {
     if let LayerKv::Paged { k, .. } = &mut nan.layers[1] {
         k[3] = f32::NAN;
     }
-    let id = home.begin_import(nan.tokens.clone(), Instant::now()).expect("lease");
-    for (l, layer) in nan.layers.iter().enumerate() {
-        home.import_layer(id, l, layer, Instant::now()).expect("import");
-    }
+    let id = start_import(&mut home, &nan);
     let err = home
         .finish_verified_import(id, &logits, &VerifyConfig::default())
         .expect_err("NaN KV");
-    assert!(matches!(err, EngineError::Unverified(ref m) if m.contains("non-finite")), "{err}");
+    assert!(
+        matches!(err, EngineError::Unverified(ref m) if m.contains("non-finite")),
+        "{err}"
+    );
     assert_eq!(home.pending_imports(), 0);
     assert_eq!(home.kv_stats(), free0, "blocks freed, nothing cached");
 
     let mut bad_logits = logits.clone();
     bad_logits.iter_mut().for_each(|x| *x = -*x);
-    let id = home.begin_import(kv.tokens.clone(), Instant::now()).expect("lease");
-    for (l, layer) in kv.layers.iter().enumerate() {
-        home.import_layer(id, l, layer, Instant::now()).expect("import");
-    }
+    let id = start_import(&mut home, &kv);
     assert!(matches!(
         home.finish_verified_import(id, &bad_logits, &VerifyConfig::default()),
         Err(EngineError::Unverified(_))
     ));
     assert_eq!(home.kv_stats(), free0);
 
-    let id = home.begin_import(kv.tokens.clone(), Instant::now()).expect("lease");
-    for (l, layer) in kv.layers.iter().enumerate() {
-        home.import_layer(id, l, layer, Instant::now()).expect("import");
-    }
+    let id = start_import(&mut home, &kv);
     let (seq, report) = home
         .finish_verified_import(id, &logits, &VerifyConfig::default())
         .expect("honest KV passes");
@@ -270,4 +276,74 @@ fn failed_verification_discards_the_import_and_nan_is_refused() {
     for (a, b) in mine.layers.iter().zip(&kv.layers) {
         assert_eq!(a, b, "verification must leave the imported KV as received");
     }
+}
+
+/// The tolerance holds on the real model (quantized weights, the cpu backend's 8-bit decode
+/// path against its prefill path): honest KV passes with a wide margin, foreign KV fails.
+#[test]
+fn verification_on_smollm2_honest_margin() {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !p.exists() {
+        assert!(
+            std::env::var("PRFAAS_REQUIRE_MODEL").map_or(true, |v| v != "1"),
+            "PRFAAS_REQUIRE_MODEL=1 but {} is missing",
+            p.display()
+        );
+        eprintln!(
+            "skipping: {} missing (run scripts/fetch-model)",
+            p.display()
+        );
+        return;
+    }
+    let m = prfaas_node::engine::loader::load_model(p.to_str().expect("utf-8")).expect("load");
+    let make = || {
+        let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+        let model = Model::new(m.config.clone(), &m.weights, backend).expect("model");
+        Engine::new(
+            model,
+            EngineConfig {
+                prefill_chunk: 64,
+                prefix_cache: false,
+                ..EngineConfig::with_capacity(512)
+            },
+        )
+        .expect("engine")
+    };
+    let (mut sender, mut home) = (make(), make());
+    let prompt = m
+        .text
+        .codec
+        .encode(
+            "The history of the printing press begins in the fifteenth century, when Johannes \
+             Gutenberg combined movable metal type, oil-based ink and a screw press. Within \
+             decades, presses spread across Europe and the cost of books fell sharply.",
+            false,
+        )
+        .expect("encode");
+    let (kv, logits, prefill_took) = prefill(&mut sender, &prompt);
+    let cfg = VerifyConfig {
+        positions: 8,
+        ..VerifyConfig::default()
+    };
+    let t0 = Instant::now();
+    let honest = verify(&mut home, &kv, &logits, &cfg);
+    let verify_took = t0.elapsed();
+    eprintln!(
+        "SmolLM2, {} tokens: honest K/V error {:.2e} (worst {:?}), logits {:.2e}; verification \
+         ({} positions) cost {:.3} of the prefill",
+        prompt.len(),
+        honest.max_kv_error,
+        honest.worst,
+        honest.logits_error,
+        honest.positions.len(),
+        verify_took.as_secs_f64() / prefill_took.as_secs_f64().max(1e-9)
+    );
+    assert!(honest.passed(), "{honest:?}");
+    assert!(honest.max_kv_error < cfg.kv_tolerance / 2.0, "{honest:?}");
+    let mut other = prompt.clone();
+    other.reverse();
+    let (mut foreign, foreign_logits, _) = prefill(&mut sender, &other);
+    foreign.tokens = prompt.clone();
+    assert!(!verify(&mut home, &foreign, &foreign_logits, &cfg).passed());
 }

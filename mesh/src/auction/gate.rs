@@ -92,6 +92,9 @@ mod tests {
         drop((b, c));
         assert_eq!(g.in_use(), 0);
         g.set_max(0);
-        assert!(g.try_acquire().is_none(), "a node serving nothing refuses every award");
+        assert!(
+            g.try_acquire().is_none(),
+            "a node serving nothing refuses every award"
+        );
     }
 }

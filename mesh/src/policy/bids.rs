@@ -45,7 +45,9 @@ pub enum BidFault {
     #[error("bidder advertises no prefill speed")]
     NoProfile,
     /// Claims a prefill far faster than the bidder's advertised speed.
-    #[error("claims {claimed_ms} ms of prefill; its advertised speed needs about {expected_ms:.0} ms")]
+    #[error(
+        "claims {claimed_ms} ms of prefill; its advertised speed needs about {expected_ms:.0} ms"
+    )]
     TooFast {
         /// Claimed `est_prefill_ms`.
         claimed_ms: u32,
@@ -151,11 +153,19 @@ mod tests {
         let hashes: Vec<u64> = (1..=10).collect();
         let c = call(1000, hashes.clone());
         let a = advert(1000.0, &hashes[..4]); // 1000 tok/s, first 4 of 10 blocks cached
-        // Honest: 1000 tokens at 1000 tok/s = 1 s; with 400 cached, 0.6 s.
+                                              // Honest: 1000 tokens at 1000 tok/s = 1 s; with 400 cached, 0.6 s.
         assert_eq!(check_bid(&c, &bid(1.0, 1000, 0), Some(&a)), Ok(()));
         assert_eq!(check_bid(&c, &bid(0.6, 600, 400), Some(&a)), Ok(()));
-        assert_eq!(check_bid(&c, &bid(0.0, 1000, 0), Some(&a)), Ok(()), "a gift");
-        assert_eq!(check_bid(&c, &bid(9.0, 60_000, 0), Some(&a)), Ok(()), "slow");
+        assert_eq!(
+            check_bid(&c, &bid(0.0, 1000, 0), Some(&a)),
+            Ok(()),
+            "a gift"
+        );
+        assert_eq!(
+            check_bid(&c, &bid(9.0, 60_000, 0), Some(&a)),
+            Ok(()),
+            "slow"
+        );
         // Within the tolerance (load moves speeds): 4× faster than advertised still passes.
         assert_eq!(check_bid(&c, &bid(1.0, 250, 0), Some(&a)), Ok(()));
         for p in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0, -1e308] {
@@ -191,7 +201,10 @@ mod tests {
     fn tiny_prompts_pass_and_missing_profiles_are_refused() {
         let a = advert(1000.0, &[]);
         // 10 tokens: 10 ms expected; 0 ms claimed is within the absolute slack.
-        assert_eq!(check_bid(&call(10, vec![]), &bid(1.0, 0, 0), Some(&a)), Ok(()));
+        assert_eq!(
+            check_bid(&call(10, vec![]), &bid(1.0, 0, 0), Some(&a)),
+            Ok(())
+        );
         let mut none = advert(0.0, &[]);
         none.body.prefill_profile.clear();
         assert_eq!(

@@ -596,7 +596,11 @@ impl Worker {
                     // prefix cache.
                     Some((lease, _)) => self
                         .engine
-                        .finish_verified_import(lease, &logits, &VerifyConfig::fresh(job.request_id))
+                        .finish_verified_import(
+                            lease,
+                            &logits,
+                            &VerifyConfig::fresh(job.request_id),
+                        )
                         .map(|(seq, _)| {
                             self.verdict(&job.route, true);
                             seq

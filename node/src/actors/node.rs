@@ -441,7 +441,11 @@ impl Node {
         compute.on_import_verdict(Box::new(move |peer, passed| {
             use prfaas_mesh::reputation::TransferOutcome;
             if let Ok(p) = peer.parse() {
-                let o = if passed { TransferOutcome::Ok } else { TransferOutcome::Lied };
+                let o = if passed {
+                    TransferOutcome::Ok
+                } else {
+                    TransferOutcome::Lied
+                };
                 rep.record_transfer(p, o);
             }
         }));

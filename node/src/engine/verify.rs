@@ -164,6 +164,9 @@ impl Engine {
             p.state,
         );
         let n = tokens.len();
+        if n == 0 {
+            return Err(EngineError::Request("nothing imported to verify".into()));
+        }
         let mut report = VerifyReport {
             positions: Vec::new(),
             max_kv_error: 0.0,
@@ -171,8 +174,7 @@ impl Engine {
             logits_error: 0.0,
             failure: None,
         };
-        if logits.len() != self.model.config().vocab_size || logits.iter().any(|x| !x.is_finite())
-        {
+        if logits.len() != self.model.config().vocab_size || logits.iter().any(|x| !x.is_finite()) {
             report.failure = Some("trailer logits missing, of the wrong size or not finite".into());
             return Ok(report);
         }
@@ -191,7 +193,11 @@ impl Engine {
             let row = paged_row(&self.layout.layers[l]);
             let k = self.backend.gather_blocks(&pool.k, &blocks)?;
             let v = self.backend.gather_blocks(&pool.v, &blocks)?;
-            if k[..n * row].iter().chain(&v[..n * row]).any(|x| !x.is_finite()) {
+            if k[..n * row]
+                .iter()
+                .chain(&v[..n * row])
+                .any(|x| !x.is_finite())
+            {
                 report.failure = Some(format!("layer {l}: non-finite K/V"));
                 return Ok(report);
             }
