@@ -68,10 +68,10 @@ fn prefill(sender: &mut Engine, tokens: &[u32]) -> (KvExport, Vec<f32>, Duration
     (export, out.logits, took)
 }
 
-/// Row length (elements of one token's K) of paged layer `kv` for `n` tokens.
-fn rows(kv: &LayerKv, n_padded_rows: usize) -> usize {
+/// Row length (elements of one token's K) of paged layer `kv` holding `n_rows` tokens.
+fn rows(kv: &LayerKv, n_rows: usize) -> usize {
     match kv {
-        LayerKv::Paged { k, .. } => k.len() / n_padded_rows,
+        LayerKv::Paged { k, .. } => k.len() / n_rows,
         LayerKv::State { .. } => 0,
     }
 }
@@ -89,8 +89,8 @@ fn start_import(home: &mut Engine, kv: &KvExport) -> prfaas_node::kv::LeaseId {
     let id = home
         .begin_import(kv.tokens.clone(), Instant::now())
         .expect("lease");
-    for (l, layer) in kv.layers.iter().enumerate() {
-        home.import_layer(id, l, layer, Instant::now())
+    for piece in kv.pieces() {
+        home.import_piece(id, &piece, Instant::now())
             .expect("sizes are right");
     }
     id
@@ -138,13 +138,8 @@ fn verification_passes_honest_kv_and_catches_lies() {
         let tokens = prompt(&mut rng, n);
         let (kv, logits, took) = prefill(&mut sender, &tokens);
         prefill_time += took;
-        let n_rows = {
-            let LayerKv::Paged { k, .. } = &kv.layers[0] else {
-                panic!("dense model")
-            };
-            let row = k.len() / kv.layout.blocks_for_tokens(n) / kv.layout.block_size;
-            k.len() / row
-        };
+        // Exports hold exactly the prompt's rows (dense model: every layer sends all of them).
+        let n_rows = n;
 
         let t0 = Instant::now();
         let honest = verify(&mut home, &kv, &logits, &cfg);
