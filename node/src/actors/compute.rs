@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::loader::{TextCodec, Utf8Stream};
 use crate::engine::{
-    Engine, EngineError, FinishReason, KvPiece, KvSink, Sampler, SamplingParams, SeqId,
-    SinkError, VerifyConfig,
+    Engine, EngineError, FinishReason, KvPiece, KvSink, Sampler, SamplingParams, SeqId, SinkError,
+    VerifyConfig,
 };
 use crate::kv::prefix::block_hashes;
 use crate::kv::{KvStats, LeaseId};
@@ -176,7 +176,10 @@ pub struct ComputeHandle {
 
 /// Told, for each verified import from a peer, the peer id and whether its KV passed (set once,
 /// after the mesh starts: the node feeds it to the mesh's reputation records).
-pub type VerdictHook = Arc<std::sync::OnceLock<Box<dyn Fn(&str, bool) + Send + Sync>>>;
+pub type VerdictHook = Arc<std::sync::OnceLock<VerdictFn>>;
+
+/// See [`VerdictHook`]: called with the peer id and whether the import passed.
+pub type VerdictFn = Box<dyn Fn(&str, bool) + Send + Sync>;
 
 /// Why a KV import failed on the home.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -329,7 +332,7 @@ impl ComputeHandle {
     }
 
     /// Sets who hears import verdicts (once; later calls are ignored).
-    pub fn on_import_verdict(&self, hook: Box<dyn Fn(&str, bool) + Send + Sync>) {
+    pub fn on_import_verdict(&self, hook: VerdictFn) {
         let _ = self.verdicts.set(hook);
     }
 

@@ -863,6 +863,7 @@ impl Engine {
     /// cache). Fails, freeing the blocks, when pieces are missing or the lease already expired.
     pub fn finish_import(&mut self, id: LeaseId) -> Result<SeqId, EngineError> {
         let p = self.imports.remove(&id).ok_or(KvError::UnknownLease(id))?;
+        let n = p.tokens.len();
         if let Some(layer) = self.missing_layer(&p) {
             let _ = self.store.cancel(id);
             return Err(EngineError::Incompatible(format!(

@@ -151,11 +151,9 @@ impl Engine {
         cfg: &VerifyConfig,
     ) -> Result<VerifyReport, EngineError> {
         let p = self.imports.get(&id).ok_or(KvError::UnknownLease(id))?;
-        if p.next_layer != self.layout.layers.len() {
+        if let Some(layer) = self.missing_layer(p) {
             return Err(EngineError::Incompatible(format!(
-                "verification after {} of {} layers",
-                p.next_layer,
-                self.layout.layers.len()
+                "verification with KV of layer {layer} missing"
             )));
         }
         let (tokens, blocks, state) = (
@@ -181,7 +179,25 @@ impl Engine {
         let bs = self.config.block_size;
         // Every received value must be finite; keep the blocks of the checked positions (as
         // received) to compare with and to restore.
-        let positions = draw_positions(n, cfg.positions, cfg.seed);
+        // Sliding-window layers send only the rows a decode reads (`transfer_rows`): a position
+        // can be recomputed only where every such layer's window lies inside what was sent.
+        let lo = (0..self.layout.layers.len())
+            .filter_map(|l| match self.layout.layers[l] {
+                LayerKvShape::Paged {
+                    window: Some(w), ..
+                } => {
+                    let from = self.layout.transfer_rows(l, n).start;
+                    (from > 0).then(|| from + w.saturating_sub(1))
+                }
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+            .min(n - 1);
+        let positions: Vec<usize> = draw_positions(n - lo, cfg.positions, cfg.seed)
+            .into_iter()
+            .map(|q| q + lo)
+            .collect();
         let mut check_blocks: Vec<u32> = positions.iter().map(|q| blocks[q / bs]).collect();
         check_blocks.dedup();
         let mut received: Vec<Option<(Vec<f32>, Vec<f32>)>> = Vec::new();
@@ -193,9 +209,11 @@ impl Engine {
             let row = paged_row(&self.layout.layers[l]);
             let k = self.backend.gather_blocks(&pool.k, &blocks)?;
             let v = self.backend.gather_blocks(&pool.v, &blocks)?;
-            if k[..n * row]
+            let sent = self.layout.transfer_rows(l, n);
+            let sent = sent.start * row..sent.end * row;
+            if k[sent.clone()]
                 .iter()
-                .chain(&v[..n * row])
+                .chain(&v[sent])
                 .any(|x| !x.is_finite())
             {
                 report.failure = Some(format!("layer {l}: non-finite K/V"));
