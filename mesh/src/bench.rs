@@ -473,7 +473,8 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
                             bid_id,
                             price: 1.0 + (i % 7) as f64,
                             queue_delay_ms: 0,
-                            est_prefill_ms: 100,
+                            // 2048 tokens at the advertised 250 tokens/s: homes check it.
+                            est_prefill_ms: 8_200,
                             cached_tokens: 0,
                             valid_for_ms: 2_000,
                         };
@@ -641,6 +642,8 @@ pub fn serve_kv(listen: &str, addr_file: &std::path::Path) -> Result<u64, BenchE
     rt.block_on(async {
         let mut cfg = kv_config(false);
         cfg.listen = vec![listen.to_string()];
+        // A veth address inside the bench's own network namespace: nobody else can reach it.
+        cfg.open = true;
         let (h, mut ev) = Mesh::spawn(cfg)?;
         let addr = first_addr(&h)
             .await?

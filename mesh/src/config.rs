@@ -14,6 +14,8 @@ pub struct MeshConfig {
     #[serde(with = "keypair_hex")]
     pub keypair: Option<Keypair>,
     /// Multiaddrs to listen on, e.g. `/ip4/0.0.0.0/tcp/4001`, `/ip4/0.0.0.0/udp/4001/quic-v1`.
+    /// Anything but a loopback address needs `psk`, `allowlist` or `open = true` (see
+    /// [`MeshConfig::check_exposure`]).
     pub listen: Vec<String>,
     /// Multiaddrs (ideally with `/p2p/<id>`) dialled at start.
     pub bootstrap: Vec<String>,
@@ -21,6 +23,10 @@ pub struct MeshConfig {
     pub psk: Option<String>,
     /// If set, only these peer ids (base58) may connect, gossip, bid or stream KV.
     pub allowlist: Option<Vec<String>>,
+    /// Run an open mesh: listen on non-loopback addresses with neither a PSK nor an allowlist,
+    /// so anyone who can reach the port may join, bid, win auctions (and so read the prompts
+    /// they prefill) and stream KV. Off by default: such a node refuses to start.
+    pub open: bool,
     /// Also use QUIC (ignored with a PSK).
     pub quic: bool,
     /// Discover peers on the local network with mDNS.
@@ -57,6 +63,12 @@ pub struct MeshConfig {
     /// Table sync (`/prfaas/table/1`): fetch a peer's signed adverts on connecting to it.
     #[serde(default)]
     pub table_sync: TableSyncConfig,
+    /// Redialling bootstrap addresses and lost peers (backoff with jitter).
+    #[serde(default)]
+    pub redial: crate::discovery::RedialConfig,
+    /// Per-peer record of failed, late and lying transfers; bans repeated liars.
+    #[serde(default)]
+    pub reputation: crate::reputation::ReputationConfig,
 }
 
 /// Table sync: on each new outbound connection (rate-limited) a node asks the peer for its table
@@ -182,8 +194,13 @@ pub struct Limits {
     pub max_auction_bytes: usize,
     /// Inbound calls awaiting the application's answer; more are declined as overloaded.
     pub max_pending_calls: usize,
+    /// Inbound calls from one peer awaiting an answer; more from it are declined as overloaded
+    /// (so one peer cannot hold every pending-call place).
+    pub max_pending_calls_per_peer: usize,
     /// Outstanding bids remembered for award checks.
     pub max_outstanding_bids: usize,
+    /// Outstanding bids for one home; calls from a home holding this many are declined.
+    pub max_outstanding_bids_per_peer: usize,
     /// Auction request timeout (no answer ⇒ error).
     #[serde(with = "humantime_serde")]
     pub auction_timeout: Duration,
@@ -211,16 +228,22 @@ pub struct Limits {
     /// Connection set-up (pnet + noise + yamux) must finish within this.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Largest clock difference assumed between nodes. Advert sequence numbers are the signer's
+    /// wall-clock ms: an advert older than `advert_expiry` plus this is refused as a replay,
+    /// one from further in the future is refused outright.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
 }
 
 impl Default for MeshConfig {
     fn default() -> Self {
         Self {
             keypair: None,
-            listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             bootstrap: vec![],
             psk: None,
             allowlist: None,
+            open: false,
             quic: false,
             mdns: false,
             region: String::new(),
@@ -234,6 +257,8 @@ impl Default for MeshConfig {
             bandwidth: BandwidthConfig::default(),
             limits: Limits::default(),
             table_sync: TableSyncConfig::default(),
+            redial: crate::discovery::RedialConfig::default(),
+            reputation: crate::reputation::ReputationConfig::default(),
         }
     }
 }
@@ -259,7 +284,9 @@ impl Default for Limits {
             max_advert_bytes: 64 * 1024,
             max_auction_bytes: 1024 * 1024,
             max_pending_calls: 64,
+            max_pending_calls_per_peer: 16,
             max_outstanding_bids: 256,
+            max_outstanding_bids_per_peer: 64,
             auction_timeout: Duration::from_secs(5),
             command_queue: 256,
             event_queue: 1024,
@@ -271,6 +298,7 @@ impl Default for Limits {
             kv_idle_timeout: Duration::from_secs(30),
             kv_min_rate_bytes_per_s: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),
+            max_clock_skew: Duration::from_secs(10),
         }
     }
 }
@@ -290,6 +318,19 @@ impl MeshConfig {
             advert_expiry: Duration::from_millis(1500),
             gossip_heartbeat: Duration::from_millis(100),
             ..Self::default()
+        }
+    }
+
+    /// Secure by default: refuses listen addresses other machines can reach (anything but
+    /// loopback, an in-process memory transport, or nothing) unless the mesh is private (`psk`)
+    /// or closed (`allowlist`), or the operator chose `open = true`.
+    pub fn check_exposure(&self) -> Result<(), crate::MeshError> {
+        if self.open || self.psk.is_some() || self.allowlist.is_some() {
+            return Ok(());
+        }
+        match self.listen.iter().find(|a| !is_local_only(a)) {
+            None => Ok(()),
+            Some(addr) => Err(crate::MeshError::Exposed { addr: addr.clone() }),
         }
     }
 
@@ -325,6 +366,21 @@ mod keypair_hex {
         Keypair::from_protobuf_encoding(&bytes)
             .map(Some)
             .map_err(|e| D::Error::custom(format!("keypair: {e}")))
+    }
+}
+
+/// Whether a listen multiaddr is reachable from this machine only: a loopback IP or the
+/// in-process memory transport. Unparsable addresses count as exposed (they fail later anyway).
+fn is_local_only(addr: &str) -> bool {
+    use libp2p::multiaddr::Protocol;
+    let Ok(ma) = addr.parse::<libp2p::Multiaddr>() else {
+        return false;
+    };
+    match ma.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        Some(Protocol::Memory(_)) => true,
+        _ => false,
     }
 }
 
@@ -390,6 +446,42 @@ mod tests {
             MeshConfig::from_toml("").expect("empty").advert_refresh,
             None
         );
+    }
+
+    #[test]
+    fn exposed_listen_needs_a_psk_an_allowlist_or_open() {
+        let mut c = MeshConfig::default();
+        assert!(c.check_exposure().is_ok(), "default listens on loopback");
+        for local in ["/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0", "/memory/7"] {
+            c.listen = vec![local.into()];
+            assert!(c.check_exposure().is_ok(), "{local}");
+        }
+        for exposed in [
+            "/ip4/0.0.0.0/tcp/4001",
+            "/ip4/10.0.0.2/udp/4001/quic-v1",
+            "/ip6/::/tcp/0",
+            "/dns4/example.org/tcp/1",
+            "garbage",
+        ] {
+            c.listen = vec!["/ip4/127.0.0.1/tcp/0".into(), exposed.into()];
+            let err = c.check_exposure().expect_err(exposed).to_string();
+            assert!(
+                err.contains(exposed) && err.contains("open = true"),
+                "{err}"
+            );
+            assert!(err.contains("psk") && err.contains("allowlist"), "{err}");
+        }
+        let ok = |f: &dyn Fn(&mut MeshConfig)| {
+            let mut c = c.clone();
+            f(&mut c);
+            c.check_exposure().is_ok()
+        };
+        assert!(ok(&|c| c.psk = Some("ab".repeat(32))));
+        assert!(ok(&|c| c.allowlist = Some(vec![])));
+        assert!(ok(&|c| c.open = true));
+        let parsed = MeshConfig::from_toml("open = true\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\n")
+            .expect("parse");
+        assert!(parsed.open && parsed.check_exposure().is_ok());
     }
 
     #[test]

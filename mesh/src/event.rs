@@ -56,12 +56,15 @@ pub enum MeshEvent {
         /// Reply token.
         token: CallToken,
     },
-    /// One of our bids won (the award was checked against our bid book and accepted).
+    /// One of our bids won (the award was checked against our bid book and our capacity, and
+    /// accepted).
     Awarded {
         /// Home node.
         peer: PeerId,
         /// The award.
         award: Award,
+        /// Our place in the [`crate::auction::ServeGate`]: hold it while serving the award.
+        slot: crate::auction::ServeSlot,
     },
     /// A home node cancelled a call we had bid on.
     AuctionCancelled {

@@ -55,6 +55,9 @@ pub struct AuctionRound {
     pub declines: Vec<(PeerId, DeclineReason)>,
     /// Candidates that did not answer in time or failed.
     pub silent: Vec<PeerId>,
+    /// Bids refused by [`crate::policy::check_bid`] (bad price, claims that contradict the
+    /// bidder's advert); they are not in `bids`.
+    pub refused: Vec<(PeerId, crate::policy::BidFault)>,
 }
 
 /// Per-peer emulated link rates in bytes/s (see [`MeshHandle::set_emulated_bandwidth`]).
@@ -82,6 +85,8 @@ pub(crate) struct Shared {
     pub streams_per_transfer: u16,
     pub max_streams: u16,
     pub sender_limits: SenderLimits,
+    pub serve_gate: crate::auction::ServeGate,
+    pub reputation: Arc<Mutex<crate::reputation::Reputation>>,
 }
 
 /// Cloneable handle to a running mesh node.
@@ -102,6 +107,46 @@ impl MeshHandle {
     /// This node's peer id.
     pub fn local_peer_id(&self) -> PeerId {
         self.shared.local_peer_id
+    }
+
+    /// Records how a transfer from auction winner `peer` went (the home reports it); repeated
+    /// lies ban the peer for `reputation.ban_for`: it is left out of every auction meanwhile.
+    pub fn record_transfer(&self, peer: PeerId, outcome: crate::reputation::TransferOutcome) {
+        let Ok(mut r) = self.shared.reputation.lock() else {
+            return;
+        };
+        if r.record(peer, outcome, Instant::now()) {
+            tracing::warn!(%peer, "peer banned after repeated failed KV verifications");
+            self.shared
+                .stats
+                .peers_banned
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Per-peer transfer records (for `/mesh`).
+    pub fn reputation(&self) -> Vec<(PeerId, crate::reputation::PeerRecord)> {
+        self.shared
+            .reputation
+            .lock()
+            .map(|r| r.records(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// Score factor (≥ 1) for bids of `peer` from its transfer record.
+    pub fn reputation_penalty(&self, peer: &PeerId) -> f64 {
+        self.shared
+            .reputation
+            .lock()
+            .map(|r| r.penalty(peer))
+            .unwrap_or(1.0)
+    }
+
+    /// How many won awards this node serves at once; set its maximum, check it when bidding.
+    /// The mesh checks it again when an award arrives and hands the place to the application
+    /// with [`crate::MeshEvent::Awarded`].
+    pub fn serve_gate(&self) -> &crate::auction::ServeGate {
+        &self.shared.serve_gate
     }
 
     async fn ask<T>(
@@ -176,6 +221,16 @@ impl MeshHandle {
     pub async fn call_auction(&self, candidates: &[PeerId], call: Call) -> AuctionRound {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(u64::from(call.deadline_ms));
+        // The bidders' adverts, to check their claims against (a bidder unknown to the table
+        // cannot be checked and is refused).
+        let adverts: HashMap<PeerId, Advert> =
+            tokio::time::timeout_at(deadline, self.prefill_candidates(call.model.clone()))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
         let mut pending: FuturesUnordered<_> = candidates
             .iter()
             .map(|&p| {
@@ -189,7 +244,17 @@ impl MeshHandle {
             answered.push(p);
             match r {
                 Ok(AuctionResponse::Bid(b)) if b.request_id == call.request_id => {
-                    round.bids.push((p, b))
+                    match crate::policy::check_bid(&call, &b, adverts.get(&p)) {
+                        Ok(()) => round.bids.push((p, b)),
+                        Err(fault) => {
+                            tracing::info!(peer = %p, %fault, "bid refused");
+                            self.shared
+                                .stats
+                                .bids_refused
+                                .fetch_add(1, Ordering::Relaxed);
+                            round.refused.push((p, fault));
+                        }
+                    }
                 }
                 Ok(AuctionResponse::Decline { reason, .. }) => round.declines.push((p, reason)),
                 _ => round.silent.push(p),

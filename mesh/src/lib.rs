@@ -9,11 +9,13 @@ pub mod bandwidth;
 mod behaviour;
 pub mod bench;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod event;
 pub mod handle;
 pub mod kv;
 mod node;
+pub mod reputation;
 pub mod stats;
 pub mod wire;
 

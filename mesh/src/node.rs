@@ -28,17 +28,19 @@ use crate::advert::sync::{
 };
 use crate::advert::{self, Advert, AdvertBody, BandwidthReport, PeerTable, ADVERT_TOPIC};
 use crate::auction::{
-    AuctionCodec, AuctionRequest, AuctionResponse, AwardCheck, BidBook, DeclineReason,
-    AUCTION_PROTOCOL,
+    AuctionCodec, AuctionRequest, AuctionResponse, AwardCheck, AwardRefusal, BidBook,
+    DeclineReason, ServeGate, AUCTION_PROTOCOL,
 };
 use crate::bandwidth::BandwidthEstimator;
 use crate::behaviour::{MeshBehaviour, MeshBehaviourEvent};
 use crate::config::MeshConfig;
+use crate::discovery::{DialKey, Redialer};
 use crate::event::{CallToken, MeshEvent};
 use crate::handle::{emulated_rate, CallAnswer, Command, EmulatedRates, MeshHandle, Shared};
 use crate::kv::receiver::{Acceptor, ReceiverLimits};
 use crate::kv::sender::SenderLimits;
 use crate::kv::{KvHeader, KvTrailer, KV_PROTOCOL};
+use crate::reputation::Reputation;
 use crate::stats::MeshStats;
 use crate::MeshError;
 
@@ -62,6 +64,19 @@ enum Origin {
     Sync { age: Duration },
 }
 
+/// How old an advert with sequence number `seq` (the signer's wall clock, ms) is at `now_ms`,
+/// giving the signer's clock `skew` either way; `None` when it claims to come from further in
+/// the future than the skew allows (such a sequence number would outlive every honest one).
+fn advert_age_from_seq(seq: u64, now_ms: u64, skew: Duration) -> Option<Duration> {
+    let skew_ms = u64::try_from(skew.as_millis()).unwrap_or(u64::MAX);
+    if seq > now_ms.saturating_add(skew_ms) {
+        return None;
+    }
+    Some(Duration::from_millis(
+        now_ms.saturating_sub(seq).saturating_sub(skew_ms),
+    ))
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it). Advert sequence numbers
 /// start here, so a restarted node's adverts still beat those it sent before the restart.
 fn unix_ms() -> u64 {
@@ -73,12 +88,16 @@ fn unix_ms() -> u64 {
 
 struct Task {
     swarm: Swarm<MeshBehaviour>,
+    /// Redials bootstrap addresses and lost peers (backoff + jitter).
+    redial: Redialer,
     /// Signs our adverts (`/prfaas/advert/2` carries the signature in the payload).
     key: Keypair,
     /// Our latest signed advert, served first in table sync.
     own_signed: Option<Arc<[u8]>>,
     /// Rate limit on the table syncs we start.
     sync_bucket: TokenBucket,
+    /// Per-signer rate limit on new adverts (bounded by `max_known_peers`).
+    signer_buckets: HashMap<PeerId, TokenBucket>,
     /// Peers we asked for their table and have not answered yet.
     syncing: HashSet<PeerId>,
     /// When we last served each peer's table request (bounded by `max_known_peers`).
@@ -125,6 +144,10 @@ struct Task {
     last_probe: HashMap<PeerId, Instant>,
     emulated_rate: EmulatedRates,
     next_transfer: Arc<AtomicU64>,
+    /// Awards being served (shared with the application, which sets the maximum).
+    serve_gate: ServeGate,
+    /// Transfer records; banned peers are no auction candidates.
+    reputation: Arc<Mutex<Reputation>>,
 }
 
 fn parse_psk(hex: &str) -> Result<PreSharedKey, MeshError> {
@@ -175,6 +198,7 @@ impl Mesh {
     /// Starts a node. Must be called inside a tokio runtime. Returns the handle and the bounded
     /// event stream; the node runs until [`MeshHandle::shutdown`] or every handle is dropped.
     pub fn spawn(cfg: MeshConfig) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>), MeshError> {
+        cfg.check_exposure()?;
         let key = cfg
             .keypair
             .clone()
@@ -299,14 +323,14 @@ impl Mesh {
                 .listen_on(addr)
                 .map_err(|e| MeshError::Start(format!("listen {a}: {e}")))?;
         }
-        for b in &cfg.bootstrap {
-            let addr: Multiaddr = b
-                .parse()
-                .map_err(|e| MeshError::Config(format!("bootstrap {b}: {e}")))?;
-            if let Err(e) = swarm.dial(addr) {
-                tracing::warn!(bootstrap = %b, error = %e, "bootstrap dial failed");
-            }
-        }
+        let bootstrap = cfg
+            .bootstrap
+            .iter()
+            .map(|b| {
+                b.parse::<Multiaddr>()
+                    .map_err(|e| MeshError::Config(format!("bootstrap {b}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.limits.command_queue.max(1));
         let (ev_tx, ev_rx) = mpsc::channel(cfg.limits.event_queue.max(1));
@@ -343,11 +367,24 @@ impl Mesh {
             probe_max_bytes: cfg.bandwidth.probe_bytes.max(1),
         };
         let kv_events = ev_tx.clone();
+        let serve_gate = ServeGate::default();
+        let reputation = Arc::new(Mutex::new(Reputation::new(
+            cfg.reputation.clone(),
+            cfg.limits.max_known_peers,
+        )));
         tokio::spawn(acceptor.run(incoming, cancel.clone(), move |inc| {
             kv_events.try_send(MeshEvent::KvIncoming(inc)).is_ok()
         }));
 
+        let redial = Redialer::new(
+            cfg.redial.clone(),
+            bootstrap,
+            cfg.limits.max_known_peers,
+            Instant::now(),
+            seed,
+        );
         let task = Task {
+            redial,
             swarm,
             key: key.clone(),
             own_signed: None,
@@ -357,6 +394,7 @@ impl Mesh {
                 Instant::now(),
             ),
             syncing: HashSet::new(),
+            signer_buckets: HashMap::new(),
             served: HashMap::new(),
             synced_from: HashSet::new(),
             followup_sync_at: None,
@@ -364,7 +402,10 @@ impl Mesh {
             topic,
             events: ev_tx,
             table: PeerTable::new(cfg.limits.max_known_peers),
-            book: BidBook::new(cfg.limits.max_outstanding_bids),
+            book: BidBook::new(
+                cfg.limits.max_outstanding_bids,
+                cfg.limits.max_outstanding_bids_per_peer,
+            ),
             body: AdvertBody {
                 region: cfg.region.clone(),
                 ..AdvertBody::default()
@@ -388,6 +429,8 @@ impl Mesh {
             last_probe: HashMap::new(),
             emulated_rate: emulated_rate.clone(),
             next_transfer: next_transfer.clone(),
+            serve_gate: serve_gate.clone(),
+            reputation: reputation.clone(),
             cfg: cfg.clone(),
         };
         let join = tokio::spawn(task.run(cmd_rx, cancel.clone()));
@@ -405,6 +448,8 @@ impl Mesh {
             streams_per_transfer: cfg.streams_per_transfer.max(1),
             max_streams,
             sender_limits,
+            serve_gate,
+            reputation,
         };
         Ok((
             MeshHandle {
@@ -424,6 +469,12 @@ impl Task {
             (self.cfg.advert_expiry / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut maintenance = tokio::time::interval(maint_period);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Redials are checked more often than maintenance runs, so a healed link is used soon.
+        let mut redial_tick = tokio::time::interval(
+            (self.cfg.redial.initial / 2)
+                .clamp(Duration::from_millis(20), Duration::from_millis(250)),
+        );
+        redial_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -435,6 +486,7 @@ impl Task {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = advert_tick.tick() => self.on_advert_tick(),
                 _ = maintenance.tick() => self.maintain(),
+                _ = redial_tick.tick() => self.redial(),
             }
         }
         cancel.cancel(); // stop the KV acceptor too when every handle was dropped
@@ -473,10 +525,13 @@ impl Task {
                 self.publish_advert();
             }
             Command::Candidates(model, reply) => {
+                let now = Instant::now();
+                let rep = self.reputation.lock().ok();
                 let v = self
                     .table
                     .prefill_candidates(&model)
                     .into_iter()
+                    .filter(|(p, _)| rep.as_ref().is_none_or(|r| !r.is_banned(p, now)))
                     .map(|(p, a)| (p, a.clone()))
                     .collect();
                 let _ = reply.send(v);
@@ -651,10 +706,37 @@ impl Task {
         }
     }
 
+    /// Starts the redials that are due (bootstrap addresses, lost peers).
+    fn redial(&mut self) {
+        let now = Instant::now();
+        let swarm = &self.swarm;
+        let due = self.redial.due(now, |p| swarm.is_connected(p));
+        for d in due {
+            let opts = match d.peer {
+                Some(p) => DialOpts::peer_id(p)
+                    .addresses(d.addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build(),
+                None => DialOpts::unknown_peer_id()
+                    .address(d.addrs[0].clone())
+                    .build(),
+            };
+            let id = opts.connection_id();
+            match self.swarm.dial(opts) {
+                Ok(()) => self.redial.dialing(d.key, id),
+                Err(e) => {
+                    tracing::debug!(key = ?d.key, error = %e, "redial not started");
+                    self.redial.failed_to_start(d.key, now);
+                }
+            }
+        }
+    }
+
     fn maintain(&mut self) {
         let now = Instant::now();
         self.maybe_followup_sync(now);
         for peer in self.table.expire(now, self.cfg.advert_expiry) {
+            self.redial.forget(&peer);
             if let Ok(mut e) = self.estimator.lock() {
                 e.forget(&peer);
             }
@@ -748,6 +830,7 @@ impl Task {
                 if num_established.get() == 1 && endpoint.is_dialer() {
                     self.maybe_sync(peer_id);
                 }
+                self.redial.on_connected(peer_id, connection_id);
                 self.discovery_dials.remove(&peer_id);
                 if let Some(d) = self.dials.remove(&connection_id) {
                     let _ = d.send(Ok(peer_id));
@@ -760,7 +843,12 @@ impl Task {
                 peer_id,
                 num_established: 0,
                 ..
-            } => self.emit(MeshEvent::PeerDisconnected { peer: peer_id }),
+            } => {
+                // Peers we still hold an advert of are redialled (a partition, a restart).
+                let addrs = self.advertised_addrs(&peer_id);
+                self.redial.on_disconnected(peer_id, addrs, Instant::now());
+                self.emit(MeshEvent::PeerDisconnected { peer: peer_id });
+            }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 peer_id,
@@ -773,6 +861,27 @@ impl Task {
                 }
                 if let Some(p) = peer_id {
                     self.discovery_dials.remove(&p);
+                }
+                self.stats.dials_failed.fetch_add(1, Ordering::Relaxed);
+                if let Some((key, failures)) =
+                    self.redial.on_dial_failed(connection_id, Instant::now())
+                {
+                    // Logged at warn for bootstrap peers (a node alone in its mesh is the
+                    // symptom an operator must be able to find), quieter for other peers.
+                    match key {
+                        DialKey::Bootstrap(i) => tracing::warn!(
+                            bootstrap = %self.cfg.bootstrap.get(i).map_or("", String::as_str),
+                            failures,
+                            %error,
+                            "bootstrap dial failed; retrying with backoff"
+                        ),
+                        DialKey::Lost(p) => tracing::info!(
+                            peer = %p,
+                            failures,
+                            %error,
+                            "redial of a lost peer failed; retrying with backoff"
+                        ),
+                    }
                 }
                 if let Some(d) = self.dials.remove(&connection_id) {
                     let _ = d.send(Err(MeshError::Dial(error.to_string())));
@@ -897,13 +1006,31 @@ impl Task {
         if peer == *self.swarm.local_peer_id() {
             return MessageAcceptance::Ignore;
         }
-        let age = match origin {
-            Origin::Gossip => Duration::ZERO,
-            Origin::Sync { age } if age >= self.cfg.advert_expiry => {
-                return MessageAcceptance::Ignore; // would expire at once
+        // Sequence numbers are the signer's wall-clock ms: an advert is never younger than its
+        // sequence says (minus clock skew), whatever a table-sync server claims, and one older
+        // than the expiry (plus skew) is a replay of something that should have expired.
+        let seq_age = advert_age_from_seq(
+            unverified.advert.seq,
+            unix_ms(),
+            self.cfg.limits.max_clock_skew,
+        );
+        let age = match (origin, seq_age) {
+            (_, None) => {
+                self.stats.adverts_stale.fetch_add(1, Ordering::Relaxed);
+                return refuse(&self.stats, None);
             }
-            Origin::Sync { age } => age,
+            (Origin::Gossip, Some(a)) => a,
+            (Origin::Sync { age }, Some(a)) => age.max(a),
         };
+        if age >= self.cfg.advert_expiry {
+            self.stats.adverts_stale.fetch_add(1, Ordering::Relaxed);
+            return match origin {
+                // Gossip relays adverts as they are published: an expired one is a replay.
+                Origin::Gossip => refuse(&self.stats, Some(&self.stats.adverts_replayed)),
+                // A sync server's copy may just have aged out: not an offence.
+                Origin::Sync { .. } => MessageAcceptance::Ignore,
+            };
+        }
         if let Some(known) = self.table.get(&peer).map(|e| e.advert.seq) {
             let seq = unverified.advert.seq;
             let same_bytes = seq == known && self.table.signed(&peer).is_some_and(|s| **s == *data);
@@ -930,6 +1057,15 @@ impl Task {
                 }
                 return refuse(&self.stats, Some(&self.stats.adverts_replayed));
             }
+        }
+        // Each signer gets a bounded rate of new adverts (honest nodes publish about one per
+        // `advert_interval`; a few changes may come faster): a flood from one key costs one
+        // map lookup each, not a signature check and a table write.
+        if !self.signer_budget(peer) {
+            self.stats
+                .adverts_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            return MessageAcceptance::Ignore;
         }
         let advert = match unverified.verify() {
             Ok(a) => a,
@@ -971,6 +1107,27 @@ impl Task {
             self.emit(MeshEvent::PeerDiscovered { peer });
         }
         MessageAcceptance::Accept
+    }
+
+    /// Takes one advert from `signer`'s budget (burst `ADVERT_BURST`, refilled at two per
+    /// `advert_interval`); `false` when it is spent. The map is bounded like the peer table.
+    fn signer_budget(&mut self, signer: PeerId) -> bool {
+        const ADVERT_BURST: u32 = 5;
+        let now = Instant::now();
+        let period = self.cfg.advert_interval / 2;
+        if self.signer_buckets.len() >= self.cfg.limits.max_known_peers
+            && !self.signer_buckets.contains_key(&signer)
+        {
+            let table = &self.table;
+            self.signer_buckets.retain(|p, _| table.get(p).is_some());
+            if self.signer_buckets.len() >= self.cfg.limits.max_known_peers {
+                return false;
+            }
+        }
+        self.signer_buckets
+            .entry(signer)
+            .or_insert_with(|| TokenBucket::new(ADVERT_BURST, period, now))
+            .try_take(now)
     }
 
     /// Whether a node we just heard of for the first time may not know us yet, so our next
@@ -1114,8 +1271,14 @@ impl Task {
         let now = Instant::now();
         let resp = match req {
             AuctionRequest::Call(call) => {
+                let from_peer = self
+                    .pending_calls
+                    .values()
+                    .filter(|c| c.peer == peer)
+                    .count();
                 if self.pending_calls.len() >= self.cfg.limits.max_pending_calls
-                    || !self.book.has_room()
+                    || from_peer >= self.cfg.limits.max_pending_calls_per_peer
+                    || !self.book.has_room(&peer)
                 {
                     AuctionResponse::Decline {
                         request_id: call.request_id,
@@ -1151,17 +1314,32 @@ impl Task {
                     }
                 }
             }
-            AuctionRequest::Award(award) => match self.book.award(peer, &award, now) {
-                AwardCheck::Accepted => {
-                    let request_id = award.request_id;
-                    self.emit(MeshEvent::Awarded { peer, award });
-                    AuctionResponse::AwardAccepted { request_id }
+            AuctionRequest::Award(award) => {
+                let request_id = award.request_id;
+                let refused = |reason| AuctionResponse::AwardRefused { request_id, reason };
+                match self.book.award(peer, &award, now) {
+                    AwardCheck::Accepted => match self.serve_gate.try_acquire() {
+                        Some(slot) => {
+                            let ev = MeshEvent::Awarded { peer, award, slot };
+                            if self.events.try_send(ev).is_ok() {
+                                AuctionResponse::AwardAccepted { request_id }
+                            } else {
+                                // Nobody would serve it: refuse now rather than let the home
+                                // wait for a stream that never opens.
+                                self.stats.dropped_events.fetch_add(1, Ordering::Relaxed);
+                                refused(AwardRefusal::Overloaded)
+                            }
+                        }
+                        None => {
+                            self.stats
+                                .awards_refused_busy
+                                .fetch_add(1, Ordering::Relaxed);
+                            refused(AwardRefusal::Overloaded)
+                        }
+                    },
+                    AwardCheck::Refused(reason) => refused(reason),
                 }
-                AwardCheck::Refused(reason) => AuctionResponse::AwardRefused {
-                    request_id: award.request_id,
-                    reason,
-                },
-            },
+            }
             AuctionRequest::Cancel { request_id } => {
                 if self.book.cancel(peer, request_id) {
                     self.emit(MeshEvent::AuctionCancelled { peer, request_id });
@@ -1206,4 +1384,36 @@ async fn probe(
     s.send_opaque(&[0xA5]).await?;
     s.finish(KvTrailer::default()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advert_age_comes_from_the_signed_sequence_number() {
+        let skew = Duration::from_secs(2);
+        let now = 1_000_000;
+        assert_eq!(advert_age_from_seq(now, now, skew), Some(Duration::ZERO));
+        assert_eq!(
+            advert_age_from_seq(now - 1_500, now, skew),
+            Some(Duration::ZERO),
+            "within the skew"
+        );
+        assert_eq!(
+            advert_age_from_seq(now - 10_000, now, skew),
+            Some(Duration::from_secs(8))
+        );
+        assert_eq!(
+            advert_age_from_seq(now + 2_000, now, skew),
+            Some(Duration::ZERO),
+            "a clock ahead by the skew"
+        );
+        assert_eq!(advert_age_from_seq(now + 2_001, now, skew), None);
+        assert_eq!(advert_age_from_seq(u64::MAX, now, skew), None);
+        assert_eq!(
+            advert_age_from_seq(0, now, Duration::MAX),
+            Some(Duration::ZERO)
+        );
+    }
 }

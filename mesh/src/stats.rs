@@ -26,6 +26,19 @@ pub struct MeshStats {
     pub adverts_from_sync: AtomicU64,
     /// Our own adverts published (every one costs the mesh ~N·`mesh_n` receptions).
     pub adverts_published: AtomicU64,
+    /// Bids refused by the home's checks (bad price, claims contradicting the advert).
+    pub bids_refused: AtomicU64,
+    /// Awards we refused because we were serving as many as we can.
+    pub awards_refused_busy: AtomicU64,
+    /// Outgoing dials that failed (bootstrap, redials, discovery, requests).
+    pub dials_failed: AtomicU64,
+    /// Adverts refused or ignored as too old (or from the future) by their signed sequence
+    /// number: expired adverts replayed, or aged out in a sync server's table.
+    pub adverts_stale: AtomicU64,
+    /// New adverts ignored because their signer exceeded its rate.
+    pub adverts_rate_limited: AtomicU64,
+    /// Bans started (peers whose KV failed verification repeatedly).
+    pub peers_banned: AtomicU64,
 }
 
 /// A point-in-time copy of [`MeshStats`].
@@ -51,6 +64,18 @@ pub struct MeshStatsSnapshot {
     pub adverts_from_sync: u64,
     /// See [`MeshStats::adverts_published`].
     pub adverts_published: u64,
+    /// See [`MeshStats::bids_refused`].
+    pub bids_refused: u64,
+    /// See [`MeshStats::awards_refused_busy`].
+    pub awards_refused_busy: u64,
+    /// See [`MeshStats::dials_failed`].
+    pub dials_failed: u64,
+    /// See [`MeshStats::adverts_stale`].
+    pub adverts_stale: u64,
+    /// See [`MeshStats::adverts_rate_limited`].
+    pub adverts_rate_limited: u64,
+    /// See [`MeshStats::peers_banned`].
+    pub peers_banned: u64,
 }
 
 impl MeshStats {
@@ -68,6 +93,12 @@ impl MeshStats {
             adverts_replayed: r(&self.adverts_replayed),
             adverts_from_sync: r(&self.adverts_from_sync),
             adverts_published: r(&self.adverts_published),
+            bids_refused: r(&self.bids_refused),
+            awards_refused_busy: r(&self.awards_refused_busy),
+            dials_failed: r(&self.dials_failed),
+            adverts_stale: r(&self.adverts_stale),
+            adverts_rate_limited: r(&self.adverts_rate_limited),
+            peers_banned: r(&self.peers_banned),
         }
     }
 }

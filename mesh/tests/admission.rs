@@ -127,3 +127,18 @@ async fn allowlist_refuses_outsiders() {
     let connected = guarded.handle.connected_peers().await.expect("peers");
     assert!(!connected.contains(&outsider.id()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposed_listen_without_psk_or_allowlist_refuses_to_start() {
+    let mut c = MeshConfig::local();
+    c.listen = vec!["/ip4/0.0.0.0/tcp/0".into()];
+    let err = prfaas_mesh::Mesh::spawn(c.clone()).expect_err("open by accident");
+    assert!(
+        matches!(err, prfaas_mesh::MeshError::Exposed { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("mesh.open = true"), "{err}");
+    c.psk = Some("33".repeat(32));
+    let (h, _ev) = prfaas_mesh::Mesh::spawn(c).expect("a private mesh may listen anywhere");
+    h.shutdown().await;
+}

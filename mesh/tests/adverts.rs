@@ -17,12 +17,21 @@ async fn converges(n: usize, budget: Duration) {
         "{n} nodes: {missing} (node, peer) pairs never discovered"
     );
     eprintln!("{n} nodes converged in {:?}", t0.elapsed());
-    // The table answers "who can prefill M", most useful (shortest queue) first.
-    let cands = nodes[0]
-        .handle
-        .prefill_candidates(model())
-        .await
-        .expect("candidates");
+    // The table answers "who can prefill M", most useful (shortest queue) first. A peer is
+    // discovered by its first advert, which may predate its `set_advert` (the one saying it
+    // prefills): poll (bounded) until the later adverts arrived too.
+    let deadline = Instant::now() + budget;
+    let cands = loop {
+        let cands = nodes[0]
+            .handle
+            .prefill_candidates(model())
+            .await
+            .expect("candidates");
+        if cands.len() == n - 1 || Instant::now() > deadline {
+            break cands;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(cands.len(), n - 1);
     let queues: Vec<u32> = cands.iter().map(|(_, a)| a.body.queue_depth).collect();
     assert!(queues.windows(2).all(|w| w[0] <= w[1]), "{queues:?}");

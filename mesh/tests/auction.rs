@@ -29,7 +29,8 @@ fn bid(valid_for_ms: u32) -> Bid {
         bid_id: 42,
         price: 3.5,
         queue_delay_ms: 5,
-        est_prefill_ms: 800,
+        // 2048 tokens at the advertised 250 tokens/s (`prefill_body`): claims are checked.
+        est_prefill_ms: 8_200,
         cached_tokens: 0,
         valid_for_ms,
     }
@@ -55,6 +56,26 @@ async fn pair(bidder_cfg: MeshConfig) -> (Node, Node) {
     })
     .await
     .expect("home connected");
+    // Bids are checked against the bidder's advert: the home must hold it first.
+    bidder
+        .handle
+        .set_advert(prefill_body(0, 1.0))
+        .await
+        .expect("advert");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while home
+        .handle
+        .prefill_candidates(model())
+        .await
+        .expect("candidates")
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "home never got the bidder's advert"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     (home, bidder)
 }
 
@@ -266,7 +287,7 @@ async fn call_reaches_a_bidder_known_only_from_gossip() {
         bootstrap: vec![boot.to_string()],
         ..MeshConfig::local()
     };
-    let mut home = spawn(leaf(&boot)).await;
+    let home = spawn(leaf(&boot)).await;
     let bidder = spawn(leaf(&boot)).await;
     bidder
         .handle
@@ -274,12 +295,22 @@ async fn call_reaches_a_bidder_known_only_from_gossip() {
         .await
         .expect("advert");
     let bidder_id = bidder.id();
-    wait_for(&mut home.events, Duration::from_secs(10), |ev| match ev {
-        MeshEvent::PeerDiscovered { peer } if peer == bidder_id => Some(()),
-        _ => None,
-    })
-    .await
-    .expect("home learned the bidder through the hub");
+    // Its prefill advert (bids are checked against it), not only its first one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !home
+        .handle
+        .prefill_candidates(model())
+        .await
+        .expect("candidates")
+        .iter()
+        .any(|(p, _)| *p == bidder_id)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "home never learned the bidder through the hub"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let connected = home.handle.connected_peers().await.expect("peers");
     assert!(
         !connected.contains(&bidder_id),
@@ -292,4 +323,130 @@ async fn call_reaches_a_bidder_known_only_from_gossip() {
     assert_eq!(round.bids[0].0, bidder_id);
     bidder_handle.shutdown().await;
     hub.handle.shutdown().await;
+}
+
+/// Bids that would win on a lie are refused and counted: a non-finite or negative price, a
+/// prefill claimed far faster than the bidder's advertised speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dishonest_bids_are_refused_and_counted() {
+    for (i, (price, est_prefill_ms)) in [(f64::NEG_INFINITY, 8_200), (-1.0, 8_200), (1.0, 0)]
+        .into_iter()
+        .enumerate()
+    {
+        let (home, bidder) = pair(MeshConfig::local()).await;
+        let bidder_id = bidder.id();
+        let lie = Bid {
+            price,
+            est_prefill_ms,
+            ..bid(10_000)
+        };
+        let _task = auto_bidder(bidder, CallAnswer::Bid(lie));
+        let round = home
+            .handle
+            .call_auction(&[bidder_id], call(20 + i as u64, 2_000))
+            .await;
+        assert!(round.bids.is_empty(), "case {i}: {round:?}");
+        assert_eq!(round.refused.len(), 1, "case {i}: {round:?}");
+        assert_eq!(home.handle.stats().bids_refused, 1, "case {i}");
+    }
+}
+
+/// Capacity is checked again when an award arrives: two bids made while there was room for one
+/// award, the second award is refused as overloaded until the first is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awards_beyond_capacity_are_refused() {
+    let (home, mut bidder) = pair(MeshConfig::local()).await;
+    let bidder_id = bidder.id();
+    bidder.handle.serve_gate().set_max(1);
+    let bidder_handle = bidder.handle.clone();
+    let (slot_tx, mut slot_rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Some(ev) = bidder.events.recv().await {
+            match ev {
+                MeshEvent::AuctionCall { token, .. } => {
+                    let _ = bidder
+                        .handle
+                        .answer_call(token, CallAnswer::Bid(bid(10_000)))
+                        .await;
+                }
+                MeshEvent::Awarded { slot, .. } => {
+                    let _ = slot_tx.send(slot).await;
+                }
+                _ => {}
+            }
+        }
+    });
+    let award = |request_id| {
+        AuctionRequest::Award(Award {
+            request_id,
+            bid_id: 42,
+            price: 4.0,
+            tokens: Vec::new(),
+        })
+    };
+    for r in [31, 32, 33] {
+        let round = home.handle.call_auction(&[bidder_id], call(r, 2_000)).await;
+        assert_eq!(round.bids.len(), 1, "{round:?}");
+    }
+    let first = home
+        .handle
+        .request(bidder_id, award(31))
+        .await
+        .expect("answered");
+    assert!(
+        matches!(first, AuctionResponse::AwardAccepted { .. }),
+        "{first:?}"
+    );
+    let second = home
+        .handle
+        .request(bidder_id, award(32))
+        .await
+        .expect("answered");
+    assert!(
+        matches!(
+            second,
+            AuctionResponse::AwardRefused {
+                reason: AwardRefusal::Overloaded,
+                ..
+            }
+        ),
+        "{second:?}"
+    );
+    assert_eq!(bidder_handle.stats().awards_refused_busy, 1);
+    // Serving the first award ends: its place is free again.
+    drop(slot_rx.recv().await.expect("first award's slot"));
+    let third = home
+        .handle
+        .request(bidder_id, award(33))
+        .await
+        .expect("answered");
+    assert!(
+        matches!(third, AuctionResponse::AwardAccepted { .. }),
+        "{third:?}"
+    );
+}
+
+/// Repeated lies (failed KV verifications reported by the home) ban the winner: it is left out
+/// of the candidates of every auction, and the ban is counted and visible in its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_liars_are_banned_from_auctions() {
+    use prfaas_mesh::reputation::TransferOutcome;
+    let (home, bidder) = pair(MeshConfig::local()).await;
+    let liar = bidder.id();
+    let listed = |c: Vec<(prfaas_mesh::PeerId, _)>| c.iter().any(|(p, _)| *p == liar);
+    home.handle.record_transfer(liar, TransferOutcome::Failed);
+    assert!(home.handle.reputation_penalty(&liar) > 1.0);
+    home.handle.record_transfer(liar, TransferOutcome::Lied);
+    assert!(listed(
+        home.handle.prefill_candidates(model()).await.expect("c")
+    ));
+    home.handle.record_transfer(liar, TransferOutcome::Lied);
+    assert!(!listed(
+        home.handle.prefill_candidates(model()).await.expect("c")
+    ));
+    assert_eq!(home.handle.stats().peers_banned, 1);
+    let rec = home.handle.reputation();
+    assert!(rec
+        .iter()
+        .any(|(p, r)| *p == liar && r.lied == 2 && r.banned_ms > 0));
 }

@@ -137,7 +137,7 @@ async fn forged_altered_and_replayed_adverts_are_rejected_and_counted() {
     // Sent last: once the node discovers this peer, everything before it was processed (one
     // connection, one swarm task, in order).
     let marker = Keypair::generate_ed25519();
-    let marker_ad = signed(&marker, 1, 0);
+    let marker_ad = signed(&marker, now_ms, 0);
 
     let msgs = [
         honest_5,
@@ -174,6 +174,10 @@ async fn forged_altered_and_replayed_adverts_are_rejected_and_counted() {
     assert_eq!(s.adverts_replayed, 2, "{s:?}");
     assert_eq!(s.refused_adverts, 4, "{s:?}");
     assert_eq!(s.adverts_accepted, 2, "{s:?}");
+    assert_eq!(
+        s.adverts_stale, 1,
+        "the replay is older than the expiry: {s:?}"
+    );
     // The table holds the honest advert (seq 5, queue 7), untouched by the forgeries.
     assert_eq!(held(&node, &victim).await, Some((s5, 7)));
     node.handle.shutdown().await;

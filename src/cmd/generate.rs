@@ -48,12 +48,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let loaded = load_model(&args.model)?;
     let backend = make_backend(args.backend)?;
     let info = backend.info();
-    let text = if args.chat {
-        render_chat(&loaded.text, &args.prompt)?
+    let prompt = if args.chat {
+        chat_prompt(&loaded.text, &args.prompt)?
     } else {
-        args.prompt.clone()
+        loaded.text.codec.encode(&args.prompt, false)?
     };
-    let prompt = loaded.text.codec.encode(&text, args.chat)?;
     let capacity = (prompt.len() + args.max_tokens + 64).min(loaded.config.max_context.max(1));
     let model = Model::new(loaded.config.clone(), &loaded.weights, backend)?;
     let mut engine = Engine::new(model, EngineConfig::with_capacity(capacity))?;
@@ -108,10 +107,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The prompt as one user message in the model's chat template.
-fn render_chat(text: &TextSide, prompt: &str) -> anyhow::Result<String> {
+/// The prompt as one user message in the model's chat template, tokenized.
+fn chat_prompt(text: &TextSide, prompt: &str) -> anyhow::Result<Vec<u32>> {
     if text.chat_template.is_none() {
         tracing::warn!("model has no chat template; using the raw prompt");
     }
-    Ok(text.render_chat(&[ChatMessage::new("user", prompt)])?)
+    Ok(text.encode_chat(&[ChatMessage::new("user", prompt)])?)
 }

@@ -14,12 +14,14 @@ struct Outstanding {
     valid_until: Instant,
 }
 
-/// Outstanding bids keyed by (home peer, request id). Bounded: at most `max` entries; when full
-/// the caller should decline new calls (the node is overloaded anyway).
+/// Outstanding bids keyed by (home peer, request id). Bounded: at most `max` entries, and at
+/// most `max_per_home` for one home, so one peer calling for bids without ever awarding cannot
+/// fill the book and starve every other home; when full the caller declines new calls.
 #[derive(Debug)]
 pub struct BidBook {
     bids: HashMap<(PeerId, u64), Outstanding>,
     max: usize,
+    max_per_home: usize,
 }
 
 /// Result of checking an award.
@@ -32,22 +34,24 @@ pub enum AwardCheck {
 }
 
 impl BidBook {
-    /// Empty book holding at most `max` bids.
-    pub fn new(max: usize) -> Self {
+    /// Empty book holding at most `max` bids, at most `max_per_home` of them for one home.
+    pub fn new(max: usize, max_per_home: usize) -> Self {
         Self {
             bids: HashMap::new(),
             max,
+            max_per_home,
         }
     }
 
-    /// Whether another bid can be recorded.
-    pub fn has_room(&self) -> bool {
+    /// Whether another bid for `home` can be recorded.
+    pub fn has_room(&self, home: &PeerId) -> bool {
         self.bids.len() < self.max
+            && self.bids.keys().filter(|(h, _)| h == home).count() < self.max_per_home
     }
 
     /// Records a bid sent to `home` at `now`. Returns `false` (and records nothing) when full.
     pub fn record(&mut self, home: PeerId, bid: &Bid, now: Instant) -> bool {
-        if !self.has_room() {
+        if !self.has_room(&home) {
             return false;
         }
         let valid_until = now + Duration::from_millis(u64::from(bid.valid_for_ms));
@@ -128,7 +132,7 @@ mod tests {
     fn award_within_validity_is_accepted_once() {
         let t0 = Instant::now();
         let home = PeerId::random();
-        let mut b = BidBook::new(4);
+        let mut b = BidBook::new(4, 4);
         assert!(b.record(home, &bid(1, 10, 100), t0));
         assert_eq!(
             b.award(home, &award(1, 10), t0 + Duration::from_millis(99)),
@@ -144,7 +148,7 @@ mod tests {
     fn expired_wrong_id_and_foreign_awards_are_refused() {
         let t0 = Instant::now();
         let home = PeerId::random();
-        let mut b = BidBook::new(4);
+        let mut b = BidBook::new(4, 4);
         b.record(home, &bid(1, 10, 100), t0);
         b.record(home, &bid(2, 20, 100), t0);
         assert_eq!(
@@ -167,10 +171,24 @@ mod tests {
     fn full_book_refuses_and_expire_frees_room() {
         let t0 = Instant::now();
         let home = PeerId::random();
-        let mut b = BidBook::new(1);
+        let mut b = BidBook::new(1, 1);
         assert!(b.record(home, &bid(1, 1, 5), t0));
         assert!(!b.record(home, &bid(2, 2, 5), t0));
         b.expire(t0 + Duration::from_millis(5));
         assert!(b.record(home, &bid(2, 2, 5), t0));
+    }
+
+    #[test]
+    fn one_home_cannot_fill_the_book() {
+        let mut b = BidBook::new(4, 2);
+        let now = Instant::now();
+        let (greedy, other) = (PeerId::random(), PeerId::random());
+        assert!(b.record(greedy, &bid(1, 1, 1000), now));
+        assert!(b.record(greedy, &bid(2, 2, 1000), now));
+        assert!(!b.has_room(&greedy));
+        assert!(!b.record(greedy, &bid(3, 3, 1000), now), "over its share");
+        assert!(b.has_room(&other));
+        assert!(b.record(other, &bid(1, 4, 1000), now));
+        assert_eq!(b.len(), 3);
     }
 }

@@ -3,10 +3,12 @@
 
 pub mod book;
 pub mod codec;
+pub mod gate;
 pub mod protocol;
 
 pub use book::{AwardCheck, BidBook};
 pub use codec::AuctionCodec;
+pub use gate::{ServeGate, ServeSlot};
 pub use protocol::{
     AuctionRequest, AuctionResponse, Award, AwardRefusal, Bid, Call, DeclineReason,
     AUCTION_PROTOCOL,

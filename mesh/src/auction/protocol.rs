@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::advert::ModelRef;
 
-/// Protocol id (versioned: a wire change is a new id).
-pub const AUCTION_PROTOCOL: StreamProtocol = StreamProtocol::new("/prfaas/auction/1");
+/// Protocol id (versioned: a wire change is a new id; 2 added `AwardRefusal::Overloaded`).
+pub const AUCTION_PROTOCOL: StreamProtocol = StreamProtocol::new("/prfaas/auction/2");
 
 /// Call for bids: "who will prefill this, at what price and how soon?"
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,6 +104,8 @@ pub enum AwardRefusal {
     UnknownBid,
     /// The clearing price is below the bidder's ask.
     PriceTooLow,
+    /// The bidder is serving as many awards as it can (awards of bids made concurrently).
+    Overloaded,
 }
 
 /// Home → bidder.

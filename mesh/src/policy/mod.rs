@@ -5,6 +5,7 @@
 //! simulator proves is what the node does. See DESIGN.md §1 for the formulas.
 
 pub mod auction;
+pub mod bids;
 pub mod offload;
 pub mod profile;
 pub mod role;
@@ -12,6 +13,7 @@ pub mod throughput;
 pub mod workload;
 
 pub use auction::{settle, Award, Bid, BidderId, BidderLoad, PricingParams, ScoringParams};
+pub use bids::{check_bid, BidFault};
 pub use offload::{OffloadRule, Placement, RequestShape};
 pub use profile::{DecodeProfile, PrefillProfile, ProfilePoint};
 pub use role::{advise_role, RoleAdvice};

@@ -47,23 +47,21 @@ impl Admission {
     /// Prompt tokens of `req`.
     fn tokenize(&self, req: &GenerateRequest) -> Result<Vec<u32>, SubmitError> {
         let text = &self.core.text;
-        let (prompt, parse_special) = match &req.prompt {
+        let tokens = match &req.prompt {
             PromptInput::Chat(msgs) => {
                 if msgs.is_empty() {
                     return Err(SubmitError::BadRequest("`messages` is empty".into()));
                 }
-                let s = text
-                    .render_chat(msgs)
-                    .map_err(|e| SubmitError::BadRequest(format!("chat template: {e}")))?;
-                (s, text.chat_uses_specials())
+                text.encode_chat(msgs)
+                    .map_err(|e| SubmitError::BadRequest(format!("chat prompt: {e}")))?
             }
-            // As llama-server: a raw prompt's special-token text is the special token.
-            PromptInput::Text(t) => (t.clone(), true),
+            // As llama-server: a raw prompt's special-token text is the special token (chat
+            // content never is: only the template makes control tokens).
+            PromptInput::Text(t) => text
+                .codec
+                .encode(t, true)
+                .map_err(|e| SubmitError::BadRequest(format!("tokenizer: {e}")))?,
         };
-        let tokens = text
-            .codec
-            .encode(&prompt, parse_special)
-            .map_err(|e| SubmitError::BadRequest(format!("tokenizer: {e}")))?;
         if tokens.is_empty() {
             return Err(SubmitError::BadRequest("the prompt is empty".into()));
         }

@@ -208,8 +208,8 @@ impl StreamHandler<MeshEvent> for MeshBridge {
                     });
                 }
             }
-            MeshEvent::Awarded { peer, award } => {
-                if let Err(e) = self.prefill.try_send(Serve { peer, award }) {
+            MeshEvent::Awarded { peer, award, slot } => {
+                if let Err(e) = self.prefill.try_send(Serve { peer, award, slot }) {
                     tracing::warn!(%peer, error = %e, "cannot serve an award: prefill worker busy");
                 }
             }

@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::loader::{TextCodec, Utf8Stream};
 use crate::engine::{
-    Engine, FinishReason, KvPiece, KvSink, Sampler, SamplingParams, SeqId, SinkError, TokenLogprobs,
+    Engine, EngineError, FinishReason, KvPiece, KvSink, Sampler, SamplingParams, SeqId, SinkError,
+    TokenLogprobs, VerifyConfig,
 };
 use crate::kv::prefix::block_hashes;
 use crate::kv::{KvStats, LeaseId};
@@ -175,7 +176,15 @@ pub struct ComputeHandle {
     counters: Arc<Counters>,
     view: Arc<Mutex<EngineView>>,
     next_import: Arc<AtomicU64>,
+    verdicts: VerdictHook,
 }
+
+/// Told, for each verified import from a peer, the peer id and whether its KV passed (set once,
+/// after the mesh starts: the node feeds it to the mesh's reputation records).
+pub type VerdictHook = Arc<std::sync::OnceLock<VerdictFn>>;
+
+/// See [`VerdictHook`]: called with the peer id and whether the import passed.
+pub type VerdictFn = Box<dyn Fn(&str, bool) + Send + Sync>;
 
 /// Why a KV import failed on the home.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -193,6 +202,9 @@ pub enum ImportError {
     /// Committing the import failed (pieces missing).
     #[error("import incomplete: {0}")]
     Incomplete(String),
+    /// The KV failed verification (DESIGN.md §8): made up, of another prompt, corrupted.
+    #[error("{0}")]
+    Unverified(String),
     /// The compute thread is gone (the node is shutting down).
     #[error("compute thread stopped")]
     Stopped,
@@ -324,6 +336,11 @@ impl ComputeHandle {
             .map_err(|_| "compute thread dropped the prefill".to_string())?
     }
 
+    /// Sets who hears import verdicts (once; later calls are ignored).
+    pub fn on_import_verdict(&self, hook: VerdictFn) {
+        let _ = self.verdicts.set(hook);
+    }
+
     /// A copy of the latest engine view.
     pub fn view(&self) -> EngineView {
         self.view.lock().map(|v| v.clone()).unwrap_or_default()
@@ -388,6 +405,7 @@ pub fn spawn(
         counters: counters.clone(),
         view: view.clone(),
         next_import: Arc::new(AtomicU64::new(1)),
+        verdicts: VerdictHook::default(),
     };
     let worker = Worker {
         engine,
@@ -399,6 +417,7 @@ pub fn spawn(
         view,
         prefill_rate: cfg.prefill_tokens_per_s.max(1.0),
         imports: HashMap::new(),
+        verdicts: handle.verdicts.clone(),
     };
     let join = std::thread::Builder::new()
         .name("prfaas-compute".into())
@@ -441,12 +460,20 @@ struct Worker {
     prefill_rate: f64,
     /// Imports in progress: ticket key → (lease, where to report a failure).
     imports: HashMap<u64, (LeaseId, ImportFailure)>,
+    verdicts: VerdictHook,
 }
 
 /// How long an idle compute thread sleeps before checking for expired KV leases.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
 impl Worker {
+    /// Reports a verification verdict on the peer that prefilled for `route`.
+    fn verdict(&self, route: &PrefillRoute, passed: bool) {
+        if let (PrefillRoute::Remote { peer, .. }, Some(hook)) = (route, self.verdicts.get()) {
+            hook(peer, passed);
+        }
+    }
+
     fn run(mut self, rx: std_mpsc::Receiver<Msg>) {
         // Work taken off the channel but not started yet (import steps run as they come).
         let mut waiting: VecDeque<Job> = VecDeque::new();
@@ -640,10 +667,27 @@ impl Worker {
             } => {
                 ticket.finished = true;
                 let done = match self.imports.remove(&ticket.key) {
+                    // Verified before decoding (DESIGN.md §8); only KV that passed enters the
+                    // prefix cache.
                     Some((lease, _)) => self
                         .engine
-                        .finish_import(lease)
-                        .map_err(|e| ImportError::Incomplete(e.to_string())),
+                        .finish_verified_import(
+                            lease,
+                            &logits,
+                            &VerifyConfig::fresh(job.request_id),
+                        )
+                        .map(|(seq, _)| {
+                            self.verdict(&job.route, true);
+                            seq
+                        })
+                        .map_err(|e| match e {
+                            EngineError::Unverified(why) => {
+                                Metrics::inc(&self.metrics.auctions, "kv_rejected");
+                                self.verdict(&job.route, false);
+                                ImportError::Unverified(why)
+                            }
+                            e => ImportError::Incomplete(e.to_string()),
+                        }),
                     None => Err(ticket.failure().unwrap_or(ImportError::Incomplete(
                         "import unknown to the compute thread".into(),
                     ))),

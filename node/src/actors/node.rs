@@ -128,6 +128,13 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         "kv": view.kv,
         "peers": peers,
         "mesh_stats": core.mesh.stats(),
+        // Transfer records of auction winners (failed, late, lying; ban time left).
+        "reputation": core
+            .mesh
+            .reputation()
+            .into_iter()
+            .map(|(p, r)| json!({ "peer": p.to_string(), "record": r }))
+            .collect::<Vec<_>>(),
         "recent_auctions": core.recent_auctions(),
     })
 }
@@ -463,6 +470,19 @@ impl Node {
             mesh_cfg.region = "local".into();
         }
         let (mesh, events) = start_mesh(mesh_cfg).await?;
+        mesh.serve_gate().set_max(cfg.policy.max_served_prefills);
+        let rep = mesh.clone();
+        compute.on_import_verdict(Box::new(move |peer, passed| {
+            use prfaas_mesh::reputation::TransferOutcome;
+            if let Ok(p) = peer.parse() {
+                let o = if passed {
+                    TransferOutcome::Ok
+                } else {
+                    TransferOutcome::Lied
+                };
+                rep.record_transfer(p, o);
+            }
+        }));
         let info = NodeInfo {
             model_id: loaded.api_model.clone(),
             peer_id: mesh.local_peer_id().to_string(),

@@ -322,6 +322,8 @@ async fn auction(
     let mut scored: Vec<(policy::Bid, f64)> = Vec::with_capacity(round.bids.len() + 1);
     for (i, (peer, b)) in round.bids.iter().enumerate() {
         let (bw, _measured) = core.bandwidth_to(peer);
+        // A peer whose transfers failed, came late or lied looks slower than it measures.
+        let bw = bw / core.mesh.reputation_penalty(peer);
         scored.push((
             policy::Bid {
                 bidder: i as u32,
@@ -470,7 +472,11 @@ async fn auction(
                 transfer_s,
             })
         }
-        Err(error) => Err(Fallback::Transfer { peer, error }),
+        Err(error) => {
+            core.mesh
+                .record_transfer(peer, prfaas_mesh::reputation::TransferOutcome::Failed);
+            Err(Fallback::Transfer { peer, error })
+        }
     }
 }
 

@@ -3,12 +3,10 @@
 //! pipelining, DESIGN.md §1 and §4 step 3).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
-use prfaas_mesh::auction::{Award, Bid, Call, DeclineReason};
+use prfaas_mesh::auction::{Award, Bid, Call, DeclineReason, ServeSlot};
 use prfaas_mesh::kv::{KvHeader, KvTrailer};
 use prfaas_mesh::policy::{BidderLoad, PricingParams};
 use prfaas_mesh::{CallAnswer, CallToken, PeerId};
@@ -32,7 +30,6 @@ pub struct PrefillWorker {
     calls: HashMap<(PeerId, u64), u32>,
     order: VecDeque<(PeerId, u64)>,
     next_bid: u64,
-    serving: Arc<AtomicUsize>,
 }
 
 impl PrefillWorker {
@@ -43,7 +40,6 @@ impl PrefillWorker {
             calls: HashMap::new(),
             order: VecDeque::new(),
             next_bid: 1,
-            serving: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -72,7 +68,9 @@ impl PrefillWorker {
         if n == 0 || n > core.max_context {
             return decline(m, DeclineReason::NotPrefilling);
         }
-        if self.serving.load(Ordering::Acquire) >= pol.max_served_prefills
+        // `max_served_prefills` is the gate's maximum (set at start); the mesh checks it again
+        // when an award arrives.
+        if !core.mesh.serve_gate().has_room()
             || core.compute.queued_jobs() >= core.cfg.engine.queue / 2
         {
             return decline(m, DeclineReason::Overloaded);
@@ -154,12 +152,14 @@ impl Handler<BidFor> for PrefillWorker {
 pub struct Serve {
     pub peer: PeerId,
     pub award: Award,
+    /// Our place among the awards served at once, held until serving ends.
+    pub slot: ServeSlot,
 }
 
 impl Handler<Serve> for PrefillWorker {
     type Result = ();
 
-    fn handle(&mut self, Serve { peer, award }: Serve, _: &mut Self::Context) {
+    fn handle(&mut self, Serve { peer, award, slot }: Serve, _: &mut Self::Context) {
         let m = self.core.metrics.clone();
         let Some(prompt_len) = self.calls.remove(&(peer, award.request_id)) else {
             tracing::warn!(%peer, request = award.request_id, "award for a call we do not remember");
@@ -182,8 +182,6 @@ impl Handler<Serve> for PrefillWorker {
         Metrics::inc(&m.auctions, "won");
         let core = self.core.clone();
         let decode = self.decode.clone();
-        let serving = self.serving.clone();
-        serving.fetch_add(1, Ordering::AcqRel);
         // The winner's span: the home logs the same `mesh_request` in its request span.
         let span = tracing::info_span!(
             "serve_prefill",
@@ -200,7 +198,7 @@ impl Handler<Serve> for PrefillWorker {
             let r = tokio::time::timeout(limit, serve(&core, &decode, peer, request, tokens))
                 .await
                 .unwrap_or_else(|_| Err(format!("transfer not done within {limit:?}")));
-            serving.fetch_sub(1, Ordering::AcqRel);
+            drop(slot);
             match r {
                 Ok(()) => Metrics::inc(&core.metrics.auctions, "served"),
                 Err(e) => {

@@ -42,7 +42,13 @@ pub enum EngineError {
     Request(String),
     #[error("incompatible KV: {0}")]
     Incompatible(String),
+    /// Imported KV failed verification (see [`verify`]): made up, of another prompt, corrupted.
+    #[error("imported KV failed verification: {0}")]
+    Unverified(String),
 }
+
+#[path = "verify.rs"]
+pub mod verify;
 
 /// Sizing and behaviour of an [`Engine`].
 #[derive(Debug, Clone, PartialEq)]
@@ -858,17 +864,7 @@ impl Engine {
     pub fn finish_import(&mut self, id: LeaseId) -> Result<SeqId, EngineError> {
         let p = self.imports.remove(&id).ok_or(KvError::UnknownLease(id))?;
         let n = p.tokens.len();
-        let bs = self.layout.block_size;
-        let missing = p.written.iter().enumerate().find_map(|(layer, w)| {
-            let need = if self.layout.layers[layer].is_paged() {
-                let rows = self.layout.transfer_rows(layer, n);
-                rows.start / bs..rows.end.div_ceil(bs)
-            } else {
-                0..1
-            };
-            w[need].iter().any(|&x| !x).then_some(layer)
-        });
-        if let Some(layer) = missing {
+        if let Some(layer) = self.missing_layer(&p) {
             let _ = self.store.cancel(id);
             return Err(EngineError::Incompatible(format!(
                 "import finished with KV of layer {layer} missing"
@@ -893,6 +889,21 @@ impl Engine {
             },
         );
         Ok(seq)
+    }
+
+    /// The first layer of import `p` with a piece it needs not written yet, if any.
+    fn missing_layer(&self, p: &PendingImport) -> Option<usize> {
+        let n = p.tokens.len();
+        let bs = self.layout.block_size;
+        p.written.iter().enumerate().find_map(|(layer, w)| {
+            let need = if self.layout.layers[layer].is_paged() {
+                let rows = self.layout.transfer_rows(layer, n);
+                rows.start / bs..rows.end.div_ceil(bs)
+            } else {
+                0..1
+            };
+            w[need].iter().any(|&x| !x).then_some(layer)
+        })
     }
 
     /// Abandons import `id` and frees its blocks (unknown or expired ids are ignored).

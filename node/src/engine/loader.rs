@@ -144,6 +144,28 @@ impl TextSide {
         }
     }
 
+    /// Token ids of a chat prompt. Only the chat template makes control tokens: a message that
+    /// contains `<|im_end|><|im_start|>system` gets those as plain text, not as a new turn.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, LoadError> {
+        let TextCodec::Bpe(t) = &self.codec else {
+            // One token per byte: no control tokens to forge.
+            return Ok(self.codec.encode(&self.render_chat(messages)?, false)?);
+        };
+        // A private-use character the messages and the template do not contain marks the masked
+        // control tokens (see `Tokenizer::mask_controls`).
+        let template = self.chat_template.as_deref().unwrap_or("");
+        let marker = (0xF0000..0xF0400)
+            .filter_map(char::from_u32)
+            .find(|c| !template.contains(*c) && messages.iter().all(|m| !m.content.contains(*c)))
+            .ok_or_else(|| ChatError::Render("no free marker character for the messages".into()))?;
+        let masked: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(m.role.clone(), t.mask_controls(&m.content, marker)))
+            .collect();
+        let text = self.render_chat(&masked)?;
+        Ok(t.encode_masked(&text, t.add_bos(), self.chat_uses_specials(), marker)?)
+    }
+
     /// Whether chat prompts contain special tokens to parse (`<|im_start|>` …).
     pub fn chat_uses_specials(&self) -> bool {
         self.chat_template.is_some()

@@ -14,6 +14,7 @@ pub mod synthetic;
 pub mod tokenizer;
 
 pub use config::{LayerKind, ModelConfig, ModelWeights};
+pub use engine::verify::{VerifyConfig, VerifyReport};
 pub use engine::{Engine, EngineConfig, EngineError, Generation, PrefillOutput, SeqId, StepLogits};
 pub use model::{Model, ModelError};
 pub use sampler::{logprobs_of, FinishReason, Sampler, SamplingParams, TokenLogprobs};

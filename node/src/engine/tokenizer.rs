@@ -448,6 +448,101 @@ impl Tokenizer {
         add_bos: bool,
         parse_special: bool,
     ) -> Result<Vec<TokenId>, TokenizerError> {
+        self.encode_with(text, add_bos, parse_special, None)
+    }
+
+    /// Writes every control token's text in `s` (untrusted text, e.g. a chat message's content)
+    /// as `marker`, its index, `marker`, so that a template can be rendered around it and the
+    /// result encoded with [`Tokenizer::encode_masked`]: the template's control tokens become
+    /// ids, the user's stay plain text. `marker` must not occur in `s`.
+    pub fn mask_controls(&self, s: &str, marker: char) -> String {
+        let controls: Vec<(usize, &str)> = self
+            .specials
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, _, k))| *k == TokenKind::Control)
+            .map(|(i, (t, _, _))| (i, t.as_str()))
+            .collect();
+        let mut first = [false; 256];
+        for (_, t) in &controls {
+            first[usize::from(t.as_bytes()[0])] = true; // `specials` holds no empty text
+        }
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        'scan: while let Some(c) = rest.chars().next() {
+            // Longest first (`specials` is sorted so), as the splitter in `encode` matches.
+            let candidates = if first[usize::from(rest.as_bytes()[0])] {
+                controls.as_slice()
+            } else {
+                &[]
+            };
+            for (i, t) in candidates {
+                if rest.starts_with(t) {
+                    out.push(marker);
+                    out.push_str(&i.to_string());
+                    out.push(marker);
+                    rest = &rest[t.len()..];
+                    continue 'scan;
+                }
+            }
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        out
+    }
+
+    /// [`Tokenizer::encode`] of a text made with [`Tokenizer::mask_controls`]: control tokens
+    /// written in the text itself are parsed when `parse_special`; masked ones become their
+    /// literal text again and are tokenized as plain text, exactly as if never masked.
+    pub fn encode_masked(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+        marker: char,
+    ) -> Result<Vec<TokenId>, TokenizerError> {
+        self.encode_with(text, add_bos, parse_special, Some(marker))
+    }
+
+    /// Undoes [`Tokenizer::mask_controls`] in one text fragment.
+    fn unmask<'a>(&self, raw: &'a str, marker: char) -> std::borrow::Cow<'a, str> {
+        if !raw.contains(marker) {
+            return raw.into();
+        }
+        let mut out = String::with_capacity(raw.len());
+        let mut parts = raw.split(marker);
+        if let Some(first) = parts.next() {
+            out.push_str(first);
+        }
+        // Parts alternate: index, text, index, text …
+        while let Some(index) = parts.next() {
+            let special = index
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| self.specials.get(i));
+            match special {
+                Some((t, _, _)) => out.push_str(t),
+                None => {
+                    // Not ours (cannot happen when `marker` was absent from the input): keep it.
+                    out.push(marker);
+                    out.push_str(index);
+                    out.push(marker);
+                }
+            }
+            if let Some(text) = parts.next() {
+                out.push_str(text);
+            }
+        }
+        out.into()
+    }
+
+    fn encode_with(
+        &self,
+        text: &str,
+        add_bos: bool,
+        parse_special: bool,
+        unmask: Option<char>,
+    ) -> Result<Vec<TokenId>, TokenizerError> {
         let mut out = Vec::new();
         if add_bos {
             if let Some(b) = self.bos {
@@ -484,9 +579,13 @@ impl Tokenizer {
             match f {
                 Err(id) => out.push(id),
                 Ok(raw) => {
+                    let raw = match unmask {
+                        Some(m) => self.unmask(raw, m),
+                        None => raw.into(),
+                    };
                     let enc = self
                         .bpe
-                        .encode(raw, false)
+                        .encode(raw.as_ref(), false)
                         .map_err(|e| TokenizerError::Backend(e.to_string()))?;
                     out.extend_from_slice(enc.get_ids());
                 }

@@ -539,8 +539,9 @@ mod tests {
         assert_eq!(l.state_slot_bytes(), 0);
         assert!(!l.has_state());
         // 1000 tokens pad to 63 blocks = 1008 tokens.
-        assert_eq!(l.export_bytes(1000), 1008 * l.bytes_per_token());
-        assert_eq!(l.export_layer_bytes(0, 1000), 1008 * 2 * 3 * 64 * 2);
+        // Pieces carry exactly the tokens (no block padding).
+        assert_eq!(l.export_bytes(1000), 1000 * l.bytes_per_token());
+        assert_eq!(l.export_layer_bytes(0, 1000), 1000 * 2 * 3 * 64 * 2);
         assert_eq!(
             hex(l.layout_hash([0; 32])),
             "eef1ec8c59eb5b7b5f29d36880fbaf6102f780e7ea0bda3e2ca05a07bd0cdfa3"
@@ -577,15 +578,24 @@ mod tests {
         assert_eq!(l.state_bytes(3), 0);
         assert_eq!(l.state_slot_bytes(), 3 * 2 * 8 * 8 * 4);
         assert_eq!(l.export_layer_bytes(0, 5), l.state_bytes(0));
-        assert_eq!(l.export_layer_bytes(3, 5), 16 * 2 * 2 * 8 * 2);
+        assert_eq!(l.export_layer_bytes(3, 5), 5 * 2 * 2 * 8 * 2);
         let f32l = l.clone().with_dtype(KvDType::F32);
         assert_eq!(f32l.state_slot_bytes(), l.state_slot_bytes());
-        assert_eq!(f32l.export_layer_bytes(3, 5), 16 * 2 * 2 * 8 * 4);
+        assert_eq!(f32l.export_layer_bytes(3, 5), 5 * 2 * 2 * 8 * 4);
         assert_eq!(l.export_bytes(0), l.state_slot_bytes());
+        // Window 4 at 17 tokens: from block 0 (17 - 4 = 13 rounds down to 0), nothing trimmed.
+        assert_eq!(l.transfer_rows(4, 17), 0..17);
+        assert!(!l.trims(17));
         assert_eq!(
             l.export_bytes(17),
-            32 * l.bytes_per_token() + l.state_slot_bytes()
+            17 * l.bytes_per_token() + l.state_slot_bytes()
         );
+        // At 40 tokens the window layer sends from block 2 (40 - 4 = 36 rounds down to 32).
+        assert_eq!(l.transfer_rows(4, 40), 32..40);
+        assert_eq!(l.transfer_rows(3, 40), 0..40);
+        assert_eq!(l.transfer_rows(0, 40), 0..0, "state layers have no rows");
+        assert!(l.trims(40));
+        assert_eq!(l.export_layer_bytes(4, 40), 8 * 2 * 2 * 8 * 2);
     }
 
     #[test]

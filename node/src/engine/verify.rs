@@ -1,0 +1,371 @@
+//! Verified remote prefill (DESIGN.md §8): before a home decodes from KV a peer prefilled, it
+//! recomputes a few positions from the received KV and compares.
+//!
+//! The received KV is the attention context for any position, so verifying position `p` costs
+//! one decode step: token `p` goes through every layer attending to the received K/V of
+//! positions `< p`, and the K/V it computes at `p` must match what was received there. The last
+//! position is always checked, with its logits against the trailer's (they pick the first
+//! token); `k` more are drawn at random. All `k + 1` run as one batched forward pass. A sender
+//! that made the KV up fails at once; one that prefilled another prompt fails wherever the
+//! tokens differ; a corrupted layer fails at every checked position; one corrupted position
+//! fails when it is drawn, and usually also through the positions after it, whose attention
+//! reads it. Every received value is also checked to be finite.
+//!
+//! Layouts with linear-attention state cannot be recomputed this way (the state before a
+//! position is not part of the transfer): their imports get the finiteness check only.
+
+use super::*;
+
+/// How an import is verified.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyConfig {
+    /// Random positions checked besides the last one.
+    pub positions: usize,
+    /// Largest accepted relative error `rms(computed − received) / rms(received)` of any
+    /// checked (layer, position)'s K or V row.
+    pub kv_tolerance: f32,
+    /// Largest accepted relative error of the last position's logits against the trailer's.
+    pub logits_tolerance: f32,
+    /// Seed of the position draw (a sender must not know which positions will be checked:
+    /// callers pass fresh randomness).
+    pub seed: u64,
+}
+
+/// Tolerances measured on this project's backends: the K/V and logits a decode step computes
+/// differ from the prefill's by well under 1 % (f32 KV, the same or the other backend, see
+/// `node/tests/verify_import.rs`); made-up or foreign KV is off by order 1.
+pub const DEFAULT_KV_TOLERANCE: f32 = 0.05;
+/// See [`DEFAULT_KV_TOLERANCE`].
+pub const DEFAULT_LOGITS_TOLERANCE: f32 = 0.05;
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        Self {
+            positions: 4,
+            kv_tolerance: DEFAULT_KV_TOLERANCE,
+            logits_tolerance: DEFAULT_LOGITS_TOLERANCE,
+            seed: 0x5eed,
+        }
+    }
+}
+
+impl VerifyConfig {
+    /// The defaults with a seed nobody can predict (the clock's nanoseconds mixed with `salt`),
+    /// so a sender cannot know which positions will be checked.
+    pub fn fresh(salt: u64) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Self {
+            seed: (nanos ^ salt.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ..Self::default()
+        }
+    }
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyReport {
+    /// Positions recomputed (the last one included); empty when the layout cannot be
+    /// recomputed (linear-attention state).
+    pub positions: Vec<usize>,
+    /// Largest relative K/V error over every checked (layer, position).
+    pub max_kv_error: f32,
+    /// Where it was: (layer, position).
+    pub worst: Option<(usize, usize)>,
+    /// Relative error of the last position's logits against the trailer's.
+    pub logits_error: f32,
+    /// Why the import is refused; `None`: it passed.
+    pub failure: Option<String>,
+}
+
+impl VerifyReport {
+    /// Whether the import passed.
+    pub fn passed(&self) -> bool {
+        self.failure.is_none()
+    }
+}
+
+/// `rms(a − b) / max(rms(b), tiny)`; infinite when anything is not finite.
+pub fn relative_error(computed: &[f32], received: &[f32]) -> f32 {
+    if computed.len() != received.len() {
+        return f32::INFINITY;
+    }
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (a, b) in computed.iter().zip(received) {
+        let d = f64::from(*a) - f64::from(*b);
+        diff += d * d;
+        norm += f64::from(*b) * f64::from(*b);
+    }
+    let n = computed.len().max(1) as f64;
+    let e = ((diff / n).sqrt() / (norm / n).sqrt().max(1e-6)) as f32;
+    if e.is_finite() {
+        e
+    } else {
+        f32::INFINITY
+    }
+}
+
+/// Elements of one token's K (or V) row in a paged layer (0 for state layers).
+fn paged_row(shape: &LayerKvShape) -> usize {
+    match *shape {
+        LayerKvShape::Paged {
+            n_kv_heads,
+            head_dim,
+            ..
+        } => n_kv_heads * head_dim,
+        LayerKvShape::State { .. } => 0,
+    }
+}
+
+/// `k` distinct positions from `0..n-1` (the last, `n-1`, is always checked separately), drawn
+/// with xorshift64* from `seed`, plus `n-1`, sorted.
+fn draw_positions(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut out = vec![n - 1];
+    let pool = n - 1;
+    let k = k.min(pool);
+    let mut x = seed | 1;
+    let mut taken = std::collections::HashSet::new();
+    // Floyd's algorithm: k distinct draws with k random numbers.
+    for j in (pool - k)..pool {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let r = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) % (j as u64 + 1)) as usize;
+        let pick = if taken.contains(&r) { j } else { r };
+        taken.insert(pick);
+        out.push(pick);
+    }
+    out.sort_unstable();
+    out
+}
+
+impl Engine {
+    /// Verifies import `id` (every layer written, not yet finished) against the trailer's
+    /// `logits`. Leaves the received KV exactly as it was; the caller finishes or cancels.
+    pub fn verify_import(
+        &mut self,
+        id: LeaseId,
+        logits: &[f32],
+        cfg: &VerifyConfig,
+    ) -> Result<VerifyReport, EngineError> {
+        let p = self.imports.get(&id).ok_or(KvError::UnknownLease(id))?;
+        if let Some(layer) = self.missing_layer(p) {
+            return Err(EngineError::Incompatible(format!(
+                "verification with KV of layer {layer} missing"
+            )));
+        }
+        let (tokens, blocks, state) = (
+            p.tokens.clone(),
+            p.blocks.iter().map(|b| b.0).collect::<Vec<u32>>(),
+            p.state,
+        );
+        let n = tokens.len();
+        if n == 0 {
+            return Err(EngineError::Request("nothing imported to verify".into()));
+        }
+        let mut report = VerifyReport {
+            positions: Vec::new(),
+            max_kv_error: 0.0,
+            worst: None,
+            logits_error: 0.0,
+            failure: None,
+        };
+        if logits.len() != self.model.config().vocab_size || logits.iter().any(|x| !x.is_finite()) {
+            report.failure = Some("trailer logits missing, of the wrong size or not finite".into());
+            return Ok(report);
+        }
+        let bs = self.config.block_size;
+        // Every received value must be finite; keep the blocks of the checked positions (as
+        // received) to compare with and to restore.
+        // Sliding-window layers send only the rows a decode reads (`transfer_rows`): a position
+        // can be recomputed only where every such layer's window lies inside what was sent.
+        let lo = (0..self.layout.layers.len())
+            .filter_map(|l| match self.layout.layers[l] {
+                LayerKvShape::Paged {
+                    window: Some(w), ..
+                } => {
+                    let from = self.layout.transfer_rows(l, n).start;
+                    (from > 0).then(|| from + w.saturating_sub(1))
+                }
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+            .min(n - 1);
+        let positions: Vec<usize> = draw_positions(n - lo, cfg.positions, cfg.seed)
+            .into_iter()
+            .map(|q| q + lo)
+            .collect();
+        let mut check_blocks: Vec<u32> = positions.iter().map(|q| blocks[q / bs]).collect();
+        check_blocks.dedup();
+        let mut received: Vec<Option<(Vec<f32>, Vec<f32>)>> = Vec::new();
+        for (l, pool) in self.pools.iter().enumerate() {
+            let Some(pool) = pool else {
+                received.push(None);
+                continue;
+            };
+            let row = paged_row(&self.layout.layers[l]);
+            let k = self.backend.gather_blocks(&pool.k, &blocks)?;
+            let v = self.backend.gather_blocks(&pool.v, &blocks)?;
+            let sent = self.layout.transfer_rows(l, n);
+            let sent = sent.start * row..sent.end * row;
+            if k[sent.clone()]
+                .iter()
+                .chain(&v[sent])
+                .any(|x| !x.is_finite())
+            {
+                report.failure = Some(format!("layer {l}: non-finite K/V"));
+                return Ok(report);
+            }
+            let pick = |all: &[f32]| -> Vec<f32> {
+                let per_block = bs * row;
+                check_blocks
+                    .iter()
+                    .flat_map(|b| {
+                        let i = blocks.iter().position(|x| x == b).unwrap_or(0);
+                        all[i * per_block..(i + 1) * per_block].iter().copied()
+                    })
+                    .collect()
+            };
+            received.push(Some((pick(&k), pick(&v))));
+        }
+        if let Some(slot) = state {
+            for t in self.state_slot(slot)? {
+                if self.backend.download(t)?.iter().any(|x| !x.is_finite()) {
+                    report.failure = Some("non-finite linear-attention state".into());
+                    return Ok(report);
+                }
+            }
+            return Ok(report); // cannot be recomputed: finiteness only
+        }
+        // One forward pass: each checked position is a one-token "sequence" over the received
+        // block table, writing its K/V into its own slot (restored below).
+        let slots: Vec<u32> = positions
+            .iter()
+            .map(|&q| blocks[q / bs] * bs as u32 + (q % bs) as u32)
+            .collect();
+        let toks: Vec<u32> = positions.iter().map(|&q| tokens[q]).collect();
+        let pos: Vec<u32> = positions.iter().map(|&q| q as u32).collect();
+        let rows: Vec<SeqRows<'_>> = positions
+            .iter()
+            .map(|&q| SeqRows {
+                block_table: &blocks,
+                n_past: q,
+                n_new: 1,
+                states: &[],
+            })
+            .collect();
+        let batch = Batch {
+            tokens: &toks,
+            positions: &pos,
+            slots: &slots,
+            seqs: &rows,
+        };
+        let last_row = (positions.len() - 1) as u32;
+        let out = self
+            .model
+            .forward::<EngineError>(&self.pools, &batch, &[last_row], None);
+        // Compare, then put the received values back whatever happened.
+        let mut compared = Ok(());
+        for (l, saved) in received.iter().enumerate() {
+            let (Some((rk, rv)), Some(pool)) = (saved, &self.pools[l]) else {
+                continue;
+            };
+            if compared.is_ok() && out.is_ok() {
+                let row = paged_row(&self.layout.layers[l]);
+                compared = self
+                    .backend
+                    .gather_blocks(&pool.k, &check_blocks)
+                    .and_then(|ck| Ok((ck, self.backend.gather_blocks(&pool.v, &check_blocks)?)))
+                    .map(|(ck, cv)| {
+                        for &q in &positions {
+                            let b = blocks[q / bs];
+                            let i = check_blocks.iter().position(|x| *x == b).unwrap_or(0);
+                            let at = (i * bs + q % bs) * row..(i * bs + q % bs + 1) * row;
+                            let e = relative_error(&ck[at.clone()], &rk[at.clone()])
+                                .max(relative_error(&cv[at.clone()], &rv[at]));
+                            if e > report.max_kv_error {
+                                report.max_kv_error = e;
+                                report.worst = Some((l, q));
+                            }
+                        }
+                    });
+            }
+            self.backend.scatter_blocks(&pool.k, &check_blocks, rk)?;
+            self.backend.scatter_blocks(&pool.v, &check_blocks, rv)?;
+        }
+        compared?;
+        let computed = self.backend.download(&out?)?;
+        report.logits_error = relative_error(&computed, logits);
+        report.positions = positions;
+        if report.max_kv_error > cfg.kv_tolerance {
+            let (l, q) = report.worst.unwrap_or((0, 0));
+            report.failure = Some(format!(
+                "K/V at layer {l}, position {q} differs from its recomputation by {:.3} (tolerance {})",
+                report.max_kv_error, cfg.kv_tolerance
+            ));
+        } else if report.logits_error > cfg.logits_tolerance {
+            report.failure = Some(format!(
+                "last-position logits differ from the trailer's by {:.3} (tolerance {})",
+                report.logits_error, cfg.logits_tolerance
+            ));
+        }
+        Ok(report)
+    }
+
+    /// [`Engine::verify_import`], then [`Engine::finish_import`] when it passed; otherwise the
+    /// import is cancelled (its blocks freed, nothing enters the prefix cache) and the error is
+    /// [`EngineError::Unverified`].
+    pub fn finish_verified_import(
+        &mut self,
+        id: LeaseId,
+        logits: &[f32],
+        cfg: &VerifyConfig,
+    ) -> Result<(SeqId, VerifyReport), EngineError> {
+        let report = match self.verify_import(id, logits, cfg) {
+            Ok(r) => r,
+            Err(e) => {
+                self.cancel_import(id);
+                return Err(e);
+            }
+        };
+        if let Some(why) = &report.failure {
+            self.cancel_import(id);
+            return Err(EngineError::Unverified(why.clone()));
+        }
+        Ok((self.finish_import(id)?, report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_distinct_sorted_and_include_the_last() {
+        for n in [1usize, 2, 3, 7, 33, 1000] {
+            for k in [0usize, 1, 4, 50] {
+                let p = draw_positions(n, k, n as u64 * 31 + k as u64);
+                assert_eq!(p.len(), 1 + k.min(n - 1), "n {n} k {k}");
+                assert_eq!(*p.last().unwrap(), n - 1);
+                assert!(p.windows(2).all(|w| w[0] < w[1]), "{p:?}");
+            }
+        }
+        assert_ne!(draw_positions(1000, 4, 1), draw_positions(1000, 4, 2));
+    }
+
+    #[test]
+    fn relative_error_is_scale_free_and_catches_non_finite() {
+        let a = [1.0, -2.0, 3.0];
+        assert_eq!(relative_error(&a, &a), 0.0);
+        let b = [1.01, -2.02, 3.03];
+        assert!((relative_error(&b, &a) - 0.01).abs() < 1e-4);
+        let big: Vec<f32> = a.iter().map(|x| x * 1e6).collect();
+        let bigb: Vec<f32> = b.iter().map(|x| x * 1e6).collect();
+        assert!((relative_error(&bigb, &big) - 0.01).abs() < 1e-4);
+        assert_eq!(relative_error(&[f32::NAN, 0.0, 0.0], &a), f32::INFINITY);
+        assert_eq!(relative_error(&a, &[1.0]), f32::INFINITY);
+    }
+}
