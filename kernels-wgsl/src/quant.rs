@@ -409,9 +409,11 @@ pub fn dequantize_into(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<()
     Ok(())
 }
 
-/// The decoder of one block of a block-quantized `dtype` (`dtype.block_bytes()` bytes into
-/// `dtype.block_len()` values); `None` for plain floats.
-pub fn block_decoder(dtype: DType) -> Option<fn(&[u8], &mut [f32])> {
+/// Decodes one block (`dtype.block_bytes()` bytes) into `dtype.block_len()` values.
+pub type BlockDecoder = fn(&[u8], &mut [f32]);
+
+/// The decoder of one block of a block-quantized `dtype`; `None` for plain floats.
+pub fn block_decoder(dtype: DType) -> Option<BlockDecoder> {
     match dtype {
         DType::F32 | DType::F16 => None,
         DType::Q4_1 => Some(dequantize_block_q4_1),

@@ -630,7 +630,7 @@ simd::multiversion! {
             }
             GluAct::GeluTanh => {
                 // 2·√(2/π), and 2·√(2/π)·0.044715.
-                const A: f32 = 1.595_769_1;
+                const A: f32 = 1.595_769;
                 const B: f32 = A * 0.044_715;
                 for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
                     *o = sigmoid_mul(g, g * (A + B * g * g), u);
