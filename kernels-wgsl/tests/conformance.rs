@@ -10,11 +10,17 @@
 
 use std::sync::OnceLock;
 
+mod common {
+    mod f16_pools;
+    pub use f16_pools::f16_pools_round_trip;
+}
+
+use half::f16;
 use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::gpu::{MatmulPath, WgpuBackend};
 use prfaas_kernels::{
     gpu_required, quant, reference, AttnParams, AttnSeq, Backend, DType, GluAct, HostTensor,
-    KernelError, LinearAttnParams, RopeStyle, Tensor,
+    KernelError, KvElem, LinearAttnParams, RopeStyle, Tensor,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -458,10 +464,25 @@ fn rope_both_styles_and_long_positions() {
 // ---------------------------------------------------------------------------------------------
 // Paged KV and attention
 
-/// Fill a paged pool for several sequences with random K/V through `kv_write` (prefix and new
-/// tokens in two calls, as an engine does), check the pool against the reference writer, then
-/// compare attention against the reference, on every backend.
+fn widen<T: KvElem>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// [`attention_case_in`] with f32 pools and with f16 pools.
 fn attention_case(rng: &mut Rng, p: AttnParams, block_size: usize, seq_lens: &[(usize, usize)]) {
+    attention_case_in::<f32>(rng, p, block_size, seq_lens);
+    attention_case_in::<f16>(rng, p, block_size, seq_lens);
+}
+
+/// Fill a paged pool of `T` for several sequences with random K/V through `kv_write` (prefix and
+/// new tokens in two calls, as an engine does), check the pool against the reference writer (bit
+/// for bit), then compare attention against the reference, on every backend.
+fn attention_case_in<T: KvElem>(
+    rng: &mut Rng,
+    p: AttnParams,
+    block_size: usize,
+    seq_lens: &[(usize, usize)],
+) {
     let row = p.n_kv_heads * p.head_dim;
     let total_blocks: usize = seq_lens
         .iter()
@@ -502,7 +523,7 @@ fn attention_case(rng: &mut Rng, p: AttnParams, block_size: usize, seq_lens: &[(
                 .collect::<Vec<_>>()
         })
         .collect();
-    let mut host_k = vec![0.0f32; n_blocks * block_size * row];
+    let mut host_k = vec![T::default(); n_blocks * block_size * row];
     let mut host_v = host_k.clone();
     for (slots, k, v) in &writes {
         reference::kv_write(&mut host_k, &mut host_v, k, v, row, slots).unwrap();
@@ -521,23 +542,19 @@ fn attention_case(rng: &mut Rng, p: AttnParams, block_size: usize, seq_lens: &[(
     let want = reference::attention(&q, &host_k, &host_v, block_size, &seqs, &p).unwrap();
     let pool_shape = [n_blocks, block_size, p.n_kv_heads, p.head_dim];
     for (name, b) in backends() {
-        let (kp, vp) = (b.zeros(&pool_shape).unwrap(), b.zeros(&pool_shape).unwrap());
+        let (kp, vp) = (
+            b.zeros_dtype(&pool_shape, T::DTYPE).unwrap(),
+            b.zeros_dtype(&pool_shape, T::DTYPE).unwrap(),
+        );
         for (slots, k, v) in &writes {
             let n = slots.len();
             let shape = [n, p.n_kv_heads, p.head_dim];
             b.kv_write(&kp, &vp, &up(b, &shape, k), &up(b, &shape, v), slots)
                 .unwrap();
         }
-        assert_eq!(
-            b.download(&kp).unwrap(),
-            host_k,
-            "{name} k pool after kv_write"
-        );
-        assert_eq!(
-            b.download(&vp).unwrap(),
-            host_v,
-            "{name} v pool after kv_write"
-        );
+        let what = format!("{name} {:?}", T::DTYPE);
+        assert_eq!(b.download(&kp).unwrap(), widen(&host_k), "{what} k pool");
+        assert_eq!(b.download(&vp).unwrap(), widen(&host_v), "{what} v pool");
         let got = b
             .attention(
                 &up(b, &[rows, p.n_heads, p.head_dim], &q),
@@ -548,7 +565,7 @@ fn attention_case(rng: &mut Rng, p: AttnParams, block_size: usize, seq_lens: &[(
             )
             .unwrap();
         assert_eq!(got.shape(), &[rows, p.n_heads * p.head_dim]);
-        let what = format!("{name} attention {p:?} bs {block_size} seqs {seq_lens:?}");
+        let what = format!("{what} attention {p:?} bs {block_size} seqs {seq_lens:?}");
         assert_close(&what, &b.download(&got).unwrap(), &want, 1e-4);
     }
 }
@@ -617,6 +634,40 @@ fn kv_write_repeated_slot_keeps_the_last_row() {
         b.kv_write(&kp, &vp, &k2, &k2, &[5, 5]).unwrap();
         assert_eq!(b.download(&kp).unwrap(), host_k, "{name}");
         assert_eq!(b.download(&vp).unwrap(), host_v, "{name}");
+    }
+}
+
+/// F16 pools: `scatter_blocks` rounds bit for bit like the reference (ties to even, overflow to
+/// inf, subnormals), `gather_blocks` widens exactly, gathered values re-import unchanged; mixed
+/// pool dtypes, quantized pools and f16 `write` are refused; a repeated slot keeps the last row.
+#[test]
+fn gather_scatter_f16_pools_round_trip_exactly() {
+    for (name, b) in backends() {
+        let mut rng = Rng(0xf16);
+        common::f16_pools_round_trip(
+            b,
+            &[
+                [1usize, 1, 1, 2],
+                [7, 3, 1, 6],
+                [5, 16, 3, 64],
+                [33, 1, 3, 2],
+            ],
+            |n| rng.vec(n),
+        );
+        let kp = b.zeros_dtype(&[2, 4, 1, 8], DType::F16).unwrap();
+        let vf32 = b.zeros(&[2, 4, 1, 8]).unwrap();
+        let k = up(b, &[1, 1, 8], &[0.5; 8]);
+        assert!(b.kv_write(&kp, &vf32, &k, &k, &[0]).is_err(), "{name}");
+        assert!(b.zeros_dtype(&[2, 32], DType::Q8_0).is_err(), "{name}");
+        assert!(b.write(&kp, &[0.0; 64]).is_err(), "{name}");
+        let vp = b.zeros_dtype(&[2, 4, 1, 8], DType::F16).unwrap();
+        let kv: Vec<f32> = (0..16).map(|i| i as f32 * 0.3).collect();
+        let k2 = up(b, &[2, 1, 8], &kv);
+        b.kv_write(&kp, &vp, &k2, &k2, &[5, 5]).unwrap();
+        let mut host_k = vec![f16::ZERO; 2 * 4 * 8];
+        let mut host_v = host_k.clone();
+        reference::kv_write(&mut host_k, &mut host_v, &kv, &kv, 8, &[5, 5]).unwrap();
+        assert_eq!(b.download(&kp).unwrap(), widen(&host_k), "{name}");
     }
 }
 
