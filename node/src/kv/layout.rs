@@ -561,20 +561,22 @@ mod tests {
         let mut cfg = model(layers);
         (cfg.n_kv_heads, cfg.head_dim) = (1, 256);
         let l = KvLayout::from_model(&cfg, 16).unwrap();
-        let per_layer_token = 2 * 256 * 4;
+        let per_layer_token = 2 * 256 * l.dtype.size_bytes();
         assert_eq!(l.bytes_per_token(), 18 * per_layer_token);
+        assert_eq!(l.block_bytes(0), 16 * per_layer_token);
         // Within the window nothing is trimmed.
         assert_eq!(l.resident_bytes(300), l.export_bytes(300));
         assert_eq!(l.resident_bytes(512), l.export_bytes(512));
-        // 8192 tokens: full layers keep 8192, sliding ones the 32 blocks of positions 7680..8191.
+        // 8192 tokens: full layers keep all, sliding ones the 32 blocks of positions 7680..8191.
+        let full = |n| 3 * l.export_layer_bytes(5, n);
         assert_eq!(
             l.resident_bytes(8192),
-            (3 * 8192 + 15 * 512) * per_layer_token
+            full(8192) + 15 * 32 * l.block_bytes(0)
         );
         // A window not aligned to blocks spans one block more: positions 489..1000 → blocks 30..62.
         assert_eq!(
             l.resident_bytes(1001),
-            (3 * 1008 + 15 * 33 * 16) * per_layer_token
+            full(1001) + 15 * 33 * l.block_bytes(0)
         );
         // Every layer global (dense) keeps everything.
         let dense = KvLayout::from_model(&model(vec![LayerKind::Full; 18]), 16).unwrap();
