@@ -10,6 +10,7 @@ pub mod loader;
 pub mod model;
 pub mod sampler;
 pub mod sink;
+pub mod spm;
 pub mod synthetic;
 pub mod tokenizer;
 

@@ -425,6 +425,26 @@ impl KvLayout {
             .sum()
     }
 
+    /// Bytes of KV that decoding after `n_tokens` tokens still reads: every block of full-attention
+    /// layers, only the blocks holding the last `window` positions of sliding-window layers, the
+    /// state of linear layers. This is what a window-trimmed store keeps and what a transfer of
+    /// the sequence needs; [`Self::export_bytes`] is the same with every layer treated as full.
+    pub fn resident_bytes(&self, n_tokens: usize) -> usize {
+        let bs = self.block_size;
+        (0..self.layers.len())
+            .map(|l| match self.layers[l] {
+                LayerKvShape::Paged {
+                    window: Some(w), ..
+                } if n_tokens > w => {
+                    // Positions n−w .. n−1 span these blocks.
+                    let blocks = (n_tokens - 1) / bs - (n_tokens - w) / bs + 1;
+                    blocks * self.block_bytes(l)
+                }
+                _ => self.export_layer_bytes(l, n_tokens),
+            })
+            .sum()
+    }
+
     /// A hash identifying (model weights, KV layout): two nodes may exchange KV iff they agree on it.
     ///
     /// Stable across runs, machines and compiler versions: SHA-256 over this exact byte string
@@ -493,6 +513,7 @@ mod tests {
             tie_embeddings: true,
             qkv_bias: false,
             layers,
+            block: Default::default(),
         }
     }
 
@@ -522,6 +543,44 @@ mod tests {
 
     fn model_hash() -> [u8; 32] {
         std::array::from_fn(|i| i as u8)
+    }
+
+    /// Gemma 3 270M: 18 layers, 5 sliding (window 512) : 1 full, one KV head of 256. Decode reads
+    /// all tokens of the 3 full layers but only the last 512 of the 15 sliding ones.
+    #[test]
+    fn gemma3_window_trimmed_bytes() {
+        let layers = (0..18)
+            .map(|i| {
+                if i % 6 == 5 {
+                    LayerKind::Full
+                } else {
+                    LayerKind::Sliding { window: 512 }
+                }
+            })
+            .collect();
+        let mut cfg = model(layers);
+        (cfg.n_kv_heads, cfg.head_dim) = (1, 256);
+        let l = KvLayout::from_model(&cfg, 16).unwrap();
+        let per_layer_token = 2 * 256 * l.dtype.size_bytes();
+        assert_eq!(l.bytes_per_token(), 18 * per_layer_token);
+        assert_eq!(l.block_bytes(0), 16 * per_layer_token);
+        // Within the window nothing is trimmed.
+        assert_eq!(l.resident_bytes(300), l.export_bytes(300));
+        assert_eq!(l.resident_bytes(512), l.export_bytes(512));
+        // 8192 tokens: full layers keep all, sliding ones the 32 blocks of positions 7680..8191.
+        let full = |n| 3 * l.export_layer_bytes(5, n);
+        assert_eq!(
+            l.resident_bytes(8192),
+            full(8192) + 15 * 32 * l.block_bytes(0)
+        );
+        // A window not aligned to blocks spans one block more: positions 489..1000 → blocks 30..62.
+        assert_eq!(
+            l.resident_bytes(1001),
+            full(1001) + 15 * 33 * l.block_bytes(0)
+        );
+        // Every layer global (dense) keeps everything.
+        let dense = KvLayout::from_model(&model(vec![LayerKind::Full; 18]), 16).unwrap();
+        assert_eq!(dense.resident_bytes(8192), dense.export_bytes(8192));
     }
 
     #[test]
