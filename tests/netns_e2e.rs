@@ -22,6 +22,8 @@ use prfaas_node::config::{NodeConfig, NodeRole};
 use prfaas_node::service::PrefillRoute;
 
 const MODEL: &str = "tiny-dense";
+/// An offload threshold no prompt reaches (TOML integers are i64).
+const NEVER_OFFLOAD: usize = 1 << 40;
 
 fn config(topo: &Topology, i: usize, roles: &[NodeRole]) -> NodeConfig {
     let mut c = NodeConfig::default();
@@ -68,28 +70,34 @@ fn spawn(topo: &Topology, i: usize, cfg: &NodeConfig, dir: &Path) -> ChildGuard 
     ChildGuard(child)
 }
 
-/// Polls (bounded) until both nodes answer and the home sees the prefill peer.
-async fn wait_ready(home: &str, other: &str, procs: &mut [ChildGuard], dir: &Path) {
+/// Polls (bounded) until `url` answers `/healthz`, failing at once if the process exits.
+async fn wait_healthy(url: &str, proc: &mut ChildGuard, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        for (i, p) in procs.iter_mut().enumerate() {
-            if let Some(s) = p.exited() {
-                let log = std::fs::read_to_string(dir.join(format!("node{i}.log")));
-                panic!("node {i} exited ({s}): {}", log.unwrap_or_default());
-            }
+    while client::get_json(&format!("{url}/healthz")).await.is_err() {
+        if let Some(s) = proc.exited() {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("node at {url} exited ({s}): {log}");
         }
-        let up = client::get_json(&format!("{other}/healthz")).await.is_ok();
+        assert!(Instant::now() < deadline, "{url} not healthy within 120 s");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls (bounded) until the home sees a peer that prefills its model.
+async fn wait_prefiller(home: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
         let seen = client::get_json(&format!("{home}/mesh"))
             .await
             .ok()
             .and_then(|v| v["peers"].as_array().cloned())
             .is_some_and(|p| p.iter().any(|p| p["prefills_our_model"] == true));
-        if up && seen {
+        if seen {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "nodes not ready within 120 s (other up: {up}, home sees a prefiller: {seen})"
+            "the home saw no prefill peer within 60 s"
         );
         actix_rt::time::sleep(Duration::from_millis(100)).await;
     }
@@ -115,8 +123,8 @@ fn offloaded_request_over_a_shaped_link_matches_local_prefill() {
     home.policy.offload_threshold_tokens = 16;
     home.policy.reserve_price_factor = 1e6;
     let mut other = config(&topo, 1, &[NodeRole::Pd]);
-    other.policy.offload_threshold_tokens = usize::MAX;
-    let mut procs = vec![spawn(&topo, 0, &home, &dir), spawn(&topo, 1, &other, &dir)];
+    other.policy.offload_threshold_tokens = NEVER_OFFLOAD;
+    let mut procs = Vec::new();
     let (home_url, other_url) = (
         format!("http://{}:8080", topo.addr(0)),
         format!("http://{}:8080", topo.addr(1)),
@@ -128,7 +136,16 @@ fn offloaded_request_over_a_shaped_link_matches_local_prefill() {
         s.spawn(|| {
             topo.enter_hub().expect("enter the hub namespace");
             actix_rt::System::new().block_on(async {
-                wait_ready(&home_url, &other_url, &mut procs, &dir).await;
+                // A node dials its bootstrap peer once, at start: the home first.
+                for (i, (cfg, url)) in [(&home, &home_url), (&other, &other_url)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    procs.push(spawn(&topo, i, cfg, &dir));
+                    let log = dir.join(format!("node{i}.log"));
+                    wait_healthy(url, procs.last_mut().expect("just pushed"), &log).await;
+                }
+                wait_prefiller(&home_url).await;
                 let params = ChatParams {
                     timeout: Duration::from_secs(120),
                     ..ChatParams::greedy(12)

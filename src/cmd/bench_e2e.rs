@@ -217,6 +217,9 @@ const DEPLOYMENTS: [Deployment; 3] = [
     Deployment::Auction,
 ];
 
+/// An offload threshold no prompt reaches (TOML integers are i64, so not `usize::MAX`).
+const NEVER_OFFLOAD: usize = 1 << 40;
+
 const API_PORT: u16 = 8080;
 const MESH_PORT: u16 = 4100;
 
@@ -254,7 +257,7 @@ fn deployment_configs(args: &Args, topo: &Topology, d: Deployment) -> Vec<NodeCo
         Deployment::Homogeneous => (0..2)
             .map(|i| {
                 let mut c = node_config(args, topo, i, &[NodeRole::Pd], true);
-                c.policy.offload_threshold_tokens = usize::MAX;
+                c.policy.offload_threshold_tokens = NEVER_OFFLOAD;
                 c.policy.adaptive_threshold = false;
                 c
             })
@@ -279,7 +282,9 @@ struct Nodes {
     urls: Vec<String>,
 }
 
-fn start_nodes(
+/// Starts the nodes in order, each once the one before answers `/healthz` (a node dials its
+/// bootstrap peer once, at start).
+async fn start_nodes(
     args: &Args,
     topo: &Topology,
     configs: &[NodeConfig],
@@ -311,47 +316,49 @@ fn start_nodes(
             .stderr(log)
             .spawn()
             .context("starting a node process")?;
-        procs.push(ChildGuard(child));
-        urls.push(format!("http://{}:{API_PORT}", topo.addr(i)));
+        let mut proc = ChildGuard(child);
+        let url = format!("http://{}:{API_PORT}", topo.addr(i));
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while client::get_json(&format!("{url}/healthz")).await.is_err() {
+            if let Some(s) = proc.exited() {
+                anyhow::bail!("node {i} exited ({s}) during start-up; see {}", dir.display());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {i} not healthy after 180 s; see {}",
+                dir.display()
+            );
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        procs.push(proc);
+        urls.push(url);
     }
     Ok(Nodes { procs, urls })
 }
 
-/// Polls (bounded) until every node answers `/healthz` and node 0 sees `prefillers` peers that
-/// prefill its model.
+/// Polls (bounded) until node 0 sees `prefillers` peers that prefill its model.
 async fn wait_ready(nodes: &mut Nodes, prefillers: usize, dir: &Path) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let mut ready = vec![false; nodes.urls.len()];
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         for (i, p) in nodes.procs.iter_mut().enumerate() {
             if let Some(s) = p.exited() {
-                anyhow::bail!(
-                    "node {i} exited ({s}) during start-up; see {}",
-                    dir.display()
-                );
+                anyhow::bail!("node {i} exited ({s}); see {}", dir.display());
             }
         }
-        for (i, url) in nodes.urls.iter().enumerate() {
-            if !ready[i] {
-                ready[i] = client::get_json(&format!("{url}/healthz")).await.is_ok();
-            }
-        }
-        if ready.iter().all(|&r| r) {
-            let seen = match client::get_json(&format!("{}/mesh", nodes.urls[0])).await {
-                Ok(v) => v["peers"].as_array().map_or(0, |p| {
-                    p.iter()
-                        .filter(|p| p["prefills_our_model"].as_bool() == Some(true))
-                        .count()
-                }),
-                Err(_) => 0,
-            };
-            if seen >= prefillers {
-                return Ok(());
-            }
+        let seen = match client::get_json(&format!("{}/mesh", nodes.urls[0])).await {
+            Ok(v) => v["peers"].as_array().map_or(0, |p| {
+                p.iter()
+                    .filter(|p| p["prefills_our_model"].as_bool() == Some(true))
+                    .count()
+            }),
+            Err(_) => 0,
+        };
+        if seen >= prefillers {
+            return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "nodes not ready after 180 s (health {ready:?}); logs in {}",
+            "node 0 sees {seen}/{prefillers} prefill peers after 120 s; logs in {}",
             dir.display()
         );
         actix_rt::time::sleep(Duration::from_millis(200)).await;
@@ -532,7 +539,7 @@ async fn load_run(
 ) -> anyhow::Result<LoadFigures> {
     let label = format!("{d:?}-{rate}").to_lowercase();
     let configs = deployment_configs(args, topo, d);
-    let mut nodes = start_nodes(args, topo, &configs, dir, &label)?;
+    let mut nodes = start_nodes(args, topo, &configs, dir, &label).await?;
     let prefillers = usize::from(d != Deployment::Homogeneous);
     wait_ready(&mut nodes, prefillers, dir).await?;
     let homes = if d == Deployment::Homogeneous {
@@ -636,10 +643,10 @@ async fn overlap_runs(
     home.policy.adaptive_threshold = false;
     home.policy.reserve_price_factor = 1e6;
     let mut server = node_config(args, topo, 1, &[NodeRole::Pd], false);
-    server.policy.offload_threshold_tokens = usize::MAX;
+    server.policy.offload_threshold_tokens = NEVER_OFFLOAD;
     server.policy.adaptive_threshold = false;
     let chunk = server.engine.prefill_chunk;
-    let mut nodes = start_nodes(args, topo, &[home, server], dir, "overlap")?;
+    let mut nodes = start_nodes(args, topo, &[home, server], dir, "overlap").await?;
     wait_ready(&mut nodes, 1, dir).await?;
     let params = |n| ChatParams {
         timeout: Duration::from_secs(args.run_timeout_s),
