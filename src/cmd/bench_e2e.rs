@@ -321,7 +321,10 @@ async fn start_nodes(
         let deadline = Instant::now() + Duration::from_secs(180);
         while client::get_json(&format!("{url}/healthz")).await.is_err() {
             if let Some(s) = proc.exited() {
-                anyhow::bail!("node {i} exited ({s}) during start-up; see {}", dir.display());
+                anyhow::bail!(
+                    "node {i} exited ({s}) during start-up; see {}",
+                    dir.display()
+                );
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
@@ -476,8 +479,7 @@ fn figures(
         itl_p99_s: percentile(itls, 0.99),
         goodput_req_per_s: per_s(good as f64),
         slo_attainment: good as f64 / outs.len().max(1) as f64,
-        offload_fraction: ok.iter().filter(|o| o.remote).count() as f64
-            / ok.len().max(1) as f64,
+        offload_fraction: ok.iter().filter(|o| o.remote).count() as f64 / ok.len().max(1) as f64,
         kv_bytes: ok.iter().map(|o| o.kv_bytes).sum(),
         egress_bytes: egress,
         prompt_tokens_mean: ok.iter().map(|o| o.prompt_tokens as f64).sum::<f64>()
@@ -515,10 +517,7 @@ async fn replay(
         async move {
             // Open loop: each request leaves at its arrival time, whatever the others do.
             actix_rt::time::sleep_until((t0 + Duration::from_secs_f64(arrival)).into()).await;
-            outcome(
-                client::chat(url, &messages, params, true).await,
-                arrival,
-            )
+            outcome(client::chat(url, &messages, params, true).await, arrival)
         }
     });
     let all = futures::future::join_all(calls);
@@ -621,6 +620,7 @@ fn raw_tcp_mbit(topo: &Topology, mbit: f64, dir: &Path) -> anyhow::Result<f64> {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let _ = server.0.wait();
+    let _ = std::fs::remove_file(&addr_file);
     v["goodput_mbit"]
         .as_f64()
         .context("raw TCP sender printed no goodput_mbit")
@@ -663,8 +663,8 @@ async fn overlap_runs(
             // Room for the generated tokens and for re-tokenization drift of the cut text.
             let n = len.min(context.saturating_sub(64));
             let offset = 7919 * (1 + r * 16 + l * 2);
-            let remote = client::complete(&nodes.urls[0], &text.window(offset, n), &params(2), true)
-                .await?;
+            let remote =
+                client::complete(&nodes.urls[0], &text.window(offset, n), &params(2), true).await?;
             let local = client::complete(
                 &nodes.urls[1],
                 &text.window(offset + 3331, n),
@@ -768,7 +768,15 @@ fn table(args: &Args, load: &[LoadFigures], overlap: &[Overlap]) -> String {
         let _ = writeln!(
             s,
             "{:>6} {:>9} {:>7} {:>8} {:>9} {:>10} {:>9} {:>9} {:>7}",
-            "Mbit/s", "raw TCP", "tokens", "TTFT s", "prefill", "KV MB", "whole s", "last s", "ratio"
+            "Mbit/s",
+            "raw TCP",
+            "tokens",
+            "TTFT s",
+            "prefill",
+            "KV MB",
+            "whole s",
+            "last s",
+            "ratio"
         );
         for o in overlap {
             let _ = writeln!(
@@ -801,7 +809,12 @@ fn write_charts(dir: &Path, load: &[LoadFigures]) -> anyhow::Result<()> {
     let cdf: Vec<(String, Vec<f64>)> = load
         .iter()
         .filter(|f| f.offered_req_per_s == top)
-        .map(|f| (format!("{:?}", f.deployment).to_lowercase(), f.ttfts.clone()))
+        .map(|f| {
+            (
+                format!("{:?}", f.deployment).to_lowercase(),
+                f.ttfts.clone(),
+            )
+        })
         .collect();
     std::fs::write(
         dir.join("ttft_cdf.svg"),
@@ -903,7 +916,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "overlap": overlap,
         "overlap_goal": 1.10,
     });
-    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(dir.join("table.txt"), &tab)?;
     write_charts(&dir, &load)?;
     if args.json {

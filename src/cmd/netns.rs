@@ -133,7 +133,11 @@ impl Topology {
         };
         // From here on, drop cleans up whatever was made.
         ip(&["netns", "add", &t.hub])?;
-        t.exec_ok(&t.hub.clone(), "sh", &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])?;
+        t.exec_ok(
+            &t.hub.clone(),
+            "sh",
+            &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"],
+        )?;
         ip(&["-n", &t.hub, "link", "set", "lo", "up"])?;
         for (i, &rate) in uplink_mbit.iter().enumerate() {
             let ns = format!("{base}-n{i}");
@@ -212,7 +216,16 @@ impl Topology {
 
     /// Bytes node `i` has sent on its uplink so far (its egress, as the kernel counts it).
     pub fn egress_bytes(&self, i: usize) -> Result<u64, NetnsError> {
-        let out = ip(&["-j", "-s", "-n", &self.nodes[i], "link", "show", "dev", NODE_IF])?;
+        let out = ip(&[
+            "-j",
+            "-s",
+            "-n",
+            &self.nodes[i],
+            "link",
+            "show",
+            "dev",
+            NODE_IF,
+        ])?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .map_err(|e| NetnsError(format!("`ip -j -s link` output: {e}")))?;
         v.pointer("/0/stats64/tx/bytes")

@@ -133,6 +133,19 @@ struct Chart {
 const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 
 impl Chart {
+    /// A 720×420 chart with linear axes from the origin to (`x1`, `y1`).
+    fn linear(x1: f64, y1: f64) -> Self {
+        Self {
+            w: 720.0,
+            h: 420.0,
+            x0: 0.0,
+            x1,
+            y0: 0.0,
+            y1,
+            log_x: false,
+            body: String::new(),
+        }
+    }
     fn px(&self, x: f64) -> f64 {
         let f = if self.log_x {
             (x.ln() - self.x0.ln()) / (self.x1.ln() - self.x0.ln())
@@ -329,16 +342,7 @@ pub fn cdf_svg(title: &str, xlabel: &str, series: &[(String, Vec<f64>)]) -> Stri
         .map(|v| v[((v.len() - 1) as f64 * 0.99).round() as usize])
         .fold(0.0, f64::max)
         .max(1e-3);
-    let mut c = Chart {
-        w: 720.0,
-        h: 420.0,
-        x0: 0.0,
-        x1: xmax,
-        y0: 0.0,
-        y1: 1.0,
-        log_x: false,
-        body: String::new(),
-    };
+    let mut c = Chart::linear(xmax, 1.0);
     for (k, ((label, _), v)) in series.iter().zip(&sorted).enumerate() {
         let n = v.len();
         let step = (n / 400).max(1);
@@ -355,12 +359,23 @@ pub fn cdf_svg(title: &str, xlabel: &str, series: &[(String, Vec<f64>)]) -> Stri
         .into_iter()
         .map(|x| (x, format!("{x:.1}")))
         .collect();
-    c.finish(title, xlabel, "fraction of requests", &xt, &ticks(0.0, 1.0, 5))
+    c.finish(
+        title,
+        xlabel,
+        "fraction of requests",
+        &xt,
+        &ticks(0.0, 1.0, 5),
+    )
 }
 
 /// One line per `(label, points)` series on linear axes from 0 (e.g. throughput vs offered
 /// load).
-pub fn lines_svg(title: &str, xlabel: &str, ylabel: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+pub fn lines_svg(
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
     let finite = |f: fn(&(f64, f64)) -> f64| {
         series
             .iter()
@@ -370,16 +385,7 @@ pub fn lines_svg(title: &str, xlabel: &str, ylabel: &str, series: &[(String, Vec
             .max(1e-9)
     };
     let (xmax, ymax) = (finite(|p| p.0) * 1.05, finite(|p| p.1) * 1.15);
-    let mut c = Chart {
-        w: 720.0,
-        h: 420.0,
-        x0: 0.0,
-        x1: xmax,
-        y0: 0.0,
-        y1: ymax,
-        log_x: false,
-        body: String::new(),
-    };
+    let mut c = Chart::linear(xmax, ymax);
     for (k, (label, pts)) in series.iter().enumerate() {
         c.line(pts, COLORS[k % 4], false);
         for &(x, y) in pts.iter().filter(|p| p.0.is_finite() && p.1.is_finite()) {
