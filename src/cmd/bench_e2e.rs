@@ -249,6 +249,9 @@ fn node_config(
     c.engine.prefix_cache = prefix_cache;
     c.policy.auction_deadline = Duration::from_secs(1);
     c.policy.transfer_timeout = Duration::from_secs(args.run_timeout_s);
+    // The default (30 s) cuts a transfer whose winner is still queued or prefilling a long
+    // prompt on one slow core; here only the transfer timeout bounds it.
+    c.mesh.limits.kv_idle_timeout = c.policy.transfer_timeout;
     c
 }
 
@@ -383,6 +386,8 @@ struct Outcome {
     prompt_tokens: usize,
     completion_tokens: usize,
     remote: bool,
+    /// Why the home prefilled locally (`None` when remote or unknown).
+    local_reason: Option<String>,
     kv_bytes: u64,
 }
 
@@ -394,9 +399,10 @@ fn outcome(r: Result<ChatResult, client::ClientError>, arrival: f64) -> Outcome 
         },
         Ok(r) => {
             let times: Vec<f64> = r.token_times.iter().map(Duration::as_secs_f64).collect();
-            let (remote, kv_bytes) = match r.prfaas.as_ref().map(|p| &p.route) {
-                Some(PrefillRoute::Remote { kv_bytes, .. }) => (true, *kv_bytes),
-                _ => (false, 0),
+            let (remote, kv_bytes, local_reason) = match r.prfaas.as_ref().map(|p| &p.route) {
+                Some(PrefillRoute::Remote { kv_bytes, .. }) => (true, *kv_bytes, None),
+                Some(PrefillRoute::Local { reason }) => (false, 0, Some(reason.clone())),
+                None => (false, 0, None),
             };
             Outcome {
                 ok: true,
@@ -407,6 +413,7 @@ fn outcome(r: Result<ChatResult, client::ClientError>, arrival: f64) -> Outcome 
                 prompt_tokens: r.usage.map_or(0, |u| u.prompt_tokens),
                 completion_tokens: r.usage.map_or(0, |u| u.completion_tokens),
                 remote,
+                local_reason,
                 kv_bytes,
             }
         }
@@ -432,6 +439,8 @@ struct LoadFigures {
     goodput_req_per_s: f64,
     slo_attainment: f64,
     offload_fraction: f64,
+    /// Why requests stayed local, with counts.
+    local_reasons: std::collections::BTreeMap<String, usize>,
     kv_bytes: u64,
     /// Bytes each node sent on its uplink during the run (kernel counters), node 0 first.
     egress_bytes: Vec<u64>,
@@ -480,6 +489,13 @@ fn figures(
         goodput_req_per_s: per_s(good as f64),
         slo_attainment: good as f64 / outs.len().max(1) as f64,
         offload_fraction: ok.iter().filter(|o| o.remote).count() as f64 / ok.len().max(1) as f64,
+        local_reasons: ok.iter().filter_map(|o| o.local_reason.clone()).fold(
+            Default::default(),
+            |mut m, r| {
+                *m.entry(r).or_insert(0) += 1;
+                m
+            },
+        ),
         kv_bytes: ok.iter().map(|o| o.kv_bytes).sum(),
         egress_bytes: egress,
         prompt_tokens_mean: ok.iter().map(|o| o.prompt_tokens as f64).sum::<f64>()
@@ -758,6 +774,9 @@ fn table(args: &Args, load: &[LoadFigures], overlap: &[Overlap]) -> String {
                 f.egress_bytes.first().copied().unwrap_or(0) as f64 / 1e6,
                 f.egress_bytes.get(1).copied().unwrap_or(0) as f64 / 1e6,
             );
+            if f.deployment != Deployment::Homogeneous && !f.local_reasons.is_empty() {
+                let _ = writeln!(s, "{:>12} kept local: {:?}", "", f.local_reasons);
+            }
         }
     }
     if !overlap.is_empty() {

@@ -196,10 +196,22 @@ impl Topology {
     }
 
     /// A command that runs `program` in node `i`'s namespace, pinned to `cores` (`taskset -c`).
+    /// The process is killed if the thread that spawns it ends (a bench stopped with Ctrl-C
+    /// leaves no node running).
     pub fn command(&self, i: usize, cores: &str, program: &std::path::Path) -> Command {
+        use std::os::unix::process::CommandExt;
         let mut c = Command::new("taskset");
         c.args(["-c", cores, "ip", "netns", "exec", &self.nodes[i]])
             .arg(program);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         c
     }
 
