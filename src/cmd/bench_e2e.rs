@@ -697,7 +697,12 @@ async fn overlap_runs(
                 );
             };
             let prompt_tokens = remote.usage.map_or(n, |u| u.prompt_tokens);
-            let ttft = remote.ttft.map_or(f64::NAN, |t| t.as_secs_f64());
+            // Both as the nodes time them (admission → first token), so the prompt's upload and
+            // a first token that is an incomplete UTF-8 character count the same on both sides.
+            let ttft = remote
+                .prfaas
+                .as_ref()
+                .map_or(f64::NAN, |p| p.timings.ttft_s);
             let prefill = local.prfaas.as_ref().map_or(f64::NAN, |p| p.timings.ttft_s);
             let rate = measured * 1e6 / 8.0;
             let whole = kv_bytes as f64 / rate;
