@@ -6,11 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use prfaas_node::actors::compute::Job;
 use prfaas_node::actors::NodeHandle;
 use prfaas_node::config::{NodeConfig, NodeRole};
 use prfaas_node::service::PrefillRoute;
-use tokio::sync::{mpsc, oneshot};
 
 const MODEL: &str = "tiny-dense";
 
@@ -99,18 +97,11 @@ async fn cached_prefix_wins_when_bandwidth_is_scarce() {
         "The shared system prompt that many requests start with, long enough to span blocks. "
             .repeat(3);
     let prefix = home.core.text.codec.encode(&shared, false).unwrap();
-    let (ltx, mut lrx) = mpsc::channel(64);
-    let (dtx, drx) = oneshot::channel();
     p2.core
         .compute
-        .submit(Job::ServePrefill {
-            tokens: prefix,
-            layers: ltx,
-            done: dtx,
-        })
-        .expect("queued");
-    while lrx.recv().await.is_some() {}
-    drx.await.expect("prefill ran").expect("prefill ok");
+        .prefill_and_discard(prefix)
+        .await
+        .expect("prefill ok");
     wait_for_estimates(&home, &[&p1, &p2]).await;
     // Let p2's advert and view catch up with its cache (bounded).
     let t0 = Instant::now();

@@ -251,7 +251,8 @@ pub struct BackendInfo {
     pub software: bool,
 }
 
-/// Compute operations used by the model engine. All tensors are `F32` unless stated otherwise.
+/// Compute operations used by the model engine. All tensors are `F32` unless stated otherwise
+/// (weights may be quantized; KV pools may be `F16`).
 ///
 /// Every operation has a plain reference twin in [`crate::reference`]; tests compare both
 /// backends against it.
@@ -260,10 +261,21 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Copy a host tensor (any dtype; quantized weights stay quantized) to the backend.
     fn upload(&self, host: &HostTensor) -> Result<Tensor>;
-    /// Read an `F32` tensor back (flushes pending GPU work).
+    /// Read an `F32` or `F16` tensor back as `f32` (flushes pending GPU work).
     fn download(&self, t: &Tensor) -> Result<Vec<f32>>;
-    /// A zero-filled `F32` tensor (used for KV pools and recurrent state).
+    /// A zero-filled `F32` tensor (recurrent state, f32 KV pools).
     fn zeros(&self, shape: &[usize]) -> Result<Tensor>;
+    /// A zero-filled tensor of `dtype`: `F32`, or `F16` for KV pools (see [`crate::kv`]).
+    /// The wgpu backend stores `F16` as pairs in 32-bit words, so it needs an even last
+    /// dimension (a pool's `head_dim`); other dtypes are [`KernelError::Unsupported`].
+    fn zeros_dtype(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        match dtype {
+            DType::F32 => self.zeros(shape),
+            other => Err(KernelError::Unsupported(format!(
+                "zero-filled {other:?} tensors"
+            ))),
+        }
+    }
     /// Wait until all recorded work has finished.
     fn sync(&self) -> Result<()>;
     /// Runs `f`, a sequence of ops, where this backend launches ops most cheaply. The CPU backend
@@ -299,8 +311,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Index of the maximum of each row of `x: [n, d]` (lowest index on ties).
     fn argmax(&self, x: &Tensor) -> Result<Vec<u32>>;
 
-    /// Write `k`, `v` (`[n, n_kv_heads, head_dim]`) into a paged pool
-    /// (`k_pool`, `v_pool`: `[n_blocks, block_size, n_kv_heads, head_dim]`) at flat slots
+    /// Write `k`, `v` (`[n, n_kv_heads, head_dim]`, `F32`) into a paged pool
+    /// (`k_pool`, `v_pool`: `[n_blocks, block_size, n_kv_heads, head_dim]`, both `F32` or both
+    /// `F16`; f16 pools get the values rounded to nearest even) at flat slots
     /// `slots[i] = block * block_size + offset`.
     fn kv_write(
         &self,
@@ -312,6 +325,7 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<()>;
     /// Causal flash-style attention of `q: [Σ n_new, n_heads, head_dim]` over paged K/V for
     /// several sequences (rows of `q` are grouped by sequence, in order) → `[Σ n_new, n_heads·head_dim]`.
+    /// The pools may be `F32` or `F16` (widened exactly; all arithmetic is `f32`).
     fn attention(
         &self,
         q: &Tensor,
@@ -335,9 +349,12 @@ pub trait Backend: Send + Sync + 'static {
         params: &LinearAttnParams,
     ) -> Result<Tensor>;
 
-    /// Copy rows/blocks out of a pool: `[indices.len(), rest of pool shape]` (KV export).
+    /// Copy rows/blocks out of a pool: `[indices.len(), rest of pool shape]` (KV export), as
+    /// `f32` whatever the pool's dtype (`F32` or `F16`).
     fn gather_blocks(&self, pool: &Tensor, indices: &[u32]) -> Result<Vec<f32>>;
-    /// Overwrite blocks of a pool from host data laid out as `gather_blocks` returns (KV import).
+    /// Overwrite blocks of a pool from host data laid out as `gather_blocks` returns (KV import);
+    /// an `F16` pool gets the values rounded to nearest even, so the f16 values `gather_blocks`
+    /// returned come back bit for bit.
     fn scatter_blocks(&self, pool: &Tensor, indices: &[u32], data: &[f32]) -> Result<()>;
     /// Overwrite a whole `F32` tensor from host data (e.g. importing linear-attention state).
     fn write(&self, t: &Tensor, data: &[f32]) -> Result<()>;

@@ -12,6 +12,7 @@ pub mod backend;
 pub mod bench;
 pub mod cpu;
 pub mod gpu;
+pub mod kv;
 pub mod quant;
 pub mod reference;
 
@@ -19,6 +20,7 @@ pub use backend::{
     AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, HostTensor, KernelError,
     LinearAttnParams, Result, RopeStyle, Tensor,
 };
+pub use kv::KvElem;
 
 use std::sync::Arc;
 

@@ -7,11 +7,14 @@
 //!
 //! Layouts are those of [`crate::Backend`]: row-major, last dimension contiguous; matmul weights
 //! are `[n, k]` and `matmul(x, w) = x · wᵀ`; KV pools are `[n_blocks, block_size, n_kv_heads,
-//! head_dim]`; linear-attention state is `[heads, dv, dk]`.
+//! head_dim]` of any [`KvElem`] (`f32` or `f16`: values are rounded with [`KvElem::from_f32`] on
+//! the way in and widened with [`KvElem::to_f32`] on the way out, one value at a time);
+//! linear-attention state is `[heads, dv, dk]`.
 
 use crate::backend::{
     AttnParams, AttnSeq, DType, KernelError, LinearAttnParams, Result, RopeStyle,
 };
+use crate::kv::KvElem;
 use crate::quant;
 
 fn shape_err<T>(msg: String) -> Result<T> {
@@ -199,29 +202,45 @@ pub fn argmax(x: &[f32], d: usize) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Validate a `kv_write` of `slots.len()` rows of `row` values into pools of `pool_len` values each.
+pub(crate) fn check_kv_write(
+    k_len: usize,
+    v_len: usize,
+    k_pool_len: usize,
+    v_pool_len: usize,
+    row: usize,
+    slots: &[u32],
+) -> Result<()> {
+    check_len("kv_write k", k_len, slots.len() * row)?;
+    check_len("kv_write v", v_len, slots.len() * row)?;
+    check_len("kv_write v_pool", v_pool_len, k_pool_len)?;
+    let capacity = k_pool_len / row.max(1);
+    if let Some(&s) = slots.iter().find(|&&s| s as usize >= capacity) {
+        return Err(KernelError::InvalidArgument(format!(
+            "kv_write: slot {s} >= pool capacity {capacity}"
+        )));
+    }
+    Ok(())
+}
+
 /// Write `k`, `v` (`[n, row]`, `row = n_kv_heads · head_dim`) into paged pools (`[slots_total, row]`
-/// viewed flat) at flat slots `slots[i] = block · block_size + offset`.
-pub fn kv_write(
-    k_pool: &mut [f32],
-    v_pool: &mut [f32],
+/// viewed flat) at flat slots `slots[i] = block · block_size + offset`; a repeated slot keeps the
+/// last row.
+pub fn kv_write<T: KvElem>(
+    k_pool: &mut [T],
+    v_pool: &mut [T],
     k: &[f32],
     v: &[f32],
     row: usize,
     slots: &[u32],
 ) -> Result<()> {
-    check_len("kv_write k", k.len(), slots.len() * row)?;
-    check_len("kv_write v", v.len(), slots.len() * row)?;
-    check_len("kv_write v_pool", v_pool.len(), k_pool.len())?;
-    let capacity = k_pool.len() / row.max(1);
+    check_kv_write(k.len(), v.len(), k_pool.len(), v_pool.len(), row, slots)?;
     for (i, &s) in slots.iter().enumerate() {
         let s = s as usize;
-        if s >= capacity {
-            return Err(KernelError::InvalidArgument(format!(
-                "kv_write: slot {s} >= pool capacity {capacity}"
-            )));
+        for e in 0..row {
+            k_pool[s * row + e] = T::from_f32(k[i * row + e]);
+            v_pool[s * row + e] = T::from_f32(v[i * row + e]);
         }
-        k_pool[s * row..(s + 1) * row].copy_from_slice(&k[i * row..(i + 1) * row]);
-        v_pool[s * row..(s + 1) * row].copy_from_slice(&v[i * row..(i + 1) * row]);
     }
     Ok(())
 }
@@ -276,10 +295,10 @@ pub(crate) fn check_attention(
 
 /// Causal attention of `q: [Σ n_new, n_heads, head_dim]` over paged K/V, exact two-pass softmax in
 /// `f64` → `[Σ n_new, n_heads · head_dim]`. See [`crate::Backend::attention`].
-pub fn attention(
+pub fn attention<T: KvElem>(
     q: &[f32],
-    k_pool: &[f32],
-    v_pool: &[f32],
+    k_pool: &[T],
+    v_pool: &[T],
     block_size: usize,
     seqs: &[AttnSeq<'_>],
     p: &AttnParams,
@@ -309,7 +328,7 @@ pub fn attention(
                         let dot: f64 = qv
                             .iter()
                             .zip(kv)
-                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b.to_f32()))
                             .sum();
                         dot * f64::from(p.scale)
                     })
@@ -321,7 +340,7 @@ pub fn attention(
                 for (d, o) in o.iter_mut().enumerate() {
                     let mut acc = 0.0f64;
                     for (kp, w) in (first..=pos).zip(&weights) {
-                        acc += w * f64::from(v_pool[slot(kp) * row + kvh * hd + d]);
+                        acc += w * f64::from(v_pool[slot(kp) * row + kvh * hd + d].to_f32());
                     }
                     *o = (acc / sum) as f32;
                 }
@@ -432,19 +451,27 @@ pub(crate) fn check_blocks(
     Ok(())
 }
 
-/// Copy blocks `indices` (each `block_elems` values) out of `pool`.
-pub fn gather_blocks(pool: &[f32], block_elems: usize, indices: &[u32]) -> Result<Vec<f32>> {
+/// Copy blocks `indices` (each `block_elems` values) out of `pool`, as `f32`.
+pub fn gather_blocks<T: KvElem>(
+    pool: &[T],
+    block_elems: usize,
+    indices: &[u32],
+) -> Result<Vec<f32>> {
     check_blocks("gather_blocks", pool.len(), block_elems, indices)?;
     let mut out = Vec::with_capacity(indices.len() * block_elems);
     for &b in indices {
-        out.extend_from_slice(&pool[b as usize * block_elems..][..block_elems]);
+        out.extend(
+            pool[b as usize * block_elems..][..block_elems]
+                .iter()
+                .map(|x| x.to_f32()),
+        );
     }
     Ok(out)
 }
 
 /// Overwrite blocks `indices` of `pool` from `data` laid out as [`gather_blocks`] returns.
-pub fn scatter_blocks(
-    pool: &mut [f32],
+pub fn scatter_blocks<T: KvElem>(
+    pool: &mut [T],
     block_elems: usize,
     indices: &[u32],
     data: &[f32],
@@ -456,7 +483,12 @@ pub fn scatter_blocks(
         indices.len() * block_elems,
     )?;
     for (&b, d) in indices.iter().zip(data.chunks_exact(block_elems)) {
-        pool[b as usize * block_elems..][..block_elems].copy_from_slice(d);
+        for (p, &x) in pool[b as usize * block_elems..][..block_elems]
+            .iter_mut()
+            .zip(d)
+        {
+            *p = T::from_f32(x);
+        }
     }
     Ok(())
 }

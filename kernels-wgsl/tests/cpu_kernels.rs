@@ -1,9 +1,15 @@
 //! Native CPU backend vs the plain reference implementations (`prfaas_kernels::reference`), on odd
 //! shapes, every weight dtype, GQA ratios, windows and paged layouts, with relative tolerances.
 
+mod common {
+    mod f16_pools;
+    pub use f16_pools::f16_pools_round_trip;
+}
+
+use half::f16;
 use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::{
-    quant, reference, AttnParams, AttnSeq, Backend, DType, HostTensor, KernelError,
+    quant, reference, AttnParams, AttnSeq, Backend, DType, HostTensor, KernelError, KvElem,
     LinearAttnParams, RopeStyle, Tensor,
 };
 
@@ -248,9 +254,25 @@ fn rope_both_styles() {
     }
 }
 
-/// Fill a paged pool for several sequences with random K/V through `kv_write`, check the pool
-/// against the reference writer, then compare attention against the reference.
+fn widen<T: KvElem>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// [`attention_case_in`] with f32 pools and with f16 pools.
 fn attention_case(
+    b: &CpuBackend,
+    rng: &mut Rng,
+    p: AttnParams,
+    block_size: usize,
+    seq_lens: &[(usize, usize)],
+) {
+    attention_case_in::<f32>(b, rng, p, block_size, seq_lens);
+    attention_case_in::<f16>(b, rng, p, block_size, seq_lens);
+}
+
+/// Fill a paged pool of `T` for several sequences with random K/V through `kv_write`, check the
+/// pool against the reference writer (bit for bit), then compare attention against the reference.
+fn attention_case_in<T: KvElem>(
     b: &CpuBackend,
     rng: &mut Rng,
     p: AttnParams,
@@ -277,8 +299,12 @@ fn attention_case(
         })
         .collect();
     let pool_shape = [n_blocks, block_size, p.n_kv_heads, p.head_dim];
-    let (kp, vp) = (b.zeros(&pool_shape).unwrap(), b.zeros(&pool_shape).unwrap());
-    let mut host_k = vec![0.0f32; n_blocks * block_size * row];
+    let (kp, vp) = (
+        b.zeros_dtype(&pool_shape, T::DTYPE).unwrap(),
+        b.zeros_dtype(&pool_shape, T::DTYPE).unwrap(),
+    );
+    assert_eq!(kp.dtype(), T::DTYPE);
+    let mut host_k = vec![T::default(); n_blocks * block_size * row];
     let mut host_v = host_k.clone();
     for (t, &(past, new)) in tables.iter().zip(seq_lens) {
         let n = past + new;
@@ -296,8 +322,16 @@ fn attention_case(
         )
         .unwrap();
     }
-    assert_eq!(b.download(&kp).unwrap(), host_k, "k pool after kv_write");
-    assert_eq!(b.download(&vp).unwrap(), host_v, "v pool after kv_write");
+    assert_eq!(
+        b.download(&kp).unwrap(),
+        widen(&host_k),
+        "k pool after kv_write"
+    );
+    assert_eq!(
+        b.download(&vp).unwrap(),
+        widen(&host_v),
+        "v pool after kv_write"
+    );
     let seqs: Vec<AttnSeq<'_>> = tables
         .iter()
         .zip(seq_lens)
@@ -320,7 +354,10 @@ fn attention_case(
         )
         .unwrap();
     assert_eq!(got.shape(), &[rows, p.n_heads * p.head_dim]);
-    let what = format!("attention {p:?} bs {block_size} seqs {seq_lens:?}");
+    let what = format!(
+        "attention {:?} {p:?} bs {block_size} seqs {seq_lens:?}",
+        T::DTYPE
+    );
     assert_close(&what, &b.download(&got).unwrap(), &want, 1e-4);
 }
 
@@ -520,6 +557,31 @@ fn gather_scatter_and_write_round_trip() {
     let alias = pool.clone();
     b.write(&pool, &init).unwrap();
     assert_eq!(b.download(&alias).unwrap(), init);
+}
+
+/// F16 pools: `scatter_blocks` rounds like the reference (to nearest even), `gather_blocks`
+/// widens exactly, and gathered f16 values scatter back bit for bit (odd block sizes too).
+#[test]
+fn gather_scatter_f16_pools_round_trip_exactly() {
+    let b = CpuBackend::new();
+    let mut rng = Rng(0xf16);
+    common::f16_pools_round_trip(
+        &b,
+        &[
+            [1usize, 1, 1, 1],
+            [7, 3, 1, 7],
+            [5, 16, 3, 64],
+            [33, 2, 2, 33],
+        ],
+        |n| rng.vec(n),
+    );
+    // Mixed pool dtypes, raw-byte dtypes and f16 `write` are refused.
+    let kp = b.zeros_dtype(&[2, 4, 1, 8], DType::F16).unwrap();
+    let vp = b.zeros(&[2, 4, 1, 8]).unwrap();
+    let k = up(&b, &[1, 1, 8], &[0.5; 8]);
+    assert!(b.kv_write(&kp, &vp, &k, &k, &[0]).is_err());
+    assert!(b.zeros_dtype(&[2, 32], DType::Q8_0).is_err());
+    assert!(b.write(&kp, &[0.0; 64]).is_err());
 }
 
 #[test]

@@ -7,10 +7,16 @@
 
 use std::sync::OnceLock;
 
+mod common {
+    mod f16_pools;
+    pub use f16_pools::f16_pools_round_trip;
+}
+
+use half::f16;
 use prfaas_kernels::gpu::{MatmulPath, WgpuBackend};
 use prfaas_kernels::{
     gpu_required, quant, reference, AttnParams, AttnSeq, Backend, DType, HostTensor, KernelError,
-    LinearAttnParams, RopeStyle,
+    KvElem, LinearAttnParams, RopeStyle,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -291,9 +297,20 @@ fn rope_normal_and_neox() {
 // ---------------------------------------------------------------------------------------------
 // Paged KV and attention
 
+fn widen<T: KvElem>(x: &[T]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
 #[test]
 fn attention_paged_gqa_windows_multi_sequence() {
     let Some(b) = gpu() else { return };
+    attention_paged_cases::<f32>(b);
+    attention_paged_cases::<f16>(b);
+}
+
+/// Pools of `T` written with `kv_write` hold exactly what the reference writes (f16: the same
+/// rounding bit for bit), and attention over them matches the reference.
+fn attention_paged_cases<T: KvElem>(b: &WgpuBackend) {
     let mut rng = Rng(2024);
     // (n_heads, n_kv_heads, head_dim, block_size, window)
     let cases = [
@@ -320,9 +337,9 @@ fn attention_paged_gqa_windows_multi_sequence() {
             .collect();
         let n_blocks: usize = blocks_per_seq.iter().sum::<usize>() + 2;
         let row = nkv * hd;
-        let kp = b.zeros(&[n_blocks, bs, nkv, hd]).unwrap();
-        let vp = b.zeros(&[n_blocks, bs, nkv, hd]).unwrap();
-        let mut host_k = vec![0.0f32; n_blocks * bs * row];
+        let kp = b.zeros_dtype(&[n_blocks, bs, nkv, hd], T::DTYPE).unwrap();
+        let vp = b.zeros_dtype(&[n_blocks, bs, nkv, hd], T::DTYPE).unwrap();
+        let mut host_k = vec![T::default(); n_blocks * bs * row];
         let mut host_v = host_k.clone();
         // Assign blocks in a scrambled order so the block table matters.
         let mut free: Vec<u32> = (0..n_blocks as u32).rev().collect();
@@ -333,8 +350,15 @@ fn attention_paged_gqa_windows_multi_sequence() {
                 .map(|_| free.pop().unwrap())
                 .collect();
             let len = n_past + n_new;
-            let k = rng.vec(len * row);
-            let v = rng.vec(len * row);
+            // Scaled so that f16 pools see ties, subnormals and overflow too.
+            let k: Vec<f32> = rng.vec(len * row).iter().map(|x| x * 4.0).collect();
+            let mut v = rng.vec(len * row);
+            if let Some(x) = v.first_mut() {
+                *x = 1.0 + 2f32.powi(-11);
+            }
+            if let Some(x) = v.get_mut(1) {
+                *x = 3.0e-6;
+            }
             // Write the prefix and the new tokens in two kv_write calls, as an engine would.
             for range in [0..n_past, n_past..len] {
                 if range.is_empty() {
@@ -379,9 +403,13 @@ fn attention_paged_gqa_windows_multi_sequence() {
             .unwrap();
         let want = reference::attention(&q, &host_k, &host_v, bs, &seqs, &params).unwrap();
         // The pools hold exactly what the reference wrote.
-        assert_eq!(b.download(&kp).unwrap(), host_k);
+        assert_eq!(b.download(&kp).unwrap(), widen(&host_k));
+        assert_eq!(b.download(&vp).unwrap(), widen(&host_v));
         assert_close(
-            &format!("attention h{nh} kv{nkv} d{hd} bs{bs} w{window:?}"),
+            &format!(
+                "attention {:?} h{nh} kv{nkv} d{hd} bs{bs} w{window:?}",
+                T::DTYPE
+            ),
             &got,
             &want,
             1e-4,
@@ -483,6 +511,42 @@ fn gather_scatter_blocks_and_write_round_trip() {
     let doubled: Vec<f32> = expect.iter().map(|v| v + v).collect();
     assert_eq!(b.download(&before).unwrap(), doubled);
     assert_eq!(b.download(&pool).unwrap(), fresh);
+}
+
+/// F16 pools on the GPU: scatter rounds bit for bit like the reference (ties to even, overflow
+/// to inf, subnormals), gather widens exactly, gathered values re-import unchanged, and a
+/// repeated index keeps the last row.
+#[test]
+fn gather_scatter_f16_pools_match_the_reference_bit_for_bit() {
+    let Some(b) = gpu() else { return };
+    let mut rng = Rng(0xf16);
+    common::f16_pools_round_trip(
+        b,
+        &[
+            [1usize, 1, 1, 2],
+            [7, 3, 1, 6],
+            [5, 16, 3, 64],
+            [33, 1, 3, 2],
+        ],
+        |n| rng.vec(n),
+    );
+    // Repeated slot in kv_write: last row wins, as in the reference.
+    let kp = b.zeros_dtype(&[2, 4, 1, 8], DType::F16).unwrap();
+    let vp = b.zeros_dtype(&[2, 4, 1, 8], DType::F16).unwrap();
+    let kv: Vec<f32> = (0..16).map(|i| i as f32 * 0.3).collect();
+    let k2 = up(b, &[2, 1, 8], &kv);
+    b.kv_write(&kp, &vp, &k2, &k2, &[5, 5]).unwrap();
+    let mut host_k = vec![f16::ZERO; 2 * 4 * 8];
+    let mut host_v = host_k.clone();
+    reference::kv_write(&mut host_k, &mut host_v, &kv, &kv, 8, &[5, 5]).unwrap();
+    assert_eq!(b.download(&kp).unwrap(), widen(&host_k));
+    // Odd last dimension, mixed pool dtypes: errors, not garbage.
+    assert!(matches!(
+        b.zeros_dtype(&[2, 4, 1, 7], DType::F16),
+        Err(KernelError::Unsupported(_))
+    ));
+    let vf32 = b.zeros(&[2, 4, 1, 8]).unwrap();
+    assert!(b.kv_write(&kp, &vf32, &k2, &k2, &[0, 1]).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -274,29 +274,14 @@ pub async fn mesh_kv_once(
     layer: usize,
     streams: u16,
 ) -> Result<f64, BenchError> {
-    let layers = total.div_ceil(layer as u64) as u32;
-    let header = KvHeader {
-        request_id: 1,
-        model: bench_model(),
-        layers,
-        tokens: 0,
-        dtype: "u8".into(),
-        max_layer_bytes: layer as u64,
-        total_bytes: total,
-        probe: false,
-    };
+    let header = KvHeader::opaque(1, bench_model(), total, layer as u64, false);
     let sender = sender.clone();
     let send = tokio::spawn(async move {
         let template = layer_template(layer);
         let mut s = sender
             .open_kv_transfer_with(receiver_id, header, streams)
             .await?;
-        let mut left = total;
-        for l in 0..layers {
-            let n = left.min(layer as u64) as usize;
-            left -= n as u64;
-            s.send_layer(l, template[..n].to_vec()).await?;
-        }
+        s.send_opaque(&template).await?;
         Ok::<_, MeshError>(s.finish(KvTrailer::default()).await?)
     });
     let incoming = tokio::time::timeout(Duration::from_secs(30), async {
@@ -708,27 +693,10 @@ pub fn send_kv(addr: &str, mib: u64, rate_mbit: f64) -> Result<ShapedGoodput, Be
         let peer = h.dial(addr).await?;
         let total = mib << 20;
         let layer = 4usize << 20;
-        let layers = total.div_ceil(layer as u64) as u32;
-        let header = KvHeader {
-            request_id: 1,
-            model: bench_model(),
-            layers,
-            tokens: 0,
-            dtype: "u8".into(),
-            max_layer_bytes: layer as u64,
-            total_bytes: total,
-            probe: false,
-        };
+        let header = KvHeader::opaque(1, bench_model(), total, layer as u64, false);
         let template = layer_template(layer);
         let mut s = h.open_kv_transfer_with(peer, header, 1).await?;
-        let mut left = total;
-        for l in 0..layers {
-            let n = left.min(layer as u64) as usize;
-            left -= n as u64;
-            s.send_layer(l, template[..n].to_vec())
-                .await
-                .map_err(MeshError::from)?;
-        }
+        s.send_opaque(&template).await.map_err(MeshError::from)?;
         let sent = s
             .finish(KvTrailer::default())
             .await

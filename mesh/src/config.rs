@@ -191,8 +191,9 @@ pub struct Limits {
     pub command_queue: usize,
     /// Event queue from the mesh to the application; when full, events are dropped and counted.
     pub event_queue: usize,
-    /// Largest KV layer frame accepted, bytes.
-    pub max_layer_bytes: u64,
+    /// Largest KV piece frame accepted, bytes (a piece is one layer's KV for a range of tokens).
+    #[serde(alias = "max_layer_bytes")]
+    pub max_piece_bytes: u64,
     /// Largest KV transfer accepted, bytes.
     pub max_transfer_bytes: u64,
     /// Largest KV trailer, bytes.
@@ -204,6 +205,9 @@ pub struct Limits {
     /// A KV transfer with no progress for this long fails.
     #[serde(with = "humantime_serde")]
     pub kv_idle_timeout: Duration,
+    /// A receiver that takes KV slower than this many bytes/s (measured while data was waiting,
+    /// after 5 s of it) is cut and the sender frees what it held for the transfer. 0 disables.
+    pub kv_min_rate_bytes_per_s: u64,
     /// Connection set-up (pnet + noise + yamux) must finish within this.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -259,12 +263,13 @@ impl Default for Limits {
             auction_timeout: Duration::from_secs(5),
             command_queue: 256,
             event_queue: 1024,
-            max_layer_bytes: 256 * 1024 * 1024,
+            max_piece_bytes: 256 * 1024 * 1024,
             max_transfer_bytes: 8 * 1024 * 1024 * 1024,
             max_trailer_bytes: 1024 * 1024,
             max_streams_per_transfer: 16,
             max_pending_transfers: 64,
             kv_idle_timeout: Duration::from_secs(30),
+            kv_min_rate_bytes_per_s: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),
         }
     }

@@ -319,17 +319,13 @@ impl Mesh {
         )));
         let max_streams = cfg.limits.max_streams_per_transfer.max(1);
         let recv_limits = ReceiverLimits {
-            max_layer_bytes: cfg.limits.max_layer_bytes,
+            max_piece_bytes: cfg.limits.max_piece_bytes,
             max_transfer_bytes: cfg.limits.max_transfer_bytes,
             max_trailer_bytes: cfg.limits.max_trailer_bytes,
             max_streams,
             idle_timeout: cfg.limits.kv_idle_timeout,
         };
-        let sender_limits = SenderLimits {
-            max_trailer_bytes: cfg.limits.max_trailer_bytes,
-            idle_timeout: cfg.limits.kv_idle_timeout,
-            emulated_rate: None,
-        };
+        let sender_limits = SenderLimits::new(&cfg.limits);
         let emulated_rate = EmulatedRates::default();
         // Unique-ish start so a restarted sender does not reuse ids a receiver still remembers.
         let seed = std::time::SystemTime::now()
@@ -719,9 +715,8 @@ impl Task {
         let control = self.control.clone();
         let estimator = self.estimator.clone();
         let limits = SenderLimits {
-            max_trailer_bytes: self.cfg.limits.max_trailer_bytes,
-            idle_timeout: self.cfg.limits.kv_idle_timeout,
             emulated_rate: emulated_rate(&self.emulated_rate, &peer),
+            ..SenderLimits::new(&self.cfg.limits)
         };
         let probe_bytes = bw.probe_bytes.max(1);
         let id = self.next_transfer.fetch_add(1, Ordering::Relaxed);
@@ -1191,7 +1186,7 @@ fn content_message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
     gossipsub::MessageId::new(&digest[..20])
 }
 
-/// A small transfer in 256 KiB layers whose only purpose is to measure goodput to `peer`.
+/// A small transfer in 256 KiB pieces whose only purpose is to measure goodput to `peer`.
 async fn probe(
     control: libp2p_stream::Control,
     peer: PeerId,
@@ -1200,30 +1195,15 @@ async fn probe(
     limits: SenderLimits,
     estimator: Arc<Mutex<BandwidthEstimator>>,
 ) -> Result<(), crate::kv::KvError> {
-    const LAYER: u64 = 256 * 1024;
-    let layers = bytes.div_ceil(LAYER) as u32;
-    let header = KvHeader {
-        request_id: 0,
-        model: crate::advert::ModelRef {
-            model_id: String::new(),
-            weights_hash: [0; 32],
-            kv_layout_version: 0,
-            kv_layout_hash: [0; 32],
-        },
-        layers,
-        tokens: 0,
-        dtype: "probe".into(),
-        max_layer_bytes: LAYER.min(bytes),
-        total_bytes: bytes,
-        probe: true,
+    let model = crate::advert::ModelRef {
+        model_id: String::new(),
+        weights_hash: [0; 32],
+        kv_layout_version: 0,
+        kv_layout_hash: [0; 32],
     };
+    let header = KvHeader::opaque(0, model, bytes, 256 * 1024, true);
     let mut s = crate::kv::KvSender::open(&control, peer, header, 1, id, limits, estimator).await?;
-    let mut left = bytes;
-    for l in 0..layers {
-        let n = left.min(LAYER);
-        left -= n;
-        s.send_layer(l, vec![0xA5; n as usize]).await?;
-    }
+    s.send_opaque(&[0xA5]).await?;
     s.finish(KvTrailer::default()).await?;
     Ok(())
 }

@@ -2,8 +2,8 @@
 
 use prfaas_mesh::advert::Advert;
 use prfaas_mesh::auction::{AuctionRequest, AuctionResponse};
-use prfaas_mesh::kv::codec::{read_frame, read_hello, write_layer};
-use prfaas_mesh::kv::{FrameHeader, KvAck, StreamHello};
+use prfaas_mesh::kv::codec::{read_frame, read_hello, write_piece};
+use prfaas_mesh::kv::{FrameHeader, KvAck, PieceId, StreamHello};
 use prfaas_mesh::wire;
 use proptest::prelude::*;
 
@@ -48,17 +48,19 @@ proptest! {
     }
 
     #[test]
-    fn layer_frames_roundtrip_and_bit_flips_are_caught(
+    fn piece_frames_roundtrip_and_bit_flips_are_caught(
         payload in proptest::collection::vec(any::<u8>(), 1..4096),
         flip in any::<prop::sample::Index>(),
+        start in 0u32..1000,
     ) {
+        let id = PieceId { layer: 3, start, end: start + 17 };
         let mut buf = futures::io::Cursor::new(Vec::new());
-        block_on(write_layer(&mut buf, 3, &payload)).expect("write");
+        block_on(write_piece(&mut buf, id, &payload)).expect("write");
         let mut wire_bytes = buf.into_inner();
         let mut r = futures::io::Cursor::new(wire_bytes.clone());
         match block_on(read_frame(&mut r, 4096, 4096, 0)) {
-            Ok(prfaas_mesh::kv::codec::Frame::Layer { layer, bytes }) => {
-                prop_assert_eq!(layer, 3);
+            Ok(prfaas_mesh::kv::codec::Frame::Piece { piece, bytes, .. }) => {
+                prop_assert_eq!(piece, id);
                 prop_assert_eq!(bytes, payload.clone());
             }
             other => prop_assert!(false, "unexpected {:?}", other),

@@ -10,16 +10,19 @@ use std::time::Duration;
 
 use common::*;
 use futures::AsyncWriteExt;
-use prfaas_mesh::kv::codec::{write_hello, write_layer};
+use prfaas_mesh::kv::codec::{write_hello, write_piece};
 use prfaas_mesh::kv::{
-    FrameHeader, KvError, KvHeader, KvIncoming, KvSink, KvTrailer, SinkError, StreamHello,
+    FrameHeader, KvError, KvHeader, KvIncoming, KvSink, KvTrailer, PieceId, SinkError, StreamHello,
     KV_PROTOCOL,
 };
 use prfaas_mesh::{wire, MeshConfig, MeshEvent};
 
-/// Deterministic layer contents, different per layer and position.
-fn layer_bytes(layer: u32, len: usize) -> Vec<u8> {
-    let mut x = 0x9E37_79B9u32 ^ layer.wrapping_mul(0x85EB_CA6B);
+/// Tokens per "layer" in these transfers; every layer travels as two pieces.
+const TOKENS: u32 = 16;
+
+/// Deterministic contents, different per layer and token range.
+fn piece_bytes(p: PieceId, len: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9u32 ^ p.layer.wrapping_mul(0x85EB_CA6B) ^ p.start.wrapping_mul(31);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -30,26 +33,40 @@ fn layer_bytes(layer: u32, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Checks each layer against the generator as it arrives (no need to keep 1 GiB in memory).
+/// The two pieces of layer `l`, second half first (the receiver must place them by range).
+fn halves(l: u32) -> [PieceId; 2] {
+    let h = TOKENS / 2;
+    [
+        PieceId {
+            layer: l,
+            start: h,
+            end: TOKENS,
+        },
+        PieceId {
+            layer: l,
+            start: 0,
+            end: h,
+        },
+    ]
+}
+
+/// Checks each piece against the generator as it arrives (no need to keep it in memory), and
+/// that no piece comes twice.
 struct CheckingSink {
-    layer_len: usize,
-    next: u32,
+    piece_len: usize,
+    seen: std::collections::HashSet<PieceId>,
     bytes: u64,
     trailer: Option<KvTrailer>,
 }
 
 impl KvSink for CheckingSink {
-    fn write_layer(&mut self, layer: u32, bytes: Vec<u8>) -> Result<(), SinkError> {
-        if layer != self.next {
-            return Err(SinkError(format!(
-                "layer {layer} out of order, expected {}",
-                self.next
-            )));
+    fn write_piece(&mut self, piece: PieceId, bytes: Vec<u8>) -> Result<(), SinkError> {
+        if !self.seen.insert(piece) {
+            return Err(SinkError(format!("{piece:?} twice")));
         }
-        if bytes != layer_bytes(layer, self.layer_len) {
-            return Err(SinkError(format!("layer {layer} differs")));
+        if bytes != piece_bytes(piece, self.piece_len) {
+            return Err(SinkError(format!("{piece:?} differs")));
         }
-        self.next += 1;
         self.bytes += bytes.len() as u64;
         Ok(())
     }
@@ -59,15 +76,15 @@ impl KvSink for CheckingSink {
     }
 }
 
-fn header(layers: u32, layer_len: u64) -> KvHeader {
+fn header(layers: u32, piece_len: u64, pieces_per_layer: u64) -> KvHeader {
     KvHeader {
         request_id: 5,
         model: model(),
         layers,
-        tokens: 2048,
+        tokens: TOKENS,
         dtype: "f16".into(),
-        max_layer_bytes: layer_len,
-        total_bytes: u64::from(layers) * layer_len,
+        max_piece_bytes: piece_len,
+        total_bytes: u64::from(layers) * piece_len * pieces_per_layer,
         probe: false,
     }
 }
@@ -95,9 +112,9 @@ async fn transfer(total_mib: u64, streams: u16, quic: bool) {
     let mut home = spawn(cfg(quic)).await;
     let winner = spawn(cfg(quic)).await;
     winner.handle.dial(home.p2p_addr()).await.expect("dial");
-    let layer_len: usize = 4 << 20;
-    let layers = (total_mib * (1 << 20) / layer_len as u64) as u32;
-    let h = header(layers, layer_len as u64);
+    let piece_len: usize = 2 << 20;
+    let layers = (total_mib * (1 << 20) / (2 * piece_len as u64)) as u32;
+    let h = header(layers, piece_len as u64, 2);
     let home_id = home.id();
     let send = tokio::spawn(async move {
         let mut s = winner
@@ -106,9 +123,11 @@ async fn transfer(total_mib: u64, streams: u16, quic: bool) {
             .await
             .expect("open");
         for l in 0..layers {
-            s.send_layer(l, layer_bytes(l, layer_len))
-                .await
-                .expect("send layer");
+            for p in halves(l) {
+                s.send_piece(p, piece_bytes(p, piece_len))
+                    .await
+                    .expect("send piece");
+            }
         }
         let sent = s
             .finish(KvTrailer {
@@ -123,18 +142,24 @@ async fn transfer(total_mib: u64, streams: u16, quic: bool) {
     assert_eq!(incoming.stream_count(), streams);
     assert_eq!(incoming.header().layers, layers);
     let mut sink = CheckingSink {
-        layer_len,
-        next: 0,
+        piece_len,
+        seen: Default::default(),
         bytes: 0,
         trailer: None,
     };
     let got = incoming.receive(&mut sink).await.expect("receive");
     let (sent, winner) = send.await.expect("join");
-    assert_eq!(sink.next, layers);
+    assert_eq!(sink.seen.len(), 2 * layers as usize);
     assert_eq!(got.bytes, total_mib << 20);
     assert_eq!(sent.bytes, total_mib << 20);
     assert_eq!(sink.trailer.as_ref().and_then(|t| t.first_token), Some(17));
     assert_eq!(sink.trailer.map(|t| t.payload), Some(vec![1, 2, 3]));
+    assert_eq!(
+        sent.busy.as_micros(),
+        got.busy.as_micros(),
+        "the sender learns the receiver's busy time"
+    );
+    assert!(got.busy <= got.elapsed);
     eprintln!(
         "{total_mib} MiB over {streams} {} stream(s): {:.1} MiB/s",
         if quic { "QUIC" } else { "TCP" },
@@ -169,7 +194,7 @@ async fn kv_four_streams_quic_byte_identical() {
 
 /// What a hand-crafted (malicious or broken) sender puts on a single stream after the hello.
 enum Craft {
-    Layer { layer: u32, bytes: Vec<u8> },
+    Piece { piece: PieceId, bytes: Vec<u8> },
     Raw(FrameHeader, Vec<u8>),
     End(Option<KvTrailer>),
     Close,
@@ -196,7 +221,7 @@ async fn crafted(h: KvHeader, frames: Vec<Craft>, mut limits: MeshConfig) -> KvE
         write_hello(&mut s, &hello).await.expect("hello");
         for f in frames {
             let r = match f {
-                Craft::Layer { layer, bytes } => write_layer(&mut s, layer, &bytes)
+                Craft::Piece { piece, bytes } => write_piece(&mut s, piece, &bytes)
                     .await
                     .map_err(|e| e.to_string()),
                 Craft::Raw(fh, bytes) => {
@@ -234,20 +259,28 @@ async fn crafted(h: KvHeader, frames: Vec<Craft>, mut limits: MeshConfig) -> KvE
     err
 }
 
+fn whole(l: u32) -> PieceId {
+    PieceId {
+        layer: l,
+        start: 0,
+        end: TOKENS,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_rejects_each_corruption_class() {
-    let good = |l: u32| Craft::Layer {
-        layer: l,
-        bytes: layer_bytes(l, 1000),
+    let good = |l: u32| Craft::Piece {
+        piece: whole(l),
+        bytes: piece_bytes(whole(l), 1000),
     };
-    // Truncated: the stream closes in the middle of layer 1's payload.
+    // Truncated: the stream closes in the middle of piece 1's payload.
     let err = crafted(
-        header(2, 1000),
+        header(2, 1000, 1),
         vec![
             good(0),
             Craft::Raw(
-                FrameHeader::Layer {
-                    layer: 1,
+                FrameHeader::Piece {
+                    piece: whole(1),
                     byte_len: 1000,
                     checksum: 0,
                 },
@@ -260,35 +293,52 @@ async fn kv_rejects_each_corruption_class() {
     .await;
     assert!(matches!(err, KvError::Truncated(_)), "truncated: {err}");
 
-    // Truncated: End before every layer arrived.
+    // Truncated: End (with a trailer) before every announced byte arrived.
     let err = crafted(
-        header(3, 1000),
+        header(3, 1000, 1),
         vec![good(0), Craft::End(Some(KvTrailer::default()))],
         cfg(false),
     )
     .await;
     assert!(matches!(err, KvError::Truncated(_)), "early end: {err}");
 
-    // Out of order.
-    let err = crafted(header(2, 1000), vec![good(1), good(0)], cfg(false)).await;
-    assert!(
-        matches!(
-            err,
-            KvError::OutOfOrder {
-                expected: 0,
-                got: 1
-            }
-        ),
-        "order: {err}"
-    );
+    // A piece outside the announced layers or tokens.
+    for bad in [
+        PieceId {
+            layer: 2,
+            start: 0,
+            end: 1,
+        },
+        PieceId {
+            layer: 0,
+            start: 4,
+            end: TOKENS + 1,
+        },
+        PieceId {
+            layer: 0,
+            start: 5,
+            end: 5,
+        },
+    ] {
+        let err = crafted(
+            header(2, 1000, 1),
+            vec![Craft::Piece {
+                piece: bad,
+                bytes: piece_bytes(bad, 1000),
+            }],
+            cfg(false),
+        )
+        .await;
+        assert!(matches!(err, KvError::OutOfRange { .. }), "range: {err}");
+    }
 
     // Corrupt payload (checksum of different bytes).
-    let bytes = layer_bytes(0, 1000);
+    let bytes = piece_bytes(whole(0), 1000);
     let err = crafted(
-        header(1, 1000),
+        header(1, 1000, 1),
         vec![Craft::Raw(
-            FrameHeader::Layer {
-                layer: 0,
+            FrameHeader::Piece {
+                piece: whole(0),
                 byte_len: 1000,
                 checksum: prfaas_mesh::kv::protocol::checksum(&bytes) ^ 1,
             },
@@ -297,16 +347,13 @@ async fn kv_rejects_each_corruption_class() {
         cfg(false),
     )
     .await;
-    assert!(
-        matches!(err, KvError::Corrupt { layer: 0, .. }),
-        "corrupt: {err}"
-    );
+    assert!(matches!(err, KvError::Corrupt { .. }), "corrupt: {err}");
 
-    // Oversized: frame above the header's max_layer_bytes.
+    // Oversized: frame above the header's max_piece_bytes.
     let err = crafted(
-        header(1, 1000),
-        vec![Craft::Layer {
-            layer: 0,
+        header(1, 1000, 1),
+        vec![Craft::Piece {
+            piece: whole(0),
             bytes: vec![0; 1001],
         }],
         cfg(false),
@@ -318,7 +365,7 @@ async fn kv_rejects_each_corruption_class() {
     );
 
     // Oversized: more bytes than the announced total (each frame within its own bound).
-    let mut h = header(2, 1000);
+    let mut h = header(2, 1000, 1);
     h.total_bytes = 1500;
     let err = crafted(h, vec![good(0), good(1)], cfg(false)).await;
     assert!(
@@ -329,21 +376,19 @@ async fn kv_rejects_each_corruption_class() {
     // Oversized: header announces more than the receiver's configured maximum.
     let mut small = cfg(false);
     small.limits.max_transfer_bytes = 1024;
-    let err = crafted(header(2, 1000), vec![good(0), good(1)], small).await;
+    let err = crafted(header(2, 1000, 1), vec![good(0), good(1)], small).await;
     assert!(
         matches!(err, KvError::Oversized { .. }),
         "over local max: {err}"
     );
 
-    // Layer beyond the announced count.
-    let err = crafted(header(1, 1000), vec![good(0), good(1)], cfg(false)).await;
-    assert!(
-        matches!(err, KvError::Protocol(_) | KvError::Oversized { .. }),
-        "extra layer: {err}"
-    );
-
     // Missing trailer on stream 0.
-    let err = crafted(header(1, 1000), vec![good(0), Craft::End(None)], cfg(false)).await;
+    let err = crafted(
+        header(1, 1000, 1),
+        vec![good(0), Craft::End(None)],
+        cfg(false),
+    )
+    .await;
     assert!(matches!(err, KvError::Truncated(_)), "no trailer: {err}");
 }
 
@@ -351,7 +396,7 @@ async fn kv_rejects_each_corruption_class() {
 async fn sender_sees_rejection_by_sink() {
     struct Refusing;
     impl KvSink for Refusing {
-        fn write_layer(&mut self, _: u32, _: Vec<u8>) -> Result<(), SinkError> {
+        fn write_piece(&mut self, _: PieceId, _: Vec<u8>) -> Result<(), SinkError> {
             Err(SinkError("no free KV blocks".into()))
         }
         fn finish(&mut self, _: KvTrailer) -> Result<(), SinkError> {
@@ -365,12 +410,12 @@ async fn sender_sees_rejection_by_sink() {
     let send = tokio::spawn(async move {
         let mut s = winner
             .handle
-            .open_kv_transfer_with(home_id, header(2, 1000), 2)
+            .open_kv_transfer_with(home_id, header(2, 1000, 1), 2)
             .await
             .expect("open");
         let mut r = Ok(());
         for l in 0..2 {
-            r = s.send_layer(l, layer_bytes(l, 1000)).await;
+            r = s.send_piece(whole(l), piece_bytes(whole(l), 1000)).await;
             if r.is_err() {
                 break;
             }
@@ -388,26 +433,94 @@ async fn sender_sees_rejection_by_sink() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sender_api_enforces_order_and_bounds() {
+async fn sender_api_enforces_bounds() {
     let home = spawn(cfg(false)).await;
     let winner = spawn(cfg(false)).await;
     winner.handle.dial(home.p2p_addr()).await.expect("dial");
     let mut s = winner
         .handle
-        .open_kv_transfer(home.id(), header(2, 100))
+        .open_kv_transfer(home.id(), header(2, 100, 1))
         .await
         .expect("open");
+    let outside = PieceId {
+        layer: 2,
+        start: 0,
+        end: 1,
+    };
     assert!(matches!(
-        s.send_layer(1, vec![0; 100]).await,
+        s.send_piece(outside, vec![0; 100]).await,
         Err(KvError::Usage(_))
     ));
     assert!(matches!(
-        s.send_layer(0, vec![0; 101]).await,
+        s.send_piece(whole(0), vec![0; 101]).await,
         Err(KvError::Usage(_))
     ));
-    s.send_layer(0, vec![0; 100]).await.expect("layer 0");
+    s.send_piece(whole(1), vec![0; 100]).await.expect("piece");
     assert!(matches!(
         s.finish(KvTrailer::default()).await,
         Err(KvError::Usage(_))
     ));
+}
+
+/// The goodput a transfer reports (and feeds the bandwidth estimator) is the link's rate, even
+/// when the producer idles between pieces as a prefill does between chunks: only time during
+/// which a piece was arriving counts. The link here is the emulated rate (a token bucket with a
+/// 4 ms burst), which also must not let the idle producer bank credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goodput_measures_the_link_not_the_producer() {
+    let mut home = spawn(cfg(false)).await;
+    let winner = spawn(cfg(false)).await;
+    winner.handle.dial(home.p2p_addr()).await.expect("dial");
+    let rate = 8e6; // bytes/s: 131 ms per piece; the 4 ms burst is 3% of a piece
+    winner.handle.set_emulated_bandwidth(home.id(), Some(rate));
+    let (layers, piece_len) = (8u32, 1 << 20);
+    let home_id = home.id();
+    let send = tokio::spawn(async move {
+        let mut s = winner
+            .handle
+            .open_kv_transfer_with(home_id, header(layers, piece_len as u64, 1), 1)
+            .await
+            .expect("open");
+        for l in 0..layers {
+            // The "prefill" of the next chunk: the link idles meanwhile.
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            s.send_piece(whole(l), piece_bytes(whole(l), piece_len))
+                .await
+                .expect("send");
+        }
+        let sent = s.finish(KvTrailer::default()).await.expect("finish");
+        (sent, winner)
+    });
+    let mut sink = CheckingSink {
+        piece_len,
+        seen: Default::default(),
+        bytes: 0,
+        trailer: None,
+    };
+    let got = next_incoming(&mut home)
+        .await
+        .receive(&mut sink)
+        .await
+        .expect("receive");
+    let (sent, winner) = send.await.expect("join");
+    let naive = got.bytes as f64 / got.elapsed.as_secs_f64();
+    eprintln!(
+        "link {:.2} MB/s: receiver measured {:.2}, sender {:.2}, bytes/elapsed {:.2}",
+        rate / 1e6,
+        got.goodput() / 1e6,
+        sent.goodput() / 1e6,
+        naive / 1e6
+    );
+    for (who, g) in [("receiver", got.goodput()), ("sender", sent.goodput())] {
+        assert!(
+            (g / rate - 1.0).abs() < 0.10,
+            "{who} measured {g:.0} B/s on a {rate:.0} B/s link"
+        );
+    }
+    assert!(naive < 0.5 * rate, "the producer really idled");
+    let est = home
+        .handle
+        .observed_bandwidth(&winner.id())
+        .expect("estimate");
+    assert!((est.bytes_per_sec / rate - 1.0).abs() < 0.10, "{est:?}");
 }

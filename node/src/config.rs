@@ -8,6 +8,8 @@ use prfaas_kernels::BackendKind;
 use prfaas_mesh::MeshConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::kv::KvDType;
+
 /// What a node does in the mesh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -85,6 +87,9 @@ pub struct EngineSection {
     /// Prompt length of the prefill measured at start-up to seed the speed estimate that bids
     /// and adverts use (0 skips it and assumes 100 tokens/s until real prefills are measured).
     pub calibration_tokens: usize,
+    /// Element type of the KV cache, in memory and on the wire: `f16` (default) or `f32`.
+    /// Nodes exchange KV only when they agree on it (it is part of the layout hash).
+    pub kv_dtype: KvDType,
 }
 
 /// `[policy]`: offload rule, pricing and auction scoring (see `prfaas_mesh::policy`).
@@ -153,6 +158,7 @@ impl Default for EngineSection {
             state_slots: 64,
             queue: 256,
             calibration_tokens: 128,
+            kv_dtype: KvDType::default(),
         }
     }
 }

@@ -9,9 +9,10 @@ use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::Backend;
 use prfaas_node::engine::synthetic::{synthetic_model, SyntheticKind, DEFAULT_SEED};
 use prfaas_node::engine::{
-    CollectSink, Engine, EngineConfig, EngineError, KvExport, LayerKv, Model, NullSink, Sampler,
+    CollectSink, Engine, EngineConfig, EngineError, KvPiece, LayerKv, Model, NullSink, Sampler,
     SamplingParams,
 };
+use prfaas_node::kv::KvDType;
 
 const KINDS: [SyntheticKind; 2] = [SyntheticKind::TinyDense, SyntheticKind::TinyHybrid];
 
@@ -35,6 +36,12 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
         .map(|i| 32 + (i * 7 + salt * 13 + i * i) % 90)
         .collect()
 }
+
+/// Logit tolerance between two ways of computing the same prefill (chunked vs one-shot, prefix
+/// hit vs cold). Different chunkings differ in the last bits of f32; f16 KV rounds those to
+/// different f16 neighbours now and then (a 2⁻¹¹ relative step), which moves logits by up to a
+/// few thousandths on the synthetic models. The exact invariant (remote == local) holds for both.
+const DTYPES_AND_TOLERANCES: [(KvDType, f32); 2] = [(KvDType::F32, 1e-3), (KvDType::F16, 2e-2)];
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -76,12 +83,35 @@ fn engine_greedy_output_is_not_degenerate() {
     }
 }
 
+/// Concatenates a layer's paged pieces (in the order given) into one export-layout layer.
+fn join_pieces(pieces: &[&KvPiece]) -> LayerKv {
+    match &pieces[0].kv {
+        LayerKv::State { .. } => pieces[0].kv.clone(),
+        LayerKv::Paged { .. } => {
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            for p in pieces {
+                let LayerKv::Paged { k: pk, v: pv } = &p.kv else {
+                    panic!("mixed piece kinds in one layer");
+                };
+                k.extend_from_slice(pk);
+                v.extend_from_slice(pv);
+            }
+            LayerKv::Paged { k, v }
+        }
+    }
+}
+
 #[test]
-fn engine_export_import_continues_token_identically() {
+fn engine_streams_every_chunk_and_import_continues_token_identically() {
     for kind in KINDS {
-        // 45 tokens: not a multiple of the block size, longer than tiny-hybrid's sliding window.
+        // 45 tokens: not a multiple of the block size (16), longer than tiny-hybrid's sliding
+        // window; chunks of 16 tokens, so the KV leaves in three pieces per paged layer.
         let p = prompt(45, 2);
-        let mut a = engine(kind, cfg());
+        let chunked = EngineConfig {
+            prefill_chunk: 16,
+            ..cfg()
+        };
+        let mut a = engine(kind, chunked);
         let mut sink = CollectSink::default();
         let pre = a.prefill(&p, &mut sink).unwrap();
         let first = prfaas_node::engine::sampler::argmax(&pre.logits);
@@ -89,18 +119,42 @@ fn engine_export_import_continues_token_identically() {
         assert_eq!(export.tokens, p);
         assert_eq!(export.size_bytes(), a.layout().export_bytes(p.len()));
 
-        // The sink saw every layer once, in order, with exactly the exported data.
-        let layers: Vec<usize> = sink.layers.iter().map(|(l, _)| *l).collect();
-        assert_eq!(layers, (0..export.layers.len()).collect::<Vec<_>>());
-        for ((_, kv), ex) in sink.layers.iter().zip(&export.layers) {
-            assert_eq!(kv, ex);
+        // Per layer, the pieces come in token order, each ends on a block boundary (or at the
+        // end), they cover exactly what the layer exports, and together equal the export.
+        let layout = a.layout().clone();
+        for (l, ex) in export.layers.iter().enumerate() {
+            let mine: Vec<&KvPiece> = sink.pieces.iter().filter(|x| x.layer == l).collect();
+            if layout.layers[l].is_paged() {
+                let span = layout.transfer_rows(l, p.len());
+                assert_eq!(mine.first().unwrap().tokens.start, span.start, "layer {l}");
+                assert_eq!(mine.last().unwrap().tokens.end, span.end, "layer {l}");
+                for w in mine.windows(2) {
+                    assert_eq!(
+                        w[0].tokens.end, w[1].tokens.start,
+                        "layer {l}: gap or overlap"
+                    );
+                }
+                if span.start == 0 {
+                    assert_eq!(mine.len(), 3, "{kind:?} layer {l}: one piece per chunk");
+                } else {
+                    assert!(span.len() < p.len(), "a window trims what is sent");
+                }
+            } else {
+                assert_eq!(mine.len(), 1, "a state layer sends one piece");
+                assert_eq!(mine[0].tokens, 0..p.len());
+            }
+            assert_eq!(&join_pieces(&mine), ex, "{kind:?} layer {l}");
+            // Byte round trip of the documented layout.
+            for piece in &mine {
+                let bytes = piece.kv.to_le_bytes(layout.dtype);
+                assert_eq!(bytes.len(), layout.piece_bytes(l, piece.tokens.len()));
+                let back = LayerKv::from_le_bytes(&layout, l, piece.tokens.len(), &bytes).unwrap();
+                assert_eq!(&back, &piece.kv);
+            }
         }
-        // Byte round trip of the documented layout.
-        for (l, kv) in export.layers.iter().enumerate() {
-            let back =
-                LayerKv::from_le_bytes(&export.layout, l, p.len(), &kv.to_le_bytes()).unwrap();
-            assert_eq!(&back, kv);
-        }
+        // Every piece but the last layer's last one was handed out before the compute ended.
+        let last = sink.pieces.last().unwrap();
+        assert!(last.layer == layout.layers.len() - 1 || !layout.layers[last.layer].is_paged());
 
         let local = continue_greedy(&mut a, pre.seq, first, 12);
 
@@ -111,16 +165,92 @@ fn engine_export_import_continues_token_identically() {
         let remote = continue_greedy(&mut b, seq_b, first, 12);
         assert_eq!(local, remote, "{kind:?}: imported KV diverged");
 
-        // … and the layer-by-layer sink stream assembled on the receiving side.
+        // … and the streamed pieces, in reverse arrival order (the wire may reorder them).
         let mut c = engine(kind, cfg());
-        let streamed = KvExport {
-            layout: c.layout().clone(),
-            layout_hash: c.layout_hash(),
-            tokens: p.clone(),
-            layers: sink.layers.into_iter().map(|(_, kv)| kv).collect(),
-        };
-        let seq_c = c.import_kv(&streamed).unwrap();
+        let t0 = std::time::Instant::now();
+        let id = c.begin_import(p.clone(), t0).unwrap();
+        for piece in sink.pieces.iter().rev() {
+            c.import_piece(id, piece, t0).unwrap();
+        }
+        let seq_c = c.finish_import(id).unwrap();
         assert_eq!(continue_greedy(&mut c, seq_c, first, 12), local);
+    }
+}
+
+/// KV dtypes: f16 is the default; f16 KV shipped as bytes (the wire form) and imported
+/// continues token-identically to the engine that prefilled it; `f32` still works the same way;
+/// f16 exports are half the paged bytes of f32 ones (state stays f32); and the two dtypes never
+/// exchange KV (the layout hash differs).
+#[test]
+fn engine_kv_dtypes_wire_round_trip_and_f32_still_works() {
+    assert_eq!(cfg().kv_dtype, KvDType::F16, "f16 is the default");
+    for kind in KINDS {
+        let p = prompt(45, 5);
+        let mut exports = Vec::new();
+        for dtype in [KvDType::F16, KvDType::F32] {
+            let c = EngineConfig {
+                kv_dtype: dtype,
+                ..cfg()
+            };
+            let mut a = engine(kind, c.clone());
+            assert_eq!(a.layout().dtype, dtype);
+            let pre = a.prefill(&p, &mut NullSink).unwrap();
+            let first = prfaas_node::engine::sampler::argmax(&pre.logits);
+            let export = a.export_kv(pre.seq).unwrap();
+            let local = continue_greedy(&mut a, pre.seq, first, 12);
+
+            // Through the wire encoding, layer by layer into leased blocks (the home's path).
+            let mut b = engine(kind, c);
+            let id = b
+                .begin_import(p.clone(), std::time::Instant::now())
+                .unwrap();
+            let mut wire_bytes = 0;
+            for mut piece in export.pieces() {
+                let (l, rows) = (piece.layer, piece.tokens.len());
+                let bytes = piece.kv.to_le_bytes(dtype);
+                assert_eq!(bytes.len(), b.layout().export_layer_bytes(l, p.len()));
+                wire_bytes += bytes.len();
+                let back = LayerKv::from_le_bytes(b.layout(), l, rows, &bytes).unwrap();
+                assert_eq!(
+                    back, piece.kv,
+                    "{kind:?} {dtype}: layer {l} changed on the wire"
+                );
+                piece.kv = back;
+                b.import_piece(id, &piece, std::time::Instant::now())
+                    .unwrap();
+            }
+            assert_eq!(wire_bytes, export.size_bytes());
+            let seq = b.finish_import(id).unwrap();
+            // Re-exporting the imported KV gives the same values (f16 values survive exactly).
+            assert_eq!(b.export_kv(seq).unwrap().layers, export.layers);
+            assert_eq!(
+                continue_greedy(&mut b, seq, first, 12),
+                local,
+                "{kind:?} {dtype}: remote prefill diverged from local"
+            );
+            exports.push(export);
+        }
+        let (h, f) = (&exports[0], &exports[1]);
+        assert_ne!(h.layout_hash, f.layout_hash, "{kind:?}");
+        let state = h.layout.state_slot_bytes();
+        assert_eq!(state, f.layout.state_slot_bytes());
+        assert_eq!(
+            2 * (h.size_bytes() - state),
+            f.size_bytes() - state,
+            "{kind:?}"
+        );
+        let mut f32_engine = engine(
+            kind,
+            EngineConfig {
+                kv_dtype: KvDType::F32,
+                ..cfg()
+            },
+        );
+        assert!(matches!(
+            f32_engine.import_kv(h),
+            Err(EngineError::Incompatible(_))
+        ));
+        assert_eq!(f32_engine.kv_stats().in_use, 0);
     }
 }
 
@@ -152,11 +282,26 @@ fn engine_import_rejects_foreign_or_malformed_kv() {
     let mut fresh = engine(SyntheticKind::TinyDense, cfg());
     assert!(fresh.import_kv(&truncated).is_err());
     assert_eq!(fresh.kv_stats().in_use, 0, "failed import stranded blocks");
+
+    // Non-finite values never enter the cache.
+    let mut poisoned = export.clone();
+    if let LayerKv::Paged { v, .. } = &mut poisoned.layers[1] {
+        v[7] = f32::NAN;
+    }
+    assert!(matches!(
+        fresh.import_kv(&poisoned),
+        Err(EngineError::Incompatible(_))
+    ));
+    assert_eq!(fresh.kv_stats().in_use, 0, "failed import stranded blocks");
 }
 
 #[test]
 fn engine_prefix_cache_hit_equals_cold_prefill() {
-    for kind in KINDS {
+    for (kind, (kv_dtype, tol)) in KINDS
+        .into_iter()
+        .flat_map(|k| DTYPES_AND_TOLERANCES.map(|d| (k, d)))
+    {
+        let cfg = || EngineConfig { kv_dtype, ..cfg() };
         // 48 shared tokens = 3 blocks; the first prompt ends one token later so that tiny-hybrid
         // snapshots its linear state exactly at the shared boundary.
         let shared = prompt(48, 4);
@@ -185,8 +330,8 @@ fn engine_prefix_cache_hit_equals_cold_prefill() {
         assert_eq!(cold.cached_tokens, 0);
         let d = max_abs_diff(&hit.logits, &cold.logits);
         assert!(
-            d < 1e-3,
-            "{kind:?}: prefix-hit logits differ from cold by {d}"
+            d < tol,
+            "{kind:?} {kv_dtype}: prefix-hit logits differ from cold by {d}"
         );
 
         let first = prfaas_node::engine::sampler::argmax(&cold.logits);
@@ -199,7 +344,11 @@ fn engine_prefix_cache_hit_equals_cold_prefill() {
 
 #[test]
 fn engine_chunked_prefill_equals_one_shot() {
-    for kind in KINDS {
+    for (kind, (kv_dtype, tol)) in KINDS
+        .into_iter()
+        .flat_map(|k| DTYPES_AND_TOLERANCES.map(|d| (k, d)))
+    {
+        let cfg = || EngineConfig { kv_dtype, ..cfg() };
         let p = prompt(70, 6);
         let mut one = engine(
             kind,
@@ -220,7 +369,10 @@ fn engine_chunked_prefill_equals_one_shot() {
         let a = one.prefill(&p, &mut NullSink).unwrap();
         let b = chunked.prefill(&p, &mut NullSink).unwrap();
         let d = max_abs_diff(&a.logits, &b.logits);
-        assert!(d < 1e-3, "{kind:?}: chunked prefill differs by {d}");
+        assert!(
+            d < tol,
+            "{kind:?} {kv_dtype}: chunked prefill differs by {d}"
+        );
         assert_eq!(
             one.export_kv(a.seq).unwrap().layers.len(),
             chunked.export_kv(b.seq).unwrap().layers.len()
@@ -335,10 +487,10 @@ fn engine_rejects_bad_requests_and_runs_out_cleanly() {
     e.release(pre.seq).unwrap();
 }
 
-/// The home's receive path: blocks leased up front, layers written into them one by one as they
+/// The home's receive path: blocks leased up front, pieces written into them by position as they
 /// arrive, committed at the end; cancelled, expired or malformed imports free everything.
 #[test]
-fn engine_leased_layerwise_import_matches_and_never_strands_blocks() {
+fn engine_leased_piecewise_import_matches_and_never_strands_blocks() {
     for kind in KINDS {
         let p = prompt(45, 4);
         let mut a = engine(kind, cfg());
@@ -353,8 +505,8 @@ fn engine_leased_layerwise_import_matches_and_never_strands_blocks() {
         let s = b.kv_stats();
         assert_eq!(s.leases_active, 1, "{kind:?}");
         assert_eq!(s.leased, b.layout().blocks_for_tokens(p.len()), "{kind:?}");
-        for (l, kv) in export.layers.iter().enumerate() {
-            b.import_layer(id, l, kv, t0).unwrap();
+        for piece in export.pieces() {
+            b.import_piece(id, &piece, t0).unwrap();
         }
         let seq = b.finish_import(id).unwrap();
         let s = b.kv_stats();
@@ -368,28 +520,54 @@ fn engine_leased_layerwise_import_matches_and_never_strands_blocks() {
 
         // Cancelled half way: nothing stays leased or in use.
         let mut c = engine(kind, cfg());
+        let pieces: Vec<KvPiece> = export.pieces().collect();
         let id = c.begin_import(p.clone(), t0).unwrap();
-        c.import_layer(id, 0, &export.layers[0], t0).unwrap();
+        c.import_piece(id, &pieces[0], t0).unwrap();
         c.cancel_import(id);
         let s = c.kv_stats();
         assert_eq!((s.leased, s.in_use, s.leases_active), (0, 0, 0), "{kind:?}");
         assert_eq!(c.pending_imports(), 0);
 
-        // A layer out of order, then one of the wrong size: each fails the import and frees it.
+        // A piece written twice, one not on a block boundary, then one of the wrong size:
+        // each fails the import and frees it.
         let id = c.begin_import(p.clone(), t0).unwrap();
-        assert!(c.import_layer(id, 1, &export.layers[1], t0).is_err());
+        c.import_piece(id, &pieces[0], t0).unwrap();
+        assert!(c.import_piece(id, &pieces[0], t0).is_err());
         assert_eq!(
             c.kv_stats().leased,
             0,
-            "{kind:?}: out-of-order layer kept its lease"
+            "{kind:?}: overlapping piece kept its lease"
+        );
+        let paged = pieces.iter().find(|x| {
+            matches!(x.kv, LayerKv::Paged { .. }) && x.tokens.start == 0 && x.tokens.len() > 3
+        });
+        let paged = paged.expect("a full-attention layer");
+        let LayerKv::Paged { k, v } = &paged.kv else {
+            panic!("paged layer without K/V")
+        };
+        let row = k.len() / paged.tokens.len();
+        let shifted = KvPiece {
+            layer: paged.layer,
+            tokens: 1..paged.tokens.end,
+            kv: LayerKv::Paged {
+                k: k[row..].to_vec(),
+                v: v[row..].to_vec(),
+            },
+        };
+        let id = c.begin_import(p.clone(), t0).unwrap();
+        assert!(c.import_piece(id, &shifted, t0).is_err());
+        assert_eq!(
+            c.kv_stats().leased,
+            0,
+            "{kind:?}: misaligned piece kept its lease"
         );
         assert!(
             c.finish_import(id).is_err(),
             "a failed import cannot be committed"
         );
         let id = c.begin_import(p.clone(), t0).unwrap();
-        let mut bad = export.layers[0].clone();
-        match &mut bad {
+        let mut bad = pieces[0].clone();
+        match &mut bad.kv {
             LayerKv::Paged { k, .. } => {
                 k.pop();
             }
@@ -397,16 +575,16 @@ fn engine_leased_layerwise_import_matches_and_never_strands_blocks() {
                 state.pop();
             }
         }
-        assert!(c.import_layer(id, 0, &bad, t0).is_err());
+        assert!(c.import_piece(id, &bad, t0).is_err());
         assert_eq!(
             c.kv_stats().leased,
             0,
             "{kind:?}: malformed layer kept its lease"
         );
 
-        // Finishing early (layers missing) fails and frees.
+        // Finishing early (pieces missing) fails and frees.
         let id = c.begin_import(p.clone(), t0).unwrap();
-        c.import_layer(id, 0, &export.layers[0], t0).unwrap();
+        c.import_piece(id, &pieces[0], t0).unwrap();
         assert!(c.finish_import(id).is_err());
         assert_eq!(
             c.kv_stats().leased,
@@ -421,7 +599,7 @@ fn engine_leased_layerwise_import_matches_and_never_strands_blocks() {
         assert_eq!(c.expire_imports(t0 + ttl * 2), vec![id]);
         let s = c.kv_stats();
         assert_eq!((s.leased, s.in_use, s.leases_active), (0, 0, 0), "{kind:?}");
-        assert!(c.import_layer(id, 0, &export.layers[0], t0).is_err());
+        assert!(c.import_piece(id, &pieces[0], t0).is_err());
 
         // No room: the lease is refused up front, before any byte travels.
         let mut tiny = engine(

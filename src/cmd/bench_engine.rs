@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use prfaas_kernels::BackendKind;
 use prfaas_node::engine::{Engine, EngineConfig, Model, NullSink};
+use prfaas_node::kv::KvDType;
 use serde_json::{json, Value};
 
 use super::generate::{load_model, make_backend, LoadedModel, DEFAULT_MODEL};
@@ -41,6 +42,11 @@ pub struct Args {
     /// Skip running llama.cpp even if its build is cached.
     #[arg(long)]
     pub no_llamacpp: bool,
+    /// KV cache element types (`f16`, `f32`). The first one is used for every figure; with
+    /// more than one, decode at batch 1 and 16 is also timed for each, alternating runs, and
+    /// reported as ratios to the first.
+    #[arg(long, value_delimiter = ',', default_value = "f16")]
+    pub kv_dtype: Vec<KvDType>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -64,11 +70,13 @@ fn engine_for(
     loaded: &LoadedModel,
     backend: BackendKind,
     capacity: usize,
+    kv_dtype: KvDType,
 ) -> anyhow::Result<Engine> {
     let be = make_backend(backend)?;
     let model = Model::new(loaded.config.clone(), &loaded.weights, be)?;
     let cfg = EngineConfig {
         prefix_cache: false,
+        kv_dtype,
         ..EngineConfig::with_capacity(capacity)
     };
     Ok(Engine::new(model, cfg)?)
@@ -156,6 +164,7 @@ fn time_decode(
 fn phi_kv(
     loaded: &LoadedModel,
     backend: BackendKind,
+    kv_dtype: KvDType,
     lengths: &[usize],
     max_tokens: usize,
     reps: usize,
@@ -175,7 +184,7 @@ fn phi_kv(
             rows.push(json!({ "tokens": n, "skipped": "beyond --phi-max-tokens" }));
             continue;
         }
-        let mut engine = engine_for(loaded, backend, n + 16)?;
+        let mut engine = engine_for(loaded, backend, n + 16, kv_dtype)?;
         bytes_per_token = engine.layout().bytes_per_token();
         let t = time_prefill(&mut engine, n, reps)?;
         let kv_bytes = engine.layout().export_bytes(n);
@@ -188,9 +197,12 @@ fn phi_kv(
             "phi_kv_gbps": gbps,
         }));
     }
-    Ok(
-        json!({ "model": loaded.config.name, "kv_bytes_per_token": bytes_per_token, "points": rows }),
-    )
+    Ok(json!({
+        "model": loaded.config.name,
+        "kv_dtype": kv_dtype.to_string(),
+        "kv_bytes_per_token": bytes_per_token,
+        "points": rows,
+    }))
 }
 
 /// Runs `scripts/bench-llamacpp` when present and its build is already cached (building it takes
@@ -220,15 +232,50 @@ fn llamacpp(model: &str) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// Decode tok/s at batch 1 and 16 for each KV dtype, alternating dtypes run by run so that load
+/// changes hit them alike; ratios are to the first dtype.
+fn decode_by_kv_dtype(real: &LoadedModel, args: &Args) -> anyhow::Result<Value> {
+    let mut engines = args
+        .kv_dtype
+        .iter()
+        .map(|&d| engine_for(real, args.backend, 16 * 160 + 64, d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut runs = vec![[Vec::new(), Vec::new()]; engines.len()];
+    for _ in 0..args.reps.max(1) {
+        for (e, r) in engines.iter_mut().zip(&mut runs) {
+            r[0].push(time_decode(e, 1, args.decode_steps, 1)?.tok_s);
+            r[1].push(time_decode(e, 16, args.decode_steps / 2, 1)?.tok_s);
+        }
+    }
+    let med: Vec<[f64; 2]> = runs
+        .into_iter()
+        .map(|[a, b]| [median(a), median(b)])
+        .collect();
+    Ok(json!(args
+        .kv_dtype
+        .iter()
+        .zip(&med)
+        .map(|(d, m)| json!({
+            "kv_dtype": d.to_string(),
+            "batch1_tok_s": m[0],
+            "batch16_tok_s": m[1],
+            "batch1_vs_first": m[0] / med[0][0],
+            "batch16_vs_first": m[1] / med[0][1],
+        }))
+        .collect::<Vec<_>>()))
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let backend_info = make_backend(args.backend)?.info();
-    let mut report = json!({ "backend": backend_info.description });
+    let kv_dtype = args.kv_dtype.first().copied().unwrap_or_default();
+    let mut report =
+        json!({ "backend": backend_info.description, "kv_dtype": kv_dtype.to_string() });
     let mut phi = Vec::new();
 
     match load_model(&args.model) {
         Ok(real) => {
             let longest = args.prefill_lengths.iter().copied().max().unwrap_or(0);
-            let mut engine = engine_for(&real, args.backend, longest.max(16 * 160) + 64)
+            let mut engine = engine_for(&real, args.backend, longest.max(16 * 160) + 64, kv_dtype)
                 .context("building the engine for the real model")?;
             let mut prefill = Vec::new();
             for &n in &args.prefill_lengths {
@@ -246,9 +293,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             report["decode_batch16_over_batch1"] = json!(d16.tok_s / d1.tok_s);
             report["decode_batch16_over_batch1_cpu_time"] =
                 json!(d16.tok_per_cpu_s / d1.tok_per_cpu_s);
+            drop(engine);
+            if args.kv_dtype.len() > 1 {
+                report["decode_by_kv_dtype"] = decode_by_kv_dtype(&real, &args)?;
+            }
             phi.push(phi_kv(
                 &real,
                 args.backend,
+                kv_dtype,
                 &args.phi_lengths,
                 args.phi_max_tokens,
                 1,
@@ -266,7 +318,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     for name in ["tiny-dense", "tiny-hybrid"] {
         let m = load_model(name)?;
-        phi.push(phi_kv(&m, args.backend, &args.phi_lengths, usize::MAX, 1)?);
+        phi.push(phi_kv(
+            &m,
+            args.backend,
+            kv_dtype,
+            &args.phi_lengths,
+            usize::MAX,
+            1,
+        )?);
     }
     report["phi_kv"] = json!(phi);
 
@@ -325,6 +384,16 @@ fn print_table(r: &Value) {
                 .unwrap_or(f64::NAN)
         );
     }
+    for d in r["decode_by_kv_dtype"].as_array().into_iter().flatten() {
+        println!(
+            "  KV {}: decode batch 1 {:.1} tok/s ({:.2}x), batch 16 {:.1} tok/s ({:.2}x) (alternating runs)",
+            d["kv_dtype"].as_str().unwrap_or("?"),
+            d["batch1_tok_s"].as_f64().unwrap_or(f64::NAN),
+            d["batch1_vs_first"].as_f64().unwrap_or(f64::NAN),
+            d["batch16_tok_s"].as_f64().unwrap_or(f64::NAN),
+            d["batch16_vs_first"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
     for x in r["ratios_vs_llamacpp"].as_array().into_iter().flatten() {
         let what = if x["figure"] == "prefill" {
             format!("prefill {}", x["tokens"])
@@ -347,9 +416,10 @@ fn print_table(r: &Value) {
     }
     for m in r["phi_kv"].as_array().into_iter().flatten() {
         println!(
-            "Φ_kv {} (KV {} bytes/token):",
+            "Φ_kv {} (KV {} bytes/token, {}):",
             m["model"].as_str().unwrap_or("?"),
-            m["kv_bytes_per_token"]
+            m["kv_bytes_per_token"],
+            m["kv_dtype"].as_str().unwrap_or("?")
         );
         for p in m["points"].as_array().into_iter().flatten() {
             match p["phi_kv_gbps"].as_f64() {

@@ -12,14 +12,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use prfaas_kernels::BackendKind;
-use prfaas_node::actors::compute::Job;
 use prfaas_node::actors::{Node, NodeHandle};
 use prfaas_node::config::{NodeConfig, NodeRole};
 use prfaas_node::engine::loader::DEFAULT_MODEL;
 use prfaas_node::engine::SamplingParams;
 use prfaas_node::service::{GenerateEvent, GenerateRequest, PrefillRoute, PromptInput};
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -125,18 +123,12 @@ async fn run(node: &NodeHandle, text: String, max_tokens: usize) -> anyhow::Resu
 /// Prefill of `text` on `node` alone (no network): the `T_prefill` of the overlap ratio.
 async fn local_prefill_s(node: &NodeHandle, text: &str) -> anyhow::Result<f64> {
     let tokens = node.core.text.codec.encode(text, false)?;
-    let (ltx, mut lrx) = mpsc::channel(64);
-    let (dtx, drx) = oneshot::channel();
-    node.core
+    let served = node
+        .core
         .compute
-        .submit(Job::ServePrefill {
-            tokens,
-            layers: ltx,
-            done: dtx,
-        })
-        .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
-    while lrx.recv().await.is_some() {}
-    let served = drx.await?.map_err(|e| anyhow::anyhow!(e))?;
+        .prefill_and_discard(tokens)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
     Ok(served.elapsed.as_secs_f64())
 }
 
@@ -190,7 +182,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("overlap run {r} was not offloaded: {:?}", done.route);
         };
         let t_prefill = local_prefill_s(&p, &prompt(2000 + r, args.long_tokens)).await?;
-        let last = layout.export_layer_bytes(layout.layers.len() - 1, n) as f64 / rate;
+        // The last piece: the last layer's rows of the last prefill chunk (at most a chunk).
+        let chunk = h.core.cfg.engine.prefill_chunk.max(1);
+        let last_rows = n - (n - 1) / chunk * chunk;
+        let last = layout.piece_bytes(layout.layers.len() - 1, last_rows) as f64 / rate;
         let whole = kv_bytes as f64 / rate;
         rows.push((done.ttft, t_prefill, last, whole, transfer_s, n, kv_bytes));
         eprintln!(

@@ -6,7 +6,11 @@
 //! unnormalised accumulator), so memory stays O(tile) whatever the context length. When there are
 //! too few tasks to keep every thread busy (decode: one query row), the key range is split too and
 //! the partial softmax states are merged exactly afterwards (flash-decoding).
+//!
+//! Pools may be `f32` or `f16` ([`KvRows`]); f16 rows are widened to f32 one key row at a time,
+//! inside the vectorised kernels, so an f16 pool is read from memory at half the bytes.
 
+use half::f16;
 use rayon::prelude::*;
 
 use super::simd::{self, multiversion};
@@ -37,6 +41,47 @@ struct Task {
     kb: usize,
 }
 
+/// A KV pool's values, in the dtype they are stored in.
+#[derive(Clone, Copy)]
+pub(crate) enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> KvRows<'a> {
+    fn len(&self) -> usize {
+        match self {
+            KvRows::F32(p) => p.len(),
+            KvRows::F16(p) => p.len(),
+        }
+    }
+
+    /// Values `off..off + buf.len()` as f32: a view of an f32 pool, or `buf` filled from an f16
+    /// one.
+    #[inline(always)]
+    fn row<'b>(&self, off: usize, buf: &'b mut [f32]) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match *self {
+            KvRows::F32(p) => &p[off..off + buf.len()],
+            KvRows::F16(p) => {
+                simd::widen_f16(&p[off..off + buf.len()], buf);
+                buf
+            }
+        }
+    }
+
+    /// Copies values `off..off + dst.len()` into `dst` as f32.
+    #[inline(always)]
+    fn copy_row(&self, off: usize, dst: &mut [f32]) {
+        match *self {
+            KvRows::F32(p) => dst.copy_from_slice(&p[off..off + dst.len()]),
+            KvRows::F16(p) => simd::widen_f16(&p[off..off + dst.len()], dst),
+        }
+    }
+}
+
 /// Unnormalised softmax state of one task's query vectors.
 struct Partial {
     m: Vec<f32>,
@@ -47,12 +92,19 @@ struct Partial {
 /// Attention of `q: [rows, n_heads, head_dim]` → `[rows, n_heads · head_dim]`.
 pub(crate) fn attention(
     q: &[f32],
-    k_pool: &[f32],
-    v_pool: &[f32],
+    k_pool: KvRows<'_>,
+    v_pool: KvRows<'_>,
     block_size: usize,
     seqs: &[AttnSeq<'_>],
     p: &AttnParams,
 ) -> Result<Vec<f32>> {
+    if k_pool.len() != v_pool.len() {
+        return Err(crate::KernelError::Shape(format!(
+            "attention: k_pool has {} values, v_pool {}",
+            k_pool.len(),
+            v_pool.len()
+        )));
+    }
     let rows = check_attention(q.len(), k_pool.len(), block_size, seqs, p)?;
     let (nh, hd, nkv) = (p.n_heads, p.head_dim, p.n_kv_heads);
     let group = nh / nkv;
@@ -214,8 +266,8 @@ multiversion! {
     /// loaded once for the whole group. Leaves the unnormalised state in `part` like [`attn_task`].
     fn decode_task(
         q: &[f32],
-        k_pool: &[f32],
-        v_pool: &[f32],
+        k_pool: KvRows<'_>,
+        v_pool: KvRows<'_>,
         block_size: usize,
         table: &[u32],
         _n_past: usize,
@@ -238,8 +290,9 @@ multiversion! {
         // scores[g·nk + j] for key ka + j.
         let mut scores = vec![0.0f32; group * nk];
         let keys = KeyRuns { ka: t.ka, kb: t.kb, block_size, table, row, col: t.kvh * hd };
+        let mut buf = vec![0.0f32; hd];
         keys.for_each(|j, off| {
-            let kr = &k_pool[off..off + hd];
+            let kr = k_pool.row(off, &mut buf);
             for g in 0..group {
                 scores[g * nk + j] = simd::dot(&qs[g * hd..(g + 1) * hd], kr);
             }
@@ -255,7 +308,7 @@ multiversion! {
         }
         let acc = &mut part.acc;
         keys.for_each(|j, off| {
-            let vr = &v_pool[off..off + hd];
+            let vr = v_pool.row(off, &mut buf);
             for g in 0..group {
                 simd::axpy(&mut acc[g * hd..(g + 1) * hd], scores[g * nk + j], vr);
             }
@@ -272,8 +325,8 @@ multiversion! {
     /// the `[vectors, tile]` score block in between.
     fn attn_task(
         q: &[f32],
-        k_pool: &[f32],
-        v_pool: &[f32],
+        k_pool: KvRows<'_>,
+        v_pool: KvRows<'_>,
         block_size: usize,
         table: &[u32],
         n_past: usize,
@@ -311,8 +364,8 @@ multiversion! {
                 for r in 0..run {
                     let off = (slot + r) * row + t.kvh * hd;
                     let j = pos - k0 + r;
-                    kt[j * hd..(j + 1) * hd].copy_from_slice(&k_pool[off..off + hd]);
-                    vt[j * hd..(j + 1) * hd].copy_from_slice(&v_pool[off..off + hd]);
+                    k_pool.copy_row(off, &mut kt[j * hd..(j + 1) * hd]);
+                    v_pool.copy_row(off, &mut vt[j * hd..(j + 1) * hd]);
                 }
                 pos += run;
             }

@@ -11,6 +11,7 @@ use gemm::Parallelism;
 use half::f16;
 use rayon::prelude::*;
 
+pub(crate) use super::simd::f16_bits_to_f32;
 use super::simd::{self, multiversion, LANES};
 use crate::backend::{DType, KernelError, Result};
 use crate::quant::{self, QK};
@@ -342,23 +343,6 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16_bits_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
-/// Exact f16 → f32 conversion (normals, subnormals, ±0, inf, NaN).
-#[inline(always)]
-pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h & 0x8000) << 16;
-    let exp = u32::from(h >> 10) & 0x1f;
-    let man = u32::from(h & 0x03ff);
-    if exp == 0x1f {
-        return f32::from_bits(sign | 0x7f80_0000 | (man << 13));
-    }
-    if exp == 0 {
-        // Zero or subnormal: man · 2^-24.
-        let v = man as f32 * (1.0 / 16_777_216.0);
-        return if sign != 0 { -v } else { v };
-    }
-    f32::from_bits(sign | ((exp + 112) << 23) | (man << 13))
-}
-
 /// `Σ x·w` for one Q4_1 row: per block `d·Σ x_j q_j + m·Σ x_j`. Fixed-size arrays so the
 /// inner loops have no bounds checks and vectorise.
 #[inline(always)]
@@ -405,21 +389,4 @@ fn dot_q8_0(x: &[f32], w: &[u8]) -> f32 {
         }
     }
     simd::hsum(&acc)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn f16_bits_conversion_is_exact_for_every_value() {
-        for h in 0..=u16::MAX {
-            let want = f16::from_bits(h).to_f32();
-            let got = f16_bits_to_f32(h);
-            assert!(
-                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-                "{h:#06x}: {got} vs {want}"
-            );
-        }
-    }
 }

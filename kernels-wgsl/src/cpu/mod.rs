@@ -19,13 +19,16 @@ pub(crate) mod simd;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use half::f16;
 use rayon::prelude::*;
 
 use crate::backend::{
     AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, HostTensor, KernelError,
     LinearAttnParams, Result, RopeStyle, Storage, Tensor,
 };
+use crate::kv::{is_kv_dtype, KvElem};
 use crate::{quant, reference};
+pub(crate) use attention::KvRows;
 
 /// Activations of small-batch quantized matmuls, from `PRFAAS_CPU_DECODE` (read once):
 /// `q8x2` (default: two 8-bit planes, ~15 bits), `q8x1` (one plane, llama.cpp's precision) or
@@ -63,8 +66,21 @@ pub struct CpuStorage {
 pub(crate) enum CpuData {
     /// `F32` tensors.
     F32(Vec<f32>),
+    /// `F16` tensors (weights and KV pools), as `f16` so that they are always aligned.
+    F16(Vec<f16>),
     /// Every other dtype, as stored (GGUF byte layout).
     Raw(Vec<u8>),
+}
+
+impl CpuData {
+    /// The stored bytes of a non-`F32` tensor (GGUF layout; `F16` is little-endian pairs).
+    fn bytes(&self) -> &[u8] {
+        match self {
+            CpuData::F32(v) => bytemuck::cast_slice(v),
+            CpuData::F16(v) => bytemuck::cast_slice(v),
+            CpuData::Raw(b) => b,
+        }
+    }
 }
 
 /// Read access to the `f32` contents of a tensor (checked to be `F32` when created).
@@ -75,7 +91,7 @@ impl std::ops::Deref for F32Read<'_> {
     fn deref(&self) -> &[f32] {
         match &*self.0 {
             CpuData::F32(v) => v,
-            CpuData::Raw(_) => &[],
+            _ => &[],
         }
     }
 }
@@ -87,7 +103,7 @@ impl F32Write<'_> {
     fn slice(&mut self) -> &mut [f32] {
         match &mut *self.0 {
             CpuData::F32(v) => v,
-            CpuData::Raw(_) => &mut [],
+            _ => &mut [],
         }
     }
 }
@@ -121,6 +137,86 @@ fn write_f32<'a>(t: &'a Tensor, what: &str) -> Result<F32Write<'a>> {
         )));
     }
     Ok(F32Write(storage(t)?.data.write().map_err(poisoned)?))
+}
+
+/// Read access to a KV pool (`F32` or `F16`).
+struct PoolRead<'a>(RwLockReadGuard<'a, CpuData>);
+
+impl PoolRead<'_> {
+    fn rows(&self) -> KvRows<'_> {
+        match &*self.0 {
+            CpuData::F16(v) => KvRows::F16(v),
+            CpuData::F32(v) => KvRows::F32(v),
+            // `read_pool` checked the dtype.
+            CpuData::Raw(_) => KvRows::F32(&[]),
+        }
+    }
+}
+
+fn check_pool_dtype(t: &Tensor, what: &str) -> Result<()> {
+    if !is_kv_dtype(t.dtype) {
+        return Err(KernelError::Unsupported(format!(
+            "{what}: KV pools are F32 or F16, got {:?}",
+            t.dtype
+        )));
+    }
+    Ok(())
+}
+
+fn read_pool<'a>(t: &'a Tensor, what: &str) -> Result<PoolRead<'a>> {
+    check_pool_dtype(t, what)?;
+    Ok(PoolRead(storage(t)?.data.read().map_err(poisoned)?))
+}
+
+fn write_pool<'a>(t: &'a Tensor, what: &str) -> Result<RwLockWriteGuard<'a, CpuData>> {
+    check_pool_dtype(t, what)?;
+    storage(t)?.data.write().map_err(poisoned)
+}
+
+/// Runs `f` on a locked pool's values, typed as what they are.
+macro_rules! with_pool_mut {
+    ($guard:expr, |$p:ident| $body:expr) => {
+        match &mut *$guard {
+            CpuData::F32($p) => $body,
+            CpuData::F16($p) => $body,
+            CpuData::Raw(_) => Err(KernelError::Unsupported("raw-byte KV pool".into())),
+        }
+    };
+}
+
+/// Writes rows `src[i]` (`row` values each) to slots `slots[i]` of `pool`, converting.
+/// The reference writes one value at a time; this converts whole rows (vectorised).
+fn write_rows<T: KvElem>(pool: &mut [T], src: &[f32], row: usize, slots: &[u32]) {
+    for (&s, r) in slots.iter().zip(src.chunks_exact(row.max(1))) {
+        T::slice_from_f32(&mut pool[s as usize * row..][..row], r);
+    }
+}
+
+fn gather_rows<T: KvElem>(pool: &[T], block: usize, indices: &[u32]) -> Result<Vec<f32>> {
+    reference::check_blocks("gather_blocks", pool.len(), block, indices)?;
+    let mut out = vec![0.0f32; indices.len() * block];
+    for (&b, o) in indices.iter().zip(out.chunks_exact_mut(block.max(1))) {
+        T::slice_to_f32(&pool[b as usize * block..][..block], o);
+    }
+    Ok(out)
+}
+
+fn scatter_rows<T: KvElem>(
+    pool: &mut [T],
+    block: usize,
+    indices: &[u32],
+    data: &[f32],
+) -> Result<()> {
+    reference::check_blocks("scatter_blocks", pool.len(), block, indices)?;
+    if data.len() != indices.len() * block {
+        return Err(KernelError::Shape(format!(
+            "scatter_blocks: {} values for {} blocks of {block}",
+            data.len(),
+            indices.len()
+        )));
+    }
+    write_rows(pool, data, block, indices);
+    Ok(())
 }
 
 fn same_storage(a: &Tensor, b: &Tensor) -> bool {
@@ -266,6 +362,7 @@ impl Backend for CpuBackend {
         }
         let data = match host.dtype {
             DType::F32 => CpuData::F32(quant::dequantize(DType::F32, &host.bytes, numel)?),
+            DType::F16 => CpuData::F16(bytemuck::pod_collect_to_vec(&host.bytes)),
             _ => CpuData::Raw(host.bytes.clone()),
         };
         let packed = match host.shape[..] {
@@ -285,6 +382,14 @@ impl Backend for CpuBackend {
     }
 
     fn download(&self, t: &Tensor) -> Result<Vec<f32>> {
+        if t.dtype == DType::F16 {
+            let guard = storage(t)?.data.read().map_err(poisoned)?;
+            if let CpuData::F16(v) = &*guard {
+                let mut out = vec![0.0f32; v.len()];
+                f16::slice_to_f32(v, &mut out);
+                return Ok(out);
+            }
+        }
         Ok(read_f32(t, "download")?.to_vec())
     }
 
@@ -293,6 +398,27 @@ impl Backend for CpuBackend {
             shape.to_vec(),
             vec![0.0; shape.iter().product()],
         ))
+    }
+
+    fn zeros_dtype(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let data = match dtype {
+            DType::F32 => CpuData::F32(vec![0.0; n]),
+            DType::F16 => CpuData::F16(vec![f16::ZERO; n]),
+            other => {
+                return Err(KernelError::Unsupported(format!(
+                    "zero-filled {other:?} tensors"
+                )))
+            }
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Cpu(Arc::new(CpuStorage {
+                data: RwLock::new(data),
+                packed: None,
+            })),
+        })
     }
 
     fn sync(&self) -> Result<()> {
@@ -313,12 +439,7 @@ impl Backend for CpuBackend {
             )));
         };
         let guard = storage(table)?.data.read().map_err(poisoned)?;
-        let out = match &*guard {
-            CpuData::F32(v) => {
-                reference::embedding(DType::F32, bytemuck::cast_slice(v), vocab, d, ids)?
-            }
-            CpuData::Raw(b) => reference::embedding(table.dtype, b, vocab, d, ids)?,
-        };
+        let out = reference::embedding(table.dtype, guard.bytes(), vocab, d, ids)?;
         Ok(f32_tensor(vec![ids.len(), d], out))
     }
 
@@ -352,7 +473,7 @@ impl Backend for CpuBackend {
                 matmul::gemm_f32(&xs, wf, &mut out, m, k, n, n);
                 out
             }
-            (CpuData::Raw(b), None) => matmul::matmul(&xs, m, k, w.dtype, b, n)?,
+            (data, None) => matmul::matmul(&xs, m, k, w.dtype, data.bytes(), n)?,
         };
         Ok(f32_tensor(product_shape(x, n), out))
     }
@@ -527,10 +648,26 @@ impl Backend for CpuBackend {
                 slots.len()
             )));
         }
+        if k_pool.dtype != v_pool.dtype {
+            return Err(KernelError::InvalidArgument(format!(
+                "kv_write: k_pool is {:?}, v_pool {:?}",
+                k_pool.dtype, v_pool.dtype
+            )));
+        }
         let (ks, vs) = (read_f32(k, "kv_write k")?, read_f32(v, "kv_write v")?);
-        let mut kp = write_f32(k_pool, "kv_write k_pool")?;
-        let mut vp = write_f32(v_pool, "kv_write v_pool")?;
-        reference::kv_write(kp.slice(), vp.slice(), &ks, &vs, nkv * hd, slots)
+        let row = nkv * hd;
+        let pool_len = k_pool.numel();
+        reference::check_kv_write(ks.len(), vs.len(), pool_len, v_pool.numel(), row, slots)?;
+        let mut kp = write_pool(k_pool, "kv_write k_pool")?;
+        let mut vp = write_pool(v_pool, "kv_write v_pool")?;
+        with_pool_mut!(kp, |p| {
+            write_rows(p, &ks, row, slots);
+            Ok::<(), KernelError>(())
+        })?;
+        with_pool_mut!(vp, |p| {
+            write_rows(p, &vs, row, slots);
+            Ok(())
+        })
     }
 
     fn attention(
@@ -554,10 +691,16 @@ impl Backend for CpuBackend {
                 params.n_kv_heads, params.head_dim
             )));
         }
+        if k_pool.dtype != v_pool.dtype {
+            return Err(KernelError::InvalidArgument(format!(
+                "attention: k_pool is {:?}, v_pool {:?}",
+                k_pool.dtype, v_pool.dtype
+            )));
+        }
         let qs = read_f32(q, "attention q")?;
-        let kp = read_f32(k_pool, "attention k_pool")?;
-        let vp = read_f32(v_pool, "attention v_pool")?;
-        let out = attention::attention(&qs, &kp, &vp, bs, seqs, params)?;
+        let kp = read_pool(k_pool, "attention k_pool")?;
+        let vp = read_pool(v_pool, "attention v_pool")?;
+        let out = attention::attention(&qs, kp.rows(), vp.rows(), bs, seqs, params)?;
         let rows = out.len() / (params.n_heads * params.head_dim).max(1);
         Ok(f32_tensor(
             vec![rows, params.n_heads * params.head_dim],
@@ -584,15 +727,18 @@ impl Backend for CpuBackend {
     }
 
     fn gather_blocks(&self, pool: &Tensor, indices: &[u32]) -> Result<Vec<f32>> {
-        let p = read_f32(pool, "gather_blocks")?;
+        let p = read_pool(pool, "gather_blocks")?;
         let block = pool.shape.iter().skip(1).product::<usize>();
-        reference::gather_blocks(&p, block, indices)
+        match p.rows() {
+            KvRows::F32(v) => gather_rows(v, block, indices),
+            KvRows::F16(v) => gather_rows(v, block, indices),
+        }
     }
 
     fn scatter_blocks(&self, pool: &Tensor, indices: &[u32], data: &[f32]) -> Result<()> {
         let block = pool.shape.iter().skip(1).product::<usize>();
-        let mut p = write_f32(pool, "scatter_blocks")?;
-        reference::scatter_blocks(p.slice(), block, indices, data)
+        let mut p = write_pool(pool, "scatter_blocks")?;
+        with_pool_mut!(p, |v| scatter_rows(v, block, indices, data))
     }
 
     fn write(&self, t: &Tensor, data: &[f32]) -> Result<()> {

@@ -133,6 +133,35 @@ pub(crate) fn scale(y: &mut [f32], a: f32) {
     }
 }
 
+/// `f16 → f32` (exact), branch-free integer and float operations so that loops over it
+/// vectorise in every ISA variant (the `half` crate's conversions go through a run-time feature
+/// check per call, which a per-key-row loop cannot afford).
+///
+/// Shifts exponent and mantissa into place and rescales by `2^112` (which also normalises
+/// subnormals exactly); inputs that were infinite or NaN get the all-ones exponent back.
+/// F. Giesen's `half_to_float_fast5`.
+#[inline(always)]
+pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
+    const MAGIC: f32 = f32::from_bits((254 - 15) << 23);
+    const WAS_INF_NAN: f32 = f32::from_bits((127 + 16) << 23);
+    let h = u32::from(h);
+    let o = f32::from_bits((h & 0x7fff) << 13) * MAGIC;
+    let bits = if o >= WAS_INF_NAN {
+        o.to_bits() | (255 << 23)
+    } else {
+        o.to_bits()
+    };
+    f32::from_bits(bits | ((h & 0x8000) << 16))
+}
+
+/// `dst[i] = src[i] as f32` (see [`f16_bits_to_f32`]).
+#[inline(always)]
+pub(crate) fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f16_bits_to_f32(s.to_bits());
+    }
+}
+
 /// `e^x` for `x ≤ 0` (attention weights), branch-free so that loops over it vectorise.
 ///
 /// Cephes-style: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for `e^r`, and `2^n`
@@ -177,6 +206,19 @@ mod tests {
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    #[test]
+    fn f16_bits_to_f32_is_exact_for_every_f16() {
+        for bits in 0..=u16::MAX {
+            let want = half::f16::from_bits(bits).to_f32();
+            let got = f16_bits_to_f32(bits);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+            }
+        }
     }
 
     #[test]

@@ -140,7 +140,12 @@ impl Kernel {
             // bit 0: Q4_1 weights; bits 1..: rows per workgroup.
             Kernel::MatmulTex => vec![("WQ", f64::from(spec & 1)), ("ROWS", f64::from(spec >> 1))],
             Kernel::Elementwise => vec![("OP", f64::from(spec))],
-            Kernel::Rows => vec![("GATHER", f64::from(spec))],
+            // bit 0: gather (else scatter); bit 1: the pool side is f16.
+            Kernel::Rows => vec![
+                ("GATHER", f64::from(spec & 1)),
+                ("F16", f64::from((spec >> 1) & 1)),
+            ],
+            Kernel::Attention => vec![("KV_F16", f64::from(spec))],
             _ => Vec::new(),
         }
     }

@@ -99,6 +99,17 @@ impl WgpuBackend {
         self.buf(t)
     }
 
+    /// The buffer of a KV pool (`F32` or `F16`) and whether it is `F16`.
+    fn pool<'t>(&self, t: &'t Tensor, what: &str) -> Result<(&'t wgpu::Buffer, bool)> {
+        match t.dtype {
+            DType::F32 => Ok((self.buf(t)?, false)),
+            DType::F16 => Ok((self.buf(t)?, true)),
+            other => Err(KernelError::InvalidArgument(format!(
+                "{what} must be F32 or F16, got {other:?}"
+            ))),
+        }
+    }
+
     /// A fresh F32 tensor of `shape` (uninitialised; every op writes all of it).
     fn output(&self, shape: Vec<usize>) -> Result<(Tensor, Arc<GpuStorage>)> {
         let numel: usize = shape.iter().product();
@@ -309,13 +320,20 @@ impl WgpuBackend {
     /// keeps the last row written (as the reference does): rows are dispatched in generations
     /// (the g-th occurrence of each index in generation g), since one parallel dispatch would
     /// leave the winner undefined; skipped rows carry the sentinel index `u32::MAX`.
+    /// `f16`: `dst` holds f16 values (`row` must then be even: one invocation writes a word).
     fn scatter_rows(
         &self,
         dst: &wgpu::Buffer,
         src: &wgpu::Buffer,
         idx: &[u32],
         row: usize,
+        f16: bool,
     ) -> Result<()> {
+        if f16 && !row.is_multiple_of(2) {
+            return Err(KernelError::Unsupported(format!(
+                "f16 rows of {row} values (the wgpu backend writes f16 pairs)"
+            )));
+        }
         let mut seen: HashMap<u32, u32> = HashMap::with_capacity(idx.len());
         let generation: Vec<u32> = idx
             .iter()
@@ -335,7 +353,7 @@ impl WgpuBackend {
                     .map(|(&i, &gi)| if gi == g { i } else { u32::MAX })
                     .collect()
             };
-            self.scatter_generation(dst, src, &gen_idx, row)?;
+            self.scatter_generation(dst, src, &gen_idx, row, f16)?;
         }
         Ok(())
     }
@@ -346,21 +364,27 @@ impl WgpuBackend {
         src: &wgpu::Buffer,
         idx: &[u32],
         row: usize,
+        f16: bool,
     ) -> Result<()> {
+        let items = if f16 {
+            idx.len() * row / 2
+        } else {
+            idx.len() * row
+        };
         let ib = self.gpu.storage_u32(idx);
         let params = self
             .gpu
             .uniform(&[u32_of(idx.len(), "rows")?, u32_of(row, "row")?, 0, 0]);
         self.gpu.dispatch(
             Kernel::Rows,
-            0,
+            u32::from(f16) << 1,
             &[
                 (0, Res::Buf(src)),
                 (1, Res::Buf(&ib)),
                 (2, Res::Buf(dst)),
                 (3, Res::Buf(&params)),
             ],
-            Gpu::grid(idx.len() * row, 256),
+            Gpu::grid(items, 256),
         )
     }
 
@@ -421,16 +445,48 @@ impl Backend for WgpuBackend {
     }
 
     fn download(&self, t: &Tensor) -> Result<Vec<f32>> {
+        if t.dtype == DType::F16 {
+            let bytes = self.gpu.read(self.buf(t)?, t.numel() as u64 * 2)?;
+            let halves: Vec<half::f16> = bytemuck::pod_collect_to_vec(&bytes);
+            let mut out = vec![0.0f32; halves.len()];
+            crate::KvElem::slice_to_f32(&halves, &mut out);
+            return Ok(out);
+        }
         let b = self.f32_tensor(t, "download")?;
         let bytes = self.gpu.read(b, t.numel() as u64 * 4)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
-        let (t, st) = self.output(shape.to_vec())?;
-        let buffer = st.buffer.clone();
+        self.zeros_dtype(shape, DType::F32)
+    }
+
+    fn zeros_dtype(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        match dtype {
+            DType::F32 => {}
+            DType::F16 if shape.last().is_some_and(|d| d % 2 == 0) => {}
+            DType::F16 => {
+                return Err(KernelError::Unsupported(format!(
+                    "F16 tensor {shape:?}: the wgpu backend stores f16 in pairs, the last dimension must be even"
+                )))
+            }
+            other => {
+                return Err(KernelError::Unsupported(format!(
+                    "zero-filled {other:?} tensors"
+                )))
+            }
+        }
+        let storage = self
+            .gpu
+            .storage(self.gpu.alloc(dtype.bytes_for(numel) as u64)?);
+        let buffer = storage.buffer.clone();
         self.gpu.record(|enc| enc.clear_buffer(&buffer, 0, None))?;
-        Ok(t)
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Gpu(storage),
+        })
     }
 
     fn sync(&self) -> Result<()> {
@@ -671,10 +727,16 @@ impl Backend for WgpuBackend {
         v: &Tensor,
         slots: &[u32],
     ) -> Result<()> {
-        let kp = self.f32_tensor(k_pool, "k_pool")?;
-        let vp = self.f32_tensor(v_pool, "v_pool")?;
+        let (kp, f16) = self.pool(k_pool, "k_pool")?;
+        let (vp, _) = self.pool(v_pool, "v_pool")?;
         let kb = self.f32_tensor(k, "k")?;
         let vb = self.f32_tensor(v, "v")?;
+        if k_pool.dtype != v_pool.dtype {
+            return Err(KernelError::InvalidArgument(format!(
+                "kv_write: k_pool is {:?}, v_pool {:?}",
+                k_pool.dtype, v_pool.dtype
+            )));
+        }
         if k_pool.shape != v_pool.shape || k_pool.shape.len() != 4 || k.shape != v.shape {
             return Err(KernelError::Shape(format!(
                 "kv_write: pools {:?}/{:?}, k/v {:?}/{:?}",
@@ -705,8 +767,8 @@ impl Backend for WgpuBackend {
         }
         self.storage(k_pool)?.invalidate();
         self.storage(v_pool)?.invalidate();
-        self.scatter_rows(kp, kb, slots, row)?;
-        self.scatter_rows(vp, vb, slots, row)
+        self.scatter_rows(kp, kb, slots, row, f16)?;
+        self.scatter_rows(vp, vb, slots, row, f16)
     }
 
     fn attention(
@@ -718,8 +780,14 @@ impl Backend for WgpuBackend {
         params: &AttnParams,
     ) -> Result<Tensor> {
         let qb = self.f32_tensor(q, "q")?;
-        let kp = self.f32_tensor(k_pool, "k_pool")?;
-        let vp = self.f32_tensor(v_pool, "v_pool")?;
+        let (kp, f16) = self.pool(k_pool, "k_pool")?;
+        let (vp, _) = self.pool(v_pool, "v_pool")?;
+        if k_pool.dtype != v_pool.dtype {
+            return Err(KernelError::InvalidArgument(format!(
+                "attention: k_pool is {:?}, v_pool {:?}",
+                k_pool.dtype, v_pool.dtype
+            )));
+        }
         let AttnParams {
             n_heads,
             n_kv_heads,
@@ -807,7 +875,7 @@ impl Backend for WgpuBackend {
         );
         self.gpu.dispatch(
             Kernel::Attention,
-            0,
+            u32::from(f16),
             &[
                 (0, Res::Buf(qb)),
                 (1, Res::Buf(kp)),
@@ -902,7 +970,7 @@ impl Backend for WgpuBackend {
     }
 
     fn gather_blocks(&self, pool: &Tensor, indices: &[u32]) -> Result<Vec<f32>> {
-        let pb = self.f32_tensor(pool, "pool")?;
+        let (pb, f16) = self.pool(pool, "pool")?;
         let row = self.pool_rows(pool, indices)?;
         let n = indices.len() * row;
         if n == 0 {
@@ -915,7 +983,7 @@ impl Backend for WgpuBackend {
             .uniform(&[u32_of(indices.len(), "rows")?, u32_of(row, "row")?, 0, 0]);
         self.gpu.dispatch(
             Kernel::Rows,
-            1,
+            1 | u32::from(f16) << 1,
             &[
                 (0, Res::Buf(pb)),
                 (1, Res::Buf(&ib)),
@@ -930,7 +998,7 @@ impl Backend for WgpuBackend {
     }
 
     fn scatter_blocks(&self, pool: &Tensor, indices: &[u32], data: &[f32]) -> Result<()> {
-        let pb = self.f32_tensor(pool, "pool")?;
+        let (pb, f16) = self.pool(pool, "pool")?;
         let row = self.pool_rows(pool, indices)?;
         if data.len() != indices.len() * row {
             return Err(KernelError::Shape(format!(
@@ -946,7 +1014,7 @@ impl Backend for WgpuBackend {
         let src = self
             .gpu
             .buffer_init(bytemuck::cast_slice(data), wgpu::BufferUsages::STORAGE);
-        self.scatter_rows(pb, &src, indices, row)
+        self.scatter_rows(pb, &src, indices, row, f16)
     }
 
     fn write(&self, t: &Tensor, data: &[f32]) -> Result<()> {

@@ -7,6 +7,10 @@
 // head h / group. `rowinfo[2r..2r+2] = (absolute position, offset of the sequence's block table in
 // `bt`)`, built on the host, so sequences with different cached prefixes share the dispatch.
 // Pools are `[n_blocks, block_size, n_kv_heads, head_dim]`; head_dim <= 256 (checked on the host).
+// They are bound as words: f32 bits, or (KV_F16) two f16 values per word, element 2w in the low
+// half of word w, widened exactly with `unpack2x16float` (no SHADER_F16 needed).
+
+override KV_F16: bool = false;
 
 struct Params {
     n_heads: u32,
@@ -21,8 +25,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> kp: array<f32>;
-@group(0) @binding(2) var<storage, read> vp: array<f32>;
+@group(0) @binding(1) var<storage, read> kp: array<u32>;
+@group(0) @binding(2) var<storage, read> vp: array<u32>;
 @group(0) @binding(3) var<storage, read> rowinfo: array<u32>;
 @group(0) @binding(4) var<storage, read> bt: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
@@ -34,6 +38,23 @@ const NEG: f32 = -1.0e30;
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> sc: array<f32, 64>;
 var<workgroup> red: array<f32, 64>;
+
+// Element i of the K pool and of the V pool.
+fn k_at(i: u32) -> f32 {
+    if (KV_F16) {
+        let pair = unpack2x16float(kp[i >> 1u]);
+        return select(pair.x, pair.y, (i & 1u) == 1u);
+    }
+    return bitcast<f32>(kp[i]);
+}
+
+fn v_at(i: u32) -> f32 {
+    if (KV_F16) {
+        let pair = unpack2x16float(vp[i >> 1u]);
+        return select(pair.x, pair.y, (i & 1u) == 1u);
+    }
+    return bitcast<f32>(vp[i]);
+}
 
 // Offset of (token position t, kv head) in the pools.
 fn kv_base(bt_off: u32, t: u32, kvh: u32) -> u32 {
@@ -72,7 +93,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let kb = kv_base(bt_off, t, kvh);
             var dot = 0.0;
             for (var d = 0u; d < p.head_dim; d++) {
-                dot += qs[d] * kp[kb + d];
+                dot += qs[d] * k_at(kb + d);
             }
             s = dot;
         }
@@ -102,7 +123,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             for (var j = 0u; j < 4u; j++) {
                 let d = li + j * WG;
                 if (d < p.head_dim) {
-                    acc[j] += pj * vp[vb + d];
+                    acc[j] += pj * v_at(vb + d);
                 }
             }
         }

@@ -2,10 +2,12 @@
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::protocol::{checksum, FrameHeader, StreamHello};
+use std::time::Instant;
+
+use super::protocol::{checksum, FrameHeader, PieceId, StreamHello};
 use crate::wire::{self, WireError};
 
-/// Largest CBOR frame header (a `Layer` header is ~20 bytes; `End` may carry the trailer, which
+/// Largest CBOR frame header (a `Piece` header is ~40 bytes; `End` may carry the trailer, which
 /// has its own limit).
 pub const MAX_FRAME_HEADER_BYTES: usize = 256;
 /// Largest stream hello (header with model id and hashes).
@@ -16,7 +18,7 @@ pub const MAX_HELLO_BYTES: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KvError {
-    /// The stream ended in the middle of a frame or before all layers/trailer arrived.
+    /// The stream ended in the middle of a frame or before all pieces/trailer arrived.
     #[error("truncated transfer: {0}")]
     Truncated(String),
     /// A frame or the transfer is larger than announced or allowed.
@@ -29,19 +31,21 @@ pub enum KvError {
         /// The bound.
         max: u64,
     },
-    /// A layer arrived on the wrong stream or out of order.
-    #[error("out of order: expected layer {expected}, got {got}")]
-    OutOfOrder {
-        /// Layer expected next on this stream.
-        expected: u32,
-        /// Layer received.
-        got: u32,
+    /// A piece names a layer or token range outside the transfer's header.
+    #[error("piece {piece:?} outside the transfer ({layers} layers, {tokens} tokens)")]
+    OutOfRange {
+        /// The piece received.
+        piece: PieceId,
+        /// Layers announced.
+        layers: u32,
+        /// Tokens announced.
+        tokens: u32,
     },
     /// Checksum mismatch.
-    #[error("corrupt layer {layer}: checksum {got:#010x}, expected {expected:#010x}")]
+    #[error("corrupt piece {piece:?}: checksum {got:#010x}, expected {expected:#010x}")]
     Corrupt {
-        /// Layer index.
-        layer: u32,
+        /// The piece.
+        piece: PieceId,
         /// Checksum from the frame header.
         expected: u32,
         /// Checksum of the bytes received.
@@ -62,7 +66,17 @@ pub enum KvError {
     /// No progress within the idle timeout.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
-    /// Misuse of the sender API (layer out of order, too many layers, after an error).
+    /// The receiver read slower than the configured minimum rate; the transfer was cut.
+    #[error(
+        "receiver too slow: {bytes_per_sec:.0} B/s while data was waiting (minimum {min:.0} B/s)"
+    )]
+    TooSlow {
+        /// Rate measured while the sender had bytes waiting.
+        bytes_per_sec: f64,
+        /// The configured minimum.
+        min: f64,
+    },
+    /// Misuse of the sender API (piece beyond the header's bounds, after an error).
     #[error("invalid use: {0}")]
     Usage(String),
     /// Stream I/O failed.
@@ -115,36 +129,36 @@ pub async fn read_hello<R: AsyncRead + Unpin>(
             max: u64::from(max_streams),
         });
     }
-    if hello.header.max_layer_bytes > hello.header.total_bytes && hello.header.layers > 0 {
-        // Not fatal by itself, but a header announcing a layer bigger than the whole transfer
+    if hello.header.max_piece_bytes > hello.header.total_bytes {
+        // Not fatal by itself, but a header announcing a piece bigger than the whole transfer
         // is a sign of a broken sender; refuse early.
         return Err(KvError::Protocol(
-            "max_layer_bytes exceeds total_bytes".into(),
+            "max_piece_bytes exceeds total_bytes".into(),
         ));
     }
     Ok(hello)
 }
 
-/// Writes one layer frame: header, then the raw bytes.
-pub async fn write_layer<W: AsyncWrite + Unpin>(
+/// Writes one piece frame: header, then the raw bytes.
+pub async fn write_piece<W: AsyncWrite + Unpin>(
     io: &mut W,
-    layer: u32,
+    piece: PieceId,
     bytes: &[u8],
 ) -> Result<(), KvError> {
-    write_layer_header(io, layer, bytes).await?;
+    write_piece_header(io, piece, bytes).await?;
     io.write_all(bytes).await?;
     Ok(())
 }
 
-/// Writes the header of the layer frame carrying `bytes`; the caller writes `bytes` next
-/// (in pieces, e.g. to bound each piece's write time).
-pub async fn write_layer_header<W: AsyncWrite + Unpin>(
+/// Writes the header of the piece frame carrying `bytes`; the caller writes `bytes` next
+/// (in small writes, e.g. to pace them or to bound each write's time).
+pub async fn write_piece_header<W: AsyncWrite + Unpin>(
     io: &mut W,
-    layer: u32,
+    piece: PieceId,
     bytes: &[u8],
 ) -> Result<(), KvError> {
-    let header = FrameHeader::Layer {
-        layer,
+    let header = FrameHeader::Piece {
+        piece,
         byte_len: bytes.len() as u64,
         checksum: checksum(bytes),
     };
@@ -169,39 +183,44 @@ pub async fn write_end<W: AsyncWrite + Unpin>(
 /// A frame as read by [`read_frame`].
 #[derive(Debug)]
 pub enum Frame {
-    /// A verified layer.
-    Layer {
-        /// Layer index.
-        layer: u32,
+    /// A verified piece.
+    Piece {
+        /// What it holds.
+        piece: PieceId,
         /// Its bytes (checksum already verified).
         bytes: Vec<u8>,
+        /// When its header had arrived, i.e. its payload started arriving.
+        first_at: Instant,
+        /// When its last byte had arrived.
+        last_at: Instant,
     },
     /// End of this stream.
     End(Option<super::KvTrailer>),
 }
 
-/// Reads one frame. `max_layer_bytes` is the smaller of the header's announcement and the local
+/// Reads one frame. `max_piece_bytes` is the smaller of the header's announcement and the local
 /// limit, `remaining` the bytes still allowed for the whole transfer: the payload buffer is only
 /// allocated after both checks pass.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     io: &mut R,
-    max_layer_bytes: u64,
+    max_piece_bytes: u64,
     remaining: u64,
     max_trailer_bytes: usize,
 ) -> Result<Frame, KvError> {
     let header: FrameHeader =
         wire::read_framed(io, MAX_FRAME_HEADER_BYTES + max_trailer_bytes).await?;
+    let first_at = Instant::now();
     match header {
-        FrameHeader::Layer {
-            layer,
+        FrameHeader::Piece {
+            piece,
             byte_len,
             checksum: expected,
         } => {
-            if byte_len > max_layer_bytes {
+            if byte_len > max_piece_bytes {
                 return Err(KvError::Oversized {
-                    what: "layer frame",
+                    what: "piece frame",
                     len: byte_len,
-                    max: max_layer_bytes,
+                    max: max_piece_bytes,
                 });
             }
             if byte_len > remaining {
@@ -212,27 +231,33 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
                 });
             }
             let len = usize::try_from(byte_len).map_err(|_| KvError::Oversized {
-                what: "layer frame",
+                what: "piece frame",
                 len: byte_len,
                 max: usize::MAX as u64,
             })?;
             let mut bytes = vec![0u8; len];
             io.read_exact(&mut bytes).await.map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    KvError::Truncated(format!("layer {layer} payload"))
+                    KvError::Truncated(format!("payload of piece {piece:?}"))
                 } else {
                     KvError::Io(e)
                 }
             })?;
+            let last_at = Instant::now();
             let got = checksum(&bytes);
             if got != expected {
                 return Err(KvError::Corrupt {
-                    layer,
+                    piece,
                     expected,
                     got,
                 });
             }
-            Ok(Frame::Layer { layer, bytes })
+            Ok(Frame::Piece {
+                piece,
+                bytes,
+                first_at,
+                last_at,
+            })
         }
         FrameHeader::End { trailer } => Ok(Frame::End(trailer)),
     }

@@ -1,5 +1,6 @@
-//! Receiving side of a KV transfer: streams are grouped by transfer, read in parallel, and
-//! layers are handed to a caller-supplied [`KvSink`] strictly in order as they arrive.
+//! Receiving side of a KV transfer: streams are grouped by transfer and read in parallel;
+//! pieces are handed to a caller-supplied [`KvSink`] in the order they arrive (the sink places
+//! each by its (layer, token range)), then the trailer once every stream has ended.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::codec::{self, Frame, KvError};
-use super::protocol::{KvAck, KvHeader, KvTrailer, StreamHello};
+use super::protocol::{KvAck, KvHeader, KvTrailer, PieceId, StreamHello};
 use crate::bandwidth::BandwidthEstimator;
 use crate::stats::MeshStats;
 use crate::wire;
@@ -22,11 +23,12 @@ use crate::wire;
 #[error("{0}")]
 pub struct SinkError(pub String);
 
-/// Where received layers go, e.g. straight into leased KV blocks. Called in layer order.
+/// Where received pieces go, e.g. straight into leased KV blocks by position.
 pub trait KvSink: Send {
-    /// Takes layer `layer` (already checksum-verified).
-    fn write_layer(&mut self, layer: u32, bytes: Vec<u8>) -> Result<(), SinkError>;
-    /// Called once after the last layer with the transfer's trailer.
+    /// Takes one piece (checksum-verified, inside the header's layers and tokens). Pieces come
+    /// in arrival order, which need not be layer or token order.
+    fn write_piece(&mut self, piece: PieceId, bytes: Vec<u8>) -> Result<(), SinkError>;
+    /// Called once, after every stream ended and exactly the announced bytes arrived.
     fn finish(&mut self, trailer: KvTrailer) -> Result<(), SinkError>;
 }
 
@@ -35,8 +37,8 @@ pub trait KvSink: Send {
 pub struct VecSink {
     /// Whether to keep the bytes; otherwise only `bytes` is counted.
     pub keep: bool,
-    /// Layers received, in order (if `keep`).
-    pub layers: Vec<Vec<u8>>,
+    /// Pieces received, in arrival order (if `keep`).
+    pub pieces: Vec<(PieceId, Vec<u8>)>,
     /// Total payload bytes received.
     pub bytes: u64,
     /// The trailer, once finished.
@@ -59,10 +61,10 @@ impl VecSink {
 }
 
 impl KvSink for VecSink {
-    fn write_layer(&mut self, _layer: u32, bytes: Vec<u8>) -> Result<(), SinkError> {
+    fn write_piece(&mut self, piece: PieceId, bytes: Vec<u8>) -> Result<(), SinkError> {
         self.bytes += bytes.len() as u64;
         if self.keep {
-            self.layers.push(bytes);
+            self.pieces.push((piece, bytes));
         }
         Ok(())
     }
@@ -80,12 +82,22 @@ pub struct KvReceived {
     pub bytes: u64,
     /// From the first stream's hello to the last frame.
     pub elapsed: Duration,
+    /// Time during which at least one piece was arriving (see [`BusyClock`]).
+    pub busy: Duration,
+}
+
+impl KvReceived {
+    /// Goodput while pieces were arriving, bytes per second (the link's rate, not diluted by
+    /// the time the sender was computing the next piece).
+    pub fn goodput(&self) -> f64 {
+        self.bytes as f64 / self.busy.as_secs_f64().max(1e-9)
+    }
 }
 
 /// Receiver-side limits (from the mesh config).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReceiverLimits {
-    pub max_layer_bytes: u64,
+    pub max_piece_bytes: u64,
     pub max_transfer_bytes: u64,
     pub max_trailer_bytes: usize,
     pub max_streams: u16,
@@ -143,22 +155,24 @@ impl Drop for GatherOnDrop {
     }
 }
 
+/// What a reader task hands to the coordinator: its stream index and a frame or its error.
+type ReaderItem = (u16, Result<Frame, KvError>);
+
 /// Receives the transfer's streams as the acceptor hands them over and starts each one's reader
 /// at once. Returns the readers in stream-index order (the caller needs stream 0 for the ack).
-/// A bad, duplicate or missing stream is reported to every reader slot not yet taken, which is
-/// where the coordinator will be waiting.
+/// A bad, duplicate or missing stream is reported to the coordinator.
 async fn gather(
     mut streams: mpsc::Receiver<(u16, Stream)>,
-    mut txs: Vec<Option<mpsc::Sender<ReaderItem>>>,
+    n: u16,
+    tx: mpsc::Sender<ReaderItem>,
     idle: Duration,
-    spawn_reader: impl Fn(Stream, u16, mpsc::Sender<ReaderItem>) -> JoinHandle<Result<Stream, KvError>>,
+    spawn_reader: impl Fn(Stream, u16) -> JoinHandle<Result<Stream, KvError>>,
 ) -> AbortOnDrop {
-    let n = txs.len();
     let mut slots: Vec<Option<JoinHandle<Result<Stream, KvError>>>> =
         (0..n).map(|_| None).collect();
     let mut have = 0;
     let failure = loop {
-        if have == n {
+        if have == usize::from(n) {
             break None;
         }
         let (i, s) = match tokio::time::timeout(idle, streams.recv()).await {
@@ -170,30 +184,64 @@ async fn gather(
             }
             Ok(Some(x)) => x,
         };
-        let Some(tx) = txs.get_mut(usize::from(i)).and_then(Option::take) else {
-            break Some(KvError::Protocol(format!(
-                "stream index {i} out of range or duplicate"
-            )));
-        };
-        slots[usize::from(i)] = Some(spawn_reader(s, i, tx));
+        match slots.get_mut(usize::from(i)) {
+            Some(slot @ None) => *slot = Some(spawn_reader(s, i)),
+            _ => {
+                break Some(KvError::Protocol(format!(
+                    "stream index {i} out of range or duplicate"
+                )))
+            }
+        }
         have += 1;
     };
-    let readers = AbortOnDrop(slots.into_iter().flatten().collect());
     if let Some(e) = failure {
-        let msg = e.to_string();
-        let mut first = Some(e);
-        for tx in txs.into_iter().flatten() {
-            let e = first
-                .take()
-                .unwrap_or_else(|| KvError::Protocol(msg.clone()));
-            let _ = tx.send(Err(e)).await;
-        }
+        let _ = tx.send((u16::MAX, Err(e))).await;
     }
-    readers
+    AbortOnDrop(slots.into_iter().flatten().collect())
 }
 
-/// What a reader task hands to the in-order coordinator.
-type ReaderItem = Result<Frame, KvError>;
+/// The union of the intervals during which pieces were arriving. Pieces of one stream arrive one
+/// after the other; with several streams their intervals overlap and are merged. Bounded: past
+/// [`BusyClock::MAX_SPANS`] spans the list is merged, and spans that still remain are joined with
+/// their gaps (counting a gap as busy only makes the estimate lower, never higher).
+#[derive(Debug, Default)]
+pub struct BusyClock {
+    spans: Vec<(Instant, Instant)>,
+}
+
+impl BusyClock {
+    const MAX_SPANS: usize = 4096;
+
+    /// Records that a piece arrived between `first` and `last`.
+    pub fn add(&mut self, first: Instant, last: Instant) {
+        self.spans.push((first, last.max(first)));
+        if self.spans.len() >= Self::MAX_SPANS {
+            self.merge();
+            if self.spans.len() > Self::MAX_SPANS / 2 {
+                let (a, b) = (self.spans[0].0, self.spans[self.spans.len() - 1].1);
+                self.spans = vec![(a, b)];
+            }
+        }
+    }
+
+    fn merge(&mut self) {
+        self.spans.sort_by_key(|s| s.0);
+        let mut out: Vec<(Instant, Instant)> = Vec::with_capacity(self.spans.len());
+        for &(a, b) in &self.spans {
+            match out.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        self.spans = out;
+    }
+
+    /// Total busy time.
+    pub fn total(&mut self) -> Duration {
+        self.merge();
+        self.spans.iter().map(|(a, b)| *b - *a).sum()
+    }
+}
 
 impl KvIncoming {
     /// The sending peer.
@@ -211,8 +259,8 @@ impl KvIncoming {
         self.stream_count
     }
 
-    /// Receives the whole transfer into `sink`, layer by layer in order, then acks the sender.
-    /// Never allocates more than the header announced and the configured maximum.
+    /// Receives the whole transfer into `sink`, then acks the sender. Never allocates more than
+    /// the header announced and the configured maximum.
     pub async fn receive<S: KvSink>(mut self, sink: &mut S) -> Result<KvReceived, KvError> {
         let h = self.header.clone();
         if h.total_bytes > self.limits.max_transfer_bytes {
@@ -222,43 +270,43 @@ impl KvIncoming {
                 max: self.limits.max_transfer_bytes,
             });
         }
-        let max_layer = h.max_layer_bytes.min(self.limits.max_layer_bytes);
+        let max_piece = h.max_piece_bytes.min(self.limits.max_piece_bytes);
         let n = self.stream_count;
         let idle = self.limits.idle_timeout;
 
-        // One reader per stream, each with a one-slot channel: a reader can be at most one layer
-        // ahead of the coordinator, so buffered data is bounded by ~2 layers per stream.
+        // Readers share one channel of `n` slots to the coordinator, and each holds at most one
+        // more frame while it waits: buffered data is bounded by ~2 pieces per stream.
         // Readers start as soon as their stream arrives, not once all have: a sender's early
-        // layers on stream 0 may use up a shared connection window (QUIC) before the other
+        // pieces on stream 0 may use up a shared connection window (QUIC) before the other
         // streams' hellos get through, and waiting for those would deadlock the transfer.
         let remaining = Arc::new(AtomicU64::new(h.total_bytes));
-        let mut rxs = Vec::with_capacity(usize::from(n));
-        let mut txs = Vec::with_capacity(usize::from(n));
-        for _ in 0..n {
-            let (tx, rx) = mpsc::channel::<ReaderItem>(1);
-            txs.push(Some(tx));
-            rxs.push(rx);
-        }
+        let (tx, mut rx) = mpsc::channel::<ReaderItem>(usize::from(n));
         let streams = std::mem::replace(&mut self.streams, mpsc::channel(1).1);
         let spawn_reader = {
-            let (layers, max_trailer) = (h.layers, self.limits.max_trailer_bytes);
-            move |s: Stream, i: u16, tx: mpsc::Sender<ReaderItem>| {
+            let (max_trailer, tx) = (self.limits.max_trailer_bytes, tx.clone());
+            move |s: Stream, i: u16| {
                 tokio::spawn(read_stream(
                     s,
                     i,
-                    n,
-                    layers,
-                    max_layer,
+                    max_piece,
                     remaining.clone(),
                     max_trailer,
-                    tx,
+                    tx.clone(),
                 ))
             }
         };
-        let gather = GatherOnDrop(Some(tokio::spawn(gather(streams, txs, idle, spawn_reader))));
+        let gather = GatherOnDrop(Some(tokio::spawn(gather(
+            streams,
+            n,
+            tx,
+            idle,
+            spawn_reader,
+        ))));
 
-        let result = coordinate(&mut rxs, &h, n, idle, sink).await;
+        let mut busy = BusyClock::default();
+        let result = coordinate(&mut rx, &h, n, idle, sink, &mut busy).await;
         let elapsed = self.started.elapsed();
+        let busy = busy.total();
         // Ack on stream 0 (success or failure), then let the other readers finish.
         let stream0 = match result {
             Ok(_) => match gather.take() {
@@ -283,14 +331,21 @@ impl KvIncoming {
                     ok: true,
                     bytes,
                     error: None,
+                    busy_us: busy.as_micros().min(u128::from(u64::MAX)) as u64,
                 };
                 wire::write_framed(&mut s, &ack, 4096).await?;
                 s.flush().await?;
                 let _ = s.close().await;
-                if let Ok(mut est) = self.estimator.lock() {
-                    est.record(self.peer, bytes, elapsed, Instant::now());
+                if !busy.is_zero() {
+                    if let Ok(mut est) = self.estimator.lock() {
+                        est.record(self.peer, bytes, busy, Instant::now());
+                    }
                 }
-                Ok(KvReceived { bytes, elapsed })
+                Ok(KvReceived {
+                    bytes,
+                    elapsed,
+                    busy,
+                })
             }
             (Ok(_), None) => Err(KvError::Protocol("stream 0 unavailable for the ack".into())),
             (Err(e), _) => Err(e),
@@ -298,130 +353,106 @@ impl KvIncoming {
     }
 }
 
-/// Pulls layers in order (layer `L` from stream `L % n`) into the sink; then the `End` frames.
+/// Hands pieces to the sink as they arrive, until every stream ended; then checks that exactly
+/// the announced bytes came and hands over the trailer.
 async fn coordinate<S: KvSink>(
-    rxs: &mut [mpsc::Receiver<ReaderItem>],
+    rx: &mut mpsc::Receiver<ReaderItem>,
     h: &KvHeader,
     n: u16,
     idle: Duration,
     sink: &mut S,
+    busy: &mut BusyClock,
 ) -> Result<u64, KvError> {
     let mut bytes = 0u64;
-    for layer in 0..h.layers {
-        let s = usize::from(super::protocol::stream_for_layer(layer, n));
-        match next_item(&mut rxs[s], idle).await? {
-            Frame::Layer {
-                layer: got,
+    let mut ended = 0u16;
+    let mut trailer = None;
+    while ended < n {
+        let (stream, item) = match tokio::time::timeout(idle, rx.recv()).await {
+            Err(_) => return Err(KvError::Timeout("next KV frame")),
+            Ok(None) => return Err(KvError::Truncated("stream readers ended".into())),
+            Ok(Some(x)) => x,
+        };
+        match item? {
+            Frame::Piece {
+                piece,
                 bytes: data,
-            } if got == layer => {
+                first_at,
+                last_at,
+            } => {
+                if piece.layer >= h.layers || piece.start >= piece.end || piece.end > h.tokens {
+                    return Err(KvError::OutOfRange {
+                        piece,
+                        layers: h.layers,
+                        tokens: h.tokens,
+                    });
+                }
+                busy.add(first_at, last_at);
                 bytes += data.len() as u64;
-                sink.write_layer(layer, data)
+                sink.write_piece(piece, data)
                     .map_err(|e| KvError::Sink(e.0))?;
             }
-            Frame::Layer { layer: got, .. } => {
-                return Err(KvError::OutOfOrder {
-                    expected: layer,
-                    got,
-                })
-            }
-            Frame::End(_) => {
-                return Err(KvError::Truncated(format!(
-                    "stream {s} ended before layer {layer}"
-                )))
+            Frame::End(t) => {
+                ended += 1;
+                if stream == 0 {
+                    trailer = t;
+                }
             }
         }
     }
-    let mut trailer = None;
-    for (i, rx) in rxs.iter_mut().enumerate() {
-        match next_item(rx, idle).await? {
-            Frame::End(t) if i == 0 => trailer = t,
-            Frame::End(_) => {}
-            Frame::Layer { layer, .. } => {
-                return Err(KvError::Protocol(format!(
-                    "layer {layer} beyond the announced {}",
-                    h.layers
-                )))
-            }
-        }
+    if bytes != h.total_bytes {
+        return Err(KvError::Truncated(format!(
+            "{bytes} of {} announced bytes",
+            h.total_bytes
+        )));
     }
     let trailer = trailer.ok_or_else(|| KvError::Truncated("no trailer".into()))?;
     sink.finish(trailer).map_err(|e| KvError::Sink(e.0))?;
     Ok(bytes)
 }
 
-/// Next item from one reader, bounded by the idle timeout.
-async fn next_item(rx: &mut mpsc::Receiver<ReaderItem>, idle: Duration) -> Result<Frame, KvError> {
-    match tokio::time::timeout(idle, rx.recv()).await {
-        Err(_) => Err(KvError::Timeout("next KV frame")),
-        Ok(None) => Err(KvError::Truncated("stream reader ended".into())),
-        Ok(Some(r)) => r,
-    }
-}
-
-/// Reads stream `index`'s frames, checking each arrives where and when the layout says it must.
-#[allow(clippy::too_many_arguments)]
+/// Reads stream `index`'s frames until its `End`, claiming each piece's bytes from the
+/// transfer's announced total.
 async fn read_stream(
     mut stream: Stream,
     index: u16,
-    n: u16,
-    layers: u32,
-    max_layer: u64,
+    max_piece: u64,
     remaining: Arc<AtomicU64>,
     max_trailer: usize,
     tx: mpsc::Sender<ReaderItem>,
 ) -> Result<Stream, KvError> {
-    let mut expected = u32::from(index);
-    let step = u32::from(n);
     loop {
         let left = remaining.load(Ordering::Acquire);
-        let frame = match codec::read_frame(&mut stream, max_layer, left, max_trailer).await {
+        let frame = codec::read_frame(&mut stream, max_piece, left, max_trailer)
+            .await
+            .and_then(|frame| {
+                if let Frame::Piece { bytes, .. } = &frame {
+                    let len = bytes.len() as u64;
+                    // Readers share the announced total; claim this frame's share atomically.
+                    remaining
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(len))
+                        .map_err(|r| KvError::Oversized {
+                            what: "transfer (announced total)",
+                            len,
+                            max: r,
+                        })?;
+                }
+                Ok(frame)
+            });
+        let frame = match frame {
             Ok(f) => f,
             Err(e) => {
                 let msg = e.to_string();
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send((index, Err(e))).await;
                 return Err(KvError::Protocol(msg));
             }
         };
-        let verdict = match &frame {
-            Frame::Layer { layer, .. } if expected >= layers => Err(KvError::Protocol(format!(
-                "layer {layer} beyond the announced {layers}"
-            ))),
-            Frame::Layer { layer, .. } if *layer != expected => Err(KvError::OutOfOrder {
-                expected,
-                got: *layer,
-            }),
-            Frame::Layer { bytes, .. } => {
-                let len = bytes.len() as u64;
-                // Readers share the announced total; claim this frame's share atomically.
-                match remaining
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(len))
-                {
-                    Ok(_) => Ok(()),
-                    Err(r) => Err(KvError::Oversized {
-                        what: "transfer (announced total)",
-                        len,
-                        max: r,
-                    }),
-                }
-            }
-            Frame::End(_) if expected < layers => Err(KvError::Truncated(format!(
-                "stream {index} ended before layer {expected}"
-            ))),
-            Frame::End(_) => Ok(()),
-        };
-        if let Err(e) = verdict {
-            let msg = e.to_string();
-            let _ = tx.send(Err(e)).await;
-            return Err(KvError::Protocol(msg));
-        }
         let end = matches!(frame, Frame::End(_));
-        if tx.send(Ok(frame)).await.is_err() {
+        if tx.send((index, Ok(frame))).await.is_err() {
             return Err(KvError::Protocol("coordinator gone".into()));
         }
         if end {
             return Ok(stream);
         }
-        expected = expected.saturating_add(step);
     }
 }
 

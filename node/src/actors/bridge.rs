@@ -1,6 +1,7 @@
 //! `MeshBridge`: the only actor that talks to the libp2p swarm. It turns `MeshEvent`s into
-//! messages for the other actors, publishes this node's advert when it changes, and mirrors the
-//! mesh's view (peers, bandwidth) into the metrics.
+//! messages for the other actors, routes incoming KV transfers to the requests that await them
+//! ([`KvRouter`]), publishes this node's advert when it changes, and mirrors the mesh's view
+//! (peers, bandwidth) into the metrics.
 
 use actix::prelude::*;
 use prfaas_mesh::advert::message::PrefillPoint;
@@ -8,6 +9,7 @@ use prfaas_mesh::{AdvertBody, MeshEvent, Role};
 use tokio::sync::mpsc;
 
 use super::core::Core;
+use super::kv_router::KvRouter;
 use super::kvstore::{AdvertPart, KvStore};
 use super::prefill::{BidFor, PrefillWorker, Serve};
 use super::MAILBOX;
@@ -21,6 +23,7 @@ pub struct MeshBridge {
     kv: Addr<KvStore>,
     events: Option<mpsc::Receiver<MeshEvent>>,
     last_advert: Option<AdvertBody>,
+    kv_router: KvRouter,
 }
 
 impl std::fmt::Debug for MeshBridge {
@@ -42,6 +45,7 @@ impl MeshBridge {
             kv,
             events: Some(events),
             last_advert: None,
+            kv_router: KvRouter::default(),
         }
     }
 
@@ -140,6 +144,33 @@ impl MeshBridge {
     }
 }
 
+impl MeshBridge {
+    fn count_awaited(&self) {
+        self.core
+            .awaited_transfers
+            .store(self.kv_router.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The planner is about to award `request_id` to `peer`: route that peer's KV transfer for it
+/// to the returned receiver. Dropping the receiver withdraws the wait.
+#[derive(Debug, Message)]
+#[rtype(result = "tokio::sync::oneshot::Receiver<prfaas_mesh::kv::KvIncoming>")]
+pub struct ExpectKv {
+    pub peer: prfaas_mesh::PeerId,
+    pub request_id: u64,
+}
+
+impl Handler<ExpectKv> for MeshBridge {
+    type Result = MessageResult<ExpectKv>;
+
+    fn handle(&mut self, msg: ExpectKv, _: &mut Self::Context) -> Self::Result {
+        let rx = self.kv_router.expect(msg.peer, msg.request_id);
+        self.count_awaited();
+        MessageResult(rx)
+    }
+}
+
 impl Actor for MeshBridge {
     type Context = Context<Self>;
 
@@ -184,10 +215,11 @@ impl StreamHandler<MeshEvent> for MeshBridge {
             }
             MeshEvent::KvIncoming(inc) => {
                 let (peer, request) = (inc.peer(), inc.header().request_id);
-                if let Err(refused) = self.core.deliver_kv(inc) {
+                if let Err(refused) = self.kv_router.deliver(inc) {
                     tracing::warn!(%peer, request, "refusing a KV transfer nobody waits for");
                     drop(refused);
                 }
+                self.count_awaited();
             }
             MeshEvent::PeerDiscovered { peer } => tracing::info!(%peer, "peer joined the mesh"),
             MeshEvent::PeerExpired { peer } => tracing::info!(%peer, "peer expired"),

@@ -11,20 +11,24 @@
 //! that request and frees its KV at once.
 //!
 //! KV prefilled by a peer arrives through an [`ImportTicket`]: blocks are leased when the offload
-//! starts, each layer is written into them as soon as it is received (these small copies jump the
-//! queue: they never wait behind a prefill), and [`Job::FinishImport`] turns the lease into a
-//! decoding sequence once the last layer and the trailer are in.
+//! starts, each piece is written into them by position as soon as it is received (these small
+//! copies jump the queue: they never wait behind a prefill), and [`Job::FinishImport`] turns the
+//! lease into a decoding sequence once every piece and the trailer are in.
+//!
+//! A prefill served for a peer hands its KV out piece by piece while it computes
+//! ([`Job::ServePrefill`]); the compute thread never waits on the network for it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prfaas_mesh::kv::PieceId;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::loader::{TextCodec, Utf8Stream};
 use crate::engine::{
-    Engine, FinishReason, KvSink, LayerKv, Sampler, SamplingParams, SeqId, SinkError,
+    Engine, FinishReason, KvPiece, KvSink, Sampler, SamplingParams, SeqId, SinkError,
 };
 use crate::kv::prefix::block_hashes;
 use crate::kv::{KvStats, LeaseId};
@@ -81,7 +85,7 @@ pub struct ServedPrefill {
 pub enum Job {
     /// Prefill locally, then decode.
     Generate(Box<DecodeJob>),
-    /// Decode from KV a peer prefilled, all of whose layers went through `ticket`; `logits` are
+    /// Decode from KV a peer prefilled, all of whose pieces went through `ticket`; `logits` are
     /// the prompt's last-position logits (the transfer's trailer). If the import failed, the
     /// prompt is prefilled here instead (the client only sees extra latency).
     FinishImport {
@@ -89,11 +93,14 @@ pub enum Job {
         ticket: ImportTicket,
         logits: Vec<f32>,
     },
-    /// Prefill `tokens` for a peer: each layer's bytes go to `layers` as soon as the layer is
-    /// final; the sequence is released afterwards (its prefix stays cached).
+    /// Prefill `tokens` for a peer: each piece of KV goes to `pieces`, encoded for the wire, as
+    /// soon as it is computed; the sequence is released afterwards (its prefix stays cached).
+    /// `pieces` is unbounded so that the compute thread never waits on the network; what it
+    /// can hold is bounded by this one request's KV, and closing it (the transfer failed or was
+    /// cut) stops the prefill early.
     ServePrefill {
         tokens: Vec<u32>,
-        layers: mpsc::Sender<(u32, Vec<u8>)>,
+        pieces: mpsc::UnboundedSender<(PieceId, Vec<u8>)>,
         done: oneshot::Sender<Result<ServedPrefill, String>>,
     },
 }
@@ -144,10 +151,9 @@ enum ImportOp {
         tokens: Vec<u32>,
         failed: ImportFailure,
     },
-    Layer {
+    Piece {
         key: u64,
-        layer: usize,
-        kv: LayerKv,
+        piece: KvPiece,
     },
     Cancel {
         key: u64,
@@ -166,8 +172,29 @@ pub struct ComputeHandle {
     next_import: Arc<AtomicU64>,
 }
 
+/// Why a KV import failed on the home.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImportError {
+    /// No blocks (or state slot) could be leased for the KV.
+    #[error("no room for the KV here: {0}")]
+    NoRoom(String),
+    /// A piece did not fit the prompt (range, size, overlap, non-finite values, wrong layout).
+    #[error("bad piece of layer {layer}: {reason}")]
+    BadPiece { layer: usize, reason: String },
+    /// The sender went silent for a whole lease.
+    #[error("KV lease expired: the transfer stalled")]
+    LeaseExpired,
+    /// Committing the import failed (pieces missing).
+    #[error("import incomplete: {0}")]
+    Incomplete(String),
+    /// The compute thread is gone (the node is shutting down).
+    #[error("compute thread stopped")]
+    Stopped,
+}
+
 /// Where the compute thread records why an import failed (first reason wins).
-type ImportFailure = Arc<Mutex<Option<String>>>;
+type ImportFailure = Arc<Mutex<Option<ImportError>>>;
 
 /// One KV import in progress on the compute thread (see the module docs). Dropping it without
 /// finishing cancels the import and frees its leased blocks.
@@ -180,24 +207,23 @@ pub struct ImportTicket {
 }
 
 impl ImportTicket {
-    /// Hands layer `layer` to the compute thread to write into the leased blocks. Fails when the
-    /// import already failed (no room for the KV, a bad layer, lease expired) or the thread is
+    /// Hands `piece` to the compute thread to write into the leased blocks. Fails when the
+    /// import already failed (no room for the KV, a bad piece, lease expired) or the thread is
     /// gone, so the caller can abandon the transfer early.
-    pub fn layer(&self, layer: usize, kv: LayerKv) -> Result<(), String> {
+    pub fn piece(&self, piece: KvPiece) -> Result<(), ImportError> {
         if let Some(e) = self.failure() {
             return Err(e);
         }
         self.jobs
-            .send(Msg::Import(ImportOp::Layer {
+            .send(Msg::Import(ImportOp::Piece {
                 key: self.key,
-                layer,
-                kv,
+                piece,
             }))
-            .map_err(|_| "compute thread stopped".to_string())
+            .map_err(|_| ImportError::Stopped)
     }
 
     /// Why the import failed, if it did (as far as the compute thread got).
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<ImportError> {
         self.failed.lock().ok().and_then(|f| f.clone())
     }
 }
@@ -253,7 +279,7 @@ impl ComputeHandle {
     }
 
     /// Starts importing the KV of `tokens` from a peer: the compute thread leases blocks for it
-    /// (ahead of any queued work). Feed the layers through the ticket, in order, then submit
+    /// (ahead of any queued work). Feed the pieces through the ticket, in any order, then submit
     /// [`Job::FinishImport`].
     pub fn begin_import(&self, tokens: Vec<u32>) -> ImportTicket {
         let key = self.next_import.fetch_add(1, Ordering::Relaxed);
@@ -265,7 +291,7 @@ impl ComputeHandle {
         }));
         if sent.is_err() {
             if let Ok(mut f) = failed.lock() {
-                *f = Some("compute thread stopped".into());
+                *f = Some(ImportError::Stopped);
             }
         }
         ImportTicket {
@@ -274,6 +300,23 @@ impl ComputeHandle {
             failed,
             finished: false,
         }
+    }
+
+    /// Runs a prefill of `tokens` on the compute thread as a peer's would run (chunked, its KV
+    /// streamed out) and discards the KV: it warms the prefix cache, and its time is the
+    /// `T_prefill` of benchmarks.
+    pub async fn prefill_and_discard(&self, tokens: Vec<u32>) -> Result<ServedPrefill, String> {
+        let (ptx, mut prx) = mpsc::unbounded_channel();
+        let (dtx, drx) = oneshot::channel();
+        self.submit(Job::ServePrefill {
+            tokens,
+            pieces: ptx,
+            done: dtx,
+        })
+        .map_err(|(e, _)| e.to_string())?;
+        while prx.recv().await.is_some() {}
+        drx.await
+            .map_err(|_| "compute thread dropped the prefill".to_string())?
     }
 
     /// A copy of the latest engine view.
@@ -479,14 +522,21 @@ impl Worker {
                 Ok(lease) => {
                     self.imports.insert(key, (lease, failed));
                 }
-                Err(e) => report(&failed, format!("no room for the KV here: {e}")),
+                Err(e) => report(&failed, ImportError::NoRoom(e.to_string())),
             },
-            ImportOp::Layer { key, layer, kv } => {
+            ImportOp::Piece { key, piece } => {
                 let Some((lease, failed)) = self.imports.get(&key) else {
                     return; // already failed or cancelled
                 };
-                if let Err(e) = self.engine.import_layer(*lease, layer, &kv, Instant::now()) {
-                    report(failed, format!("writing layer {layer}: {e}"));
+                if let Err(e) = self.engine.import_piece(*lease, &piece, Instant::now()) {
+                    let reason = e.to_string();
+                    report(
+                        failed,
+                        ImportError::BadPiece {
+                            layer: piece.layer,
+                            reason,
+                        },
+                    );
                     self.imports.remove(&key);
                 }
             }
@@ -507,7 +557,7 @@ impl Worker {
         self.imports.retain(|_, (lease, failed)| {
             let gone = expired.contains(lease);
             if gone {
-                report(failed, "KV lease expired: the transfer stalled".into());
+                report(failed, ImportError::LeaseExpired);
             }
             !gone
         });
@@ -571,10 +621,13 @@ impl Worker {
             } => {
                 ticket.finished = true;
                 let done = match self.imports.remove(&ticket.key) {
-                    Some((lease, _)) => self.engine.finish_import(lease).map_err(|e| e.to_string()),
-                    None => Err(ticket
-                        .failure()
-                        .unwrap_or_else(|| "import unknown to the compute thread".into())),
+                    Some((lease, _)) => self
+                        .engine
+                        .finish_import(lease)
+                        .map_err(|e| ImportError::Incomplete(e.to_string())),
+                    None => Err(ticket.failure().unwrap_or(ImportError::Incomplete(
+                        "import unknown to the compute thread".into(),
+                    ))),
                 };
                 match done {
                     Ok(seq) => self.start_decode(job, seq, &logits, 0),
@@ -590,13 +643,16 @@ impl Worker {
             }
             Job::ServePrefill {
                 tokens,
-                layers,
+                pieces,
                 done,
             } => {
                 let t0 = Instant::now();
-                let mut sink = ChannelSink { tx: layers };
+                let mut sink = ChannelSink {
+                    tx: pieces,
+                    dtype: self.engine.layout().dtype,
+                };
                 let r = self.engine.prefill(&tokens, &mut sink);
-                // Close the layer channel before answering, so the sender sees the end.
+                // Close the piece channel before answering, so the sender sees the end.
                 drop(sink);
                 let r = match r {
                     Ok(out) => {
@@ -835,7 +891,7 @@ fn record(metrics: &Metrics, route: &PrefillRoute, outcome: &str) {
 }
 
 /// Records why an import failed, for its ticket's holder.
-fn report(failed: &Mutex<Option<String>>, why: String) {
+fn report(failed: &Mutex<Option<ImportError>>, why: ImportError) {
     tracing::debug!(%why, "KV import failed");
     if let Ok(mut f) = failed.lock() {
         f.get_or_insert(why);
@@ -852,16 +908,23 @@ pub fn fail(metrics: &Metrics, job: Box<DecodeJob>, message: &str) {
     });
 }
 
-/// Hands each layer's bytes to the KV sender task; blocks (this is the compute thread) while the
-/// network is behind, which is the back-pressure the layer-wise pipeline wants.
+/// Encodes each piece for the wire and queues it for the KV sender task without waiting: the
+/// compute thread serves every other request too, and must not stall behind one slow link.
 struct ChannelSink {
-    tx: mpsc::Sender<(u32, Vec<u8>)>,
+    tx: mpsc::UnboundedSender<(PieceId, Vec<u8>)>,
+    /// The engine's KV dtype (what goes on the wire).
+    dtype: crate::kv::KvDType,
 }
 
 impl KvSink for ChannelSink {
-    fn layer(&mut self, layer: usize, kv: LayerKv) -> Result<(), SinkError> {
+    fn piece(&mut self, piece: KvPiece) -> Result<(), SinkError> {
+        let id = PieceId {
+            layer: piece.layer as u32,
+            start: piece.tokens.start as u32,
+            end: piece.tokens.end as u32,
+        };
         self.tx
-            .blocking_send((layer as u32, kv.to_le_bytes()))
+            .send((id, piece.kv.to_le_bytes(self.dtype)))
             .map_err(|_| SinkError::Closed("KV transfer ended".into()))
     }
 }

@@ -1,13 +1,11 @@
 //! State every actor of one node shares (immutable facts, counters and small bounded tables).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use prfaas_mesh::kv::KvIncoming;
 use prfaas_mesh::{MeshHandle, ModelRef, PeerId};
 use serde::Serialize;
-use tokio::sync::oneshot;
 
 use super::compute::ComputeHandle;
 use crate::config::NodeConfig;
@@ -66,8 +64,9 @@ pub struct NodeCore {
     next_request: AtomicU64,
     /// Offload threshold t in tokens (adapted at run time).
     pub threshold: AtomicUsize,
-    /// Home side: transfers we await, keyed by (winner, request id).
-    pending_kv: Mutex<HashMap<(PeerId, u64), oneshot::Sender<KvIncoming>>>,
+    /// Home side: transfers awaited right now (the bridge's `KvRouter` keeps the count here
+    /// for `/mesh`).
+    pub awaited_transfers: AtomicUsize,
     recent: Mutex<VecDeque<AuctionRecord>>,
 }
 
@@ -117,7 +116,7 @@ impl NodeCore {
             inflight: Arc::new(AtomicUsize::new(0)),
             next_request: AtomicU64::new(seed.max(1)),
             threshold: AtomicUsize::new(threshold),
-            pending_kv: Mutex::new(HashMap::new()),
+            awaited_transfers: AtomicUsize::new(0),
             recent: Mutex::new(VecDeque::new()),
         }
     }
@@ -125,37 +124,6 @@ impl NodeCore {
     /// A fresh request id.
     pub fn next_request_id(&self) -> u64 {
         self.next_request.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Registers interest in the KV transfer `(peer, request_id)`; the bridge delivers it.
-    pub fn expect_kv(&self, peer: PeerId, request_id: u64) -> oneshot::Receiver<KvIncoming> {
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut m) = self.pending_kv.lock() {
-            m.insert((peer, request_id), tx);
-        }
-        rx
-    }
-
-    /// Stops waiting for `(peer, request_id)` (timeout or failure).
-    pub fn forget_kv(&self, peer: PeerId, request_id: u64) {
-        if let Ok(mut m) = self.pending_kv.lock() {
-            m.remove(&(peer, request_id));
-        }
-    }
-
-    /// Hands an incoming transfer to whoever waits for it; `Err` gives it back when nobody does.
-    pub fn deliver_kv(&self, incoming: KvIncoming) -> Result<(), Box<KvIncoming>> {
-        let key = (incoming.peer(), incoming.header().request_id);
-        let waiter = self.pending_kv.lock().ok().and_then(|mut m| m.remove(&key));
-        match waiter {
-            Some(tx) => tx.send(incoming).map_err(Box::new),
-            None => Err(Box::new(incoming)),
-        }
-    }
-
-    /// Transfers awaited right now.
-    pub fn pending_transfers(&self) -> usize {
-        self.pending_kv.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Remembers an auction for `/mesh`.

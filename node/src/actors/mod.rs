@@ -16,6 +16,7 @@ pub mod bridge;
 pub mod compute;
 pub mod core;
 pub mod decode;
+pub mod kv_router;
 pub mod kvstore;
 pub mod node;
 pub mod planner;

@@ -121,7 +121,7 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         "backend": core.info.backend,
         "offload_threshold_tokens": core.threshold.load(Ordering::Relaxed),
         "inflight": core.inflight.load(Ordering::Relaxed),
-        "pending_transfers": core.pending_transfers(),
+        "pending_transfers": core.awaited_transfers.load(Ordering::Relaxed),
         "prefill_tokens_per_s": view.prefill_tokens_per_s,
         "decoding": view.live,
         "queued_jobs": core.compute.queued_jobs(),
@@ -312,6 +312,7 @@ fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
             // KV leased for an incoming transfer is freed when no layer arrives for this long
             // (the planner gives up on the transfer at the same time).
             lease_ttl: cfg.policy.transfer_timeout,
+            kv_dtype: e.kv_dtype,
         },
     )?;
     // Seed the prefill-speed estimate with one measured prefill (bids and adverts need a number
@@ -460,10 +461,10 @@ impl Node {
         ));
         let decode = DecodeEngine::new(core.clone()).start();
         let kv = KvStore::new(core.clone()).start();
-        let planner = Planner::new(core.clone(), decode.clone()).start();
+        let prefill = PrefillWorker::new(core.clone(), decode.clone()).start();
+        let bridge = MeshBridge::new(core.clone(), prefill, kv, events).start();
+        let planner = Planner::new(core.clone(), decode, bridge).start();
         let admission = Admission::new(core.clone(), planner).start();
-        let prefill = PrefillWorker::new(core.clone(), decode).start();
-        MeshBridge::new(core.clone(), prefill, kv, events).start();
         let node = Node {
             core: core.clone(),
             admission: admission.clone(),

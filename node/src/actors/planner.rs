@@ -2,26 +2,29 @@
 //!
 //! `offload iff l > t` on the incremental (uncached) length `l`; an offload runs a second-score
 //! auction among peers advertising prefill for the same model hash and KV layout, with this
-//! node's own prefill as the reserve bid. The winner streams the KV back layer by layer; when the
-//! last layer and the trailer have arrived and checked out, the request joins the decode batch.
+//! node's own prefill as the reserve bid. The winner streams the KV back piece by piece while it
+//! prefills; each piece is written into leased blocks by position as it arrives, and when every
+//! piece and the trailer have arrived and checked out, the request joins the decode batch.
 //! Any failure (no bids, refused award, winner silent, stream cut, checksum, bad layout) falls
-//! back to a local prefill: the client only sees extra latency.
+//! back to a local prefill: the client only sees extra latency. Each way an offload can end
+//! locally is one [`Fallback`] variant, which names its metric label.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use prfaas_mesh::auction::{Award, Call};
 use prfaas_mesh::kv::receiver::{KvSink as MeshKvSink, SinkError as MeshSinkError};
-use prfaas_mesh::kv::{KvIncoming, KvTrailer};
+use prfaas_mesh::kv::{KvError, KvIncoming, KvTrailer, PieceId};
 use prfaas_mesh::policy::{self, OffloadRule, Placement, PricingParams, RequestShape};
 use prfaas_mesh::PeerId;
 
-use super::compute::{DecodeJob, ImportTicket, Job};
+use super::bridge::{ExpectKv, MeshBridge};
+use super::compute::{DecodeJob, ImportError, ImportTicket, Job};
 use super::core::{AuctionRecord, BidRecord, Core};
 use super::decode::{DecodeEngine, RunJob};
 use super::MAILBOX;
-use crate::engine::LayerKv;
+use crate::engine::{KvPiece, LayerKv};
 use crate::kv::prefix::block_hashes;
 use crate::kv::KvLayout;
 use crate::metrics::Metrics;
@@ -37,11 +40,16 @@ const MAX_CALL_HASHES: usize = 8192;
 pub struct Planner {
     core: Core,
     decode: Addr<DecodeEngine>,
+    bridge: Addr<MeshBridge>,
 }
 
 impl Planner {
-    pub fn new(core: Core, decode: Addr<DecodeEngine>) -> Self {
-        Self { core, decode }
+    pub fn new(core: Core, decode: Addr<DecodeEngine>, bridge: Addr<MeshBridge>) -> Self {
+        Self {
+            core,
+            decode,
+            bridge,
+        }
     }
 }
 
@@ -64,7 +72,8 @@ impl Handler<Plan> for Planner {
     fn handle(&mut self, Plan(job): Plan, _: &mut Self::Context) {
         let core = self.core.clone();
         let decode = self.decode.clone();
-        actix::spawn(async move { plan(core, decode, job).await });
+        let bridge = self.bridge.clone();
+        actix::spawn(async move { plan(core, decode, bridge, job).await });
     }
 }
 
@@ -83,8 +92,13 @@ enum Decision {
     },
 }
 
-async fn plan(core: Core, decode: Addr<DecodeEngine>, mut job: Box<DecodeJob>) {
-    let decision = decide(&core, &job).await;
+async fn plan(
+    core: Core,
+    decode: Addr<DecodeEngine>,
+    bridge: Addr<MeshBridge>,
+    mut job: Box<DecodeJob>,
+) {
+    let decision = decide(&core, &bridge, &job).await;
     let next = match decision {
         Decision::Local(reason) => {
             tracing::info!(request = job.request_id, tokens = job.tokens.len(), %reason, "prefill locally");
@@ -123,7 +137,7 @@ async fn plan(core: Core, decode: Addr<DecodeEngine>, mut job: Box<DecodeJob>) {
     }
 }
 
-async fn decide(core: &Core, job: &DecodeJob) -> Decision {
+async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Decision {
     let m = &core.metrics;
     let n = job.tokens.len();
     let block = core.layout.block_size;
@@ -180,17 +194,17 @@ async fn decide(core: &Core, job: &DecodeJob) -> Decision {
         outcome: String::new(),
         elapsed_ms: 0.0,
     };
-    let r = auction(core, job, cached, &candidates, &mut rec).await;
+    let r = auction(core, bridge, job, cached, &candidates, &mut rec).await;
     rec.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     let decision = match r {
         Ok(d) => d,
         Err(fallback) => {
-            rec.outcome = fallback.kind.into();
-            Metrics::inc(&m.auctions, fallback.kind);
-            if fallback.counts_as_fallback {
+            rec.outcome = fallback.label().into();
+            Metrics::inc(&m.auctions, fallback.label());
+            if fallback.after_award() {
                 Metrics::inc(&m.offload_decisions, "fallback");
             }
-            Decision::Local(fallback.reason)
+            Decision::Local(fallback.to_string())
         }
     };
     core.record_auction(rec);
@@ -198,32 +212,78 @@ async fn decide(core: &Core, job: &DecodeJob) -> Decision {
 }
 
 /// Why an offload attempt ended in local prefill.
-struct Fallback {
-    kind: &'static str,
-    reason: String,
-    /// The auction picked a peer but the offload failed afterwards.
-    counts_as_fallback: bool,
+#[derive(Debug, thiserror::Error)]
+enum Fallback {
+    #[error("no bids from {candidates} candidates ({declines} declined, {silent} silent)")]
+    NoBids {
+        candidates: usize,
+        declines: usize,
+        silent: usize,
+    },
+    #[error("no bid scored under max_score")]
+    NoneAffordable,
+    #[error("reserve bid won the auction (score {score:.2} vs best remote {runner_up:.2})")]
+    ReserveWon { score: f64, runner_up: f64 },
+    #[error("winner {peer} refused the award")]
+    AwardRefused { peer: PeerId },
+    #[error("award to {peer} failed: {reason}")]
+    AwardFailed { peer: PeerId, reason: String },
+    #[error("offload to {peer} failed ({error}); prefilled locally")]
+    Transfer { peer: PeerId, error: TransferError },
 }
 
 impl Fallback {
-    fn new(kind: &'static str, reason: String) -> Self {
-        Self {
-            kind,
-            reason,
-            counts_as_fallback: false,
+    /// The `outcome` label of auction metrics and records.
+    fn label(&self) -> &'static str {
+        match self {
+            Fallback::NoBids { .. } | Fallback::NoneAffordable => "no_bids",
+            Fallback::ReserveWon { .. } => "reserve_won",
+            Fallback::AwardRefused { .. } | Fallback::AwardFailed { .. } => "award_refused",
+            Fallback::Transfer {
+                error: TransferError::Timeout(_) | TransferError::NoStream(_),
+                ..
+            } => "transfer_timeout",
+            Fallback::Transfer { .. } => "transfer_failed",
         }
     }
-    fn failed(kind: &'static str, reason: String) -> Self {
-        Self {
-            kind,
-            reason,
-            counts_as_fallback: true,
-        }
+
+    /// The auction picked a peer, but the offload failed afterwards.
+    fn after_award(&self) -> bool {
+        matches!(
+            self,
+            Fallback::AwardRefused { .. }
+                | Fallback::AwardFailed { .. }
+                | Fallback::Transfer { .. }
+        )
     }
+}
+
+/// Why receiving the winner's KV failed (home side).
+#[derive(Debug, thiserror::Error)]
+enum TransferError {
+    /// The winner never opened its streams.
+    #[error("no KV stream within {0:?}")]
+    NoStream(Duration),
+    /// The streams opened but did not complete in time.
+    #[error("KV stream not complete within {0:?}")]
+    Timeout(Duration),
+    #[error("the KV wait was withdrawn")]
+    Withdrawn,
+    #[error("KV header does not fit this request: {0}")]
+    Header(String),
+    /// The stream itself failed (cut, corrupt, oversized, protocol violation).
+    #[error(transparent)]
+    Stream(#[from] KvError),
+    /// The KV arrived but could not be kept (no room, a bad piece, lease expired).
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error("transfer ended without logits")]
+    NoLogits,
 }
 
 async fn auction(
     core: &Core,
+    bridge: &Addr<MeshBridge>,
     job: &DecodeJob,
     cached: usize,
     candidates: &[PeerId],
@@ -333,31 +393,21 @@ async fn auction(
         });
     }
     if round.bids.is_empty() {
-        return Err(Fallback::new(
-            "no_bids",
-            format!(
-                "no bids from {} candidates ({} declined, {} silent)",
-                candidates.len(),
-                round.declines.len(),
-                round.silent.len()
-            ),
-        ));
+        return Err(Fallback::NoBids {
+            candidates: candidates.len(),
+            declines: round.declines.len(),
+            silent: round.silent.len(),
+        });
     }
     let Some(won) = policy::settle(&scored, &params) else {
-        return Err(Fallback::new(
-            "no_bids",
-            "no bid scored under max_score".into(),
-        ));
+        return Err(Fallback::NoneAffordable);
     };
     if won.reserve {
         rec.winner = Some("local".into());
-        return Err(Fallback::new(
-            "reserve_won",
-            format!(
-                "reserve bid won the auction (score {:.2} vs best remote {:.2})",
-                won.score, won.runner_up_score
-            ),
-        ));
+        return Err(Fallback::ReserveWon {
+            score: won.score,
+            runner_up: won.runner_up_score,
+        });
     }
     let (peer, bid) = round.bids[won.bidder as usize].clone();
     rec.winner = Some(peer.to_string());
@@ -365,7 +415,16 @@ async fn auction(
     // Lease room for the KV and register for it before the award: the winner may start
     // streaming at once.
     let ticket = core.compute.begin_import(job.tokens.clone());
-    let incoming = core.expect_kv(peer, job.request_id);
+    let incoming = bridge
+        .send(ExpectKv {
+            peer,
+            request_id: job.request_id,
+        })
+        .await
+        .map_err(|e| Fallback::AwardFailed {
+            peer,
+            reason: format!("mesh bridge: {e}"),
+        })?;
     let award = Award {
         request_id: job.request_id,
         bid_id: bid.bid_id,
@@ -384,24 +443,15 @@ async fn auction(
     });
     match awarded {
         Ok(true) => Metrics::inc(&core.metrics.auctions, "awarded"),
-        Ok(false) => {
-            core.forget_kv(peer, job.request_id);
-            return Err(Fallback::failed(
-                "award_refused",
-                format!("winner {peer} refused the award"),
-            ));
-        }
+        Ok(false) => return Err(Fallback::AwardRefused { peer }),
         Err(e) => {
-            core.forget_kv(peer, job.request_id);
-            return Err(Fallback::failed(
-                "award_refused",
-                format!("award to {peer} failed: {e}"),
-            ));
+            return Err(Fallback::AwardFailed {
+                peer,
+                reason: e.to_string(),
+            })
         }
     }
-    let received = receive(core, peer, job, incoming, &ticket).await;
-    core.forget_kv(peer, job.request_id);
-    match received {
+    match receive(core, job, incoming, &ticket).await {
         Ok((logits, bytes)) => {
             rec.outcome = "ok".into();
             let transfer_s = award_sent.elapsed().as_secs_f64();
@@ -420,10 +470,7 @@ async fn auction(
                 transfer_s,
             })
         }
-        Err(e) => Err(Fallback::failed(
-            "transfer_failed",
-            format!("offload to {peer} failed ({e}); prefilled locally"),
-        )),
+        Err(error) => Err(Fallback::Transfer { peer, error }),
     }
 }
 
@@ -431,93 +478,80 @@ async fn auction(
 /// fits this model and prompt. Returns the trailer's logits and the bytes received.
 async fn receive(
     core: &Core,
-    peer: PeerId,
     job: &DecodeJob,
     incoming: tokio::sync::oneshot::Receiver<KvIncoming>,
     ticket: &ImportTicket,
-) -> Result<(Vec<f32>, u64), String> {
+) -> Result<(Vec<f32>, u64), TransferError> {
     let timeout = core.cfg.policy.transfer_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let inc = tokio::time::timeout_at(deadline, incoming)
         .await
-        .map_err(|_| format!("no KV stream within {timeout:?}"))?
-        .map_err(|_| "KV wait cancelled".to_string())?;
+        .map_err(|_| TransferError::NoStream(timeout))?
+        .map_err(|_| TransferError::Withdrawn)?;
     let h = inc.header();
     let n = job.tokens.len();
     if h.model != core.model_ref {
-        return Err("KV for another model or layout".into());
+        return Err(TransferError::Header(
+            "KV for another model or layout".into(),
+        ));
     }
     if h.tokens as usize != n
         || h.layers as usize != core.layout.layers.len()
         || h.total_bytes != core.layout.export_bytes(n) as u64
     {
-        return Err(format!(
-            "KV header does not fit the prompt ({} tokens, {} layers, {} bytes)",
+        return Err(TransferError::Header(format!(
+            "{} tokens, {} layers, {} bytes",
             h.tokens, h.layers, h.total_bytes
-        ));
+        )));
     }
-    debug_assert_eq!(inc.peer(), peer);
     if let Some(e) = ticket.failure() {
         // Refuse the stream (dropping it resets it) rather than receive what cannot be kept.
-        return Err(e);
+        return Err(TransferError::Import(e));
     }
-    let mut sink = HomeSink::new(core.layout.clone(), n, core.vocab, ticket);
+    let mut sink = HomeSink {
+        layout: &core.layout,
+        vocab: core.vocab,
+        ticket,
+        logits: None,
+    };
     let got = tokio::time::timeout_at(deadline, inc.receive(&mut sink))
         .await
-        .map_err(|_| format!("KV stream not complete within {timeout:?}"))?
-        .map_err(|e| e.to_string())?;
-    let logits = sink.logits.ok_or("transfer ended without logits")?;
+        .map_err(|_| TransferError::Timeout(timeout))?
+        .map_err(|e| match e {
+            // The sink refuses when the import failed: say why, not just "sink refused".
+            KvError::Sink(_) => match ticket.failure() {
+                Some(why) => TransferError::Import(why),
+                None => TransferError::Stream(e),
+            },
+            e => TransferError::Stream(e),
+        })?;
+    let logits = sink.logits.ok_or(TransferError::NoLogits)?;
     Ok((logits, got.bytes))
 }
 
-/// Home side of a transfer: parses each layer as it arrives (so a bad frame fails the transfer
-/// at once) and hands it to the compute thread, which writes it into the leased blocks; keeps
-/// the trailer's logits.
+/// Home side of a transfer: parses each piece as it arrives (so a bad frame fails the transfer
+/// at once) and hands it to the compute thread, which writes it into the leased blocks by
+/// position and checks that pieces neither overlap nor leave gaps; keeps the trailer's logits.
 struct HomeSink<'a> {
-    layout: KvLayout,
-    tokens: usize,
+    layout: &'a KvLayout,
     vocab: usize,
     ticket: &'a ImportTicket,
-    /// Layers handed over so far.
-    layers: usize,
     logits: Option<Vec<f32>>,
 }
 
-impl<'a> HomeSink<'a> {
-    fn new(layout: KvLayout, tokens: usize, vocab: usize, ticket: &'a ImportTicket) -> Self {
-        Self {
-            layout,
-            tokens,
-            vocab,
-            ticket,
-            layers: 0,
-            logits: None,
-        }
-    }
-}
-
 impl MeshKvSink for HomeSink<'_> {
-    fn write_layer(&mut self, layer: u32, bytes: Vec<u8>) -> Result<(), MeshSinkError> {
-        if layer as usize != self.layers {
-            return Err(MeshSinkError(format!(
-                "layer {layer} arrived, expected {}",
-                self.layers
-            )));
-        }
-        let kv = LayerKv::from_le_bytes(&self.layout, layer as usize, self.tokens, &bytes)
+    fn write_piece(&mut self, piece: PieceId, bytes: Vec<u8>) -> Result<(), MeshSinkError> {
+        let layer = piece.layer as usize;
+        let tokens = piece.start as usize..piece.end as usize;
+        let kv = LayerKv::from_le_bytes(self.layout, layer, tokens.len(), &bytes)
             .map_err(|e| MeshSinkError(e.to_string()))?;
         drop(bytes);
         self.ticket
-            .layer(layer as usize, kv)
-            .map_err(MeshSinkError)?;
-        self.layers += 1;
-        Ok(())
+            .piece(KvPiece { layer, tokens, kv })
+            .map_err(|e| MeshSinkError(e.to_string()))
     }
 
     fn finish(&mut self, trailer: KvTrailer) -> Result<(), MeshSinkError> {
-        if self.layers != self.layout.layers.len() {
-            return Err(MeshSinkError("trailer before the last layer".into()));
-        }
         if trailer.payload.len() != self.vocab * 4 {
             return Err(MeshSinkError(format!(
                 "trailer has {} bytes of logits, expected {}",

@@ -1,5 +1,6 @@
-//! `PrefillWorker`: bids in other homes' auctions and serves the awards it wins, streaming each
-//! layer's KV as soon as the compute thread finishes it (layer-wise pipelining, DESIGN.md §1).
+//! `PrefillWorker`: bids in other homes' auctions and serves the awards it wins, streaming the KV
+//! of every prefill chunk as soon as the compute thread finishes each of its layers (layer-wise
+//! pipelining, DESIGN.md §1 and §4 step 3).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,8 +22,6 @@ use crate::metrics::Metrics;
 
 /// Calls remembered to check awards against (bounded; oldest forgotten first).
 const REMEMBERED_CALLS: usize = 1024;
-/// Layers buffered between the compute thread and the network.
-const LAYER_QUEUE: usize = 2;
 /// How long a bid holds.
 const BID_VALID_MS: u32 = 10_000;
 
@@ -188,8 +187,8 @@ impl Handler<Serve> for PrefillWorker {
         actix::spawn(async move {
             let request = award.request_id;
             // The home stops waiting after its transfer timeout; so does the winner (a home that
-            // reads too slowly or not at all must not hold this node's compute thread, which
-            // blocks while the layer queue is full). Dropping `serve` aborts the transfer.
+            // reads too slowly or not at all must not hold the KV queued for it). Dropping
+            // `serve` aborts the transfer and stops the prefill if it is still running.
             let limit = core.cfg.policy.transfer_timeout;
             let r = tokio::time::timeout(limit, serve(&core, &decode, peer, request, tokens))
                 .await
@@ -216,13 +215,13 @@ async fn serve(
     let t0 = Instant::now();
     let n = tokens.len();
     let layout = &core.layout;
-    let (ltx, mut lrx) = mpsc::channel(LAYER_QUEUE);
+    let (ptx, mut prx) = mpsc::unbounded_channel();
     let (dtx, drx) = oneshot::channel();
-    // Start computing first, then open the streams while the first layers are being made.
+    // Start computing first, then open the streams while the first pieces are being made.
     let queued = decode
         .send(RunJob(Job::ServePrefill {
             tokens,
-            layers: ltx,
+            pieces: ptx,
             done: dtx,
         }))
         .await
@@ -236,27 +235,28 @@ async fn serve(
         model: core.model_ref.clone(),
         layers: layers as u32,
         tokens: n as u32,
-        dtype: "f32".into(),
-        max_layer_bytes: (0..layers)
+        dtype: layout.dtype.to_string(),
+        // A piece is at most a whole layer's export.
+        max_piece_bytes: (0..layers)
             .map(|l| layout.export_layer_bytes(l, n) as u64)
             .max()
             .unwrap_or(0),
         total_bytes: layout.export_bytes(n) as u64,
         probe: false,
     };
-    // On any error below `lrx` is dropped, which makes the compute thread's sink fail and the
+    // On any error below `prx` is dropped, which makes the compute thread's sink fail and the
     // prefill stop early.
     let mut sender = core
         .mesh
         .open_kv_transfer(peer, header)
         .await
         .map_err(|e| format!("opening the KV stream: {e}"))?;
-    while let Some((layer, bytes)) = lrx.recv().await {
+    while let Some((piece, bytes)) = prx.recv().await {
         let len = bytes.len() as u64;
         sender
-            .send_layer(layer, bytes)
+            .send_piece(piece, bytes)
             .await
-            .map_err(|e| format!("sending layer {layer}: {e}"))?;
+            .map_err(|e| format!("sending a piece of layer {}: {e}", piece.layer))?;
         // Never keep a metric family's guard across an await: it is a read lock on the family,
         // and another task on this thread creating a label (a write lock) would deadlock it.
         Metrics::inc_by(&core.metrics.kv_bytes, "sent", len);

@@ -3,7 +3,8 @@
 //! [`KvSink`] layer by layer, KV export/import, and continuously batched decode steps.
 //!
 //! Device memory: one K and one V pool per paged layer (`[n_blocks, block_size, n_kv_heads,
-//! head_dim]`, a block id addresses the same rows in every layer) and, per state slot, one
+//! head_dim]` of [`EngineConfig::kv_dtype`], a block id addresses the same rows in every layer)
+//! and, per state slot, one
 //! `[heads, value_dim, key_dim]` tensor per linear layer. Which ids are free, cached or in use is
 //! decided by [`KvStore`]; the engine only moves data.
 
@@ -15,10 +16,10 @@ use prfaas_kernels::{Backend, KernelError, Tensor};
 
 use super::model::{Batch, Model, ModelError, PagedPool, SeqRows};
 use super::sampler::{FinishReason, Sampler, SamplingParams};
-use super::sink::{KvExport, KvSink, LayerKv, NullSink, SinkError};
+use super::sink::{KvExport, KvPiece, KvSink, LayerKv, NullSink, SinkError};
 use crate::kv::{
-    BlockId, KvError, KvLayout, KvLayoutError, KvStats, KvStore, KvStoreConfig, LayerKvShape,
-    LeaseId, StateSlot,
+    BlockId, KvDType, KvError, KvLayout, KvLayoutError, KvStats, KvStore, KvStoreConfig,
+    LayerKvShape, LeaseId, StateSlot,
 };
 
 /// Errors of engine operations.
@@ -58,6 +59,9 @@ pub struct EngineConfig {
     /// Look up and fill the prefix cache on prefill.
     pub prefix_cache: bool,
     pub lease_ttl: Duration,
+    /// Element type of the paged KV pools and of exported KV (f16 by default). Part of the
+    /// layout hash: engines exchange KV only when they agree on it.
+    pub kv_dtype: KvDType,
 }
 
 impl EngineConfig {
@@ -70,6 +74,7 @@ impl EngineConfig {
             prefill_chunk: 512,
             prefix_cache: true,
             lease_ttl: Duration::from_secs(30),
+            kv_dtype: KvDType::default(),
         }
     }
 }
@@ -138,8 +143,9 @@ struct PendingImport {
     tokens: Vec<u32>,
     blocks: Vec<BlockId>,
     state: Option<StateSlot>,
-    /// Layers are written strictly in order; this one is next.
-    next_layer: usize,
+    /// Per layer, which of its blocks (paged) or whether its state (one entry) was written.
+    /// Pieces may come in any order but never twice.
+    written: Vec<Vec<bool>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -161,7 +167,8 @@ impl Engine {
             ));
         }
         let backend = Arc::clone(model.backend());
-        let layout = KvLayout::from_model(model.config(), config.block_size)?;
+        let layout =
+            KvLayout::from_model(model.config(), config.block_size)?.with_dtype(config.kv_dtype);
         let n_state_slots = if layout.has_state() {
             config.n_state_slots.max(1)
         } else {
@@ -183,9 +190,10 @@ impl Engine {
                     ..
                 } => {
                     let dims = [config.n_blocks, config.block_size, n_kv_heads, head_dim];
+                    let dtype = layout.dtype.kernel_dtype();
                     pools.push(Some(PagedPool {
-                        k: backend.zeros(&dims)?,
-                        v: backend.zeros(&dims)?,
+                        k: backend.zeros_dtype(&dims, dtype)?,
+                        v: backend.zeros_dtype(&dims, dtype)?,
                     }));
                 }
                 LayerKvShape::State {
@@ -318,8 +326,10 @@ impl Engine {
     /// Prefills `tokens` as a new sequence and returns the last token's logits.
     ///
     /// Uses the prefix cache when enabled (partial block hits for dense models, exact-match state
-    /// for hybrid ones), runs the rest in chunks of `prefill_chunk` tokens, and during the last
-    /// chunk hands each layer's KV to `sink` as soon as that layer is done for the whole prompt.
+    /// for hybrid ones) and runs the rest in chunks of `prefill_chunk` tokens. The KV goes to
+    /// `sink` piece by piece while the prompt is computed: the cached prefix first, then after
+    /// each chunk of each layer that chunk's rows (see [`KvSink`]), so only the last layer's
+    /// last piece is left when the compute ends.
     pub fn prefill(
         &mut self,
         tokens: &[u32],
@@ -406,6 +416,10 @@ impl Engine {
         let mut a = start;
         while a < n {
             let mut b = (a + self.config.prefill_chunk).min(n);
+            // Chunks end on block boundaries where they can, so each streams whole blocks.
+            if b < n && b / bs * bs > a {
+                b = b / bs * bs;
+            }
             if want_snapshot && a < snap_at && b > snap_at {
                 b = snap_at;
             }
@@ -461,8 +475,9 @@ impl Engine {
         Ok(logits)
     }
 
-    /// Runs the prefill chunks; hands KV to `sink` during the last one and snapshots the linear
-    /// state into a fresh slot (stored in `snapshot`) when a chunk ends at `snap_at`.
+    /// Runs the prefill chunks, handing KV to `sink` as it is made (see [`Engine::prefill`]),
+    /// and snapshots the linear state into a fresh slot (stored in `snapshot`) when a chunk ends
+    /// at `snap_at`.
     #[allow(clippy::too_many_arguments)]
     fn run_chunks(
         &mut self,
@@ -477,6 +492,19 @@ impl Engine {
     ) -> Result<Vec<f32>, EngineError> {
         let n = tokens.len();
         let bs = self.config.block_size;
+        let wants = sink.wants_kv();
+        // Per paged layer, the first row not yet handed to the sink. Rows of a block that is
+        // still being filled wait for the chunk that completes it (or for the end).
+        let mut sent: Vec<usize> = (0..self.layout.layers.len())
+            .map(|l| self.layout.transfer_rows(l, n).start)
+            .collect();
+        if wants {
+            // The cached prefix is ready before any compute: send it first.
+            let ready = bounds.first().map_or(0, |&(a, _)| a / bs * bs);
+            for layer in 0..self.layout.layers.len() {
+                self.send_rows(layer, ready, n, blocks, states, &mut sent, sink)?;
+            }
+        }
         let mut logits = None;
         for (ci, &(a, b)) in bounds.iter().enumerate() {
             let last = ci + 1 == bounds.len();
@@ -496,12 +524,22 @@ impl Engine {
                 slots: &slots,
                 seqs: &rows,
             };
-            let wants = last && sink.wants_kv();
+            let ready = if last { n } else { b / bs * bs };
             let this = &*self;
             let mut hook = |layer: usize| -> Result<(), EngineError> {
-                let kv = this.export_layer(layer, blocks, n, states)?;
-                sink.layer(layer, kv)?;
-                Ok(())
+                if this.layout.layers[layer].is_paged() {
+                    this.send_rows(layer, ready, n, blocks, states, &mut sent, sink)
+                } else if last {
+                    let kv = this.export_rows(layer, blocks, 0..n, states)?;
+                    sink.piece(KvPiece {
+                        layer,
+                        tokens: 0..n,
+                        kv,
+                    })?;
+                    Ok(())
+                } else {
+                    Ok(())
+                }
             };
             let out = self.model.forward(
                 &self.pools,
@@ -523,12 +561,40 @@ impl Engine {
         logits.ok_or_else(|| EngineError::Request("nothing to prefill".into()))
     }
 
-    /// One layer of a sequence in the export layout (see [`crate::kv::layout`]).
-    fn export_layer(
+    /// Hands paged `layer`'s rows from `sent[layer]` up to `ready` to the sink as one piece (none
+    /// when there is nothing new) and advances `sent[layer]`.
+    #[allow(clippy::too_many_arguments)]
+    fn send_rows(
+        &self,
+        layer: usize,
+        ready: usize,
+        n: usize,
+        blocks: &[u32],
+        states: &[Tensor],
+        sent: &mut [usize],
+        sink: &mut dyn KvSink,
+    ) -> Result<(), EngineError> {
+        if !self.layout.layers[layer].is_paged() || ready <= sent[layer] {
+            return Ok(());
+        }
+        let rows = sent[layer]..ready.min(n);
+        let kv = self.export_rows(layer, blocks, rows.clone(), states)?;
+        sent[layer] = rows.end;
+        sink.piece(KvPiece {
+            layer,
+            tokens: rows,
+            kv,
+        })?;
+        Ok(())
+    }
+
+    /// Layer `layer`'s KV for the token rows `rows` of a sequence in blocks `blocks`, in the
+    /// export layout (see [`crate::kv::layout`]); a state layer's whole state (`rows` ignored).
+    fn export_rows(
         &self,
         layer: usize,
         blocks: &[u32],
-        n_tokens: usize,
+        rows: std::ops::Range<usize>,
         states: &[Tensor],
     ) -> Result<LayerKv, EngineError> {
         match (&self.pools[layer], self.layout.layers[layer]) {
@@ -540,25 +606,19 @@ impl Engine {
                     ..
                 },
             ) => {
-                let nb = self.layout.blocks_for_tokens(n_tokens);
-                let blocks = blocks.get(..nb).ok_or_else(|| {
-                    EngineError::Request(format!(
-                        "{n_tokens} tokens but only {} blocks",
-                        blocks.len()
-                    ))
+                let bs = self.layout.block_size;
+                let (b0, b1) = (rows.start / bs, rows.end.div_ceil(bs));
+                let ids = blocks.get(b0..b1).ok_or_else(|| {
+                    EngineError::Request(format!("rows {rows:?} but only {} blocks", blocks.len()))
                 })?;
                 let row = n_kv_heads * head_dim;
-                let mut k = self.backend.gather_blocks(&pool.k, blocks)?;
-                let mut v = self.backend.gather_blocks(&pool.v, blocks)?;
-                // Padding after the last token is zeroed so exports are deterministic.
-                k.get_mut(n_tokens * row..)
-                    .into_iter()
-                    .flatten()
-                    .for_each(|x| *x = 0.0);
-                v.get_mut(n_tokens * row..)
-                    .into_iter()
-                    .flatten()
-                    .for_each(|x| *x = 0.0);
+                let (from, to) = ((rows.start - b0 * bs) * row, (rows.end - b0 * bs) * row);
+                let mut k = self.backend.gather_blocks(&pool.k, ids)?;
+                let mut v = self.backend.gather_blocks(&pool.v, ids)?;
+                k.truncate(to);
+                k.drain(..from);
+                v.truncate(to);
+                v.drain(..from);
                 Ok(LayerKv::Paged { k, v })
             }
             (None, LayerKvShape::State { .. }) => {
@@ -587,8 +647,9 @@ impl Engine {
             Some(slot) => self.state_slot(slot)?.to_vec(),
             None => Vec::new(),
         };
+        let n = s.tokens.len();
         let layers = (0..self.layout.layers.len())
-            .map(|l| self.export_layer(l, &blocks, s.tokens.len(), &states))
+            .map(|l| self.export_rows(l, &blocks, self.layout.transfer_rows(l, n), &states))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(KvExport {
             layout: self.layout.clone(),
@@ -614,103 +675,155 @@ impl Engine {
             )));
         }
         let n = export.tokens.len();
-        for (l, kv) in export.layers.iter().enumerate() {
-            self.check_layer(l, n, kv)?;
+        for piece in export.pieces() {
+            self.check_piece(n, &piece)?;
         }
         Ok(())
     }
 
-    /// Checks that `kv` is layer `layer` of an `n`-token prompt: right kind and size.
-    fn check_layer(&self, layer: usize, n: usize, kv: &LayerKv) -> Result<(), EngineError> {
-        let want = self.layout.export_layer_bytes(layer, n);
-        let ok = match (kv, self.layout.layers[layer].is_paged()) {
-            (LayerKv::Paged { k, v }, true) => k.len() == v.len() && kv.size_bytes() == want,
-            (LayerKv::State { .. }, false) => kv.size_bytes() == want,
+    /// Checks that `piece` fits an `n`-token sequence: a layer of this model, rows inside what
+    /// the layer exports, block-aligned, the right kind and size of data, finite values.
+    fn check_piece(&self, n: usize, piece: &KvPiece) -> Result<(), EngineError> {
+        let KvPiece { layer, tokens, kv } = piece;
+        let layer = *layer;
+        let bad = |why: String| EngineError::Incompatible(format!("piece of layer {layer}: {why}"));
+        let shape = self
+            .layout
+            .layers
+            .get(layer)
+            .ok_or_else(|| bad(format!("the model has {} layers", self.layout.layers.len())))?;
+        let bs = self.layout.block_size;
+        let ok_kind = match (kv, shape.is_paged()) {
+            (LayerKv::Paged { k, v }, true) => {
+                let span = self.layout.transfer_rows(layer, n);
+                if tokens.start >= tokens.end
+                    || tokens.start < span.start
+                    || tokens.end > span.end
+                    || tokens.start % bs != 0
+                    || (tokens.end % bs != 0 && tokens.end != n)
+                {
+                    return Err(bad(format!(
+                        "rows {tokens:?} are not whole blocks inside {span:?}"
+                    )));
+                }
+                k.len() == v.len()
+            }
+            (LayerKv::State { .. }, false) => {
+                if *tokens != (0..n) {
+                    return Err(bad(format!("a state covers 0..{n}, not {tokens:?}")));
+                }
+                true
+            }
             _ => false,
         };
-        if ok {
-            Ok(())
-        } else {
-            Err(SinkError::BadLayer {
+        let want = self.layout.piece_elems(layer, tokens.len());
+        if !ok_kind || kv.len() != want {
+            return Err(SinkError::BadLayer {
                 layer,
-                got: kv.size_bytes(),
+                got: kv.len(),
                 want,
             }
-            .into())
+            .into());
         }
+        let finite = match kv {
+            LayerKv::Paged { k, v } => k.iter().chain(v).all(|x| x.is_finite()),
+            LayerKv::State { state } => state.iter().all(|x| x.is_finite()),
+        };
+        if !finite {
+            return Err(bad("non-finite values".into()));
+        }
+        Ok(())
     }
 
     /// Creates a sequence from exported KV (the remote-prefill path). Decode continues from it
     /// exactly as if the prefill had run here. The whole-KV form of
-    /// [`begin_import`](Self::begin_import) + [`import_layer`](Self::import_layer) per layer +
+    /// [`begin_import`](Self::begin_import) + [`import_piece`](Self::import_piece) per layer +
     /// [`finish_import`](Self::finish_import).
     pub fn import_kv(&mut self, export: &KvExport) -> Result<SeqId, EngineError> {
         self.check_import(export)?;
         let id = self.begin_import(export.tokens.clone(), Instant::now())?;
-        for (l, kv) in export.layers.iter().enumerate() {
-            // `import_layer` cancels the import itself when it fails.
-            self.import_layer(id, l, kv, Instant::now())?;
+        for piece in export.pieces() {
+            // `import_piece` cancels the import itself when it fails.
+            self.import_piece(id, &piece, Instant::now())?;
         }
         self.finish_import(id)
     }
 
     /// Starts receiving the KV of `tokens` from elsewhere: leases the blocks (and the
     /// linear-attention state slot) it needs, so the transfer cannot fail at the end for lack of
-    /// room and each layer is written straight into its final place as it arrives. The lease
-    /// expires (and frees everything) unless [`import_layer`](Self::import_layer) keeps it alive
+    /// room and each piece is written straight into its final place as it arrives. The lease
+    /// expires (and frees everything) unless [`import_piece`](Self::import_piece) keeps it alive
     /// and [`finish_import`](Self::finish_import) commits it; see [`expire_imports`](Self::expire_imports).
     pub fn begin_import(&mut self, tokens: Vec<u32>, now: Instant) -> Result<LeaseId, EngineError> {
         self.check_tokens(&tokens)?;
         let n_blocks = self.layout.blocks_for_tokens(tokens.len());
         let lease = self.store.lease(n_blocks, self.layout.has_state(), now)?;
+        let written = self
+            .layout
+            .layers
+            .iter()
+            .map(|l| vec![false; if l.is_paged() { n_blocks } else { 1 }])
+            .collect();
         self.imports.insert(
             lease.id,
             PendingImport {
                 tokens,
                 blocks: lease.blocks,
                 state: lease.state,
-                next_layer: 0,
+                written,
             },
         );
         Ok(lease.id)
     }
 
-    /// Writes layer `layer` (the next one in order) of import `id` into its leased blocks and
-    /// extends the lease. On any error the import is cancelled and its blocks freed.
-    pub fn import_layer(
+    /// Writes `piece` of import `id` into its leased blocks by position and extends the lease.
+    /// Pieces may come in any order; a piece that does not fit the sequence, or overlaps one
+    /// already written, is an error. On any error the import is cancelled and its blocks freed.
+    pub fn import_piece(
         &mut self,
         id: LeaseId,
-        layer: usize,
-        kv: &LayerKv,
+        piece: &KvPiece,
         now: Instant,
     ) -> Result<(), EngineError> {
-        let r = self.write_import_layer(id, layer, kv, now);
+        let r = self.write_import_piece(id, piece, now);
         if r.is_err() {
             self.cancel_import(id);
         }
         r
     }
 
-    fn write_import_layer(
+    fn write_import_piece(
         &mut self,
         id: LeaseId,
-        layer: usize,
-        kv: &LayerKv,
+        piece: &KvPiece,
         now: Instant,
     ) -> Result<(), EngineError> {
         let p = self.imports.get(&id).ok_or(KvError::UnknownLease(id))?;
-        if layer != p.next_layer || layer >= self.layout.layers.len() {
+        self.check_piece(p.tokens.len(), piece)?;
+        let layer = piece.layer;
+        let bs = self.layout.block_size;
+        let marks = match piece.kv {
+            LayerKv::Paged { .. } => piece.tokens.start / bs..piece.tokens.end.div_ceil(bs),
+            LayerKv::State { .. } => 0..1,
+        };
+        if p.written[layer][marks.clone()].iter().any(|&w| w) {
             return Err(EngineError::Incompatible(format!(
-                "layer {layer} arrived, expected {}",
-                p.next_layer
+                "piece of layer {layer}, rows {:?}, overlaps one already written",
+                piece.tokens
             )));
         }
-        self.check_layer(layer, p.tokens.len(), kv)?;
-        match (kv, &self.pools[layer]) {
+        match (&piece.kv, &self.pools[layer]) {
             (LayerKv::Paged { k, v }, Some(pool)) => {
-                let idx: Vec<u32> = p.blocks.iter().map(|b| b.0).collect();
-                self.backend.scatter_blocks(&pool.k, &idx, k)?;
-                self.backend.scatter_blocks(&pool.v, &idx, v)?;
+                let idx: Vec<u32> = p.blocks[marks.clone()].iter().map(|b| b.0).collect();
+                // Whole blocks: the tail of a last, partly filled block is zero.
+                let whole = idx.len() * bs * (k.len() / piece.tokens.len());
+                let pad = |x: &[f32]| {
+                    let mut x = x.to_vec();
+                    x.resize(whole, 0.0);
+                    x
+                };
+                self.backend.scatter_blocks(&pool.k, &idx, &pad(k))?;
+                self.backend.scatter_blocks(&pool.v, &idx, &pad(v))?;
             }
             (LayerKv::State { state }, None) => {
                 // The i-th linear layer's state lives in the slot's i-th tensor.
@@ -734,26 +847,35 @@ impl Engine {
         }
         self.store.extend_lease(id, now)?;
         if let Some(p) = self.imports.get_mut(&id) {
-            p.next_layer += 1;
+            p.written[layer][marks].iter_mut().for_each(|w| *w = true);
         }
         Ok(())
     }
 
-    /// Commits import `id` once every layer is written: its blocks become a live sequence
-    /// (and, for full-attention models, enter the prefix cache). Fails, freeing the blocks, when
-    /// layers are missing or the lease already expired.
+    /// Commits import `id` once every piece is written: its blocks become a live sequence
+    /// (and, for full-attention models whose KV was not trimmed to a window, enter the prefix
+    /// cache). Fails, freeing the blocks, when pieces are missing or the lease already expired.
     pub fn finish_import(&mut self, id: LeaseId) -> Result<SeqId, EngineError> {
         let p = self.imports.remove(&id).ok_or(KvError::UnknownLease(id))?;
-        if p.next_layer != self.layout.layers.len() {
+        let n = p.tokens.len();
+        let bs = self.layout.block_size;
+        let missing = p.written.iter().enumerate().find_map(|(layer, w)| {
+            let need = if self.layout.layers[layer].is_paged() {
+                let rows = self.layout.transfer_rows(layer, n);
+                rows.start / bs..rows.end.div_ceil(bs)
+            } else {
+                0..1
+            };
+            w[need].iter().any(|&x| !x).then_some(layer)
+        });
+        if let Some(layer) = missing {
             let _ = self.store.cancel(id);
             return Err(EngineError::Incompatible(format!(
-                "import finished after {} of {} layers",
-                p.next_layer,
-                self.layout.layers.len()
+                "import finished with KV of layer {layer} missing"
             )));
         }
         let (blocks, state) = self.store.commit(id)?;
-        if self.config.prefix_cache && !self.layout.has_state() {
+        if self.config.prefix_cache && !self.layout.has_state() && !self.layout.trims(n) {
             if let Err(e) = self
                 .store
                 .insert_prefix(&p.tokens, &blocks, None, Instant::now())

@@ -17,5 +17,5 @@ pub use config::{LayerKind, ModelConfig, ModelWeights};
 pub use engine::{Engine, EngineConfig, EngineError, Generation, PrefillOutput, SeqId, StepLogits};
 pub use model::{Model, ModelError};
 pub use sampler::{FinishReason, Sampler, SamplingParams};
-pub use sink::{CollectSink, KvExport, KvSink, LayerKv, NullSink, SinkError};
+pub use sink::{CollectSink, KvExport, KvPiece, KvSink, LayerKv, NullSink, SinkError};
 pub use synthetic::{synthetic_model, ByteTokenizer, SyntheticKind};

@@ -1,56 +1,82 @@
-//! The seam through which prefill hands out KV layer by layer, and the exported-KV container.
+//! The seam through which prefill hands out KV piece by piece, and the exported-KV container.
 //!
-//! A remote prefill node streams each layer to the decode node as soon as that layer is final
-//! for the whole prompt, overlapping transfer with the remaining layers' compute; [`KvSink`] is
-//! that hook. [`KvExport`] is the whole-sequence form (same per-layer data, plus the layout and
+//! A remote prefill node streams the KV of every prefill chunk as soon as each layer of that
+//! chunk is computed, overlapping the transfer with the rest of the prompt's compute; [`KvSink`]
+//! is that hook, and a [`KvPiece`] is one layer's KV for a range of tokens. [`KvExport`] is the
+//! whole-sequence form (one piece per layer covering what a decode reads, plus the layout and
 //! hash the receiver checks before importing). Byte layout: see [`crate::kv::layout`].
 
-use crate::kv::KvLayout;
+use std::ops::Range;
 
-/// One layer of one sequence's KV, in the export layout of [`crate::kv::layout`] (f32 values).
+use crate::kv::layout::STATE_DTYPE;
+use crate::kv::{KvDType, KvLayout};
+
+/// One layer's KV for a range of a sequence's tokens, in the export layout of
+/// [`crate::kv::layout`], as f32 values (an f16 layout's values widened exactly;
+/// [`LayerKv::to_le_bytes`] encodes them in the layout's dtype).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LayerKv {
-    /// Full / sliding attention: `k` and `v` are each `[n_tokens_padded, n_kv_heads, head_dim]`
-    /// (padded to whole blocks; the padding is zero or stale and must be ignored).
+    /// Full / sliding attention: `k` and `v` are each `[rows, n_kv_heads, head_dim]`, one row per
+    /// token of the piece's range (no padding).
     Paged { k: Vec<f32>, v: Vec<f32> },
     /// Linear attention: the recurrent state `[heads, value_dim, key_dim]`.
     State { state: Vec<f32> },
 }
 
 impl LayerKv {
-    /// Bytes this layer takes in the export layout.
-    pub fn size_bytes(&self) -> usize {
-        4 * match self {
+    /// Values held (K and V, or the state).
+    pub fn len(&self) -> usize {
+        match self {
             LayerKv::Paged { k, v } => k.len() + v.len(),
             LayerKv::State { state } => state.len(),
         }
     }
 
-    /// The layer's bytes in the export layout (K then V, or the state; little-endian f32).
-    pub fn to_le_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.size_bytes());
-        let mut put = |xs: &[f32]| {
-            xs.iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()))
-        };
+    /// True when it holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type this layer takes in a layout of paged-KV `dtype` (state is always f32).
+    fn wire_dtype(&self, dtype: KvDType) -> KvDType {
+        match self {
+            LayerKv::Paged { .. } => dtype,
+            LayerKv::State { .. } => STATE_DTYPE,
+        }
+    }
+
+    /// Bytes this layer takes in the export layout with paged-KV `dtype` (the layout's `dtype`).
+    pub fn size_bytes(&self, dtype: KvDType) -> usize {
+        self.wire_dtype(dtype).size_bytes()
+            * match self {
+                LayerKv::Paged { k, v } => k.len() + v.len(),
+                LayerKv::State { state } => state.len(),
+            }
+    }
+
+    /// The layer's bytes in the export layout with paged-KV `dtype` (the layout's `dtype`):
+    /// K then V in `dtype`, or the state in f32; little-endian.
+    pub fn to_le_bytes(&self, dtype: KvDType) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.size_bytes(dtype));
+        let d = self.wire_dtype(dtype);
         match self {
             LayerKv::Paged { k, v } => {
-                put(k);
-                put(v);
+                d.encode(k, &mut out);
+                d.encode(v, &mut out);
             }
-            LayerKv::State { state } => put(state),
+            LayerKv::State { state } => d.encode(state, &mut out),
         }
         out
     }
 
-    /// Parses one layer's bytes for `layer` of `layout` holding `n_tokens` tokens.
+    /// Parses the bytes of `layer` of `layout` for `rows` tokens (ignored for state layers).
     pub fn from_le_bytes(
         layout: &KvLayout,
         layer: usize,
-        n_tokens: usize,
+        rows: usize,
         bytes: &[u8],
     ) -> Result<Self, SinkError> {
-        let want = layout.export_layer_bytes(layer, n_tokens);
+        let want = layout.piece_bytes(layer, rows);
         if bytes.len() != want || want == 0 {
             return Err(SinkError::BadLayer {
                 layer,
@@ -58,10 +84,15 @@ impl LayerKv {
                 want,
             });
         }
-        let vals: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        // The length check above makes this a whole number of values.
+        let vals = layout
+            .layer_dtype(layer)
+            .decode(bytes)
+            .map_err(|_| SinkError::BadLayer {
+                layer,
+                got: bytes.len(),
+                want,
+            })?;
         Ok(if layout.layers[layer].is_paged() {
             let half = vals.len() / 2;
             LayerKv::Paged {
@@ -78,7 +109,7 @@ impl LayerKv {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SinkError {
-    #[error("layer {layer}: {got} bytes of KV, layout says {want}")]
+    #[error("layer {layer}: {got} values/bytes of KV, layout says {want}")]
     BadLayer {
         layer: usize,
         got: usize,
@@ -88,13 +119,25 @@ pub enum SinkError {
     Closed(String),
 }
 
-/// Receives each layer's KV once that layer is final for the whole prompt.
+/// One layer's KV for tokens `tokens` of a sequence: what [`KvSink`] receives and a KV import
+/// takes. Paged pieces start on a block boundary and end on one or at the sequence's end; a
+/// state piece covers the whole sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvPiece {
+    pub layer: usize,
+    pub tokens: Range<usize>,
+    pub kv: LayerKv,
+}
+
+/// Receives the prefill's KV piece by piece, as each layer of each chunk is computed.
 ///
-/// Called in layer order, exactly once per layer, from the engine's compute thread: an
-/// implementation that ships KV over the network must hand the data to a bounded queue and
-/// return, not block on the network.
+/// Per layer, pieces come in token order and together cover exactly
+/// [`KvLayout::transfer_rows`] (a sliding-window layer sends only what a decode will read); a
+/// state layer sends one piece after the last chunk. Called from the engine's compute thread:
+/// an implementation that ships KV over the network must queue the data and return at once,
+/// never wait on the network.
 pub trait KvSink {
-    fn layer(&mut self, layer: usize, kv: LayerKv) -> Result<(), SinkError>;
+    fn piece(&mut self, piece: KvPiece) -> Result<(), SinkError>;
 
     /// False for sinks that drop everything, so the engine can skip the device→host copies.
     fn wants_kv(&self) -> bool {
@@ -107,7 +150,7 @@ pub trait KvSink {
 pub struct NullSink;
 
 impl KvSink for NullSink {
-    fn layer(&mut self, _layer: usize, _kv: LayerKv) -> Result<(), SinkError> {
+    fn piece(&mut self, _piece: KvPiece) -> Result<(), SinkError> {
         Ok(())
     }
     fn wants_kv(&self) -> bool {
@@ -115,15 +158,15 @@ impl KvSink for NullSink {
     }
 }
 
-/// Keeps every layer in memory (tests, and building a [`KvExport`] from a prefill).
+/// Keeps every piece in memory, in the order they came (tests).
 #[derive(Debug, Default, Clone)]
 pub struct CollectSink {
-    pub layers: Vec<(usize, LayerKv)>,
+    pub pieces: Vec<KvPiece>,
 }
 
 impl KvSink for CollectSink {
-    fn layer(&mut self, layer: usize, kv: LayerKv) -> Result<(), SinkError> {
-        self.layers.push((layer, kv));
+    fn piece(&mut self, piece: KvPiece) -> Result<(), SinkError> {
+        self.pieces.push(piece);
         Ok(())
     }
 }
@@ -136,13 +179,33 @@ pub struct KvExport {
     pub layout_hash: [u8; 32],
     /// The tokens whose KV this is (the receiver needs them for its prefix cache and positions).
     pub tokens: Vec<u32>,
-    /// One entry per model layer, in order.
+    /// One entry per model layer, in order, covering [`KvLayout::transfer_rows`] of that layer.
     pub layers: Vec<LayerKv>,
 }
 
 impl KvExport {
     /// Total KV bytes (what crosses the network).
     pub fn size_bytes(&self) -> usize {
-        self.layers.iter().map(LayerKv::size_bytes).sum()
+        self.layers
+            .iter()
+            .map(|l| l.size_bytes(self.layout.dtype))
+            .sum()
+    }
+
+    /// The export as one piece per layer (what [`crate::engine::Engine::import_piece`] takes).
+    pub fn pieces(&self) -> impl Iterator<Item = KvPiece> + '_ {
+        let n = self.tokens.len();
+        self.layers
+            .iter()
+            .enumerate()
+            .map(move |(layer, kv)| KvPiece {
+                layer,
+                tokens: if self.layout.layers[layer].is_paged() {
+                    self.layout.transfer_rows(layer, n)
+                } else {
+                    0..n
+                },
+                kv: kv.clone(),
+            })
     }
 }

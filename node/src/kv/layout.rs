@@ -4,25 +4,36 @@
 //! [`KvLayout::layout_hash`] (mixed with the model's weights hash) is what adverts and KV stream
 //! headers carry, so a mismatch is caught before a single byte of KV is written.
 //!
-//! # Export layout (version 1)
+//! # Export layout (version 2)
 //!
-//! An exported sequence of `n_tokens` tokens is the concatenation, in layer order, of:
+//! KV travels as *pieces*: one layer's KV for a range of tokens `start..end` of a sequence of
+//! `n_tokens` tokens. A piece's bytes are
 //!
-//! * for each **paged** layer ([`LayerKvShape::Paged`], full or sliding-window attention): the K
-//!   tensor, then the V tensor, each `[n_tokens_padded, n_kv_heads, head_dim]` where
-//!   `n_tokens_padded = ceil(n_tokens / block_size) · block_size` (the tail of the last block is
-//!   padding; readers must ignore it, writers should zero it). Sliding-window layers ship all tokens
-//!   in version 1; `window` is recorded so that a later version can trim them.
-//! * for each **state** layer ([`LayerKvShape::State`], linear attention): the recurrent state
-//!   `[heads, value_dim, key_dim]`.
+//! * for a **paged** layer ([`LayerKvShape::Paged`], full or sliding-window attention): the K
+//!   rows, then the V rows, each `[end - start, n_kv_heads, head_dim]` (no padding), with
+//!   elements of the layout's [`KvDType`] (`f16` by default, `f32` when the engine is configured
+//!   so). `start` is a multiple of `block_size`; `end` is one too, or `n_tokens`. The pieces of a
+//!   layer cover exactly [`KvLayout::transfer_rows`]: every token for full attention, and for a
+//!   sliding-window layer only the last `window` tokens (from the block boundary at or before
+//!   `n_tokens - window`), the only ones a decode will read;
+//! * for a **state** layer ([`LayerKvShape::State`], linear attention): the recurrent state
+//!   `[heads, value_dim, key_dim]`, one piece covering `0..n_tokens`, always `f32` whatever
+//!   `dtype` says: the state is updated in place at every token, so it is kept (and shipped) at
+//!   full precision, and a remote prefill hands over exactly the bits a local one would have.
 //!
-//! Every element is `dtype` ([`KvDType::F32`] in version 1), little-endian, row-major (last index
-//! fastest). Nothing else (no headers, no alignment padding) sits between tensors.
+//! Every element is little-endian, row-major (last index fastest). A whole-sequence export is one
+//! piece per layer, concatenated in layer order. [`KvDType::encode`] and [`KvDType::decode`] are
+//! the element codecs. (Version 1 shipped whole layers of f32, padded to whole blocks, and every
+//! token of sliding-window layers.)
 //!
 //! In device memory the engine keeps one K and one V pool per paged layer, each
-//! `[n_blocks, block_size, n_kv_heads, head_dim]`; one [`super::BlockId`] indexes the same block
-//! in every paged layer, so a block of a given id holds `block_size` tokens of K/V for all of them.
+//! `[n_blocks, block_size, n_kv_heads, head_dim]` of `dtype`; one [`super::BlockId`] indexes the
+//! same block in every paged layer, so a block of a given id holds `block_size` tokens of K/V for
+//! all of them. An `f16` pool holds exactly the values an export carries, so export → import →
+//! decode is bit-identical to decoding where the prefill ran.
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -30,17 +41,52 @@ use crate::engine::{LayerKind, ModelConfig};
 
 /// The layout version this code writes and accepts. Bump on any change to the export layout or
 /// to the hash encoding.
-pub const KV_LAYOUT_VERSION: u32 = 1;
+pub const KV_LAYOUT_VERSION: u32 = 2;
 
-/// Element type of exported and stored KV.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Element type of linear-attention state, in memory and in the export layout, whatever the
+/// layout's `dtype` (see the module docs).
+pub const STATE_DTYPE: KvDType = KvDType::F32;
+
+/// Element type of paged KV, in device memory and in the export layout (`engine.kv_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum KvDType {
-    /// IEEE-754 binary32, little-endian. The only type version 1 produces.
+    /// IEEE-754 binary32, little-endian.
     F32,
-    /// IEEE-754 binary16, little-endian. Reserved for a later version.
+    /// IEEE-754 binary16, little-endian: half the memory and wire bytes of f32, what llama.cpp
+    /// keeps by default. Values are rounded to nearest even when written.
+    #[default]
     F16,
+}
+
+/// A KV byte string that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{got} bytes of {dtype} KV: not a whole number of {size}-byte values")]
+pub struct KvDecodeError {
+    pub dtype: KvDType,
+    pub got: usize,
+    pub size: usize,
+}
+
+impl std::fmt::Display for KvDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDType::F32 => "f32",
+            KvDType::F16 => "f16",
+        })
+    }
+}
+
+impl std::str::FromStr for KvDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(KvDType::F32),
+            "f16" => Ok(KvDType::F16),
+            other => Err(format!("unknown KV dtype `{other}` (expected f16 or f32)")),
+        }
+    }
 }
 
 impl KvDType {
@@ -50,6 +96,62 @@ impl KvDType {
             KvDType::F32 => 4,
             KvDType::F16 => 2,
         }
+    }
+
+    /// The compute backends' element type for pools of this dtype.
+    pub fn kernel_dtype(self) -> prfaas_kernels::DType {
+        match self {
+            KvDType::F32 => prfaas_kernels::DType::F32,
+            KvDType::F16 => prfaas_kernels::DType::F16,
+        }
+    }
+
+    /// Appends `values` to `out` as little-endian elements of this dtype (`f16`: rounded to
+    /// nearest even, vectorised; values that already are f16 values are kept exactly).
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size_bytes());
+        match self {
+            KvDType::F32 => values
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            KvDType::F16 => {
+                const CHUNK: usize = 1024;
+                let mut buf = [f16::ZERO; CHUNK];
+                for c in values.chunks(CHUNK) {
+                    let h = &mut buf[..c.len()];
+                    h.convert_from_f32_slice(c);
+                    h.iter()
+                        .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+                }
+            }
+        }
+    }
+
+    /// Parses little-endian elements of this dtype (widened to f32, exactly).
+    pub fn decode(self, bytes: &[u8]) -> Result<Vec<f32>, KvDecodeError> {
+        let size = self.size_bytes();
+        if !bytes.len().is_multiple_of(size) {
+            return Err(KvDecodeError {
+                dtype: self,
+                got: bytes.len(),
+                size,
+            });
+        }
+        Ok(match self {
+            KvDType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            KvDType::F16 => {
+                let h: Vec<f16> = bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                let mut out = vec![0.0f32; h.len()];
+                h.convert_to_f32_slice(&mut out);
+                out
+            }
+        })
     }
 
     /// Stable one-byte tag used in [`KvLayout::layout_hash`].
@@ -135,7 +237,8 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
-    /// Builds and validates a layout from explicit layer shapes (version 1, f32).
+    /// Builds and validates a layout from explicit layer shapes (current version, f16; see
+    /// [`KvLayout::with_dtype`]).
     pub fn new(block_size: usize, layers: Vec<LayerKvShape>) -> Result<Self, KvLayoutError> {
         if block_size == 0 {
             return Err(KvLayoutError::ZeroBlockSize);
@@ -163,10 +266,16 @@ impl KvLayout {
         }
         Ok(Self {
             version: KV_LAYOUT_VERSION,
-            dtype: KvDType::F32,
+            dtype: KvDType::default(),
             block_size,
             layers,
         })
+    }
+
+    /// The same layout with paged KV of `dtype`.
+    pub fn with_dtype(mut self, dtype: KvDType) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     /// The layout of `config`'s KV with `block_size` tokens per block.
@@ -225,6 +334,15 @@ impl KvLayout {
             * self.dtype.size_bytes()
     }
 
+    /// Element type of `layer` in the export layout: `dtype` for paged layers, [`STATE_DTYPE`]
+    /// for state layers.
+    pub fn layer_dtype(&self, layer: usize) -> KvDType {
+        match self.layers.get(layer) {
+            Some(LayerKvShape::State { .. }) => STATE_DTYPE,
+            _ => self.dtype,
+        }
+    }
+
     /// Bytes of one block (K and V) in `layer`; 0 for state layers and out-of-range layers.
     pub fn block_bytes(&self, layer: usize) -> usize {
         self.layers.get(layer).map_or(0, |l| {
@@ -237,11 +355,12 @@ impl KvLayout {
         self.bytes_per_token() * self.block_size
     }
 
-    /// Bytes of one sequence's state in `layer`; 0 for paged layers and out-of-range layers.
+    /// Bytes of one sequence's state in `layer` (always f32); 0 for paged layers and
+    /// out-of-range layers.
     pub fn state_bytes(&self, layer: usize) -> usize {
         self.layers
             .get(layer)
-            .map_or(0, |l| l.state_elems() * self.dtype.size_bytes())
+            .map_or(0, |l| l.state_elems() * STATE_DTYPE.size_bytes())
     }
 
     /// Bytes one [`super::StateSlot`] stands for: the states of every linear layer.
@@ -254,19 +373,49 @@ impl KvLayout {
         n_tokens.div_ceil(self.block_size)
     }
 
-    /// Bytes of `layer` in the export layout for a sequence of `n_tokens` tokens (K and V, padded
-    /// to whole blocks, for paged layers; the state for state layers).
-    pub fn export_layer_bytes(&self, layer: usize, n_tokens: usize) -> usize {
+    /// The tokens of paged `layer` that a sequence of `n_tokens` tokens exports: all of them for
+    /// full attention; for a sliding window `w`, `n_tokens - w` rounded down to a block boundary
+    /// onwards (a decode at position `p ≥ n_tokens` reads only keys after `p - w`). Empty for
+    /// state and out-of-range layers.
+    pub fn transfer_rows(&self, layer: usize, n_tokens: usize) -> std::ops::Range<usize> {
         match self.layers.get(layer) {
-            Some(l @ LayerKvShape::Paged { .. }) => {
-                self.blocks_for_tokens(n_tokens)
-                    * self.block_size
-                    * l.kv_elems_per_token()
-                    * self.dtype.size_bytes()
+            Some(LayerKvShape::Paged { window: None, .. }) => 0..n_tokens,
+            Some(LayerKvShape::Paged {
+                window: Some(w), ..
+            }) => {
+                let from = n_tokens.saturating_sub(*w) / self.block_size * self.block_size;
+                from..n_tokens
             }
-            Some(LayerKvShape::State { .. }) => self.state_bytes(layer),
+            _ => 0..0,
+        }
+    }
+
+    /// Whether some layer exports fewer than all `n_tokens` tokens (a sliding window shorter
+    /// than the sequence): such KV can resume decoding but cannot serve as a cached prefix.
+    pub fn trims(&self, n_tokens: usize) -> bool {
+        (0..self.layers.len())
+            .any(|l| self.layers[l].is_paged() && self.transfer_rows(l, n_tokens).start > 0)
+    }
+
+    /// Bytes of a piece of `layer` holding `rows` tokens (K and V rows for paged layers; the
+    /// whole state, whatever `rows`, for state layers).
+    pub fn piece_bytes(&self, layer: usize, rows: usize) -> usize {
+        self.piece_elems(layer, rows) * self.layer_dtype(layer).size_bytes()
+    }
+
+    /// Elements of a piece of `layer` holding `rows` tokens (see [`piece_bytes`](Self::piece_bytes)).
+    pub fn piece_elems(&self, layer: usize, rows: usize) -> usize {
+        match self.layers.get(layer) {
+            Some(l @ LayerKvShape::Paged { .. }) => rows * l.kv_elems_per_token(),
+            Some(l @ LayerKvShape::State { .. }) => l.state_elems(),
             None => 0,
         }
+    }
+
+    /// Bytes of `layer` in the export layout for a sequence of `n_tokens` tokens: its
+    /// [`transfer_rows`](Self::transfer_rows) for paged layers, the state for state layers.
+    pub fn export_layer_bytes(&self, layer: usize, n_tokens: usize) -> usize {
+        self.piece_bytes(layer, self.transfer_rows(layer, n_tokens).len())
     }
 
     /// Total bytes of an exported sequence of `n_tokens` tokens (sum over layers).
@@ -383,17 +532,25 @@ mod tests {
         cfg.head_dim = 64;
         let l = KvLayout::from_model(&cfg, 16).unwrap();
         assert_eq!(l.version, KV_LAYOUT_VERSION);
-        assert_eq!(l.dtype, KvDType::F32);
-        assert_eq!(l.bytes_per_token(), 30 * 2 * 3 * 64 * 4);
-        assert_eq!(l.block_bytes(0), 16 * 2 * 3 * 64 * 4);
+        assert_eq!(l.dtype, KvDType::F16, "f16 by default");
+        assert_eq!(l.bytes_per_token(), 30 * 2 * 3 * 64 * 2);
+        assert_eq!(l.block_bytes(0), 16 * 2 * 3 * 64 * 2);
         assert_eq!(l.block_bytes_all_layers(), 16 * l.bytes_per_token());
         assert_eq!(l.state_slot_bytes(), 0);
         assert!(!l.has_state());
         // 1000 tokens pad to 63 blocks = 1008 tokens.
         assert_eq!(l.export_bytes(1000), 1008 * l.bytes_per_token());
+        assert_eq!(l.export_layer_bytes(0, 1000), 1008 * 2 * 3 * 64 * 2);
         assert_eq!(
             hex(l.layout_hash([0; 32])),
-            "c9cfdb4bd9b0661d3fb267098f9c239a49c4645bf1b41e1d85d49e521f701dba"
+            "eef1ec8c59eb5b7b5f29d36880fbaf6102f780e7ea0bda3e2ca05a07bd0cdfa3"
+        );
+        let f32l = l.clone().with_dtype(KvDType::F32);
+        assert_eq!(f32l.bytes_per_token(), 30 * 2 * 3 * 64 * 4);
+        assert_eq!(f32l.export_bytes(1000), 2 * l.export_bytes(1000));
+        assert_eq!(
+            hex(f32l.layout_hash([0; 32])),
+            "79626ea00a638975d5af8141b152ed35fb214097a39c2056e3683ba6ad27047e"
         );
     }
 
@@ -411,16 +568,19 @@ mod tests {
                 window: Some(4)
             }
         );
-        // Only the two paged layers cost per-token bytes.
-        assert_eq!(l.bytes_per_token(), 2 * (2 * 2 * 8) * 4);
+        // Only the two paged layers cost per-token bytes (f16); state stays f32.
+        assert_eq!(l.bytes_per_token(), 2 * (2 * 2 * 8) * 2);
         assert_eq!(l.block_bytes(0), 0);
-        assert_eq!(l.block_bytes(3), 16 * 2 * 2 * 8 * 4);
+        assert_eq!(l.block_bytes(3), 16 * 2 * 2 * 8 * 2);
         assert_eq!(l.block_bytes(99), 0);
         assert_eq!(l.state_bytes(0), 2 * 8 * 8 * 4);
         assert_eq!(l.state_bytes(3), 0);
         assert_eq!(l.state_slot_bytes(), 3 * 2 * 8 * 8 * 4);
         assert_eq!(l.export_layer_bytes(0, 5), l.state_bytes(0));
-        assert_eq!(l.export_layer_bytes(3, 5), 16 * 2 * 2 * 8 * 4);
+        assert_eq!(l.export_layer_bytes(3, 5), 16 * 2 * 2 * 8 * 2);
+        let f32l = l.clone().with_dtype(KvDType::F32);
+        assert_eq!(f32l.state_slot_bytes(), l.state_slot_bytes());
+        assert_eq!(f32l.export_layer_bytes(3, 5), 16 * 2 * 2 * 8 * 4);
         assert_eq!(l.export_bytes(0), l.state_slot_bytes());
         assert_eq!(
             l.export_bytes(17),
@@ -455,7 +615,7 @@ mod tests {
     fn layout_hash_golden() {
         assert_eq!(
             hex(hybrid().layout_hash(model_hash())),
-            "e799321c76c5728f376fd3afa78485464f6c0c7bcb647f1e406648f0c1a4db6c"
+            "62e6f4c7e85ba0c427d42f33ff09dda525d21136d3f1a3d53bdbba79189dbc1c"
         );
     }
 
@@ -472,8 +632,8 @@ mod tests {
             f(&mut l);
             variants.push((what, l, model_hash()));
         };
-        push("version", &|l| l.version = 2);
-        push("dtype", &|l| l.dtype = KvDType::F16);
+        push("version", &|l| l.version = 1);
+        push("dtype", &|l| l.dtype = KvDType::F32);
         push("block size", &|l| l.block_size = 32);
         push("layer dropped", &|l| {
             l.layers.pop();
@@ -541,6 +701,50 @@ mod tests {
         }
         // Deterministic: same inputs, same hash.
         assert_eq!(hybrid().layout_hash(model_hash()), h0);
+    }
+
+    #[test]
+    fn element_codecs_round_trip() {
+        let vals = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -2.5,
+            1.0 + 2f32.powi(-11),
+            65504.0,
+            1e-7,
+            3.25159,
+        ];
+        for dtype in [KvDType::F32, KvDType::F16] {
+            let mut bytes = vec![0xaa];
+            dtype.encode(&vals, &mut bytes);
+            assert_eq!(bytes.len(), 1 + vals.len() * dtype.size_bytes());
+            let back = dtype.decode(&bytes[1..]).unwrap();
+            for (&b, &v) in back.iter().zip(&vals) {
+                let want = match dtype {
+                    KvDType::F32 => v,
+                    KvDType::F16 => f16::from_f32(v).to_f32(),
+                };
+                assert_eq!(b.to_bits(), want.to_bits(), "{dtype} {v}");
+            }
+            // Decoded values re-encode to the same bytes.
+            let mut again = Vec::new();
+            dtype.encode(&back, &mut again);
+            assert_eq!(again, bytes[1..]);
+        }
+        // More values than one conversion chunk.
+        let long: Vec<f32> = (0..2500).map(|i| i as f32 * 0.01).collect();
+        let mut bytes = Vec::new();
+        KvDType::F16.encode(&long, &mut bytes);
+        assert_eq!(KvDType::F16.decode(&bytes).unwrap().len(), long.len());
+        assert!(KvDType::F16.decode(&[1, 2, 3]).is_err());
+        assert!(KvDType::F32.decode(&[1, 2]).is_err());
+        assert_eq!("f16".parse::<KvDType>(), Ok(KvDType::F16));
+        assert_eq!(
+            KvDType::F32.to_string().parse::<KvDType>(),
+            Ok(KvDType::F32)
+        );
+        assert!("bf16".parse::<KvDType>().is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod lease;
 mod pool;
 pub mod prefix;
 pub mod store;
+pub mod wire;
 
 pub use layout::{KvDType, KvLayout, KvLayoutError, LayerKvShape, KV_LAYOUT_VERSION};
 pub use lease::{KvLease, LeaseId};
