@@ -53,6 +53,9 @@ enum Bench {
     Mesh(cmd::bench_mesh::Args),
     /// Serving end to end: remote-prefill overlap, mesh vs all-local under the same load.
     Node(cmd::bench_node::Args),
+    /// Node processes in network namespaces on tbf-shaped links (root): homogeneous vs naive
+    /// vs auction on one trace, and remote-prefill overlap on the real link.
+    E2e(cmd::bench_e2e::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(Bench::Engine(a)) => cmd::bench_engine::run(a),
         Command::Bench(Bench::Mesh(a)) => cmd::bench_mesh::run(a),
         Command::Bench(Bench::Node(a)) => cmd::bench_node::run_cmd(a),
+        Command::Bench(Bench::E2e(a)) => cmd::bench_e2e::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -79,6 +79,9 @@ pub struct ChatResult {
     pub ttft: Option<Duration>,
     /// Request sent → response complete.
     pub total: Duration,
+    /// Streams: request sent → each chunk that carried text (the first is `ttft`); their gaps
+    /// are the inter-token latencies. Empty for non-stream calls.
+    pub token_times: Vec<Duration>,
     /// SSE data events received, `[DONE]` excluded (0 for non-stream calls).
     pub chunks: usize,
 }
@@ -317,6 +320,7 @@ async fn call(
                 prfaas: c.prfaas,
                 ttft: None,
                 total,
+                token_times: Vec::new(),
                 chunks: 0,
             })
         } else {
@@ -331,6 +335,7 @@ async fn call(
                 prfaas: c.prfaas,
                 ttft: None,
                 total,
+                token_times: Vec::new(),
                 chunks: 0,
             })
         };
@@ -344,6 +349,7 @@ async fn call(
         prfaas: None,
         ttft: None,
         total: Duration::ZERO,
+        token_times: Vec::new(),
         chunks: 0,
     };
     let mut parser = SseParser::default();
@@ -391,7 +397,9 @@ async fn call(
             };
             out.id = id;
             if let Some(t) = text.filter(|t| !t.is_empty()) {
-                out.ttft.get_or_insert_with(|| t0.elapsed());
+                let now = t0.elapsed();
+                out.ttft.get_or_insert(now);
+                out.token_times.push(now);
                 out.text.push_str(&t);
             }
             if finish.is_some() {
