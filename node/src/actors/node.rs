@@ -469,6 +469,14 @@ impl Node {
         if mesh_cfg.region.is_empty() {
             mesh_cfg.region = "local".into();
         }
+        // A winner may hold an awarded prefill in its queue before the first piece leaves; the
+        // home bounds the whole transfer by `policy.transfer_timeout`, so a shorter KV idle limit
+        // would only cut transfers whose winner is still queued.
+        let idle = &mut mesh_cfg.limits.kv_idle_timeout;
+        if *idle < cfg.policy.transfer_timeout {
+            tracing::debug!(from = ?*idle, to = ?cfg.policy.transfer_timeout, "KV idle timeout raised to the transfer timeout");
+            *idle = cfg.policy.transfer_timeout;
+        }
         let (mesh, events) = start_mesh(mesh_cfg).await?;
         mesh.serve_gate().set_max(cfg.policy.max_served_prefills);
         let rep = mesh.clone();
