@@ -11,8 +11,19 @@ mod cmd;
     about = "Prefill-as-a-Service over a peer-to-peer mesh"
 )]
 struct Cli {
+    /// Log line format on stderr: `text` for people, `json` (one object per line, with the
+    /// request's span fields) for log collectors.
+    #[arg(long, global = true, env = "PRFAAS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,11 +53,27 @@ enum Bench {
     Mesh(cmd::bench_mesh::Args),
     /// Serving end to end: remote-prefill overlap, mesh vs all-local under the same load.
     Node(cmd::bench_node::Args),
+    /// Node processes in network namespaces on tbf-shaped links (root): homogeneous vs naive
+    /// vs auction on one trace, and remote-prefill overlap on the real link.
+    E2e(cmd::bench_e2e::Args),
 }
 
 fn main() -> std::process::ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    // The demo sends its logs to a file of its own and prints only its report.
+    match &cli.command {
+        Command::Demo(a) => match std::fs::File::create(&a.log_file) {
+            Ok(f) => init_tracing(cli.log_format, std::sync::Mutex::new(f)),
+            Err(e) => {
+                eprintln!(
+                    "error: cannot write the log file {}: {e}",
+                    a.log_file.display()
+                );
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        _ => init_tracing(cli.log_format, std::io::stderr),
+    }
     let result = match cli.command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Node(a) => cmd::node::run(a),
@@ -57,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(Bench::Engine(a)) => cmd::bench_engine::run(a),
         Command::Bench(Bench::Mesh(a)) => cmd::bench_mesh::run(a),
         Command::Bench(Bench::Node(a)) => cmd::bench_node::run_cmd(a),
+        Command::Bench(Bench::E2e(a)) => cmd::bench_e2e::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -68,13 +96,24 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Logs go to stderr (stdout is reserved for results and `--json`); `RUST_LOG` overrides.
-fn init_tracing() {
+/// Logs go to `writer` (stderr: stdout is reserved for results and `--json`); `RUST_LOG`
+/// overrides the level (default `info`).
+fn init_tracing<W>(format: LogFormat, writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_writer(writer)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }

@@ -23,11 +23,16 @@ fn base(n: &NodeHandle) -> String {
     format!("http://{}", n.api_addr.expect("API started"))
 }
 
-/// Value of one sample line (`name{labels} value`) in a Prometheus text exposition.
-fn sample(metrics: &str, line_start: &str) -> Option<f64> {
+/// Value of the sample `name{labels} value` whose labels include `label` (e.g. `kind="used"`;
+/// empty for any) in a Prometheus text exposition.
+fn sample(metrics: &str, name: &str, label: &str) -> Option<f64> {
     metrics
         .lines()
-        .find(|l| l.starts_with(line_start))
+        .find(|l| {
+            let (series, _) = l.rsplit_once(' ').unwrap_or((l, ""));
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            n == name && labels.contains(label)
+        })
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
@@ -99,8 +104,8 @@ async fn thirty_two_concurrent_requests_across_three_nodes() {
                 .await
                 .expect("/metrics");
             let settled = ["used", "leased"].iter().all(|kind| {
-                sample(&m, &format!("prfaas_kv_blocks{{kind=\"{kind}\"}}")) == Some(0.0)
-            }) && sample(&m, "prfaas_inflight_requests") == Some(0.0);
+                sample(&m, "prfaas_kv_blocks", &format!("kind=\"{kind}\"")) == Some(0.0)
+            }) && sample(&m, "prfaas_inflight_requests", "") == Some(0.0);
             if settled {
                 break;
             }
@@ -120,6 +125,23 @@ async fn thirty_two_concurrent_requests_across_three_nodes() {
 /// The official `openai` Python package streams a chat completion from a real node.
 #[actix_rt::test]
 async fn official_openai_client_streams_from_a_node() {
+    let test = "official_openai_client_streams_from_a_node";
+    let model = if smollm2_available(test) {
+        SMOLLM2
+    } else {
+        "tiny-hybrid"
+    };
+    let n = start_http(node_config("solo", &[NodeRole::Pd], model, vec![])).await;
+    let args = vec![format!("{}/v1", base(&n)), n.core.info.model_id.clone()];
+    if let Some(out) = python_openai(test, "openai_stream.py", args).await {
+        assert!(!out.trim().is_empty());
+    }
+    n.shutdown().await;
+}
+
+/// Runs `tests/python/SCRIPT ARGS…` with python3; `None` (after saying why) when the `openai`
+/// package is missing and `PRFAAS_REQUIRE_OPENAI` is not set.
+async fn python_openai(test: &str, script: &str, args: Vec<String>) -> Option<String> {
     let has_openai = std::process::Command::new("python3")
         .args(["-c", "import openai"])
         .status()
@@ -130,31 +152,133 @@ async fn official_openai_client_streams_from_a_node() {
             std::env::var("PRFAAS_REQUIRE_OPENAI").as_deref() != Ok("1"),
             "python3 with the openai package is required (PRFAAS_REQUIRE_OPENAI=1)"
         );
-        eprintln!("SKIP official_openai_client_streams_from_a_node: `python3 -c 'import openai'` fails (pip install openai)");
-        return;
+        eprintln!("SKIP {test}: `python3 -c 'import openai'` fails (pip install openai)");
+        return None;
     }
-    let model = if smollm2_available("official_openai_client_streams_from_a_node") {
-        SMOLLM2
-    } else {
-        "tiny-hybrid"
-    };
-    let n = start_http(node_config("solo", &[NodeRole::Pd], model, vec![])).await;
-    let url = format!("{}/v1", base(&n));
-    let model_id = n.core.info.model_id.clone();
+    let script = format!("tests/python/{script}");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
-            .args(["tests/python/openai_stream.py", &url, &model_id])
+            .arg(&script)
+            .args(&args)
             .output()
     })
     .await
     .expect("join")
     .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "openai client failed:\n{stdout}\n{stderr}"
     );
-    assert!(!stdout.trim().is_empty());
+    Some(stdout)
+}
+
+/// Every parameter through the official client on a synthetic model (one token per byte):
+/// logprobs, penalties, min_p, logit_bias, seeds, refusals with `param`, context length,
+/// `X-Request-Id` (see `tests/python/openai_params.py`).
+#[actix_rt::test]
+async fn openai_client_parameters() {
+    let mut cfg = node_config("solo", &[NodeRole::Pd], "tiny-hybrid", vec![]);
+    // A short context keeps the context-length checks cheap.
+    cfg.engine.kv_capacity_tokens = 256;
+    let n = start_http(cfg).await;
+    let args = vec![
+        format!("{}/v1", base(&n)),
+        n.core.info.model_id.clone(),
+        n.core.info.max_context.to_string(),
+    ];
+    let out = python_openai("openai_client_parameters", "openai_params.py", args).await;
+    if let Some(out) = out {
+        assert!(out.contains("refused tools"), "{out}");
+        assert!(out.trim_end().ends_with("OK"), "{out}");
+    }
+    n.shutdown().await;
+}
+
+/// `/health`, `/tokenize`, `/detokenize` in llama-server's shapes, and a raw completion prompt
+/// tokenized as llama-server does: `<|im_start|>` is one special token, not 7 text tokens.
+#[actix_rt::test]
+async fn tokenizer_endpoints_and_raw_prompt_specials() {
+    if !smollm2_available("tokenizer_endpoints_and_raw_prompt_specials") {
+        return;
+    }
+    let mut cfg = node_config("solo", &[NodeRole::Decode], SMOLLM2, vec![]);
+    cfg.engine.kv_capacity_tokens = 512;
+    let n = start_http(cfg).await;
+    let url = base(&n);
+    // (status, JSON body) of a POST.
+    let post = |path: &str, body: serde_json::Value| {
+        let url = format!("{url}{path}");
+        async move {
+            match client::post_json(&url, &body).await {
+                Ok(v) => (200, v),
+                Err(client::ClientError::Status {
+                    status, message, ..
+                }) => (status, serde_json::Value::String(message)),
+                Err(e) => panic!("{url}: {e}"),
+            }
+        }
+    };
+    let prompt = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n";
+    let (status, parsed) = post("/tokenize", serde_json::json!({"content": prompt})).await;
+    assert_eq!(status, 200, "{parsed}");
+    let ids: Vec<u64> = parsed["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    let (_, plain) = post(
+        "/tokenize",
+        serde_json::json!({"content": prompt, "parse_special": false}),
+    )
+    .await;
+    let plain_len = plain["tokens"].as_array().map_or(0, Vec::len);
+    // <|im_start|> is id 1, <|im_end|> id 2 in SmolLM2's vocabulary.
+    assert_eq!(ids.iter().filter(|&&t| t == 1).count(), 2, "{parsed}");
+    assert_eq!(ids.iter().filter(|&&t| t == 2).count(), 1, "{parsed}");
+    assert!(plain_len > ids.len() + 10, "{plain_len} vs {}", ids.len());
+    let (_, pieces) = post(
+        "/tokenize",
+        serde_json::json!({"content": prompt, "with_pieces": true}),
+    )
+    .await;
+    assert_eq!(pieces["tokens"][0]["id"], 1);
+    assert_eq!(pieces["tokens"][0]["piece"], "<|im_start|>");
+    let (status, text) = post("/detokenize", serde_json::json!({"tokens": ids})).await;
+    assert_eq!((status, text["content"].as_str()), (200, Some(prompt)));
+    let (status, err) = post("/detokenize", serde_json::json!({"tokens": [1u64 << 31]})).await;
+    assert_eq!(status, 400, "{err}");
+
+    // The raw completion prompt is tokenized the same way (its usage says so).
+    let (status, done) = post(
+        "/v1/completions",
+        serde_json::json!({"prompt": prompt, "max_tokens": 1, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["usage"]["prompt_tokens"], ids.len(), "{done}");
+
+    // Ready, with the missing prefill peer called out; 503 once draining.
+    let health = client::get_json(&format!("{url}/health"))
+        .await
+        .expect("/health");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["prefill_peers"], 0);
+    assert!(
+        health["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("prefill")),
+        "{health}"
+    );
+    let _ = n
+        .admission
+        .send(prfaas_node::actors::admission::StopAdmitting)
+        .await;
+    match client::get_json(&format!("{url}/health")).await {
+        Err(client::ClientError::Status { status, .. }) => assert_eq!(status, 503),
+        other => panic!("a draining node is not ready: {other:?}"),
+    }
     n.shutdown().await;
 }

@@ -12,9 +12,12 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::reference;
+
 /// Element type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
+#[allow(non_camel_case_types)] // GGUF's names: Q4_K is not Q4K.
 pub enum DType {
     F32,
     F16,
@@ -22,6 +25,15 @@ pub enum DType {
     Q4_1,
     /// GGUF Q8_0: blocks of 32 values, `{d: f16, qs: [i8; 32]}` (34 bytes), `x = d·q`.
     Q8_0,
+    /// GGUF Q5_0: blocks of 32 values, `{d: f16, qh: [u8; 4], qs: [u8; 16]}` (22 bytes),
+    /// `x = d·(q − 16)` with 5-bit `q`.
+    Q5_0,
+    /// GGUF Q4_K: super-blocks of 256 values, `{d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]}`
+    /// (144 bytes): 8 sub-blocks of 32 with 6-bit scale and min, `x = d·sc·q − dmin·m`.
+    Q4_K,
+    /// GGUF Q6_K: super-blocks of 256 values, `{ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16}`
+    /// (210 bytes): 16 sub-blocks of 16 with an 8-bit scale, `x = d·sc·(q − 32)` with 6-bit `q`.
+    Q6_K,
 }
 
 impl DType {
@@ -29,7 +41,8 @@ impl DType {
     pub const fn block_len(self) -> usize {
         match self {
             DType::F32 | DType::F16 => 1,
-            DType::Q4_1 | DType::Q8_0 => 32,
+            DType::Q4_1 | DType::Q8_0 | DType::Q5_0 => 32,
+            DType::Q4_K | DType::Q6_K => 256,
         }
     }
 
@@ -40,6 +53,9 @@ impl DType {
             DType::F16 => 2,
             DType::Q4_1 => 20,
             DType::Q8_0 => 34,
+            DType::Q5_0 => 22,
+            DType::Q4_K => 144,
+            DType::Q6_K => 210,
         }
     }
 
@@ -102,6 +118,19 @@ pub enum KernelError {
 }
 
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;
+
+/// The activation of a gated feed-forward layer, `act(gate) · up` ([`Backend::glu`]).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum GluAct {
+    /// `silu(x) = x / (1 + e^−x)` (SwiGLU: Llama, Qwen, SmolLM2).
+    #[default]
+    Silu,
+    /// The tanh approximation of GELU, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (GeGLU:
+    /// Gemma; ggml's `ggml_gelu`).
+    GeluTanh,
+}
 
 /// Rotary embedding layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -302,8 +331,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Rotate `x: [n, heads, head_dim]` in place semantics (returns the result); row `i` is at
     /// position `positions[i]`; frequencies `base^(-2j/head_dim)`.
     fn rope(&self, x: &Tensor, positions: &[u32], base: f32, style: RopeStyle) -> Result<Tensor>;
+    /// `act(gate) * up`, elementwise.
+    fn glu(&self, gate: &Tensor, up: &Tensor, act: GluAct) -> Result<Tensor>;
     /// `silu(gate) * up`, elementwise.
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor>;
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        self.glu(gate, up, GluAct::Silu)
+    }
+    /// `x · s`, elementwise (Gemma's embedding scale). The default goes through the host; it
+    /// runs once per forward step on `[tokens, hidden]`.
+    fn scale(&self, x: &Tensor, s: f32) -> Result<Tensor> {
+        let v = reference::scale(&self.download(x)?, s);
+        self.upload(&HostTensor::from_f32(x.shape().to_vec(), &v))
+    }
     /// `a + b`, elementwise, same shape.
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
     /// Row-wise softmax of `x: [n, d]`.

@@ -17,7 +17,7 @@ pub mod quant;
 pub mod reference;
 
 pub use backend::{
-    AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, HostTensor, KernelError,
+    AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, GluAct, HostTensor, KernelError,
     LinearAttnParams, Result, RopeStyle, Tensor,
 };
 pub use kv::KvElem;

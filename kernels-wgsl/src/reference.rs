@@ -12,7 +12,7 @@
 //! linear-attention state is `[heads, dv, dk]`.
 
 use crate::backend::{
-    AttnParams, AttnSeq, DType, KernelError, LinearAttnParams, Result, RopeStyle,
+    AttnParams, AttnSeq, DType, GluAct, KernelError, LinearAttnParams, Result, RopeStyle,
 };
 use crate::kv::KvElem;
 use crate::quant;
@@ -146,17 +146,29 @@ pub fn rope(
     Ok(out)
 }
 
-/// `silu(gate) · up`, elementwise.
-pub fn swiglu(gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
-    check_len("swiglu up", up.len(), gate.len())?;
+/// `act(gate) · up`, elementwise (f64 inside).
+pub fn glu(gate: &[f32], up: &[f32], act: GluAct) -> Result<Vec<f32>> {
+    check_len("glu up", up.len(), gate.len())?;
     Ok(gate
         .iter()
         .zip(up)
         .map(|(&g, &u)| {
             let g = f64::from(g);
-            (g / (1.0 + (-g).exp()) * f64::from(u)) as f32
+            let a = match act {
+                GluAct::Silu => g / (1.0 + (-g).exp()),
+                GluAct::GeluTanh => {
+                    let z = (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g);
+                    0.5 * g * (1.0 + z.tanh())
+                }
+            };
+            (a * f64::from(u)) as f32
         })
         .collect())
+}
+
+/// `x · s`, elementwise.
+pub fn scale(x: &[f32], s: f32) -> Vec<f32> {
+    x.iter().map(|v| v * s).collect()
 }
 
 /// `a + b`, elementwise.

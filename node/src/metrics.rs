@@ -1,7 +1,13 @@
 //! Prometheus metrics of one node (`/metrics`), built on `prometheus-client`.
 //!
 //! Actors update the families directly; the API renders the registry. Label values are small,
-//! fixed vocabularies (plus peer ids for per-peer bandwidth, bounded by the peer table).
+//! fixed vocabularies (plus peer ids for per-peer bandwidth, bounded by the peer table: a peer's
+//! series is removed when it leaves the table). Every series carries a `model_name` label.
+//!
+//! Latency histograms use the names and units of vLLM's (`time_to_first_token_seconds`,
+//! `inter_token_latency_seconds`, `e2e_request_latency_seconds`, `request_queue_time_seconds`,
+//! `request_prefill_time_seconds`, `prefix_cache_queries` / `prefix_cache_hits`) under the
+//! `prfaas_` prefix, so dashboards built for vLLM need only the prefix changed.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
@@ -11,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 /// `route`: where the prompt was prefilled (`local`, `remote`); `outcome`: `ok`, `error`,
 /// `rejected` (429/400), `cancelled` (client went away).
@@ -40,8 +46,27 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Requests admitted and not yet finished.
     pub inflight: Gauge,
-    /// Time to first token, seconds.
+    /// Time to first token, seconds (admission to the first generated token).
     pub ttft: Histogram,
+    /// Time between two consecutive generated tokens of a request, seconds.
+    pub inter_token_latency: Histogram,
+    /// Admission to the last token, seconds.
+    pub e2e_latency: Histogram,
+    /// Admission to the start of a local prefill (waiting behind other work), seconds.
+    pub queue_time: Histogram,
+    /// Prefill time, seconds: a local prefill's compute, or for a remote one the whole way from
+    /// admission to the imported KV (auction, remote prefill, transfer).
+    pub prefill_time: Histogram,
+    /// Award to the last KV byte of a transfer received by this home, seconds.
+    pub kv_transfer_time: Histogram,
+    /// KV bytes of one transfer received by this home.
+    pub kv_transfer_size: Histogram,
+    /// Auction duration as the home saw it (calls out to a winner or a fallback), seconds.
+    pub auction_duration: Histogram,
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_cache_queries: Counter,
+    /// Prompt tokens found in the prefix cache.
+    pub prefix_cache_hits: Counter,
     /// Per-request decode rate (tokens/s after the first token).
     pub decode_rate: Histogram,
     /// Prompt tokens prefilled here (`kind` = `local`, `served` for peers) or by peers (`remote`).
@@ -78,15 +103,38 @@ impl Default for Metrics {
     }
 }
 
+/// Latency buckets, seconds: 1 ms to ~65 s.
+fn seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
 impl Metrics {
-    /// Creates and registers every family under the `prfaas_` prefix.
+    /// Creates and registers every family under the `prfaas_` prefix, without a model label.
     pub fn new() -> Self {
-        let mut r = Registry::with_prefix("prfaas");
+        Self::with_model("")
+    }
+
+    /// Every series labelled `model_name` = `model` (none when it is empty).
+    pub fn with_model(model: &str) -> Self {
+        let labels = (!model.is_empty())
+            .then(|| ("model_name".into(), model.to_owned().into()))
+            .into_iter();
+        let mut r = Registry::with_prefix_and_labels("prfaas", labels);
         let m = Self {
             registry: Mutex::new(Registry::default()),
             requests: Family::default(),
             inflight: Gauge::default(),
-            ttft: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            ttft: seconds(),
+            inter_token_latency: seconds(),
+            e2e_latency: seconds(),
+            queue_time: seconds(),
+            prefill_time: seconds(),
+            kv_transfer_time: seconds(),
+            // 64 KiB to 64 GiB.
+            kv_transfer_size: Histogram::new(exponential_buckets(65536.0, 4.0, 11)),
+            auction_duration: seconds(),
+            prefix_cache_queries: Counter::default(),
+            prefix_cache_hits: Counter::default(),
             decode_rate: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             prefill_tokens: Family::default(),
             generated_tokens: Counter::default(),
@@ -104,7 +152,66 @@ impl Metrics {
             "Requests in flight",
             m.inflight.clone(),
         );
-        r.register("ttft_seconds", "Time to first token", m.ttft.clone());
+        for (name, help, h) in [
+            (
+                "time_to_first_token_seconds",
+                "Time to first token (admission to the first generated token)",
+                &m.ttft,
+            ),
+            (
+                "inter_token_latency_seconds",
+                "Time between consecutive generated tokens",
+                &m.inter_token_latency,
+            ),
+            (
+                "e2e_request_latency_seconds",
+                "Admission to the last token",
+                &m.e2e_latency,
+            ),
+            (
+                "request_queue_time_seconds",
+                "Admission to the start of a local prefill",
+                &m.queue_time,
+            ),
+            (
+                "request_prefill_time_seconds",
+                "Prefill time (remote: admission to imported KV)",
+                &m.prefill_time,
+            ),
+            (
+                "kv_transfer_seconds",
+                "Award to the last KV byte of a received transfer",
+                &m.kv_transfer_time,
+            ),
+            (
+                "auction_duration_seconds",
+                "Auction duration as the home saw it",
+                &m.auction_duration,
+            ),
+        ] {
+            r.register_with_unit(
+                name.trim_end_matches("_seconds"),
+                help,
+                Unit::Seconds,
+                h.clone(),
+            );
+        }
+        r.register_with_unit(
+            "kv_transfer",
+            "KV bytes of one received transfer",
+            Unit::Bytes,
+            m.kv_transfer_size.clone(),
+        );
+        r.register(
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            m.prefix_cache_queries.clone(),
+        );
+        r.register(
+            "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache",
+            m.prefix_cache_hits.clone(),
+        );
         r.register(
             "decode_tokens_per_second",
             "Per-request decode rate after the first token",
@@ -185,6 +292,7 @@ mod tests {
             })
             .inc();
         m.ttft.observe(0.25);
+        m.kv_transfer_size.observe(1e6);
         let text = m.render();
         assert!(
             text.contains("prfaas_auctions_total{kind=\"won\"} 1"),
@@ -194,6 +302,46 @@ mod tests {
             text.contains("prfaas_requests_total{route=\"remote\",outcome=\"ok\"} 1"),
             "{text}"
         );
-        assert!(text.contains("prfaas_ttft_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("prfaas_time_to_first_token_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# UNIT prfaas_kv_transfer_bytes bytes"),
+            "{text}"
+        );
+        assert!(text.contains("prfaas_kv_transfer_bytes_count 1"), "{text}");
+        for name in [
+            "inter_token_latency_seconds",
+            "e2e_request_latency_seconds",
+            "request_queue_time_seconds",
+            "request_prefill_time_seconds",
+            "kv_transfer_seconds",
+            "auction_duration_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE prfaas_{name} histogram")),
+                "{name}: {text}"
+            );
+        }
+        assert!(!text.contains("model_name"), "no label without a model");
+    }
+
+    #[test]
+    fn model_name_labels_every_series() {
+        let m = Metrics::with_model("SmolLM2 135M");
+        m.prefix_cache_hits.inc_by(3);
+        m.e2e_latency.observe(1.5);
+        let text = m.render();
+        assert!(
+            text.contains("prfaas_prefix_cache_hits_total{model_name=\"SmolLM2 135M\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "prfaas_e2e_request_latency_seconds_count{model_name=\"SmolLM2 135M\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

@@ -16,15 +16,23 @@ use crate::engine::{FinishReason, SamplingParams};
 pub enum PromptInput {
     /// Chat messages, rendered with the model's chat template (generation prompt appended).
     Chat(Vec<ChatMessage>),
-    /// Raw text, tokenized as is (`/v1/completions`).
+    /// Raw text (`/v1/completions`). Special-token text in it (`<|im_start|>`) becomes the special
+    /// token, as llama-server tokenizes prompts: clients that apply the chat template themselves
+    /// get the tokens the model was trained on.
     Text(String),
 }
 
 /// One generation request, already validated by the API layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
+    /// The client's id for this request (`X-Request-Id`), used in logs; admission makes one up
+    /// when it is `None`.
+    pub request_id: Option<String>,
     pub prompt: PromptInput,
-    /// Sampling; `max_tokens` counts every generated token, the first included.
+    /// Generated tokens at most, the first included; `None` means whatever fits the context
+    /// after the prompt. Admission writes the resolved value into `sampling.max_tokens` (the
+    /// value given there is ignored).
+    pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
     /// Stop strings: generation ends before the first occurrence (not included in the output).
     pub stop: Vec<String>,
@@ -86,7 +94,12 @@ pub enum GenerateEvent {
     },
     /// New text (may be empty when a token ends inside a UTF-8 sequence). `token` is the id
     /// generated at this step; `None` for a final flush of held-back text (no new token).
-    Delta { text: String, token: Option<u32> },
+    Delta {
+        text: String,
+        token: Option<u32>,
+        /// The token's log-probabilities, when the request asked for them.
+        logprobs: Option<TokenLogprob>,
+    },
     /// Generation ended normally.
     Finished {
         finish: FinishReason,
@@ -97,12 +110,40 @@ pub enum GenerateEvent {
     Failed { message: String },
 }
 
+/// One generated token's log-probability and its most likely alternatives (OpenAI's `logprobs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's text (lossy UTF-8 when the token is part of a character).
+    pub token: String,
+    /// The token's raw bytes.
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Most likely tokens at this step, most likely first.
+    pub top: Vec<TopLogprob>,
+}
+
+/// One alternative in [`TokenLogprob::top`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
 /// Why a request was refused before it started.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SubmitError {
     /// Malformed or impossible request (HTTP 400).
     #[error("{0}")]
     BadRequest(String),
+    /// Prompt plus `max_tokens` do not fit the context (HTTP 400, OpenAI's
+    /// `context_length_exceeded`).
+    #[error("this model's maximum context length is {max_context} tokens; the request has {prompt_tokens} prompt tokens and asks for {max_tokens} completion tokens")]
+    ContextLength {
+        max_context: usize,
+        prompt_tokens: usize,
+        max_tokens: usize,
+    },
     /// Every admission slot is taken (HTTP 429).
     #[error("node is at capacity ({0} requests in flight); retry later")]
     Overloaded(usize),
@@ -131,6 +172,51 @@ impl actix::Message for MeshView {
     type Result = serde_json::Value;
 }
 
+/// Tokenize text with the node's tokenizer (`/tokenize`).
+#[derive(Debug, Clone)]
+pub struct Tokenize {
+    pub text: String,
+    /// Add the model's BOS token when it has one and its tokenizer adds it.
+    pub add_special: bool,
+    /// Turn special-token text (`<|im_end|>`) into the special token.
+    pub parse_special: bool,
+}
+
+impl actix::Message for Tokenize {
+    /// Token ids with their raw bytes.
+    type Result = Result<Vec<(u32, Vec<u8>)>, SubmitError>;
+}
+
+/// Token ids back to text (`/detokenize`).
+#[derive(Debug, Clone)]
+pub struct Detokenize(pub Vec<u32>);
+
+impl actix::Message for Detokenize {
+    type Result = Result<String, SubmitError>;
+}
+
+/// Ask whether the node is ready to serve (`/health`).
+#[derive(Debug, Clone, Copy)]
+pub struct Health;
+
+impl actix::Message for Health {
+    type Result = HealthReport;
+}
+
+/// What [`Health`] answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthReport {
+    /// `ok` or `draining` (a node still loading its model does not listen yet).
+    pub status: String,
+    /// Whether new requests are accepted.
+    pub ready: bool,
+    /// Peers seen that can prefill this node's model (`None` where it does not matter: a node
+    /// that accepts no requests).
+    pub prefill_peers: Option<usize>,
+    /// Things an operator should know (e.g. a decode node with no prefill peer).
+    pub warnings: Vec<String>,
+}
+
 /// Static facts the API reports.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NodeInfo {
@@ -144,4 +230,6 @@ pub struct NodeInfo {
     pub backend: String,
     /// Context length the node accepts (prompt + completion tokens).
     pub max_context: usize,
+    /// Token ids are `0..vocab_size`.
+    pub vocab_size: usize,
 }

@@ -20,8 +20,9 @@ use prfaas_node::engine::chat::ChatMessage;
 use prfaas_node::engine::FinishReason;
 use prfaas_node::metrics::Metrics;
 use prfaas_node::service::{
-    GenerateEvent, GenerateRequest, MeshView, NodeInfo, PrefillRoute, PromptInput, Submit,
-    SubmitError, Timings, Usage, EVENT_CHANNEL,
+    Detokenize, GenerateEvent, GenerateRequest, Health, HealthReport, MeshView, NodeInfo,
+    PrefillRoute, PromptInput, Submit, SubmitError, Timings, TokenLogprob, Tokenize, TopLogprob,
+    Usage, EVENT_CHANNEL,
 };
 
 const MODEL: &str = "fake-model";
@@ -30,6 +31,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 struct FakeAdmission {
     seen: Arc<Mutex<Vec<GenerateRequest>>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
     cancelled: mpsc::Sender<u64>,
     next_id: u64,
 }
@@ -57,6 +59,13 @@ impl Handler<Submit> for FakeAdmission {
             "overloaded" => return Err(SubmitError::Overloaded(3)),
             "bad" => return Err(SubmitError::BadRequest("prompt too long".into())),
             "unavailable" => return Err(SubmitError::Unavailable("shutting down".into())),
+            "too-long" => {
+                return Err(SubmitError::ContextLength {
+                    max_context: 2048,
+                    prompt_tokens: 2000,
+                    max_tokens: 100,
+                })
+            }
             _ => {}
         }
         self.next_id += 1;
@@ -74,9 +83,25 @@ impl Handler<Submit> for FakeAdmission {
                     transfer_s: 0.01,
                 },
             };
+            let with_logprobs = req.sampling.logprobs;
             let delta = |t: &str| GenerateEvent::Delta {
                 text: t.into(),
                 token: Some(1),
+                // A made-up distribution: each character's own logprob and `k` alternatives.
+                logprobs: with_logprobs
+                    .filter(|_| !t.is_empty())
+                    .map(|k| TokenLogprob {
+                        token: t.into(),
+                        bytes: t.as_bytes().to_vec(),
+                        logprob: -0.25,
+                        top: (0..k)
+                            .map(|i| TopLogprob {
+                                token: format!("alt{i}"),
+                                bytes: format!("alt{i}").into_bytes(),
+                                logprob: -1.0 - i as f32,
+                            })
+                            .collect(),
+                    }),
             };
             let failed = |m: &str| GenerateEvent::Failed { message: m.into() };
             // A send fails only when the API dropped the receiver; the script just ends then.
@@ -139,13 +164,62 @@ fn echo(text: &str, req: &GenerateRequest) -> (String, FinishReason) {
     if let Some(cut) = req.stop.iter().filter_map(|s| out.find(s.as_str())).min() {
         out.truncate(cut);
     }
-    if out.chars().count() > req.sampling.max_tokens {
-        (
-            out.chars().take(req.sampling.max_tokens).collect(),
-            FinishReason::Length,
-        )
+    let max_tokens = req.max_tokens.unwrap_or(usize::MAX);
+    if out.chars().count() > max_tokens {
+        (out.chars().take(max_tokens).collect(), FinishReason::Length)
     } else {
         (out, FinishReason::Stop)
+    }
+}
+
+impl Handler<Tokenize> for FakeAdmission {
+    type Result = Result<Vec<(u32, Vec<u8>)>, SubmitError>;
+
+    /// One token per byte; `<s>` is a special token (id 300) when `parse_special`.
+    fn handle(&mut self, t: Tokenize, _: &mut Context<Self>) -> Self::Result {
+        let mut out = Vec::new();
+        if t.add_special {
+            out.push((299, b"<bos>".to_vec()));
+        }
+        let mut rest = t.text.as_str();
+        while !rest.is_empty() {
+            if t.parse_special && rest.starts_with("<s>") {
+                out.push((300, b"<s>".to_vec()));
+                rest = &rest[3..];
+            } else {
+                out.push((u32::from(rest.as_bytes()[0]), vec![rest.as_bytes()[0]]));
+                rest = &rest[1..];
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Handler<Detokenize> for FakeAdmission {
+    type Result = Result<String, SubmitError>;
+
+    fn handle(&mut self, Detokenize(ids): Detokenize, _: &mut Context<Self>) -> Self::Result {
+        ids.into_iter()
+            .map(|id| {
+                u8::try_from(id)
+                    .map(char::from)
+                    .map_err(|_| SubmitError::BadRequest(format!("token {id} is unknown")))
+            })
+            .collect()
+    }
+}
+
+impl Handler<Health> for FakeAdmission {
+    type Result = MessageResult<Health>;
+
+    fn handle(&mut self, _: Health, _: &mut Context<Self>) -> Self::Result {
+        let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
+        MessageResult(HealthReport {
+            status: if draining { "draining" } else { "ok" }.into(),
+            ready: !draining,
+            prefill_peers: Some(0),
+            warnings: vec!["no prefill-capable peer".into()],
+        })
     }
 }
 
@@ -162,6 +236,7 @@ impl Handler<MeshView> for FakeAdmission {
 
 struct Harness {
     base: String,
+    draining: Arc<std::sync::atomic::AtomicBool>,
     seen: Arc<Mutex<Vec<GenerateRequest>>>,
     cancelled: mpsc::Receiver<u64>,
     metrics: Arc<Metrics>,
@@ -171,26 +246,29 @@ struct Harness {
 fn start(limits: ApiLimits) -> Harness {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (cancel_tx, cancelled) = mpsc::channel(16);
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let fake = FakeAdmission {
         seen: seen.clone(),
+        draining: draining.clone(),
         cancelled: cancel_tx,
         next_id: 0,
     }
     .start();
     let metrics = Arc::new(Metrics::new());
-    let state = ApiState {
-        submit: fake.clone().recipient(),
-        mesh: fake.recipient(),
-        info: NodeInfo {
+    let mut state = ApiState::new(
+        fake.clone(),
+        fake.recipient(),
+        NodeInfo {
             model_id: MODEL.into(),
             peer_id: "peer-a".into(),
             roles: vec!["decode".into(), "prefill".into()],
             backend: "cpu".into(),
             max_context: 2048,
+            vocab_size: 512,
         },
-        metrics: metrics.clone(),
-        limits,
-    };
+        metrics.clone(),
+    );
+    state.limits = limits;
     let (server, addr) =
         api::start("127.0.0.1:0".parse().expect("addr"), state, 1).expect("bind port 0");
     assert_ne!(addr.port(), 0);
@@ -198,6 +276,7 @@ fn start(limits: ApiLimits) -> Harness {
     actix_rt::spawn(server);
     Harness {
         base: format!("http://{addr}"),
+        draining,
         seen,
         cancelled,
         metrics,
@@ -281,7 +360,7 @@ async fn chat_stream_through_the_client() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].prompt, PromptInput::Chat(user("hello")));
     assert_eq!(seen[0].sampling.temperature, 0.0);
-    assert_eq!(seen[0].sampling.max_tokens, 64);
+    assert_eq!(seen[0].max_tokens, Some(64));
     assert!(seen[0].stream);
 }
 
@@ -724,4 +803,153 @@ async fn official_openai_python_client_streams() {
     let seen = h.seen.lock().expect("lock").clone();
     assert_eq!(seen.len(), 2, "one stream and one non-stream call");
     assert!(seen[0].stream && !seen[1].stream);
+}
+
+/// `logprobs` in both endpoints' shapes, streamed and not; `X-Request-Id` echoed (also on
+/// errors) and used as the id; `context_length_exceeded`; `/health`, `/tokenize`,
+/// `/detokenize` in llama-server's shapes.
+#[actix_rt::test]
+async fn logprobs_request_ids_and_operator_endpoints() {
+    let h = start(ApiLimits::default());
+    let http = awc::Client::builder().timeout(WAIT).finish();
+    let send = |path: &str, id: Option<&str>, body: serde_json::Value| {
+        let mut req = http.post(format!("{}{path}", h.base));
+        if let Some(id) = id {
+            req = req.insert_header(("x-request-id", id));
+        }
+        async move {
+            let mut res = req.send_json(&body).await.expect("request");
+            let id = res
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let bytes = res.body().limit(1 << 20).await.expect("body");
+            let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+            (res.status().as_u16(), id, text)
+        }
+    };
+
+    // Chat, non-stream: one entry per character, 2 alternatives each; the client's id is used.
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "hé"}],
+        "logprobs": true, "top_logprobs": 2});
+    let (status, id, text) = send("/v1/chat/completions", Some("abc-1"), body.clone()).await;
+    assert_eq!((status, id.as_deref()), (200, Some("abc-1")), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(v["id"], "chatcmpl-abc-1");
+    let content = &v["choices"][0]["logprobs"]["content"];
+    assert_eq!(content.as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(content[1]["token"], "é");
+    assert_eq!(content[1]["bytes"], serde_json::json!([195, 169]));
+    assert_eq!(content[1]["logprob"], -0.25);
+    assert_eq!(content[0]["top_logprobs"][1]["token"], "alt1");
+    let seen = h.seen.lock().expect("lock").last().cloned().expect("seen");
+    assert_eq!(seen.request_id.as_deref(), Some("abc-1"));
+    assert_eq!(seen.sampling.logprobs, Some(2));
+    // Without logprobs the field is null.
+    let (_, _, text) = send(
+        "/v1/chat/completions",
+        None,
+        serde_json::json!({"messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+
+    // Streamed: each content chunk carries its token's entry.
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    let (_, id, text) = send("/v1/chat/completions", None, streamed).await;
+    let id = id.expect("a made-up id is echoed");
+    assert!(!id.is_empty() && id.len() <= api::MAX_REQUEST_ID);
+    let tokens: Vec<String> = sse_events(&text)
+        .iter()
+        .filter(|e| e.data != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(&e.data).ok())
+        .inspect(|c| assert_eq!(c["id"], format!("chatcmpl-{id}")))
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["content"][0]["token"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(tokens, vec!["h".to_owned(), "é".to_owned()]);
+
+    // Completions: the legacy parallel arrays, offsets in characters.
+    let (_, _, text) = send(
+        "/v1/completions",
+        None,
+        serde_json::json!({"prompt": "héy", "logprobs": 1}),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"], serde_json::json!(["h", "é", "y"]), "{v}");
+    assert_eq!(lp["text_offset"], serde_json::json!([0, 1, 2]));
+    assert_eq!(lp["top_logprobs"][0], serde_json::json!({"alt0": -1.0}));
+
+    // Errors carry the id too; unsupported parameters name themselves.
+    let (status, id, text) = send(
+        "/v1/chat/completions",
+        Some("abc-2"),
+        serde_json::json!({"messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema"}}),
+    )
+    .await;
+    assert_eq!((status, id.as_deref()), (400, Some("abc-2")));
+    let e: ErrorBody = serde_json::from_str(&text).expect("error body");
+    assert_eq!(e.error.param.as_deref(), Some("response_format"));
+    let (status, _, text) = send(
+        "/v1/completions",
+        None,
+        serde_json::json!({"prompt": "too-long"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let e: ErrorBody = serde_json::from_str(&text).expect("error body");
+    assert_eq!(e.error.code.as_deref(), Some("context_length_exceeded"));
+    // An unusable client id (too long) is replaced.
+    let long = "x".repeat(api::MAX_REQUEST_ID + 1);
+    let (_, id, _) = send("/tokenize", Some(&long), serde_json::json!({"content": ""})).await;
+    assert!(id.is_some_and(|id| id != long));
+
+    // /tokenize and /detokenize.
+    let (status, _, text) = send("/tokenize", None, serde_json::json!({"content": "a<s>"})).await;
+    assert_eq!((status, text.as_str()), (200, r#"{"tokens":[97,300]}"#));
+    let (_, _, text) = send(
+        "/tokenize",
+        None,
+        serde_json::json!({"content": "a<s>", "parse_special": false, "add_special": true,
+            "with_pieces": true}),
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        v["tokens"][0],
+        serde_json::json!({"id": 299, "piece": "<bos>"})
+    );
+    assert_eq!(v["tokens"].as_array().map(Vec::len), Some(5));
+    let (status, _, text) = send(
+        "/detokenize",
+        None,
+        serde_json::json!({"tokens": [104, 105]}),
+    )
+    .await;
+    assert_eq!((status, text.as_str()), (200, r#"{"content":"hi"}"#));
+    let (status, _, _) = send("/detokenize", None, serde_json::json!({"tokens": [999]})).await;
+    assert_eq!(status, 400);
+    let (status, _, _) = send("/tokenize", None, serde_json::json!({"text": "x"})).await;
+    assert_eq!(status, 400, "`content` is required");
+
+    // /health: 200 when ready (with warnings), 503 when draining.
+    let health = client::get_json(&format!("{}/health", h.base))
+        .await
+        .expect("health");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["prefill_peers"], 0);
+    h.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    match client::get_json(&format!("{}/health", h.base)).await {
+        Err(ClientError::Status { status, .. }) => assert_eq!(status, 503),
+        other => panic!("draining must be 503: {other:?}"),
+    }
 }

@@ -433,6 +433,7 @@ fn engine_seeded_sampling_is_reproducible() {
         seed: 9,
         max_tokens: 12,
         stop_tokens: vec![],
+        ..SamplingParams::default()
     };
     let mut e = engine(SyntheticKind::TinyHybrid, cfg());
     let a = e

@@ -306,7 +306,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 1,
             )?);
             if !args.no_llamacpp {
-                if let Some(ll) = llamacpp(&args.model) {
+                if let Some(ll) = llamacpp(prfaas_node::engine::loader::resolve_alias(&args.model))
+                {
                     report["ratios_vs_llamacpp"] = ratios(&report, &ll);
                     report["llamacpp"] = ll;
                 }

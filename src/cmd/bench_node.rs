@@ -98,7 +98,9 @@ struct Done {
 
 async fn run(node: &NodeHandle, text: String, max_tokens: usize) -> anyhow::Result<Done> {
     let req = GenerateRequest {
+        request_id: None,
         prompt: PromptInput::Text(text),
+        max_tokens: Some(max_tokens),
         sampling: SamplingParams::greedy(max_tokens),
         stop: vec![],
         stream: true,
@@ -137,7 +139,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+/// The `p` quantile (nearest rank) of `v`; NaN when empty.
+pub fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return f64::NAN;

@@ -40,6 +40,9 @@ pub struct Args {
     /// Also send this many requests at once at the end (0 = skip the burst).
     #[arg(long, default_value_t = 6)]
     pub burst: usize,
+    /// The nodes' logs go here (the terminal shows only the demo's report).
+    #[arg(long, default_value = "prfaas-demo.log")]
+    pub log_file: std::path::PathBuf,
 }
 
 const PASSAGE: &str = "Prefill-as-a-Service splits serving a language model into two phases. \
@@ -149,7 +152,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 async fn demo(args: Args) -> anyhow::Result<()> {
     let api = Some(super::api_starter());
     let t0 = Instant::now();
-    eprintln!("starting a 3-node mesh on 127.0.0.1 with {} …", args.model);
+    eprintln!(
+        "starting a 3-node mesh on 127.0.0.1 with {} (node logs: {}) …",
+        args.model,
+        args.log_file.display()
+    );
     let prefill = Node::start(
         node_cfg(
             "prefill-1",

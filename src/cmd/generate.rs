@@ -10,7 +10,8 @@ use prfaas_node::engine::{Engine, EngineConfig, Model, SamplingParams};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A GGUF file, or a built-in synthetic model: `tiny-hybrid`, `tiny-dense`.
+    /// A GGUF file, a fetchable model's alias (`gemma3-270m`), or a built-in synthetic model:
+    /// `tiny-hybrid`, `tiny-dense`.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// The prompt text.
@@ -70,6 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         stop_tokens: loaded.text.stop_tokens.clone(),
         max_tokens: args.max_tokens,
+        ..SamplingParams::default()
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -1,5 +1,6 @@
 //! One module per subcommand; each exposes `Args` (clap) and `run`.
 
+pub mod bench_e2e;
 pub mod bench_engine;
 pub mod bench_kernels;
 pub mod bench_mesh;
@@ -7,6 +8,7 @@ pub mod bench_node;
 pub mod demo;
 pub mod generate;
 pub mod keygen;
+pub mod netns;
 pub mod node;
 pub mod simulate;
 

@@ -116,7 +116,9 @@ impl Outcome {
 /// Submits a greedy text-completion request and collects its events (bounded in time).
 pub async fn run_text(node: &NodeHandle, prompt: &str, max_tokens: usize) -> Outcome {
     let req = GenerateRequest {
+        request_id: None,
         prompt: PromptInput::Text(prompt.into()),
+        max_tokens: Some(max_tokens),
         sampling: SamplingParams::greedy(max_tokens),
         stop: vec![],
         stream: true,
@@ -138,7 +140,7 @@ pub async fn collect(mut rx: tokio::sync::mpsc::Receiver<GenerateEvent>) -> Outc
             .expect("event stream ends with Finished or Failed");
         match ev {
             GenerateEvent::Started { route: r, .. } => route = Some(r),
-            GenerateEvent::Delta { text: t, token } => {
+            GenerateEvent::Delta { text: t, token, .. } => {
                 text.push_str(&t);
                 tokens.extend(token);
             }
@@ -174,9 +176,10 @@ impl Reference {
         }
     }
 
-    /// Greedy tokens for `prompt` (tokenized as plain text), without the stop token.
+    /// Greedy tokens for `prompt` (tokenized as a raw completion prompt is), without the stop
+    /// token.
     pub fn greedy(&mut self, prompt: &str, max_tokens: usize) -> Vec<u32> {
-        let tokens = self.text.codec.encode(prompt, false).expect("encode");
+        let tokens = self.text.codec.encode(prompt, true).expect("encode");
         let params = SamplingParams {
             stop_tokens: self.text.stop_tokens.clone(),
             ..SamplingParams::greedy(max_tokens)

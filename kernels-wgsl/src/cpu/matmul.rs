@@ -14,7 +14,7 @@ use rayon::prelude::*;
 pub(crate) use super::simd::f16_bits_to_f32;
 use super::simd::{self, multiversion, LANES};
 use crate::backend::{DType, KernelError, Result};
-use crate::quant::{self, QK};
+use crate::quant::{self, QK, QK_K};
 
 /// Row count from which weights are dequantized to f32 and multiplied with `gemm` (portable path).
 pub(crate) const GEMM_MIN_ROWS: usize = 8;
@@ -263,7 +263,7 @@ multiversion! {
     fn matvec_task(x: &[f32], xsum: &[f32], m: usize, k: usize, dtype: DType, w: &[u8], out: &mut [f32]) {
         let row_bytes = dtype.bytes_for(k);
         let cols = out.len() / m.max(1);
-        let mut buf = [0.0f32; QK];
+        let mut buf = [0.0f32; QK_K];
         for c in 0..cols {
             let wr = &w[c * row_bytes..(c + 1) * row_bytes];
             for i in 0..m {
@@ -288,6 +288,17 @@ multiversion! {
                     }
                     DType::Q4_1 => dot_q4_1(xr, &xsum[i * (k / QK)..(i + 1) * (k / QK)], wr),
                     DType::Q8_0 => dot_q8_0(xr, wr),
+                    _ => {
+                        // Other block formats: decode a block, then one vectorised dot.
+                        let (len, size) = (dtype.block_len(), dtype.block_bytes());
+                        let decode = quant::block_decoder(dtype).unwrap_or(|_: &[u8], o: &mut [f32]| o.fill(0.0));
+                        let mut acc = 0.0f32;
+                        for (xc, wc) in xr.chunks_exact(len).zip(wr.chunks_exact(size)) {
+                            decode(wc, &mut buf[..len]);
+                            acc += simd::dot(xc, &buf[..len]);
+                        }
+                        acc
+                    }
                 };
             }
         }

@@ -28,7 +28,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use crate::backend::DType;
-use crate::quant::{Q4_1_BLOCK_BYTES, Q8_0_BLOCK_BYTES, QK};
+use crate::quant::{Q5_0_BLOCK_BYTES, QK};
 
 /// Weight rows per packed panel: one 512-bit vector of i32 lanes.
 pub(crate) const PANEL: usize = 16;
@@ -59,7 +59,7 @@ pub(crate) enum Planes {
 /// The activation precision the backend uses (see the module docs for why two planes).
 pub(crate) const DEFAULT_PLANES: Planes = Planes::Two;
 
-/// A Q4_1 or Q8_0 weight `[n, k]` repacked into panels of [`PANEL`] rows.
+/// A Q4_1, Q8_0 or Q5_0 weight `[n, k]` repacked into panels of [`PANEL`] rows.
 ///
 /// Panel `p` (rows `16p .. 16p+16`, zero rows past `n`) holds its `k/32` blocks one after the
 /// other; each (panel, block) is `quants ‖ scales`:
@@ -69,6 +69,7 @@ pub(crate) const DEFAULT_PLANES: Planes = Planes::Two;
 /// * Q8_0: 8 × 64 quant bytes, vector `g` lane `c` = values `4g .. 4g+4` of row `c` plus 128 (as
 ///   unsigned bytes: `vpdpbusd` multiplies unsigned by signed), then 16 f16 `d` — 544 bytes.
 pub(crate) struct PackedWeight {
+    /// The kernel layout: Q4_1 or Q8_0 (Q5_0 weights are packed as Q8_0).
     dtype: DType,
     n: usize,
     k: usize,
@@ -79,7 +80,7 @@ impl PackedWeight {
     /// Repacks GGUF bytes of a `[n, k]` weight, or `None` for other dtypes, `k % 32 != 0` or a
     /// byte count that does not match (the caller keeps the raw bytes and their paths).
     pub(crate) fn pack(dtype: DType, raw: &[u8], n: usize, k: usize) -> Option<Self> {
-        if !matches!(dtype, DType::Q4_1 | DType::Q8_0)
+        if !matches!(dtype, DType::Q4_1 | DType::Q8_0 | DType::Q5_0)
             || k == 0
             || n == 0
             || !k.is_multiple_of(QK)
@@ -87,26 +88,45 @@ impl PackedWeight {
         {
             return None;
         }
+        // Q5_0 values are `d·(q − 16)` with `q − 16 ∈ [−16, 15]`: exactly a Q8_0 block, so Q5_0
+        // weights take the Q8_0 kernels unchanged (same integers, same f16 scale).
+        let layout = if dtype == DType::Q5_0 {
+            DType::Q8_0
+        } else {
+            dtype
+        };
         let nb = k / QK;
         let row_bytes = dtype.bytes_for(k);
-        let pbb = panel_block_bytes(dtype);
+        let bb = dtype.block_bytes();
+        let pbb = panel_block_bytes(layout);
         let panels = n.div_ceil(PANEL);
         let mut data = vec![0u8; panels * nb * pbb];
+        let mut vals = [0.0f32; QK];
         for (p, dst) in data.chunks_exact_mut(nb * pbb).enumerate() {
             for c in 0..PANEL.min(n - p * PANEL) {
                 let row = &raw[(p * PANEL + c) * row_bytes..][..row_bytes];
                 for (b, d) in dst.chunks_exact_mut(pbb).enumerate() {
+                    let blk = &row[b * bb..][..bb];
                     match dtype {
                         DType::Q4_1 => {
-                            let blk = &row[b * Q4_1_BLOCK_BYTES..][..Q4_1_BLOCK_BYTES];
                             for i in 0..4 {
                                 d[i * 64 + c * 4..][..4].copy_from_slice(&blk[4 + 4 * i..][..4]);
                             }
                             d[Q4_QUANT_BYTES + 2 * c..][..2].copy_from_slice(&blk[0..2]);
                             d[Q4_QUANT_BYTES + 32 + 2 * c..][..2].copy_from_slice(&blk[2..4]);
                         }
+                        DType::Q5_0 => {
+                            // The integers `q − 16`: decode with d = 1 (exact in f32).
+                            let mut unit = [0u8; Q5_0_BLOCK_BYTES];
+                            unit.copy_from_slice(blk);
+                            unit[..2].copy_from_slice(&half::f16::ONE.to_le_bytes());
+                            crate::quant::dequantize_block_q5_0(&unit, &mut vals);
+                            for (j, v) in vals.iter().enumerate() {
+                                d[(j / 4) * 64 + c * 4 + j % 4] = (*v as i8 as u8) ^ 0x80;
+                            }
+                            d[Q8_QUANT_BYTES + 2 * c..][..2].copy_from_slice(&blk[0..2]);
+                        }
                         _ => {
-                            let blk = &row[b * Q8_0_BLOCK_BYTES..][..Q8_0_BLOCK_BYTES];
                             for g in 0..8 {
                                 for t in 0..4 {
                                     d[g * 64 + c * 4 + t] = blk[2 + 4 * g + t] ^ 0x80;
@@ -118,11 +138,12 @@ impl PackedWeight {
                 }
             }
         }
-        Some(Self { dtype, n, k, data })
-    }
-
-    pub(crate) fn dtype(&self) -> DType {
-        self.dtype
+        Some(Self {
+            dtype: layout,
+            n,
+            k,
+            data,
+        })
     }
 
     pub(crate) fn n(&self) -> usize {

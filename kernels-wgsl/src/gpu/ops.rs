@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{Gpu, GpuStorage, Kernel, MatmulPath, Res, WeightTex};
 use crate::backend::{
-    AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, HostTensor, KernelError,
+    AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, GluAct, HostTensor, KernelError,
     LinearAttnParams, Result, RopeStyle, Storage, Tensor,
 };
 
@@ -26,6 +26,9 @@ fn wtype(d: DType) -> u32 {
         DType::F16 => 1,
         DType::Q4_1 => 2,
         DType::Q8_0 => 3,
+        DType::Q5_0 => 4,
+        DType::Q4_K => 5,
+        DType::Q6_K => 6,
     }
 }
 
@@ -665,8 +668,16 @@ impl Backend for WgpuBackend {
         Ok(out)
     }
 
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        elementwise(self, gate, up, 1)
+    fn glu(&self, gate: &Tensor, up: &Tensor, act: GluAct) -> Result<Tensor> {
+        elementwise(
+            self,
+            gate,
+            up,
+            match act {
+                GluAct::Silu => 1,
+                GluAct::GeluTanh => 2,
+            },
+        )
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -1041,7 +1052,7 @@ impl Backend for WgpuBackend {
     }
 }
 
-/// `add` (op 0) and `swiglu` (op 1).
+/// `add` (op 0) and `glu` (op 1: SiLU, op 2: GELU-tanh).
 fn elementwise(be: &WgpuBackend, a: &Tensor, b: &Tensor, op: u32) -> Result<Tensor> {
     let ab = be.f32_tensor(a, "lhs")?;
     let bb = be.f32_tensor(b, "rhs")?;

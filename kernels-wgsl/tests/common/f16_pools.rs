@@ -1,5 +1,5 @@
-//! The f16 KV pool round trip both backends must pass (shared by `cpu_kernels` and
-//! `gpu_kernels`): `scatter_blocks` rounds bit for bit like the reference (ties to even,
+//! The f16 KV pool round trip every backend must pass (used by `conformance`):
+//! `scatter_blocks` rounds bit for bit like the reference (ties to even,
 //! overflow to inf, subnormals), `gather_blocks` widens exactly, and gathered f16 values
 //! scatter back unchanged (what an export → import of f16 KV relies on).
 

@@ -133,6 +133,19 @@ struct Chart {
 const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
 
 impl Chart {
+    /// A 720×420 chart with linear axes from the origin to (`x1`, `y1`).
+    fn linear(x1: f64, y1: f64) -> Self {
+        Self {
+            w: 720.0,
+            h: 420.0,
+            x0: 0.0,
+            x1,
+            y0: 0.0,
+            y1,
+            log_x: false,
+            body: String::new(),
+        }
+    }
     fn px(&self, x: f64) -> f64 {
         let f = if self.log_x {
             (x.ln() - self.x0.ln()) / (self.x1.ln() - self.x0.ln())
@@ -304,52 +317,92 @@ pub fn lambda_svg(r: &Report) -> String {
 
 /// Empirical TTFT CDF per policy (x up to the largest P99).
 pub fn ttft_svg(r: &Report) -> String {
-    let xmax = r
+    let series: Vec<(String, Vec<f64>)> = r
         .sim
         .iter()
-        .map(|m| m.ttft_p99_s)
-        .filter(|x| x.is_finite())
+        .map(|m| (m.policy.label().to_owned(), m.ttfts.clone()))
+        .collect();
+    cdf_svg("TTFT CDF per policy", "TTFT (s)", &series)
+}
+
+/// Empirical CDF of each `(label, values)` series (x up to the largest P99; at most ~400 points
+/// drawn per series).
+pub fn cdf_svg(title: &str, xlabel: &str, series: &[(String, Vec<f64>)]) -> String {
+    let sorted: Vec<Vec<f64>> = series
+        .iter()
+        .map(|(_, v)| {
+            let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+            v.sort_by(f64::total_cmp);
+            v
+        })
+        .collect();
+    let xmax = sorted
+        .iter()
+        .filter(|v| !v.is_empty())
+        .map(|v| v[((v.len() - 1) as f64 * 0.99).round() as usize])
         .fold(0.0, f64::max)
         .max(1e-3);
-    let mut c = Chart {
-        w: 720.0,
-        h: 420.0,
-        x0: 0.0,
-        x1: xmax,
-        y0: 0.0,
-        y1: 1.0,
-        log_x: false,
-        body: String::new(),
-    };
-    for (k, m) in r.sim.iter().enumerate() {
-        let n = m.ttfts.len();
+    let mut c = Chart::linear(xmax, 1.0);
+    for (k, ((label, _), v)) in series.iter().zip(&sorted).enumerate() {
+        let n = v.len();
         let step = (n / 400).max(1);
-        let line: Vec<(f64, f64)> = m
-            .ttfts
+        let line: Vec<(f64, f64)> = v
             .iter()
             .enumerate()
             .filter(|(i, _)| i % step == 0 || *i + 1 == n)
             .map(|(i, &t)| (t.min(xmax), (i + 1) as f64 / n as f64))
             .collect();
         c.line(&line, COLORS[k % 4], false);
-        c.text(
-            80.0,
-            60.0 + 16.0 * k as f64,
-            m.policy.label(),
-            COLORS[k % 4],
-        );
+        c.text(80.0, 60.0 + 16.0 * k as f64, label, COLORS[k % 4]);
     }
     let xt: Vec<(f64, String)> = ticks(0.0, xmax, 6)
         .into_iter()
         .map(|x| (x, format!("{x:.1}")))
         .collect();
     c.finish(
-        "TTFT CDF per policy",
-        "TTFT (s)",
+        title,
+        xlabel,
         "fraction of requests",
         &xt,
         &ticks(0.0, 1.0, 5),
     )
+}
+
+/// One line per `(label, points)` series on linear axes from 0 (e.g. throughput vs offered
+/// load).
+pub fn lines_svg(
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
+    let finite = |f: fn(&(f64, f64)) -> f64| {
+        series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(f))
+            .filter(|x| x.is_finite())
+            .fold(0.0, f64::max)
+            .max(1e-9)
+    };
+    let (xmax, ymax) = (finite(|p| p.0) * 1.05, finite(|p| p.1) * 1.15);
+    let mut c = Chart::linear(xmax, ymax);
+    for (k, (label, pts)) in series.iter().enumerate() {
+        c.line(pts, COLORS[k % 4], false);
+        for &(x, y) in pts.iter().filter(|p| p.0.is_finite() && p.1.is_finite()) {
+            let (px, py) = (c.px(x), c.py(y));
+            let _ = writeln!(
+                c.body,
+                "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3\" fill=\"{}\"/>",
+                COLORS[k % 4]
+            );
+        }
+        c.text(80.0, 40.0 + 16.0 * k as f64, label, COLORS[k % 4]);
+    }
+    let xt: Vec<(f64, String)> = ticks(0.0, xmax, 6)
+        .into_iter()
+        .map(|x| (x, format!("{x:.2}")))
+        .collect();
+    c.finish(title, xlabel, ylabel, &xt, &ticks(0.0, ymax, 5))
 }
 
 /// Write `table.txt`, `lambda_vs_t.svg` and `ttft_cdf.svg` into `dir`.

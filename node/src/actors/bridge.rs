@@ -222,7 +222,13 @@ impl StreamHandler<MeshEvent> for MeshBridge {
                 self.count_awaited();
             }
             MeshEvent::PeerDiscovered { peer } => tracing::info!(%peer, "peer joined the mesh"),
-            MeshEvent::PeerExpired { peer } => tracing::info!(%peer, "peer expired"),
+            MeshEvent::PeerExpired { peer } => {
+                tracing::info!(%peer, "peer expired");
+                // A departed peer's series go with it (the peer table bounds the label set).
+                self.core.metrics.peer_bandwidth.remove(&PeerLabel {
+                    peer: peer.to_string(),
+                });
+            }
             MeshEvent::ConnectionRefused { peer, reason } => {
                 tracing::warn!(?peer, %reason, "connection refused at admission")
             }

@@ -29,12 +29,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::engine::loader::{TextCodec, Utf8Stream};
 use crate::engine::{
     Engine, EngineError, FinishReason, KvPiece, KvSink, Sampler, SamplingParams, SeqId, SinkError,
-    VerifyConfig,
+    TokenLogprobs, VerifyConfig,
 };
 use crate::kv::prefix::block_hashes;
 use crate::kv::{KvStats, LeaseId};
 use crate::metrics::{Metrics, RequestLabels};
-use crate::service::{GenerateEvent, PrefillRoute, Timings, Usage};
+use crate::service::{GenerateEvent, PrefillRoute, Timings, TokenLogprob, TopLogprob, Usage};
 
 /// Decrements the node's in-flight count when the request ends, however it ends.
 #[derive(Debug)]
@@ -59,7 +59,12 @@ impl Drop for InflightGuard {
 /// A request that ends in local decode.
 #[derive(Debug)]
 pub struct DecodeJob {
+    /// Node-unique id: the key of this request's auction and KV transfer in the mesh.
     pub request_id: u64,
+    /// The request's span on this (home) node: `request_id` (the client's), `mesh_request`
+    /// (carried in the auction call, award and KV header, so the winner's `serve_prefill` span
+    /// names it too), and `route` / `peer` once the prompt is prefilled.
+    pub span: tracing::Span,
     /// The whole prompt.
     pub tokens: Vec<u32>,
     pub sampling: SamplingParams,
@@ -433,6 +438,8 @@ struct Live {
     /// Bytes of `text` already sent.
     sent: usize,
     first_token_at: Instant,
+    /// When the last token was emitted (inter-token latency).
+    last_token_at: Instant,
     cached_tokens: usize,
 }
 
@@ -627,14 +634,26 @@ impl Worker {
         }
     }
 
+    fn note_prefix_cache(&self, tokens: usize, cached: usize) {
+        self.metrics.prefix_cache_queries.inc_by(tokens as u64);
+        self.metrics.prefix_cache_hits.inc_by(cached as u64);
+    }
+
     fn run_job(&mut self, job: Job) {
         match job {
             Job::Generate(j) => {
                 let t0 = Instant::now();
+                self.metrics
+                    .queue_time
+                    .observe(t0.duration_since(j.admitted).as_secs_f64());
                 match self.engine.prefill(&j.tokens, &mut crate::engine::NullSink) {
                     Ok(out) => {
                         let uncached = j.tokens.len() - out.cached_tokens;
                         self.note_prefill(uncached, t0.elapsed());
+                        self.note_prefix_cache(j.tokens.len(), out.cached_tokens);
+                        self.metrics
+                            .prefill_time
+                            .observe(t0.elapsed().as_secs_f64());
                         Metrics::inc_by(&self.metrics.prefill_tokens, "local", uncached as u64);
                         self.start_decode(j, out.seq, &out.logits, out.cached_tokens);
                     }
@@ -674,7 +693,20 @@ impl Worker {
                     ))),
                 };
                 match done {
-                    Ok(seq) => self.start_decode(job, seq, &logits, 0),
+                    Ok(seq) => {
+                        let m = &self.metrics;
+                        m.prefill_time.observe(job.admitted.elapsed().as_secs_f64());
+                        if let PrefillRoute::Remote {
+                            kv_bytes,
+                            transfer_s,
+                            ..
+                        } = &job.route
+                        {
+                            m.kv_transfer_time.observe(*transfer_s);
+                            m.kv_transfer_size.observe(*kv_bytes as f64);
+                        }
+                        self.start_decode(job, seq, &logits, 0)
+                    }
                     Err(e) => {
                         // The KV is unusable but the request is not lost: prefill it here.
                         tracing::warn!(request = job.request_id, error = %e, "imported KV unusable; prefilling locally");
@@ -702,6 +734,7 @@ impl Worker {
                     Ok(out) => {
                         let uncached = tokens.len() - out.cached_tokens;
                         self.note_prefill(uncached, t0.elapsed());
+                        self.note_prefix_cache(tokens.len(), out.cached_tokens);
                         Metrics::inc_by(&self.metrics.prefill_tokens, "served", uncached as u64);
                         let _ = self.engine.release(out.seq);
                         Ok(ServedPrefill {
@@ -719,8 +752,21 @@ impl Worker {
 
     /// Samples the first token from the prefill logits and adds the sequence to the batch.
     fn start_decode(&mut self, job: Box<DecodeJob>, seq: SeqId, logits: &[f32], cached: usize) {
-        let mut sampler = Sampler::new(job.sampling.clone());
+        let span = job.span.clone();
+        let _entered = span.enter();
+        match &job.route {
+            PrefillRoute::Local { .. } => {
+                span.record("route", "local");
+            }
+            PrefillRoute::Remote { peer, .. } => {
+                span.record("route", "remote");
+                span.record("peer", peer.as_str());
+            }
+        }
+        tracing::debug!(cached, "decoding");
+        let mut sampler = Sampler::for_prompt(job.sampling.clone(), &job.tokens);
         let first = sampler.sample(logits);
+        let logprobs = sampler.take_logprobs();
         let started = GenerateEvent::Started {
             request_id: job.request_id,
             prompt_tokens: job.tokens.len(),
@@ -745,9 +791,10 @@ impl Worker {
             text: String::new(),
             sent: 0,
             first_token_at: now,
+            last_token_at: now,
             cached_tokens: cached,
         };
-        match emit(&self.codec, &mut live, first) {
+        match emit(&self.codec, &mut live, first, logprobs) {
             Step::Continue => self.live.push(live),
             other => self.finish(live, other),
         }
@@ -772,9 +819,16 @@ impl Worker {
             }
         };
         let mut done = Vec::new();
+        let now = Instant::now();
         for (i, t) in toks.into_iter().enumerate().take(self.live.len()) {
-            self.live[i].next = t;
-            match emit(&self.codec, &mut self.live[i], t) {
+            let l = &mut self.live[i];
+            self.metrics
+                .inter_token_latency
+                .observe(now.duration_since(l.last_token_at).as_secs_f64());
+            l.last_token_at = now;
+            l.next = t;
+            let logprobs = l.sampler.take_logprobs();
+            match emit(&self.codec, l, t, logprobs) {
                 Step::Continue => {}
                 other => done.push((i, other)),
             }
@@ -787,6 +841,8 @@ impl Worker {
     }
 
     fn finish(&mut self, mut l: Live, how: Step) {
+        let span = l.job.span.clone();
+        let _entered = span.enter();
         let _ = self.engine.release(l.seq);
         match how {
             Step::Continue => {}
@@ -796,10 +852,11 @@ impl Worker {
                 l.text.push_str(&tail);
                 if l.sent < l.text.len() {
                     let text = l.text[l.sent..].to_string();
-                    let _ = l
-                        .job
-                        .events
-                        .try_send(GenerateEvent::Delta { text, token: None });
+                    let _ = l.job.events.try_send(GenerateEvent::Delta {
+                        text,
+                        token: None,
+                        logprobs: None,
+                    });
                 }
                 let decode_s = l.first_token_at.elapsed().as_secs_f64();
                 let tokens_per_s = if l.generated > 1 && decode_s > 0.0 {
@@ -824,6 +881,9 @@ impl Worker {
                     },
                 };
                 self.metrics.generated_tokens.inc_by(l.generated as u64);
+                self.metrics
+                    .e2e_latency
+                    .observe(l.job.admitted.elapsed().as_secs_f64());
                 if tokens_per_s > 0.0 {
                     self.metrics.decode_rate.observe(tokens_per_s);
                 }
@@ -832,16 +892,57 @@ impl Worker {
                 } else {
                     "cancelled"
                 };
+                tracing::info!(
+                    completion_tokens = l.generated,
+                    ttft_s = l
+                        .first_token_at
+                        .duration_since(l.job.admitted)
+                        .as_secs_f64(),
+                    decode_s,
+                    outcome,
+                    "request finished"
+                );
                 record(&self.metrics, &l.job.route, outcome);
             }
         }
     }
 }
 
-/// Handles one generated token: stop tokens, stop strings, max tokens, and sending the text.
-fn emit(codec: &TextCodec, l: &mut Live, tok: u32) -> Step {
+/// A sampled token's log-probabilities with the tokens' text, for the client.
+fn token_logprob(codec: &TextCodec, lp: TokenLogprobs) -> TokenLogprob {
+    let text = |id: u32| {
+        let bytes = codec.token_bytes(id);
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    };
+    let (token, bytes) = text(lp.token);
+    TokenLogprob {
+        token,
+        bytes,
+        logprob: lp.logprob,
+        top: lp
+            .top
+            .into_iter()
+            .map(|(id, logprob)| {
+                let (token, bytes) = text(id);
+                TopLogprob {
+                    token,
+                    bytes,
+                    logprob,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Handles one generated token: stop tokens, stop strings, max tokens, and sending the text
+/// (with the token's log-probabilities, if asked for; a stop token's are not reported, as
+/// OpenAI reports none for the end of a message).
+fn emit(codec: &TextCodec, l: &mut Live, tok: u32, logprobs: Option<TokenLogprobs>) -> Step {
     l.generated += 1;
     let stop_token = l.job.sampling.stop_tokens.contains(&tok);
+    let logprobs = logprobs
+        .filter(|_| !stop_token)
+        .map(|lp| token_logprob(codec, lp));
     if !stop_token {
         let piece = l.utf8.push(&codec.token_bytes(tok));
         l.text.push_str(&piece);
@@ -866,7 +967,7 @@ fn emit(codec: &TextCodec, l: &mut Live, tok: u32) -> Step {
         let pos = pos.max(l.sent);
         if pos > l.sent {
             let text = l.text[l.sent..pos].to_string();
-            if !send_delta(l, text, tok) {
+            if !send_delta(l, text, tok, logprobs) {
                 return Step::Cancelled;
             }
         }
@@ -888,7 +989,7 @@ fn emit(codec: &TextCodec, l: &mut Live, tok: u32) -> Step {
     let safe = floor_char_boundary(&l.text, l.text.len().saturating_sub(hold)).max(l.sent);
     let text = l.text[l.sent..safe].to_string();
     l.sent = safe;
-    if !send_delta(l, text, tok) {
+    if !send_delta(l, text, tok, logprobs) {
         return Step::Cancelled;
     }
     if l.generated >= l.job.sampling.max_tokens {
@@ -899,12 +1000,13 @@ fn emit(codec: &TextCodec, l: &mut Live, tok: u32) -> Step {
 
 /// Sends `text` (produced by token `tok`); `false` when the client is gone or not reading, which
 /// cancels the request.
-fn send_delta(l: &Live, text: String, tok: u32) -> bool {
+fn send_delta(l: &Live, text: String, tok: u32, logprobs: Option<TokenLogprob>) -> bool {
     l.job
         .events
         .try_send(GenerateEvent::Delta {
             text,
             token: Some(tok),
+            logprobs,
         })
         .is_ok()
 }
@@ -945,7 +1047,8 @@ fn report(failed: &Mutex<Option<ImportError>>, why: ImportError) {
 /// Ends a request that could not start or continue.
 #[allow(clippy::boxed_local)] // jobs travel boxed; unboxing to fail one would only copy it
 pub fn fail(metrics: &Metrics, job: Box<DecodeJob>, message: &str) {
-    tracing::warn!(request = job.request_id, %message, "request failed");
+    let _entered = job.span.enter();
+    tracing::warn!(%message, "request failed");
     record(metrics, &job.route, "error");
     let _ = job.events.try_send(GenerateEvent::Failed {
         message: message.into(),

@@ -128,6 +128,9 @@ impl NodeCore {
 
     /// Remembers an auction for `/mesh`.
     pub fn record_auction(&self, rec: AuctionRecord) {
+        self.metrics
+            .auction_duration
+            .observe(rec.elapsed_ms / 1000.0);
         if let Ok(mut r) = self.recent.lock() {
             if r.len() == RECENT_AUCTIONS {
                 r.pop_front();

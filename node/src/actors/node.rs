@@ -293,11 +293,43 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
 struct Loaded {
     engine: Engine,
     text: crate::engine::loader::TextSide,
+    /// The model's own name (GGUF `general.name`): part of the mesh's model identity.
     model_id: String,
+    /// What the API calls the model (`/v1/models`, the `model` field, the dashboard).
+    api_model: String,
     vocab: usize,
     max_context: usize,
     backend: String,
     prefill_rate: f64,
+}
+
+/// A name people recognise: a model file's name without its extension and quantization tag
+/// (`SmolLM2-135M-Instruct.Q4_1.gguf` → `SmolLM2-135M-Instruct`), else the model's own name
+/// (synthetic models). GGUF `general.name` is often a run label ("Smollm2 135M 8k Lc100K Mix1
+/// Ep2"), which is why it is not used for files.
+pub fn readable_model_name(spec: &str, own_name: &str) -> String {
+    let path = Path::new(spec);
+    let Some(stem) = path
+        .is_file()
+        .then(|| path.file_stem().and_then(|s| s.to_str()))
+        .flatten()
+    else {
+        return own_name.to_owned();
+    };
+    let is_quant = |tag: &str| {
+        let t = tag.to_ascii_uppercase();
+        ["Q", "IQ", "F16", "F32", "BF16"].iter().any(|p| {
+            t.starts_with(p)
+                && t[p.len()..]
+                    .chars()
+                    .next()
+                    .is_none_or(|c| c.is_ascii_digit() || c == '_')
+        })
+    };
+    match stem.rsplit_once(['.', '-']) {
+        Some((name, tag)) if !name.is_empty() && is_quant(tag) => name.to_owned(),
+        _ => stem.to_owned(),
+    }
 }
 
 fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
@@ -351,6 +383,7 @@ fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
     Ok(Loaded {
         vocab: bundle.config.vocab_size,
         model_id: bundle.config.name.clone(),
+        api_model: readable_model_name(&cfg.node.model, &bundle.config.name),
         max_context,
         backend: backend_name,
         text: bundle.text,
@@ -392,7 +425,7 @@ pub fn http_api(
     node: &NodeHandle,
 ) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
     let state = crate::api::ApiState::new(
-        node.admission.clone().recipient(),
+        node.admission.clone(),
         node.node.clone().recipient(),
         node.core.info.clone(),
         node.core.metrics.clone(),
@@ -413,7 +446,7 @@ impl Node {
         let loaded = tokio::task::spawn_blocking(move || load(&cfg_load))
             .await
             .map_err(|e| StartError::Other(format!("model loading thread: {e}")))??;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_model(&loaded.api_model));
         let layout = loaded.engine.layout().clone();
         let model_ref = prfaas_mesh::ModelRef {
             model_id: loaded.model_id.clone(),
@@ -451,7 +484,7 @@ impl Node {
             }
         }));
         let info = NodeInfo {
-            model_id: loaded.model_id.clone(),
+            model_id: loaded.api_model.clone(),
             peer_id: mesh.local_peer_id().to_string(),
             roles: cfg
                 .node
@@ -466,6 +499,7 @@ impl Node {
                 .collect(),
             backend: loaded.backend.clone(),
             max_context: loaded.max_context,
+            vocab_size: loaded.vocab,
         };
         let core: Core = Arc::new(NodeCore::new(
             cfg.clone(),
@@ -519,5 +553,35 @@ impl Node {
             "node started"
         );
         Ok(handle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable_model_name;
+
+    #[test]
+    fn model_names_people_recognise() {
+        let dir = std::env::temp_dir().join(format!("prfaas-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let named = |file: &str| {
+            let p = dir.join(file);
+            std::fs::write(&p, b"").expect("write");
+            readable_model_name(&p.display().to_string(), "run label")
+        };
+        assert_eq!(
+            named("SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "SmolLM2-135M-Instruct"
+        );
+        assert_eq!(named("gemma-3-270m-q4_k_m.gguf"), "gemma-3-270m");
+        assert_eq!(named("model-f16.gguf"), "model");
+        assert_eq!(named("Qwen3-0.6B.gguf"), "Qwen3-0.6B");
+        assert_eq!(named("plain.gguf"), "plain");
+        let _ = std::fs::remove_dir_all(&dir);
+        // Not a file (a synthetic model): its own name.
+        assert_eq!(
+            readable_model_name("tiny-hybrid", "tiny-hybrid"),
+            "tiny-hybrid"
+        );
     }
 }

@@ -182,7 +182,14 @@ impl Handler<Serve> for PrefillWorker {
         Metrics::inc(&m.auctions, "won");
         let core = self.core.clone();
         let decode = self.decode.clone();
-        actix::spawn(async move {
+        // The winner's span: the home logs the same `mesh_request` in its request span.
+        let span = tracing::info_span!(
+            "serve_prefill",
+            mesh_request = award.request_id,
+            home = %peer,
+            tokens = prompt_len
+        );
+        let serving_task = async move {
             let request = award.request_id;
             // The home stops waiting after its transfer timeout; so does the winner (a home that
             // reads too slowly or not at all must not hold the KV queued for it). Dropping
@@ -199,7 +206,8 @@ impl Handler<Serve> for PrefillWorker {
                     Metrics::inc(&core.metrics.auctions, "serve_failed");
                 }
             }
-        });
+        };
+        actix::spawn(tracing::Instrument::instrument(serving_task, span));
     }
 }
 

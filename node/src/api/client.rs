@@ -79,6 +79,9 @@ pub struct ChatResult {
     pub ttft: Option<Duration>,
     /// Request sent → response complete.
     pub total: Duration,
+    /// Streams: request sent → each chunk that carried text (the first is `ttft`); their gaps
+    /// are the inter-token latencies. Empty for non-stream calls.
+    pub token_times: Vec<Duration>,
     /// SSE data events received, `[DONE]` excluded (0 for non-stream calls).
     pub chunks: usize,
 }
@@ -162,16 +165,35 @@ pub async fn get_json(url: &str) -> Result<serde_json::Value, ClientError> {
     })
 }
 
+/// `POST url` with a JSON body and parse the JSON answer (e.g. `/tokenize`).
+pub async fn post_json(
+    url: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, ClientError> {
+    let sent = client(Duration::from_secs(300)).post(url).send_json(body);
+    let bytes = success_body(url, sent).await?;
+    decode(url, &bytes)
+}
+
 /// `GET url` as text (e.g. `/metrics`).
 pub async fn get_text(url: &str) -> Result<String, ClientError> {
-    let mut res = client(Duration::from_secs(30))
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| ClientError::Send {
-            url: url.to_owned(),
-            message: e.to_string(),
-        })?;
+    let sent = client(Duration::from_secs(30)).get(url).send();
+    let body = success_body(url, sent).await?;
+    String::from_utf8(body.to_vec()).map_err(|e| ClientError::Decode {
+        url: url.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// The body of a response that must succeed (an error status becomes [`ClientError::Status`]).
+async fn success_body(
+    url: &str,
+    sent: awc::SendClientRequest,
+) -> Result<actix_web::web::Bytes, ClientError> {
+    let mut res = sent.await.map_err(|e| ClientError::Send {
+        url: url.to_owned(),
+        message: e.to_string(),
+    })?;
     let body = res
         .body()
         .limit(MAX_RESPONSE_BYTES)
@@ -183,10 +205,7 @@ pub async fn get_text(url: &str) -> Result<String, ClientError> {
     if !res.status().is_success() {
         return Err(status_error(url, res.status().as_u16(), &body, None));
     }
-    String::from_utf8(body.to_vec()).map_err(|e| ClientError::Decode {
-        url: url.to_owned(),
-        message: e.to_string(),
-    })
+    Ok(body)
 }
 
 fn request_body(p: &ChatParams, stream: bool) -> serde_json::Value {
@@ -301,6 +320,7 @@ async fn call(
                 prfaas: c.prfaas,
                 ttft: None,
                 total,
+                token_times: Vec::new(),
                 chunks: 0,
             })
         } else {
@@ -315,6 +335,7 @@ async fn call(
                 prfaas: c.prfaas,
                 ttft: None,
                 total,
+                token_times: Vec::new(),
                 chunks: 0,
             })
         };
@@ -328,6 +349,7 @@ async fn call(
         prfaas: None,
         ttft: None,
         total: Duration::ZERO,
+        token_times: Vec::new(),
         chunks: 0,
     };
     let mut parser = SseParser::default();
@@ -375,7 +397,9 @@ async fn call(
             };
             out.id = id;
             if let Some(t) = text.filter(|t| !t.is_empty()) {
-                out.ttft.get_or_insert_with(|| t0.elapsed());
+                let now = t0.elapsed();
+                out.ttft.get_or_insert(now);
+                out.token_times.push(now);
                 out.text.push_str(&t);
             }
             if finish.is_some() {

@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::http::header;
 use actix_web::web::{self, Bytes, BytesMut};
-use actix_web::HttpResponse;
+use actix_web::{HttpMessage, HttpRequest, HttpResponse};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::engine::FinishReason;
-use crate::service::{GenerateEvent, PrefillRoute, Submit, Timings, Usage};
+use crate::service::{GenerateEvent, PrefillRoute, Submit, Timings, TokenLogprob, Usage};
 
 use super::error::ApiError;
 use super::wire::{
@@ -23,27 +23,35 @@ use super::wire::{
     ChatDelta, Endpoint, PrfaasExtension, RequestBounds, TextChoice, TextCompletion, UsageField,
     WireUsage,
 };
-use super::ApiState;
+use super::{ApiState, RequestId};
 
 pub(super) async fn chat_completions(
     state: web::Data<ApiState>,
+    req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    serve(&state, payload, Endpoint::Chat).await
+    serve(&state, &req, payload, Endpoint::Chat).await
 }
 
 pub(super) async fn completions(
     state: web::Data<ApiState>,
+    req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    serve(&state, payload, Endpoint::Completions).await
+    serve(&state, &req, payload, Endpoint::Completions).await
 }
 
 async fn serve(
     state: &ApiState,
+    http: &HttpRequest,
     payload: web::Payload,
     endpoint: Endpoint,
 ) -> Result<HttpResponse, ApiError> {
+    let client_id = http
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(super::new_request_id);
     let body = read_body(payload, state.limits.max_body_bytes).await;
     let parsed = body
         .and_then(|body| wire::parse_body(&body))
@@ -54,18 +62,19 @@ async fn serve(
                 &state.info.model_id,
                 RequestBounds {
                     max_context: state.info.max_context,
-                    default_max_tokens: state.limits.default_max_tokens,
+                    vocab_size: state.info.vocab_size,
                 },
             )
         });
-    let parsed = match parsed {
+    let mut parsed = match parsed {
         Ok(p) => p,
         Err(e) => {
             state.count_rejected();
             return Err(e);
         }
     };
-    let (stream, include_usage) = (parsed.stream, parsed.include_usage);
+    let (stream, include_usage, logprobs) = (parsed.stream, parsed.include_usage, parsed.logprobs);
+    parsed.generate.request_id = Some(client_id.clone());
     let mut rx = state
         .submit
         .send(Submit(parsed.generate))
@@ -91,11 +100,11 @@ async fn serve(
             ))
         }
     };
-    tracing::debug!(request_id, prompt_tokens, stream, "generation started");
+    tracing::debug!(request_id = %client_id, mesh_request = request_id, prompt_tokens, stream, "generation started");
     let ctx = Reply {
         id: match endpoint {
-            Endpoint::Chat => format!("chatcmpl-{request_id}"),
-            Endpoint::Completions => format!("cmpl-{request_id}"),
+            Endpoint::Chat => format!("chatcmpl-{client_id}"),
+            Endpoint::Completions => format!("cmpl-{client_id}"),
         },
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -105,6 +114,7 @@ async fn serve(
         node: state.info.peer_id.clone(),
         endpoint,
         include_usage,
+        logprobs,
         request_id,
         prompt_tokens,
         route,
@@ -148,6 +158,8 @@ struct Reply {
     node: String,
     endpoint: Endpoint,
     include_usage: bool,
+    /// Whether choices carry `logprobs`.
+    logprobs: bool,
     request_id: u64,
     prompt_tokens: usize,
     route: PrefillRoute,
@@ -174,32 +186,34 @@ impl Reply {
         }
     }
 
-    /// One chunk (chat or text) as an SSE event.
+    /// `logprobs` of a choice holding `tokens`, the first at character `offset` of the text.
+    fn logprobs(&self, tokens: &[TokenLogprob], offset: usize) -> Option<serde_json::Value> {
+        self.logprobs
+            .then(|| wire::logprobs_value(self.endpoint, tokens, offset))
+    }
+
+    /// One chunk (chat or text) as an SSE event; `choice` is `None` for the usage-only chunk.
     fn chunk(
         &self,
-        text: Option<String>,
-        role: bool,
-        finish: Option<FinishReason>,
+        choice: Option<ChunkChoice>,
         usage: UsageField,
         prfaas: Option<PrfaasExtension>,
-        with_choice: bool,
     ) -> Bytes {
-        let finish_reason = finish.map(|f| wire::finish_str(f).to_owned());
         let json = match self.endpoint {
             Endpoint::Chat => serde_json::to_vec(&ChatCompletionChunk {
                 id: self.id.clone(),
                 object: "chat.completion.chunk".into(),
                 created: self.created,
                 model: self.model.clone(),
-                choices: with_choice
-                    .then(|| ChatChunkChoice {
+                choices: choice
+                    .map(|c| ChatChunkChoice {
                         index: 0,
                         delta: ChatDelta {
-                            role: role.then(|| "assistant".to_owned()),
-                            content: text,
+                            role: c.role.then(|| "assistant".to_owned()),
+                            content: c.text,
                         },
-                        logprobs: None,
-                        finish_reason,
+                        logprobs: c.logprobs,
+                        finish_reason: c.finish.map(|f| wire::finish_str(f).to_owned()),
                     })
                     .into_iter()
                     .collect(),
@@ -211,12 +225,12 @@ impl Reply {
                 object: "text_completion".into(),
                 created: self.created,
                 model: self.model.clone(),
-                choices: with_choice
-                    .then(|| TextChoice {
+                choices: choice
+                    .map(|c| TextChoice {
                         index: 0,
-                        text: text.unwrap_or_default(),
-                        logprobs: None,
-                        finish_reason,
+                        text: c.text.unwrap_or_default(),
+                        logprobs: c.logprobs,
+                        finish_reason: c.finish.map(|f| wire::finish_str(f).to_owned()),
                     })
                     .into_iter()
                     .collect(),
@@ -227,6 +241,16 @@ impl Reply {
         // Serialising these plain structs cannot fail; an empty event would still be valid SSE.
         sse_data(&json.unwrap_or_default())
     }
+}
+
+/// What one stream chunk's choice carries.
+#[derive(Default)]
+struct ChunkChoice {
+    text: Option<String>,
+    /// Chat: the first chunk names the role.
+    role: bool,
+    finish: Option<FinishReason>,
+    logprobs: Option<serde_json::Value>,
 }
 
 /// `data: {payload}\n\n`.
@@ -254,6 +278,8 @@ struct SseState {
     rx: mpsc::Receiver<GenerateEvent>,
     opened: bool,
     keepalive: Duration,
+    /// Characters of text sent so far (completions' `text_offset`).
+    chars_sent: usize,
 }
 
 /// The SSE body: a role chunk (chat), one chunk per non-empty delta, the finish chunk carrying the
@@ -268,6 +294,7 @@ fn sse_stream(
         rx,
         opened: false,
         keepalive,
+        chars_sent: 0,
     };
     futures::stream::unfold(Some(state), |state| async move {
         let mut st = state?;
@@ -275,9 +302,12 @@ fn sse_stream(
             st.opened = true;
             if st.reply.endpoint == Endpoint::Chat {
                 let usage = st.reply.chunk_usage();
-                let b = st
-                    .reply
-                    .chunk(Some(String::new()), true, None, usage, None, true);
+                let first = ChunkChoice {
+                    text: Some(String::new()),
+                    role: true,
+                    ..Default::default()
+                };
+                let b = st.reply.chunk(Some(first), usage, None);
                 return Some((Ok(b), Some(st)));
             }
         }
@@ -288,12 +318,19 @@ fn sse_stream(
                 Err(_) => return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), Some(st))),
             };
             let out = match event {
-                Some(GenerateEvent::Delta { text, .. }) => {
-                    if text.is_empty() {
+                Some(GenerateEvent::Delta { text, logprobs, .. }) => {
+                    let tokens: Vec<TokenLogprob> = logprobs.into_iter().collect();
+                    if text.is_empty() && (tokens.is_empty() || !st.reply.logprobs) {
                         continue;
                     }
+                    let choice = ChunkChoice {
+                        logprobs: st.reply.logprobs(&tokens, st.chars_sent),
+                        text: Some(text),
+                        ..Default::default()
+                    };
+                    st.chars_sent += choice.text.as_deref().map_or(0, |t| t.chars().count());
                     let usage = st.reply.chunk_usage();
-                    let b = st.reply.chunk(Some(text), false, None, usage, None, true);
+                    let b = st.reply.chunk(Some(choice), usage, None);
                     return Some((Ok(b), Some(st)));
                 }
                 // Only one Started is expected; a repeat carries nothing new for the client.
@@ -309,22 +346,21 @@ fn sse_stream(
                         Endpoint::Chat => None,
                         Endpoint::Completions => Some(String::new()),
                     };
-                    b.extend_from_slice(&r.chunk(
+                    let last = ChunkChoice {
                         text,
-                        false,
-                        Some(finish),
+                        finish: Some(finish),
+                        ..Default::default()
+                    };
+                    b.extend_from_slice(&r.chunk(
+                        Some(last),
                         r.chunk_usage(),
                         Some(r.extension(&usage, timings)),
-                        true,
                     ));
                     if r.include_usage {
                         b.extend_from_slice(&r.chunk(
                             None,
-                            false,
-                            None,
                             UsageField::Counts(WireUsage::from(usage)),
                             None,
-                            false,
                         ));
                     }
                     b.extend_from_slice(b"data: [DONE]\n\n");
@@ -354,9 +390,15 @@ async fn collect(
     mut rx: mpsc::Receiver<GenerateEvent>,
 ) -> Result<HttpResponse, ApiError> {
     let mut text = String::new();
+    let mut tokens = Vec::new();
     loop {
         match rx.recv().await {
-            Some(GenerateEvent::Delta { text: t, .. }) => text.push_str(&t),
+            Some(GenerateEvent::Delta {
+                text: t, logprobs, ..
+            }) => {
+                text.push_str(&t);
+                tokens.extend(logprobs);
+            }
             Some(GenerateEvent::Started { .. }) => {}
             Some(GenerateEvent::Failed { message }) => return Err(ApiError::Internal(message)),
             None => {
@@ -371,6 +413,7 @@ async fn collect(
             }) => {
                 let finish_reason = Some(wire::finish_str(finish).to_owned());
                 let prfaas = Some(reply.extension(&usage, timings));
+                let logprobs = reply.logprobs(&tokens, 0);
                 let usage = WireUsage::from(usage);
                 let res = match reply.endpoint {
                     Endpoint::Chat => HttpResponse::Ok().json(ChatCompletion {
@@ -384,7 +427,7 @@ async fn collect(
                                 role: "assistant".into(),
                                 content: text,
                             },
-                            logprobs: None,
+                            logprobs,
                             finish_reason,
                         }],
                         usage,
@@ -398,7 +441,7 @@ async fn collect(
                         choices: vec![TextChoice {
                             index: 0,
                             text,
-                            logprobs: None,
+                            logprobs,
                             finish_reason,
                         }],
                         usage: UsageField::Counts(usage),

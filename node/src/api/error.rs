@@ -23,6 +23,9 @@ pub enum ApiError {
         message: String,
         param: Option<String>,
     },
+    /// Prompt and completion do not fit the context (400, `context_length_exceeded`).
+    #[error("{0}")]
+    ContextLengthExceeded(String),
     /// `model` names a model this node does not serve (404).
     #[error("The model `{0}` does not exist on this node")]
     ModelNotFound(String),
@@ -54,6 +57,7 @@ impl From<SubmitError> for ApiError {
                 message,
                 param: None,
             },
+            SubmitError::ContextLength { .. } => ApiError::ContextLengthExceeded(message),
             SubmitError::Overloaded(_) => ApiError::Overloaded(message),
             SubmitError::Unavailable(_) => ApiError::Unavailable(message),
         }
@@ -67,6 +71,11 @@ impl ApiError {
             ApiError::InvalidRequest { param, .. } => {
                 ("invalid_request_error", None, param.clone())
             }
+            ApiError::ContextLengthExceeded(_) => (
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+                Some("messages".to_owned()),
+            ),
             ApiError::ModelNotFound(_) => (
                 "invalid_request_error",
                 Some("model_not_found"),
@@ -95,7 +104,9 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::InvalidRequest { .. } | ApiError::ContextLengthExceeded(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::ModelNotFound(_) | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

@@ -1,9 +1,13 @@
 //! The node's OpenAI-compatible HTTP API (actix-web).
 //!
 //! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (stream and non-stream),
-//! `GET /v1/models`, `GET /healthz`, `GET /metrics` (OpenMetrics), `GET /mesh` (the live mesh view
-//! as JSON) and `GET /` (a self-contained HTML dashboard). The API only translates: requests go to
-//! the admission actor as [`Submit`], and the mesh view comes from whoever answers [`MeshView`].
+//! `GET /v1/models`, `GET /health` (readiness: 200 when accepting requests, 503 when draining),
+//! `GET /healthz` (liveness), `POST /tokenize` and `POST /detokenize` (llama-server's shapes),
+//! `GET /metrics` (OpenMetrics), `GET /mesh` (the live mesh view as JSON) and `GET /` (a
+//! self-contained HTML dashboard). Every response carries `X-Request-Id`: the client's, when it
+//! sent a usable one, else a fresh one; completions use it as their id and in the node's logs.
+//! The API only translates: requests go to the admission actor as [`Submit`], and the mesh view
+//! comes from whoever answers [`MeshView`].
 //! The wire format lives in [`wire`], the error shape in [`error`], a typed client in [`client`].
 
 pub mod client;
@@ -14,11 +18,16 @@ pub mod wire;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::{header, StatusCode};
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, App, HttpMessage, HttpRequest, HttpResponse, HttpServer};
+use serde::Deserialize;
 
 use crate::metrics::{Metrics, RequestLabels};
-use crate::service::{MeshView, NodeInfo, Submit};
+use crate::service::{Detokenize, Health, MeshView, NodeInfo, Submit, Tokenize};
 
 pub use error::ApiError;
 
@@ -28,9 +37,6 @@ pub struct ApiLimits {
     /// Largest accepted request body; chat histories are text, so 4 MiB is generous while keeping
     /// one request from holding much memory.
     pub max_body_bytes: usize,
-    /// `max_tokens` when the client sends none (OpenAI's own default is "until the context
-    /// ends", which would let one careless request occupy a decode slot for minutes).
-    pub default_max_tokens: usize,
     /// An SSE comment is sent after this long without an event. actix-web notices a client that
     /// went away only when a write fails, so without it a request waiting on a slow prefill (or
     /// a stalled peer) would hold its KV until it finished; it also keeps proxies from timing
@@ -42,7 +48,6 @@ impl Default for ApiLimits {
     fn default() -> Self {
         Self {
             max_body_bytes: 4 << 20,
-            default_max_tokens: 256,
             sse_keepalive: std::time::Duration::from_secs(5),
         }
     }
@@ -55,6 +60,11 @@ pub struct ApiState {
     pub submit: actix::Recipient<Submit>,
     /// Whoever owns the mesh view (the mesh bridge).
     pub mesh: actix::Recipient<MeshView>,
+    /// The tokenizer's owner (admission), for `/tokenize` and `/detokenize`.
+    pub tokenize: actix::Recipient<Tokenize>,
+    pub detokenize: actix::Recipient<Detokenize>,
+    /// Whoever knows whether the node accepts requests (admission), for `/health`.
+    pub health: actix::Recipient<Health>,
     pub info: NodeInfo,
     pub metrics: Arc<Metrics>,
     pub limits: ApiLimits,
@@ -70,15 +80,26 @@ impl std::fmt::Debug for ApiState {
 }
 
 impl ApiState {
-    /// State with the default [`ApiLimits`].
-    pub fn new(
-        submit: actix::Recipient<Submit>,
+    /// State with the default [`ApiLimits`]; `admission` answers requests, tokenization and
+    /// health.
+    pub fn new<A>(
+        admission: actix::Addr<A>,
         mesh: actix::Recipient<MeshView>,
         info: NodeInfo,
         metrics: Arc<Metrics>,
-    ) -> Self {
+    ) -> Self
+    where
+        A: actix::Actor<Context = actix::Context<A>>
+            + actix::Handler<Submit>
+            + actix::Handler<Tokenize>
+            + actix::Handler<Detokenize>
+            + actix::Handler<Health>,
+    {
         Self {
-            submit,
+            submit: admission.clone().recipient(),
+            tokenize: admission.clone().recipient(),
+            detokenize: admission.clone().recipient(),
+            health: admission.recipient(),
             mesh,
             info,
             metrics,
@@ -115,12 +136,17 @@ pub fn start(
     workers: usize,
 ) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
     let state = web::Data::new(state);
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes))
-        .workers(workers.max(1))
-        .disable_signals()
-        // In-flight streams get this long to finish on a graceful stop.
-        .shutdown_timeout(10)
-        .bind(listen)?;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap(from_fn(request_id))
+            .configure(routes)
+    })
+    .workers(workers.max(1))
+    .disable_signals()
+    // In-flight streams get this long to finish on a graceful stop.
+    .shutdown_timeout(10)
+    .bind(listen)?;
     let addr = server
         .addrs()
         .first()
@@ -149,6 +175,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource("/v1/models", web::get().to(models)))
     .service(resource("/v1/models/{id}", web::get().to(model)))
     .service(resource("/healthz", web::get().to(healthz)))
+    .service(resource("/health", web::get().to(health)))
+    .service(resource("/tokenize", web::post().to(tokenize)))
+    .service(resource("/detokenize", web::post().to(detokenize)))
     .service(resource("/metrics", web::get().to(metrics)))
     .service(resource("/mesh", web::get().to(mesh)))
     .service(resource("/", web::get().to(dashboard)))
@@ -193,6 +222,142 @@ async fn healthz(state: web::Data<ApiState>) -> HttpResponse {
         "max_context": i.max_context,
         "version": env!("CARGO_PKG_VERSION"),
     }))
+}
+
+/// The request's id, as the [`request_id`] middleware settled it (a request extension).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Longest client-chosen `X-Request-Id` kept; longer or non-printable ones are replaced.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// A fresh request id: 16 random hex digits.
+pub fn new_request_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    format!("{:016x}", h.finish())
+}
+
+/// Reads `X-Request-Id` (or makes one up), keeps it for the handler and echoes it.
+async fn request_id(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let name = HeaderName::from_static("x-request-id");
+    let id = req
+        .headers()
+        .get(&name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(new_request_id);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut res = next.call(req).await?;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(name, v);
+    }
+    Ok(res)
+}
+
+/// Readiness, in llama-server's shape plus details: 200 `{"status": "ok", …}` while requests
+/// are accepted, 503 with an `error` object while draining.
+async fn health(state: web::Data<ApiState>) -> HttpResponse {
+    match state.health.send(Health).await {
+        Ok(report) if report.ready => HttpResponse::Ok().json(report),
+        Ok(report) => HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "status": report.status,
+            "ready": false,
+            "prefill_peers": report.prefill_peers,
+            "warnings": report.warnings,
+            "error": {"code": 503, "message": "the node is draining", "type": "unavailable_error"},
+        })),
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "status": "unavailable",
+            "ready": false,
+            "error": {"code": 503, "message": format!("admission is not running ({e})"), "type": "unavailable_error"},
+        })),
+    }
+}
+
+/// `POST /tokenize` body (llama-server's).
+#[derive(Debug, Deserialize)]
+struct TokenizeBody {
+    content: String,
+    #[serde(default)]
+    add_special: bool,
+    #[serde(default = "yes")]
+    parse_special: bool,
+    #[serde(default)]
+    with_pieces: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /detokenize` body.
+#[derive(Debug, Deserialize)]
+struct DetokenizeBody {
+    tokens: Vec<u32>,
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::InvalidRequest {
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+    })
+}
+
+async fn tokenize(state: web::Data<ApiState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let b: TokenizeBody = json_body(&body)?;
+    let with_pieces = b.with_pieces;
+    let tokens = state
+        .tokenize
+        .send(Tokenize {
+            text: b.content,
+            add_special: b.add_special,
+            parse_special: b.parse_special,
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the tokenizer is not available ({e})")))?
+        .map_err(ApiError::from)?;
+    let tokens: Vec<serde_json::Value> = tokens
+        .into_iter()
+        .map(|(id, bytes)| {
+            if !with_pieces {
+                return id.into();
+            }
+            // As llama-server: the piece as a string when it is valid UTF-8, else its bytes.
+            let piece = match String::from_utf8(bytes) {
+                Ok(s) => serde_json::Value::from(s),
+                Err(e) => serde_json::Value::from(e.into_bytes()),
+            };
+            serde_json::json!({"id": id, "piece": piece})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "tokens": tokens })))
+}
+
+async fn detokenize(
+    state: web::Data<ApiState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let b: DetokenizeBody = json_body(&body)?;
+    let content = state
+        .detokenize
+        .send(Detokenize(b.tokens))
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the tokenizer is not available ({e})")))?
+        .map_err(ApiError::from)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "content": content })))
 }
 
 async fn metrics(state: web::Data<ApiState>) -> HttpResponse {

@@ -2,8 +2,11 @@
 //! request into the node's [`GenerateRequest`].
 //!
 //! Sans-IO on purpose: the handlers and the typed client both use these types, and validation is
-//! tested without a server. Field names and shapes follow OpenAI's API reference; unknown request
-//! fields are ignored (clients send many we do not implement, e.g. `tools`, `user`).
+//! tested without a server. Field names and shapes follow OpenAI's API reference. Fields that would
+//! change the answer and are not implemented (`tools`, `response_format` other than text, `echo`,
+//! `suffix`, `best_of` > 1, audio, …) are refused with 400 and their `param`, never silently
+//! ignored; fields that do not change the answer (`user`, `metadata`, `store`, `service_tier`,
+//! `parallel_tool_calls`) and unknown ones are ignored.
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -11,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::chat::ChatMessage;
 use crate::engine::{FinishReason, SamplingParams};
-use crate::service::{GenerateRequest, PrefillRoute, PromptInput, Timings, Usage};
+use crate::service::{GenerateRequest, PrefillRoute, PromptInput, Timings, TokenLogprob, Usage};
 
 use super::error::ApiError;
 
@@ -50,6 +53,92 @@ pub struct CompletionRequest {
     pub stream: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_options: Option<StreamOptions>,
+    /// Chat: `true` / `false`; completions: how many alternatives to list (0–20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<serde_json::Value>,
+    /// Chat: alternatives per token (0–20), requires `logprobs: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// Extension (vLLM, llama.cpp): `1` = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+    /// Extension (vLLM, llama.cpp): `0` = off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    /// Token id (as a string) → bias in [-100, 100].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// Fields that change the answer and are not implemented: refused unless they hold their
+    /// neutral value (see [`unsupported`]).
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Most `logit_bias` entries accepted (OpenAI's own limit is 300; a bound keeps one request's
+/// per-token work small).
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// Most alternatives per token for `logprobs` / `top_logprobs` (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The first field in `other` that asks for something this server does not do, with why.
+///
+/// Each field is accepted at its neutral value, so clients that always send defaults (e.g.
+/// `"tools": []`, `"response_format": {"type": "text"}`, `"echo": false`) keep working.
+pub fn unsupported(
+    other: &serde_json::Map<String, serde_json::Value>,
+) -> Option<(&'static str, &'static str)> {
+    use serde_json::Value;
+    let neutral = |v: &Value| match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::String(s) => s.is_empty(),
+        _ => false,
+    };
+    const FIELDS: [(&str, &str); 12] = [
+        ("tools", "tool calling is not supported"),
+        ("functions", "function calling is not supported"),
+        ("tool_choice", "tool calling is not supported"),
+        ("function_call", "function calling is not supported"),
+        (
+            "response_format",
+            "only `{\"type\": \"text\"}` is supported",
+        ),
+        ("echo", "`echo` is not supported"),
+        ("suffix", "`suffix` (insertion) is not supported"),
+        ("best_of", "only `best_of` = 1 is supported"),
+        ("audio", "audio output is not supported"),
+        ("modalities", "only the `text` modality is supported"),
+        ("prediction", "predicted outputs are not supported"),
+        ("web_search_options", "web search is not supported"),
+    ];
+    FIELDS
+        .into_iter()
+        .find(|(name, _)| {
+            let Some(v) = other.get(*name) else {
+                return false;
+            };
+            let ok = match *name {
+                "tool_choice" => neutral(v) || v == "none" || v == "auto",
+                "function_call" => neutral(v) || v == "none" || v == "auto",
+                "response_format" => {
+                    neutral(v) || v.get("type").and_then(Value::as_str) == Some("text")
+                }
+                "best_of" => neutral(v) || v.as_u64() == Some(1),
+                "modalities" => neutral(v) || *v == serde_json::json!(["text"]),
+                _ => neutral(v),
+            };
+            !ok
+        })
+        .or_else(|| {
+            other
+                .contains_key("reasoning_effort")
+                .then_some(("reasoning_effort", "this model has no reasoning mode"))
+        })
 }
 
 /// `stream_options`.
@@ -108,13 +197,15 @@ pub enum Endpoint {
     Completions,
 }
 
-/// Defaults and bounds the translation applies.
+/// Bounds the translation applies.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RequestBounds {
-    /// Context length (prompt + completion); `max_tokens` above it is refused.
+    /// Context length (prompt + completion); `max_tokens` above it is refused. Without
+    /// `max_tokens` a request may generate until the context is full (admission works out how
+    /// much that is once the prompt is tokenized).
     pub max_context: usize,
-    /// `max_tokens` when the client sends none (clamped to `max_context`).
-    pub default_max_tokens: usize,
+    /// Token ids are `0..vocab_size` (`logit_bias` keys).
+    pub vocab_size: usize,
 }
 
 /// A validated request: what to submit, plus what the response needs to know.
@@ -123,6 +214,8 @@ pub struct ParsedRequest {
     pub generate: GenerateRequest,
     pub stream: bool,
     pub include_usage: bool,
+    /// Whether the response carries `logprobs`.
+    pub logprobs: bool,
 }
 
 fn invalid(message: impl Into<String>, param: &str) -> ApiError {
@@ -182,6 +275,9 @@ pub fn validate(
             return Err(invalid("only `n` = 1 is supported", "n"));
         }
     }
+    if let Some((param, why)) = unsupported(&req.other) {
+        return Err(invalid(why, param));
+    }
 
     let max_context = bounds.max_context.max(1);
     let (max_tokens, param) = match (req.max_completion_tokens, req.max_tokens) {
@@ -190,7 +286,7 @@ pub fn validate(
         (None, None) => (None, "max_tokens"),
     };
     let max_tokens = match max_tokens {
-        None => bounds.default_max_tokens.clamp(1, max_context),
+        None => None,
         Some(0) => return Err(invalid(format!("`{param}` must be at least 1"), param)),
         Some(m) if m > max_context as u64 => {
             return Err(invalid(
@@ -200,7 +296,7 @@ pub fn validate(
                 param,
             ))
         }
-        Some(m) => m as usize,
+        Some(m) => Some(m as usize),
     };
 
     let temperature = req.temperature.unwrap_or(1.0);
@@ -250,11 +346,41 @@ pub fn validate(
     // An empty stop string would end every generation before its first token.
     let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
 
+    let penalty = |v: Option<f32>, name: &str| match v {
+        None => Ok(0.0),
+        Some(p) if (-2.0..=2.0).contains(&p) => Ok(p),
+        Some(p) => Err(invalid(
+            format!("`{name}` must be between -2 and 2, got {p}"),
+            name,
+        )),
+    };
+    let presence_penalty = penalty(req.presence_penalty, "presence_penalty")?;
+    let frequency_penalty = penalty(req.frequency_penalty, "frequency_penalty")?;
+    let repetition_penalty = req.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+        return Err(invalid(
+            format!("`repetition_penalty` must be in (0, 10], got {repetition_penalty}"),
+            "repetition_penalty",
+        ));
+    }
+    let min_p = req.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(invalid(
+            format!("`min_p` must be between 0 and 1, got {min_p}"),
+            "min_p",
+        ));
+    }
+    let logit_bias = convert_logit_bias(req.logit_bias.unwrap_or_default(), bounds.vocab_size)?;
+    let logprobs = convert_logprobs(req.logprobs, req.top_logprobs, endpoint)?;
+
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream && req.stream_options.is_some_and(|o| o.include_usage);
     Ok(ParsedRequest {
         generate: GenerateRequest {
+            // The handler sets it from `X-Request-Id`.
+            request_id: None,
             prompt,
+            max_tokens,
             sampling: SamplingParams {
                 temperature,
                 top_k,
@@ -262,14 +388,110 @@ pub fn validate(
                 seed,
                 // The admission actor adds the model's end-of-turn tokens.
                 stop_tokens: Vec::new(),
-                max_tokens,
+                // The admission actor resolves `max_tokens` against the prompt.
+                max_tokens: 0,
+                min_p,
+                presence_penalty,
+                frequency_penalty,
+                repetition_penalty,
+                logit_bias,
+                logprobs,
             },
             stop,
             stream,
         },
         stream,
         include_usage,
+        logprobs: logprobs.is_some(),
     })
+}
+
+fn convert_logit_bias(
+    bias: std::collections::BTreeMap<String, f32>,
+    vocab_size: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    if bias.len() > MAX_LOGIT_BIAS {
+        return Err(invalid(
+            format!(
+                "`logit_bias` has {} entries, more than {MAX_LOGIT_BIAS}",
+                bias.len()
+            ),
+            "logit_bias",
+        ));
+    }
+    bias.into_iter()
+        .map(|(k, v)| {
+            let id = k
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < vocab_size)
+                .ok_or_else(|| {
+                    invalid(
+                        format!(
+                            "`logit_bias` keys must be token ids below {vocab_size}, got `{k}`"
+                        ),
+                        "logit_bias",
+                    )
+                })?;
+            if !(-100.0..=100.0).contains(&v) {
+                return Err(invalid(
+                    format!("`logit_bias` values must be between -100 and 100, got {v}"),
+                    "logit_bias",
+                ));
+            }
+            Ok((id, v))
+        })
+        .collect()
+}
+
+/// `logprobs` / `top_logprobs` → how many alternatives to report (`None` = no logprobs).
+fn convert_logprobs(
+    logprobs: Option<serde_json::Value>,
+    top: Option<i64>,
+    endpoint: Endpoint,
+) -> Result<Option<usize>, ApiError> {
+    use serde_json::Value;
+    let count = |v: i64, param: &str| {
+        usize::try_from(v)
+            .ok()
+            .filter(|&k| k <= MAX_TOP_LOGPROBS)
+            .ok_or_else(|| {
+                invalid(
+                    format!("`{param}` must be between 0 and {MAX_TOP_LOGPROBS}, got {v}"),
+                    param,
+                )
+            })
+    };
+    match endpoint {
+        Endpoint::Chat => {
+            let on = match logprobs {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => b,
+                Some(_) => return Err(invalid("`logprobs` must be a boolean", "logprobs")),
+            };
+            match (on, top) {
+                (false, Some(_)) => Err(invalid(
+                    "`top_logprobs` requires `logprobs` to be true",
+                    "top_logprobs",
+                )),
+                (false, None) => Ok(None),
+                (true, k) => count(k.unwrap_or(0), "top_logprobs").map(Some),
+            }
+        }
+        Endpoint::Completions => {
+            if top.is_some() {
+                return Err(invalid(
+                    "`top_logprobs` is a chat parameter; completions take `logprobs: N`",
+                    "top_logprobs",
+                ));
+            }
+            match logprobs {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Number(n)) => count(n.as_i64().unwrap_or(-1), "logprobs").map(Some),
+                Some(_) => Err(invalid("`logprobs` must be an integer", "logprobs")),
+            }
+        }
+    }
 }
 
 fn convert_messages(messages: Vec<WireMessage>) -> Result<Vec<ChatMessage>, ApiError> {
@@ -392,6 +614,99 @@ pub struct PrfaasExtension {
     pub timings: Timings,
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
+}
+
+/// Chat `logprobs` of a choice or chunk: `{"content": [...], "refusal": null}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+    pub refusal: Option<String>,
+}
+
+/// One token in [`ChatLogprobs`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// One alternative in [`ChatTokenLogprob`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl ChatLogprobs {
+    pub fn new(tokens: &[TokenLogprob]) -> Self {
+        Self {
+            content: tokens
+                .iter()
+                .map(|t| ChatTokenLogprob {
+                    token: t.token.clone(),
+                    logprob: t.logprob,
+                    bytes: t.bytes.clone(),
+                    top_logprobs: t
+                        .top
+                        .iter()
+                        .map(|a| ChatTopLogprob {
+                            token: a.token.clone(),
+                            logprob: a.logprob,
+                            bytes: a.bytes.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            refusal: None,
+        }
+    }
+}
+
+/// Completions `logprobs` (the legacy shape): parallel arrays, alternatives as maps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Character offset of each token in the completion's text.
+    pub text_offset: Vec<usize>,
+}
+
+impl TextLogprobs {
+    /// `tokens`, the first starting at character `offset` of the completion.
+    pub fn new(tokens: &[TokenLogprob], mut offset: usize) -> Self {
+        let mut out = Self {
+            tokens: Vec::with_capacity(tokens.len()),
+            token_logprobs: Vec::with_capacity(tokens.len()),
+            top_logprobs: Vec::with_capacity(tokens.len()),
+            text_offset: Vec::with_capacity(tokens.len()),
+        };
+        for t in tokens {
+            out.text_offset.push(offset);
+            offset += t.token.chars().count();
+            out.tokens.push(t.token.clone());
+            out.token_logprobs.push(t.logprob);
+            out.top_logprobs
+                .push(t.top.iter().map(|a| (a.token.clone(), a.logprob)).collect());
+        }
+        out
+    }
+}
+
+/// `logprobs` of a choice for `endpoint` (a JSON value, as the choice types hold it).
+pub fn logprobs_value(
+    endpoint: Endpoint,
+    tokens: &[TokenLogprob],
+    offset: usize,
+) -> serde_json::Value {
+    match endpoint {
+        Endpoint::Chat => serde_json::to_value(ChatLogprobs::new(tokens)),
+        Endpoint::Completions => serde_json::to_value(TextLogprobs::new(tokens, offset)),
+    }
+    .unwrap_or_default()
 }
 
 /// `"stop"` / `"length"`.
@@ -556,7 +871,7 @@ mod tests {
 
     const BOUNDS: RequestBounds = RequestBounds {
         max_context: 2048,
-        default_max_tokens: 256,
+        vocab_size: 1000,
     };
 
     fn chat(json: serde_json::Value) -> Result<ParsedRequest, ApiError> {
@@ -592,9 +907,10 @@ mod tests {
             ])
         );
         let s = &p.generate.sampling;
+        assert_eq!(p.generate.max_tokens, Some(7));
         assert_eq!(
-            (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed),
-            (7, 0.5, 0.9, 40, u64::MAX)
+            (s.temperature, s.top_p, s.top_k, s.seed),
+            (0.5, 0.9, 40, u64::MAX)
         );
         assert_eq!(p.generate.stop, vec!["a".to_owned(), "b".to_owned()]);
         assert!(p.stream && p.include_usage && p.generate.stream);
@@ -605,10 +921,20 @@ mod tests {
         let p = chat(serde_json::json!({"messages": [{"role": "user", "content": "x"}]}))
             .expect("valid");
         let s = &p.generate.sampling;
+        // No `max_tokens`: whatever fits after the prompt (admission resolves it).
+        assert_eq!(p.generate.max_tokens, None);
         assert_eq!(
-            (s.max_tokens, s.temperature, s.top_p, s.top_k),
-            (256, 1.0, 1.0, 0)
+            (
+                s.temperature,
+                s.top_p,
+                s.top_k,
+                s.min_p,
+                s.repetition_penalty
+            ),
+            (1.0, 1.0, 0, 0.0, 1.0)
         );
+        assert_eq!((s.presence_penalty, s.frequency_penalty), (0.0, 0.0));
+        assert!(s.logit_bias.is_empty() && s.logprobs.is_none() && !p.logprobs);
         assert!(!p.stream && !p.include_usage);
         // include_usage only applies to streams.
         let p = chat(
@@ -617,20 +943,136 @@ mod tests {
         )
         .expect("valid");
         assert!(!p.include_usage);
-        // The default never exceeds the context.
         let req = parse_body(br#"{"prompt":"x"}"#).expect("json");
-        let p = validate(
-            req,
-            Endpoint::Completions,
-            "m",
-            RequestBounds {
-                max_context: 100,
-                default_max_tokens: 256,
-            },
+        let p = validate(req, Endpoint::Completions, "m", BOUNDS).expect("valid");
+        assert_eq!(p.generate.prompt, PromptInput::Text("x".into()));
+    }
+
+    #[test]
+    fn sampler_parameters_and_logprobs_map() {
+        let p = chat(serde_json::json!({
+            "messages": [{"role": "user", "content": "x"}],
+            "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.1,
+            "min_p": 0.05, "logit_bias": {"7": -100, "3": 2.5},
+            "logprobs": true, "top_logprobs": 3,
+            "tools": [], "response_format": {"type": "text"}, "tool_choice": "none",
+            "user": "u", "metadata": {"a": "b"}, "store": false
+        }))
+        .expect("valid");
+        let s = &p.generate.sampling;
+        assert_eq!(
+            (
+                s.presence_penalty,
+                s.frequency_penalty,
+                s.repetition_penalty,
+                s.min_p
+            ),
+            (0.5, -0.25, 1.1, 0.05)
+        );
+        assert_eq!(s.logit_bias, vec![(3, 2.5), (7, -100.0)]);
+        assert_eq!(s.logprobs, Some(3));
+        assert!(p.logprobs);
+        // Chat `logprobs: true` alone lists no alternatives; completions take a count.
+        let p = chat(
+            serde_json::json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true}),
         )
         .expect("valid");
-        assert_eq!(p.generate.sampling.max_tokens, 100);
-        assert_eq!(p.generate.prompt, PromptInput::Text("x".into()));
+        assert_eq!(p.generate.sampling.logprobs, Some(0));
+        let req = parse_body(br#"{"prompt":"x","logprobs":2}"#).expect("json");
+        let p = validate(req, Endpoint::Completions, "m", BOUNDS).expect("valid");
+        assert_eq!(p.generate.sampling.logprobs, Some(2));
+    }
+
+    #[test]
+    fn unsupported_parameters_are_refused_with_their_param() {
+        let msgs = serde_json::json!([{"role": "user", "content": "x"}]);
+        let param = |r: Result<ParsedRequest, ApiError>| match r {
+            Err(ApiError::InvalidRequest { param, .. }) => param,
+            other => panic!("expected a 400, got {other:?}"),
+        };
+        for (field, value) in [
+            (
+                "tools",
+                serde_json::json!([{"type": "function", "function": {"name": "f"}}]),
+            ),
+            ("tool_choice", serde_json::json!("required")),
+            ("functions", serde_json::json!([{"name": "f"}])),
+            ("function_call", serde_json::json!({"name": "f"})),
+            (
+                "response_format",
+                serde_json::json!({"type": "json_object"}),
+            ),
+            ("echo", serde_json::json!(true)),
+            ("suffix", serde_json::json!("end")),
+            ("best_of", serde_json::json!(2)),
+            (
+                "audio",
+                serde_json::json!({"voice": "alloy", "format": "wav"}),
+            ),
+            ("modalities", serde_json::json!(["text", "audio"])),
+            (
+                "prediction",
+                serde_json::json!({"type": "content", "content": "x"}),
+            ),
+            ("web_search_options", serde_json::json!({})),
+            ("reasoning_effort", serde_json::json!("low")),
+            ("presence_penalty", serde_json::json!(2.5)),
+            ("frequency_penalty", serde_json::json!(-3)),
+            ("repetition_penalty", serde_json::json!(0)),
+            ("min_p", serde_json::json!(1.5)),
+            ("logit_bias", serde_json::json!({"abc": 1})),
+            ("logit_bias", serde_json::json!({"1": 101})),
+            ("logit_bias", serde_json::json!({"1000": 1})),
+            ("logprobs", serde_json::json!(3)),
+            ("top_logprobs", serde_json::json!(21)),
+        ] {
+            let mut body = serde_json::json!({"messages": msgs, "logprobs": true});
+            if field != "top_logprobs" {
+                body = serde_json::json!({"messages": msgs});
+            }
+            body[field] = value.clone();
+            assert_eq!(
+                param(chat(body)).as_deref(),
+                Some(field),
+                "{field} = {value}"
+            );
+        }
+        // top_logprobs without logprobs; a chat-only field on completions.
+        let body = serde_json::json!({"messages": msgs, "top_logprobs": 2});
+        assert_eq!(param(chat(body)).as_deref(), Some("top_logprobs"));
+        let req = parse_body(br#"{"prompt":"x","logprobs":true}"#).expect("json");
+        assert_eq!(
+            param(validate(req, Endpoint::Completions, "m", BOUNDS)).as_deref(),
+            Some("logprobs")
+        );
+    }
+
+    #[test]
+    fn logprobs_shapes_follow_openai() {
+        use crate::service::{TokenLogprob, TopLogprob};
+        let tok = |t: &str, lp: f32| TokenLogprob {
+            token: t.into(),
+            bytes: t.as_bytes().to_vec(),
+            logprob: lp,
+            top: vec![TopLogprob {
+                token: "z".into(),
+                bytes: b"z".to_vec(),
+                logprob: -0.5,
+            }],
+        };
+        let toks = [tok("Hé", -0.1), tok("llo", -0.2)];
+        let chat = logprobs_value(Endpoint::Chat, &toks, 0);
+        assert_eq!(chat["content"][0]["token"], "Hé");
+        assert_eq!(
+            chat["content"][0]["bytes"],
+            serde_json::json!([72, 195, 169])
+        );
+        assert_eq!(chat["content"][1]["top_logprobs"][0]["token"], "z");
+        assert!(chat["refusal"].is_null());
+        let text = logprobs_value(Endpoint::Completions, &toks, 5);
+        assert_eq!(text["tokens"], serde_json::json!(["Hé", "llo"]));
+        assert_eq!(text["text_offset"], serde_json::json!([5, 7]));
+        assert_eq!(text["top_logprobs"][1]["z"], -0.5);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! models are all parsed into [`ModelConfig`] + [`ModelWeights`]; nothing downstream looks at the
 //! file format.
 
-use prfaas_kernels::{HostTensor, RopeStyle};
+use prfaas_kernels::{GluAct, HostTensor, RopeStyle};
 
 /// What kind of token mixing a layer does. Decides what KV it keeps and ships.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -51,6 +51,27 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// One entry per layer, in order (`layers.len()` is the number of layers).
     pub layers: Vec<LayerKind>,
+    /// How a block differs from the Llama one (all defaults for Llama/Qwen2/SmolLM2).
+    #[serde(default)]
+    pub block: BlockStyle,
+}
+
+/// The details in which a decoder block departs from Llama's (Gemma 3 uses all of them).
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct BlockStyle {
+    /// Activation of the gated FFN.
+    pub glu_act: GluAct,
+    /// Token embeddings are multiplied by this (Gemma: `sqrt(hidden_size)`).
+    pub embed_scale: Option<f32>,
+    /// Attention scale applied to the queries; `None` is `1/sqrt(head_dim)`.
+    pub query_scale: Option<f32>,
+    /// Per-head RMSNorm of queries and keys before RoPE (weights `attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// RMSNorm of the attention and FFN outputs before each residual add (`post_attention_norm`,
+    /// `post_ffw_norm`).
+    pub post_norms: bool,
+    /// RoPE base of the sliding-window layers when it differs from `rope_base` (global layers).
+    pub rope_base_local: Option<f32>,
 }
 
 impl ModelConfig {
@@ -69,6 +90,9 @@ pub struct AttentionWeights {
     pub bq: Option<HostTensor>,
     pub bk: Option<HostTensor>,
     pub bv: Option<HostTensor>,
+    /// Per-head RMSNorm weights `[head_dim]` of queries and keys (`BlockStyle::qk_norm`).
+    pub q_norm: Option<HostTensor>,
+    pub k_norm: Option<HostTensor>,
 }
 
 /// Weights of one gated delta-rule layer's token mixer.
@@ -102,6 +126,9 @@ pub struct LayerWeights {
     pub w_gate: HostTensor,
     pub w_up: HostTensor,
     pub w_down: HostTensor,
+    /// RMSNorm weights of the mixer and FFN outputs (`BlockStyle::post_norms`).
+    pub post_mixer_norm: Option<HostTensor>,
+    pub post_ffn_norm: Option<HostTensor>,
 }
 
 /// All weights of a model, still on the host (uploaded to a backend by the engine).

@@ -1017,7 +1017,7 @@ impl Engine {
         })
     }
 
-    /// Samples one token per row. All-greedy batches use the backend's argmax, so only the ids
+    /// Samples one token per row. Batches of plain greedy rows use the backend's argmax, so only the ids
     /// cross to the host; otherwise the logits are downloaded once.
     pub fn sample(
         &self,
@@ -1031,7 +1031,7 @@ impl Engine {
                 logits.rows
             )));
         }
-        if samplers.iter().all(|s| s.params().is_greedy()) {
+        if samplers.iter().all(|s| !s.params().needs_logits()) {
             let ids = self.backend.argmax(&logits.tensor)?;
             samplers
                 .iter_mut()

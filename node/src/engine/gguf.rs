@@ -11,10 +11,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use prfaas_kernels::{DType, HostTensor, RopeStyle};
+use prfaas_kernels::{DType, GluAct, HostTensor, RopeStyle};
 
 use super::config::{
-    AttentionWeights, LayerKind, LayerWeights, MixerWeights, ModelConfig, ModelWeights,
+    AttentionWeights, BlockStyle, LayerKind, LayerWeights, MixerWeights, ModelConfig, ModelWeights,
 };
 use super::tokenizer::{Tokenizer, TokenizerError};
 
@@ -55,7 +55,7 @@ pub enum GgufError {
     Invalid(String),
     #[error("unknown metadata value type {ty} for key {key:?}")]
     UnknownValueType { key: String, ty: u32 },
-    #[error("tensor {name:?} has ggml type {ty} which this engine does not support (supported: F32, F16, Q4_1, Q8_0)")]
+    #[error("tensor {name:?} has ggml type {ty} which this engine does not support (supported: F32, F16, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K)")]
     UnsupportedTensorType { name: String, ty: u32 },
     #[error(
         "tensor {name:?}: data [{start}, {end}) lies outside the file's data section (size {size})"
@@ -70,7 +70,7 @@ pub enum GgufError {
     MissingKey(String),
     #[error("metadata key {key:?} has the wrong type (expected {expected})")]
     WrongType { key: String, expected: &'static str },
-    #[error("unsupported architecture {0:?} (supported: llama)")]
+    #[error("unsupported architecture {0:?} (supported: llama, gemma3)")]
     UnsupportedArch(String),
     #[error("missing tensor {0:?}")]
     MissingTensor(String),
@@ -323,7 +323,10 @@ fn ggml_dtype(ty: u32) -> Option<DType> {
         0 => Some(DType::F32),
         1 => Some(DType::F16),
         3 => Some(DType::Q4_1),
+        6 => Some(DType::Q5_0),
         8 => Some(DType::Q8_0),
+        12 => Some(DType::Q4_K),
+        14 => Some(DType::Q6_K),
         _ => None,
     }
 }
@@ -546,10 +549,10 @@ impl GgufFile {
         self.tensors.iter().any(|t| t.name == name)
     }
 
-    /// Architecture hyper-parameters from the metadata (arch `llama` only).
+    /// Architecture hyper-parameters from the metadata (arch `llama` or `gemma3`).
     pub fn model_config(&self) -> Result<ModelConfig, GgufError> {
         let arch = self.get_str("general.architecture")?.to_string();
-        if arch != "llama" {
+        if arch != "llama" && arch != "gemma3" {
             return Err(GgufError::UnsupportedArch(arch));
         }
         let prefix = arch.clone();
@@ -593,6 +596,17 @@ impl GgufFile {
             .and_then(MetaValue::as_str)
             .unwrap_or("gguf-model")
             .to_string();
+        let (layers, block, rope_style) = if arch == "gemma3" {
+            self.gemma3_details(n_layers, hidden, n_heads, head_dim)?
+        } else {
+            // convert_hf_to_gguf.py permutes Q/K rows of llama models so that adjacent-pair
+            // rotation is correct (llama.cpp ROPE_TYPE_NORM).
+            (
+                vec![LayerKind::Full; n_layers],
+                BlockStyle::default(),
+                RopeStyle::Normal,
+            )
+        };
         Ok(ModelConfig {
             name,
             arch,
@@ -604,17 +618,106 @@ impl GgufFile {
             head_dim,
             rms_eps: self.get_f32(&k("attention.layer_norm_rms_epsilon"))?,
             rope_base,
-            // convert_hf_to_gguf.py permutes Q/K rows of llama models so that adjacent-pair rotation
-            // is correct (llama.cpp ROPE_TYPE_NORM).
-            rope_style: RopeStyle::Normal,
+            rope_style,
             max_context: self.get_usize(&k("context_length"))?,
             tie_embeddings: !self.has_tensor("output.weight"),
             qkv_bias: self.has_tensor("blk.0.attn_q.bias"),
-            layers: vec![LayerKind::Full; n_layers],
+            layers,
+            block,
         })
     }
 
-    /// Tensors named as llama.cpp's llama architecture names them, shapes checked against `cfg`.
+    /// Gemma 3's layer pattern and block details, each as llama.cpp's gemma3 implementation
+    /// (vendored llama.cpp 0c1e570: `src/models/gemma3.cpp`, `src/llama-hparams.cpp`,
+    /// `conversion/gemma.py`) reads or applies it.
+    fn gemma3_details(
+        &self,
+        n_layers: usize,
+        hidden: usize,
+        n_heads: usize,
+        head_dim: usize,
+    ) -> Result<(Vec<LayerKind>, BlockStyle, RopeStyle), GgufError> {
+        let k = |s: &str| format!("gemma3.{s}");
+        // `final_logit_softcapping` is gone in Gemma 3 (the converter writes it only when the HF
+        // config has one); refuse a file that has it rather than run it wrong.
+        if let Some(cap) = self
+            .get(&k("final_logit_softcapping"))
+            .and_then(MetaValue::as_f32)
+        {
+            if cap != 0.0 {
+                return Err(GgufError::Invalid(format!(
+                    "gemma3 final_logit_softcapping {cap} is not supported"
+                )));
+            }
+        }
+        // Sliding window: `attention.sliding_window` (absent means every layer is global,
+        // LLAMA_SWA_TYPE_NONE). Pattern: a per-layer bool array, or an integer n with layer `il`
+        // sliding iff `il % n < n - 1` (`set_swa_pattern`, default n = 6: 5 local : 1 global).
+        let window = match self.get(&k("attention.sliding_window")) {
+            Some(_) => self.get_usize(&k("attention.sliding_window"))?,
+            None => 0,
+        };
+        let pattern_key = k("attention.sliding_window_pattern");
+        let is_swa: Vec<bool> = match self.get(&pattern_key) {
+            Some(MetaValue::Array(a)) => {
+                let v: Option<Vec<bool>> = a.iter().map(MetaValue::as_bool).collect();
+                match v {
+                    Some(v) if v.len() == n_layers => v,
+                    _ => {
+                        return Err(GgufError::Invalid(format!(
+                            "{pattern_key}: expected {n_layers} booleans"
+                        )))
+                    }
+                }
+            }
+            Some(_) => {
+                let n = self.get_usize(&pattern_key)?;
+                (0..n_layers).map(|il| n == 0 || il % n < n - 1).collect()
+            }
+            None => (0..n_layers).map(|il| il % 6 < 5).collect(),
+        };
+        let layers = is_swa
+            .iter()
+            .map(|&swa| {
+                if swa && window > 0 {
+                    LayerKind::Sliding { window }
+                } else {
+                    LayerKind::Full
+                }
+            })
+            .collect();
+        // Local layers' RoPE base: `rope.freq_base_swa`, else llama.cpp's default
+        // `rope_freq_base_train_swa = 10000` (the converter does not write it for Gemma 3; HF's
+        // `rope_local_base_freq` is 10000).
+        let rope_base_local = match self.get(&k("rope.freq_base_swa")) {
+            Some(_) => self.get_f32(&k("rope.freq_base_swa"))?,
+            None => 10_000.0,
+        };
+        // `f_attention_scale` (gemma3.cpp, after gemma_pytorch config.py): 1/sqrt(head_dim), but
+        // 1/sqrt(hidden / heads) for the 62-layer 27B model; it scales Q before attention.
+        let query_scale = if n_layers == 62 {
+            1.0 / ((hidden / n_heads) as f32).sqrt()
+        } else {
+            1.0 / (head_dim as f32).sqrt()
+        };
+        let block = BlockStyle {
+            // build_ffn(..., LLM_FFN_GELU, LLM_FFN_PAR): ggml_geglu_split = gelu_tanh(gate) · up.
+            glu_act: GluAct::GeluTanh,
+            // `ggml_scale(inpL, sqrtf(n_embd))` on token embeddings.
+            embed_scale: Some((hidden as f32).sqrt()),
+            query_scale: Some(query_scale),
+            // attn_q_norm / attn_k_norm: RMSNorm over each head before RoPE.
+            qk_norm: true,
+            // attn_post_norm before the attention residual, ffn_post_norm before the FFN one.
+            post_norms: true,
+            rope_base_local: Some(rope_base_local),
+        };
+        // Norm weights need no `1 +`: `conversion/gemma.py` (Gemma3Model.norm_shift) adds it when
+        // writing the GGUF. RoPE: LLM_ARCH_GEMMA3 is LLAMA_ROPE_TYPE_NEOX (halves rotate).
+        Ok((layers, block, RopeStyle::Neox))
+    }
+
+    /// Tensors named as llama.cpp names them (llama, gemma3), shapes checked against `cfg`.
     pub fn model_weights(&self, cfg: &ModelConfig) -> Result<ModelWeights, GgufError> {
         let (h, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let q_dim = cfg.n_heads * cfg.head_dim;
@@ -629,6 +732,9 @@ impl GgufFile {
                     Ok(None)
                 }
             };
+            let opt = |on: bool, s: &str, len: usize| -> Result<Option<HostTensor>, GgufError> {
+                on.then(|| self.tensor(&n(s), &[len])).transpose()
+            };
             layers.push(LayerWeights {
                 attn_norm: self.tensor(&n("attn_norm.weight"), &[h])?,
                 mixer: MixerWeights::Attention(AttentionWeights {
@@ -639,11 +745,15 @@ impl GgufFile {
                     bq: bias("attn_q.bias", q_dim)?,
                     bk: bias("attn_k.bias", kv_dim)?,
                     bv: bias("attn_v.bias", kv_dim)?,
+                    q_norm: opt(cfg.block.qk_norm, "attn_q_norm.weight", cfg.head_dim)?,
+                    k_norm: opt(cfg.block.qk_norm, "attn_k_norm.weight", cfg.head_dim)?,
                 }),
                 ffn_norm: self.tensor(&n("ffn_norm.weight"), &[h])?,
                 w_gate: self.tensor(&n("ffn_gate.weight"), &[f, h])?,
                 w_up: self.tensor(&n("ffn_up.weight"), &[f, h])?,
                 w_down: self.tensor(&n("ffn_down.weight"), &[h, f])?,
+                post_mixer_norm: opt(cfg.block.post_norms, "post_attention_norm.weight", h)?,
+                post_ffn_norm: opt(cfg.block.post_norms, "post_ffw_norm.weight", h)?,
             });
         }
         Ok(ModelWeights {

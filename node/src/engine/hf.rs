@@ -132,6 +132,7 @@ fn model_config(cfg: &HfConfig, dir: &Path) -> Result<ModelConfig, HfError> {
         tie_embeddings: cfg.tie_word_embeddings,
         qkv_bias,
         layers: vec![LayerKind::Full; cfg.num_hidden_layers],
+        block: Default::default(),
     })
 }
 
@@ -248,11 +249,15 @@ fn model_weights(shards: &Shards, cfg: &ModelConfig) -> Result<ModelWeights, HfE
                 bq: bias("self_attn.q_proj.bias", q_dim)?,
                 bk: bias("self_attn.k_proj.bias", kv_dim)?,
                 bv: bias("self_attn.v_proj.bias", kv_dim)?,
+                q_norm: None,
+                k_norm: None,
             }),
             ffn_norm: shards.get(&n("post_attention_layernorm.weight"), &[h])?,
             w_gate: shards.get(&n("mlp.gate_proj.weight"), &[f, h])?,
             w_up: shards.get(&n("mlp.up_proj.weight"), &[f, h])?,
             w_down: shards.get(&n("mlp.down_proj.weight"), &[h, f])?,
+            post_mixer_norm: None,
+            post_ffn_norm: None,
         });
     }
     // Some tied checkpoints still store lm_head; prefer tying only when it is absent.

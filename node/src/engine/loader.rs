@@ -15,12 +15,27 @@ use super::{ModelConfig, ModelWeights};
 /// Where `scripts/fetch-model` puts the default model.
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Short names for the models `scripts/fetch-model NAME` downloads: `(name, path)`.
+pub const MODEL_ALIASES: [(&str, &str); 2] = [
+    ("smollm2", DEFAULT_MODEL),
+    ("gemma3-270m", "models/gemma-3-270m-q4_k_m.gguf"),
+];
+
+/// The path an alias stands for (`gemma3-270m` → `models/gemma-3-270m-q4_k_m.gguf`); other specs
+/// unchanged.
+pub fn resolve_alias(spec: &str) -> &str {
+    MODEL_ALIASES
+        .iter()
+        .find(|(name, _)| *name == spec)
+        .map_or(spec, |(_, path)| path)
+}
+
 /// Why a model could not be loaded or its text handled.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoadError {
-    #[error("model file {0} not found: run `scripts/fetch-model` to download it")]
-    DefaultMissing(String),
+    #[error("model file {path} not found: run `scripts/fetch-model {name}` to download it")]
+    DefaultMissing { path: String, name: String },
     #[error("model file {0} not found (or use `tiny-hybrid` / `tiny-dense`)")]
     Missing(String),
     #[error("loading {path}: {source}")]
@@ -46,16 +61,38 @@ pub enum LoadError {
 pub enum TextCodec {
     /// Synthetic models: one token per byte.
     Bytes(ByteTokenizer),
-    /// GGUF byte-level BPE.
+    /// The GGUF's tokenizer (byte-level BPE or SentencePiece).
     Bpe(Box<Tokenizer>),
 }
 
 impl TextCodec {
-    /// Token ids of `text`; `special` parses control tokens such as `<|im_start|>` in it.
-    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, TokenizerError> {
+    /// Token ids of a prompt, with the BOS token the model's tokenizer adds; `parse_special`
+    /// turns control-token text such as `<|im_start|>` into that token (raw prompts and the
+    /// chat template's own markup), else it is plain text (what users typed into a message).
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        self.tokenize(text, true, parse_special)
+    }
+
+    /// Token ids of `text`; `add_special` adds the BOS token when the model's tokenizer adds
+    /// one (llama-server's `/tokenize` flags).
+    pub fn tokenize(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         match self {
             TextCodec::Bytes(t) => Ok(t.encode(text)),
-            TextCodec::Bpe(t) => t.encode(text, t.add_bos(), special),
+            TextCodec::Bpe(t) => t.encode(text, add_special && t.add_bos(), parse_special),
+        }
+    }
+
+    /// Raw bytes of one token with special tokens as their text (`<|im_end|>`), for
+    /// `/tokenize` pieces and `/detokenize`; `None` for an id outside the vocabulary.
+    pub fn piece(&self, id: u32) -> Option<Vec<u8>> {
+        match self {
+            TextCodec::Bytes(t) => Some(t.token_bytes(id)),
+            TextCodec::Bpe(t) => t.token_bytes(id, false).ok().map(<[u8]>::to_vec),
         }
     }
 
@@ -150,8 +187,10 @@ impl TextSide {
     }
 }
 
-/// Loads `spec`: a synthetic model name (`tiny-hybrid`, `tiny-dense`) or a GGUF path.
+/// Loads `spec`: a synthetic model name (`tiny-hybrid`, `tiny-dense`), an alias of a fetchable
+/// model ([`MODEL_ALIASES`]) or a GGUF path.
 pub fn load_model(spec: &str) -> Result<ModelBundle, LoadError> {
+    let spec = resolve_alias(spec);
     if let Some(kind) = SyntheticKind::from_name(spec) {
         let (config, weights) = synthetic_model(kind, DEFAULT_SEED);
         let codec = ByteTokenizer;
@@ -167,8 +206,11 @@ pub fn load_model(spec: &str) -> Result<ModelBundle, LoadError> {
     }
     let path = Path::new(spec);
     if !path.exists() {
-        if spec == DEFAULT_MODEL {
-            return Err(LoadError::DefaultMissing(spec.into()));
+        if let Some((name, _)) = MODEL_ALIASES.iter().find(|(_, p)| *p == spec) {
+            return Err(LoadError::DefaultMissing {
+                path: spec.into(),
+                name: name.to_string(),
+            });
         }
         return Err(LoadError::Missing(spec.into()));
     }

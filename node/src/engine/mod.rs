@@ -10,6 +10,7 @@ pub mod loader;
 pub mod model;
 pub mod sampler;
 pub mod sink;
+pub mod spm;
 pub mod synthetic;
 pub mod tokenizer;
 
@@ -17,6 +18,6 @@ pub use config::{LayerKind, ModelConfig, ModelWeights};
 pub use engine::verify::{VerifyConfig, VerifyReport};
 pub use engine::{Engine, EngineConfig, EngineError, Generation, PrefillOutput, SeqId, StepLogits};
 pub use model::{Model, ModelError};
-pub use sampler::{FinishReason, Sampler, SamplingParams};
+pub use sampler::{logprobs_of, FinishReason, Sampler, SamplingParams, TokenLogprobs};
 pub use sink::{CollectSink, KvExport, KvPiece, KvSink, LayerKv, NullSink, SinkError};
 pub use synthetic::{synthetic_model, ByteTokenizer, SyntheticKind};

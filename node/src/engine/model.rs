@@ -40,7 +40,11 @@ enum DevMixer {
         bq: Option<Vec<f32>>,
         bk: Option<Vec<f32>>,
         bv: Option<Vec<f32>>,
+        /// Per-head RMSNorm of queries and keys before RoPE (Gemma 3's QK-norm).
+        q_norm: Option<Tensor>,
+        k_norm: Option<Tensor>,
         window: Option<usize>,
+        rope_base: f32,
     },
     Linear {
         wq: Tensor,
@@ -62,6 +66,9 @@ struct DevLayer {
     w_up: Tensor,
     w_down: Tensor,
     mixer: DevMixer,
+    /// RMSNorm of the mixer / FFN output before its residual add (Gemma's post-norms).
+    post_mixer_norm: Option<Tensor>,
+    post_ffn_norm: Option<Tensor>,
 }
 
 /// K and V pools of one paged layer, `[n_blocks, block_size, n_kv_heads, head_dim]` each.
@@ -143,6 +150,9 @@ fn hash_model(config: &ModelConfig, w: &ModelWeights) -> [u8; 32] {
     for l in &w.layers {
         put(&l.attn_norm);
         put(&l.ffn_norm);
+        for t in [&l.post_mixer_norm, &l.post_ffn_norm].into_iter().flatten() {
+            put(t);
+        }
         put(&l.w_gate);
         put(&l.w_up);
         put(&l.w_down);
@@ -151,7 +161,10 @@ fn hash_model(config: &ModelConfig, w: &ModelWeights) -> [u8; 32] {
                 for t in [&a.wq, &a.wk, &a.wv, &a.wo] {
                     put(t);
                 }
-                for t in [&a.bq, &a.bk, &a.bv].into_iter().flatten() {
+                for t in [&a.bq, &a.bk, &a.bv, &a.q_norm, &a.k_norm]
+                    .into_iter()
+                    .flatten()
+                {
                     put(t);
                 }
             }
@@ -199,6 +212,20 @@ impl Model {
         let h = c.hidden_size;
         shape2(&weights.token_embd, c.vocab_size, h, "token_embd")?;
         let up = |t: &HostTensor| backend.upload(t);
+        let up_opt = |t: &Option<HostTensor>, on: bool, len: usize, what: &str| match (t, on) {
+            (Some(t), true) if t.shape == [len] => Ok(Some(backend.upload(t)?)),
+            (None, false) => Ok(None),
+            _ => Err(ModelError::Invalid(format!(
+                "{what}: {} but the config says {}",
+                t.as_ref()
+                    .map_or("absent".to_string(), |t| format!("shape {:?}", t.shape)),
+                if on {
+                    format!("[{len}]")
+                } else {
+                    "none".into()
+                }
+            ))),
+        };
         let mut layers = Vec::with_capacity(c.n_layers());
         for (i, (kind, lw)) in c.layers.iter().zip(&weights.layers).enumerate() {
             shape2(
@@ -246,9 +273,25 @@ impl Model {
                         bq: bias(&a.bq, q)?,
                         bk: bias(&a.bk, kv)?,
                         bv: bias(&a.bv, kv)?,
+                        q_norm: up_opt(
+                            &a.q_norm,
+                            c.block.qk_norm,
+                            c.head_dim,
+                            &format!("layer {i} q_norm"),
+                        )?,
+                        k_norm: up_opt(
+                            &a.k_norm,
+                            c.block.qk_norm,
+                            c.head_dim,
+                            &format!("layer {i} k_norm"),
+                        )?,
                         window: match kind {
                             LayerKind::Sliding { window } => Some(*window),
                             _ => None,
+                        },
+                        rope_base: match (kind, c.block.rope_base_local) {
+                            (LayerKind::Sliding { .. }, Some(local)) => local,
+                            _ => c.rope_base,
                         },
                     }
                 }
@@ -291,6 +334,18 @@ impl Model {
                 w_up: up(&lw.w_up)?,
                 w_down: up(&lw.w_down)?,
                 mixer,
+                post_mixer_norm: up_opt(
+                    &lw.post_mixer_norm,
+                    c.block.post_norms,
+                    h,
+                    &format!("layer {i} post_mixer_norm"),
+                )?,
+                post_ffn_norm: up_opt(
+                    &lw.post_ffn_norm,
+                    c.block.post_norms,
+                    h,
+                    &format!("layer {i} post_ffn_norm"),
+                )?,
             });
         }
         let token_embd = up(&weights.token_embd)?;
@@ -378,7 +433,11 @@ impl Model {
         // hook, else one call from the ffn half of layer l-1 to the token mixer of layer l, so
         // that `after_layer(l)` (the KV sink, which need not be `Send`) runs on the caller's
         // thread between them. Step `n_layers` is the last ffn plus the output projection.
-        let mut hidden = Some(be.embedding(&self.token_embd, batch.tokens)?);
+        let mut embedded = be.embedding(&self.token_embd, batch.tokens)?;
+        if let Some(s) = self.config.block.embed_scale {
+            embedded = be.scale(&embedded, s)?;
+        }
+        let mut hidden = Some(embedded);
         let mut linear_idx = 0usize;
         let n_layers = self.layers.len();
         let mut from = 0usize;
@@ -439,7 +498,10 @@ impl Model {
                 bq,
                 bk,
                 bv,
+                q_norm,
+                k_norm,
                 window,
+                rope_base,
             } => {
                 let Some(pool) = &pools[li] else {
                     return Err(ModelError::Batch(format!("layer {li} has no KV pool")));
@@ -456,17 +518,28 @@ impl Model {
                     }
                     t.reshape(&[n, heads, c.head_dim])
                 };
-                let q = proj(q, bq, c.n_heads)?;
-                let k = proj(k, bk, c.n_kv_heads)?;
+                // QK-norm: one RMSNorm per head, the `[n, heads, head_dim]` rows seen as
+                // `[n·heads, head_dim]`.
+                let head_norm =
+                    |t: Tensor, w: &Option<Tensor>, heads: usize| -> Result<Tensor, KernelError> {
+                        let Some(w) = w else { return Ok(t) };
+                        be.rms_norm(&t.reshape(&[n * heads, c.head_dim])?, w, c.rms_eps)?
+                            .reshape(&[n, heads, c.head_dim])
+                    };
+                let q = head_norm(proj(q, bq, c.n_heads)?, q_norm, c.n_heads)?;
+                let k = head_norm(proj(k, bk, c.n_kv_heads)?, k_norm, c.n_kv_heads)?;
                 let v = proj(v, bv, c.n_kv_heads)?;
-                let q = be.rope(&q, batch.positions, c.rope_base, c.rope_style)?;
-                let k = be.rope(&k, batch.positions, c.rope_base, c.rope_style)?;
+                let q = be.rope(&q, batch.positions, *rope_base, c.rope_style)?;
+                let k = be.rope(&k, batch.positions, *rope_base, c.rope_style)?;
                 be.kv_write(&pool.k, &pool.v, &k, &v, batch.slots)?;
                 let params = AttnParams {
                     n_heads: c.n_heads,
                     n_kv_heads: c.n_kv_heads,
                     head_dim: c.head_dim,
-                    scale: 1.0 / (c.head_dim as f32).sqrt(),
+                    scale: c
+                        .block
+                        .query_scale
+                        .unwrap_or(1.0 / (c.head_dim as f32).sqrt()),
                     window: *window,
                 };
                 let att = be.attention(&q, &pool.k, &pool.v, attn_seqs, &params)?;
@@ -490,17 +563,27 @@ impl Model {
                 be.matmul(&out, wo)?
             }
         };
-        Ok(be.add(&x, &mixed)?)
+        self.residual(x, mixed, &layer.post_mixer_norm)
     }
 
-    /// Feed-forward half of `layer` (SwiGLU MLP) plus its residual.
+    /// `x + post_norm(y)` (no norm for Llama-style blocks).
+    fn residual(&self, x: Tensor, y: Tensor, post: &Option<Tensor>) -> Result<Tensor, ModelError> {
+        let be = &*self.backend;
+        let y = match post {
+            Some(w) => be.rms_norm(&y, w, self.config.rms_eps)?,
+            None => y,
+        };
+        Ok(be.add(&x, &y)?)
+    }
+
+    /// Feed-forward half of `layer` (gated MLP: SwiGLU or GeGLU) plus its residual.
     fn ffn(&self, layer: &DevLayer, x: Tensor) -> Result<Tensor, ModelError> {
         let be = &*self.backend;
         let xn = be.rms_norm(&x, &layer.ffn_norm, self.config.rms_eps)?;
         let [gate, upv] = self.products(&xn, [&layer.w_gate, &layer.w_up])?;
-        let act = be.swiglu(&gate, &upv)?;
+        let act = be.glu(&gate, &upv, self.config.block.glu_act)?;
         let down = be.matmul(&act, &layer.w_down)?;
-        Ok(be.add(&x, &down)?)
+        self.residual(x, down, &layer.post_ffn_norm)
     }
 
     /// `x · wᵢᵀ` for `N` weights of the same input (`Backend::matmul_many`).

@@ -97,6 +97,7 @@ pub fn synthetic_config(kind: SyntheticKind) -> ModelConfig {
         tie_embeddings: false,
         qkv_bias: false,
         layers,
+        block: Default::default(),
     }
 }
 
@@ -123,6 +124,8 @@ pub fn synthetic_model(kind: SyntheticKind, seed: u64) -> (ModelConfig, ModelWei
                     bq: None,
                     bk: None,
                     bv: None,
+                    q_norm: None,
+                    k_norm: None,
                 })
             }
             LayerKind::Linear {
@@ -155,6 +158,8 @@ pub fn synthetic_model(kind: SyntheticKind, seed: u64) -> (ModelConfig, ModelWei
                 0.5 * inv(cfg.intermediate_size),
                 DType::Q8_0,
             ),
+            post_mixer_norm: None,
+            post_ffn_norm: None,
         });
     }
     let weights = ModelWeights {

@@ -1,4 +1,6 @@
-//! Byte-level BPE tokenizer (GPT-2 family) built from GGUF metadata or an HF `tokenizer.json`.
+//! Tokenizers built from GGUF metadata or an HF `tokenizer.json`: byte-level BPE (GPT-2 family:
+//! SmolLM2, Llama 3, Qwen2) and, from GGUF, SentencePiece-style vocabularies with scores and byte
+//! fallback (`llama` tokenizer model: Gemma 3; see [`super::spm`]).
 //!
 //! The BPE merge loop and the pre-tokenizer regexes come from the `tokenizers` crate. This module adds
 //! what llama.cpp does around it and `tokenizers` does not expose the same way:
@@ -17,13 +19,14 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::PreTokenizerWrapper;
 
 use super::gguf::GgufFile;
+use super::spm::{self, Spm};
 
 /// Token id in the model's vocabulary.
 pub type TokenId = u32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("tokenizer model {0:?} is not supported (only byte-level BPE: \"gpt2\")")]
+    #[error("tokenizer model {0:?} is not supported (byte-level BPE \"gpt2\" or SentencePiece \"llama\")")]
     UnsupportedModel(String),
     #[error("tokenizer metadata: {0}")]
     Metadata(String),
@@ -65,11 +68,18 @@ impl TokenKind {
     }
 }
 
-/// A byte-level BPE tokenizer with special-token handling.
+/// How plain text (special tokens already cut out) becomes tokens.
+#[derive(Clone)]
+enum Segmenter {
+    /// BPE + pre-tokenizer only; it knows no special tokens (we split those out ourselves).
+    Bpe(Box<tokenizers::Tokenizer>),
+    Spm(Spm),
+}
+
+/// A tokenizer (byte-level BPE or SentencePiece) with special-token handling.
 #[derive(Clone)]
 pub struct Tokenizer {
-    /// BPE + pre-tokenizer only; it knows no special tokens (we split those out ourselves).
-    bpe: tokenizers::Tokenizer,
+    seg: Segmenter,
     /// Decoded bytes of every token.
     pieces: Vec<Vec<u8>>,
     kinds: Vec<TokenKind>,
@@ -146,7 +156,7 @@ impl Tokenizer {
     pub fn from_gguf(file: &GgufFile) -> Result<Self, TokenizerError> {
         let meta = |e: super::gguf::GgufError| TokenizerError::Metadata(e.to_string());
         let model = file.get_str("tokenizer.ggml.model").map_err(meta)?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(TokenizerError::UnsupportedModel(model.to_string()));
         }
         let pre_name = file
@@ -161,7 +171,6 @@ impl Tokenizer {
             PreTokenizer::Gpt2
         });
         let tokens = file.get_str_array("tokenizer.ggml.tokens").map_err(meta)?;
-        let merges = file.get_str_array("tokenizer.ggml.merges").map_err(meta)?;
         let types = match file.get("tokenizer.ggml.token_type") {
             Some(_) => file
                 .get_i64_array("tokenizer.ggml.token_type")
@@ -176,23 +185,6 @@ impl Tokenizer {
             )));
         }
         let kinds: Vec<TokenKind> = types.iter().map(|&t| TokenKind::from_gguf(t)).collect();
-        let merges = merges
-            .iter()
-            .map(|m| {
-                // llama.cpp splits at the first space after the first character.
-                let pos = m
-                    .char_indices()
-                    .skip(1)
-                    .find(|&(_, c)| c == ' ')
-                    .map(|(i, _)| i);
-                match pos {
-                    Some(p) => Ok((m[..p].to_string(), m[p + 1..].to_string())),
-                    None => Err(TokenizerError::Metadata(format!(
-                        "merge {m:?} has no space"
-                    ))),
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let id = |key: &str| -> Option<TokenId> {
             file.get(key)
                 .and_then(|v| v.as_u64())
@@ -200,10 +192,9 @@ impl Tokenizer {
         };
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
-        let add_bos = file
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        let flag =
+            |key: &str, default: bool| file.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
+        let add_bos = flag("tokenizer.ggml.add_bos_token", false);
         let mut eog: Vec<TokenId> = [
             id("tokenizer.ggml.eot_token_id"),
             id("tokenizer.ggml.eom_token_id"),
@@ -221,16 +212,65 @@ impl Tokenizer {
                 eog.push(i as TokenId);
             }
         }
-        Self::build(
-            tokens.iter().map(|s| s.to_string()).collect(),
-            kinds,
-            merges,
-            pre,
-            bos,
-            eos,
-            eog,
-            add_bos,
-        )
+        let tokens: Vec<String> = tokens.iter().map(|s| s.to_string()).collect();
+        if model == "llama" {
+            let scores = file
+                .get("tokenizer.ggml.scores")
+                .and_then(|v| v.as_array())
+                .and_then(|a| a.iter().map(|v| v.as_f32()).collect::<Option<Vec<f32>>>())
+                .filter(|s| s.len() == tokens.len())
+                .ok_or_else(|| {
+                    TokenizerError::Metadata(format!(
+                        "tokenizer.ggml.scores: expected {} numbers",
+                        tokens.len()
+                    ))
+                })?;
+            Self::check_ids(&tokens, bos, eos)?;
+            // llama.cpp's default for SPM vocabularies is to add the space prefix.
+            let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", true);
+            let unk = id("tokenizer.ggml.unknown_token_id");
+            let pieces = tokens
+                .iter()
+                .zip(&kinds)
+                .map(|(t, k)| match k {
+                    TokenKind::Normal => t.replace(spm::SPACE, " ").into_bytes(),
+                    TokenKind::Byte => Spm::byte_piece(t)
+                        .map(|b| vec![b])
+                        .unwrap_or_else(|| t.as_bytes().to_vec()),
+                    _ => t.as_bytes().to_vec(),
+                })
+                .collect();
+            let specials = Self::specials(&tokens, &kinds);
+            return Ok(Self {
+                seg: Segmenter::Spm(Spm::new(&tokens, scores, unk, add_space_prefix)),
+                pieces,
+                kinds,
+                specials,
+                bos,
+                eos,
+                eog,
+                add_bos,
+            });
+        }
+        let merges = file.get_str_array("tokenizer.ggml.merges").map_err(meta)?;
+        let merges = merges
+            .iter()
+            .map(|m| {
+                // llama.cpp splits at the first space after the first character.
+                let pos = m
+                    .char_indices()
+                    .skip(1)
+                    .find(|&(_, c)| c == ' ')
+                    .map(|(i, _)| i);
+                match pos {
+                    Some(p) => Ok((m[..p].to_string(), m[p + 1..].to_string())),
+                    None => Err(TokenizerError::Metadata(format!(
+                        "merge {m:?} has no space"
+                    ))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::build(tokens, kinds, merges, pre, bos, eos, eog, add_bos)
     }
 
     /// Build from an HF `tokenizer.json` (byte-level BPE models: Llama 3, Qwen2/3, SmolLM).
@@ -304,7 +344,7 @@ impl Tokenizer {
         let pieces = Self::pieces(&tokens, &kinds)?;
         let specials = Self::specials(&tokens, &kinds);
         Ok(Self {
-            bpe,
+            seg: Segmenter::Bpe(Box::new(bpe)),
             pieces,
             kinds,
             specials,
@@ -326,19 +366,7 @@ impl Tokenizer {
         eog: Vec<TokenId>,
         add_bos: bool,
     ) -> Result<Self, TokenizerError> {
-        if tokens.is_empty() || tokens.len() > u32::MAX as usize {
-            return Err(TokenizerError::Metadata(format!(
-                "vocabulary of {} tokens",
-                tokens.len()
-            )));
-        }
-        for (name, id) in [("bos", bos), ("eos", eos)] {
-            if let Some(id) = id.filter(|&i| i as usize >= tokens.len()) {
-                return Err(TokenizerError::Metadata(format!(
-                    "{name} id {id} outside the vocabulary"
-                )));
-            }
-        }
+        Self::check_ids(&tokens, bos, eos)?;
         // Like llama.cpp's token_to_id map, a duplicated token string resolves to its last id.
         let vocab: tokenizers::models::bpe::Vocab = tokens
             .iter()
@@ -361,7 +389,7 @@ impl Tokenizer {
         let pieces = Self::pieces(&tokens, &kinds)?;
         let specials = Self::specials(&tokens, &kinds);
         Ok(Self {
-            bpe,
+            seg: Segmenter::Bpe(Box::new(bpe)),
             pieces,
             kinds,
             specials,
@@ -370,6 +398,27 @@ impl Tokenizer {
             eog,
             add_bos,
         })
+    }
+
+    fn check_ids(
+        tokens: &[String],
+        bos: Option<TokenId>,
+        eos: Option<TokenId>,
+    ) -> Result<(), TokenizerError> {
+        if tokens.is_empty() || tokens.len() > u32::MAX as usize {
+            return Err(TokenizerError::Metadata(format!(
+                "vocabulary of {} tokens",
+                tokens.len()
+            )));
+        }
+        for (name, id) in [("bos", bos), ("eos", eos)] {
+            if let Some(id) = id.filter(|&i| i as usize >= tokens.len()) {
+                return Err(TokenizerError::Metadata(format!(
+                    "{name} id {id} outside the vocabulary"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn pieces(tokens: &[String], kinds: &[TokenKind]) -> Result<Vec<Vec<u8>>, TokenizerError> {
@@ -575,19 +624,31 @@ impl Tokenizer {
             }
             frags = next;
         }
+        let mut after_special = true;
         for f in frags {
-            match f {
-                Err(id) => out.push(id),
-                Ok(raw) => {
+            match (f, &self.seg) {
+                (Err(id), _) => {
+                    out.push(id);
+                    after_special = true;
+                }
+                (Ok(raw), seg) => {
+                    // Masked control-token text (chat content) is restored before segmenting.
                     let raw = match unmask {
                         Some(m) => self.unmask(raw, m),
                         None => raw.into(),
                     };
-                    let enc = self
-                        .bpe
-                        .encode(raw.as_ref(), false)
-                        .map_err(|e| TokenizerError::Backend(e.to_string()))?;
-                    out.extend_from_slice(enc.get_ids());
+                    match seg {
+                        Segmenter::Bpe(bpe) => {
+                            let enc = bpe
+                                .encode(raw.as_ref(), false)
+                                .map_err(|e| TokenizerError::Backend(e.to_string()))?;
+                            out.extend_from_slice(enc.get_ids());
+                        }
+                        Segmenter::Spm(spm) => {
+                            spm.encode(raw.as_ref(), after_special, &mut out);
+                            after_special = false;
+                        }
+                    }
                 }
             }
         }

@@ -425,6 +425,26 @@ impl KvLayout {
             .sum()
     }
 
+    /// Bytes of KV that decoding after `n_tokens` tokens still reads: every block of full-attention
+    /// layers, only the blocks holding the last `window` positions of sliding-window layers, the
+    /// state of linear layers. This is what a window-trimmed store keeps and what a transfer of
+    /// the sequence needs; [`Self::export_bytes`] is the same with every layer treated as full.
+    pub fn resident_bytes(&self, n_tokens: usize) -> usize {
+        let bs = self.block_size;
+        (0..self.layers.len())
+            .map(|l| match self.layers[l] {
+                LayerKvShape::Paged {
+                    window: Some(w), ..
+                } if n_tokens > w => {
+                    // Positions n−w .. n−1 span these blocks.
+                    let blocks = (n_tokens - 1) / bs - (n_tokens - w) / bs + 1;
+                    blocks * self.block_bytes(l)
+                }
+                _ => self.export_layer_bytes(l, n_tokens),
+            })
+            .sum()
+    }
+
     /// A hash identifying (model weights, KV layout): two nodes may exchange KV iff they agree on it.
     ///
     /// Stable across runs, machines and compiler versions: SHA-256 over this exact byte string
@@ -493,6 +513,7 @@ mod tests {
             tie_embeddings: true,
             qkv_bias: false,
             layers,
+            block: Default::default(),
         }
     }
 
@@ -524,6 +545,44 @@ mod tests {
         std::array::from_fn(|i| i as u8)
     }
 
+    /// Gemma 3 270M: 18 layers, 5 sliding (window 512) : 1 full, one KV head of 256. Decode reads
+    /// all tokens of the 3 full layers but only the last 512 of the 15 sliding ones.
+    #[test]
+    fn gemma3_window_trimmed_bytes() {
+        let layers = (0..18)
+            .map(|i| {
+                if i % 6 == 5 {
+                    LayerKind::Full
+                } else {
+                    LayerKind::Sliding { window: 512 }
+                }
+            })
+            .collect();
+        let mut cfg = model(layers);
+        (cfg.n_kv_heads, cfg.head_dim) = (1, 256);
+        let l = KvLayout::from_model(&cfg, 16).unwrap();
+        let per_layer_token = 2 * 256 * l.dtype.size_bytes();
+        assert_eq!(l.bytes_per_token(), 18 * per_layer_token);
+        assert_eq!(l.block_bytes(0), 16 * per_layer_token);
+        // Within the window nothing is trimmed.
+        assert_eq!(l.resident_bytes(300), l.export_bytes(300));
+        assert_eq!(l.resident_bytes(512), l.export_bytes(512));
+        // 8192 tokens: full layers keep all, sliding ones the 32 blocks of positions 7680..8191.
+        let full = |n| 3 * l.export_layer_bytes(5, n);
+        assert_eq!(
+            l.resident_bytes(8192),
+            full(8192) + 15 * 32 * l.block_bytes(0)
+        );
+        // A window not aligned to blocks spans one block more: positions 489..1000 → blocks 30..62.
+        assert_eq!(
+            l.resident_bytes(1001),
+            full(1001) + 15 * 33 * l.block_bytes(0)
+        );
+        // Every layer global (dense) keeps everything.
+        let dense = KvLayout::from_model(&model(vec![LayerKind::Full; 18]), 16).unwrap();
+        assert_eq!(dense.resident_bytes(8192), dense.export_bytes(8192));
+    }
+
     #[test]
     fn smollm2_geometry() {
         // SmolLM2-135M: 30 full-attention layers, 3 KV heads of 64.
@@ -539,8 +598,9 @@ mod tests {
         assert_eq!(l.state_slot_bytes(), 0);
         assert!(!l.has_state());
         // 1000 tokens pad to 63 blocks = 1008 tokens.
-        assert_eq!(l.export_bytes(1000), 1008 * l.bytes_per_token());
-        assert_eq!(l.export_layer_bytes(0, 1000), 1008 * 2 * 3 * 64 * 2);
+        // Pieces carry exactly the tokens (no block padding).
+        assert_eq!(l.export_bytes(1000), 1000 * l.bytes_per_token());
+        assert_eq!(l.export_layer_bytes(0, 1000), 1000 * 2 * 3 * 64 * 2);
         assert_eq!(
             hex(l.layout_hash([0; 32])),
             "eef1ec8c59eb5b7b5f29d36880fbaf6102f780e7ea0bda3e2ca05a07bd0cdfa3"
@@ -577,15 +637,24 @@ mod tests {
         assert_eq!(l.state_bytes(3), 0);
         assert_eq!(l.state_slot_bytes(), 3 * 2 * 8 * 8 * 4);
         assert_eq!(l.export_layer_bytes(0, 5), l.state_bytes(0));
-        assert_eq!(l.export_layer_bytes(3, 5), 16 * 2 * 2 * 8 * 2);
+        assert_eq!(l.export_layer_bytes(3, 5), 5 * 2 * 2 * 8 * 2);
         let f32l = l.clone().with_dtype(KvDType::F32);
         assert_eq!(f32l.state_slot_bytes(), l.state_slot_bytes());
-        assert_eq!(f32l.export_layer_bytes(3, 5), 16 * 2 * 2 * 8 * 4);
+        assert_eq!(f32l.export_layer_bytes(3, 5), 5 * 2 * 2 * 8 * 4);
         assert_eq!(l.export_bytes(0), l.state_slot_bytes());
+        // Window 4 at 17 tokens: from block 0 (17 - 4 = 13 rounds down to 0), nothing trimmed.
+        assert_eq!(l.transfer_rows(4, 17), 0..17);
+        assert!(!l.trims(17));
         assert_eq!(
             l.export_bytes(17),
-            32 * l.bytes_per_token() + l.state_slot_bytes()
+            17 * l.bytes_per_token() + l.state_slot_bytes()
         );
+        // At 40 tokens the window layer sends from block 2 (40 - 4 = 36 rounds down to 32).
+        assert_eq!(l.transfer_rows(4, 40), 32..40);
+        assert_eq!(l.transfer_rows(3, 40), 0..40);
+        assert_eq!(l.transfer_rows(0, 40), 0..0, "state layers have no rows");
+        assert!(l.trims(40));
+        assert_eq!(l.export_layer_bytes(4, 40), 8 * 2 * 2 * 8 * 2);
     }
 
     #[test]

@@ -1,0 +1,956 @@
+//! `prfaas bench e2e`: real node processes on real shaped links (root).
+//!
+//! Every node is a `prfaas node` process (this binary) in its own network namespace, pinned to
+//! its own core with `taskset`; the namespaces hang off a hub namespace by veth links shaped with
+//! `tc tbf` (see [`super::netns`]). The client lives in the hub (one thread of this process moved
+//! there with `setns`) and replays a trace through the OpenAI API with streaming, timing every
+//! token.
+//!
+//! 1. **Load.** One trace (log-normal prompt lengths scaled to the model's context, Poisson
+//!    arrivals, shared system prompts, prompts cut from real English text) replayed at each
+//!    offered load on three deployments of the same two cores: *homogeneous* (both nodes `pd`,
+//!    everything local, requests spread over both), *naive* (a `pd` home that offloads every
+//!    prompt longer than `--long-tokens` to a `prefill` node: `t` pinned, own bid never wins) and
+//!    *auction* (the same two nodes with the default policy). Throughput, TTFT P50/P90, ITL
+//!    P50/P99, goodput under an SLO, offload fraction, egress bytes per uplink.
+//! 2. **Overlap.** For each prompt length and link rate: TTFT of a remote prefill divided by
+//!    `max(prefill + last piece, whole-KV transfer)`, with the prefill measured on the prefill
+//!    node itself (the same kind of prompt prefilled locally there) and the link's rate measured
+//!    with a raw TCP transfer on the same link in the same run.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use prfaas_kernels::BackendKind;
+use prfaas_node::api::client::{self, ChatParams, ChatResult};
+use prfaas_node::config::{NodeConfig, NodeRole};
+use prfaas_node::engine::chat::ChatMessage;
+use prfaas_node::engine::loader::{load_model, TextCodec, DEFAULT_MODEL};
+use prfaas_node::service::PrefillRoute;
+use serde::Serialize;
+use serde_json::json;
+
+use super::bench_node::percentile;
+use super::netns::{ChildGuard, Topology};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// GGUF model or `tiny-hybrid` / `tiny-dense`.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// Backend of every node.
+    #[arg(long, default_value = "cpu")]
+    pub backend: BackendKind,
+    /// Requests in the trace.
+    #[arg(long, default_value_t = 16)]
+    pub requests: usize,
+    /// Offered loads (requests/s) the trace is replayed at, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.05, 0.1])]
+    pub rates: Vec<f64>,
+    /// Generated tokens per request (greedy).
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Prompt lengths are drawn relative to min(model context, this).
+    #[arg(long, default_value_t = 8192)]
+    pub context_cap: usize,
+    /// Trace seed.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Uplink rate of each node namespace, Mbit/s (the home↔prefill link gets this rate) in the
+    /// load runs.
+    #[arg(long, default_value_t = 100.0)]
+    pub link_mbit: f64,
+    /// Cores of the home node and of the second node (`taskset -c`).
+    #[arg(long, value_delimiter = ',', default_values_t = [0usize, 1])]
+    pub cores: Vec<usize>,
+    /// Naive deployment: every prompt longer than this goes remote.
+    #[arg(long, default_value_t = 256)]
+    pub long_tokens: usize,
+    /// SLO bound on time to first token, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub slo_ttft_s: f64,
+    /// SLO bound on a request's mean inter-token latency, seconds.
+    #[arg(long, default_value_t = 0.25)]
+    pub slo_itl_s: f64,
+    /// Overlap: prompt lengths in tokens (clipped to the context).
+    #[arg(long, value_delimiter = ',', default_values_t = [2048usize, 8192])]
+    pub overlap_lengths: Vec<usize>,
+    /// Overlap: link rates, Mbit/s.
+    #[arg(long, value_delimiter = ',', default_values_t = [100.0, 1000.0])]
+    pub overlap_mbit: Vec<f64>,
+    /// Skip the load runs.
+    #[arg(long)]
+    pub no_load: bool,
+    /// Skip the overlap runs.
+    #[arg(long)]
+    pub no_overlap: bool,
+    /// KV pool of each node, tokens.
+    #[arg(long, default_value_t = 24 * 1024)]
+    pub kv_tokens: usize,
+    /// Longest a single load run or overlap request may take, seconds.
+    #[arg(long, default_value_t = 1200)]
+    pub run_timeout_s: u64,
+    /// Where tables, charts and the JSON go (a subfolder per model).
+    #[arg(long, default_value = "target/bench-e2e")]
+    pub out: PathBuf,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+// ---- trace ---------------------------------------------------------------------------------
+
+/// Real English text to cut prompts from: this repository's own documentation.
+const CORPUS: &[&str] = &[
+    include_str!("../../README.md"),
+    include_str!("../../configs/README.md"),
+    include_str!("../../BENCHMARKS.md"),
+];
+
+/// SplitMix64: a small, seedable generator, enough for a reproducible trace.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        (-2.0 * self.unit().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.unit()).cos()
+    }
+    fn exp(&mut self) -> f64 {
+        -self.unit().ln()
+    }
+}
+
+/// Token ids of the corpus and the text of any window of them (wrapping around).
+struct Text {
+    codec: TextCodec,
+    tokens: Vec<u32>,
+}
+
+impl Text {
+    fn new(codec: TextCodec) -> anyhow::Result<Self> {
+        let mut tokens = Vec::new();
+        for doc in CORPUS {
+            tokens.extend(codec.encode(doc, false)?);
+        }
+        // Control tokens (BOS) have no text.
+        tokens.retain(|&t| !codec.token_bytes(t).is_empty());
+        anyhow::ensure!(tokens.len() > 1000, "corpus too small");
+        Ok(Self { codec, tokens })
+    }
+    /// About `n` tokens of text starting at token `from`.
+    fn window(&self, from: usize, n: usize) -> String {
+        let mut bytes = Vec::new();
+        for k in 0..n {
+            bytes.extend(
+                self.codec
+                    .token_bytes(self.tokens[(from + k) % self.tokens.len()]),
+            );
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// One request of the trace.
+#[derive(Debug, Clone)]
+struct TraceRequest {
+    /// Arrival at unit offered load (1 request/s); divide by the rate.
+    at_unit_s: f64,
+    system: Option<usize>,
+    user: String,
+}
+
+struct Trace {
+    systems: Vec<String>,
+    requests: Vec<TraceRequest>,
+}
+
+fn make_trace(args: &Args, text: &Text, context: usize) -> Trace {
+    let cap = context.min(args.context_cap).max(512);
+    let mut rng = Rng(args.seed);
+    let sys_len = cap / 32;
+    let systems: Vec<String> = (0..3)
+        .map(|i| text.window(rng.next_u64() as usize % text.tokens.len() + i, sys_len))
+        .collect();
+    // Log-normal lengths with median cap/12, σ = 1, clipped to [64, cap/2].
+    let (mu, sigma) = ((cap as f64 / 12.0).ln(), 1.0);
+    let mut at = 0.0;
+    let requests = (0..args.requests)
+        .map(|_| {
+            at += rng.exp();
+            let len = ((mu + sigma * rng.normal()).exp() as usize).clamp(64, cap / 2);
+            let system = (rng.unit() < 2.0 / 3.0).then(|| rng.next_u64() as usize % 3);
+            let user_len = len.saturating_sub(system.map_or(0, |_| sys_len)).max(16);
+            TraceRequest {
+                at_unit_s: at,
+                system,
+                user: text.window(rng.next_u64() as usize % text.tokens.len(), user_len),
+            }
+        })
+        .collect();
+    Trace { systems, requests }
+}
+
+// ---- deployments ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Deployment {
+    Homogeneous,
+    Naive,
+    Auction,
+}
+
+const DEPLOYMENTS: [Deployment; 3] = [
+    Deployment::Homogeneous,
+    Deployment::Naive,
+    Deployment::Auction,
+];
+
+/// An offload threshold no prompt reaches (TOML integers are i64, so not `usize::MAX`).
+const NEVER_OFFLOAD: usize = 1 << 40;
+
+const API_PORT: u16 = 8080;
+const MESH_PORT: u16 = 4100;
+
+/// A node's config on the netns topology (fixed ports: each namespace has its own).
+fn node_config(
+    args: &Args,
+    topo: &Topology,
+    i: usize,
+    roles: &[NodeRole],
+    prefix_cache: bool,
+) -> NodeConfig {
+    let mut bootstrap = Vec::new();
+    if i > 0 {
+        bootstrap.push(format!("/ip4/{}/tcp/{MESH_PORT}", topo.addr(0)));
+    }
+    let mut c = super::local_node_config(
+        &format!("node-{i}"),
+        roles,
+        &args.model,
+        args.backend,
+        bootstrap,
+    );
+    c.api.listen = (topo.addr(i), API_PORT).into();
+    c.api.max_inflight = 256;
+    c.mesh.listen = vec![format!("/ip4/{}/tcp/{MESH_PORT}", topo.addr(i))];
+    c.engine.kv_capacity_tokens = args.kv_tokens;
+    c.engine.prefix_cache = prefix_cache;
+    c.policy.auction_deadline = Duration::from_secs(1);
+    c.policy.transfer_timeout = Duration::from_secs(args.run_timeout_s);
+    // The default (30 s) cuts a transfer whose winner is still queued or prefilling a long
+    // prompt on one slow core; here only the transfer timeout bounds it.
+    c.mesh.limits.kv_idle_timeout = c.policy.transfer_timeout;
+    c
+}
+
+fn deployment_configs(args: &Args, topo: &Topology, d: Deployment) -> Vec<NodeConfig> {
+    match d {
+        Deployment::Homogeneous => (0..2)
+            .map(|i| {
+                let mut c = node_config(args, topo, i, &[NodeRole::Pd], true);
+                c.policy.offload_threshold_tokens = NEVER_OFFLOAD;
+                c.policy.adaptive_threshold = false;
+                c
+            })
+            .collect(),
+        Deployment::Naive => {
+            let mut home = node_config(args, topo, 0, &[NodeRole::Pd], true);
+            home.policy.offload_threshold_tokens = args.long_tokens;
+            home.policy.adaptive_threshold = false;
+            home.policy.reserve_price_factor = 1e6;
+            vec![home, node_config(args, topo, 1, &[NodeRole::Prefill], true)]
+        }
+        Deployment::Auction => vec![
+            node_config(args, topo, 0, &[NodeRole::Pd], true),
+            node_config(args, topo, 1, &[NodeRole::Prefill], true),
+        ],
+    }
+}
+
+/// Running node processes of one deployment; stopped on drop.
+struct Nodes {
+    procs: Vec<ChildGuard>,
+    urls: Vec<String>,
+}
+
+/// Starts the nodes in order, each once the one before answers `/healthz` (a node dials its
+/// bootstrap peer once, at start).
+async fn start_nodes(
+    args: &Args,
+    topo: &Topology,
+    configs: &[NodeConfig],
+    dir: &Path,
+    label: &str,
+) -> anyhow::Result<Nodes> {
+    let exe = std::env::current_exe().context("locating the prfaas binary")?;
+    let mut procs = Vec::new();
+    let mut urls = Vec::new();
+    for (i, cfg) in configs.iter().enumerate() {
+        let path = dir.join(format!("{label}-node{i}.toml"));
+        std::fs::write(&path, toml::to_string(cfg).context("node config to TOML")?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let log = std::fs::File::create(dir.join(format!("{label}-node{i}.log")))?;
+        let core = args.cores.get(i).copied().unwrap_or(i);
+        let child = topo
+            .command(i, &core.to_string(), &exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&path)
+            // One core per node: one compute thread.
+            .env("RAYON_NUM_THREADS", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting a node process")?;
+        let mut proc = ChildGuard(child);
+        let url = format!("http://{}:{API_PORT}", topo.addr(i));
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while client::get_json(&format!("{url}/healthz")).await.is_err() {
+            if let Some(s) = proc.exited() {
+                anyhow::bail!(
+                    "node {i} exited ({s}) during start-up; see {}",
+                    dir.display()
+                );
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "node {i} not healthy after 180 s; see {}",
+                dir.display()
+            );
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        procs.push(proc);
+        urls.push(url);
+    }
+    Ok(Nodes { procs, urls })
+}
+
+/// Polls (bounded) until node 0 sees `prefillers` peers that prefill its model.
+async fn wait_ready(nodes: &mut Nodes, prefillers: usize, dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        for (i, p) in nodes.procs.iter_mut().enumerate() {
+            if let Some(s) = p.exited() {
+                anyhow::bail!("node {i} exited ({s}); see {}", dir.display());
+            }
+        }
+        let seen = match client::get_json(&format!("{}/mesh", nodes.urls[0])).await {
+            Ok(v) => v["peers"].as_array().map_or(0, |p| {
+                p.iter()
+                    .filter(|p| p["prefills_our_model"].as_bool() == Some(true))
+                    .count()
+            }),
+            Err(_) => 0,
+        };
+        if seen >= prefillers {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node 0 sees {seen}/{prefillers} prefill peers after 120 s; logs in {}",
+            dir.display()
+        );
+        actix_rt::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ---- measurements --------------------------------------------------------------------------
+
+/// One finished (or failed) request.
+#[derive(Debug, Clone, Default)]
+struct Outcome {
+    ok: bool,
+    error: Option<String>,
+    ttft_s: f64,
+    /// Gaps between streamed tokens.
+    itl_s: Vec<f64>,
+    /// Trace start → last byte.
+    done_at_s: f64,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    remote: bool,
+    /// Why the home prefilled locally (`None` when remote or unknown).
+    local_reason: Option<String>,
+    kv_bytes: u64,
+}
+
+fn outcome(r: Result<ChatResult, client::ClientError>, arrival: f64) -> Outcome {
+    match r {
+        Err(e) => Outcome {
+            error: Some(e.to_string()),
+            ..Outcome::default()
+        },
+        Ok(r) => {
+            let times: Vec<f64> = r.token_times.iter().map(Duration::as_secs_f64).collect();
+            let (remote, kv_bytes, local_reason) = match r.prfaas.as_ref().map(|p| &p.route) {
+                Some(PrefillRoute::Remote { kv_bytes, .. }) => (true, *kv_bytes, None),
+                Some(PrefillRoute::Local { reason }) => (false, 0, Some(reason.clone())),
+                None => (false, 0, None),
+            };
+            Outcome {
+                ok: true,
+                error: None,
+                ttft_s: r.ttft.map_or(f64::NAN, |t| t.as_secs_f64()),
+                itl_s: times.windows(2).map(|w| w[1] - w[0]).collect(),
+                done_at_s: arrival + r.total.as_secs_f64(),
+                prompt_tokens: r.usage.map_or(0, |u| u.prompt_tokens),
+                completion_tokens: r.usage.map_or(0, |u| u.completion_tokens),
+                remote,
+                local_reason,
+                kv_bytes,
+            }
+        }
+    }
+}
+
+/// The figures of one deployment at one offered load.
+#[derive(Debug, Clone, Serialize)]
+struct LoadFigures {
+    deployment: Deployment,
+    offered_req_per_s: f64,
+    requests: usize,
+    completed: usize,
+    failed: usize,
+    first_error: Option<String>,
+    makespan_s: f64,
+    throughput_req_per_s: f64,
+    throughput_tokens_per_s: f64,
+    ttft_p50_s: f64,
+    ttft_p90_s: f64,
+    itl_p50_s: f64,
+    itl_p99_s: f64,
+    goodput_req_per_s: f64,
+    slo_attainment: f64,
+    offload_fraction: f64,
+    /// Why requests stayed local, with counts.
+    local_reasons: std::collections::BTreeMap<String, usize>,
+    kv_bytes: u64,
+    /// Bytes each node sent on its uplink during the run (kernel counters), node 0 first.
+    egress_bytes: Vec<u64>,
+    prompt_tokens_mean: f64,
+    #[serde(skip)]
+    ttfts: Vec<f64>,
+}
+
+fn figures(
+    args: &Args,
+    d: Deployment,
+    rate: f64,
+    outs: &[Outcome],
+    egress: Vec<u64>,
+) -> LoadFigures {
+    let ok: Vec<&Outcome> = outs.iter().filter(|o| o.ok).collect();
+    let makespan = ok.iter().map(|o| o.done_at_s).fold(0.0, f64::max);
+    let ttfts: Vec<f64> = ok.iter().map(|o| o.ttft_s).collect();
+    let itls: Vec<f64> = ok.iter().flat_map(|o| o.itl_s.iter().copied()).collect();
+    let good = ok
+        .iter()
+        .filter(|o| {
+            let mean_itl = if o.itl_s.is_empty() {
+                0.0
+            } else {
+                o.itl_s.iter().sum::<f64>() / o.itl_s.len() as f64
+            };
+            o.ttft_s <= args.slo_ttft_s && mean_itl <= args.slo_itl_s
+        })
+        .count();
+    let per_s = |n: f64| if makespan > 0.0 { n / makespan } else { 0.0 };
+    LoadFigures {
+        deployment: d,
+        offered_req_per_s: rate,
+        requests: outs.len(),
+        completed: ok.len(),
+        failed: outs.len() - ok.len(),
+        first_error: outs.iter().find_map(|o| o.error.clone()),
+        makespan_s: makespan,
+        throughput_req_per_s: per_s(ok.len() as f64),
+        throughput_tokens_per_s: per_s(ok.iter().map(|o| o.completion_tokens as f64).sum()),
+        ttft_p50_s: percentile(ttfts.clone(), 0.5),
+        ttft_p90_s: percentile(ttfts.clone(), 0.9),
+        itl_p50_s: percentile(itls.clone(), 0.5),
+        itl_p99_s: percentile(itls, 0.99),
+        goodput_req_per_s: per_s(good as f64),
+        slo_attainment: good as f64 / outs.len().max(1) as f64,
+        offload_fraction: ok.iter().filter(|o| o.remote).count() as f64 / ok.len().max(1) as f64,
+        local_reasons: ok.iter().filter_map(|o| o.local_reason.clone()).fold(
+            Default::default(),
+            |mut m, r| {
+                *m.entry(r).or_insert(0) += 1;
+                m
+            },
+        ),
+        kv_bytes: ok.iter().map(|o| o.kv_bytes).sum(),
+        egress_bytes: egress,
+        prompt_tokens_mean: ok.iter().map(|o| o.prompt_tokens as f64).sum::<f64>()
+            / ok.len().max(1) as f64,
+        ttfts,
+    }
+}
+
+fn egress(topo: &Topology) -> anyhow::Result<Vec<u64>> {
+    (0..topo.node_count())
+        .map(|i| topo.egress_bytes(i).map_err(Into::into))
+        .collect()
+}
+
+async fn replay(
+    args: &Args,
+    trace: &Trace,
+    rate: f64,
+    urls: &[String],
+) -> anyhow::Result<Vec<Outcome>> {
+    let params = ChatParams {
+        timeout: Duration::from_secs(args.run_timeout_s),
+        ..ChatParams::greedy(args.max_tokens)
+    };
+    let t0 = Instant::now();
+    let calls = trace.requests.iter().enumerate().map(|(k, r)| {
+        let url = &urls[k % urls.len()];
+        let params = &params;
+        let arrival = r.at_unit_s / rate;
+        let mut messages = Vec::new();
+        if let Some(s) = r.system {
+            messages.push(ChatMessage::new("system", trace.systems[s].clone()));
+        }
+        messages.push(ChatMessage::new("user", r.user.clone()));
+        async move {
+            // Open loop: each request leaves at its arrival time, whatever the others do.
+            actix_rt::time::sleep_until((t0 + Duration::from_secs_f64(arrival)).into()).await;
+            outcome(client::chat(url, &messages, params, true).await, arrival)
+        }
+    });
+    let all = futures::future::join_all(calls);
+    let limit = Duration::from_secs(args.run_timeout_s)
+        + Duration::from_secs_f64(trace.requests.last().map_or(0.0, |r| r.at_unit_s / rate));
+    actix_rt::time::timeout(limit, all)
+        .await
+        .map_err(|_| anyhow::anyhow!("load run did not finish within {limit:?}"))
+}
+
+async fn load_run(
+    args: &Args,
+    topo: &Topology,
+    trace: &Trace,
+    d: Deployment,
+    rate: f64,
+    dir: &Path,
+) -> anyhow::Result<LoadFigures> {
+    let label = format!("{d:?}-{rate}").to_lowercase();
+    let configs = deployment_configs(args, topo, d);
+    let mut nodes = start_nodes(args, topo, &configs, dir, &label).await?;
+    let prefillers = usize::from(d != Deployment::Homogeneous);
+    wait_ready(&mut nodes, prefillers, dir).await?;
+    let homes = if d == Deployment::Homogeneous {
+        nodes.urls.clone()
+    } else {
+        nodes.urls[..1].to_vec()
+    };
+    let before = egress(topo)?;
+    let outs = replay(args, trace, rate, &homes).await?;
+    let after = egress(topo)?;
+    drop(nodes);
+    let sent = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
+    let f = figures(args, d, rate, &outs, sent);
+    eprintln!(
+        "  {label}: {}/{} ok, {:.3} req/s, TTFT P50 {:.2} s, offload {:.2}",
+        f.completed, f.requests, f.throughput_req_per_s, f.ttft_p50_s, f.offload_fraction
+    );
+    Ok(f)
+}
+
+/// One overlap measurement.
+#[derive(Debug, Clone, Serialize)]
+struct Overlap {
+    link_mbit: f64,
+    /// Raw TCP goodput on the same link, same run, Mbit/s.
+    measured_mbit: f64,
+    prompt_tokens: usize,
+    ttft_s: f64,
+    prefill_s: f64,
+    kv_bytes: u64,
+    whole_kv_s: f64,
+    last_piece_s: f64,
+    /// TTFT / max(prefill + last piece, whole-KV transfer); goal ≤ 1.10.
+    ratio: f64,
+}
+
+/// Goodput of a raw TCP transfer from node 1 to node 0 (the KV direction), Mbit/s.
+fn raw_tcp_mbit(topo: &Topology, mbit: f64, dir: &Path) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?;
+    let addr_file = dir.join("tcp-addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut server = ChildGuard(
+        topo.command(0, "0", &exe)
+            .args(["bench", "mesh", "--tcp-serve"])
+            .arg(format!("{}:0", topo.addr(0)))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            if !a.trim().is_empty() {
+                break a.trim().to_owned();
+            }
+        }
+        anyhow::ensure!(server.exited().is_none(), "raw TCP receiver exited");
+        anyhow::ensure!(Instant::now() < deadline, "raw TCP receiver did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // About three seconds of the link.
+    let mib = ((mbit * 3.0 / 8.0) as u64).clamp(4, 512);
+    let out = topo
+        .command(1, "1", &exe)
+        .args(["bench", "mesh", "--tcp-send", &addr, "--kv-mib"])
+        .arg(mib.to_string())
+        .arg("--rate-mbit")
+        .arg(mbit.to_string())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "raw TCP sender failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let _ = server.0.wait();
+    let _ = std::fs::remove_file(&addr_file);
+    v["goodput_mbit"]
+        .as_f64()
+        .context("raw TCP sender printed no goodput_mbit")
+}
+
+async fn overlap_runs(
+    args: &Args,
+    topo: &Topology,
+    text: &Text,
+    layers: usize,
+    context: usize,
+    dir: &Path,
+) -> anyhow::Result<Vec<Overlap>> {
+    // Home: offloads everything longer than 64 tokens; its own bid never wins. Node 1: a `pd`
+    // node that serves the home's prefills and, on its own API, local prefills of the same
+    // length (the prefill time of the ratio), all on its own core. No prefix cache: every
+    // prompt is new work.
+    let mut home = node_config(args, topo, 0, &[NodeRole::Pd], false);
+    home.policy.offload_threshold_tokens = 64;
+    home.policy.adaptive_threshold = false;
+    home.policy.reserve_price_factor = 1e6;
+    let mut server = node_config(args, topo, 1, &[NodeRole::Pd], false);
+    server.policy.offload_threshold_tokens = NEVER_OFFLOAD;
+    server.policy.adaptive_threshold = false;
+    let chunk = server.engine.prefill_chunk;
+    let mut nodes = start_nodes(args, topo, &[home, server], dir, "overlap").await?;
+    wait_ready(&mut nodes, 1, dir).await?;
+    let params = |n| ChatParams {
+        timeout: Duration::from_secs(args.run_timeout_s),
+        include_usage: true,
+        ..ChatParams::greedy(n)
+    };
+    let mut rows = Vec::new();
+    for (r, &mbit) in args.overlap_mbit.iter().enumerate() {
+        for i in 0..topo.node_count() {
+            topo.set_rate(i, mbit)?;
+        }
+        let measured = raw_tcp_mbit(topo, mbit, dir)?;
+        for (l, &len) in args.overlap_lengths.iter().enumerate() {
+            // Room for the generated tokens and for re-tokenization drift of the cut text.
+            let n = len.min(context.saturating_sub(64));
+            let offset = 7919 * (1 + r * 16 + l * 2);
+            let remote =
+                client::complete(&nodes.urls[0], &text.window(offset, n), &params(2), true).await?;
+            let local = client::complete(
+                &nodes.urls[1],
+                &text.window(offset + 3331, n),
+                &params(1),
+                true,
+            )
+            .await?;
+            let Some(PrefillRoute::Remote { kv_bytes, .. }) =
+                remote.prfaas.as_ref().map(|p| p.route.clone())
+            else {
+                anyhow::bail!(
+                    "overlap request ({n} tokens, {mbit} Mbit/s) was not offloaded: {:?}",
+                    remote.prfaas.map(|p| p.route)
+                );
+            };
+            let prompt_tokens = remote.usage.map_or(n, |u| u.prompt_tokens);
+            // Both as the nodes time them (admission → first token), so the prompt's upload and
+            // a first token that is an incomplete UTF-8 character count the same on both sides.
+            let ttft = remote
+                .prfaas
+                .as_ref()
+                .map_or(f64::NAN, |p| p.timings.ttft_s);
+            let prefill = local.prfaas.as_ref().map_or(f64::NAN, |p| p.timings.ttft_s);
+            let rate = measured * 1e6 / 8.0;
+            let whole = kv_bytes as f64 / rate;
+            // The last piece: one layer's KV of the last prefill chunk.
+            let last_tokens = chunk.min(prompt_tokens).max(1);
+            let last = kv_bytes as f64 / layers.max(1) as f64 * last_tokens as f64
+                / prompt_tokens.max(1) as f64
+                / rate;
+            let row = Overlap {
+                link_mbit: mbit,
+                measured_mbit: measured,
+                prompt_tokens,
+                ttft_s: ttft,
+                prefill_s: prefill,
+                kv_bytes,
+                whole_kv_s: whole,
+                last_piece_s: last,
+                ratio: ttft / (prefill + last).max(whole),
+            };
+            eprintln!(
+                "  overlap {mbit} Mbit/s (raw TCP {measured:.1}), {prompt_tokens} tokens: TTFT {ttft:.2} s, prefill {prefill:.2} s, whole KV {whole:.2} s → {:.3}",
+                row.ratio
+            );
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+// ---- report --------------------------------------------------------------------------------
+
+fn table(args: &Args, load: &[LoadFigures], overlap: &[Overlap]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "bench e2e · {} · 2 node processes, one core each (cores {:?}), uplinks {} Mbit/s (tbf) · SLO: TTFT ≤ {} s and mean ITL ≤ {} s",
+        args.model, args.cores, args.link_mbit, args.slo_ttft_s, args.slo_itl_s
+    );
+    if !load.is_empty() {
+        let _ = writeln!(
+            s,
+            "{:<12} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>12} {:>12}",
+            "deployment",
+            "offered",
+            "ok",
+            "req/s",
+            "tok/s",
+            "TTFT50",
+            "TTFT90",
+            "ITL50",
+            "ITL99",
+            "goodput",
+            "offload",
+            "egress n0 MB",
+            "egress n1 MB"
+        );
+        for f in load {
+            let _ = writeln!(
+                s,
+                "{:<12} {:>7.3} {:>3}/{:<2} {:>8.3} {:>8.2} {:>8.2} {:>8.2} {:>8.3} {:>8.3} {:>8.3} {:>7.2} {:>12.2} {:>12.2}",
+                format!("{:?}", f.deployment).to_lowercase(),
+                f.offered_req_per_s,
+                f.completed,
+                f.requests,
+                f.throughput_req_per_s,
+                f.throughput_tokens_per_s,
+                f.ttft_p50_s,
+                f.ttft_p90_s,
+                f.itl_p50_s,
+                f.itl_p99_s,
+                f.goodput_req_per_s,
+                f.offload_fraction,
+                f.egress_bytes.first().copied().unwrap_or(0) as f64 / 1e6,
+                f.egress_bytes.get(1).copied().unwrap_or(0) as f64 / 1e6,
+            );
+            if f.deployment != Deployment::Homogeneous && !f.local_reasons.is_empty() {
+                let _ = writeln!(s, "{:>12} kept local: {:?}", "", f.local_reasons);
+            }
+        }
+    }
+    if !overlap.is_empty() {
+        let _ = writeln!(
+            s,
+            "overlap: TTFT / max(prefill + last piece, whole-KV transfer)  (goal ≤ 1.10)"
+        );
+        let _ = writeln!(
+            s,
+            "{:>6} {:>9} {:>7} {:>8} {:>9} {:>10} {:>9} {:>9} {:>7}",
+            "Mbit/s",
+            "raw TCP",
+            "tokens",
+            "TTFT s",
+            "prefill",
+            "KV MB",
+            "whole s",
+            "last s",
+            "ratio"
+        );
+        for o in overlap {
+            let _ = writeln!(
+                s,
+                "{:>6} {:>9.1} {:>7} {:>8.2} {:>9.2} {:>10.1} {:>9.2} {:>9.3} {:>7.3}",
+                o.link_mbit,
+                o.measured_mbit,
+                o.prompt_tokens,
+                o.ttft_s,
+                o.prefill_s,
+                o.kv_bytes as f64 / 1e6,
+                o.whole_kv_s,
+                o.last_piece_s,
+                o.ratio
+            );
+        }
+    }
+    s
+}
+
+fn write_charts(dir: &Path, load: &[LoadFigures]) -> anyhow::Result<()> {
+    use prfaas_mesh::sim::report::{cdf_svg, lines_svg};
+    let Some(top) = load
+        .iter()
+        .map(|f| f.offered_req_per_s)
+        .max_by(f64::total_cmp)
+    else {
+        return Ok(());
+    };
+    let cdf: Vec<(String, Vec<f64>)> = load
+        .iter()
+        .filter(|f| f.offered_req_per_s == top)
+        .map(|f| {
+            (
+                format!("{:?}", f.deployment).to_lowercase(),
+                f.ttfts.clone(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("ttft_cdf.svg"),
+        cdf_svg(
+            &format!("TTFT CDF per deployment at {top} req/s offered"),
+            "TTFT (s)",
+            &cdf,
+        ),
+    )?;
+    let lines: Vec<(String, Vec<(f64, f64)>)> = DEPLOYMENTS
+        .iter()
+        .map(|d| {
+            (
+                format!("{d:?}").to_lowercase(),
+                load.iter()
+                    .filter(|f| f.deployment == *d)
+                    .map(|f| (f.offered_req_per_s, f.throughput_req_per_s))
+                    .collect(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("throughput_vs_load.svg"),
+        lines_svg(
+            "Throughput vs offered load",
+            "offered load (requests/s)",
+            "completed requests/s",
+            &lines,
+        ),
+    )?;
+    Ok(())
+}
+
+// ---- entry ---------------------------------------------------------------------------------
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(why) = super::netns::unavailable() {
+        anyhow::bail!("bench e2e runs node processes in network namespaces: {why}");
+    }
+    anyhow::ensure!(!args.rates.is_empty(), "--rates needs at least one value");
+    anyhow::ensure!(
+        args.rates.iter().all(|r| *r > 0.0 && r.is_finite()),
+        "--rates must be positive"
+    );
+    anyhow::ensure!(args.requests > 0, "--requests must be positive");
+    let bundle = load_model(&args.model)?;
+    let context = bundle.config.max_context;
+    let layers = bundle.config.n_layers();
+    let text = Text::new(bundle.text.codec.clone())?;
+    drop(bundle);
+    let slug: String = Path::new(&args.model)
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let dir = args.out.join(slug);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let topo = Topology::create("bench", &[args.link_mbit, args.link_mbit])?;
+
+    // The client and the orchestration run on a thread that lives in the hub namespace; the
+    // topology stays owned here, so it is removed however that thread ends.
+    let (load, overlap) = std::thread::scope(|s| {
+        s.spawn(|| -> anyhow::Result<_> {
+            topo.enter_hub()?;
+            actix_rt::System::new().block_on(async {
+                let mut load = Vec::new();
+                if !args.no_load {
+                    let trace = make_trace(&args, &text, context);
+                    for &rate in &args.rates {
+                        for d in DEPLOYMENTS {
+                            load.push(load_run(&args, &topo, &trace, d, rate, &dir).await?);
+                        }
+                    }
+                }
+                let mut overlap = Vec::new();
+                if !args.no_overlap {
+                    overlap = overlap_runs(&args, &topo, &text, layers, context, &dir).await?;
+                }
+                anyhow::Ok((load, overlap))
+            })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bench thread panicked"))?
+    })?;
+    drop(topo);
+
+    let tab = table(&args, &load, &overlap);
+    let report = json!({
+        "model": args.model,
+        "backend": args.backend.to_string(),
+        "machine": {
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "node_cores": args.cores,
+        },
+        "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "link_mbit": args.link_mbit,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "slo": {"ttft_s": args.slo_ttft_s, "mean_itl_s": args.slo_itl_s},
+        "load": load,
+        "overlap": overlap,
+        "overlap_goal": 1.10,
+    });
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(dir.join("table.txt"), &tab)?;
+    write_charts(&dir, &load)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{tab}");
+        println!("(tables, charts and JSON in {})", dir.display());
+    }
+    Ok(())
+}
