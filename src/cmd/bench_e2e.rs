@@ -245,6 +245,8 @@ fn node_config(
     c.api.listen = (topo.addr(i), API_PORT).into();
     c.api.max_inflight = 256;
     c.mesh.listen = vec![format!("/ip4/{}/tcp/{MESH_PORT}", topo.addr(i))];
+    // Veth addresses in network namespaces this run created: nobody else can reach them.
+    c.mesh.open = true;
     c.engine.kv_capacity_tokens = args.kv_tokens;
     c.engine.prefix_cache = prefix_cache;
     c.policy.auction_deadline = Duration::from_secs(1);
