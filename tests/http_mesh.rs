@@ -40,7 +40,11 @@ fn sample(metrics: &str, name: &str, label: &str) -> Option<f64> {
 #[actix_rt::test]
 async fn thirty_two_concurrent_requests_across_three_nodes() {
     let model = "tiny-hybrid";
-    let p = start_http(node_config("prefill", &[NodeRole::Prefill], model, vec![])).await;
+    let mut pc = node_config("prefill", &[NodeRole::Prefill], model, vec![]);
+    // Awards beyond this are refused at award time (and prefilled at home): let the prefill
+    // node take most of the ~21 long prompts that arrive at once.
+    pc.policy.max_served_prefills = 24;
+    let p = start_http(pc).await;
     let boot = addrs_of(&p).await;
     let a = start_http(node_config("a", &[NodeRole::Pd], model, boot.clone())).await;
     let b = start_http(node_config("b", &[NodeRole::Decode], model, boot)).await;
