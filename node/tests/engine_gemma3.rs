@@ -5,32 +5,23 @@
 //! The model (253 MB) is not in CI's fetch, so without it these tests print a loud SKIPPED line;
 //! `PRFAAS_REQUIRE_GEMMA=1` makes its absence a failure.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 
 use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::{Backend, GluAct, RopeStyle};
 use prfaas_node::engine::config::LayerKind;
-use prfaas_node::engine::gguf::{load_gguf, LoadedModel};
+use prfaas_node::engine::gguf::LoadedModel;
 use prfaas_node::engine::sampler::argmax;
 use prfaas_node::engine::{Engine, EngineConfig, Model, NullSink, Sampler, SamplingParams, SeqId};
 
 fn load() -> Option<LoadedModel> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/gemma-3-270m-q4_k_m.gguf");
-    if !p.exists() {
-        let required = std::env::var("PRFAAS_REQUIRE_GEMMA").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "PRFAAS_REQUIRE_GEMMA=1 but {} is missing (run scripts/fetch-model gemma3-270m)",
-            p.display()
-        );
-        eprintln!(
-            "\n*** SKIPPED: {} not found (run scripts/fetch-model gemma3-270m) ***\n",
-            p.display()
-        );
-        return None;
-    }
-    Some(load_gguf(&p).expect("gemma 3 270m loads"))
+    common::load_or_skip(
+        &common::model_file("gemma-3-270m-q4_k_m.gguf"),
+        "PRFAAS_REQUIRE_GEMMA",
+        "scripts/fetch-model gemma3-270m",
+    )
 }
 
 fn engine(m: &LoadedModel) -> Engine {

@@ -2,13 +2,15 @@
 //! Skipped with a loud line when `models/SmolLM2-135M-Instruct.Q4_1.gguf` is absent
 //! (`scripts/fetch-model` downloads it).
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::Backend;
 use prfaas_node::engine::chat::{ChatMessage, ChatTemplate};
-use prfaas_node::engine::gguf::{load_gguf, LoadedModel};
+use prfaas_node::engine::gguf::LoadedModel;
 use prfaas_node::engine::sampler::argmax;
 use prfaas_node::engine::{
     Engine, EngineConfig, LayerKv, Model, NullSink, Sampler, SamplingParams, SeqId,
@@ -17,25 +19,11 @@ use prfaas_node::kv::wire::{decode_int8, encode_int8, INT8_BLOCK};
 use prfaas_node::kv::KvDType;
 
 fn model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    common::model_file("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 fn load() -> Option<LoadedModel> {
-    let p = model_path();
-    if !p.exists() {
-        let required = std::env::var("PRFAAS_REQUIRE_MODEL").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "PRFAAS_REQUIRE_MODEL=1 but {} is missing (run scripts/fetch-model)",
-            p.display()
-        );
-        eprintln!(
-            "\n*** SKIPPED: {} not found (run scripts/fetch-model) ***\n",
-            p.display()
-        );
-        return None;
-    }
-    Some(load_gguf(&p).expect("the default model loads"))
+    common::load_or_skip(&model_path(), "PRFAAS_REQUIRE_MODEL", "scripts/fetch-model")
 }
 
 fn engine(m: &LoadedModel, cfg: EngineConfig) -> Engine {
