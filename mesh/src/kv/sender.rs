@@ -220,7 +220,10 @@ impl KvSender {
             }
             let n = left.min(piece_len as u64) as usize;
             left -= n as u64;
-            let bytes: Vec<u8> = fill.iter().copied().cycle().take(n).collect();
+            let bytes: Vec<u8> = match fill.get(..n) {
+                Some(b) => b.to_vec(),
+                None => fill.iter().copied().cycle().take(n).collect(),
+            };
             let piece = PieceId {
                 layer,
                 start: 0,
