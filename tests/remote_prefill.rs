@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use prfaas_kernels::BackendKind;
 use prfaas_node::config::NodeRole;
+use prfaas_node::kv::wire::KvWire;
 use prfaas_node::metrics::KindLabel;
 use prfaas_node::service::PrefillRoute;
 
@@ -236,5 +237,79 @@ async fn stalled_winner_falls_back_locally_and_frees_its_lease() {
     );
     assert_eq!(got.tokens, reference.greedy(&long[1], 8));
     home.shutdown().await;
+    prefill.shutdown().await;
+}
+
+/// `mesh.kv_wire = "int8"`: a home that expects the link, not the prefill, to bound the transfer
+/// asks its winner for int8 KV; the winner streams int8 (9/16 of the f16 bytes plus the exact
+/// state), the home imports it and decodes. A home left at the default never asks for it.
+#[actix_rt::test]
+async fn int8_kv_is_asked_for_only_when_allowed_and_link_bound() {
+    let model = "tiny-hybrid";
+    let mut pcfg = node_config("prefill", &[NodeRole::Prefill], model, vec![]);
+    pcfg.mesh.bandwidth.probes = false;
+    let prefill = start(pcfg).await;
+    let mut homes = Vec::new();
+    for wire in [KvWire::Int8, KvWire::F16] {
+        let mut hcfg = node_config(
+            &format!("home-{wire}"),
+            &[NodeRole::Decode],
+            model,
+            addrs_of(&prefill).await,
+        );
+        hcfg.mesh.kv_wire = wire;
+        // No probe measures the link first: the home assumes 10 kB/s, far below what any
+        // prefill of these prompts takes to ship, so the link is the bound.
+        hcfg.mesh.bandwidth.probes = false;
+        hcfg.policy.assumed_bandwidth_bytes_per_s = 1e4;
+        hcfg.policy.max_score = f64::MAX;
+        homes.push(start(hcfg).await);
+    }
+    let long = prompts()
+        .into_iter()
+        .find(|p| {
+            homes[0]
+                .core
+                .text
+                .codec
+                .encode(p, false)
+                .map_or(0, |t| t.len())
+                > 48
+        })
+        .expect("a long prompt");
+    let n = homes[0].core.text.codec.encode(&long, false).unwrap().len();
+    let layout = homes[0].core.layout.clone();
+    for (home, wire) in homes.iter().zip([KvWire::Int8, KvWire::F16]) {
+        wait_for_prefillers(home, 1).await;
+        let count = |kind: &str| {
+            home.core
+                .metrics
+                .kv_transfers
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .get()
+        };
+        let received = || {
+            home.core
+                .metrics
+                .kv_bytes
+                .get_or_create(&KindLabel {
+                    kind: "received".into(),
+                })
+                .get()
+        };
+        let got = run_text(home, &long, 8).await;
+        assert!(got.is_remote(), "{wire}: not offloaded: {:?}", got.route);
+        assert_eq!(got.tokens.len(), 8, "{wire}: decoded from the imported KV");
+        assert_eq!(count(wire.as_str()), 1, "{wire}: transfers by wire");
+        assert_eq!(count("int8") + count("f16"), 1);
+        assert_eq!(
+            received(),
+            layout.wire_export_bytes(n, wire) as u64,
+            "{wire}: bytes on the wire"
+        );
+    }
+    for h in homes {
+        h.shutdown().await;
+    }
     prefill.shutdown().await;
 }

@@ -560,6 +560,7 @@ pub async fn scale(n: usize, rounds: usize) -> Result<MeshScale, BenchError> {
                     bid_id: bid.bid_id,
                     price: bid.price,
                     tokens: Vec::new(),
+                    kv_wire: Default::default(),
                 },
             )
             .await?;

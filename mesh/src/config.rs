@@ -56,6 +56,11 @@ pub struct MeshConfig {
     pub gossip: GossipConfig,
     /// Parallel streams per KV transfer by default.
     pub streams_per_transfer: u16,
+    /// How KV this node homes may cross the network: `f16` (default) always takes it as stored
+    /// (exact); `int8` lets the home ask a winner for int8 KV (about 1.8x fewer bytes, lossy)
+    /// whenever the bandwidth it observed to that winner makes the transfer, not the prefill,
+    /// the longer of the two.
+    pub kv_wire: crate::kv::KvWire,
     /// Bandwidth estimation.
     pub bandwidth: BandwidthConfig,
     /// Bounds on everything that can grow.
@@ -254,6 +259,7 @@ impl Default for MeshConfig {
             target_peers: 8,
             gossip: GossipConfig::default(),
             streams_per_transfer: 1,
+            kv_wire: crate::kv::KvWire::F16,
             bandwidth: BandwidthConfig::default(),
             limits: Limits::default(),
             table_sync: TableSyncConfig::default(),

@@ -120,6 +120,7 @@ async fn call_bid_award_round_trip() {
                 bid_id: b.bid_id,
                 price: 3.0,
                 tokens: Vec::new(),
+                kv_wire: Default::default(),
             },
         )
         .await
@@ -142,6 +143,7 @@ async fn call_bid_award_round_trip() {
                 bid_id: 42,
                 price: 3.0,
                 tokens: Vec::new(),
+                kv_wire: Default::default(),
             }),
         )
         .await
@@ -238,6 +240,7 @@ async fn award_to_expired_bid_is_refused() {
                 bid_id: 42,
                 price: 1.0,
                 tokens: Vec::new(),
+                kv_wire: Default::default(),
             }),
         )
         .await
@@ -382,6 +385,7 @@ async fn awards_beyond_capacity_are_refused() {
             bid_id: 42,
             price: 4.0,
             tokens: Vec::new(),
+            kv_wire: Default::default(),
         })
     };
     for r in [31, 32, 33] {

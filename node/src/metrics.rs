@@ -81,6 +81,8 @@ pub struct Metrics {
     pub auctions: Family<KindLabel, Counter>,
     /// KV bytes streamed (`kind` = `sent` / `received`).
     pub kv_bytes: Family<KindLabel, Counter>,
+    /// KV transfers received, by wire encoding (`kind` = `f16` / `int8`).
+    pub kv_transfers: Family<KindLabel, Counter>,
     /// Observed KV goodput to each peer, bytes/s (the mesh's EWMA).
     pub peer_bandwidth: Family<PeerLabel, Gauge<f64, AtomicU64>>,
     /// KV blocks (`kind` = `used`, `leased`, `free`, `cached`).
@@ -141,6 +143,7 @@ impl Metrics {
             offload_decisions: Family::default(),
             auctions: Family::default(),
             kv_bytes: Family::default(),
+            kv_transfers: Family::default(),
             peer_bandwidth: Family::default(),
             kv_blocks: Family::default(),
             offload_threshold: Gauge::default(),
@@ -234,6 +237,11 @@ impl Metrics {
         );
         r.register("auctions", "Auction outcomes", m.auctions.clone());
         r.register("kv_bytes", "KV bytes streamed", m.kv_bytes.clone());
+        r.register(
+            "kv_transfers",
+            "KV transfers received, by wire encoding",
+            m.kv_transfers.clone(),
+        );
         r.register(
             "peer_bandwidth_bytes_per_second",
             "Observed KV goodput per peer (EWMA)",

@@ -254,6 +254,77 @@ fn engine_kv_dtypes_wire_round_trip_and_f32_still_works() {
     }
 }
 
+/// Int8 on the wire (`mesh.kv_wire = "int8"`): each piece takes exactly the bytes the layout
+/// says, is 1.125 bytes per paged value (state travels exact), decodes within half a
+/// quantization step of its block's largest value, imports into leased blocks and decodes; a
+/// malformed int8 piece is an error, never a panic.
+#[test]
+fn engine_int8_wire_is_bounded_and_imports() {
+    use prfaas_node::kv::wire::{KvWire, INT8_BLOCK};
+    for kind in KINDS {
+        let p = prompt(45, 9);
+        let mut a = engine(kind, cfg());
+        let pre = a.prefill(&p, &mut NullSink).unwrap();
+        let first = prfaas_node::engine::sampler::argmax(&pre.logits);
+        let export = a.export_kv(pre.seq).unwrap();
+        let layout = a.layout().clone();
+        let mut b = engine(kind, cfg());
+        let id = b
+            .begin_import(p.clone(), std::time::Instant::now())
+            .unwrap();
+        let (mut int8_bytes, mut exact_bytes) = (0, 0);
+        for mut piece in export.pieces() {
+            let (l, rows) = (piece.layer, piece.tokens.len());
+            let bytes = piece.kv.to_wire(layout.dtype, KvWire::Int8).unwrap();
+            assert_eq!(
+                bytes.len(),
+                layout.wire_export_layer_bytes(l, p.len(), KvWire::Int8)
+            );
+            int8_bytes += bytes.len();
+            exact_bytes += layout.export_layer_bytes(l, p.len());
+            let back = LayerKv::from_wire(&layout, KvWire::Int8, l, rows, &bytes).unwrap();
+            match (&piece.kv, &back) {
+                (LayerKv::Paged { k, v }, LayerKv::Paged { k: k2, v: v2 }) => {
+                    for (x, y) in [(k, k2), (v, v2)] {
+                        for (xs, ys) in x.chunks(INT8_BLOCK).zip(y.chunks(INT8_BLOCK)) {
+                            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            for (a, b) in xs.iter().zip(ys) {
+                                assert!((a - b).abs() <= amax / 254.0 + amax * 1e-6);
+                            }
+                        }
+                    }
+                }
+                (LayerKv::State { .. }, LayerKv::State { .. }) => {
+                    assert_eq!(back, piece.kv, "state travels exact")
+                }
+                _ => panic!("{kind:?} layer {l}: the piece changed kind"),
+            }
+            // Malformed int8: truncated, or a NaN scale in the V half.
+            if layout.layers[l].is_paged() {
+                assert!(LayerKv::from_wire(&layout, KvWire::Int8, l, rows, &bytes[1..]).is_err());
+                let mut bad = bytes.clone();
+                let v0 = bytes.len() / 2;
+                bad[v0..v0 + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+                assert!(LayerKv::from_wire(&layout, KvWire::Int8, l, rows, &bad).is_err());
+            }
+            piece.kv = back;
+            b.import_piece(id, &piece, std::time::Instant::now())
+                .unwrap();
+        }
+        assert_eq!(int8_bytes, layout.wire_export_bytes(p.len(), KvWire::Int8));
+        let state = layout.state_slot_bytes();
+        // f16 paged values take 2 bytes, int8 ones 1 + 4/32 (a little more for partial blocks).
+        let ratio = (int8_bytes - state) as f64 / (exact_bytes - state) as f64;
+        assert!(
+            (0.5625..0.6).contains(&ratio),
+            "{kind:?}: int8/f16 = {ratio}"
+        );
+        let seq = b.finish_import(id).unwrap();
+        let remote = continue_greedy(&mut b, seq, first, 12);
+        assert_eq!(remote.len(), 12, "{kind:?}: decodes from int8 KV");
+    }
+}
+
 #[test]
 fn engine_import_rejects_foreign_or_malformed_kv() {
     let mut dense = engine(SyntheticKind::TinyDense, cfg());

@@ -125,6 +125,7 @@ mod tests {
             bid_id,
             price: 1.0,
             tokens: Vec::new(),
+            kv_wire: Default::default(),
         }
     }
 

@@ -75,6 +75,9 @@ pub struct Award {
     /// Bounded by the auction message size limit.
     #[serde(with = "crate::wire::cbor_bytes", default)]
     pub tokens: Vec<u8>,
+    /// How the winner must encode the KV it streams back (absent from older homes: as stored).
+    #[serde(default)]
+    pub kv_wire: crate::kv::KvWire,
 }
 
 impl Award {

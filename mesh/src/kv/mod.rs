@@ -21,6 +21,8 @@ pub mod receiver;
 pub mod sender;
 
 pub use codec::KvError;
-pub use protocol::{FrameHeader, KvAck, KvHeader, KvTrailer, PieceId, StreamHello, KV_PROTOCOL};
+pub use protocol::{
+    FrameHeader, KvAck, KvHeader, KvTrailer, KvWire, PieceId, StreamHello, KV_PROTOCOL,
+};
 pub use receiver::{BusyClock, KvIncoming, KvReceived, KvSink, SinkError, VecSink};
 pub use sender::{KvSender, KvSent};

@@ -56,6 +56,39 @@ impl KvHeader {
     }
 }
 
+/// How paged KV crosses the network for one transfer: the home asks for it in the award
+/// ([`crate::auction::Award::kv_wire`]), the winner encodes accordingly and names the encoding in
+/// [`KvHeader::dtype`]. The values themselves are the application's business (the node's
+/// `kv::wire` module encodes them); the mesh only carries the choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum KvWire {
+    /// Exactly as stored (the KV layout's own dtype: f16 unless the node stores f32): exact, so
+    /// a remote prefill is token-identical to a local one.
+    #[default]
+    F16,
+    /// Int8 with one f32 scale per small block of values: about 1.8x fewer bytes than f16, lossy.
+    /// For links slow enough that the transfer, not the prefill, bounds time to first token.
+    Int8,
+}
+
+impl KvWire {
+    /// The config / metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvWire::F16 => "f16",
+            KvWire::Int8 => "int8",
+        }
+    }
+}
+
+impl std::fmt::Display for KvWire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// First message on every stream of a transfer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamHello {

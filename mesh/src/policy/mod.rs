@@ -14,7 +14,7 @@ pub mod workload;
 
 pub use auction::{settle, Award, Bid, BidderId, BidderLoad, PricingParams, ScoringParams};
 pub use bids::{check_bid, BidFault};
-pub use offload::{OffloadRule, Placement, RequestShape};
+pub use offload::{choose_kv_wire, OffloadRule, Placement, RequestShape};
 pub use profile::{DecodeProfile, PrefillProfile, ProfilePoint};
 pub use role::{advise_role, RoleAdvice};
 pub use throughput::{

@@ -52,9 +52,49 @@ impl OffloadRule {
     }
 }
 
+/// How the winner should encode the KV it streams back: `allowed` is the home's setting
+/// (`mesh.kv_wire`). Int8 is asked for only when it is allowed and the link bounds time to first
+/// token: with layer-wise streaming TTFT ≈ max(prefill, transfer) + one piece, so shrinking the
+/// bytes pays only when `kv_bytes / bandwidth` (at the exact encoding) exceeds the winner's
+/// prefill. Unknown or nonsense inputs (NaN, zero bandwidth) keep the exact encoding.
+pub fn choose_kv_wire(
+    allowed: crate::kv::KvWire,
+    kv_bytes: f64,
+    bandwidth_bytes_per_s: f64,
+    prefill_s: f64,
+) -> crate::kv::KvWire {
+    use crate::kv::KvWire;
+    let transfer_s = kv_bytes / bandwidth_bytes_per_s;
+    match allowed {
+        KvWire::Int8
+            if transfer_s.is_finite() && prefill_s.is_finite() && transfer_s > prefill_s =>
+        {
+            KvWire::Int8
+        }
+        _ => KvWire::F16,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn int8_only_when_allowed_and_the_link_is_the_bound() {
+        use crate::kv::KvWire::{Int8, F16};
+        // 10 MB at 1 MB/s = 10 s against a 2 s prefill: link-bound.
+        assert_eq!(choose_kv_wire(Int8, 10e6, 1e6, 2.0), Int8);
+        assert_eq!(choose_kv_wire(F16, 10e6, 1e6, 2.0), F16);
+        // 10 MB at 100 MB/s = 0.1 s: prefill-bound, keep it exact.
+        assert_eq!(choose_kv_wire(Int8, 10e6, 100e6, 2.0), F16);
+        for (bw, p) in [(0.0, 1.0), (f64::NAN, 1.0), (1e6, f64::NAN), (-1.0, 1.0)] {
+            assert_eq!(
+                choose_kv_wire(Int8, 10e6, bw, p),
+                F16,
+                "bw {bw} prefill {p}"
+            );
+        }
+    }
 
     fn req(total: f64, local: f64, remote: f64) -> RequestShape {
         RequestShape {

@@ -32,6 +32,7 @@ use crate::engine::{
     TokenLogprobs, VerifyConfig,
 };
 use crate::kv::prefix::block_hashes;
+use crate::kv::wire::KvWire;
 use crate::kv::{KvStats, LeaseId};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::service::{GenerateEvent, PrefillRoute, Timings, TokenLogprob, TopLogprob, Usage};
@@ -106,6 +107,8 @@ pub enum Job {
     /// cut) stops the prefill early.
     ServePrefill {
         tokens: Vec<u32>,
+        /// How the pieces are encoded (the home's choice, from the award).
+        wire: KvWire,
         pieces: mpsc::UnboundedSender<(PieceId, Vec<u8>)>,
         done: oneshot::Sender<Result<ServedPrefill, String>>,
     },
@@ -327,6 +330,7 @@ impl ComputeHandle {
         let (dtx, drx) = oneshot::channel();
         self.submit(Job::ServePrefill {
             tokens,
+            wire: KvWire::F16,
             pieces: ptx,
             done: dtx,
         })
@@ -719,6 +723,7 @@ impl Worker {
             }
             Job::ServePrefill {
                 tokens,
+                wire,
                 pieces,
                 done,
             } => {
@@ -726,6 +731,7 @@ impl Worker {
                 let mut sink = ChannelSink {
                     tx: pieces,
                     dtype: self.engine.layout().dtype,
+                    wire,
                 };
                 let r = self.engine.prefill(&tokens, &mut sink);
                 // Close the piece channel before answering, so the sender sees the end.
@@ -1059,8 +1065,9 @@ pub fn fail(metrics: &Metrics, job: Box<DecodeJob>, message: &str) {
 /// compute thread serves every other request too, and must not stall behind one slow link.
 struct ChannelSink {
     tx: mpsc::UnboundedSender<(PieceId, Vec<u8>)>,
-    /// The engine's KV dtype (what goes on the wire).
+    /// The engine's KV dtype (what goes on the wire unless `wire` says otherwise).
     dtype: crate::kv::KvDType,
+    wire: KvWire,
 }
 
 impl KvSink for ChannelSink {
@@ -1070,8 +1077,15 @@ impl KvSink for ChannelSink {
             start: piece.tokens.start as u32,
             end: piece.tokens.end as u32,
         };
+        let bytes = piece
+            .kv
+            .to_wire(self.dtype, self.wire)
+            .map_err(|e| SinkError::BadWire {
+                layer: piece.layer,
+                error: e,
+            })?;
         self.tx
-            .send((id, piece.kv.to_le_bytes(self.dtype)))
+            .send((id, bytes))
             .map_err(|_| SinkError::Closed("KV transfer ended".into()))
     }
 }

@@ -30,6 +30,8 @@ pub struct AuctionRecord {
     /// Winner (`"local"` for the reserve bid) and what it is paid.
     pub winner: Option<String>,
     pub payment: f64,
+    /// How the winner was asked to encode the KV (`f16` = as stored, `int8`).
+    pub kv_wire: Option<String>,
     /// `awarded`, `no_bids`, `reserve_won`, `award_refused`, `transfer_failed`, `ok`.
     pub outcome: String,
     pub elapsed_ms: f64,

@@ -26,6 +26,7 @@ use super::decode::{DecodeEngine, RunJob};
 use super::MAILBOX;
 use crate::engine::{KvPiece, LayerKv};
 use crate::kv::prefix::block_hashes;
+use crate::kv::wire::{wire_label, KvWire};
 use crate::kv::KvLayout;
 use crate::metrics::Metrics;
 use crate::service::PrefillRoute;
@@ -191,6 +192,7 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
         silent: 0,
         winner: None,
         payment: 0.0,
+        kv_wire: None,
         outcome: String::new(),
         elapsed_ms: 0.0,
     };
@@ -427,11 +429,21 @@ async fn auction(
             peer,
             reason: format!("mesh bridge: {e}"),
         })?;
+    // Int8 on the wire only where allowed and where the link, not the prefill, is the bound.
+    let (bw, _) = core.bandwidth_to(&peer);
+    let wire = policy::choose_kv_wire(
+        core.cfg.mesh.kv_wire,
+        kv_bytes as f64,
+        bw,
+        f64::from(bid.est_prefill_ms) / 1e3,
+    );
+    rec.kv_wire = Some(wire.to_string());
     let award = Award {
         request_id: job.request_id,
         bid_id: bid.bid_id,
         price: won.payment.max(bid.price),
         tokens: Award::pack_tokens(&job.tokens),
+        kv_wire: wire,
     };
     let award_sent = Instant::now();
     let awarded = tokio::time::timeout(
@@ -453,8 +465,9 @@ async fn auction(
             })
         }
     }
-    match receive(core, job, incoming, &ticket).await {
-        Ok((logits, bytes)) => {
+    match receive(core, job, incoming, &ticket, wire).await {
+        Ok((logits, bytes, wire)) => {
+            Metrics::inc(&core.metrics.kv_transfers, wire.as_str());
             rec.outcome = "ok".into();
             let transfer_s = award_sent.elapsed().as_secs_f64();
             core.metrics
@@ -487,7 +500,8 @@ async fn receive(
     job: &DecodeJob,
     incoming: tokio::sync::oneshot::Receiver<KvIncoming>,
     ticket: &ImportTicket,
-) -> Result<(Vec<f32>, u64), TransferError> {
+    asked: KvWire,
+) -> Result<(Vec<f32>, u64, KvWire), TransferError> {
     let timeout = core.cfg.policy.transfer_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let inc = tokio::time::timeout_at(deadline, incoming)
@@ -501,12 +515,20 @@ async fn receive(
             "KV for another model or layout".into(),
         ));
     }
+    // What we asked for, or the exact encoding from a winner that predates the choice; never a
+    // lossy encoding we did not ask for.
+    let wire = [asked, KvWire::F16]
+        .into_iter()
+        .find(|&w| h.dtype == wire_label(&core.layout, w))
+        .ok_or_else(|| {
+            TransferError::Header(format!("KV encoded as {:?}, asked for {asked}", h.dtype))
+        })?;
     if h.tokens as usize != n
         || h.layers as usize != core.layout.layers.len()
-        || h.total_bytes != core.layout.export_bytes(n) as u64
+        || h.total_bytes != core.layout.wire_export_bytes(n, wire) as u64
     {
         return Err(TransferError::Header(format!(
-            "{} tokens, {} layers, {} bytes",
+            "{} tokens, {} layers, {} bytes of {wire}",
             h.tokens, h.layers, h.total_bytes
         )));
     }
@@ -516,6 +538,7 @@ async fn receive(
     }
     let mut sink = HomeSink {
         layout: &core.layout,
+        wire,
         vocab: core.vocab,
         ticket,
         logits: None,
@@ -532,7 +555,7 @@ async fn receive(
             e => TransferError::Stream(e),
         })?;
     let logits = sink.logits.ok_or(TransferError::NoLogits)?;
-    Ok((logits, got.bytes))
+    Ok((logits, got.bytes, wire))
 }
 
 /// Home side of a transfer: parses each piece as it arrives (so a bad frame fails the transfer
@@ -540,6 +563,8 @@ async fn receive(
 /// position and checks that pieces neither overlap nor leave gaps; keeps the trailer's logits.
 struct HomeSink<'a> {
     layout: &'a KvLayout,
+    /// How the pieces are encoded (checked against the header).
+    wire: KvWire,
     vocab: usize,
     ticket: &'a ImportTicket,
     logits: Option<Vec<f32>>,
@@ -549,7 +574,7 @@ impl MeshKvSink for HomeSink<'_> {
     fn write_piece(&mut self, piece: PieceId, bytes: Vec<u8>) -> Result<(), MeshSinkError> {
         let layer = piece.layer as usize;
         let tokens = piece.start as usize..piece.end as usize;
-        let kv = LayerKv::from_le_bytes(self.layout, layer, tokens.len(), &bytes)
+        let kv = LayerKv::from_wire(self.layout, self.wire, layer, tokens.len(), &bytes)
             .map_err(|e| MeshSinkError(e.to_string()))?;
         drop(bytes);
         self.ticket

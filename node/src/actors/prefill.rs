@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use prfaas_mesh::auction::{Award, Bid, Call, DeclineReason, ServeSlot};
-use prfaas_mesh::kv::{KvHeader, KvTrailer};
+use prfaas_mesh::kv::{KvHeader, KvTrailer, KvWire};
 use prfaas_mesh::policy::{BidderLoad, PricingParams};
 use prfaas_mesh::{CallAnswer, CallToken, PeerId};
 use tokio::sync::{mpsc, oneshot};
@@ -16,6 +16,7 @@ use super::compute::{cached_leading, Job};
 use super::core::Core;
 use super::decode::{DecodeEngine, RunJob};
 use super::MAILBOX;
+use crate::kv::wire::wire_label;
 use crate::metrics::Metrics;
 
 /// Calls remembered to check awards against (bounded; oldest forgotten first).
@@ -195,7 +196,8 @@ impl Handler<Serve> for PrefillWorker {
             // reads too slowly or not at all must not hold the KV queued for it). Dropping
             // `serve` aborts the transfer and stops the prefill if it is still running.
             let limit = core.cfg.policy.transfer_timeout;
-            let r = tokio::time::timeout(limit, serve(&core, &decode, peer, request, tokens))
+            let wire = award.kv_wire;
+            let r = tokio::time::timeout(limit, serve(&core, &decode, peer, request, tokens, wire))
                 .await
                 .unwrap_or_else(|_| Err(format!("transfer not done within {limit:?}")));
             drop(slot);
@@ -217,6 +219,7 @@ async fn serve(
     peer: PeerId,
     request_id: u64,
     tokens: Vec<u32>,
+    wire: KvWire,
 ) -> Result<(), String> {
     let t0 = Instant::now();
     let n = tokens.len();
@@ -227,6 +230,7 @@ async fn serve(
     let queued = decode
         .send(RunJob(Job::ServePrefill {
             tokens,
+            wire,
             pieces: ptx,
             done: dtx,
         }))
@@ -241,13 +245,13 @@ async fn serve(
         model: core.model_ref.clone(),
         layers: layers as u32,
         tokens: n as u32,
-        dtype: layout.dtype.to_string(),
+        dtype: wire_label(layout, wire),
         // A piece is at most a whole layer's export.
         max_piece_bytes: (0..layers)
-            .map(|l| layout.export_layer_bytes(l, n) as u64)
+            .map(|l| layout.wire_export_layer_bytes(l, n, wire) as u64)
             .max()
             .unwrap_or(0),
-        total_bytes: layout.export_bytes(n) as u64,
+        total_bytes: layout.wire_export_bytes(n, wire) as u64,
         probe: false,
     };
     // On any error below `prx` is dropped, which makes the compute thread's sink fail and the
@@ -282,6 +286,7 @@ async fn serve(
         %peer,
         request = request_id,
         tokens = n,
+        %wire,
         cached = served.cached_tokens,
         prefill_ms = served.elapsed.as_millis() as u64,
         total_ms = t0.elapsed().as_millis() as u64,

@@ -9,6 +9,7 @@
 use std::ops::Range;
 
 use crate::kv::layout::STATE_DTYPE;
+use crate::kv::wire::{decode_int8, encode_int8, int8_encoded_len, KvWire, WireError, INT8_BLOCK};
 use crate::kv::{KvDType, KvLayout};
 
 /// One layer's KV for a range of a sequence's tokens, in the export layout of
@@ -105,6 +106,56 @@ impl LayerKv {
     }
 }
 
+impl LayerKv {
+    /// The layer's bytes as they cross the network in `wire` (`dtype` is the layout's paged-KV
+    /// dtype): [`to_le_bytes`](Self::to_le_bytes) for the exact encoding and for state; K then V
+    /// as int8 blocks ([`crate::kv::wire::encode_int8`]) for [`KvWire::Int8`], which refuses
+    /// non-finite values.
+    pub fn to_wire(&self, dtype: KvDType, wire: KvWire) -> Result<Vec<u8>, WireError> {
+        match (wire, self) {
+            (KvWire::Int8, LayerKv::Paged { k, v }) => {
+                let mut out = Vec::with_capacity(
+                    int8_encoded_len(k.len(), INT8_BLOCK) + int8_encoded_len(v.len(), INT8_BLOCK),
+                );
+                encode_int8(k, INT8_BLOCK, &mut out)?;
+                encode_int8(v, INT8_BLOCK, &mut out)?;
+                Ok(out)
+            }
+            _ => Ok(self.to_le_bytes(dtype)),
+        }
+    }
+
+    /// Parses what [`to_wire`](Self::to_wire) wrote for `rows` tokens of `layer` of `layout`.
+    /// Never panics: a wrong length or a malformed int8 block is [`SinkError::BadLayer`] /
+    /// [`SinkError::BadWire`].
+    pub fn from_wire(
+        layout: &KvLayout,
+        wire: KvWire,
+        layer: usize,
+        rows: usize,
+        bytes: &[u8],
+    ) -> Result<Self, SinkError> {
+        if wire != KvWire::Int8 || !layout.layers.get(layer).is_some_and(|l| l.is_paged()) {
+            return Self::from_le_bytes(layout, layer, rows, bytes);
+        }
+        let want = layout.wire_piece_bytes(layer, rows, wire);
+        if bytes.len() != want || want == 0 {
+            return Err(SinkError::BadLayer {
+                layer,
+                got: bytes.len(),
+                want,
+            });
+        }
+        let half = layout.piece_elems(layer, rows) / 2;
+        let (kb, vb) = bytes.split_at(want / 2);
+        let bad = |e: WireError| SinkError::BadWire { layer, error: e };
+        Ok(LayerKv::Paged {
+            k: decode_int8(kb, half, INT8_BLOCK).map_err(bad)?,
+            v: decode_int8(vb, half, INT8_BLOCK).map_err(bad)?,
+        })
+    }
+}
+
 /// Errors raised by sinks or when checking exported KV.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -117,6 +168,8 @@ pub enum SinkError {
     },
     #[error("KV sink closed: {0}")]
     Closed(String),
+    #[error("layer {layer}: {error}")]
+    BadWire { layer: usize, error: WireError },
 }
 
 /// One layer's KV for tokens `tokens` of a sequence: what [`KvSink`] receives and a KV import

@@ -415,13 +415,42 @@ impl KvLayout {
     /// Bytes of `layer` in the export layout for a sequence of `n_tokens` tokens: its
     /// [`transfer_rows`](Self::transfer_rows) for paged layers, the state for state layers.
     pub fn export_layer_bytes(&self, layer: usize, n_tokens: usize) -> usize {
-        self.piece_bytes(layer, self.transfer_rows(layer, n_tokens).len())
+        self.wire_export_layer_bytes(layer, n_tokens, super::wire::KvWire::F16)
     }
 
     /// Total bytes of an exported sequence of `n_tokens` tokens (sum over layers).
     pub fn export_bytes(&self, n_tokens: usize) -> usize {
+        self.wire_export_bytes(n_tokens, super::wire::KvWire::F16)
+    }
+
+    /// Bytes of a piece of `layer` holding `rows` tokens as it crosses the network in `wire`:
+    /// [`piece_bytes`](Self::piece_bytes) for the exact encoding and for state layers (state
+    /// always travels as f32); K and V each as int8 blocks ([`super::wire::encode_int8`]) for
+    /// [`super::wire::KvWire::Int8`].
+    pub fn wire_piece_bytes(&self, layer: usize, rows: usize, wire: super::wire::KvWire) -> usize {
+        match (wire, self.layers.get(layer)) {
+            (super::wire::KvWire::Int8, Some(l @ LayerKvShape::Paged { .. })) => {
+                let half = rows * l.kv_elems_per_token() / 2;
+                2 * super::wire::int8_encoded_len(half, super::wire::INT8_BLOCK)
+            }
+            _ => self.piece_bytes(layer, rows),
+        }
+    }
+
+    /// [`export_layer_bytes`](Self::export_layer_bytes) in `wire`.
+    pub fn wire_export_layer_bytes(
+        &self,
+        layer: usize,
+        n_tokens: usize,
+        wire: super::wire::KvWire,
+    ) -> usize {
+        self.wire_piece_bytes(layer, self.transfer_rows(layer, n_tokens).len(), wire)
+    }
+
+    /// [`export_bytes`](Self::export_bytes) in `wire`: what a transfer of `n_tokens` carries.
+    pub fn wire_export_bytes(&self, n_tokens: usize, wire: super::wire::KvWire) -> usize {
         (0..self.layers.len())
-            .map(|l| self.export_layer_bytes(l, n_tokens))
+            .map(|l| self.wire_export_layer_bytes(l, n_tokens, wire))
             .sum()
     }
 

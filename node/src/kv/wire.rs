@@ -10,18 +10,17 @@
 //!   enough that the transfer, not the prefill, bounds time to first token. Lossy: see
 //!   BENCHMARKS.md for what it costs on SmolLM2. Linear-attention state always travels as f32.
 
-use serde::{Deserialize, Serialize};
+pub use prfaas_mesh::kv::KvWire;
 
-/// How paged K/V crosses the network for one transfer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum KvWire {
-    /// Exactly as stored (the layout's dtype: f16 unless `engine.kv_dtype = "f32"`).
-    #[default]
-    F16,
-    /// Int8 with one f32 scale per block of [`INT8_BLOCK`] values ([`encode_int8`]).
-    Int8,
+/// The [`KvHeader::dtype`](prfaas_mesh::kv::KvHeader::dtype) label of a transfer of `layout`'s
+/// KV in `wire`: the layout's dtype (`f16`, `f32`) for the exact encoding, `int8` otherwise. The
+/// home accepts only the label of what it asked for (or the exact one from a winner too old to
+/// know the choice).
+pub fn wire_label(layout: &super::KvLayout, wire: KvWire) -> String {
+    match wire {
+        KvWire::Int8 => KvWire::Int8.as_str().to_string(),
+        _ => layout.dtype.to_string(),
+    }
 }
 
 /// Values per int8 scale: one K or V head row of 64 values is two blocks.
