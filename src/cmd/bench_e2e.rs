@@ -605,6 +605,9 @@ struct Overlap {
     reps: usize,
     /// Medians over the reps.
     ttft_s: f64,
+    /// Award to the whole KV received, as the home timed it (`ttft_s` minus this is the
+    /// auction, the home's checks of the KV and its first decode step).
+    transfer_s: f64,
     prefill_s: f64,
     kv_bytes: u64,
     whole_kv_s: f64,
@@ -729,6 +732,7 @@ async fn overlap_runs(
             // Room for the generated tokens and for re-tokenization drift of the cut text.
             let n = len.min(context.saturating_sub(64));
             let (mut ttfts, mut prefills, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            let mut transfers = Vec::new();
             let (mut kv_bytes, mut prompt_tokens) = (0, n);
             let (mut whole, mut last) = (f64::NAN, f64::NAN);
             for rep in 0..args.overlap_reps.max(1) {
@@ -744,8 +748,11 @@ async fn overlap_runs(
                     true,
                 )
                 .await?;
-                let Some(PrefillRoute::Remote { kv_bytes: kb, .. }) =
-                    remote.prfaas.as_ref().map(|p| p.route.clone())
+                let Some(PrefillRoute::Remote {
+                    kv_bytes: kb,
+                    transfer_s,
+                    ..
+                }) = remote.prfaas.as_ref().map(|p| p.route.clone())
                 else {
                     anyhow::bail!(
                         "overlap request ({n} tokens, {mbit} Mbit/s) was not offloaded: {:?}",
@@ -771,10 +778,11 @@ async fn overlap_runs(
                     / rate;
                 let ratio = ttft / (prefill + last).max(whole);
                 eprintln!(
-                    "  overlap {mbit} Mbit/s (raw TCP {measured:.1}), {prompt_tokens} tokens, rep {}: TTFT {ttft:.2} s, prefill {prefill:.2} s, whole KV {whole:.2} s → {ratio:.3}",
+                    "  overlap {mbit} Mbit/s (raw TCP {measured:.1}), {prompt_tokens} tokens, rep {}: TTFT {ttft:.2} s (KV in at {transfer_s:.2} s), prefill {prefill:.2} s, whole KV {whole:.2} s → {ratio:.3}",
                     rep + 1
                 );
                 ttfts.push(ttft);
+                transfers.push(transfer_s);
                 prefills.push(prefill);
                 ratios.push(ratio);
             }
@@ -785,6 +793,7 @@ async fn overlap_runs(
                 prompt_tokens,
                 reps: ratios.len(),
                 ttft_s: median(&ttfts),
+                transfer_s: median(&transfers),
                 prefill_s: median(&prefills),
                 kv_bytes,
                 whole_kv_s: whole,
@@ -864,12 +873,13 @@ fn table(args: &Args, load: &[LoadFigures], overlap: &[Overlap]) -> String {
         );
         let _ = writeln!(
             s,
-            "{:>6} {:>9} {:>9} {:>7} {:>8} {:>9} {:>10} {:>9} {:>9} {:>7}  {}",
+            "{:>6} {:>9} {:>9} {:>7} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>7}  {}",
             "Mbit/s",
             "raw TCP",
             "node est",
             "tokens",
             "TTFT s",
+            "KV in s",
             "prefill",
             "KV MB",
             "whole s",
@@ -880,12 +890,13 @@ fn table(args: &Args, load: &[LoadFigures], overlap: &[Overlap]) -> String {
         for o in overlap {
             let _ = writeln!(
                 s,
-                "{:>6} {:>9.1} {:>9.1} {:>7} {:>8.2} {:>9.2} {:>10.1} {:>9.2} {:>9.3} {:>7.3}  {:.3?}",
+                "{:>6} {:>9.1} {:>9.1} {:>7} {:>8.2} {:>8.2} {:>9.2} {:>10.1} {:>9.2} {:>9.3} {:>7.3}  {:.3?}",
                 o.link_mbit,
                 o.measured_mbit,
                 o.node_estimate_mbit,
                 o.prompt_tokens,
                 o.ttft_s,
+                o.transfer_s,
                 o.prefill_s,
                 o.kv_bytes as f64 / 1e6,
                 o.whole_kv_s,
