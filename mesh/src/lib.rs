@@ -15,8 +15,10 @@ pub mod event;
 pub mod handle;
 pub mod kv;
 mod node;
+mod probe;
 pub mod reputation;
 pub mod stats;
+mod transport;
 pub mod wire;
 
 pub use advert::{Advert, AdvertBody, ModelRef, PeerTable, Role};
