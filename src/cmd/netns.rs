@@ -226,6 +226,14 @@ impl Topology {
         Ok(())
     }
 
+    /// Takes node `i`'s uplink down (a partition: the hub side of its veth, so the node's own
+    /// interface and addresses stay as they are) or back up.
+    #[allow(dead_code)] // the chaos suite (tests/chaos_netns.rs) includes this file
+    pub fn set_link(&self, i: usize, up: bool) -> Result<(), NetnsError> {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.hub, "link", "set", &hub_if(i), state]).map(|_| ())
+    }
+
     /// Bytes node `i` has sent on its uplink so far (its egress, as the kernel counts it).
     pub fn egress_bytes(&self, i: usize) -> Result<u64, NetnsError> {
         let out = ip(&[
@@ -248,19 +256,29 @@ impl Topology {
     /// Moves the calling thread into the hub namespace: sockets it (and threads it spawns)
     /// opens from now on live there. The rest of the process is unaffected.
     pub fn enter_hub(&self) -> Result<(), NetnsError> {
-        let path = format!("/var/run/netns/{}", self.hub);
-        let f = std::fs::File::open(&path).map_err(|e| NetnsError(format!("{path}: {e}")))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid, open namespace file descriptor; setns affects only this thread.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(NetnsError(format!(
-                "setns {path}: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(())
+        enter(&self.hub_path())
     }
+
+    /// Path of the hub namespace, for [`enter`] from another thread.
+    #[allow(dead_code)] // the chaos suite (tests/chaos_netns.rs) includes this file
+    pub fn hub_path(&self) -> String {
+        format!("/var/run/netns/{}", self.hub)
+    }
+}
+
+/// Moves the calling thread into the namespace at `path` (see [`Topology::enter_hub`]).
+pub fn enter(path: &str) -> Result<(), NetnsError> {
+    let f = std::fs::File::open(path).map_err(|e| NetnsError(format!("{path}: {e}")))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid, open namespace file descriptor; setns affects only this thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(NetnsError(format!(
+            "setns {path}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
 }
 
 impl Drop for Topology {

@@ -411,15 +411,16 @@ async fn coordinate<S: KvSink>(
 }
 
 /// Reads stream `index`'s frames until its `End`, claiming each piece's bytes from the
-/// transfer's announced total.
-async fn read_stream(
-    mut stream: Stream,
+/// transfer's announced total. Generic over the byte stream so that the fuzz tests can drive the
+/// reader and [`coordinate`] with in-memory frame sequences.
+async fn read_stream<S: futures::AsyncRead + Unpin>(
+    mut stream: S,
     index: u16,
     max_piece: u64,
     remaining: Arc<AtomicU64>,
     max_trailer: usize,
     tx: mpsc::Sender<ReaderItem>,
-) -> Result<Stream, KvError> {
+) -> Result<S, KvError> {
     loop {
         let left = remaining.load(Ordering::Acquire);
         let frame = codec::read_frame(&mut stream, max_piece, left, max_trailer)
@@ -565,3 +566,6 @@ impl Acceptor {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz;

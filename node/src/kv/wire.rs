@@ -48,7 +48,9 @@ pub enum WireError {
 /// Bytes [`encode_int8`] produces for `n` values in blocks of `block` (`block ≥ 1`): `n` bytes
 /// of quants plus 4 per (possibly partial) block.
 pub fn int8_encoded_len(n: usize, block: usize) -> usize {
-    n + 4 * n.div_ceil(block.max(1))
+    // Saturating: a count too large for memory must make `decode_int8` refuse the length, not
+    // overflow (it promises never to panic).
+    n.saturating_add(n.div_ceil(block.max(1)).saturating_mul(4))
 }
 
 /// Appends `values` to `out` as int8 blocks.
@@ -136,6 +138,24 @@ mod tests {
                 u * [1e-3, 1.0, 40.0][i % 3]
             })
             .collect()
+    }
+
+    /// Found by `node/tests/fuzz.rs` (`int8_wire_codec`): a value count near `usize::MAX`
+    /// overflowed the length computation and panicked instead of refusing the length.
+    #[test]
+    fn huge_value_counts_are_refused_not_overflowed() {
+        for (n, block) in [
+            (usize::MAX, 32),
+            (usize::MAX - 3, 32),
+            (usize::MAX / 4 + 1, 1),
+        ] {
+            assert_eq!(int8_encoded_len(n, block), usize::MAX);
+            assert!(matches!(
+                decode_int8(&[0; 40], n, block),
+                Err(WireError::BadLength { .. })
+            ));
+        }
+        assert_eq!(int8_encoded_len(33, 32), 33 + 8);
     }
 
     #[test]
