@@ -327,6 +327,11 @@ fn auction_request(u: &mut Unstructured<'_>) -> arbitrary::Result<AuctionRequest
                 bid_id: u.arbitrary()?,
                 price: float(u)?,
                 tokens: packed,
+                kv_wire: if u.arbitrary()? {
+                    prfaas_mesh::kv::KvWire::Int8
+                } else {
+                    prfaas_mesh::kv::KvWire::F16
+                },
             })
         }
         _ => AuctionRequest::Cancel {

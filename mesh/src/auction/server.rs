@@ -259,6 +259,7 @@ mod tests {
             bid_id,
             price: 1.0,
             tokens: vec![],
+            kv_wire: Default::default(),
         })
     }
 
