@@ -58,7 +58,30 @@ enum Bench {
     E2e(cmd::bench_e2e::Args),
 }
 
+/// Mesa's Vulkan drivers (lavapipe included) print "error: XDG_RUNTIME_DIR is invalid or not set"
+/// on every adapter probe when the variable is missing, as on servers and in containers. Give
+/// them a private directory instead, before any thread exists.
+fn ensure_runtime_dir() {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("prfaas-runtime-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    // Only a directory of ours that nobody else can enter (another user may have made it).
+    let ours = std::fs::symlink_metadata(&dir).is_ok_and(|m| {
+        m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o077 == 0
+    });
+    if ours {
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    ensure_runtime_dir();
     let cli = Cli::parse();
     // The demo sends its logs to a file of its own and prints only its report.
     match &cli.command {
