@@ -23,7 +23,8 @@ use tokio::sync::mpsc;
 use super::{coordinate, read_stream, BusyClock, KvSink, ReaderItem, SinkError};
 use crate::advert::ModelRef;
 use crate::kv::codec::{write_end, write_piece, MAX_FRAME_HEADER_BYTES};
-use crate::kv::protocol::{checksum, FrameHeader, KvError, KvHeader, KvTrailer, PieceId};
+use crate::kv::protocol::{checksum, FrameHeader, KvHeader, KvTrailer, PieceId};
+use crate::kv::KvError;
 use crate::wire;
 
 /// Records what the coordinator hands over and checks it against the header as it goes.
