@@ -175,7 +175,15 @@ async fn deadline_without_bids_returns_empty_round() {
     let round = home.handle.call_auction(&[bidder_id], call(1, 300)).await;
     let took = t0.elapsed();
     assert!(round.bids.is_empty(), "{round:?}");
-    assert_eq!(round.silent, vec![bidder_id]);
+    // The bidder's mesh declines on its application's behalf (`NoAnswer`) once the call's
+    // deadline has passed on its side too, at its next maintenance tick. A home whose task
+    // runs late (a loaded machine) may read that decline before its own timer: both mean
+    // "no answer in time".
+    let no_answer = round.declines == vec![(bidder_id, DeclineReason::NoAnswer)];
+    assert!(
+        round.silent == vec![bidder_id] || (round.silent.is_empty() && no_answer),
+        "{round:?}"
+    );
     assert!(
         took >= Duration::from_millis(300),
         "returned before the deadline: {took:?}"

@@ -62,7 +62,7 @@ pub fn run(
     max_len: usize,
     mut target: impl FnMut(&mut Unstructured<'_>) -> arbitrary::Result<()>,
 ) -> Report {
-    let seed = env_u64("PRFAAS_FUZZ_SEED").unwrap_or(0x5EED_0F_F022);
+    let seed = env_u64("PRFAAS_FUZZ_SEED").unwrap_or(0x005E_ED0F_F022);
     let long = env_u64("PRFAAS_FUZZ_ITERS");
     let only = env_u64("PRFAAS_FUZZ_ONLY");
     let (iters, budget) = match (only, long) {
