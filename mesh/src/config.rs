@@ -69,6 +69,9 @@ pub struct MeshConfig {
     /// Per-peer record of failed, late and lying transfers; bans repeated liars.
     #[serde(default)]
     pub reputation: crate::reputation::ReputationConfig,
+    /// NAT traversal: relay server, relay reservations, AutoNAT (see [`crate::nat`]).
+    #[serde(default)]
+    pub nat: crate::nat::NatConfig,
 }
 
 /// Table sync: on each new outbound connection (rate-limited) a node asks the peer for its table
@@ -259,6 +262,7 @@ impl Default for MeshConfig {
             table_sync: TableSyncConfig::default(),
             redial: crate::discovery::RedialConfig::default(),
             reputation: crate::reputation::ReputationConfig::default(),
+            nat: crate::nat::NatConfig::default(),
         }
     }
 }
@@ -327,6 +331,12 @@ impl MeshConfig {
     pub fn check_exposure(&self) -> Result<(), crate::MeshError> {
         if self.open || self.psk.is_some() || self.allowlist.is_some() {
             return Ok(());
+        }
+        // Listening through a relay makes us reachable by whoever reaches the relay.
+        if let Some(relay) = self.nat.relays.first() {
+            return Err(crate::MeshError::Exposed {
+                addr: format!("{relay}/p2p-circuit"),
+            });
         }
         match self.listen.iter().find(|a| !is_local_only(a)) {
             None => Ok(()),

@@ -40,6 +40,7 @@ use crate::handle::{emulated_rate, CallAnswer, Command, EmulatedRates, MeshHandl
 use crate::kv::receiver::{Acceptor, ReceiverLimits};
 use crate::kv::sender::SenderLimits;
 use crate::kv::{KvHeader, KvTrailer, KV_PROTOCOL};
+use crate::nat::{NatAction, NatEvent, NatState, SharedNat};
 use crate::reputation::Reputation;
 use crate::stats::MeshStats;
 use crate::MeshError;
@@ -88,6 +89,8 @@ fn unix_ms() -> u64 {
 
 struct Task {
     swarm: Swarm<MeshBehaviour>,
+    /// Relayed vs direct connections, hole punches, reachability (`crate::nat`).
+    nat: SharedNat,
     /// Redials bootstrap addresses and lost peers (backoff + jitter).
     redial: Redialer,
     /// Signs our adverts (`/prfaas/advert/2` carries the signature in the payload).
@@ -164,8 +167,17 @@ fn build_transport(
     psk: Option<PreSharedKey>,
     quic: bool,
     handshake_timeout: Duration,
+    relay: libp2p::relay::client::Transport,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, MeshError> {
     let noise = noise::Config::new(key).map_err(|e| MeshError::Start(e.to_string()))?;
+    // Relayed connections (`crate::nat`): a circuit inside a connection to the relay, which
+    // already passed pnet, so only noise and yamux on top.
+    let relayed = relay
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise.clone())
+        .multiplex(yamux::Config::default())
+        .timeout(handshake_timeout)
+        .map(|(p, m), _| (p, StreamMuxerBox::new(m)));
     let tcp_cfg = tcp::Config::default().nodelay(true);
     let tcp = match psk {
         Some(psk) => tcp::tokio::Transport::new(tcp_cfg)
@@ -186,6 +198,7 @@ fn build_transport(
             .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
             .boxed(),
     };
+    let tcp = relayed.or_transport(tcp).map(|e, _| e.into_inner()).boxed();
     if !quic || psk.is_some() {
         return Ok(tcp);
     }
@@ -219,7 +232,18 @@ impl Mesh {
                 Some(Arc::new(set))
             }
         };
-        let transport = build_transport(&key, psk, cfg.quic, cfg.limits.handshake_timeout)?;
+        let relay_listen = cfg
+            .nat
+            .relay_listen_addrs()
+            .map_err(|e| MeshError::Config(e.to_string()))?;
+        let (relay_transport, relay_client) = libp2p::relay::client::new(local);
+        let transport = build_transport(
+            &key,
+            psk,
+            cfg.quic,
+            cfg.limits.handshake_timeout,
+            relay_transport,
+        )?;
 
         let g = &cfg.gossip;
         let gossip_cfg = gossipsub::ConfigBuilder::default()
@@ -307,6 +331,10 @@ impl Mesh {
             table,
             kv,
             mdns: mdns.into(),
+            relay_client,
+            relay: cfg.nat.relay_server(local).into(),
+            dcutr: libp2p::dcutr::Behaviour::new(local),
+            autonat: cfg.nat.autonat(local).into(),
         };
         let mut swarm = Swarm::new(
             transport,
@@ -322,6 +350,14 @@ impl Mesh {
             swarm
                 .listen_on(addr)
                 .map_err(|e| MeshError::Start(format!("listen {a}: {e}")))?;
+        }
+        for addr in relay_listen {
+            // The relay client dials the relay (through the swarm, so pnet applies) and
+            // reserves a slot; the circuit address is reported as a listen address once
+            // accepted, and gossiped in our adverts like any other.
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| MeshError::Start(format!("listen {addr}: {e}")))?;
         }
         let bootstrap = cfg
             .bootstrap
@@ -383,7 +419,9 @@ impl Mesh {
             Instant::now(),
             seed,
         );
+        let nat: SharedNat = Arc::new(Mutex::new(NatState::new(&cfg.nat)));
         let task = Task {
+            nat: nat.clone(),
             redial,
             swarm,
             key: key.clone(),
@@ -450,6 +488,7 @@ impl Mesh {
             sender_limits,
             serve_gate,
             reputation,
+            nat,
         };
         Ok((
             MeshHandle {
@@ -538,6 +577,19 @@ impl Task {
             }
             Command::KnownPeers(reply) => {
                 let _ = reply.send(self.table.peers().map(|(p, _)| *p).collect());
+            }
+            Command::Adverts(reply) => {
+                let now = Instant::now();
+                let _ = reply.send(
+                    self.table
+                        .peers()
+                        .map(|(p, e)| crate::handle::KnownAdvert {
+                            peer: *p,
+                            advert: e.advert.clone(),
+                            age: now.saturating_duration_since(e.received_at),
+                        })
+                        .collect(),
+                );
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -812,6 +864,9 @@ impl Task {
     }
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<MeshBehaviourEvent>) {
+        for action in crate::nat::on_swarm_event(&self.nat, &ev) {
+            self.apply_nat(action);
+        }
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 self.listen_addrs.push(address.clone());
@@ -904,6 +959,21 @@ impl Task {
         }
     }
 
+    fn on_nat(&mut self, ev: NatEvent) {
+        for action in crate::nat::on_behaviour_event(&self.nat, ev) {
+            self.apply_nat(action);
+        }
+    }
+
+    fn apply_nat(&mut self, action: NatAction) {
+        match action {
+            NatAction::Close(c) => {
+                self.swarm.close_connection(c);
+            }
+            NatAction::ConfirmExternal(a) => self.swarm.add_external_address(a),
+        }
+    }
+
     fn on_behaviour(&mut self, ev: MeshBehaviourEvent) {
         match ev {
             MeshBehaviourEvent::Gossipsub(gossipsub::Event::Message {
@@ -969,6 +1039,10 @@ impl Task {
                 tracing::debug!(%peer, %error, "table sync failed");
                 self.syncing.remove(&peer);
             }
+            MeshBehaviourEvent::RelayClient(e) => self.on_nat(NatEvent::RelayClient(e)),
+            MeshBehaviourEvent::Relay(e) => self.on_nat(NatEvent::Relay(e)),
+            MeshBehaviourEvent::Dcutr(e) => self.on_nat(NatEvent::Dcutr(e)),
+            MeshBehaviourEvent::Autonat(e) => self.on_nat(NatEvent::Autonat(e)),
             MeshBehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
                     if self.allowed(&peer) {
