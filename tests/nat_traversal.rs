@@ -62,6 +62,10 @@ fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
+fn default_route(ns: &str, via: &str) {
+    ip(&["-n", ns, "route", "add", "default", "via", via]);
+}
+
 /// Runs `nft -f -` with `rules` in namespace `ns`.
 fn nft(ns: &str, rules: &str) {
     use std::io::Write;
@@ -133,77 +137,23 @@ impl NatTopology {
         sysctl(&t.ns("hub"));
         for (i, n) in ["relay", "r1", "r2"].iter().enumerate() {
             let (hub, ns) = (t.ns("hub"), t.ns(n));
-            let hif = format!("h{i}");
-            ip(&[
-                "-n", &hub, "link", "add", &hif, "type", "veth", "peer", "name", "wan", "netns",
-                &ns,
-            ]);
-            ip(&[
-                "-n",
-                &hub,
-                "addr",
-                "add",
-                &format!("10.99.{i}.1/24"),
-                "dev",
-                &hif,
-            ]);
-            ip(&["-n", &hub, "link", "set", &hif, "up"]);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.99.{i}.2/24"),
-                "dev",
-                "wan",
-            ]);
-            ip(&["-n", &ns, "link", "set", "wan", "up"]);
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.99.{i}.1"),
-            ]);
+            netns::veth_pair(
+                (&hub, &format!("h{i}"), &format!("10.99.{i}.1/24")),
+                (&ns, "wan", &format!("10.99.{i}.2/24")),
+            )
+            .expect("veth to the hub");
+            default_route(&ns, &format!("10.99.{i}.1"));
         }
         for (j, (router, host)) in [("r1", "edge"), ("r2", "home")].into_iter().enumerate() {
             let (r, h) = (t.ns(router), t.ns(host));
             let net = j + 1;
             sysctl(&r);
-            ip(&[
-                "-n", &r, "link", "add", "lan", "type", "veth", "peer", "name", "up0", "netns", &h,
-            ]);
-            ip(&[
-                "-n",
-                &r,
-                "addr",
-                "add",
-                &format!("192.168.{net}.1/24"),
-                "dev",
-                "lan",
-            ]);
-            ip(&["-n", &r, "link", "set", "lan", "up"]);
-            ip(&[
-                "-n",
-                &h,
-                "addr",
-                "add",
-                &format!("192.168.{net}.2/24"),
-                "dev",
-                "up0",
-            ]);
-            ip(&["-n", &h, "link", "set", "up0", "up"]);
-            ip(&[
-                "-n",
-                &h,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("192.168.{net}.1"),
-            ]);
+            netns::veth_pair(
+                (&r, "lan", &format!("192.168.{net}.1/24")),
+                (&h, "up0", &format!("192.168.{net}.2/24")),
+            )
+            .expect("veth to the LAN");
+            default_route(&h, &format!("192.168.{net}.1"));
             let masquerade = if random_ports && router == "r1" {
                 "masquerade fully-random"
             } else {

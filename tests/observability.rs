@@ -13,22 +13,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
-use prfaas_node::actors::{Node, NodeHandle};
 use prfaas_node::api::client::{self, ChatParams};
-use prfaas_node::config::{NodeConfig, NodeRole};
+use prfaas_node::config::NodeRole;
 use prfaas_node::engine::chat::ChatMessage;
 use prfaas_node::service::PrefillRoute;
-
-async fn start_http(cfg: NodeConfig) -> NodeHandle {
-    logs();
-    Node::start(cfg, Some(prfaas_node::actors::node::http_api))
-        .await
-        .expect("node starts")
-}
-
-fn base(n: &NodeHandle) -> String {
-    format!("http://{}", n.api_addr.expect("API started"))
-}
 
 /// A prompt far above the test configs' offload threshold (48 tokens).
 fn long_prompt() -> String {
@@ -73,14 +61,17 @@ fn logs() -> &'static Capture {
     static LOGS: OnceLock<Capture> = OnceLock::new();
     LOGS.get_or_init(|| {
         let cap = Capture::default();
-        tracing_subscriber::fmt()
+        let installed = tracing_subscriber::fmt()
             .json()
             .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
             .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
             .with_current_span(true)
             .with_writer(cap.clone())
-            .try_init()
-            .expect("this test binary installs the only global subscriber");
+            .try_init();
+        assert!(
+            installed.is_ok(),
+            "this test binary captures the logs itself: run it without RUST_LOG"
+        );
         cap
     })
 }
@@ -102,22 +93,7 @@ fn closed_spans(name: &str) -> Vec<serde_json::Value> {
 #[actix_rt::test]
 async fn request_and_serve_spans_share_the_mesh_request() {
     logs();
-    let p = start_http(node_config(
-        "prefill",
-        &[NodeRole::Prefill],
-        "tiny-hybrid",
-        vec![],
-    ))
-    .await;
-    let boot = addrs_of(&p).await;
-    let home = start_http(node_config(
-        "home",
-        &[NodeRole::Decode],
-        "tiny-hybrid",
-        boot,
-    ))
-    .await;
-    wait_for_prefillers(&home, 1).await;
+    let (p, home) = prefill_and_home("tiny-hybrid").await;
 
     let req = prfaas_node::service::GenerateRequest {
         request_id: Some("span-test-7".into()),
@@ -172,22 +148,8 @@ async fn request_and_serve_spans_share_the_mesh_request() {
 /// table (no per-peer series accumulates for peers long gone).
 #[actix_rt::test]
 async fn departed_peer_bandwidth_series_is_removed() {
-    let p = start_http(node_config(
-        "prefill",
-        &[NodeRole::Prefill],
-        "tiny-hybrid",
-        vec![],
-    ))
-    .await;
-    let boot = addrs_of(&p).await;
-    let home = start_http(node_config(
-        "home",
-        &[NodeRole::Decode],
-        "tiny-hybrid",
-        boot,
-    ))
-    .await;
-    wait_for_prefillers(&home, 1).await;
+    logs();
+    let (p, home) = prefill_and_home("tiny-hybrid").await;
     let peer = p.peer_id().to_string();
     // A measured transfer (as a KV stream or probe would record it): 8 MB in one second.
     home.core
@@ -345,6 +307,7 @@ fn element_text<'a>(dom: &'a str, id: &str) -> &'a str {
 #[actix_rt::test]
 async fn dashboard_in_headless_chromium_shows_the_mesh() {
     let test = "dashboard_in_headless_chromium_shows_the_mesh";
+    logs();
     let Some(bin) = browser(test) else {
         return;
     };

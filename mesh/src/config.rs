@@ -492,6 +492,13 @@ mod tests {
         let parsed = MeshConfig::from_toml("open = true\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\n")
             .expect("parse");
         assert!(parsed.open && parsed.check_exposure().is_ok());
+        // Listening through a relay exposes the node to whoever reaches the relay.
+        let mut relayed = MeshConfig::default();
+        relayed.nat.relays = vec!["/ip4/203.0.113.7/tcp/4001/p2p/x".into()];
+        let err = relayed.check_exposure().expect_err("relayed").to_string();
+        assert!(err.contains("/p2p-circuit"), "{err}");
+        relayed.psk = Some("ab".repeat(32));
+        assert!(relayed.check_exposure().is_ok());
     }
 
     #[test]
