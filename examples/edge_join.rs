@@ -7,7 +7,7 @@
 //! prfaas node --role decode --psk-file mesh.psk --listen /ip4/0.0.0.0/tcp/4001 --relay-server
 //! # on the edge machine, with the address and peer id the first one printed
 //! cargo run --release --example edge_join -- --psk-file mesh.psk \
-//!     --bootstrap /ip4/203.0.113.7/tcp/4001/p2p/12D3KooW...
+//!     --bootstrap /ip4/203.0.113.7/tcp/4001/p2p/12D3KooW... --listen /ip4/192.168.1.20/tcp/4001
 //! ```
 //!
 //! The edge node loads the model, dials the bootstrap peer over TCP with the PSK (a node without
@@ -42,6 +42,7 @@ struct Options {
     psk_file: Option<PathBuf>,
     bootstrap: Vec<String>,
     relays: Vec<String>,
+    listen: Vec<String>,
     model: String,
 }
 
@@ -50,6 +51,7 @@ fn options() -> anyhow::Result<Options> {
         psk_file: None,
         bootstrap: Vec::new(),
         relays: Vec::new(),
+        listen: Vec::new(),
         model: if std::path::Path::new(DEFAULT_MODEL).exists() {
             DEFAULT_MODEL.into()
         } else {
@@ -66,6 +68,7 @@ fn options() -> anyhow::Result<Options> {
             "--psk-file" => o.psk_file = Some(value()?.into()),
             "--bootstrap" => o.bootstrap.push(value()?),
             "--relay" => o.relays.push(value()?),
+            "--listen" => o.listen.push(value()?),
             "--model" => o.model = value()?,
             other => anyhow::bail!("unknown argument {other} (see the example's docs)"),
         }
@@ -92,7 +95,8 @@ fn edge_config(
     } else {
         let mut m = MeshConfig::default();
         // A TCP port of our own: dials leave from it, so a port-keeping NAT maps it to what
-        // peers observe, and hole punching can reach it.
+        // peers observe, and hole punching can reach it. `--listen /ip4/<this host>/tcp/PORT`
+        // is better: on `0.0.0.0` the first dial may leave before the interfaces are known.
         m.listen = vec!["/ip4/0.0.0.0/tcp/0".into()];
         m.nat.autonat = true;
         m
@@ -127,11 +131,11 @@ async fn run() -> anyhow::Result<()> {
         } else {
             o.relays
         };
-        let edge = Node::start(
-            edge_config(&o.model, psk, o.bootstrap, relays, false),
-            Some(http_api),
-        )
-        .await?;
+        let mut cfg = edge_config(&o.model, psk, o.bootstrap, relays, false);
+        if !o.listen.is_empty() {
+            cfg.mesh.listen = o.listen;
+        }
+        let edge = Node::start(cfg, Some(http_api)).await?;
         println!(
             "edge node {} joined; serving prefills until Ctrl-C",
             edge.peer_id()

@@ -266,9 +266,11 @@ fn config(site: Site, psk: &str, relay: &str) -> NodeConfig {
     c.policy.auction_deadline = Duration::from_secs(2);
     c.policy.transfer_timeout = Duration::from_secs(60);
     c.mesh = MeshConfig::local();
-    // Every interface: TCP dials then leave from the listen port, which is what the peers
-    // observe behind a port-keeping NAT and what hole punching dials.
-    c.mesh.listen = vec![format!("/ip4/0.0.0.0/tcp/{PORT}")];
+    // A specific address: the listener is registered for port reuse at once, so even the first
+    // (bootstrap) dial leaves from the listen port, which is what peers observe behind a
+    // port-keeping NAT and what hole punching dials. (On `0.0.0.0` the interfaces are learnt
+    // a moment later, and the first dial could leave from a random port.)
+    c.mesh.listen = vec![format!("/ip4/{}/tcp/{PORT}", NatTopology::addr(site))];
     c.mesh.psk = Some(psk.to_owned());
     c.mesh.nat.autonat = true;
     c.mesh.nat.autonat_only_global_ips = false;

@@ -63,7 +63,9 @@ fn logs() -> &'static Capture {
         let cap = Capture::default();
         let installed = tracing_subscriber::fmt()
             .json()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "warn,prfaas_node=info,prfaas_mesh=info",
+            ))
             .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
             .with_current_span(true)
             .with_writer(cap.clone())

@@ -245,6 +245,57 @@ pub fn backoff(initial: Duration, max: Duration, failures: u32, jitter_unit: f64
     Duration::from_secs_f64(base * (0.75 + 0.5 * jitter_unit.clamp(0.0, 1.0)))
 }
 
+/// Discovery dials (from adverts / mDNS) in flight. They count towards `target_peers`: counting
+/// only established connections made every node dial every peer whose advert arrived before its
+/// first dials completed — an all-to-all connection storm at 50+ nodes.
+#[derive(Debug)]
+pub struct DiscoveryDials {
+    in_flight: HashMap<PeerId, Instant>,
+    target_peers: usize,
+    /// A dial that never reports back (should not happen) is forgotten after this long, so it
+    /// cannot block discovery forever.
+    give_up_after: Duration,
+}
+
+impl DiscoveryDials {
+    /// Dial while connections plus dials in flight stay below `target_peers`.
+    pub fn new(target_peers: usize, give_up_after: Duration) -> Self {
+        Self {
+            in_flight: HashMap::new(),
+            target_peers,
+            give_up_after,
+        }
+    }
+
+    /// Whether to dial `peer` now (not connected, not being dialled, below the target); the
+    /// caller reports a started dial with [`Self::dialing`].
+    pub fn wants(
+        &mut self,
+        peer: &PeerId,
+        connected: bool,
+        connections: usize,
+        now: Instant,
+    ) -> bool {
+        if connected || self.in_flight.contains_key(peer) {
+            return false;
+        }
+        let give_up = self.give_up_after;
+        self.in_flight
+            .retain(|_, t| now.saturating_duration_since(*t) < give_up);
+        connections + self.in_flight.len() < self.target_peers
+    }
+
+    /// A dial to `peer` started.
+    pub fn dialing(&mut self, peer: PeerId, now: Instant) {
+        self.in_flight.insert(peer, now);
+    }
+
+    /// The dial to `peer` ended (connected or failed).
+    pub fn done(&mut self, peer: &PeerId) {
+        self.in_flight.remove(peer);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,5 +393,29 @@ mod tests {
         r.forget(&a);
         r.on_connected(b, ConnectionId::new_unchecked(9));
         assert_eq!(r.lost_len(), 0);
+    }
+
+    #[test]
+    fn discovery_dials_count_towards_the_target_and_lapse() {
+        let mut d = DiscoveryDials::new(2, Duration::from_secs(4));
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        assert!(!d.wants(&a, true, 0, t0), "connected already");
+        assert!(d.wants(&a, false, 0, t0));
+        d.dialing(a, t0);
+        assert!(!d.wants(&a, false, 0, t0), "being dialled");
+        assert!(d.wants(&b, false, 0, t0));
+        d.dialing(b, t0);
+        assert!(
+            !d.wants(&c, false, 0, t0),
+            "two dials in flight reach the target"
+        );
+        d.done(&a);
+        assert!(d.wants(&c, false, 0, t0));
+        assert!(!d.wants(&c, false, 1, t0), "one connection and one dial");
+        assert!(
+            d.wants(&c, false, 1, t0 + Duration::from_secs(4)),
+            "b's dial lapsed"
+        );
     }
 }

@@ -16,8 +16,10 @@ pub mod handle;
 pub mod kv;
 pub mod nat;
 mod node;
+mod probe;
 pub mod reputation;
 pub mod stats;
+mod transport;
 pub mod wire;
 
 pub use advert::{Advert, AdvertBody, ModelRef, PeerTable, Role};

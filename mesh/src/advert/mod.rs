@@ -4,9 +4,12 @@
 //! ([`sync`]) lets a joining node fetch a peer's table of signed adverts at once.
 
 pub mod codec;
+pub(crate) mod intake;
 pub mod message;
+pub(crate) mod publisher;
 pub mod sync;
 pub mod table;
+pub(crate) mod table_sync;
 
 pub use message::{
     Advert, AdvertBody, BandwidthReport, ModelRef, PrefillPoint, PrefixSummary, Role,

@@ -2,9 +2,11 @@
 //! with a ciborium codec written here (libp2p's built-in `cbor` codec uses cbor4ii; DESIGN.md §7).
 
 pub mod book;
+pub(crate) mod client;
 pub mod codec;
 pub mod gate;
 pub mod protocol;
+pub(crate) mod server;
 
 pub use book::{AwardCheck, BidBook};
 pub use codec::AuctionCodec;

@@ -1,0 +1,138 @@
+//! Bandwidth probes: small opaque transfers whose only purpose is to measure goodput to a peer
+//! whose estimate is stale. [`Prober`] decides whom to probe (one probe at a time, each peer at
+//! most once per `stale_after`); [`probe`] runs one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+use crate::bandwidth::BandwidthEstimator;
+use crate::kv::sender::SenderLimits;
+use crate::kv::{KvHeader, KvTrailer};
+
+/// Whom to probe next.
+#[derive(Debug)]
+pub(crate) struct Prober {
+    enabled: bool,
+    stale_after: Duration,
+    max_known_peers: usize,
+    running: Arc<AtomicBool>,
+    last_probe: HashMap<PeerId, Instant>,
+}
+
+/// A probe that may start; dropping it (when the probe ends) lets the next one start.
+#[derive(Debug)]
+pub(crate) struct ProbeTicket {
+    pub peer: PeerId,
+    running: Arc<AtomicBool>,
+}
+
+impl Drop for ProbeTicket {
+    fn drop(&mut self) {
+        self.running.store(false, Ordering::Release);
+    }
+}
+
+impl Prober {
+    pub fn new(enabled: bool, stale_after: Duration, max_known_peers: usize) -> Self {
+        Self {
+            enabled,
+            stale_after,
+            max_known_peers,
+            running: Arc::new(AtomicBool::new(false)),
+            last_probe: HashMap::new(),
+        }
+    }
+
+    /// The first of `candidates` (connected mesh peers) whose estimate is stale and that was not
+    /// probed within `stale_after`, unless probes are off or one is running.
+    pub fn next(
+        &mut self,
+        now: Instant,
+        candidates: impl Iterator<Item = PeerId>,
+        is_stale: impl Fn(&PeerId) -> bool,
+    ) -> Option<ProbeTicket> {
+        if !self.enabled || self.running.load(Ordering::Acquire) {
+            return None;
+        }
+        let stale_after = self.stale_after;
+        let peer = candidates.filter(|p| is_stale(p)).find(|p| {
+            self.last_probe
+                .get(p)
+                .is_none_or(|t| now.saturating_duration_since(*t) > stale_after)
+        })?;
+        self.last_probe.insert(peer, now);
+        if self.last_probe.len() > self.max_known_peers {
+            self.last_probe
+                .retain(|_, t| now.saturating_duration_since(*t) <= stale_after);
+        }
+        self.running.store(true, Ordering::Release);
+        Some(ProbeTicket {
+            peer,
+            running: self.running.clone(),
+        })
+    }
+}
+
+/// A small transfer in 256 KiB pieces whose only purpose is to measure goodput to `peer`.
+pub(crate) async fn probe(
+    control: libp2p_stream::Control,
+    peer: PeerId,
+    bytes: u64,
+    id: u64,
+    limits: SenderLimits,
+    estimator: Arc<Mutex<BandwidthEstimator>>,
+) -> Result<(), crate::kv::KvError> {
+    let model = crate::advert::ModelRef {
+        model_id: String::new(),
+        weights_hash: [0; 32],
+        kv_layout_version: 0,
+        kv_layout_hash: [0; 32],
+    };
+    let header = KvHeader::opaque(0, model, bytes, 256 * 1024, true);
+    let mut s = crate::kv::KvSender::open(&control, peer, header, 1, id, limits, estimator).await?;
+    s.send_opaque(&[0xA5]).await?;
+    s.finish(KvTrailer::default()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_probe_at_a_time_each_stale_peer_once_per_period() {
+        let stale = Duration::from_secs(30);
+        let mut p = Prober::new(true, stale, 16);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        let first = p.next(t0, [a, b].into_iter(), |_| true).expect("a probe");
+        assert_eq!(first.peer, a);
+        assert!(
+            p.next(t0, [a, b].into_iter(), |_| true).is_none(),
+            "one at a time"
+        );
+        drop(first);
+        let second = p.next(t0, [a, b].into_iter(), |_| true).expect("b now");
+        assert_eq!(second.peer, b);
+        drop(second);
+        assert!(
+            p.next(t0, [a, b].into_iter(), |_| true).is_none(),
+            "both probed recently"
+        );
+        assert!(
+            p.next(t0 + stale * 2, [a].into_iter(), |_| false).is_none(),
+            "fresh estimate"
+        );
+        assert_eq!(
+            p.next(t0 + stale * 2, [a].into_iter(), |_| true)
+                .map(|t| t.peer),
+            Some(a)
+        );
+        let mut off = Prober::new(false, stale, 16);
+        assert!(off.next(t0, [a].into_iter(), |_| true).is_none());
+    }
+}
