@@ -7,21 +7,9 @@ use std::time::Duration;
 
 use common::*;
 use prfaas_kernels::BackendKind;
-use prfaas_node::actors::{Node, NodeHandle};
 use prfaas_node::api::client::{self, ChatParams};
-use prfaas_node::config::{NodeConfig, NodeRole};
+use prfaas_node::config::NodeRole;
 use prfaas_node::engine::chat::ChatMessage;
-
-async fn start_http(cfg: NodeConfig) -> NodeHandle {
-    init_logs();
-    Node::start(cfg, Some(prfaas_node::actors::node::http_api))
-        .await
-        .expect("node starts")
-}
-
-fn base(n: &NodeHandle) -> String {
-    format!("http://{}", n.api_addr.expect("API started"))
-}
 
 /// Value of the sample `name{labels} value` whose labels include `label` (e.g. `kind="used"`;
 /// empty for any) in a Prometheus text exposition.

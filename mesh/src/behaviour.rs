@@ -3,7 +3,8 @@
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, connection_limits, gossipsub, identify, mdns, ping, request_response,
+    allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, mdns, ping, relay,
+    request_response,
 };
 
 use crate::advert::sync::TableCodec;
@@ -22,4 +23,10 @@ pub(crate) struct MeshBehaviour {
     pub table: request_response::Behaviour<TableCodec>,
     pub kv: libp2p_stream::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// NAT traversal (`crate::nat`): dial and listen through relays, serve as one, punch holes,
+    /// learn our reachability.
+    pub relay_client: relay::client::Behaviour,
+    pub relay: Toggle<relay::Behaviour>,
+    pub dcutr: dcutr::Behaviour,
+    pub autonat: Toggle<autonat::Behaviour>,
 }

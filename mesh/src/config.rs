@@ -74,6 +74,9 @@ pub struct MeshConfig {
     /// Per-peer record of failed, late and lying transfers; bans repeated liars.
     #[serde(default)]
     pub reputation: crate::reputation::ReputationConfig,
+    /// NAT traversal: relay server, relay reservations, AutoNAT (see [`crate::nat`]).
+    #[serde(default)]
+    pub nat: crate::nat::NatConfig,
 }
 
 /// Table sync: on each new outbound connection (rate-limited) a node asks the peer for its table
@@ -265,6 +268,7 @@ impl Default for MeshConfig {
             table_sync: TableSyncConfig::default(),
             redial: crate::discovery::RedialConfig::default(),
             reputation: crate::reputation::ReputationConfig::default(),
+            nat: crate::nat::NatConfig::default(),
         }
     }
 }
@@ -333,6 +337,12 @@ impl MeshConfig {
     pub fn check_exposure(&self) -> Result<(), crate::MeshError> {
         if self.open || self.psk.is_some() || self.allowlist.is_some() {
             return Ok(());
+        }
+        // Listening through a relay makes us reachable by whoever reaches the relay.
+        if let Some(relay) = self.nat.relays.first() {
+            return Err(crate::MeshError::Exposed {
+                addr: format!("{relay}/p2p-circuit"),
+            });
         }
         match self.listen.iter().find(|a| !is_local_only(a)) {
             None => Ok(()),
@@ -488,6 +498,13 @@ mod tests {
         let parsed = MeshConfig::from_toml("open = true\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\n")
             .expect("parse");
         assert!(parsed.open && parsed.check_exposure().is_ok());
+        // Listening through a relay exposes the node to whoever reaches the relay.
+        let mut relayed = MeshConfig::default();
+        relayed.nat.relays = vec!["/ip4/203.0.113.7/tcp/4001/p2p/x".into()];
+        let err = relayed.check_exposure().expect_err("relayed").to_string();
+        assert!(err.contains("/p2p-circuit"), "{err}");
+        relayed.psk = Some("ab".repeat(32));
+        assert!(relayed.check_exposure().is_ok());
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub(crate) enum Command {
     SetAdvert(Box<AdvertBody>),
     Candidates(ModelRef, oneshot::Sender<Vec<(PeerId, Advert)>>),
     KnownPeers(oneshot::Sender<Vec<PeerId>>),
+    Adverts(oneshot::Sender<Vec<KnownAdvert>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Request(
@@ -60,6 +61,17 @@ pub struct AuctionRound {
     pub refused: Vec<(PeerId, crate::policy::BidFault)>,
 }
 
+/// A peer table entry as [`MeshHandle::adverts`] reports it.
+#[derive(Debug, Clone)]
+pub struct KnownAdvert {
+    /// The advertising peer.
+    pub peer: PeerId,
+    /// Its latest verified advert.
+    pub advert: Advert,
+    /// How long ago that advert arrived.
+    pub age: Duration,
+}
+
 /// Per-peer emulated link rates in bytes/s (see [`MeshHandle::set_emulated_bandwidth`]).
 pub(crate) type EmulatedRates = Arc<RwLock<HashMap<PeerId, f64>>>;
 
@@ -87,6 +99,7 @@ pub(crate) struct Shared {
     pub sender_limits: SenderLimits,
     pub serve_gate: crate::auction::ServeGate,
     pub reputation: Arc<Mutex<crate::reputation::Reputation>>,
+    pub nat: crate::nat::SharedNat,
 }
 
 /// Cloneable handle to a running mesh node.
@@ -122,6 +135,16 @@ impl MeshHandle {
                 .peers_banned
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// NAT traversal counters and AutoNAT's verdict (for `/mesh`).
+    pub fn nat(&self) -> crate::nat::NatSnapshot {
+        crate::nat::read(&self.shared.nat, |n| n.snapshot())
+    }
+
+    /// Whether we reach `peer` directly or only through a relay (`None`: not connected).
+    pub fn link(&self, peer: &PeerId) -> Option<crate::nat::Link> {
+        crate::nat::read(&self.shared.nat, |n| n.link(peer))
     }
 
     /// Per-peer transfer records (for `/mesh`).
@@ -187,6 +210,11 @@ impl MeshHandle {
     /// Peers currently in the peer table.
     pub async fn known_peers(&self) -> Result<Vec<PeerId>, MeshError> {
         self.ask(Command::KnownPeers).await
+    }
+
+    /// Every peer table entry (latest advert and its age), for operators' views.
+    pub async fn adverts(&self) -> Result<Vec<KnownAdvert>, MeshError> {
+        self.ask(Command::Adverts).await
     }
 
     /// Peers with an open connection.

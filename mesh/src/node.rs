@@ -42,6 +42,7 @@ use crate::event::MeshEvent;
 use crate::handle::{emulated_rate, Command, EmulatedRates, MeshHandle, Shared};
 use crate::kv::receiver::{Acceptor, ReceiverLimits};
 use crate::kv::sender::SenderLimits;
+use crate::nat::{NatAction, NatEvent, NatState, SharedNat};
 use crate::probe::{probe, Prober};
 use crate::reputation::Reputation;
 use crate::stats::MeshStats;
@@ -55,6 +56,8 @@ pub struct Mesh;
 
 struct Task {
     swarm: Swarm<MeshBehaviour>,
+    /// Relayed vs direct connections, hole punches, reachability (`crate::nat`).
+    nat: SharedNat,
     cfg: MeshConfig,
     topic: IdentTopic,
     events: mpsc::Sender<MeshEvent>,
@@ -161,7 +164,9 @@ impl Mesh {
         );
         let now = Instant::now();
         let l = &cfg.limits;
+        let nat: SharedNat = Arc::new(Mutex::new(NatState::new(&cfg.nat)));
         let task = Task {
+            nat: nat.clone(),
             swarm,
             topic,
             events: ev_tx,
@@ -233,6 +238,7 @@ impl Mesh {
             sender_limits,
             serve_gate,
             reputation,
+            nat,
         };
         Ok((
             MeshHandle {
@@ -328,6 +334,19 @@ impl Task {
             }
             Command::KnownPeers(reply) => {
                 let _ = reply.send(self.table.peers().map(|(p, _)| *p).collect());
+            }
+            Command::Adverts(reply) => {
+                let now = Instant::now();
+                let _ = reply.send(
+                    self.table
+                        .peers()
+                        .map(|(p, e)| crate::handle::KnownAdvert {
+                            peer: *p,
+                            advert: e.advert.clone(),
+                            age: now.saturating_duration_since(e.received_at),
+                        })
+                        .collect(),
+                );
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -522,6 +541,9 @@ impl Task {
     }
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<MeshBehaviourEvent>) {
+        for action in crate::nat::on_swarm_event(&self.nat, &ev) {
+            self.apply_nat(action);
+        }
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 self.listen_addrs.push(address.clone());
@@ -537,7 +559,9 @@ impl Task {
                 endpoint,
                 ..
             } => {
-                if num_established.get() == 1 && endpoint.is_dialer() && self.allowlist.allows(&peer_id)
+                if num_established.get() == 1
+                    && endpoint.is_dialer()
+                    && self.allowlist.allows(&peer_id)
                 {
                     if let Some(req) = self.sync.on_dialled(peer_id, Instant::now()) {
                         self.swarm.behaviour_mut().table.send_request(&peer_id, req);
@@ -617,6 +641,21 @@ impl Task {
         }
     }
 
+    fn on_nat(&mut self, ev: NatEvent) {
+        for action in crate::nat::on_behaviour_event(&self.nat, ev) {
+            self.apply_nat(action);
+        }
+    }
+
+    fn apply_nat(&mut self, action: NatAction) {
+        match action {
+            NatAction::Close(c) => {
+                self.swarm.close_connection(c);
+            }
+            NatAction::ConfirmExternal(a) => self.swarm.add_external_address(a),
+        }
+    }
+
     fn on_behaviour(&mut self, ev: MeshBehaviourEvent) {
         match ev {
             MeshBehaviourEvent::Gossipsub(gossipsub::Event::Message {
@@ -647,9 +686,11 @@ impl Task {
                         return; // dropping the channel fails the request on the other side
                     }
                     let events = &self.events;
-                    let out = self.server.on_request(peer, request, channel, Instant::now(), |e| {
-                        events.try_send(e).is_ok()
-                    });
+                    let out = self
+                        .server
+                        .on_request(peer, request, channel, Instant::now(), |e| {
+                            events.try_send(e).is_ok()
+                        });
                     self.respond(out);
                 }
                 request_response::Message::Response {
@@ -706,6 +747,10 @@ impl Task {
                 tracing::debug!(%peer, %error, "table sync failed");
                 self.sync.on_failure(&peer);
             }
+            MeshBehaviourEvent::RelayClient(e) => self.on_nat(NatEvent::RelayClient(e)),
+            MeshBehaviourEvent::Relay(e) => self.on_nat(NatEvent::Relay(e)),
+            MeshBehaviourEvent::Dcutr(e) => self.on_nat(NatEvent::Dcutr(e)),
+            MeshBehaviourEvent::Autonat(e) => self.on_nat(NatEvent::Autonat(e)),
             MeshBehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
                     if self.allowlist.allows(&peer) {
@@ -730,9 +775,15 @@ impl Task {
         let peer = admitted.peer;
         let listen = &admitted.advert.listen_addrs;
         self.discovery_dial(peer, || {
-            listen.iter().filter_map(|a| a.parse().ok()).take(8).collect()
+            listen
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .take(8)
+                .collect()
         });
-        let stored = self.intake.store(&mut self.table, admitted, data, origin, now);
+        let stored = self
+            .intake
+            .store(&mut self.table, admitted, data, origin, now);
         if stored.new {
             if !self.cfg.table_sync.enabled {
                 // Without table sync a newcomer learns of us only from our adverts (see

@@ -82,8 +82,17 @@ fn build_transport(
     psk: Option<PreSharedKey>,
     quic: bool,
     handshake_timeout: Duration,
+    relay: libp2p::relay::client::Transport,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, MeshError> {
     let noise = noise::Config::new(key).map_err(|e| MeshError::Start(e.to_string()))?;
+    // Relayed connections (`crate::nat`): a circuit inside a connection to the relay, which
+    // already passed pnet, so only noise and yamux on top.
+    let relayed = relay
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise.clone())
+        .multiplex(yamux::Config::default())
+        .timeout(handshake_timeout)
+        .map(|(p, m), _| (p, StreamMuxerBox::new(m)));
     let tcp_cfg = tcp::Config::default().nodelay(true);
     let tcp = match psk {
         Some(psk) => tcp::tokio::Transport::new(tcp_cfg)
@@ -104,6 +113,7 @@ fn build_transport(
             .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
             .boxed(),
     };
+    let tcp = relayed.or_transport(tcp).map(|e, _| e.into_inner()).boxed();
     if !quic || psk.is_some() {
         return Ok(tcp);
     }
@@ -122,10 +132,25 @@ fn content_message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
 }
 
 /// Builds the swarm for `cfg` (listening on its addresses). Must be called inside a tokio runtime.
-pub(crate) fn build(cfg: &MeshConfig, key: &Keypair, allowlist: &Allowlist) -> Result<Built, MeshError> {
+pub(crate) fn build(
+    cfg: &MeshConfig,
+    key: &Keypair,
+    allowlist: &Allowlist,
+) -> Result<Built, MeshError> {
     let local = key.public().to_peer_id();
     let psk = cfg.psk.as_deref().map(parse_psk).transpose()?;
-    let transport = build_transport(key, psk, cfg.quic, cfg.limits.handshake_timeout)?;
+    let relay_listen = cfg
+        .nat
+        .relay_listen_addrs()
+        .map_err(|e| MeshError::Config(e.to_string()))?;
+    let (relay_transport, relay_client) = libp2p::relay::client::new(local);
+    let transport = build_transport(
+        key,
+        psk,
+        cfg.quic,
+        cfg.limits.handshake_timeout,
+        relay_transport,
+    )?;
 
     let g = &cfg.gossip;
     let gossip_cfg = gossipsub::ConfigBuilder::default()
@@ -213,6 +238,10 @@ pub(crate) fn build(cfg: &MeshConfig, key: &Keypair, allowlist: &Allowlist) -> R
         table,
         kv,
         mdns: mdns.into(),
+        relay_client,
+        relay: cfg.nat.relay_server(local).into(),
+        dcutr: libp2p::dcutr::Behaviour::new(local),
+        autonat: cfg.nat.autonat(local).into(),
     };
     let mut swarm = Swarm::new(
         transport,
@@ -228,6 +257,14 @@ pub(crate) fn build(cfg: &MeshConfig, key: &Keypair, allowlist: &Allowlist) -> R
         swarm
             .listen_on(addr)
             .map_err(|e| MeshError::Start(format!("listen {a}: {e}")))?;
+    }
+    for addr in relay_listen {
+        // The relay client dials the relay (through the swarm, so pnet applies) and reserves a
+        // slot; the circuit address is reported as a listen address once accepted, and
+        // gossiped in our adverts like any other.
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| MeshError::Start(format!("listen {addr}: {e}")))?;
     }
     Ok(Built {
         swarm,

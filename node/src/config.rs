@@ -64,6 +64,25 @@ pub struct ApiSection {
     pub max_inflight: usize,
     /// HTTP worker threads.
     pub workers: usize,
+    /// The API's address as other nodes and operators reach it (`http://203.0.113.7:8080`),
+    /// gossiped in adverts so any node's dashboard can link to it. Without it the node
+    /// advertises `http://<listen>` when `listen` names a specific address, and nothing when it
+    /// is unspecified (`0.0.0.0`, `[::]`).
+    pub public_url: Option<String>,
+}
+
+/// Longest API URL a node advertises or shows (adverts are bounded as a whole too).
+pub const MAX_API_URL: usize = 256;
+
+/// Whether `url` is a plausible `http(s)://` URL: what a node advertises and what a dashboard
+/// turns into a link (anything else from a peer's advert is shown as text, never linked).
+pub fn is_http_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    url.len() <= MAX_API_URL
+        && rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+        && url.chars().all(|c| c.is_ascii_graphic())
 }
 
 /// `[engine]`.
@@ -143,6 +162,7 @@ impl Default for ApiSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_inflight: 64,
             workers: 2,
+            public_url: None,
         }
     }
 }
@@ -230,6 +250,17 @@ impl NodeConfig {
         if self.api.max_inflight == 0 || self.api.workers == 0 {
             return bad("api.max_inflight and api.workers must be > 0");
         }
+        self.mesh
+            .nat
+            .relay_listen_addrs()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(url) = &self.api.public_url {
+            if !is_http_url(url) {
+                return Err(ConfigError::Invalid(format!(
+                    "api.public_url {url:?} must be an http:// or https:// URL of at most {MAX_API_URL} characters, without spaces"
+                )));
+            }
+        }
         let p = &self.policy;
         for (name, v) in [
             ("policy.price_per_1k_tokens", p.price_per_1k_tokens),
@@ -271,6 +302,27 @@ impl NodeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_api_url_must_be_http() {
+        let mut cfg = NodeConfig::default();
+        for good in ["http://10.0.0.5:8080", "https://node.example/prfaas"] {
+            cfg.api.public_url = Some(good.into());
+            assert!(cfg.validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "javascript:alert(1)",
+            "http://",
+            "http:///x",
+            "ftp://host",
+            "http://a b",
+            &format!("http://{}", "a".repeat(MAX_API_URL)),
+        ] {
+            cfg.api.public_url = Some(bad.into());
+            let err = cfg.validate().expect_err(bad).to_string();
+            assert!(err.contains("api.public_url"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn parses_a_full_config_and_rejects_unknown_fields() {

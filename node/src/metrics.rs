@@ -9,6 +9,7 @@
 //! `request_prefill_time_seconds`, `prefix_cache_queries` / `prefix_cache_hits`) under the
 //! `prfaas_` prefix, so dashboards built for vLLM need only the prefix changed.
 
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
@@ -39,9 +40,58 @@ pub struct PeerLabel {
     pub peer: String,
 }
 
+/// Requests remembered by [`RequestHistory`] (a few minutes of a busy node's traffic).
+pub const REQUEST_HISTORY: usize = 512;
+
+/// One started request, as the dashboard charts it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RequestSample {
+    /// When its first token was generated, Unix milliseconds.
+    pub at_ms: u64,
+    /// Time to first token, seconds.
+    pub ttft_s: f64,
+    /// Prefilled by a peer (offloaded) rather than here.
+    pub remote: bool,
+}
+
+/// The last [`REQUEST_HISTORY`] requests' first-token times and routes, oldest first: what the
+/// dashboard draws TTFT and the offload rate over time from (histograms have no time axis).
+#[derive(Debug, Default)]
+pub struct RequestHistory(Mutex<VecDeque<RequestSample>>);
+
+impl RequestHistory {
+    /// Remembers one request, forgetting the oldest beyond [`REQUEST_HISTORY`].
+    pub fn record(&self, ttft_s: f64, remote: bool) {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        if let Ok(mut h) = self.0.lock() {
+            if h.len() == REQUEST_HISTORY {
+                h.pop_front();
+            }
+            h.push_back(RequestSample {
+                at_ms,
+                ttft_s,
+                remote,
+            });
+        }
+    }
+
+    /// Every remembered request, oldest first.
+    pub fn samples(&self) -> Vec<RequestSample> {
+        self.0
+            .lock()
+            .map(|h| h.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
 /// Every metric a node exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Recent requests for the dashboard's charts (not exported to Prometheus).
+    pub history: RequestHistory,
     /// Finished requests by route and outcome.
     pub requests: Family<RequestLabels, Counter>,
     /// Requests admitted and not yet finished.
@@ -124,6 +174,7 @@ impl Metrics {
         let mut r = Registry::with_prefix_and_labels("prfaas", labels);
         let m = Self {
             registry: Mutex::new(Registry::default()),
+            history: RequestHistory::default(),
             requests: Family::default(),
             inflight: Gauge::default(),
             ttft: seconds(),
@@ -333,6 +384,22 @@ mod tests {
             );
         }
         assert!(!text.contains("model_name"), "no label without a model");
+    }
+
+    #[test]
+    fn request_history_is_bounded_and_ordered() {
+        let h = RequestHistory::default();
+        for i in 0..REQUEST_HISTORY + 10 {
+            h.record(i as f64, i % 2 == 0);
+        }
+        let s = h.samples();
+        assert_eq!(s.len(), REQUEST_HISTORY);
+        assert_eq!(s[0].ttft_s, 10.0, "the oldest ten were forgotten");
+        assert!(s.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+        assert_eq!(
+            s.last().map(|x| x.remote),
+            Some((REQUEST_HISTORY + 9) % 2 == 0)
+        );
     }
 
     #[test]

@@ -100,6 +100,19 @@ fn sweep_stale() {
     }
 }
 
+/// Joins two namespaces by a veth pair: each end `(namespace, interface, address/prefix)`,
+/// addressed and up.
+pub fn veth_pair(a: (&str, &str, &str), b: (&str, &str, &str)) -> Result<(), NetnsError> {
+    ip(&[
+        "-n", a.0, "link", "add", a.1, "type", "veth", "peer", "name", b.1, "netns", b.0,
+    ])?;
+    for (ns, dev, addr) in [a, b] {
+        ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+    Ok(())
+}
+
 /// A hub and `n` node namespaces on shaped uplinks; removed on drop.
 #[derive(Debug)]
 pub struct Topology {
@@ -144,16 +157,11 @@ impl Topology {
             ip(&["netns", "add", &ns])?;
             t.nodes.push(ns.clone());
             let hif = hub_if(i);
-            ip(&[
-                "-n", &t.hub, "link", "add", &hif, "type", "veth", "peer", "name", NODE_IF,
-                "netns", &ns,
-            ])?;
-            let (hub_addr, node_addr) = (format!("10.99.{i}.1/24"), format!("10.99.{i}.2/24"));
-            ip(&["-n", &t.hub, "addr", "add", &hub_addr, "dev", &hif])?;
-            ip(&["-n", &ns, "addr", "add", &node_addr, "dev", NODE_IF])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &t.hub, "link", "set", &hif, "up"])?;
-            ip(&["-n", &ns, "link", "set", NODE_IF, "up"])?;
+            veth_pair(
+                (&t.hub, &hif, &format!("10.99.{i}.1/24")),
+                (&ns, NODE_IF, &format!("10.99.{i}.2/24")),
+            )?;
             ip(&[
                 "-n",
                 &ns,

@@ -85,6 +85,16 @@ pub struct Args {
     /// Identity file from `prfaas keygen` (a stable peer id).
     #[arg(long, env = "PRFAAS_IDENTITY")]
     pub identity: Option<PathBuf>,
+    /// The API's URL as other nodes and operators reach it (gossiped for their dashboards).
+    #[arg(long = "api-url", env = "PRFAAS_API_URL")]
+    pub api_url: Option<String>,
+    /// Serve as a circuit relay for nodes behind NAT (a publicly reachable node).
+    #[arg(long = "relay-server", env = "PRFAAS_RELAY_SERVER")]
+    pub relay_server: bool,
+    /// Relays to reserve a slot on and listen through (multiaddrs ending in `/p2p/<id>`),
+    /// comma-separated or repeated: for a node behind NAT.
+    #[arg(long = "relay", env = "PRFAAS_RELAYS", value_delimiter = ',')]
+    pub relays: Vec<String>,
 }
 
 impl Args {
@@ -122,6 +132,15 @@ impl Args {
         }
         if let Some(v) = &self.identity {
             cfg.node.identity = Some(v.clone());
+        }
+        if let Some(v) = &self.api_url {
+            cfg.api.public_url = Some(v.clone());
+        }
+        if self.relay_server {
+            cfg.mesh.nat.relay_server = true;
+        }
+        if !self.relays.is_empty() {
+            cfg.mesh.nat.relays = self.relays.clone();
         }
         cfg.validate()?;
         Ok(cfg)
@@ -197,6 +216,11 @@ mod tests {
             &psk,
             "--identity",
             "id.key",
+            "--api-url",
+            "http://10.0.0.9:8080",
+            "--relay-server",
+            "--relay",
+            "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA",
         ])
         .expect("parses");
         let cfg = args.node_config().expect("valid");
@@ -209,6 +233,9 @@ mod tests {
         assert_eq!(cfg.mesh.bootstrap.len(), 2);
         assert_eq!(cfg.mesh.psk, Some("ab".repeat(32)));
         assert_eq!(cfg.node.identity, Some(PathBuf::from("id.key")));
+        assert_eq!(cfg.api.public_url.as_deref(), Some("http://10.0.0.9:8080"));
+        assert!(cfg.mesh.nat.relay_server);
+        assert_eq!(cfg.mesh.nat.relays.len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
         // No flags: the defaults.
         let cfg = parse(&[]).expect("parses").node_config().expect("valid");

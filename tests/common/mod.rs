@@ -78,6 +78,29 @@ pub async fn start(cfg: NodeConfig) -> NodeHandle {
     Node::start(cfg, None).await.expect("node starts")
 }
 
+/// Starts a node with its HTTP API (port 0).
+pub async fn start_http(cfg: NodeConfig) -> NodeHandle {
+    init_logs();
+    Node::start(cfg, Some(prfaas_node::actors::node::http_api))
+        .await
+        .expect("node starts")
+}
+
+/// The base URL of a node's HTTP API.
+pub fn base(n: &NodeHandle) -> String {
+    format!("http://{}", n.api_addr.expect("API started"))
+}
+
+/// A prefill node and a decode home bootstrapped from it, both with HTTP APIs, once the home
+/// sees the prefill node's advert.
+pub async fn prefill_and_home(model: &str) -> (NodeHandle, NodeHandle) {
+    let p = start_http(node_config("prefill", &[NodeRole::Prefill], model, vec![])).await;
+    let boot = addrs_of(&p).await;
+    let home = start_http(node_config("home", &[NodeRole::Decode], model, boot)).await;
+    wait_for_prefillers(&home, 1).await;
+    (p, home)
+}
+
 /// Mesh bootstrap addresses of `n` as strings.
 pub async fn addrs_of(n: &NodeHandle) -> Vec<String> {
     n.mesh_addrs()

@@ -244,6 +244,29 @@ mod tests {
     }
 
     #[test]
+    fn api_url_is_signed_and_absent_from_adverts_without_one() {
+        let key = Keypair::generate_ed25519();
+        let mut a = advert_of(&key, 9);
+        // Without a URL the advert has no `api_url` key at all: it encodes as before the field
+        // existed, so older nodes verify and decode it unchanged.
+        let plain = wire::encode(&a, 64 * 1024).expect("enc");
+        assert!(!plain.windows(7).any(|w| w == b"api_url"));
+        a.body.api_url = Some("http://10.0.0.5:8080".into());
+        let bytes = sign(&a, &key, 64 * 1024).expect("sign");
+        let (_, back) = open_verified(&bytes, 64 * 1024).expect("open");
+        assert_eq!(back.body.api_url.as_deref(), Some("http://10.0.0.5:8080"));
+        // The URL is covered by the signature.
+        let env: SignedAdvert = wire::decode(&bytes, 64 * 1024).expect("env");
+        a.body.api_url = Some("http://evil.example".into());
+        let forged = SignedAdvert {
+            advert: wire::encode(&a, 64 * 1024).expect("enc"),
+            ..env
+        };
+        let r = open_verified(&wire::encode(&forged, 64 * 1024).expect("enc"), 64 * 1024);
+        assert!(matches!(r, Err(AdvertError::BadSignature { .. })), "{r:?}");
+    }
+
+    #[test]
     fn altered_body_wrong_signer_and_foreign_key_are_refused() {
         let key = Keypair::generate_ed25519();
         let bytes = sign(&advert_of(&key, 1), &key, 64 * 1024).expect("sign");

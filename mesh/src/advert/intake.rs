@@ -212,17 +212,18 @@ impl AdvertIntake {
         now: Instant,
     ) -> Stored {
         let received_at = now.checked_sub(admitted.age).unwrap_or(now);
-        let new = match table.upsert_signed(admitted.peer, admitted.advert, Arc::from(data), received_at)
-        {
-            Upsert::New => true,
-            Upsert::Updated => false,
-            Upsert::Stale | Upsert::Full => {
-                return Stored {
-                    verdict: MessageAcceptance::Ignore,
-                    new: false,
+        let new =
+            match table.upsert_signed(admitted.peer, admitted.advert, Arc::from(data), received_at)
+            {
+                Upsert::New => true,
+                Upsert::Updated => false,
+                Upsert::Stale | Upsert::Full => {
+                    return Stored {
+                        verdict: MessageAcceptance::Ignore,
+                        new: false,
+                    }
                 }
-            }
-        };
+            };
         // Counters before the caller's event, so whoever reacts to the event sees them.
         self.stats.adverts_accepted.fetch_add(1, Ordering::Relaxed);
         if matches!(origin, Origin::Sync { .. }) {
@@ -356,7 +357,16 @@ mod tests {
         assert_eq!(stats.adverts_replayed.load(Ordering::Relaxed), 1);
         // The same through sync is only ignored (the server's copy aged out).
         assert_eq!(
-            take(&mut i, &mut table, &old, Origin::Sync { age: Duration::ZERO }, now).0,
+            take(
+                &mut i,
+                &mut table,
+                &old,
+                Origin::Sync {
+                    age: Duration::ZERO
+                },
+                now
+            )
+            .0,
             MessageAcceptance::Ignore
         );
         // From the future beyond the skew.
@@ -397,8 +407,20 @@ mod tests {
         let key = Keypair::generate_ed25519();
         let a = signed(&key, NOW_MS - 20_000);
         let admitted = i
-            .admit(&table, &a, Origin::Sync { age: Duration::ZERO }, NOW_MS, Instant::now())
+            .admit(
+                &table,
+                &a,
+                Origin::Sync {
+                    age: Duration::ZERO,
+                },
+                NOW_MS,
+                Instant::now(),
+            )
             .expect("admitted");
-        assert_eq!(admitted.age, Duration::from_secs(18), "20 s old minus 2 s skew");
+        assert_eq!(
+            admitted.age,
+            Duration::from_secs(18),
+            "20 s old minus 2 s skew"
+        );
     }
 }

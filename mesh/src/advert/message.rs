@@ -114,6 +114,12 @@ pub struct AdvertBody {
     pub prefix_summary: PrefixSummary,
     /// Software version string, for operators and compatibility checks.
     pub software_version: String,
+    /// Where the node's HTTP API (OpenAI endpoints, `/mesh`, dashboard) can be reached, e.g.
+    /// `http://10.0.0.5:8080`; `None` when it serves none or cannot tell (an unspecified listen
+    /// address without `api.public_url`). Added without a new topic version: it is omitted when
+    /// `None`, so such adverts encode exactly as before, and older nodes skip the unknown key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
 }
 
 /// Goodput this node has observed towards one peer (so others can reason about the mesh's links).

@@ -76,6 +76,7 @@ impl MeshBridge {
                 price_per_1k_tokens: core.cfg.policy.price_per_1k_tokens,
                 prefix_summary: part.summary,
                 software_version: concat!("prfaas/", env!("CARGO_PKG_VERSION")).into(),
+                api_url: core.api_url.get().cloned(),
             })
         };
         ctx.spawn(fut.into_actor(self).map(|body, act, _| {

@@ -784,9 +784,11 @@ impl Worker {
             return;
         }
         let now = Instant::now();
+        let ttft = now.duration_since(job.admitted).as_secs_f64();
+        self.metrics.ttft.observe(ttft);
         self.metrics
-            .ttft
-            .observe(now.duration_since(job.admitted).as_secs_f64());
+            .history
+            .record(ttft, matches!(job.route, PrefillRoute::Remote { .. }));
         let mut live = Live {
             job,
             seq,

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prfaas_mesh::{MeshHandle, ModelRef, PeerId};
 use serde::Serialize;
@@ -70,6 +70,8 @@ pub struct NodeCore {
     /// for `/mesh`).
     pub awaited_transfers: AtomicUsize,
     recent: Mutex<VecDeque<AuctionRecord>>,
+    /// The HTTP API's URL as others reach it (set once the API listens; advertised).
+    pub api_url: OnceLock<String>,
 }
 
 impl std::fmt::Debug for NodeCore {
@@ -120,6 +122,7 @@ impl NodeCore {
             threshold: AtomicUsize::new(threshold),
             awaited_transfers: AtomicUsize::new(0),
             recent: Mutex::new(VecDeque::new()),
+            api_url: OnceLock::new(),
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use prfaas_mesh::{Mesh, MeshConfig, Multiaddr, PeerId};
+use prfaas_mesh::{Mesh, MeshConfig, Multiaddr, PeerId, Role};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,7 +21,7 @@ use super::kvstore::KvStore;
 use super::planner::Planner;
 use super::prefill::PrefillWorker;
 use super::MAILBOX;
-use crate::config::{ConfigError, NodeConfig, NodeRole};
+use crate::config::{is_http_url, ConfigError, NodeConfig, NodeRole};
 use crate::engine::loader::{load_model, make_backend, LoadError};
 use crate::engine::{Engine, EngineConfig, EngineError, Model, ModelError, NullSink};
 use crate::kv::layout::KV_LAYOUT_VERSION;
@@ -78,10 +78,12 @@ impl Handler<MeshView> for Node {
     }
 }
 
-/// Builds the `/mesh` JSON.
+/// Builds the `/mesh` JSON: this node's facts, every node of the mesh it knows (from their
+/// signed adverts), the bandwidth it measured and the bandwidth the others report, recent
+/// auctions and recent requests (what the dashboard at `/` draws).
 async fn mesh_view(core: &Core) -> serde_json::Value {
     let me = core.mesh.local_peer_id();
-    let known = core.mesh.known_peers().await.unwrap_or_default();
+    let adverts = core.mesh.adverts().await.unwrap_or_default();
     let connected = core.mesh.connected_peers().await.unwrap_or_default();
     let prefillers: Vec<PeerId> = core
         .mesh
@@ -89,15 +91,17 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         .await
         .map(|v| v.into_iter().map(|(p, _)| p).collect())
         .unwrap_or_default();
-    let peers: Vec<serde_json::Value> = known
+    let peers: Vec<serde_json::Value> = adverts
         .iter()
-        .filter(|p| **p != me)
-        .map(|p| {
-            let bw = core.mesh.observed_bandwidth(p);
+        .filter(|a| a.peer != me)
+        .map(|a| {
+            let bw = core.mesh.observed_bandwidth(&a.peer);
             json!({
-                "peer": p.to_string(),
-                "connected": connected.contains(p),
-                "prefills_our_model": prefillers.contains(p),
+                "peer": a.peer.to_string(),
+                "connected": connected.contains(&a.peer),
+                // `direct`, `relayed` (through a relay: NAT), or null when not connected.
+                "link": core.mesh.link(&a.peer),
+                "prefills_our_model": prefillers.contains(&a.peer),
                 "bandwidth_bytes_per_s": bw.map(|b| b.bytes_per_sec),
                 "bandwidth_samples": bw.map(|b| b.samples),
             })
@@ -112,10 +116,85 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         .iter()
         .map(ToString::to_string)
         .collect();
+    let region = if core.cfg.mesh.region.is_empty() {
+        "local"
+    } else {
+        core.cfg.mesh.region.as_str()
+    };
+    let mut nodes = vec![json!({
+        "peer": me.to_string(),
+        "self": true,
+        "connected": true,
+        "name": core.cfg.node.name,
+        "region": region,
+        "roles": core.info.roles,
+        "model": core.info.model_id,
+        "same_model": true,
+        "queue_depth": core.compute.queued_jobs(),
+        "free_kv_blocks": view.kv.free,
+        "price_per_1k_tokens": core.cfg.policy.price_per_1k_tokens,
+        "prefill_tokens_per_s": view.prefill_tokens_per_s,
+        "api_url": core.api_url.get(),
+        "advert_age_s": 0.0,
+        "version": env!("CARGO_PKG_VERSION"),
+    })];
+    let mut bandwidth = Vec::new();
+    for a in adverts.iter().filter(|a| a.peer != me) {
+        let b = &a.advert.body;
+        let roles: Vec<&str> = b
+            .roles
+            .iter()
+            .map(|r| match r {
+                Role::Prefill => "prefill",
+                Role::Decode => "decode",
+                _ => "other",
+            })
+            .collect();
+        let model = b.models.first();
+        // A peer's advert is signed by it but says what it likes: link only what looks like
+        // an http(s) URL, and show everything else as text.
+        let api_url = b.api_url.as_deref().filter(|u| is_http_url(u));
+        nodes.push(json!({
+            "peer": a.peer.to_string(),
+            "self": false,
+            "connected": connected.contains(&a.peer),
+            "link": core.mesh.link(&a.peer),
+            "region": b.region,
+            "roles": roles,
+            "model": model.map(|m| m.model_id.as_str()),
+            "same_model": model == Some(&core.model_ref),
+            "queue_depth": b.queue_depth,
+            "free_kv_blocks": b.free_kv_blocks,
+            "price_per_1k_tokens": b.price_per_1k_tokens,
+            "prefill_tokens_per_s": a.advert.peak_prefill_speed(),
+            "api_url": api_url,
+            "advert_age_s": a.age.as_secs_f64(),
+            "version": b.software_version,
+        }));
+        // What this peer reports about its own links (signed, not verified by us).
+        for r in &a.advert.observed_bandwidth {
+            bandwidth.push(json!({
+                "from": a.peer.to_string(),
+                "to": r.peer,
+                "bytes_per_s": r.bytes_per_sec,
+                "measured_here": false,
+            }));
+        }
+        if let Some(bw) = core.mesh.observed_bandwidth(&a.peer) {
+            bandwidth.push(json!({
+                "from": me.to_string(),
+                "to": a.peer.to_string(),
+                "bytes_per_s": bw.bytes_per_sec,
+                "samples": bw.samples,
+                "measured_here": true,
+            }));
+        }
+    }
     json!({
         "node": core.cfg.node.name,
         "peer_id": me.to_string(),
         "listen": listen,
+        "api_url": core.api_url.get(),
         "roles": core.info.roles,
         "model": core.info.model_id,
         "backend": core.info.backend,
@@ -126,8 +205,12 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         "decoding": view.live,
         "queued_jobs": core.compute.queued_jobs(),
         "kv": view.kv,
+        "nodes": nodes,
+        "bandwidth": bandwidth,
         "peers": peers,
         "mesh_stats": core.mesh.stats(),
+        // Relay reservations, hole punches, AutoNAT's verdict.
+        "nat": core.mesh.nat(),
         // Transfer records of auction winners (failed, late, lying; ban time left).
         "reputation": core
             .mesh
@@ -136,6 +219,8 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
             .map(|(p, r)| json!({ "peer": p.to_string(), "record": r }))
             .collect::<Vec<_>>(),
         "recent_auctions": core.recent_auctions(),
+        // First-token times and routes of recent requests homed here (oldest first).
+        "recent_requests": core.metrics.history.samples(),
     })
 }
 
@@ -415,6 +500,16 @@ async fn start_mesh(
         .map_err(StartError::Mesh)
 }
 
+/// The API URL a node advertises: `public_url` when configured, else `http://<bound>` when the
+/// API is bound to a specific address (loopback included: meshes on one machine), else none.
+pub fn advertised_api_url(public_url: Option<&str>, bound: SocketAddr) -> Option<String> {
+    match public_url {
+        Some(u) => Some(u.trim_end_matches('/').to_owned()),
+        None if bound.ip().is_unspecified() => None,
+        None => Some(format!("http://{bound}")),
+    }
+}
+
 /// How the node serves HTTP: the API module plugs in here.
 pub type ApiStarter =
     fn(SocketAddr, &NodeHandle) -> std::io::Result<(actix_web::dev::Server, SocketAddr)>;
@@ -547,6 +642,15 @@ impl Node {
             })?;
             handle.api_server = Some(server.handle());
             handle.api_addr = Some(addr);
+            match advertised_api_url(cfg.api.public_url.as_deref(), addr) {
+                Some(url) => {
+                    let _ = handle.core.api_url.set(url);
+                }
+                None => tracing::info!(
+                    %addr,
+                    "the API listens on an unspecified address: set api.public_url to show it in other nodes' dashboards"
+                ),
+            }
             actix::spawn(async move {
                 if let Err(e) = server.await {
                     tracing::error!(error = %e, "HTTP server stopped");
@@ -566,7 +670,27 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
-    use super::readable_model_name;
+    use super::{advertised_api_url, readable_model_name};
+
+    #[test]
+    fn advertised_api_url_prefers_the_configured_one() {
+        let bound = "127.0.0.1:8081".parse().expect("static");
+        let any = "0.0.0.0:8081".parse().expect("static");
+        assert_eq!(
+            advertised_api_url(Some("https://n1.example/"), any).as_deref(),
+            Some("https://n1.example")
+        );
+        assert_eq!(
+            advertised_api_url(None, bound).as_deref(),
+            Some("http://127.0.0.1:8081")
+        );
+        assert_eq!(advertised_api_url(None, any), None);
+        let v6 = "[::1]:80".parse().expect("static");
+        assert_eq!(
+            advertised_api_url(None, v6).as_deref(),
+            Some("http://[::1]:80")
+        );
+    }
 
     #[test]
     fn model_names_people_recognise() {
