@@ -93,11 +93,13 @@ fn edge_config(
     c.mesh = if local {
         MeshConfig::local()
     } else {
-        let mut m = MeshConfig::default();
         // A TCP port of our own: dials leave from it, so a port-keeping NAT maps it to what
         // peers observe, and hole punching can reach it. `--listen /ip4/<this host>/tcp/PORT`
         // is better: on `0.0.0.0` the first dial may leave before the interfaces are known.
-        m.listen = vec!["/ip4/0.0.0.0/tcp/0".into()];
+        let mut m = MeshConfig {
+            listen: vec!["/ip4/0.0.0.0/tcp/0".into()],
+            ..MeshConfig::default()
+        };
         m.nat.autonat = true;
         m
     };

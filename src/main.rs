@@ -72,9 +72,8 @@ fn ensure_runtime_dir() {
     let dir = std::env::temp_dir().join(format!("prfaas-runtime-{uid}"));
     let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
     // Only a directory of ours that nobody else can enter (another user may have made it).
-    let ours = std::fs::symlink_metadata(&dir).is_ok_and(|m| {
-        m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o077 == 0
-    });
+    let ours = std::fs::symlink_metadata(&dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o077 == 0);
     if ours {
         std::env::set_var("XDG_RUNTIME_DIR", &dir);
     }

@@ -207,8 +207,12 @@ fn browser(test: &str) -> Option<PathBuf> {
         .iter()
         .flat_map(|b| {
             std::env::var_os("PATH")
-                .map(|p| std::env::split_paths(&p).map(|d| d.join(b)).collect())
-                .unwrap_or_else(Vec::new)
+                .map(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| d.join(b))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
         }),
     );
     if let Some(b) = found.into_iter().find(|p| p.is_file()) {

@@ -125,6 +125,11 @@ fn advert(u: &mut Unstructured<'_>, node_id: String) -> arbitrary::Result<Advert
             price_per_1k_tokens: float(u)?,
             prefix_summary,
             software_version: tricky_string(u)?,
+            api_url: if u.arbitrary()? {
+                Some(tricky_string(u)?)
+            } else {
+                None
+            },
         },
         observed_bandwidth,
     })

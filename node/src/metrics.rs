@@ -398,7 +398,7 @@ mod tests {
         assert!(s.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
         assert_eq!(
             s.last().map(|x| x.remote),
-            Some((REQUEST_HISTORY + 9) % 2 == 0)
+            Some((REQUEST_HISTORY + 9).is_multiple_of(2))
         );
     }
 

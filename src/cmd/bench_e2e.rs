@@ -873,7 +873,7 @@ fn table(args: &Args, load: &[LoadFigures], overlap: &[Overlap]) -> String {
         );
         let _ = writeln!(
             s,
-            "{:>6} {:>9} {:>9} {:>7} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>7}  {}",
+            "{:>6} {:>9} {:>9} {:>7} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>7}  each rep",
             "Mbit/s",
             "raw TCP",
             "node est",
@@ -885,7 +885,6 @@ fn table(args: &Args, load: &[LoadFigures], overlap: &[Overlap]) -> String {
             "whole s",
             "last s",
             "ratio",
-            "each rep"
         );
         for o in overlap {
             let _ = writeln!(

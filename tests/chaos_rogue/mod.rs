@@ -69,6 +69,7 @@ fn prefill_body(model: &ModelRef, seq: u32) -> AdvertBody {
         price_per_1k_tokens: 0.0,
         prefix_summary: PrefixSummary::with_size(64, 3),
         software_version: format!("rogue-{seq}"),
+        api_url: None,
     }
 }
 
