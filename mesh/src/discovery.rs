@@ -269,7 +269,13 @@ impl DiscoveryDials {
 
     /// Whether to dial `peer` now (not connected, not being dialled, below the target); the
     /// caller reports a started dial with [`Self::dialing`].
-    pub fn wants(&mut self, peer: &PeerId, connected: bool, connections: usize, now: Instant) -> bool {
+    pub fn wants(
+        &mut self,
+        peer: &PeerId,
+        connected: bool,
+        connections: usize,
+        now: Instant,
+    ) -> bool {
         if connected || self.in_flight.contains_key(peer) {
             return false;
         }
@@ -400,10 +406,16 @@ mod tests {
         assert!(!d.wants(&a, false, 0, t0), "being dialled");
         assert!(d.wants(&b, false, 0, t0));
         d.dialing(b, t0);
-        assert!(!d.wants(&c, false, 0, t0), "two dials in flight reach the target");
+        assert!(
+            !d.wants(&c, false, 0, t0),
+            "two dials in flight reach the target"
+        );
         d.done(&a);
         assert!(d.wants(&c, false, 0, t0));
         assert!(!d.wants(&c, false, 1, t0), "one connection and one dial");
-        assert!(d.wants(&c, false, 1, t0 + Duration::from_secs(4)), "b's dial lapsed");
+        assert!(
+            d.wants(&c, false, 1, t0 + Duration::from_secs(4)),
+            "b's dial lapsed"
+        );
     }
 }

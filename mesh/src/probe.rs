@@ -111,15 +111,25 @@ mod tests {
         let t0 = Instant::now();
         let first = p.next(t0, [a, b].into_iter(), |_| true).expect("a probe");
         assert_eq!(first.peer, a);
-        assert!(p.next(t0, [a, b].into_iter(), |_| true).is_none(), "one at a time");
+        assert!(
+            p.next(t0, [a, b].into_iter(), |_| true).is_none(),
+            "one at a time"
+        );
         drop(first);
         let second = p.next(t0, [a, b].into_iter(), |_| true).expect("b now");
         assert_eq!(second.peer, b);
         drop(second);
-        assert!(p.next(t0, [a, b].into_iter(), |_| true).is_none(), "both probed recently");
-        assert!(p.next(t0 + stale * 2, [a].into_iter(), |_| false).is_none(), "fresh estimate");
+        assert!(
+            p.next(t0, [a, b].into_iter(), |_| true).is_none(),
+            "both probed recently"
+        );
+        assert!(
+            p.next(t0 + stale * 2, [a].into_iter(), |_| false).is_none(),
+            "fresh estimate"
+        );
         assert_eq!(
-            p.next(t0 + stale * 2, [a].into_iter(), |_| true).map(|t| t.peer),
+            p.next(t0 + stale * 2, [a].into_iter(), |_| true)
+                .map(|t| t.peer),
             Some(a)
         );
         let mut off = Prober::new(false, stale, 16);

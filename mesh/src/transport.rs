@@ -122,7 +122,11 @@ fn content_message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
 }
 
 /// Builds the swarm for `cfg` (listening on its addresses). Must be called inside a tokio runtime.
-pub(crate) fn build(cfg: &MeshConfig, key: &Keypair, allowlist: &Allowlist) -> Result<Built, MeshError> {
+pub(crate) fn build(
+    cfg: &MeshConfig,
+    key: &Keypair,
+    allowlist: &Allowlist,
+) -> Result<Built, MeshError> {
     let local = key.public().to_peer_id();
     let psk = cfg.psk.as_deref().map(parse_psk).transpose()?;
     let transport = build_transport(key, psk, cfg.quic, cfg.limits.handshake_timeout)?;

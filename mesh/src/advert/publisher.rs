@@ -39,7 +39,13 @@ pub(crate) struct AdvertPublisher {
 
 impl AdvertPublisher {
     /// `seq` starts at the wall clock in ms, so a restarted node's adverts beat its old ones.
-    pub fn new(key: Keypair, region: String, refresh: Duration, max_bytes: usize, seq: u64) -> Self {
+    pub fn new(
+        key: Keypair,
+        region: String,
+        refresh: Duration,
+        max_bytes: usize,
+        seq: u64,
+    ) -> Self {
         Self {
             key,
             body: AdvertBody {

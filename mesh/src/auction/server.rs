@@ -221,7 +221,11 @@ mod tests {
     }
 
     fn server() -> AuctionServer<u32> {
-        AuctionServer::new(limits(), ServeGate::default(), Arc::new(MeshStats::default()))
+        AuctionServer::new(
+            limits(),
+            ServeGate::default(),
+            Arc::new(MeshStats::default()),
+        )
     }
 
     fn call(request_id: u64) -> AuctionRequest {
@@ -282,17 +286,31 @@ mod tests {
             })
             .is_none());
         let token = token_of(&events[0]);
-        let (ch, resp) = s.answer(token, CallAnswer::Bid(bid(3)), t0).expect("pending");
+        let (ch, resp) = s
+            .answer(token, CallAnswer::Bid(bid(3)), t0)
+            .expect("pending");
         assert_eq!(ch, 1);
         assert!(matches!(resp, AuctionResponse::Bid(b) if b.request_id == 7 && b.bid_id == 3));
-        assert!(s.answer(token, CallAnswer::Bid(bid(3)), t0).is_none(), "answered once");
+        assert!(
+            s.answer(token, CallAnswer::Bid(bid(3)), t0).is_none(),
+            "answered once"
+        );
         // An award for a bid never made is refused; the real one is accepted once.
-        let (_, r) = s.on_request(home, award(7, 99), 2, t0, |_| true).expect("now");
+        let (_, r) = s
+            .on_request(home, award(7, 99), 2, t0, |_| true)
+            .expect("now");
         assert!(matches!(r, AuctionResponse::AwardRefused { .. }));
-        let (_, r) = s.on_request(home, award(7, 3), 3, t0, |_| true).expect("now");
+        let (_, r) = s
+            .on_request(home, award(7, 3), 3, t0, |_| true)
+            .expect("now");
         assert_eq!(r, AuctionResponse::AwardAccepted { request_id: 7 });
-        let (_, r) = s.on_request(home, award(7, 3), 4, t0, |_| true).expect("now");
-        assert!(matches!(r, AuctionResponse::AwardRefused { .. }), "consumed");
+        let (_, r) = s
+            .on_request(home, award(7, 3), 4, t0, |_| true)
+            .expect("now");
+        assert!(
+            matches!(r, AuctionResponse::AwardRefused { .. }),
+            "consumed"
+        );
     }
 
     #[test]
@@ -359,7 +377,8 @@ mod tests {
             });
         }
         for (i, t) in tokens.into_iter().enumerate() {
-            s.answer(t, CallAnswer::Bid(bid(i as u64)), t0).expect("pending");
+            s.answer(t, CallAnswer::Bid(bid(i as u64)), t0)
+                .expect("pending");
         }
         let mut slots = Vec::new();
         let (_, r) = s
@@ -369,7 +388,9 @@ mod tests {
             })
             .expect("now");
         assert_eq!(r, AuctionResponse::AwardAccepted { request_id: 1 });
-        let (_, r) = s.on_request(home, award(2, 1), 0, t0, |_| true).expect("now");
+        let (_, r) = s
+            .on_request(home, award(2, 1), 0, t0, |_| true)
+            .expect("now");
         assert_eq!(
             r,
             AuctionResponse::AwardRefused {
