@@ -40,6 +40,7 @@ use crate::config::MeshConfig;
 use crate::discovery::{DialKey, DiscoveryDials, Redialer};
 use crate::event::MeshEvent;
 use crate::handle::{emulated_rate, Command, EmulatedRates, MeshHandle, Shared};
+use crate::kv::quota::ExpectedTransfers;
 use crate::kv::receiver::{Acceptor, ReceiverLimits};
 use crate::kv::sender::SenderLimits;
 use crate::probe::{probe, Prober};
@@ -134,6 +135,8 @@ impl Mesh {
             .unwrap_or(0);
         let next_transfer = Arc::new(AtomicU64::new(seed));
 
+        // Awards in flight bound the transfers a home awaits; this bound is far above them.
+        let expected = ExpectedTransfers::new(cfg.limits.max_pending_transfers.max(1) * 16);
         let acceptor = Acceptor {
             limits: recv_limits,
             estimator: estimator.clone(),
@@ -141,6 +144,9 @@ impl Mesh {
             allowlist: allowlist.set(),
             max_pending_transfers: cfg.limits.max_pending_transfers,
             probe_max_bytes: cfg.bandwidth.probe_bytes.max(1),
+            expected: expected.clone(),
+            max_hellos_per_peer: cfg.limits.max_kv_hellos_per_peer.max(1),
+            accept_unexpected: cfg.limits.accept_unexpected_kv,
         };
         let kv_events = ev_tx.clone();
         let serve_gate = ServeGate::default();
@@ -233,6 +239,7 @@ impl Mesh {
             sender_limits,
             serve_gate,
             reputation,
+            expected,
         };
         Ok((
             MeshHandle {
@@ -537,7 +544,9 @@ impl Task {
                 endpoint,
                 ..
             } => {
-                if num_established.get() == 1 && endpoint.is_dialer() && self.allowlist.allows(&peer_id)
+                if num_established.get() == 1
+                    && endpoint.is_dialer()
+                    && self.allowlist.allows(&peer_id)
                 {
                     if let Some(req) = self.sync.on_dialled(peer_id, Instant::now()) {
                         self.swarm.behaviour_mut().table.send_request(&peer_id, req);
@@ -624,7 +633,7 @@ impl Task {
                 message_id,
                 message,
             }) => {
-                let verdict = self.on_signed_advert(&message.data, Origin::Gossip);
+                let (verdict, _) = self.on_signed_advert(&message.data, Origin::Gossip);
                 let _ = self
                     .swarm
                     .behaviour_mut()
@@ -647,9 +656,11 @@ impl Task {
                         return; // dropping the channel fails the request on the other side
                     }
                     let events = &self.events;
-                    let out = self.server.on_request(peer, request, channel, Instant::now(), |e| {
-                        events.try_send(e).is_ok()
-                    });
+                    let out = self
+                        .server
+                        .on_request(peer, request, channel, Instant::now(), |e| {
+                            events.try_send(e).is_ok()
+                        });
                     self.respond(out);
                 }
                 request_response::Message::Response {
@@ -693,8 +704,13 @@ impl Task {
                     }
                 }
                 request_response::Message::Response { response, .. } => {
+                    let max_new = self.cfg.table_sync.max_new_per_sync;
+                    let mut added = 0;
                     for (signed, age) in self.sync.on_response(peer, response, Instant::now()) {
-                        let _ = self.on_signed_advert(&signed, Origin::Sync { age });
+                        let may_add = added < max_new;
+                        let (_, new) =
+                            self.on_signed_advert(&signed, Origin::Sync { age, may_add });
+                        added += usize::from(new);
                     }
                 }
             },
@@ -718,21 +734,32 @@ impl Task {
     }
 
     /// Passes a signed advert (from gossip or table sync) through the intake; learns the mesh
-    /// from it (dials the signer while below the target peer count) and stores it.
-    fn on_signed_advert(&mut self, data: &[u8], origin: Origin) -> gossipsub::MessageAcceptance {
+    /// from it (dials the signer while below the target peer count) and stores it. Returns the
+    /// verdict for gossipsub and whether the signer is a peer we had not known.
+    fn on_signed_advert(
+        &mut self,
+        data: &[u8],
+        origin: Origin,
+    ) -> (gossipsub::MessageAcceptance, bool) {
         let now = Instant::now();
         let admitted = match self.intake.admit(&self.table, data, origin, unix_ms(), now) {
             Ok(a) => a,
-            Err(verdict) => return verdict,
+            Err(verdict) => return (verdict, false),
         };
         // The addresses are parsed only when a dial will happen (most adverts come from peers
         // we are connected to or do not need).
         let peer = admitted.peer;
         let listen = &admitted.advert.listen_addrs;
         self.discovery_dial(peer, || {
-            listen.iter().filter_map(|a| a.parse().ok()).take(8).collect()
+            listen
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .take(8)
+                .collect()
         });
-        let stored = self.intake.store(&mut self.table, admitted, data, origin, now);
+        let stored = self
+            .intake
+            .store(&mut self.table, admitted, data, origin, now);
         if stored.new {
             if !self.cfg.table_sync.enabled {
                 // Without table sync a newcomer learns of us only from our adverts (see
@@ -746,6 +773,6 @@ impl Task {
             }
             self.emit(MeshEvent::PeerDiscovered { peer });
         }
-        stored.verdict
+        (stored.verdict, stored.new)
     }
 }

@@ -80,7 +80,8 @@ impl TableSync {
         if now < due {
             return None;
         }
-        let peer = *connected.find(|p| !self.synced_from.contains(p) && !self.syncing.contains(p))?;
+        let peer =
+            *connected.find(|p| !self.synced_from.contains(p) && !self.syncing.contains(p))?;
         self.followup_at = None;
         Some((peer, self.start(peer)))
     }
@@ -175,6 +176,7 @@ mod tests {
         TableSyncConfig {
             enabled: true,
             max_entries: 3,
+            max_new_per_sync: 256,
             max_bytes: 1 << 20,
             burst: 2,
             period: Duration::from_secs(10),
@@ -216,7 +218,10 @@ mod tests {
         };
         assert!(s.on_response(stranger, res.clone(), t0).is_empty());
         assert_eq!(s.on_response(a, res.clone(), t0).len(), 3, "max_entries");
-        assert!(s.on_response(a, res, t0).is_empty(), "one answer per request");
+        assert!(
+            s.on_response(a, res, t0).is_empty(),
+            "one answer per request"
+        );
         let connected = [a, other];
         assert!(s.followup(t0, connected.iter()).is_none(), "not due yet");
         let later = t0 + Duration::from_secs(1);

@@ -17,10 +17,12 @@
 
 pub mod codec;
 pub mod protocol;
+pub mod quota;
 pub mod receiver;
 pub mod sender;
 
 pub use codec::KvError;
 pub use protocol::{FrameHeader, KvAck, KvHeader, KvTrailer, PieceId, StreamHello, KV_PROTOCOL};
+pub use quota::{ExpectedTransfers, KvExpectation, KvRefusal};
 pub use receiver::{BusyClock, KvIncoming, KvReceived, KvSink, SinkError, VecSink};
 pub use sender::{KvSender, KvSent};
