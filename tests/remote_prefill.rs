@@ -3,8 +3,12 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
 use common::*;
 use prfaas_kernels::BackendKind;
+use prfaas_node::actors::NodeHandle;
 use prfaas_node::config::NodeRole;
 use prfaas_node::kv::wire::KvWire;
 use prfaas_node::metrics::KindLabel;
@@ -265,18 +269,7 @@ async fn int8_kv_is_asked_for_only_when_allowed_and_link_bound() {
         hcfg.policy.max_score = f64::MAX;
         homes.push(start(hcfg).await);
     }
-    let long = prompts()
-        .into_iter()
-        .find(|p| {
-            homes[0]
-                .core
-                .text
-                .codec
-                .encode(p, false)
-                .map_or(0, |t| t.len())
-                > 48
-        })
-        .expect("a long prompt");
+    let long = long_prompt(&homes[0]);
     let n = homes[0].core.text.codec.encode(&long, false).unwrap().len();
     let layout = homes[0].core.layout.clone();
     for (home, wire) in homes.iter().zip([KvWire::Int8, KvWire::F16]) {
@@ -311,5 +304,172 @@ async fn int8_kv_is_asked_for_only_when_allowed_and_link_bound() {
     for h in homes {
         h.shutdown().await;
     }
+}
+
+/// A node pair for the winner-failure tests: a prefill node and a home that offloads to it.
+async fn pair(model: &str, home_late_margin: Option<Duration>) -> (NodeHandle, NodeHandle) {
+    let prefill = start(node_config("prefill", &[NodeRole::Prefill], model, vec![])).await;
+    let mut hcfg = node_config("home", &[NodeRole::Decode], model, addrs_of(&prefill).await);
+    if let Some(m) = home_late_margin {
+        hcfg.policy.late_margin = m;
+    }
+    // The default 60 s transfer timeout stays: these tests show it is not what ends the wait.
+    assert_eq!(hcfg.policy.transfer_timeout, Duration::from_secs(60));
+    let home = start(hcfg).await;
+    wait_for_prefillers(&home, 1).await;
+    (prefill, home)
+}
+
+fn long_prompt(home: &NodeHandle) -> String {
+    prompts()
+        .into_iter()
+        .find(|p| home.core.text.codec.encode(p, false).map_or(0, |t| t.len()) > 48)
+        .expect("a long prompt")
+}
+
+fn auctions(node: &NodeHandle, kind: &str) -> u64 {
+    node.core
+        .metrics
+        .auctions
+        .get_or_create(&KindLabel { kind: kind.into() })
+        .get()
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn assert_no_blocks_left(home: &NodeHandle) {
+    let kv = home.core.compute.view().kv;
+    assert_eq!(
+        (kv.leased, kv.leases_active, kv.in_use),
+        (0, 0, 0),
+        "home kept blocks of the lost transfer"
+    );
+}
+
+/// Runs a long prompt on `home` and kills `prefill`'s mesh once it won (and, with `mid_stream`,
+/// once its KV stream reached the home). The request must end locally, with `reason` in its
+/// route, within 3 s of the kill (the transfer timeout is 60 s), with the tokens of a local run
+/// and no KV blocks left on the home.
+async fn kill_winner(
+    model: &str,
+    home: NodeHandle,
+    prefill: NodeHandle,
+    mid_stream: bool,
+    reason: &str,
+) {
+    let prompt = long_prompt(&home);
+    let mut reference = Reference::new(model, BackendKind::Cpu);
+    let killed_at = std::sync::Mutex::new(None);
+    let kill = async {
+        until("the prefill node won", || auctions(&prefill, "won") == 1).await;
+        if mid_stream {
+            // The home has its transfer (no wait left in its router): the stream is open.
+            until("the KV stream reached the home", || {
+                home.core.awaited_transfers.load(Ordering::Relaxed) == 0
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        *killed_at.lock().expect("lock") = Some(Instant::now());
+        prefill.core.mesh.shutdown().await;
+    };
+    let (got, ()) = tokio::join!(run_text(&home, &prompt, 8), kill);
+    let after_kill = killed_at.lock().expect("lock").expect("killed").elapsed();
+    match &got.route {
+        PrefillRoute::Local { reason: why } => {
+            assert!(why.contains(reason), "unexpected local reason: {why}")
+        }
+        other => panic!("a dead winner's route: {other:?}"),
+    }
+    assert!(
+        after_kill < Duration::from_secs(3),
+        "the request took {after_kill:?} after the winner died"
+    );
+    eprintln!(
+        "winner killed (mid-stream: {mid_stream}): request done {after_kill:?} after the kill"
+    );
+    assert_eq!(auctions(&home, "winner_lost"), 1);
+    assert_eq!(got.tokens, reference.greedy(&prompt, 8));
+    assert_no_blocks_left(&home);
+    home.shutdown().await;
+}
+
+/// A winner killed after winning, before it opened its KV stream: the home learns it from the
+/// closed connection and prefills locally (no other bidder to re-auction to) within about a
+/// second, not after its 60 s transfer timeout; same tokens as a local run, no blocks left.
+#[actix_rt::test]
+async fn winner_killed_before_its_stream_is_noticed_from_the_connection() {
+    let model = "tiny-hybrid";
+    let (prefill, home) = pair(model, None).await;
+    // The winner holds its stream back, so it dies before opening it.
+    prefill
+        .core
+        .mesh
+        .set_added_latency(home.peer_id(), Duration::from_secs(30));
+    kill_winner(model, home, prefill, false, "connection closed").await;
+}
+
+/// A winner killed mid-stream (its stream stalled at 100 B/s): the stream resets with the
+/// connection, the home prefills locally within about a second; same tokens, no blocks left.
+#[actix_rt::test]
+async fn winner_killed_during_its_stream_is_noticed_from_the_stream() {
+    let model = "tiny-hybrid";
+    let (prefill, home) = pair(model, None).await;
+    prefill
+        .core
+        .mesh
+        .set_emulated_bandwidth(home.peer_id(), Some(100.0));
+    kill_winner(model, home, prefill, true, "failed").await;
+}
+
+/// A live winner that opens no stream within its own claim plus `late_margin` is cut as late:
+/// the home prefills locally long before its transfer timeout and the winner's record shows it.
+#[actix_rt::test]
+async fn silent_winner_is_cut_as_late_and_recorded() {
+    let model = "tiny-hybrid";
+    let (prefill, home) = pair(model, Some(Duration::from_millis(500))).await;
+    let prompt = long_prompt(&home);
+    let mut reference = Reference::new(model, BackendKind::Cpu);
+    prefill
+        .core
+        .mesh
+        .set_added_latency(home.peer_id(), Duration::from_secs(30));
+    let t0 = Instant::now();
+    let got = run_text(&home, &prompt, 8).await;
+    match &got.route {
+        PrefillRoute::Local { reason } => {
+            assert!(
+                reason.contains("claim"),
+                "unexpected local reason: {reason}"
+            )
+        }
+        other => panic!("a silent winner's route: {other:?}"),
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t0.elapsed()
+    );
+    eprintln!("silent winner: request done after {:?}", t0.elapsed());
+    assert_eq!(auctions(&home, "winner_late"), 1);
+    let record = home
+        .core
+        .mesh
+        .reputation()
+        .into_iter()
+        .find(|(p, _)| *p == prefill.peer_id())
+        .map(|(_, r)| r)
+        .expect("a record of the winner");
+    assert_eq!((record.late, record.failed), (1, 0));
+    assert_eq!(got.tokens, reference.greedy(&prompt, 8));
+    assert_no_blocks_left(&home);
+    home.shutdown().await;
     prefill.shutdown().await;
 }

@@ -89,6 +89,10 @@ pub struct TableSyncConfig {
     pub enabled: bool,
     /// Most entries asked for, served and used per sync.
     pub max_entries: usize,
+    /// Most peers one sync answer may add to the table (updates of known peers are not
+    /// counted): one peer cannot fill the table with made-up identities. Dropped entries are
+    /// counted (reason `table_quota`).
+    pub max_new_per_sync: usize,
     /// Largest encoded table response accepted or sent, bytes (checked before allocating).
     pub max_bytes: usize,
     /// Syncs a node may start at once (one per new outbound connection at most)…
@@ -113,6 +117,7 @@ impl Default for TableSyncConfig {
         Self {
             enabled: true,
             max_entries: 1024,
+            max_new_per_sync: 256,
             max_bytes: 1024 * 1024,
             burst: 3,
             period: Duration::from_secs(10),
@@ -227,6 +232,12 @@ pub struct Limits {
     pub max_streams_per_transfer: u16,
     /// Incoming transfers being assembled at once.
     pub max_pending_transfers: usize,
+    /// KV stream hellos one peer may have being read at once (more are refused, reason
+    /// `hello_quota`).
+    pub max_kv_hellos_per_peer: usize,
+    /// Accept KV transfers nobody awaits (see `MeshHandle::expect_kv`). Off: a transfer is
+    /// taken only from a peer this node awarded it to. For benches and tools without auctions.
+    pub accept_unexpected_kv: bool,
     /// A KV transfer with no progress for this long fails.
     #[serde(with = "humantime_serde")]
     pub kv_idle_timeout: Duration,
@@ -305,6 +316,8 @@ impl Default for Limits {
             max_trailer_bytes: 1024 * 1024,
             max_streams_per_transfer: 16,
             max_pending_transfers: 64,
+            max_kv_hellos_per_peer: 32,
+            accept_unexpected_kv: false,
             kv_idle_timeout: Duration::from_secs(30),
             kv_min_rate_bytes_per_s: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),

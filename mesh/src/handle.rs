@@ -100,6 +100,7 @@ pub(crate) struct Shared {
     pub serve_gate: crate::auction::ServeGate,
     pub reputation: Arc<Mutex<crate::reputation::Reputation>>,
     pub nat: crate::nat::SharedNat,
+    pub expected: crate::kv::quota::ExpectedTransfers,
 }
 
 /// Cloneable handle to a running mesh node.
@@ -163,6 +164,17 @@ impl MeshHandle {
             .lock()
             .map(|r| r.penalty(peer))
             .unwrap_or(1.0)
+    }
+
+    /// Expects the KV transfer for `request_id` from `peer` (an award to it) until the returned
+    /// value is dropped: the node accepts a transfer only from a peer it expects one from, so
+    /// strangers cannot hold its transfer slots. `Overloaded` when too many are registered.
+    pub fn expect_kv(
+        &self,
+        peer: PeerId,
+        request_id: u64,
+    ) -> Result<crate::kv::quota::KvExpectation, MeshError> {
+        self.shared.expected.expect(peer, request_id)
     }
 
     /// How many won awards this node serves at once; set its maximum, check it when bidding.

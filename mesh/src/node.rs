@@ -40,6 +40,7 @@ use crate::config::MeshConfig;
 use crate::discovery::{DialKey, DiscoveryDials, Redialer};
 use crate::event::MeshEvent;
 use crate::handle::{emulated_rate, Command, EmulatedRates, MeshHandle, Shared};
+use crate::kv::quota::ExpectedTransfers;
 use crate::kv::receiver::{Acceptor, ReceiverLimits};
 use crate::kv::sender::SenderLimits;
 use crate::nat::{NatAction, NatEvent, NatState, SharedNat};
@@ -137,6 +138,8 @@ impl Mesh {
             .unwrap_or(0);
         let next_transfer = Arc::new(AtomicU64::new(seed));
 
+        // Awards in flight bound the transfers a home awaits; this bound is far above them.
+        let expected = ExpectedTransfers::new(cfg.limits.max_pending_transfers.max(1) * 16);
         let acceptor = Acceptor {
             limits: recv_limits,
             estimator: estimator.clone(),
@@ -144,6 +147,9 @@ impl Mesh {
             allowlist: allowlist.set(),
             max_pending_transfers: cfg.limits.max_pending_transfers,
             probe_max_bytes: cfg.bandwidth.probe_bytes.max(1),
+            expected: expected.clone(),
+            max_hellos_per_peer: cfg.limits.max_kv_hellos_per_peer.max(1),
+            accept_unexpected: cfg.limits.accept_unexpected_kv,
         };
         let kv_events = ev_tx.clone();
         let serve_gate = ServeGate::default();
@@ -239,6 +245,7 @@ impl Mesh {
             serve_gate,
             reputation,
             nat,
+            expected,
         };
         Ok((
             MeshHandle {
@@ -663,7 +670,7 @@ impl Task {
                 message_id,
                 message,
             }) => {
-                let verdict = self.on_signed_advert(&message.data, Origin::Gossip);
+                let (verdict, _) = self.on_signed_advert(&message.data, Origin::Gossip);
                 let _ = self
                     .swarm
                     .behaviour_mut()
@@ -734,8 +741,13 @@ impl Task {
                     }
                 }
                 request_response::Message::Response { response, .. } => {
+                    let max_new = self.cfg.table_sync.max_new_per_sync;
+                    let mut added = 0;
                     for (signed, age) in self.sync.on_response(peer, response, Instant::now()) {
-                        let _ = self.on_signed_advert(&signed, Origin::Sync { age });
+                        let may_add = added < max_new;
+                        let (_, new) =
+                            self.on_signed_advert(&signed, Origin::Sync { age, may_add });
+                        added += usize::from(new);
                     }
                 }
             },
@@ -763,12 +775,17 @@ impl Task {
     }
 
     /// Passes a signed advert (from gossip or table sync) through the intake; learns the mesh
-    /// from it (dials the signer while below the target peer count) and stores it.
-    fn on_signed_advert(&mut self, data: &[u8], origin: Origin) -> gossipsub::MessageAcceptance {
+    /// from it (dials the signer while below the target peer count) and stores it. Returns the
+    /// verdict for gossipsub and whether the signer is a peer we had not known.
+    fn on_signed_advert(
+        &mut self,
+        data: &[u8],
+        origin: Origin,
+    ) -> (gossipsub::MessageAcceptance, bool) {
         let now = Instant::now();
         let admitted = match self.intake.admit(&self.table, data, origin, unix_ms(), now) {
             Ok(a) => a,
-            Err(verdict) => return verdict,
+            Err(verdict) => return (verdict, false),
         };
         // The addresses are parsed only when a dial will happen (most adverts come from peers
         // we are connected to or do not need).
@@ -797,6 +814,6 @@ impl Task {
             }
             self.emit(MeshEvent::PeerDiscovered { peer });
         }
-        stored.verdict
+        (stored.verdict, stored.new)
     }
 }

@@ -39,6 +39,18 @@ pub struct MeshStats {
     pub adverts_rate_limited: AtomicU64,
     /// Bans started (peers whose KV failed verification repeatedly).
     pub peers_banned: AtomicU64,
+    /// KV transfers refused because nobody here awaits them (no award to that peer for that
+    /// request): per-peer quota, reason `unexpected`.
+    pub kv_refused_unexpected: AtomicU64,
+    /// KV streams refused because their peer (or all peers) already had their share of hellos
+    /// being read: reason `hello_quota`.
+    pub kv_refused_hello_quota: AtomicU64,
+    /// Bandwidth probes refused because their peer already had one being received, or too
+    /// large: reason `probe_quota`.
+    pub kv_refused_probe_quota: AtomicU64,
+    /// Table-sync entries dropped because one answer named more new peers than one sync may
+    /// add: reason `table_quota`.
+    pub table_entries_over_quota: AtomicU64,
 }
 
 /// A point-in-time copy of [`MeshStats`].
@@ -76,6 +88,26 @@ pub struct MeshStatsSnapshot {
     pub adverts_rate_limited: u64,
     /// See [`MeshStats::peers_banned`].
     pub peers_banned: u64,
+    /// See [`MeshStats::kv_refused_unexpected`].
+    pub kv_refused_unexpected: u64,
+    /// See [`MeshStats::kv_refused_hello_quota`].
+    pub kv_refused_hello_quota: u64,
+    /// See [`MeshStats::kv_refused_probe_quota`].
+    pub kv_refused_probe_quota: u64,
+    /// See [`MeshStats::table_entries_over_quota`].
+    pub table_entries_over_quota: u64,
+}
+
+impl MeshStatsSnapshot {
+    /// Per-peer quota refusals by reason (the `reason` label of `prfaas_mesh_quota_refusals`).
+    pub fn quota_refusals(&self) -> [(&'static str, u64); 4] {
+        [
+            ("unexpected", self.kv_refused_unexpected),
+            ("hello_quota", self.kv_refused_hello_quota),
+            ("probe_quota", self.kv_refused_probe_quota),
+            ("table_quota", self.table_entries_over_quota),
+        ]
+    }
 }
 
 impl MeshStats {
@@ -99,6 +131,10 @@ impl MeshStats {
             adverts_stale: r(&self.adverts_stale),
             adverts_rate_limited: r(&self.adverts_rate_limited),
             peers_banned: r(&self.peers_banned),
+            kv_refused_unexpected: r(&self.kv_refused_unexpected),
+            kv_refused_hello_quota: r(&self.kv_refused_hello_quota),
+            kv_refused_probe_quota: r(&self.kv_refused_probe_quota),
+            table_entries_over_quota: r(&self.table_entries_over_quota),
         }
     }
 }

@@ -89,9 +89,12 @@ fn header(layers: u32, piece_len: u64, pieces_per_layer: u64) -> KvHeader {
     }
 }
 
+/// These tests exercise the wire, not admission: the receiver takes transfers it was not told to
+/// expect (`quotas_*` below test admission with the default).
 fn cfg(quic: bool) -> MeshConfig {
     let mut c = MeshConfig::local();
     c.bandwidth.probes = false;
+    c.limits.accept_unexpected_kv = true;
     if quic {
         c.quic = true;
         c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".into()];
@@ -523,4 +526,111 @@ async fn goodput_measures_the_link_not_the_producer() {
         .observed_bandwidth(&winner.id())
         .expect("estimate");
     assert!((est.bytes_per_sec / rate - 1.0).abs() < 0.10, "{est:?}");
+}
+
+/// Waits (bounded) until `check` holds for the home's counters.
+async fn counters_reach(
+    node: &Node,
+    what: &str,
+    check: impl Fn(&prfaas_mesh::MeshStatsSnapshot) -> bool,
+) {
+    let t0 = std::time::Instant::now();
+    while !check(&node.handle.stats()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what}: counters never got there: {:?}",
+            node.handle.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Admission with the default config: a transfer nobody awaits is refused at its hello and
+/// counted (`unexpected`); nothing reaches the application. The same transfer is taken once the
+/// home expects it from that peer (as it does when it awards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_refuse_transfers_nobody_awaits() {
+    let mut strict = MeshConfig::local();
+    strict.bandwidth.probes = false;
+    assert!(!strict.limits.accept_unexpected_kv, "the default is strict");
+    let mut home = spawn(strict).await;
+    let winner = spawn(cfg(false)).await;
+    winner.handle.dial(home.p2p_addr()).await.expect("dial");
+    let (home_id, winner_id) = (home.id(), winner.id());
+    let send = |h: prfaas_mesh::MeshHandle| async move {
+        let mut s = h.open_kv_transfer(home_id, header(1, 100, 1)).await?;
+        s.send_piece(whole(0), piece_bytes(whole(0), 100)).await?;
+        s.finish(KvTrailer::default()).await?;
+        Ok::<(), prfaas_mesh::MeshError>(())
+    };
+    let refused = tokio::time::timeout(Duration::from_secs(30), send(winner.handle.clone()))
+        .await
+        .expect("the refusal reaches the sender");
+    assert!(refused.is_err(), "an unexpected transfer must not succeed");
+    counters_reach(&home, "unexpected", |s| s.kv_refused_unexpected == 1).await;
+
+    // Another request id from the same peer is still unexpected.
+    let _other = home.handle.expect_kv(winner_id, 6).expect("room");
+    let refused = tokio::time::timeout(Duration::from_secs(30), send(winner.handle.clone()))
+        .await
+        .expect("the refusal reaches the sender");
+    assert!(refused.is_err());
+    counters_reach(&home, "unexpected", |s| s.kv_refused_unexpected == 2).await;
+
+    let _award = home.handle.expect_kv(winner_id, 5).expect("room");
+    let sending = tokio::spawn(send(winner.handle.clone()));
+    let incoming = next_incoming(&mut home).await;
+    assert_eq!(incoming.peer(), winner_id);
+    let mut sink = prfaas_mesh::kv::VecSink::keeping();
+    incoming.receive(&mut sink).await.expect("awaited transfer");
+    sending.await.expect("join").expect("sent");
+    assert_eq!(sink.bytes, 100);
+    assert_eq!(home.handle.stats().kv_refused_unexpected, 2);
+}
+
+/// One peer cannot hold more than its share of hello slots: streams whose hello never completes
+/// beyond `max_kv_hellos_per_peer` are refused and counted (`hello_quota`); another peer still
+/// gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_bound_hellos_per_peer() {
+    let mut c = MeshConfig::local();
+    c.bandwidth.probes = false;
+    c.limits.max_kv_hellos_per_peer = 2;
+    c.limits.accept_unexpected_kv = true;
+    let mut home = spawn(c).await;
+    let flooder = spawn(cfg(false)).await;
+    flooder.handle.dial(home.p2p_addr()).await.expect("dial");
+    let home_id = home.id();
+    let mut control = flooder.handle.kv_control();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut s = control
+            .open_stream(home_id, KV_PROTOCOL)
+            .await
+            .expect("open");
+        // One byte of a length prefix: the hello never completes, its reader waits. Streams
+        // beyond the quota are reset by the home, so their writes may fail.
+        let _ = s.write_all(&[0]).await;
+        let _ = s.flush().await;
+        held.push(s);
+    }
+    counters_reach(&home, "hello_quota", |s| s.kv_refused_hello_quota == 3).await;
+
+    // An honest peer is not affected by the flooder's share.
+    let honest = spawn(cfg(false)).await;
+    honest.handle.dial(home.p2p_addr()).await.expect("dial");
+    let h = honest.handle.clone();
+    let sending = tokio::spawn(async move {
+        let mut s = h.open_kv_transfer(home_id, header(1, 100, 1)).await?;
+        s.send_piece(whole(0), piece_bytes(whole(0), 100)).await?;
+        s.finish(KvTrailer::default()).await?;
+        Ok::<(), prfaas_mesh::MeshError>(())
+    });
+    let incoming = next_incoming(&mut home).await;
+    assert_eq!(incoming.peer(), honest.id());
+    let mut sink = prfaas_mesh::kv::VecSink::counting();
+    incoming.receive(&mut sink).await.expect("honest transfer");
+    sending.await.expect("join").expect("sent");
+    assert_eq!(home.handle.stats().kv_refused_hello_quota, 3);
+    drop(held);
 }

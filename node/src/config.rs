@@ -126,6 +126,16 @@ pub struct PolicySection {
     /// How long the home waits for the winner's KV to arrive completely.
     #[serde(with = "humantime_serde")]
     pub transfer_timeout: Duration,
+    /// A winner that has opened no KV stream within its own claimed queue delay plus prefill
+    /// time plus this margin is cut and recorded as late (a killed winner is noticed from its
+    /// connection, sooner).
+    #[serde(with = "humantime_serde")]
+    pub late_margin: Duration,
+    /// After a fast failure of the winner (refused award, connection lost, stream cut, late),
+    /// the home re-auctions once without it when the time since the first call plus another
+    /// auction deadline stays within this budget; otherwise it prefills locally at once.
+    #[serde(with = "humantime_serde")]
+    pub reauction_budget: Duration,
     /// Asking price per 1K uncached prompt tokens on an idle node (mesh currency).
     pub price_per_1k_tokens: f64,
     /// Relative price premium per second of queued prefill work.
@@ -190,6 +200,8 @@ impl Default for PolicySection {
             adaptive_threshold: true,
             auction_deadline: Duration::from_millis(200),
             transfer_timeout: Duration::from_secs(60),
+            late_margin: Duration::from_secs(3),
+            reauction_budget: Duration::from_secs(2),
             price_per_1k_tokens: 1.0,
             queue_premium_per_s: 0.5,
             reserve_price_factor: 3.0,

@@ -127,7 +127,7 @@ pub struct Metrics {
     /// `fallback` (offload failed, prefilled locally).
     pub offload_decisions: Family<KindLabel, Counter>,
     /// Auction outcomes seen by this node: as home (`awarded`, `no_bids`, `award_refused`,
-    /// `transfer_failed`) and as bidder (`bid`, `declined`, `won`, `served`, `serve_failed`).
+    /// `transfer_failed`, `transfer_timeout`, `winner_lost`, `winner_late`, `reauction`) and as bidder (`bid`, `declined`, `won`, `served`, `serve_failed`).
     pub auctions: Family<KindLabel, Counter>,
     /// KV bytes streamed (`kind` = `sent` / `received`).
     pub kv_bytes: Family<KindLabel, Counter>,
@@ -141,6 +141,9 @@ pub struct Metrics {
     pub offload_threshold: Gauge,
     /// Peers in the mesh's peer table.
     pub mesh_peers: Gauge,
+    /// What one peer tried to make this node hold beyond its quota, refused, by `kind` =
+    /// reason: `unexpected` (KV nobody awaits), `hello_quota`, `probe_quota`, `table_quota`.
+    pub mesh_quota_refusals: Family<KindLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -199,6 +202,7 @@ impl Metrics {
             kv_blocks: Family::default(),
             offload_threshold: Gauge::default(),
             mesh_peers: Gauge::default(),
+            mesh_quota_refusals: Family::default(),
         };
         r.register("requests", "Finished requests", m.requests.clone());
         r.register(
@@ -308,6 +312,11 @@ impl Metrics {
             "mesh_peers",
             "Peers in the peer table",
             m.mesh_peers.clone(),
+        );
+        r.register(
+            "mesh_quota_refusals",
+            "Per-peer quota refusals by reason",
+            m.mesh_quota_refusals.clone(),
         );
         *m.registry.lock().expect("fresh mutex") = r;
         m

@@ -26,7 +26,9 @@ pub(crate) enum Origin {
     /// Gossip: arrives as it is published; an older sequence number is a replay.
     Gossip,
     /// Table sync: the serving peer's copy, `age` old; it may legitimately lag behind gossip.
-    Sync { age: Duration },
+    /// `may_add`: whether this answer may still add peers we do not know (its quota of new
+    /// peers is not spent).
+    Sync { age: Duration, may_add: bool },
 }
 
 /// How old an advert with sequence number `seq` (the signer's wall clock, ms) is at `now_ms`,
@@ -148,7 +150,7 @@ impl AdvertIntake {
                 return Err(self.refuse(None));
             }
             (Origin::Gossip, Some(a)) => a,
-            (Origin::Sync { age }, Some(a)) => age.max(a),
+            (Origin::Sync { age, .. }, Some(a)) => age.max(a),
         };
         if age >= self.limits.advert_expiry {
             stats.adverts_stale.fetch_add(1, Ordering::Relaxed);
@@ -185,6 +187,14 @@ impl AdvertIntake {
                 }
                 return Err(self.refuse(Some(&stats.adverts_replayed)));
             }
+        }
+        // One sync answer adds at most `max_new_per_sync` peers: made-up identities are free to
+        // make, and one peer must not fill the table with them.
+        if matches!(origin, Origin::Sync { may_add: false, .. }) && table.get(&peer).is_none() {
+            stats
+                .table_entries_over_quota
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(MessageAcceptance::Ignore);
         }
         // Each signer gets a bounded rate of new adverts (honest nodes publish about one per
         // `advert_interval`; a few changes may come faster): a flood from one key costs one
@@ -362,7 +372,8 @@ mod tests {
                 &mut table,
                 &old,
                 Origin::Sync {
-                    age: Duration::ZERO
+                    age: Duration::ZERO,
+                    may_add: true
                 },
                 now
             )
@@ -401,6 +412,34 @@ mod tests {
     }
 
     #[test]
+    fn one_sync_answer_adds_a_bounded_number_of_peers() {
+        let (mut i, stats) = intake(16);
+        let mut table = PeerTable::new(16);
+        let now = Instant::now();
+        let known = Keypair::generate_ed25519();
+        let full = Origin::Sync {
+            age: Duration::ZERO,
+            may_add: false,
+        };
+        let stranger = signed(&Keypair::generate_ed25519(), NOW_MS);
+        assert_eq!(
+            take(&mut i, &mut table, &stranger, full, now).0,
+            MessageAcceptance::Ignore
+        );
+        assert_eq!(stats.table_entries_over_quota.load(Ordering::Relaxed), 1);
+        assert!(table.is_empty());
+        // Peers already known still get their updates.
+        let first = signed(&known, NOW_MS - 10);
+        take(&mut i, &mut table, &first, Origin::Gossip, now);
+        let update = signed(&known, NOW_MS);
+        assert_eq!(
+            take(&mut i, &mut table, &update, full, now).0,
+            MessageAcceptance::Accept
+        );
+        assert_eq!(stats.table_entries_over_quota.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn sync_ages_never_make_an_advert_younger_than_its_sequence() {
         let (mut i, _) = intake(16);
         let table = PeerTable::new(16);
@@ -412,6 +451,7 @@ mod tests {
                 &a,
                 Origin::Sync {
                     age: Duration::ZERO,
+                    may_add: true,
                 },
                 NOW_MS,
                 Instant::now(),

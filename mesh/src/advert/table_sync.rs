@@ -176,6 +176,7 @@ mod tests {
         TableSyncConfig {
             enabled: true,
             max_entries: 3,
+            max_new_per_sync: 256,
             max_bytes: 1 << 20,
             burst: 2,
             period: Duration::from_secs(10),

@@ -17,6 +17,7 @@
 
 pub mod codec;
 pub mod protocol;
+pub mod quota;
 pub mod receiver;
 pub mod sender;
 
@@ -24,5 +25,6 @@ pub use codec::KvError;
 pub use protocol::{
     FrameHeader, KvAck, KvHeader, KvTrailer, KvWire, PieceId, StreamHello, KV_PROTOCOL,
 };
+pub use quota::{ExpectedTransfers, KvExpectation, KvRefusal};
 pub use receiver::{BusyClock, KvIncoming, KvReceived, KvSink, SinkError, VecSink};
 pub use sender::{KvSender, KvSent};

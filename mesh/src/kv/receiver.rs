@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::codec::{self, Frame, KvError};
 use super::protocol::{KvAck, KvHeader, KvTrailer, PieceId, StreamHello};
+use super::quota::{ExpectedTransfers, KvRefusal, PeerSlots};
 use crate::bandwidth::BandwidthEstimator;
 use crate::stats::MeshStats;
 use crate::wire;
@@ -466,7 +467,16 @@ pub(crate) struct Acceptor {
     pub allowlist: Option<Arc<std::collections::HashSet<PeerId>>>,
     pub max_pending_transfers: usize,
     pub probe_max_bytes: u64,
+    /// Transfers this node awaits; any other (non-probe) transfer is refused.
+    pub expected: ExpectedTransfers,
+    /// Hellos one peer may have being read at once.
+    pub max_hellos_per_peer: usize,
+    /// Take transfers nobody awaits (benches, tools).
+    pub accept_unexpected: bool,
 }
+
+/// Probes one peer may have being received at once.
+const PROBES_PER_PEER: usize = 1;
 
 struct Pending {
     tx: mpsc::Sender<(u16, Stream)>,
@@ -485,8 +495,14 @@ impl Acceptor {
         emit: impl Fn(KvIncoming) -> bool + Send,
     ) {
         let hello_slots = Arc::new(Semaphore::new(self.max_pending_transfers.max(1) * 4));
+        let peer_hellos = PeerSlots::new(self.max_hellos_per_peer);
+        let peer_probes = PeerSlots::new(PROBES_PER_PEER);
         let (hello_tx, mut hello_rx) = mpsc::channel::<(PeerId, StreamHello, Stream)>(16);
         let mut pending: HashMap<(PeerId, u64), Pending> = HashMap::new();
+        let refuse = |why: KvRefusal, peer: &PeerId| {
+            tracing::debug!(%peer, reason = why.label(), "KV stream refused");
+            why.count(&self.stats);
+        };
         loop {
             tokio::select! {
                 biased;
@@ -494,11 +510,15 @@ impl Acceptor {
                 s = incoming.next() => {
                     let Some((peer, stream)) = s else { return };
                     if self.allowlist.as_ref().is_some_and(|a| !a.contains(&peer)) {
-                        self.stats.refused_kv.fetch_add(1, Ordering::Relaxed);
+                        refuse(KvRefusal::NotAllowed, &peer);
                         continue; // dropping the stream resets it
                     }
                     let Ok(permit) = hello_slots.clone().try_acquire_owned() else {
-                        self.stats.refused_kv.fetch_add(1, Ordering::Relaxed);
+                        refuse(KvRefusal::HelloSlots, &peer);
+                        continue;
+                    };
+                    let Some(peer_slot) = peer_hellos.try_take(peer) else {
+                        refuse(KvRefusal::HelloQuota, &peer);
                         continue;
                     };
                     let tx = hello_tx.clone();
@@ -507,9 +527,9 @@ impl Acceptor {
                         let mut stream = stream;
                         match tokio::time::timeout(idle, codec::read_hello(&mut stream, max_streams)).await {
                             Ok(Ok(hello)) => { let _ = tx.send((peer, hello, stream)).await; }
-                            _ => { stats.refused_kv.fetch_add(1, Ordering::Relaxed); }
+                            _ => KvRefusal::BadHello.count(&stats),
                         }
-                        drop(permit);
+                        drop((permit, peer_slot));
                     });
                 }
                 Some((peer, hello, stream)) = hello_rx.recv() => {
@@ -518,7 +538,7 @@ impl Acceptor {
                     let key = (peer, hello.transfer_id);
                     if let Some(p) = pending.get_mut(&key) {
                         if p.hello.header != hello.header || p.hello.stream_count != hello.stream_count {
-                            self.stats.refused_kv.fetch_add(1, Ordering::Relaxed);
+                            refuse(KvRefusal::BadHello, &peer);
                             continue;
                         }
                         let _ = p.tx.try_send((hello.stream_index, stream));
@@ -529,9 +549,27 @@ impl Acceptor {
                         continue;
                     }
                     if pending.len() >= self.max_pending_transfers {
-                        self.stats.refused_kv.fetch_add(1, Ordering::Relaxed);
+                        refuse(KvRefusal::PendingTransfers, &peer);
                         continue;
                     }
+                    // Quotas before anything is allocated for the transfer.
+                    let probe_slot = if hello.header.probe {
+                        if hello.header.total_bytes > self.probe_max_bytes {
+                            refuse(KvRefusal::ProbeTooLarge, &peer);
+                            continue;
+                        }
+                        let Some(slot) = peer_probes.try_take(peer) else {
+                            refuse(KvRefusal::ProbeQuota, &peer);
+                            continue;
+                        };
+                        Some(slot)
+                    } else {
+                        if !self.accept_unexpected && !self.expected.is_expected(&peer, hello.header.request_id) {
+                            refuse(KvRefusal::Unexpected, &peer);
+                            continue;
+                        }
+                        None
+                    };
                     let count = hello.stream_count;
                     let (tx, rx) = mpsc::channel(usize::from(count));
                     let _ = tx.try_send((hello.stream_index, stream));
@@ -547,16 +585,13 @@ impl Acceptor {
                     if count > 1 {
                         pending.insert(key, Pending { tx, hello: hello.clone(), opened: 1, since: now });
                     }
-                    if hello.header.probe {
-                        if hello.header.total_bytes > self.probe_max_bytes {
-                            self.stats.refused_kv.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
+                    if let Some(slot) = probe_slot {
                         tokio::spawn(async move {
                             let mut sink = VecSink::counting();
                             if let Err(e) = incoming.receive(&mut sink).await {
                                 tracing::debug!(%peer, error = %e, "probe failed");
                             }
+                            drop(slot);
                         });
                     } else if !emit(incoming) {
                         self.stats.dropped_events.fetch_add(1, Ordering::Relaxed);

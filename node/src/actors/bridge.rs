@@ -13,7 +13,7 @@ use super::kv_router::KvRouter;
 use super::kvstore::{AdvertPart, KvStore};
 use super::prefill::{BidFor, PrefillWorker, Serve};
 use super::MAILBOX;
-use crate::metrics::PeerLabel;
+use crate::metrics::{KindLabel, PeerLabel};
 use prfaas_mesh::auction::DeclineReason;
 use prfaas_mesh::CallAnswer;
 
@@ -126,6 +126,13 @@ impl MeshBridge {
                         }
                     }
                 }
+                // The mesh's per-peer quota refusals, by reason (it counts them; we expose them).
+                for (reason, n) in core.mesh.stats().quota_refusals() {
+                    let c = core.metrics.mesh_quota_refusals.get_or_create(&KindLabel {
+                        kind: reason.into(),
+                    });
+                    c.inc_by(n.saturating_sub(c.get()));
+                }
                 if let Ok(peers) = core.mesh.known_peers().await {
                     core.metrics.mesh_peers.set(peers.len() as i64);
                     for p in peers {
@@ -156,7 +163,7 @@ impl MeshBridge {
 /// The planner is about to award `request_id` to `peer`: route that peer's KV transfer for it
 /// to the returned receiver. Dropping the receiver withdraws the wait.
 #[derive(Debug, Message)]
-#[rtype(result = "tokio::sync::oneshot::Receiver<prfaas_mesh::kv::KvIncoming>")]
+#[rtype(result = "tokio::sync::oneshot::Receiver<super::kv_router::KvArrival>")]
 pub struct ExpectKv {
     pub peer: prfaas_mesh::PeerId,
     pub request_id: u64,
@@ -221,6 +228,15 @@ impl StreamHandler<MeshEvent> for MeshBridge {
                     drop(refused);
                 }
                 self.count_awaited();
+            }
+            MeshEvent::PeerDisconnected { peer } => {
+                // A winner whose connection closed will not stream: its homes stop waiting now
+                // (about a second after it died) instead of at their transfer timeout.
+                let ended = self.kv_router.peer_lost(&peer);
+                if ended > 0 {
+                    tracing::warn!(%peer, ended, "winner disconnected before its KV arrived");
+                    self.count_awaited();
+                }
             }
             MeshEvent::PeerDiscovered { peer } => tracing::info!(%peer, "peer joined the mesh"),
             MeshEvent::PeerExpired { peer } => {

@@ -15,14 +15,16 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use prfaas_mesh::auction::{Award, Call};
 use prfaas_mesh::kv::receiver::{KvSink as MeshKvSink, SinkError as MeshSinkError};
-use prfaas_mesh::kv::{KvError, KvIncoming, KvTrailer, PieceId};
+use prfaas_mesh::kv::{KvError, KvTrailer, PieceId};
 use prfaas_mesh::policy::{self, OffloadRule, Placement, PricingParams, RequestShape};
+use prfaas_mesh::reputation::TransferOutcome;
 use prfaas_mesh::PeerId;
 
 use super::bridge::{ExpectKv, MeshBridge};
 use super::compute::{DecodeJob, ImportError, ImportTicket, Job};
 use super::core::{AuctionRecord, BidRecord, Core};
 use super::decode::{DecodeEngine, RunJob};
+use super::kv_router::{KvArrival, PeerLost};
 use super::MAILBOX;
 use crate::engine::{KvPiece, LayerKv};
 use crate::kv::prefix::block_hashes;
@@ -183,34 +185,53 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
     }
     Metrics::inc(&m.offload_decisions, "offload");
     let started = Instant::now();
-    let mut rec = AuctionRecord {
-        request_id: job.request_id,
-        prompt_tokens: n,
-        cached_tokens: cached,
-        bids: Vec::new(),
-        declines: 0,
-        silent: 0,
-        winner: None,
-        payment: 0.0,
-        kv_wire: None,
-        outcome: String::new(),
-        elapsed_ms: 0.0,
-    };
-    let r = auction(core, bridge, job, cached, &candidates, &mut rec).await;
-    rec.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-    let decision = match r {
-        Ok(d) => d,
-        Err(fallback) => {
-            rec.outcome = fallback.label().into();
-            Metrics::inc(&m.auctions, fallback.label());
-            if fallback.after_award() {
-                Metrics::inc(&m.offload_decisions, "fallback");
+    let mut candidates = candidates;
+    let mut reauctioned = false;
+    loop {
+        let mut rec = AuctionRecord {
+            request_id: job.request_id,
+            prompt_tokens: n,
+            cached_tokens: cached,
+            bids: Vec::new(),
+            declines: 0,
+            silent: 0,
+            winner: None,
+            payment: 0.0,
+            kv_wire: None,
+            outcome: String::new(),
+            elapsed_ms: 0.0,
+        };
+        let attempt_started = Instant::now();
+        let r = auction(core, bridge, job, cached, &candidates, &mut rec).await;
+        rec.elapsed_ms = attempt_started.elapsed().as_secs_f64() * 1e3;
+        let fallback = match r {
+            Ok(d) => {
+                core.record_auction(rec);
+                return d;
             }
-            Decision::Local(fallback.to_string())
+            Err(fallback) => fallback,
+        };
+        rec.outcome = fallback.label().into();
+        Metrics::inc(&m.auctions, fallback.label());
+        core.record_auction(rec);
+        // After a fast failure of the winner, one more auction among the others, if the time
+        // spent so far leaves room for it; else (and after the second try) prefill here.
+        let pol = &core.cfg.policy;
+        let in_budget = started.elapsed() + pol.auction_deadline < pol.reauction_budget;
+        if let (Some(peer), false, true) = (fallback.fast_failure_of(), reauctioned, in_budget) {
+            candidates.retain(|p| *p != peer);
+            if !candidates.is_empty() {
+                reauctioned = true;
+                tracing::info!(request = job.request_id, %peer, reason = %fallback, "re-auctioning without the failed winner");
+                Metrics::inc(&m.auctions, "reauction");
+                continue;
+            }
         }
-    };
-    core.record_auction(rec);
-    decision
+        if fallback.after_award() {
+            Metrics::inc(&m.offload_decisions, "fallback");
+        }
+        return Decision::Local(fallback.to_string());
+    }
 }
 
 /// Why an offload attempt ended in local prefill.
@@ -245,7 +266,26 @@ impl Fallback {
                 error: TransferError::Timeout(_) | TransferError::NoStream(_),
                 ..
             } => "transfer_timeout",
+            Fallback::Transfer { error, .. } if error.winner_lost() => "winner_lost",
+            Fallback::Transfer {
+                error: TransferError::Late { .. },
+                ..
+            } => "winner_late",
             Fallback::Transfer { .. } => "transfer_failed",
+        }
+    }
+
+    /// The winner whose failure was quick and says nothing against the other bidders (refused
+    /// or failed award, connection lost, stream cut, late): worth one more auction without it.
+    fn fast_failure_of(&self) -> Option<PeerId> {
+        match self {
+            Fallback::AwardRefused { peer } | Fallback::AwardFailed { peer, .. } => Some(*peer),
+            Fallback::Transfer { peer, error }
+                if error.winner_lost() || matches!(error, TransferError::Late { .. }) =>
+            {
+                Some(*peer)
+            }
+            _ => None,
         }
     }
 
@@ -281,6 +321,32 @@ enum TransferError {
     Import(#[from] ImportError),
     #[error("transfer ended without logits")]
     NoLogits,
+    /// The winner's connection closed before its streams opened (killed, crashed, cut off).
+    #[error(transparent)]
+    PeerLost(#[from] PeerLost),
+    /// The winner opened no stream within its own claimed queue and prefill time plus the
+    /// margin: cut, and recorded as late.
+    #[error("no KV stream within the winner's claim of {claimed:?} + {margin:?}")]
+    Late { claimed: Duration, margin: Duration },
+}
+
+impl TransferError {
+    /// The winner went away: its connection closed, or its streams were cut mid-transfer.
+    fn winner_lost(&self) -> bool {
+        matches!(
+            self,
+            TransferError::PeerLost(_)
+                | TransferError::Stream(KvError::Truncated(_) | KvError::Io(_))
+        )
+    }
+
+    /// How this failure counts in the winner's record.
+    fn outcome(&self) -> TransferOutcome {
+        match self {
+            TransferError::Late { .. } => TransferOutcome::Late,
+            _ => TransferOutcome::Failed,
+        }
+    }
 }
 
 async fn auction(
@@ -417,7 +483,14 @@ async fn auction(
     rec.winner = Some(peer.to_string());
     rec.payment = won.payment;
     // Lease room for the KV and register for it before the award: the winner may start
-    // streaming at once.
+    // streaming at once. The mesh refuses KV from peers nobody expects it from.
+    let _expected =
+        core.mesh
+            .expect_kv(peer, job.request_id)
+            .map_err(|e| Fallback::AwardFailed {
+                peer,
+                reason: format!("cannot await its KV: {e}"),
+            })?;
     let ticket = core.compute.begin_import(job.tokens.clone());
     let incoming = bridge
         .send(ExpectKv {
@@ -465,7 +538,9 @@ async fn auction(
             })
         }
     }
-    match receive(core, job, incoming, &ticket, wire).await {
+    let claimed =
+        Duration::from_millis(u64::from(bid.queue_delay_ms) + u64::from(bid.est_prefill_ms));
+    match receive(core, job, incoming, &ticket, wire, claimed).await {
         Ok((logits, bytes, wire)) => {
             Metrics::inc(&core.metrics.kv_transfers, wire.as_str());
             rec.outcome = "ok".into();
@@ -486,8 +561,7 @@ async fn auction(
             })
         }
         Err(error) => {
-            core.mesh
-                .record_transfer(peer, prfaas_mesh::reputation::TransferOutcome::Failed);
+            core.mesh.record_transfer(peer, error.outcome());
             Err(Fallback::Transfer { peer, error })
         }
     }
@@ -495,19 +569,29 @@ async fn auction(
 
 /// Waits for the winner's transfer and receives it into `ticket`'s leased blocks, checking it
 /// fits this model and prompt. Returns the trailer's logits and the bytes received.
+///
+/// The first stream must open within the winner's own `claimed` queue and prefill time plus
+/// `policy.late_margin` (it streams while it prefills, so an honest winner opens long before
+/// that); a winner whose connection closes ends the wait at once.
 async fn receive(
     core: &Core,
     job: &DecodeJob,
-    incoming: tokio::sync::oneshot::Receiver<KvIncoming>,
+    incoming: tokio::sync::oneshot::Receiver<KvArrival>,
     ticket: &ImportTicket,
     asked: KvWire,
+    claimed: Duration,
 ) -> Result<(Vec<f32>, u64, KvWire), TransferError> {
     let timeout = core.cfg.policy.transfer_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let inc = tokio::time::timeout_at(deadline, incoming)
-        .await
-        .map_err(|_| TransferError::NoStream(timeout))?
-        .map_err(|_| TransferError::Withdrawn)?;
+    let margin = core.cfg.policy.late_margin;
+    let now = tokio::time::Instant::now();
+    let deadline = now + timeout;
+    let first_by = now + (claimed + margin).min(timeout);
+    let inc = match tokio::time::timeout_at(first_by, incoming).await {
+        Err(_) if first_by < deadline => return Err(TransferError::Late { claimed, margin }),
+        Err(_) => return Err(TransferError::NoStream(timeout)),
+        Ok(Err(_)) => return Err(TransferError::Withdrawn),
+        Ok(Ok(arrival)) => arrival?,
+    };
     let h = inc.header();
     let n = job.tokens.len();
     if h.model != core.model_ref {

@@ -1,0 +1,257 @@
+//! Per-peer quotas of the KV receiver: what one peer can make this node hold.
+//!
+//! * A transfer (anything but a bandwidth probe) is accepted only when this node expects it: the
+//!   home registers each award with [`ExpectedTransfers::expect`] before sending it, and the
+//!   hello must name a (peer, request id) registered that way. A stranger cannot hold pending
+//!   transfer slots, receive buffers or the application's attention.
+//! * Stream hellos being read at once, per peer ([`PeerSlots`]): one peer cannot take every
+//!   hello slot.
+//! * Probes received at once, per peer.
+//!
+//! Every refusal is counted under its [`KvRefusal`] reason.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use libp2p::PeerId;
+
+use crate::stats::MeshStats;
+use crate::MeshError;
+
+/// Why the KV receiver refused a stream or a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KvRefusal {
+    /// Not on the allowlist.
+    NotAllowed,
+    /// Every hello slot is taken (all peers together).
+    HelloSlots,
+    /// This peer already has its share of hellos being read.
+    HelloQuota,
+    /// A transfer nobody here awaits (no outstanding award to this peer for that request).
+    Unexpected,
+    /// This peer already has its share of probes being received.
+    ProbeQuota,
+    /// A probe larger than probes may be.
+    ProbeTooLarge,
+    /// Too many multi-stream transfers are being assembled.
+    PendingTransfers,
+    /// A stream whose hello does not match its transfer's first one, or unreadable.
+    BadHello,
+}
+
+impl KvRefusal {
+    /// The reason as a metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            KvRefusal::NotAllowed => "not_allowed",
+            KvRefusal::HelloSlots => "hello_slots",
+            KvRefusal::HelloQuota => "hello_quota",
+            KvRefusal::Unexpected => "unexpected",
+            KvRefusal::ProbeQuota => "probe_quota",
+            KvRefusal::ProbeTooLarge => "probe_too_large",
+            KvRefusal::PendingTransfers => "pending_transfers",
+            KvRefusal::BadHello => "bad_hello",
+        }
+    }
+
+    /// Counts this refusal (in the total and under its reason).
+    pub(crate) fn count(self, stats: &MeshStats) {
+        stats.refused_kv.fetch_add(1, Ordering::Relaxed);
+        let c = match self {
+            KvRefusal::Unexpected => &stats.kv_refused_unexpected,
+            KvRefusal::HelloQuota | KvRefusal::HelloSlots => &stats.kv_refused_hello_quota,
+            KvRefusal::ProbeQuota | KvRefusal::ProbeTooLarge => &stats.kv_refused_probe_quota,
+            _ => return,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts held per peer, up to `max` each; a [`PeerSlot`] gives its place back when dropped.
+/// The map holds only peers with a slot, so it is bounded by the slots themselves.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerSlots {
+    held: Arc<Mutex<HashMap<PeerId, usize>>>,
+    max: usize,
+}
+
+/// One place taken by a peer in [`PeerSlots`].
+#[derive(Debug)]
+pub(crate) struct PeerSlot {
+    held: Arc<Mutex<HashMap<PeerId, usize>>>,
+    peer: PeerId,
+}
+
+impl PeerSlots {
+    pub fn new(max: usize) -> Self {
+        Self {
+            held: Arc::default(),
+            max: max.max(1),
+        }
+    }
+
+    /// A place for `peer`, or `None` when it holds `max` already.
+    pub fn try_take(&self, peer: PeerId) -> Option<PeerSlot> {
+        let mut held = self.held.lock().ok()?;
+        let n = held.entry(peer).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            held: self.held.clone(),
+            peer,
+        })
+    }
+
+    #[cfg(test)]
+    fn held_by(&self, peer: &PeerId) -> usize {
+        self.held
+            .lock()
+            .map(|h| h.get(peer).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.held.lock() {
+            if let Some(n) = held.get_mut(&self.peer) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    held.remove(&self.peer);
+                }
+            }
+        }
+    }
+}
+
+/// Transfers this node awaits, keyed by (sender, request id); shared by the handle (which
+/// registers them) and the KV acceptor (which checks hellos against them). Bounded.
+#[derive(Debug, Clone)]
+pub struct ExpectedTransfers {
+    inner: Arc<Mutex<HashMap<(PeerId, u64), usize>>>,
+    max: usize,
+}
+
+/// A registered expectation; dropping it withdraws it.
+#[derive(Debug)]
+pub struct KvExpectation {
+    inner: Arc<Mutex<HashMap<(PeerId, u64), usize>>>,
+    key: (PeerId, u64),
+}
+
+impl ExpectedTransfers {
+    /// At most `max` expectations at once.
+    pub fn new(max: usize) -> Self {
+        Self {
+            inner: Arc::default(),
+            max: max.max(1),
+        }
+    }
+
+    /// Expects the transfer for `request_id` from `peer` until the returned value is dropped.
+    pub fn expect(&self, peer: PeerId, request_id: u64) -> Result<KvExpectation, MeshError> {
+        let mut m = self.inner.lock().map_err(|_| MeshError::ShutDown)?;
+        let key = (peer, request_id);
+        if !m.contains_key(&key) && m.len() >= self.max {
+            return Err(MeshError::Overloaded);
+        }
+        *m.entry(key).or_insert(0) += 1;
+        Ok(KvExpectation {
+            inner: self.inner.clone(),
+            key,
+        })
+    }
+
+    /// Whether the transfer for `request_id` from `peer` is awaited.
+    pub fn is_expected(&self, peer: &PeerId, request_id: u64) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|m| m.contains_key(&(*peer, request_id)))
+    }
+
+    /// Expectations registered now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map_or(0, |m| m.len())
+    }
+
+    /// Whether none is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for KvExpectation {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.inner.lock() {
+            if let Some(n) = m.get_mut(&self.key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_per_peer_and_come_back_when_dropped() {
+        let slots = PeerSlots::new(2);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let a1 = slots.try_take(a).expect("first");
+        let _a2 = slots.try_take(a).expect("second");
+        assert!(slots.try_take(a).is_none(), "a's quota is spent");
+        let _b1 = slots.try_take(b).expect("b is not affected");
+        drop(a1);
+        assert_eq!(slots.held_by(&a), 1);
+        assert!(slots.try_take(a).is_some());
+    }
+
+    #[test]
+    fn expectations_are_keyed_bounded_and_withdrawn_on_drop() {
+        let ex = ExpectedTransfers::new(2);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let e1 = ex.expect(a, 1).expect("room");
+        assert!(ex.is_expected(&a, 1));
+        assert!(!ex.is_expected(&a, 2), "another request");
+        assert!(!ex.is_expected(&b, 1), "another peer");
+        let again = ex.expect(a, 1).expect("same key does not take room");
+        let _e2 = ex.expect(b, 7).expect("room");
+        assert!(matches!(ex.expect(b, 8), Err(MeshError::Overloaded)));
+        drop(e1);
+        assert!(
+            ex.is_expected(&a, 1),
+            "still expected by the second registration"
+        );
+        drop(again);
+        assert!(!ex.is_expected(&a, 1));
+        assert_eq!(ex.len(), 1);
+    }
+
+    #[test]
+    fn refusals_are_counted_by_reason() {
+        let stats = MeshStats::default();
+        KvRefusal::Unexpected.count(&stats);
+        KvRefusal::HelloQuota.count(&stats);
+        KvRefusal::ProbeQuota.count(&stats);
+        KvRefusal::BadHello.count(&stats);
+        let s = stats.snapshot();
+        assert_eq!(s.refused_kv, 4);
+        assert_eq!(
+            (
+                s.kv_refused_unexpected,
+                s.kv_refused_hello_quota,
+                s.kv_refused_probe_quota
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(KvRefusal::Unexpected.label(), "unexpected");
+    }
+}
