@@ -23,27 +23,23 @@
 //! skips loudly without it unless `PRFAAS_REQUIRE_NETNS=1`. Figures: RELIABILITY.md.
 //!
 //! Hand run: `PRFAAS_CHAOS_TRIALS=20 cargo test --workspace --test chaos_netns -- --nocapture`.
+//! `PRFAAS_CHAOS_ROGUE_REQUESTS` (default 20) sizes the rogue round; `PRFAAS_CHAOS_KEEP=1` keeps
+//! the nodes' configs and logs in the temp dir for reading afterwards.
 
 mod chaos_rogue;
-#[allow(dead_code)]
-#[path = "../src/cmd/netns.rs"]
-mod netns;
+mod netns_nodes;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netns::{ChildGuard, Topology};
-use prfaas_kernels::BackendKind;
-use prfaas_mesh::MeshConfig;
+use netns_nodes::netns::{self, ChildGuard, Topology};
+use netns_nodes::{api_url, node_config, spawn_in, NEVER_OFFLOAD};
 use prfaas_node::api::client::{self, ChatParams, ChatResult, ClientError};
 use prfaas_node::config::{NodeConfig, NodeRole};
 use prfaas_node::service::PrefillRoute;
 
-const MODEL: &str = "tiny-dense";
-/// An offload threshold no prompt reaches (TOML integers are i64).
-const NEVER_OFFLOAD: usize = 1 << 40;
 const HOME: usize = 0;
 const WINNER: usize = 1;
 /// Generated tokens per request.
@@ -56,94 +52,36 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Node `i` of `topo`; the two nodes bootstrap from each other (either may be restarted).
 fn config(topo: &Topology, i: usize, roles: &[NodeRole], transfer_timeout: Duration) -> NodeConfig {
-    let mut c = NodeConfig::default();
-    c.node.name = format!("node-{i}");
-    c.node.roles = roles.to_vec();
-    c.node.model = MODEL.into();
-    c.node.backend = BackendKind::Cpu;
+    let mut c = node_config(&format!("node-{i}"), roles, topo.addr(i).into(), 4100);
     c.node.shutdown_grace = Duration::from_secs(1);
-    c.api.listen = (topo.addr(i), 8080).into();
-    c.api.workers = 1;
     c.engine.kv_capacity_tokens = 32_768;
-    c.engine.calibration_tokens = 16;
-    c.engine.prefix_cache = false;
-    c.policy.adaptive_threshold = false;
     c.policy.auction_deadline = Duration::from_secs(1);
     c.policy.transfer_timeout = transfer_timeout;
-    c.mesh = MeshConfig::local();
-    c.mesh.listen = vec![format!("/ip4/{}/tcp/4100", topo.addr(i))];
     // Veth addresses in network namespaces this run created: nobody else can reach them.
     c.mesh.open = true;
-    if i > 0 {
-        c.mesh.bootstrap = vec![format!("/ip4/{}/tcp/4100", topo.addr(0))];
-    } else {
-        c.mesh.bootstrap = vec![format!("/ip4/{}/tcp/4100", topo.addr(1))];
-    }
+    c.mesh.bootstrap = vec![format!("/ip4/{}/tcp/4100", topo.addr(1 - i))];
     c
 }
 
+fn log_name(i: usize, run: usize) -> String {
+    format!("node{i}-{run}.log")
+}
+
 fn spawn(topo: &Topology, i: usize, cfg: &NodeConfig, dir: &Path, run: usize) -> ChildGuard {
-    let path = dir.join(format!("node{i}.toml"));
-    std::fs::write(&path, toml::to_string(cfg).expect("config serializes")).expect("write");
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let log = std::fs::File::create(dir.join(format!("node{i}-{run}.log"))).expect("log file");
-    let child = topo
-        .command(
-            i,
-            &(i % cores).to_string(),
-            Path::new(env!("CARGO_BIN_EXE_prfaas")),
-        )
-        .arg("node")
-        .arg("--config")
-        .arg(&path)
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("node process starts");
-    ChildGuard(child)
+    spawn_in(topo, i, cfg, dir, &log_name(i, run))
+}
+
+/// [`netns_nodes::wait_healthy`] for node `i`'s run `run`.
+async fn wait_healthy(url: &str, proc: &mut ChildGuard, dir: &Path, i: usize, run: usize) {
+    netns_nodes::wait_healthy(url, proc, &dir.join(log_name(i, run))).await;
 }
 
 fn kill9(p: &mut ChildGuard) {
     // `taskset` and `ip netns exec` exec the node in place: the child's pid is the node's.
     let _ = p.0.kill();
     let _ = p.0.wait();
-}
-
-async fn wait_healthy(url: &str, proc: &mut ChildGuard) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while client::get_json(&format!("{url}/healthz")).await.is_err() {
-        assert!(
-            proc.exited().is_none(),
-            "node at {url} exited while starting"
-        );
-        assert!(Instant::now() < deadline, "{url} not healthy within 120 s");
-        actix_rt::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Polls (bounded) until the home sees a connected peer that prefills its model.
-async fn wait_prefiller(home: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen = client::get_json(&format!("{home}/mesh"))
-            .await
-            .ok()
-            .and_then(|v| v["peers"].as_array().cloned())
-            .is_some_and(|p| {
-                p.iter()
-                    .any(|p| p["prefills_our_model"] == true && p["connected"] != false)
-            });
-        if seen {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the home saw no prefill peer within 60 s"
-        );
-        actix_rt::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A Prometheus sample of `url`'s `/metrics` whose line starts with `name{` and contains `label`.
@@ -200,6 +138,15 @@ fn is_remote(r: &ChatResult) -> bool {
     )
 }
 
+/// "remote" or "local (why)", for the figures.
+fn route_tag(r: &ChatResult) -> String {
+    match r.prfaas.as_ref().map(|p| &p.route) {
+        Some(PrefillRoute::Remote { .. }) => "remote".into(),
+        Some(PrefillRoute::Local { reason }) => format!("local ({reason})"),
+        other => format!("{other:?}"),
+    }
+}
+
 fn ttft(r: &ChatResult) -> Duration {
     r.ttft.unwrap_or(r.total)
 }
@@ -244,9 +191,9 @@ impl Mesh<'_> {
         }
         self.runs += 1;
         let mut w = spawn(self.topo, WINNER, &self.winner_cfg, &self.dir, self.runs);
-        wait_healthy(&self.winner_url, &mut w).await;
+        wait_healthy(&self.winner_url, &mut w, &self.dir, WINNER, self.runs).await;
         self.winner = Some(w);
-        wait_prefiller(&self.home_url).await;
+        netns_nodes::wait_prefiller(&self.home_url).await;
     }
 
     /// The same request, remote (clean), to compare with.
@@ -356,7 +303,9 @@ fn chaos_suite() {
         .expect("client thread")
     });
     drop(topo);
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("PRFAAS_CHAOS_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     eprintln!("\nchaos suite figures:\n  {}", figures.lines.join("\n  "));
 }
 
@@ -370,10 +319,10 @@ async fn run_suite(
     transfer_timeout: Duration,
 ) -> Figures {
     let mut fig = Figures::default();
-    let home_url = format!("http://{}:8080", topo.addr(HOME));
-    let winner_url = format!("http://{}:8080", topo.addr(WINNER));
+    let home_url = api_url(topo.addr(HOME));
+    let winner_url = api_url(topo.addr(WINNER));
     let mut home = spawn(topo, HOME, &home_cfg, dir, 0);
-    wait_healthy(&home_url, &mut home).await;
+    wait_healthy(&home_url, &mut home, dir, HOME, 0).await;
     let mut mesh = Mesh {
         topo,
         dir: dir.to_owned(),
@@ -509,7 +458,7 @@ async fn run_suite(
     // A rogue peer next to the honest winner.
     {
         topo.set_rate(WINNER, 1000.0).expect("rate");
-        let k: usize = env_or("PRFAAS_CHAOS_ROGUE_REQUESTS", 6);
+        let k: usize = env_or("PRFAAS_CHAOS_ROGUE_REQUESTS", 20);
         let prompts: Vec<String> = (0..k).map(|i| prompt(prompt_tokens, 300 + i)).collect();
         let mut refs = Vec::new();
         for p in &prompts {
@@ -562,7 +511,7 @@ async fn run_suite(
             }
             actix_rt::time::sleep(Duration::from_millis(100)).await;
         }
-        let (mut attacked, mut local) = (Vec::new(), 0);
+        let (mut attacked, mut local, mut each) = (Vec::new(), 0, Vec::new());
         for (p, want) in prompts.iter().zip(&refs) {
             let r = mesh.request(p).await;
             assert_eq!(
@@ -571,6 +520,7 @@ async fn run_suite(
             );
             local += usize::from(!is_remote(&r));
             attacked.push(ttft(&r).as_secs_f64());
+            each.push(format!("{:.2} s {}", ttft(&r).as_secs_f64(), route_tag(&r)));
         }
         stop.store(true, Ordering::Relaxed);
         rogue.join().expect("rogue thread");
@@ -589,6 +539,7 @@ async fn run_suite(
             zero.as_secs_f64(),
             stats.summary()
         ));
+        fig.add(format!("  each attacked request: {}", each.join("; ")));
     }
 
     // 10× bandwidth cut with the adaptive threshold on the home.
@@ -597,8 +548,8 @@ async fn run_suite(
         kill9(&mut mesh.home);
         mesh.runs += 1;
         mesh.home = spawn(topo, HOME, &mesh.home_cfg, dir, mesh.runs);
-        wait_healthy(&mesh.home_url, &mut mesh.home).await;
-        wait_prefiller(&mesh.home_url).await;
+        wait_healthy(&mesh.home_url, &mut mesh.home, dir, HOME, mesh.runs).await;
+        netns_nodes::wait_prefiller(&mesh.home_url).await;
         let fast = mbit * 4.0;
         topo.set_rate(WINNER, fast).expect("rate");
         let lengths = [40, 80, 120, 160, 200, 240];
@@ -645,8 +596,8 @@ async fn run_suite(
         kill9(&mut mesh.home);
         mesh.runs += 1;
         mesh.home = spawn(topo, HOME, &mesh.home_cfg, dir, mesh.runs);
-        wait_healthy(&mesh.home_url, &mut mesh.home).await;
-        wait_prefiller(&mesh.home_url).await;
+        wait_healthy(&mesh.home_url, &mut mesh.home, dir, HOME, mesh.runs).await;
+        netns_nodes::wait_prefiller(&mesh.home_url).await;
         let pid = mesh.home.0.id();
         let rss0 = rss_kib(pid);
         let n = max_inflight * 10;
@@ -699,7 +650,8 @@ async fn run_suite(
 fn model_ref(cfg: &NodeConfig) -> (prfaas_mesh::ModelRef, prfaas_node::kv::KvLayout, usize) {
     use prfaas_node::engine::{Engine, EngineConfig, Model};
     let bundle = prfaas_node::engine::loader::load_model(&cfg.node.model).expect("model");
-    let backend = prfaas_node::engine::loader::make_backend(BackendKind::Cpu).expect("cpu backend");
+    let backend = prfaas_node::engine::loader::make_backend(prfaas_kernels::BackendKind::Cpu)
+        .expect("cpu backend");
     let model = Model::new(bundle.config.clone(), &bundle.weights, backend).expect("model");
     let engine = Engine::new(
         model,

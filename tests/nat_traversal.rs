@@ -12,22 +12,18 @@
 //! `PRFAAS_REQUIRE_NETNS=1` (CI) turns the skip into a failure. Namespaces carry this process's
 //! id and are removed on drop, also when an assertion fails.
 
-#[allow(dead_code)]
-#[path = "../src/cmd/netns.rs"]
-mod netns;
+mod netns_nodes;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netns::ChildGuard;
-use prfaas_kernels::BackendKind;
-use prfaas_mesh::MeshConfig;
+use netns_nodes::netns::{self, ChildGuard};
+use netns_nodes::{api_url, node_config, prfaas_bin, spawn_node};
 use prfaas_node::api::client::{self, ChatParams};
 use prfaas_node::config::{NodeConfig, NodeRole};
 use prfaas_node::service::PrefillRoute;
 
-const MODEL: &str = "tiny-dense";
 const PREFIX: &str = "prfaas-nat-";
 /// Mesh and API port of every node (each in its own namespace).
 const PORT: u16 = 4100;
@@ -247,30 +243,12 @@ fn sweep_stale() {
 }
 
 fn config(site: Site, psk: &str, relay: &str) -> NodeConfig {
-    let mut c = NodeConfig::default();
-    c.node.model = MODEL.into();
-    c.node.backend = BackendKind::Cpu;
-    c.node.shutdown_grace = Duration::from_secs(2);
-    c.api.listen = (
-        NatTopology::addr(site)
-            .parse::<std::net::IpAddr>()
-            .expect("static"),
-        8080,
-    )
-        .into();
-    c.api.workers = 1;
-    c.engine.kv_capacity_tokens = 4096;
-    c.engine.calibration_tokens = 16;
-    c.engine.prefix_cache = false;
-    c.policy.adaptive_threshold = false;
-    c.policy.auction_deadline = Duration::from_secs(2);
-    c.policy.transfer_timeout = Duration::from_secs(60);
-    c.mesh = MeshConfig::local();
-    // A specific address: the listener is registered for port reuse at once, so even the first
-    // (bootstrap) dial leaves from the listen port, which is what peers observe behind a
-    // port-keeping NAT and what hole punching dials. (On `0.0.0.0` the interfaces are learnt
-    // a moment later, and the first dial could leave from a random port.)
-    c.mesh.listen = vec![format!("/ip4/{}/tcp/{PORT}", NatTopology::addr(site))];
+    let ip = NatTopology::addr(site).parse().expect("static");
+    let mut c = node_config("node", &[], ip, PORT);
+    // A specific address (as `node_config` sets): the listener is registered for port reuse
+    // at once, so even the first (bootstrap) dial leaves from the listen port, which is what
+    // peers observe behind a port-keeping NAT and what hole punching dials. (On `0.0.0.0` the
+    // interfaces are learnt a moment later, and the first dial could leave from a random port.)
     c.mesh.psk = Some(psk.to_owned());
     c.mesh.nat.autonat = true;
     c.mesh.nat.autonat_only_global_ips = false;
@@ -298,29 +276,21 @@ fn config(site: Site, psk: &str, relay: &str) -> NodeConfig {
 
 fn spawn(topo: &NatTopology, site: Site, cfg: &NodeConfig, dir: &Path) -> ChildGuard {
     use std::os::unix::process::CommandExt;
-    let name = &cfg.node.name;
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, toml::to_string(cfg).expect("config serializes")).expect("write");
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &topo.site_ns(site)])
-        .arg(env!("CARGO_BIN_EXE_prfaas"))
-        .args(["node", "--config"])
-        .arg(&path)
-        .env("RAYON_NUM_THREADS", "1")
-        .env("RUST_LOG", "info,libp2p_dcutr=debug,libp2p_relay=debug")
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log);
+    let mut launcher = Command::new("ip");
+    launcher
+        .args(["netns", "exec", &topo.site_ns(site)])
+        .arg(prfaas_bin())
+        .env("RUST_LOG", "info,libp2p_dcutr=debug,libp2p_relay=debug");
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
     unsafe {
-        c.pre_exec(|| {
+        launcher.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    ChildGuard(c.spawn().expect("node process starts"))
+    spawn_node(launcher, cfg, dir, &format!("{}.log", cfg.node.name))
 }
 
 /// The last lines of every node's log, for failure messages.
@@ -406,8 +376,8 @@ fn scenario(
     let mut edge_cfg = config(Site::Edge, &psk, &relay_addr);
     edge_cfg.node.identity = Some(edge_key);
     let home_cfg = config(Site::Home, &psk, &relay_addr);
-    let relay_url = format!("http://{}:8080", NatTopology::addr(Site::Relay));
-    let home_url = format!("http://{}:8080", NatTopology::addr(Site::Home));
+    let relay_url = api_url(NatTopology::addr(Site::Relay));
+    let home_url = api_url(NatTopology::addr(Site::Home));
     let edge = edge_id.to_string();
 
     let out = std::thread::scope(|s| {

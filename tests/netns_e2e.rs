@@ -7,102 +7,25 @@
 //! the skip into a failure. Namespaces carry this process's id and are removed on drop, also
 //! when an assertion fails.
 
-#[allow(dead_code)]
-#[path = "../src/cmd/netns.rs"]
-mod netns;
+mod netns_nodes;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use netns::{ChildGuard, Topology};
-use prfaas_kernels::BackendKind;
-use prfaas_mesh::MeshConfig;
+use netns_nodes::netns::{self, Topology};
+use netns_nodes::{api_url, node_config, spawn_in, wait_healthy, wait_prefiller, NEVER_OFFLOAD};
 use prfaas_node::api::client::{self, ChatParams};
 use prfaas_node::config::{NodeConfig, NodeRole};
 use prfaas_node::service::PrefillRoute;
 
-const MODEL: &str = "tiny-dense";
-/// An offload threshold no prompt reaches (TOML integers are i64).
-const NEVER_OFFLOAD: usize = 1 << 40;
-
+/// Node `i` of `topo` (mesh port 4100); every node but the first bootstraps from node 0.
 fn config(topo: &Topology, i: usize, roles: &[NodeRole]) -> NodeConfig {
-    let mut c = NodeConfig::default();
-    c.node.name = format!("node-{i}");
-    c.node.roles = roles.to_vec();
-    c.node.model = MODEL.into();
-    c.node.backend = BackendKind::Cpu;
-    c.node.shutdown_grace = Duration::from_secs(2);
-    c.api.listen = (topo.addr(i), 8080).into();
-    c.api.workers = 1;
-    c.engine.kv_capacity_tokens = 4096;
-    c.engine.calibration_tokens = 16;
-    c.engine.prefix_cache = false;
-    c.policy.adaptive_threshold = false;
-    c.policy.auction_deadline = Duration::from_secs(2);
-    c.policy.transfer_timeout = Duration::from_secs(60);
-    c.mesh = MeshConfig::local();
-    c.mesh.listen = vec![format!("/ip4/{}/tcp/4100", topo.addr(i))];
+    let mut c = node_config(&format!("node-{i}"), roles, topo.addr(i).into(), 4100);
     // Veth addresses in network namespaces this run created: nobody else can reach them.
     c.mesh.open = true;
     if i > 0 {
         c.mesh.bootstrap = vec![format!("/ip4/{}/tcp/4100", topo.addr(0))];
     }
     c
-}
-
-fn spawn(topo: &Topology, i: usize, cfg: &NodeConfig, dir: &Path) -> ChildGuard {
-    let path = dir.join(format!("node{i}.toml"));
-    std::fs::write(&path, toml::to_string(cfg).expect("config serializes")).expect("write");
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let log = std::fs::File::create(dir.join(format!("node{i}.log"))).expect("log file");
-    let child = topo
-        .command(
-            i,
-            &(i % cores).to_string(),
-            Path::new(env!("CARGO_BIN_EXE_prfaas")),
-        )
-        .arg("node")
-        .arg("--config")
-        .arg(&path)
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("node process starts");
-    ChildGuard(child)
-}
-
-/// Polls (bounded) until `url` answers `/healthz`, failing at once if the process exits.
-async fn wait_healthy(url: &str, proc: &mut ChildGuard, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while client::get_json(&format!("{url}/healthz")).await.is_err() {
-        if let Some(s) = proc.exited() {
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("node at {url} exited ({s}): {log}");
-        }
-        assert!(Instant::now() < deadline, "{url} not healthy within 120 s");
-        actix_rt::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Polls (bounded) until the home sees a peer that prefills its model.
-async fn wait_prefiller(home: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let seen = client::get_json(&format!("{home}/mesh"))
-            .await
-            .ok()
-            .and_then(|v| v["peers"].as_array().cloned())
-            .is_some_and(|p| p.iter().any(|p| p["prefills_our_model"] == true));
-        if seen {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the home saw no prefill peer within 60 s"
-        );
-        actix_rt::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[test]
@@ -127,10 +50,7 @@ fn offloaded_request_over_a_shaped_link_matches_local_prefill() {
     let mut other = config(&topo, 1, &[NodeRole::Pd]);
     other.policy.offload_threshold_tokens = NEVER_OFFLOAD;
     let mut procs = Vec::new();
-    let (home_url, other_url) = (
-        format!("http://{}:8080", topo.addr(0)),
-        format!("http://{}:8080", topo.addr(1)),
-    );
+    let (home_url, other_url) = (api_url(topo.addr(0)), api_url(topo.addr(1)));
 
     let prompt = "Prefill as a service ships the KV cache of long prompts across a shaped link, \
                   layer by layer, while the prompt is still being prefilled. ";
@@ -143,8 +63,9 @@ fn offloaded_request_over_a_shaped_link_matches_local_prefill() {
                     .into_iter()
                     .enumerate()
                 {
-                    procs.push(spawn(&topo, i, cfg, &dir));
-                    let log = dir.join(format!("node{i}.log"));
+                    let log = format!("node{i}.log");
+                    procs.push(spawn_in(&topo, i, cfg, &dir, &log));
+                    let log = dir.join(log);
                     wait_healthy(url, procs.last_mut().expect("just pushed"), &log).await;
                 }
                 wait_prefiller(&home_url).await;

@@ -157,8 +157,14 @@ async fn departed_peer_bandwidth_series_is_removed() {
     home.core
         .mesh
         .record_bandwidth(p.peer_id(), 8_000_000, Duration::from_secs(1));
-    let series = format!("prfaas_peer_bandwidth_bytes_per_second{{peer=\"{peer}\"");
-    let has_series = || home.core.metrics.render().contains(&series);
+    // Every series also carries `model_name`: look for the peer's label on the gauge's lines.
+    let label = format!("peer=\"{peer}\"");
+    let has_series =
+        || {
+            home.core.metrics.render().lines().any(|l| {
+                l.starts_with("prfaas_peer_bandwidth_bytes_per_second{") && l.contains(&label)
+            })
+        };
     let t0 = Instant::now();
     while !has_series() {
         assert!(

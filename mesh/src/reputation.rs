@@ -19,7 +19,8 @@ pub enum TransferOutcome {
     Failed,
     /// Arrived, but much later than the bid promised.
     Late,
-    /// Failed verification: made-up, foreign or corrupted KV (or non-finite values).
+    /// Failed verification (made-up, foreign or corrupted KV), or KV that arrived malformed,
+    /// out of shape or non-finite: the stream is authenticated, so the winner sent it so.
     Lied,
 }
 
@@ -29,6 +30,10 @@ pub enum TransferOutcome {
 pub struct ReputationConfig {
     /// Lies (failed verifications) that ban a peer…
     pub ban_after_lies: u32,
+    /// Late transfers (no stream within the winner's own claim plus `late_margin`: a bid it did
+    /// not keep) that ban a peer, counted apart from lies. A winner that stalls after every award
+    /// would otherwise cost each auction it wins the margin, for ever.
+    pub ban_after_lates: u32,
     /// …for this long.
     #[serde(with = "humantime_serde")]
     pub ban_for: Duration,
@@ -38,6 +43,7 @@ impl Default for ReputationConfig {
     fn default() -> Self {
         Self {
             ban_after_lies: 2,
+            ban_after_lates: 3,
             ban_for: Duration::from_secs(600),
         }
     }
@@ -57,6 +63,9 @@ pub struct PeerRecord {
     /// Lies since the last ban ended (a ban starts at `ban_after_lies`).
     #[serde(skip)]
     lies_since_ban: u32,
+    /// Late transfers since the last ban ended (a ban starts at `ban_after_lates`).
+    #[serde(skip)]
+    lates_since_ban: u32,
     /// Milliseconds of ban left when the record was read (0: not banned).
     pub banned_ms: u64,
 }
@@ -102,18 +111,24 @@ impl Reputation {
         if e.banned_until.is_some_and(|t| t <= now) {
             e.banned_until = None;
             e.record.lies_since_ban = 0;
+            e.record.lates_since_ban = 0;
         }
         let r = &mut e.record;
         match outcome {
             TransferOutcome::Ok => r.ok = r.ok.saturating_add(1),
             TransferOutcome::Failed => r.failed = r.failed.saturating_add(1),
-            TransferOutcome::Late => r.late = r.late.saturating_add(1),
+            TransferOutcome::Late => {
+                r.late = r.late.saturating_add(1);
+                r.lates_since_ban = r.lates_since_ban.saturating_add(1);
+            }
             TransferOutcome::Lied => {
                 r.lied = r.lied.saturating_add(1);
                 r.lies_since_ban = r.lies_since_ban.saturating_add(1);
             }
         }
-        if e.banned_until.is_none() && r.lies_since_ban >= self.cfg.ban_after_lies.max(1) {
+        let struck_out = r.lies_since_ban >= self.cfg.ban_after_lies.max(1)
+            || r.lates_since_ban >= self.cfg.ban_after_lates.max(1);
+        if e.banned_until.is_none() && struck_out {
             e.banned_until = Some(now + self.cfg.ban_for);
             return true;
         }
@@ -202,6 +217,26 @@ mod tests {
         assert!(!r.is_banned(&liar, later));
         assert!(!r.record(liar, TransferOutcome::Lied, later));
         assert!(r.record(liar, TransferOutcome::Lied, later));
+    }
+
+    #[test]
+    fn a_winner_late_again_and_again_is_banned_too() {
+        let t0 = Instant::now();
+        let mut r = Reputation::new(ReputationConfig::default(), 16);
+        let staller = PeerId::random();
+        assert!(!r.record(staller, TransferOutcome::Late, t0));
+        assert!(!r.record(staller, TransferOutcome::Late, t0));
+        assert!(!r.is_banned(&staller, t0), "two lates: no ban yet");
+        assert!(
+            r.record(staller, TransferOutcome::Late, t0),
+            "the third bans"
+        );
+        assert!(r.is_banned(&staller, t0 + Duration::from_secs(599)));
+        // Lates and lies are counted apart: one of each bans nobody.
+        let other = PeerId::random();
+        assert!(!r.record(other, TransferOutcome::Late, t0));
+        assert!(!r.record(other, TransferOutcome::Lied, t0));
+        assert!(!r.is_banned(&other, t0));
     }
 
     #[test]

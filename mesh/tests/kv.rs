@@ -634,3 +634,60 @@ async fn quotas_bound_hellos_per_peer() {
     assert_eq!(home.handle.stats().kv_refused_hello_quota, 3);
     drop(held);
 }
+
+/// Peers nobody awaits a transfer from share a bounded pool of hello slots; a flood of them
+/// (many identities, each within its own quota) can fill that pool, but a winner the home
+/// awaits reads its hellos outside it and still gets its transfer in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awaited_winner_gets_in_when_strangers_hold_every_shared_hello_slot() {
+    let mut c = MeshConfig::local();
+    c.bandwidth.probes = false;
+    // 4 × max_pending_transfers = 4 shared hello slots.
+    c.limits.max_pending_transfers = 1;
+    c.limits.max_kv_hellos_per_peer = 8;
+    let mut home = spawn(c).await;
+    let home_id = home.id();
+    let flooder = spawn(cfg(false)).await;
+    flooder.handle.dial(home.p2p_addr()).await.expect("dial");
+    let mut control = flooder.handle.kv_control();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut s = control
+            .open_stream(home_id, KV_PROTOCOL)
+            .await
+            .expect("open");
+        // An unfinished length prefix: the hello never completes and holds its slot.
+        let _ = s.write_all(&[0]).await;
+        let _ = s.flush().await;
+        held.push(s);
+    }
+    counters_reach(&home, "shared hello slots full", |s| {
+        s.kv_refused_hello_quota == 2
+    })
+    .await;
+
+    let winner = spawn(cfg(false)).await;
+    winner.handle.dial(home.p2p_addr()).await.expect("dial");
+    let _award = home.handle.expect_kv(winner.id(), 5).expect("room");
+    let h = winner.handle.clone();
+    let sending = tokio::spawn(async move {
+        let mut s = h.open_kv_transfer(home_id, header(1, 100, 1)).await?;
+        s.send_piece(whole(0), piece_bytes(whole(0), 100)).await?;
+        s.finish(KvTrailer::default()).await?;
+        Ok::<(), prfaas_mesh::MeshError>(())
+    });
+    let incoming = next_incoming(&mut home).await;
+    assert_eq!(incoming.peer(), winner.id());
+    let mut sink = prfaas_mesh::kv::VecSink::counting();
+    incoming
+        .receive(&mut sink)
+        .await
+        .expect("the awaited transfer");
+    sending.await.expect("join").expect("sent");
+    assert_eq!(
+        home.handle.stats().kv_refused_hello_quota,
+        2,
+        "the winner's streams were not refused"
+    );
+    drop(held);
+}

@@ -132,14 +132,22 @@ impl Drop for PeerSlot {
 /// registers them) and the KV acceptor (which checks hellos against them). Bounded.
 #[derive(Debug, Clone)]
 pub struct ExpectedTransfers {
-    inner: Arc<Mutex<HashMap<(PeerId, u64), usize>>>,
+    inner: Arc<Mutex<Expected>>,
     max: usize,
+}
+
+/// Registrations per (sender, request id), and per sender (so a stream's sender can be checked
+/// before its hello is read).
+#[derive(Debug, Default)]
+struct Expected {
+    by_key: HashMap<(PeerId, u64), usize>,
+    by_peer: HashMap<PeerId, usize>,
 }
 
 /// A registered expectation; dropping it withdraws it.
 #[derive(Debug)]
 pub struct KvExpectation {
-    inner: Arc<Mutex<HashMap<(PeerId, u64), usize>>>,
+    inner: Arc<Mutex<Expected>>,
     key: (PeerId, u64),
 }
 
@@ -156,10 +164,11 @@ impl ExpectedTransfers {
     pub fn expect(&self, peer: PeerId, request_id: u64) -> Result<KvExpectation, MeshError> {
         let mut m = self.inner.lock().map_err(|_| MeshError::ShutDown)?;
         let key = (peer, request_id);
-        if !m.contains_key(&key) && m.len() >= self.max {
+        if !m.by_key.contains_key(&key) && m.by_key.len() >= self.max {
             return Err(MeshError::Overloaded);
         }
-        *m.entry(key).or_insert(0) += 1;
+        *m.by_key.entry(key).or_insert(0) += 1;
+        *m.by_peer.entry(peer).or_insert(0) += 1;
         Ok(KvExpectation {
             inner: self.inner.clone(),
             key,
@@ -170,12 +179,19 @@ impl ExpectedTransfers {
     pub fn is_expected(&self, peer: &PeerId, request_id: u64) -> bool {
         self.inner
             .lock()
-            .is_ok_and(|m| m.contains_key(&(*peer, request_id)))
+            .is_ok_and(|m| m.by_key.contains_key(&(*peer, request_id)))
+    }
+
+    /// Whether any transfer from `peer` is awaited (a winner with an outstanding award).
+    pub fn expects_from(&self, peer: &PeerId) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|m| m.by_peer.contains_key(peer))
     }
 
     /// Expectations registered now.
     pub fn len(&self) -> usize {
-        self.inner.lock().map_or(0, |m| m.len())
+        self.inner.lock().map_or(0, |m| m.by_key.len())
     }
 
     /// Whether none is registered.
@@ -186,13 +202,18 @@ impl ExpectedTransfers {
 
 impl Drop for KvExpectation {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.inner.lock() {
-            if let Some(n) = m.get_mut(&self.key) {
+        /// One registration fewer under `k`; the entry goes with the last.
+        fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, k: &K) {
+            if let Some(n) = map.get_mut(k) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    m.remove(&self.key);
+                    map.remove(k);
                 }
             }
+        }
+        if let Ok(mut m) = self.inner.lock() {
+            release(&mut m.by_key, &self.key);
+            release(&mut m.by_peer, &self.key.0);
         }
     }
 }
@@ -230,8 +251,14 @@ mod tests {
             ex.is_expected(&a, 1),
             "still expected by the second registration"
         );
+        assert!(ex.expects_from(&a));
         drop(again);
         assert!(!ex.is_expected(&a, 1));
+        assert!(
+            !ex.expects_from(&a),
+            "no request from a is awaited any more"
+        );
+        assert!(ex.expects_from(&b));
         assert_eq!(ex.len(), 1);
     }
 

@@ -513,9 +513,17 @@ impl Acceptor {
                         refuse(KvRefusal::NotAllowed, &peer);
                         continue; // dropping the stream resets it
                     }
-                    let Ok(permit) = hello_slots.clone().try_acquire_owned() else {
-                        refuse(KvRefusal::HelloSlots, &peer);
-                        continue;
+                    // A winner with an outstanding award reads its hellos outside the shared
+                    // slots (its per-peer quota still bounds it), so peers nobody awaits (probe
+                    // senders, or a flood of made-up identities) cannot crowd it out.
+                    let permit = if self.expected.expects_from(&peer) {
+                        None
+                    } else {
+                        let Ok(permit) = hello_slots.clone().try_acquire_owned() else {
+                            refuse(KvRefusal::HelloSlots, &peer);
+                            continue;
+                        };
+                        Some(permit)
                     };
                     let Some(peer_slot) = peer_hellos.try_take(peer) else {
                         refuse(KvRefusal::HelloQuota, &peer);

@@ -340,10 +340,22 @@ impl TransferError {
         )
     }
 
-    /// How this failure counts in the winner's record.
+    /// How this failure counts in the winner's record. KV streams are authenticated and
+    /// encrypted end to end, so what arrives malformed, out of range, of the wrong shape or with
+    /// non-finite values was sent that way: a lie (two ban the peer), not a failure.
     fn outcome(&self) -> TransferOutcome {
         match self {
             TransferError::Late { .. } => TransferOutcome::Late,
+            TransferError::Header(_)
+            | TransferError::NoLogits
+            | TransferError::Import(ImportError::BadPiece { .. })
+            | TransferError::Stream(
+                KvError::Corrupt { .. }
+                | KvError::Protocol(_)
+                | KvError::OutOfRange { .. }
+                | KvError::Oversized { .. }
+                | KvError::Sink(_),
+            ) => TransferOutcome::Lied,
             _ => TransferOutcome::Failed,
         }
     }
@@ -682,5 +694,43 @@ impl MeshKvSink for HomeSink<'_> {
                 .collect(),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_winner_sent_is_a_lie_what_the_network_did_is_a_failure() {
+        let lies = [
+            TransferError::Header("wrong model".into()),
+            TransferError::NoLogits,
+            TransferError::Import(ImportError::BadPiece {
+                layer: 0,
+                reason: "non-finite".into(),
+            }),
+            TransferError::Stream(KvError::Protocol("garbage".into())),
+            TransferError::Stream(KvError::Sink("bad piece bytes".into())),
+        ];
+        for e in lies {
+            assert_eq!(e.outcome(), TransferOutcome::Lied, "{e}");
+        }
+        let failures = [
+            TransferError::PeerLost(PeerLost),
+            TransferError::Stream(KvError::Truncated("cut".into())),
+            TransferError::Timeout(Duration::from_secs(1)),
+            TransferError::NoStream(Duration::from_secs(1)),
+            TransferError::Import(ImportError::NoRoom("full".into())),
+            TransferError::Import(ImportError::LeaseExpired),
+        ];
+        for e in failures {
+            assert_eq!(e.outcome(), TransferOutcome::Failed, "{e}");
+        }
+        let late = TransferError::Late {
+            claimed: Duration::ZERO,
+            margin: Duration::from_secs(3),
+        };
+        assert_eq!(late.outcome(), TransferOutcome::Late);
     }
 }
