@@ -98,6 +98,12 @@ impl MeshBridge {
                     body.prefill_profile = last.prefill_profile.clone();
                 }
             }
+            if let Some(p) = body.prefill_profile.first() {
+                act.core.advertised_prefill_tps.store(
+                    f64::from(p.tokens_per_sec).to_bits(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
             act.last_advert = Some(body.clone());
             let mesh = act.core.mesh.clone();
             actix::spawn(async move {

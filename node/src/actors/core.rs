@@ -69,6 +69,10 @@ pub struct NodeCore {
     /// Home side: transfers awaited right now (the bridge's `KvRouter` keeps the count here
     /// for `/mesh`).
     pub awaited_transfers: AtomicUsize,
+    /// The prefill speed (tokens/s, f64 bits; 0 before the first advert) this node last
+    /// published: bids claim no more than [`MAX_CLAIM_OVER_ADVERT`] times it, so a home that
+    /// checks them against its copy of the advert finds them consistent.
+    pub advertised_prefill_tps: AtomicU64,
     recent: Mutex<VecDeque<AuctionRecord>>,
     /// The HTTP API's URL as others reach it (set once the API listens; advertised).
     pub api_url: OnceLock<String>,
@@ -83,7 +87,30 @@ impl std::fmt::Debug for NodeCore {
     }
 }
 
+/// How much faster than its own published speed a bid may claim to prefill (homes refuse claims
+/// beyond 4× the advert they hold, `policy::check_bid`; half of that leaves room for an advert
+/// still in flight).
+pub const MAX_CLAIM_OVER_ADVERT: f64 = 2.0;
+
+/// `rate`, capped at [`MAX_CLAIM_OVER_ADVERT`] × `advertised` once something was advertised.
+fn claimable_rate(rate: f64, advertised: f64) -> f64 {
+    if advertised > 0.0 {
+        rate.min(advertised * MAX_CLAIM_OVER_ADVERT)
+    } else {
+        rate
+    }
+}
+
 impl NodeCore {
+    /// The prefill rate (tokens/s) a bid may claim: the measured `rate`, but no more than
+    /// [`MAX_CLAIM_OVER_ADVERT`] times the speed this node last advertised.
+    pub fn claimable_prefill_rate(&self, rate: f64) -> f64 {
+        claimable_rate(
+            rate,
+            f64::from_bits(self.advertised_prefill_tps.load(Ordering::Relaxed)),
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: NodeConfig,
@@ -121,6 +148,7 @@ impl NodeCore {
             next_request: AtomicU64::new(seed.max(1)),
             threshold: AtomicUsize::new(threshold),
             awaited_transfers: AtomicUsize::new(0),
+            advertised_prefill_tps: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
             api_url: OnceLock::new(),
         }
@@ -200,3 +228,15 @@ pub const AUCTION_COST_S: f64 = 0.05;
 
 /// The node's shared state.
 pub type Core = Arc<NodeCore>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bids_claim_at_most_twice_the_advertised_speed() {
+        assert_eq!(claimable_rate(500.0, 0.0), 500.0, "nothing advertised yet");
+        assert_eq!(claimable_rate(500.0, 100.0), 200.0, "capped");
+        assert_eq!(claimable_rate(150.0, 100.0), 150.0, "within reach");
+    }
+}

@@ -237,11 +237,14 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
 /// Why an offload attempt ended in local prefill.
 #[derive(Debug, thiserror::Error)]
 enum Fallback {
-    #[error("no bids from {candidates} candidates ({declines} declined, {silent} silent)")]
+    #[error(
+        "no bids from {candidates} candidates ({declines} declined, {silent} silent, {refused} refused)"
+    )]
     NoBids {
         candidates: usize,
         declines: usize,
         silent: usize,
+        refused: usize,
     },
     #[error("no bid scored under max_score")]
     NoneAffordable,
@@ -479,6 +482,7 @@ async fn auction(
             candidates: candidates.len(),
             declines: round.declines.len(),
             silent: round.silent.len(),
+            refused: round.refused.len(),
         });
     }
     let Some(won) = policy::settle(&scored, &params) else {

@@ -80,7 +80,8 @@ impl PrefillWorker {
         let block = core.layout.block_size;
         let cached = (cached_leading(&view, &call.prefix_block_hashes) * block).min(n - 1);
         let work = (n - cached) as f64;
-        let rate = view.prefill_tokens_per_s.max(1.0);
+        // What the home can check: claims stay within reach of the speed we advertised.
+        let rate = core.claimable_prefill_rate(view.prefill_tokens_per_s.max(1.0));
         let queue_s = core.compute.queue_delay_s();
         let pricing = PricingParams::new(pol.price_per_1k_tokens, pol.queue_premium_per_s, 0.0)
             .unwrap_or(PricingParams {
