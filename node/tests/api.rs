@@ -692,7 +692,7 @@ async fn info_endpoints() {
     let html = client::get_text(&format!("{}/", h.base))
         .await
         .expect("dashboard");
-    assert!(html.contains("<html") && html.contains("/mesh") && html.contains("/healthz"));
+    assert!(html.contains("<html") && html.contains("/mesh") && html.contains("/health"));
     assert!(
         !html.contains("src=\"http") && !html.contains("href=\"http"),
         "no external assets"
