@@ -224,8 +224,8 @@ impl Engine {
             let blocks = table_of(l);
             let check_blocks = check_of(blocks);
             let row = paged_row(&self.layout.layers[l]);
-            let k = self.backend.gather_blocks(&pool.k, &blocks)?;
-            let v = self.backend.gather_blocks(&pool.v, &blocks)?;
+            let k = self.backend.gather_blocks(&pool.k, blocks)?;
+            let v = self.backend.gather_blocks(&pool.v, blocks)?;
             let sent = self.layout.transfer_rows(l, n);
             let sent = sent.start * row..sent.end * row;
             if k[sent.clone()]
