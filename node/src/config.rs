@@ -109,6 +109,11 @@ pub struct EngineSection {
     /// Element type of the KV cache, in memory and on the wire: `f16` (default) or `f32`.
     /// Nodes exchange KV only when they agree on it (it is part of the layout hash).
     pub kv_dtype: KvDType,
+    /// KV capacity in tokens of the sliding-window ring, over all sequences, for models whose
+    /// sliding-window layers keep only their windows (Gemma 3; see the engine docs). A sequence
+    /// holds at most about `window + prefill_chunk` tokens there, so `max_batch` times that is
+    /// plenty. Unset: `kv_capacity_tokens` (the ring is never the tighter limit).
+    pub window_ring_tokens: Option<usize>,
 }
 
 /// `[policy]`: offload rule, pricing and auction scoring (see `prfaas_mesh::policy`).
@@ -189,6 +194,7 @@ impl Default for EngineSection {
             queue: 256,
             calibration_tokens: 128,
             kv_dtype: KvDType::default(),
+            window_ring_tokens: None,
         }
     }
 }
@@ -255,6 +261,13 @@ impl NodeConfig {
         }
         if self.engine.block_size == 0 || self.engine.kv_capacity_tokens < self.engine.block_size {
             return bad("engine.block_size must be > 0 and ≤ engine.kv_capacity_tokens");
+        }
+        if self
+            .engine
+            .window_ring_tokens
+            .is_some_and(|t| t < self.engine.block_size)
+        {
+            return bad("engine.window_ring_tokens must be ≥ engine.block_size");
         }
         if self.engine.max_batch == 0 || self.engine.prefill_chunk == 0 || self.engine.queue == 0 {
             return bad("engine.max_batch, engine.prefill_chunk and engine.queue must be > 0");

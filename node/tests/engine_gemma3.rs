@@ -115,3 +115,144 @@ fn gemma3_continues_text_and_remote_prefill_matches_local() {
         "imported KV diverged"
     );
 }
+
+/// A prompt of `n` tokens of ordinary text (BOS first), for the long-context tests.
+fn long_prompt(m: &LoadedModel, n: usize) -> Vec<u32> {
+    let text = "The river rises in the hills, runs past the old mill and the market town, \
+                and reaches the sea after two hundred miles. "
+        .repeat(n / 8 + 8);
+    let mut ids = m.tokenizer.encode(&text, true, false).unwrap();
+    ids.truncate(n);
+    ids
+}
+
+/// Past the 512-token window: the 15 sliding-window layers keep only the ring blocks their
+/// windows read (freed as the window moves, during prefill and decode), the export sends only
+/// those rows for them, and remote prefill (export → import into a fresh engine) still decodes
+/// the local tokens. Prints the KV held and sent, hybrid vs every layer global.
+#[test]
+fn gemma3_sliding_window_ring_long_prompt() {
+    let Some(m) = load() else { return };
+    let n = 1100;
+    let p = long_prompt(&m, n);
+    assert_eq!(p.len(), n);
+    let cfg = EngineConfig {
+        prefill_chunk: 256,
+        ..EngineConfig::with_capacity(2048)
+    };
+    let make = |c: EngineConfig| {
+        let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+        Engine::new(
+            Model::new(m.config.clone(), &m.weights, backend).unwrap(),
+            c,
+        )
+        .unwrap()
+    };
+    let mut a = make(cfg.clone());
+    let pre = a.prefill(&p, &mut NullSink).unwrap();
+    let ring = a
+        .ring_kv_stats()
+        .expect("Gemma 3 keeps a sliding-window ring");
+    let shared = a.kv_stats();
+    // 1100 tokens: 69 blocks for the 3 global layers; the sliding layers hold blocks 36..68
+    // (from (1088 - 512) / 16 = 36, the window of the last full-block prefix).
+    assert_eq!(shared.in_use, 69);
+    assert!(
+        ring.in_use <= 512 / 16 + 2,
+        "{} ring blocks held",
+        ring.in_use
+    );
+    let export = a.export_kv(pre.seq).unwrap();
+    assert_eq!(export.size_bytes(), a.layout().export_bytes(n));
+    let first = argmax(&pre.logits);
+    let local = continue_greedy(&mut a, pre.seq, first, 8);
+    assert!(a.ring_kv_stats().unwrap().in_use <= 512 / 16 + 2);
+    let mut b = make(cfg.clone());
+    let seq = b.import_kv(&export).unwrap();
+    assert_eq!(
+        continue_greedy(&mut b, seq, first, 8),
+        local,
+        "imported KV diverged"
+    );
+    // The same prompt with every layer global: what the KV would be without sliding windows.
+    let mut dense_cfg = m.config.clone();
+    for l in &mut dense_cfg.layers {
+        *l = LayerKind::Full;
+    }
+    let dense = prfaas_node::kv::KvLayout::from_model(&dense_cfg, 16)
+        .unwrap()
+        .with_dtype(a.layout().dtype);
+    eprintln!(
+        "Gemma 3 270M, {n} tokens ({}): KV held {} bytes (global {} + ring {}), sent {} bytes; \
+         every layer global: {} bytes sent",
+        a.layout().dtype,
+        a.kv_bytes_used(),
+        a.kv_stats().bytes_used,
+        a.ring_kv_stats().unwrap().bytes_used,
+        export.size_bytes(),
+        dense.export_bytes(n)
+    );
+    // At 1100 tokens the 3 global layers hold 1100 rows and the 15 sliding ones 528: 1.77x less
+    // than every layer global (the ratio grows towards 6x with the context).
+    assert!(export.size_bytes() * 3 < dense.export_bytes(n) * 2);
+}
+
+/// The tokenizer against llama.cpp's on the same GGUF (node/tests/fixtures/gemma3_tokenizer.json,
+/// `scripts/make-fixtures gemma3-270m`): Unicode, whitespace runs, digits, code, control tokens.
+#[test]
+fn gemma3_tokenizer_matches_llamacpp() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gemma3_tokenizer.json");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("parses");
+    let cases = fx["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 20, "only {} cases", cases.len());
+    let Some(m) = load() else { return };
+    let mut bad = Vec::new();
+    for c in cases {
+        let text = c["text"].as_str().expect("text");
+        let special = c["parse_special"].as_bool().unwrap_or(true);
+        let bos = c["add_special"].as_bool().unwrap_or(false);
+        let want = common::fixture_ids(&c["ids"]);
+        let got = m.tokenizer.encode(text, bos, special).unwrap();
+        if got != want {
+            bad.push(format!(
+                "{text:?} (special {special}): ours {got:?}, llama.cpp {want:?}"
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} differ:\n{}",
+        bad.len(),
+        cases.len(),
+        bad.join("\n")
+    );
+}
+
+/// Teacher-forced fidelity against llama.cpp's forward pass on the same GGUF
+/// (node/tests/fixtures/gemma3_greedy.json): logit error on llama.cpp's top 5, top-5 overlap, and
+/// the greedy token wherever llama.cpp's top-2 margin is clear (DESIGN.md §7).
+#[test]
+fn gemma3_matches_llamacpp_fixture() {
+    let Some(m) = load() else { return };
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma3_greedy.json");
+    let run = common::run_fixture(&path, &|| engine(&m), false, 8);
+    eprintln!("llama.cpp fixture, {}", run.line("Gemma 3 270M, f16 KV"));
+    assert!(run.steps >= 40);
+    assert!(
+        run.mean_err() < 0.35 && run.max_err < 1.5,
+        "{}",
+        run.line("logits too far from llama.cpp")
+    );
+    assert!(
+        run.overlap as f32 / run.steps as f32 >= 4.0,
+        "{}",
+        run.line("top-5 sets disagree")
+    );
+    assert_eq!(
+        run.clear_agree, run.clear,
+        "greedy token differs from llama.cpp on a clear-margin step"
+    );
+}

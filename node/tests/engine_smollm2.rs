@@ -7,15 +7,13 @@ mod common;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use common::{compare_runs, FixtureRun};
 use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::Backend;
 use prfaas_node::engine::chat::{ChatMessage, ChatTemplate};
 use prfaas_node::engine::gguf::LoadedModel;
 use prfaas_node::engine::sampler::argmax;
-use prfaas_node::engine::{
-    Engine, EngineConfig, LayerKv, Model, NullSink, Sampler, SamplingParams, SeqId,
-};
-use prfaas_node::kv::wire::{decode_int8, encode_int8, INT8_BLOCK};
+use prfaas_node::engine::{Engine, EngineConfig, Model, NullSink, Sampler, SamplingParams, SeqId};
 use prfaas_node::kv::KvDType;
 
 fn model_path() -> PathBuf {
@@ -148,147 +146,14 @@ fn engine_smollm2_remote_prefill_prefix_cache_and_chat() {
     assert!(answer.contains("Paris"), "incoherent answer: {answer:?}");
 }
 
-/// Teacher-forced figures of one engine configuration on the llama.cpp fixture.
-struct FixtureRun {
-    steps: usize,
-    sum_err: f32,
-    max_err: f32,
-    overlap: usize,
-    clear: usize,
-    clear_agree: usize,
-    /// Our logits at every step, for comparing configurations with each other.
-    logits: Vec<Vec<f32>>,
-}
-
-impl FixtureRun {
-    fn mean_err(&self) -> f32 {
-        self.sum_err / (self.steps * 5) as f32
-    }
-    fn line(&self, what: &str) -> String {
-        format!(
-            "{what}: {} steps, logit err vs llama.cpp mean {:.3} max {:.3}, top-5 overlap {:.2}/5, \
-             greedy agreement on clear-margin steps {}/{}",
-            self.steps,
-            self.mean_err(),
-            self.max_err,
-            self.overlap as f32 / self.steps as f32,
-            self.clear_agree,
-            self.clear
-        )
-    }
-}
-
-fn fixture_ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-/// Runs the fixture (first 8 steps per case) with `kv_dtype`. With `int8_wire` the prompt's KV
-/// goes through the int8 wire codec (paged layers) into a second engine, which decodes: what
-/// a home sees after an int8 transfer. The first step's logits are the prefill's (the trailer
-/// carries them exactly).
 fn run_fixture(m: &LoadedModel, kv_dtype: KvDType, int8_wire: bool) -> FixtureRun {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_greedy.json");
-    let text = std::fs::read_to_string(&path).expect("fixture present");
-    let fx: serde_json::Value = serde_json::from_str(&text).expect("fixture parses");
-    let cases = fx["cases"].as_array().expect("cases");
-    assert!(cases.len() >= 5);
-    let mut r = FixtureRun {
-        steps: 0,
-        sum_err: 0.0,
-        max_err: 0.0,
-        overlap: 0,
-        clear: 0,
-        clear_agree: 0,
-        logits: Vec::new(),
-    };
     let c = EngineConfig {
         prefix_cache: false,
         kv_dtype,
         ..cfg()
     };
-    let mut e = engine(m, c.clone());
-    let mut home = int8_wire.then(|| engine(m, c));
-    for case in cases {
-        let prompt = fixture_ids(&case["prompt_ids"]);
-        let cont = fixture_ids(&case["continuation_ids"]);
-        let tops = case["top_logits"].as_array().expect("top_logits");
-        let pre = e.prefill(&prompt, &mut NullSink).unwrap();
-        let (d, seq) = match home.as_mut() {
-            Some(h) => {
-                let mut export = e.export_kv(pre.seq).unwrap();
-                e.release(pre.seq).unwrap();
-                for kv in &mut export.layers {
-                    if let LayerKv::Paged { k, v } = kv {
-                        for x in [k, v] {
-                            let mut bytes = Vec::new();
-                            encode_int8(x, INT8_BLOCK, &mut bytes).unwrap();
-                            *x = decode_int8(&bytes, x.len(), INT8_BLOCK).unwrap();
-                        }
-                    }
-                }
-                let seq = h.import_kv(&export).unwrap();
-                (h, seq)
-            }
-            None => (&mut e, pre.seq),
-        };
-        let mut logits = pre.logits;
-        for (i, top) in tops.iter().take(8).enumerate() {
-            let top: Vec<(u32, f32)> = top
-                .as_array()
-                .expect("top list")
-                .iter()
-                .map(|p| {
-                    (
-                        p[0].as_u64().expect("id") as u32,
-                        p[1].as_f64().expect("logit") as f32,
-                    )
-                })
-                .collect();
-            for &(id, l) in &top {
-                let err = (logits[id as usize] - l).abs();
-                r.sum_err += err;
-                r.max_err = r.max_err.max(err);
-            }
-            let mut ours: Vec<u32> = (0..logits.len() as u32).collect();
-            ours.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-            r.overlap += top.iter().filter(|(id, _)| ours[..5].contains(id)).count();
-            if top.len() >= 2 && top[0].1 - top[1].1 > 0.5 {
-                r.clear += 1;
-                if ours[0] == top[0].0 {
-                    r.clear_agree += 1;
-                }
-            }
-            r.steps += 1;
-            r.logits.push(logits.clone());
-            let Some(&next) = cont.get(i) else { break };
-            if i + 1 < tops.len().min(8) {
-                let s = d.decode_step(&[(seq, next)]).unwrap();
-                logits = d.backend().download(&s.tensor).unwrap();
-            }
-        }
-        d.release(seq).unwrap();
-    }
-    r
-}
-
-/// Max and mean |a − b| over every step's logits, and how often the argmax agrees.
-fn compare_runs(a: &FixtureRun, b: &FixtureRun) -> (f32, f32, usize) {
-    let (mut max, mut sum, mut n, mut agree) = (0f32, 0f64, 0usize, 0);
-    for (x, y) in a.logits.iter().zip(&b.logits) {
-        for (p, q) in x.iter().zip(y) {
-            max = max.max((p - q).abs());
-            sum += f64::from((p - q).abs());
-            n += 1;
-        }
-        if argmax(x) == argmax(y) {
-            agree += 1;
-        }
-    }
-    (max, (sum / n.max(1) as f64) as f32, agree)
+    common::run_fixture(&path, &|| engine(m, c.clone()), int8_wire, 8)
 }
 
 /// Greedy fixture from llama.cpp (node/tests/fixtures/smollm2_greedy.json, see its

@@ -5,6 +5,8 @@
 // usage: llama_fixtures MODEL.gguf INPUT.json > OUTPUT.json
 //   INPUT: {"tokenize": [{"text": "...", "parse_special": true}, ...],
 //           "greedy":   [{"prompt": "...", "parse_special": true, "n_predict": 16, "top_k": 5}, ...]}
+//   Every case may also say "add_special": true (BOS as the model's tokenizer adds it; Gemma);
+//   the default is false.
 #include "llama.h"
 #include <nlohmann/json.hpp>
 
@@ -17,10 +19,12 @@
 
 using json = nlohmann::ordered_json;
 
-static std::vector<llama_token> tokenize(const llama_vocab * vocab, const std::string & text, bool parse_special) {
-    int n = -llama_tokenize(vocab, text.data(), (int32_t) text.size(), nullptr, 0, false, parse_special);
+static std::vector<llama_token> tokenize(const llama_vocab * vocab, const std::string & text, bool add_special,
+                                         bool parse_special) {
+    int n = -llama_tokenize(vocab, text.data(), (int32_t) text.size(), nullptr, 0, add_special, parse_special);
     std::vector<llama_token> out(std::max(n, 0));
-    int m = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), false, parse_special);
+    int m = llama_tokenize(vocab, text.data(), (int32_t) text.size(), out.data(), (int32_t) out.size(), add_special,
+                           parse_special);
     if (m < 0) { fprintf(stderr, "tokenize failed\n"); exit(1); }
     out.resize(m);
     return out;
@@ -46,7 +50,11 @@ int main(int argc, char ** argv) {
     for (auto & t : input["tokenize"]) {
         std::string text = t["text"];
         bool ps = t.value("parse_special", true);
-        out["tokenize"].push_back({{"text", text}, {"parse_special", ps}, {"ids", tokenize(vocab, text, ps)}});
+        bool as = t.value("add_special", false);
+        json row = {{"text", text}, {"parse_special", ps}};
+        if (as) row["add_special"] = true;
+        row["ids"] = tokenize(vocab, text, as, ps);
+        out["tokenize"].push_back(row);
     }
     out["greedy"] = json::array();
     for (auto & g : input["greedy"]) {
@@ -60,7 +68,8 @@ int main(int argc, char ** argv) {
         cparams.n_threads = 2;
         cparams.n_threads_batch = 2;
         llama_context * ctx = llama_init_from_model(model, cparams);
-        std::vector<llama_token> ids = tokenize(vocab, prompt, ps);
+        bool as = g.value("add_special", false);
+        std::vector<llama_token> ids = tokenize(vocab, prompt, as, ps);
         std::vector<llama_token> cont;
         json steps = json::array();
         llama_batch batch = llama_batch_get_one(ids.data(), (int32_t) ids.size());

@@ -189,11 +189,18 @@ fn phi_kv(
         let t = time_prefill(&mut engine, n, reps)?;
         let kv_bytes = engine.layout().export_bytes(n);
         let gbps = kv_bytes as f64 * 8.0 / t.as_secs_f64() / 1e9;
+        // What the engine holds after this prefill (shared blocks + the sliding-window ring),
+        // measured from its block accounting, not computed.
+        let p = bench_prompt(n, engine.model().config().vocab_size, 77);
+        let out = engine.prefill(&p, &mut NullSink)?;
+        let held = engine.kv_bytes_used();
+        engine.release(out.seq)?;
         rows.push(json!({
             "tokens": n,
             "prefill_s": t.as_secs_f64(),
             "prefill_tok_s": n as f64 / t.as_secs_f64(),
             "kv_bytes": kv_bytes,
+            "kv_bytes_held": held,
             "phi_kv_gbps": gbps,
         }));
     }
@@ -205,10 +212,32 @@ fn phi_kv(
     }))
 }
 
+/// `loaded` with every sliding-window layer made global (same weights, dense KV), for models
+/// that have sliding-window layers; `None` otherwise.
+fn every_layer_global(loaded: &LoadedModel) -> Option<LoadedModel> {
+    use prfaas_node::engine::config::LayerKind;
+    if !loaded
+        .config
+        .layers
+        .iter()
+        .any(|l| matches!(l, LayerKind::Sliding { .. }))
+    {
+        return None;
+    }
+    let mut dense = loaded.clone();
+    for l in &mut dense.config.layers {
+        if matches!(l, LayerKind::Sliding { .. }) {
+            *l = LayerKind::Full;
+        }
+    }
+    dense.config.name = format!("{} (every layer global)", loaded.config.name);
+    Some(dense)
+}
+
 /// Runs `scripts/bench-llamacpp` when present and its build is already cached (building it takes
 /// ~8 minutes, which a benchmark run should not trigger silently). It prints one JSON object:
 /// `{"prefill_tok_s": {"128": x, ...}, "decode_tok_s": {"1": y, "16": z}, "batched_decode_tok_s": ...}`.
-fn llamacpp(model: &str) -> Option<Value> {
+fn llamacpp(model: &str, prefill_lengths: &[usize]) -> Option<Value> {
     let script = Path::new("scripts/bench-llamacpp");
     let cache = std::env::var("LLAMACPP_DIR").unwrap_or_else(|_| "target/llamacpp".into());
     if !script.exists() || !Path::new(&cache).join("build/bin/llama-bench").exists() {
@@ -220,6 +249,14 @@ fn llamacpp(model: &str) -> Option<Value> {
     let out = std::process::Command::new(script)
         .arg("--model")
         .arg(model)
+        .arg("--prompts")
+        .arg(
+            prefill_lengths
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
         .output()
         .ok()?;
     if !out.status.success() {
@@ -305,9 +342,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 args.phi_max_tokens,
                 1,
             )?);
+            // The paper's comparison on a hybrid model: the same weights with every layer
+            // global (dense KV), as if the model had no sliding windows.
+            if let Some(dense) = every_layer_global(&real) {
+                phi.push(phi_kv(
+                    &dense,
+                    args.backend,
+                    kv_dtype,
+                    &args.phi_lengths,
+                    args.phi_max_tokens,
+                    1,
+                )?);
+            }
             if !args.no_llamacpp {
-                if let Some(ll) = llamacpp(prfaas_node::engine::loader::resolve_alias(&args.model))
-                {
+                let model = prfaas_node::engine::loader::resolve_alias(&args.model);
+                if let Some(ll) = llamacpp(model, &args.prefill_lengths) {
                     report["ratios_vs_llamacpp"] = ratios(&report, &ll);
                     report["llamacpp"] = ll;
                 }
@@ -425,10 +474,11 @@ fn print_table(r: &Value) {
         for p in m["points"].as_array().into_iter().flatten() {
             match p["phi_kv_gbps"].as_f64() {
                 Some(g) => println!(
-                    "  {:>6} tokens: prefill {:>8.1} tok/s, KV {:>12} bytes, Φ_kv {:>8.3} Gbps",
+                    "  {:>6} tokens: prefill {:>8.1} tok/s, KV sent {:>12} bytes, held {:>12} bytes, Φ_kv {:>8.3} Gbps",
                     p["tokens"],
                     p["prefill_tok_s"].as_f64().unwrap_or(0.0),
                     p["kv_bytes"],
+                    p["kv_bytes_held"],
                     g
                 ),
                 None => println!(

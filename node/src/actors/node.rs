@@ -437,6 +437,8 @@ fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
             // (the planner gives up on the transfer at the same time).
             lease_ttl: cfg.policy.transfer_timeout,
             kv_dtype: e.kv_dtype,
+            window_ring: true,
+            ring_blocks: e.window_ring_tokens.map(|t| t.div_ceil(e.block_size)),
         },
     )?;
     // Seed the prefill-speed estimate with one measured prefill (bids and adverts need a number

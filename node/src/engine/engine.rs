@@ -7,6 +7,18 @@
 //! and, per state slot, one
 //! `[heads, value_dim, key_dim]` tensor per linear layer. Which ids are free, cached or in use is
 //! decided by [`KvStore`]; the engine only moves data.
+//!
+//! **Sliding-window ring.** In a model with sliding-window layers and no linear layers (Gemma 3:
+//! 5 sliding to 1 global), the sliding layers keep their KV in a second block space, the *ring*
+//! (its own [`KvStore`] and pools of [`EngineConfig::ring_blocks`] rows): a sequence holds ring
+//! blocks only from the first block any window still reads ([`KvLayout::transfer_rows`]: what an
+//! export sends; one block more so that a repeated prompt finds its window in the prefix cache)
+//! to its end, and frees the others after every prefill chunk and decode step: about
+//! `(window + prefill_chunk) / block_size + 3` ring blocks at most during a prefill and
+//! `window / block_size + 3` during decode, whatever the context. The prefix cache stays correct: a cached
+//! prefix is reused only up to a block boundary whose window blocks the ring still caches
+//! ([`KvStore::lookup_blocks`]). Models with linear layers keep every paged layer in the shared
+//! space (their prefix reuse is bound to exact-state snapshots already).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,8 +30,8 @@ use super::model::{Batch, Model, ModelError, PagedPool, SeqRows};
 use super::sampler::{FinishReason, Sampler, SamplingParams};
 use super::sink::{KvExport, KvPiece, KvSink, LayerKv, NullSink, SinkError};
 use crate::kv::{
-    BlockId, KvDType, KvError, KvLayout, KvLayoutError, KvStats, KvStore, KvStoreConfig,
-    LayerKvShape, LeaseId, StateSlot,
+    block_hashes, BlockId, KvDType, KvError, KvLayout, KvLayoutError, KvStats, KvStore,
+    KvStoreConfig, LayerKvShape, LeaseId, PrefixHit, StateSlot,
 };
 
 /// Errors of engine operations.
@@ -68,6 +80,12 @@ pub struct EngineConfig {
     /// Element type of the paged KV pools and of exported KV (f16 by default). Part of the
     /// layout hash: engines exchange KV only when they agree on it.
     pub kv_dtype: KvDType,
+    /// Keep sliding-window layers in a ring of their own blocks (see the module docs) when the
+    /// model allows it; `false` keeps every block of every layer (for comparisons).
+    pub window_ring: bool,
+    /// Blocks of the sliding-window ring's pools; `None`: `n_blocks`, so the ring is never the
+    /// tighter limit. Ignored without a ring.
+    pub ring_blocks: Option<usize>,
 }
 
 impl EngineConfig {
@@ -81,6 +99,8 @@ impl EngineConfig {
             prefix_cache: true,
             lease_ttl: Duration::from_secs(30),
             kv_dtype: KvDType::default(),
+            window_ring: true,
+            ring_blocks: None,
         }
     }
 }
@@ -95,6 +115,30 @@ struct Seq {
     tokens: Vec<u32>,
     blocks: Vec<BlockId>,
     state: Option<StateSlot>,
+    /// Ring blocks of the sliding-window layers by block index (engines with a ring); `None`
+    /// before the first block a window still reads.
+    window: Vec<Option<BlockId>>,
+}
+
+/// A ring's block table for the kernels. Blocks before the windows are no longer held, and the
+/// attention kernels never read them (a sliding window starts after them), so any valid id
+/// stands in for them.
+fn ring_table(window: &[Option<BlockId>]) -> Vec<u32> {
+    let fill = window.iter().flatten().next().map_or(0, |b| b.0);
+    window.iter().map(|b| b.map_or(fill, |b| b.0)).collect()
+}
+
+/// Flat slots of positions `rows` in a block table.
+fn slots_of(table: &[u32], rows: std::ops::Range<usize>, bs: usize) -> Vec<u32> {
+    rows.map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
+        .collect()
+}
+
+/// One sequence's block tables: the shared one and, with a ring, the ring's.
+#[derive(Clone, Copy)]
+struct Tables<'a> {
+    shared: &'a [u32],
+    ring: Option<&'a [u32]>,
 }
 
 /// Result of a prefill.
@@ -134,6 +178,10 @@ pub struct Engine {
     layout: KvLayout,
     layout_hash: [u8; 32],
     store: KvStore,
+    /// The sliding-window layers' own block space (see the module docs).
+    ring: Option<KvStore>,
+    /// Per layer: whether its KV lives in `ring`.
+    in_ring: Vec<bool>,
     pools: Vec<Option<PagedPool>>,
     /// `state_tensors[slot][i]`: state of the `i`-th linear layer for that slot.
     state_tensors: Vec<Vec<Tensor>>,
@@ -152,6 +200,25 @@ struct PendingImport {
     /// Per layer, which of its blocks (paged) or whether its state (one entry) was written.
     /// Pieces may come in any order but never twice.
     written: Vec<Vec<bool>>,
+    /// The ring's lease, for engines with a ring.
+    ring: Option<RingLease>,
+}
+
+/// Ring blocks leased for an import: blocks `from..` of the sequence.
+#[derive(Debug)]
+struct RingLease {
+    id: LeaseId,
+    from: usize,
+    blocks: Vec<BlockId>,
+}
+
+impl RingLease {
+    /// The sequence's ring blocks by block index (see [`Seq::window`]).
+    fn window(&self) -> Vec<Option<BlockId>> {
+        let mut w = vec![None; self.from];
+        w.extend(self.blocks.iter().copied().map(Some));
+        w
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -180,22 +247,59 @@ impl Engine {
         } else {
             0
         };
-        let store = KvStore::new(KvStoreConfig::for_layout(
-            &layout,
-            config.n_blocks,
-            n_state_slots,
-            config.lease_ttl,
-        ))?;
+        let sliding: Vec<bool> = layout
+            .layers
+            .iter()
+            .map(|l| {
+                matches!(
+                    l,
+                    LayerKvShape::Paged {
+                        window: Some(_),
+                        ..
+                    }
+                )
+            })
+            .collect();
+        let with_ring = config.window_ring && !layout.has_state() && sliding.contains(&true);
+        let in_ring = if with_ring {
+            sliding
+        } else {
+            vec![false; layout.layers.len()]
+        };
+        let bytes_of = |ring: bool| -> u64 {
+            (0..layout.layers.len())
+                .filter(|&l| layout.layers[l].is_paged() && in_ring[l] == ring)
+                .map(|l| layout.block_bytes(l) as u64)
+                .sum()
+        };
+        let store = KvStore::new(KvStoreConfig {
+            block_bytes: bytes_of(false),
+            ..KvStoreConfig::for_layout(&layout, config.n_blocks, n_state_slots, config.lease_ttl)
+        })?;
+        let ring_rows = config.ring_blocks.unwrap_or(config.n_blocks);
+        let ring = with_ring
+            .then(|| {
+                KvStore::new(KvStoreConfig {
+                    block_bytes: bytes_of(true),
+                    ..KvStoreConfig::for_layout(&layout, ring_rows, 0, config.lease_ttl)
+                })
+            })
+            .transpose()?;
         let mut pools = Vec::with_capacity(layout.layers.len());
         let mut state_shapes = Vec::new();
-        for shape in &layout.layers {
+        for (l, shape) in layout.layers.iter().enumerate() {
             match *shape {
                 LayerKvShape::Paged {
                     n_kv_heads,
                     head_dim,
                     ..
                 } => {
-                    let dims = [config.n_blocks, config.block_size, n_kv_heads, head_dim];
+                    let rows = if in_ring[l] {
+                        ring_rows
+                    } else {
+                        config.n_blocks
+                    };
+                    let dims = [rows, config.block_size, n_kv_heads, head_dim];
                     let dtype = layout.dtype.kernel_dtype();
                     pools.push(Some(PagedPool {
                         k: backend.zeros_dtype(&dims, dtype)?,
@@ -228,6 +332,8 @@ impl Engine {
             layout,
             layout_hash,
             store,
+            ring,
+            in_ring,
             pools,
             state_tensors,
             seqs: HashMap::new(),
@@ -252,8 +358,17 @@ impl Engine {
     pub fn layout_hash(&self) -> [u8; 32] {
         self.layout_hash
     }
+    /// Block accounting of the shared block space (every paged layer but the ring's).
     pub fn kv_stats(&self) -> KvStats {
         self.store.stats()
+    }
+    /// Block accounting of the sliding-window ring, for engines that keep one.
+    pub fn ring_kv_stats(&self) -> Option<KvStats> {
+        self.ring.as_ref().map(KvStore::stats)
+    }
+    /// Bytes of KV held for all sequences, cached prefixes and leases (both block spaces).
+    pub fn kv_bytes_used(&self) -> u64 {
+        self.store.stats().bytes_used + self.ring_kv_stats().map_or(0, |r| r.bytes_used)
     }
     /// The block bookkeeping (leases for incoming transfers are taken here by the node).
     pub fn kv_store_mut(&mut self) -> &mut KvStore {
@@ -269,6 +384,106 @@ impl Engine {
 
     fn seq(&self, id: SeqId) -> Result<&Seq, EngineError> {
         self.seqs.get(&id).ok_or(EngineError::UnknownSeq(id))
+    }
+
+    /// The first ring block a sequence of `n` tokens still needs: the earliest block a sliding
+    /// layer exports ([`KvLayout::transfer_rows`]), at or before what the next token's window
+    /// reads (`n + 1 - window`).
+    fn ring_start(&self, n: usize) -> usize {
+        (0..self.layout.layers.len())
+            .filter(|&l| self.in_ring[l])
+            .map(|l| self.layout.transfer_rows(l, n).start / self.layout.block_size)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Gives sequence `id` ring blocks up to the block holding token `n - 1`.
+    fn grow_ring(&mut self, id: SeqId, n: usize) -> Result<(), EngineError> {
+        let need = self.layout.blocks_for_tokens(n);
+        let have = self.seq(id)?.window.len();
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok(());
+        };
+        if need > have {
+            let new = ring.allocate(need - have)?;
+            let s = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSeq(id))?;
+            s.window.extend(new.into_iter().map(Some));
+        }
+        Ok(())
+    }
+
+    /// Frees the ring blocks of sequence `id` that no window of an `n`-token sequence reads, nor
+    /// the window of its last full-block prefix before token `n - 1` (what a prefix-cache lookup
+    /// of the same prompt finds: it looks up all but the last token).
+    fn trim_ring(&mut self, id: SeqId, n: usize) -> Result<(), EngineError> {
+        if self.ring.is_none() {
+            return Ok(());
+        }
+        let bs = self.layout.block_size;
+        let start = self.ring_start(n.saturating_sub(1) / bs * bs);
+        let s = self.seqs.get_mut(&id).ok_or(EngineError::UnknownSeq(id))?;
+        let out: Vec<BlockId> = s
+            .window
+            .iter_mut()
+            .take(start)
+            .filter_map(Option::take)
+            .collect();
+        if let (Some(ring), false) = (self.ring.as_mut(), out.is_empty()) {
+            ring.release(&out)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts a prefix-cache `hit` on `tokens` back to the longest block boundary whose sliding
+    /// windows the ring also caches (a sliding layer's KV of a prefix is reusable only with the
+    /// window before the prefix's end), releasing the shared blocks cut off; returns the ring
+    /// blocks retained for it.
+    fn ring_prefix(
+        &mut self,
+        tokens: &[u32],
+        hit: &mut PrefixHit,
+        now: Instant,
+    ) -> Result<Vec<Option<BlockId>>, EngineError> {
+        let bs = self.layout.block_size;
+        let hashes = block_hashes(&tokens[..hit.blocks.len() * bs], bs);
+        let mut found = (0, Vec::new());
+        for k in (1..=hit.blocks.len()).rev() {
+            let from = self.ring_start(k * bs);
+            let Some(ring) = self.ring.as_mut() else {
+                break;
+            };
+            if let Some(b) = ring.lookup_blocks(&hashes[from..k], now) {
+                let mut w = vec![None; from];
+                w.extend(b.into_iter().map(Some));
+                found = (k, w);
+                break;
+            }
+        }
+        let cut = hit.blocks.split_off(found.0);
+        self.store.release(&cut)?;
+        hit.n_tokens = found.0 * bs;
+        Ok(found.1)
+    }
+
+    /// Registers the full ring blocks in `window` (a sequence of `tokens`) in the ring's prefix
+    /// cache, once the shared blocks of the same prefix were cached.
+    fn cache_ring(&mut self, tokens: &[u32], window: &[Option<BlockId>], now: Instant) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        let bs = self.layout.block_size;
+        let hashes = block_hashes(tokens, bs);
+        let (mut hs, mut bl) = (Vec::new(), Vec::new());
+        for (h, b) in hashes.iter().zip(window) {
+            if let Some(b) = b {
+                hs.push(*h);
+                bl.push(*b);
+            }
+        }
+        if let Err(e) = ring.register_blocks(&hs, &bl, now) {
+            // Caching is an optimisation: a refusal must not fail the request.
+            tracing::warn!(error = %e, "ring prefix cache insert refused");
+        }
     }
 
     fn new_seq_id(&mut self) -> SeqId {
@@ -323,6 +538,10 @@ impl Engine {
     pub fn release(&mut self, seq: SeqId) -> Result<(), EngineError> {
         let s = self.seqs.remove(&seq).ok_or(EngineError::UnknownSeq(seq))?;
         self.store.release(&s.blocks)?;
+        let window: Vec<BlockId> = s.window.iter().flatten().copied().collect();
+        if let (Some(ring), false) = (self.ring.as_mut(), window.is_empty()) {
+            ring.release(&window)?;
+        }
         if let Some(slot) = s.state {
             self.store.release_state(slot)?;
         }
@@ -345,15 +564,21 @@ impl Engine {
         let now = Instant::now();
         let n = tokens.len();
         let hybrid = self.layout.has_state();
-        let hit = if self.config.prefix_cache {
+        let mut hit = if self.config.prefix_cache {
             self.store.lookup_prefix(&tokens[..n - 1], now)
         } else {
             Default::default()
+        };
+        let window = if self.ring.is_some() && hit.n_tokens > 0 {
+            self.ring_prefix(tokens, &mut hit, now)?
+        } else {
+            Vec::new()
         };
         let mut seq = Seq {
             tokens: tokens[..hit.n_tokens].to_vec(),
             blocks: hit.blocks,
             state: None,
+            window,
         };
         // From here on `seq` holds references: register it first so that `release` cleans up on
         // any error below.
@@ -442,6 +667,7 @@ impl Engine {
         };
         let mut snapshot = None;
         let run = self.run_chunks(
+            id,
             tokens,
             &bounds,
             &blocks,
@@ -465,6 +691,7 @@ impl Engine {
         if self.config.prefix_cache {
             let seq_blocks = seq.blocks.clone();
             let cache_len = if hybrid { snap_at } else { n };
+            let window = seq.window.clone();
             if !hybrid || snapshot.is_some() {
                 if let Err(e) =
                     self.store
@@ -475,6 +702,8 @@ impl Engine {
                     if let Some(s) = snapshot {
                         let _ = self.store.release_state(s);
                     }
+                } else {
+                    self.cache_ring(&tokens[..cache_len], &window, now);
                 }
             }
         }
@@ -487,6 +716,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn run_chunks(
         &mut self,
+        id: SeqId,
         tokens: &[u32],
         bounds: &[(usize, usize)],
         blocks: &[u32],
@@ -504,22 +734,39 @@ impl Engine {
         let mut sent: Vec<usize> = (0..self.layout.layers.len())
             .map(|l| self.layout.transfer_rows(l, n).start)
             .collect();
+        let with_ring = self.ring.is_some();
         if wants {
             // The cached prefix is ready before any compute: send it first.
             let ready = bounds.first().map_or(0, |&(a, _)| a / bs * bs);
+            let ring = with_ring.then(|| self.seq(id).map(|s| ring_table(&s.window)));
+            let ring = ring.transpose()?;
+            let tables = Tables {
+                shared: blocks,
+                ring: ring.as_deref(),
+            };
             for layer in 0..self.layout.layers.len() {
-                self.send_rows(layer, ready, n, blocks, states, &mut sent, sink)?;
+                self.send_rows(layer, ready, n, tables, states, &mut sent, sink)?;
             }
         }
         let mut logits = None;
         for (ci, &(a, b)) in bounds.iter().enumerate() {
             let last = ci + 1 == bounds.len();
             let positions: Vec<u32> = (a as u32..b as u32).collect();
-            let slots: Vec<u32> = (a..b)
-                .map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
-                .collect();
+            let slots = slots_of(blocks, a..b, bs);
+            let ring = if with_ring {
+                self.grow_ring(id, b)?;
+                Some(ring_table(&self.seq(id)?.window))
+            } else {
+                None
+            };
+            let ring_slots = ring.as_deref().map(|t| slots_of(t, a..b, bs));
+            let tables = Tables {
+                shared: blocks,
+                ring: ring.as_deref(),
+            };
             let rows = [SeqRows {
                 block_table: blocks,
+                window_table: ring.as_deref(),
                 n_past: a,
                 n_new: b - a,
                 states,
@@ -528,15 +775,16 @@ impl Engine {
                 tokens: &tokens[a..b],
                 positions: &positions,
                 slots: &slots,
+                window_slots: ring_slots.as_deref(),
                 seqs: &rows,
             };
             let ready = if last { n } else { b / bs * bs };
             let this = &*self;
             let mut hook = |layer: usize| -> Result<(), EngineError> {
                 if this.layout.layers[layer].is_paged() {
-                    this.send_rows(layer, ready, n, blocks, states, &mut sent, sink)
+                    this.send_rows(layer, ready, n, tables, states, &mut sent, sink)
                 } else if last {
-                    let kv = this.export_rows(layer, blocks, 0..n, states)?;
+                    let kv = this.export_rows(layer, tables, 0..n, states)?;
                     sink.piece(KvPiece {
                         layer,
                         tokens: 0..n,
@@ -556,6 +804,8 @@ impl Engine {
             if last {
                 logits = Some(self.backend.download(&out)?);
             }
+            // Rows a window no longer reads were sent above (they are before `sent`).
+            self.trim_ring(id, b)?;
             if let (Some(src), true) = (state, snap_at == Some(b)) {
                 // No free slot just means this prefix's state is not cached.
                 if let Ok(dst) = self.store.allocate_state() {
@@ -575,7 +825,7 @@ impl Engine {
         layer: usize,
         ready: usize,
         n: usize,
-        blocks: &[u32],
+        tables: Tables<'_>,
         states: &[Tensor],
         sent: &mut [usize],
         sink: &mut dyn KvSink,
@@ -584,7 +834,7 @@ impl Engine {
             return Ok(());
         }
         let rows = sent[layer]..ready.min(n);
-        let kv = self.export_rows(layer, blocks, rows.clone(), states)?;
+        let kv = self.export_rows(layer, tables, rows.clone(), states)?;
         sent[layer] = rows.end;
         sink.piece(KvPiece {
             layer,
@@ -599,10 +849,17 @@ impl Engine {
     fn export_rows(
         &self,
         layer: usize,
-        blocks: &[u32],
+        tables: Tables<'_>,
         rows: std::ops::Range<usize>,
         states: &[Tensor],
     ) -> Result<LayerKv, EngineError> {
+        let blocks = if self.in_ring[layer] {
+            tables.ring.ok_or_else(|| {
+                EngineError::Request(format!("layer {layer}: no ring block table"))
+            })?
+        } else {
+            tables.shared
+        };
         match (&self.pools[layer], self.layout.layers[layer]) {
             (
                 Some(pool),
@@ -654,8 +911,13 @@ impl Engine {
             None => Vec::new(),
         };
         let n = s.tokens.len();
+        let ring = self.ring.is_some().then(|| ring_table(&s.window));
+        let tables = Tables {
+            shared: &blocks,
+            ring: ring.as_deref(),
+        };
         let layers = (0..self.layout.layers.len())
-            .map(|l| self.export_rows(l, &blocks, self.layout.transfer_rows(l, n), &states))
+            .map(|l| self.export_rows(l, tables, self.layout.transfer_rows(l, n), &states))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(KvExport {
             layout: self.layout.clone(),
@@ -763,7 +1025,24 @@ impl Engine {
     pub fn begin_import(&mut self, tokens: Vec<u32>, now: Instant) -> Result<LeaseId, EngineError> {
         self.check_tokens(&tokens)?;
         let n_blocks = self.layout.blocks_for_tokens(tokens.len());
+        let from = self.ring_start(tokens.len());
         let lease = self.store.lease(n_blocks, self.layout.has_state(), now)?;
+        let ring = match self
+            .ring
+            .as_mut()
+            .map(|r| r.lease(n_blocks - from, false, now))
+        {
+            None => None,
+            Some(Ok(l)) => Some(RingLease {
+                id: l.id,
+                from,
+                blocks: l.blocks,
+            }),
+            Some(Err(e)) => {
+                let _ = self.store.cancel(lease.id);
+                return Err(e.into());
+            }
+        };
         let written = self
             .layout
             .layers
@@ -777,6 +1056,7 @@ impl Engine {
                 blocks: lease.blocks,
                 state: lease.state,
                 written,
+                ring,
             },
         );
         Ok(lease.id)
@@ -820,7 +1100,23 @@ impl Engine {
         }
         match (&piece.kv, &self.pools[layer]) {
             (LayerKv::Paged { k, v }, Some(pool)) => {
-                let idx: Vec<u32> = p.blocks[marks.clone()].iter().map(|b| b.0).collect();
+                let ids = match (&p.ring, self.in_ring[layer]) {
+                    (Some(r), true) => marks
+                        .start
+                        .checked_sub(r.from)
+                        .and_then(|a| r.blocks.get(a..marks.end - r.from)),
+                    _ => p.blocks.get(marks.clone()),
+                };
+                let idx: Vec<u32> = ids
+                    .ok_or_else(|| {
+                        EngineError::Incompatible(format!(
+                            "piece of layer {layer}, rows {:?}: no leased blocks there",
+                            piece.tokens
+                        ))
+                    })?
+                    .iter()
+                    .map(|b| b.0)
+                    .collect();
                 // Whole blocks: the tail of a last, partly filled block is zero.
                 let whole = idx.len() * bs * (k.len() / piece.tokens.len());
                 let pad = |x: &[f32]| {
@@ -852,6 +1148,9 @@ impl Engine {
             }
         }
         self.store.extend_lease(id, now)?;
+        if let (Some(r), Some(ring)) = (&p.ring, self.ring.as_mut()) {
+            ring.extend_lease(r.id, now)?;
+        }
         if let Some(p) = self.imports.get_mut(&id) {
             p.written[layer][marks].iter_mut().for_each(|w| *w = true);
         }
@@ -865,18 +1164,41 @@ impl Engine {
         let p = self.imports.remove(&id).ok_or(KvError::UnknownLease(id))?;
         let n = p.tokens.len();
         if let Some(layer) = self.missing_layer(&p) {
-            let _ = self.store.cancel(id);
+            self.cancel_leases(id, &p);
             return Err(EngineError::Incompatible(format!(
                 "import finished with KV of layer {layer} missing"
             )));
         }
-        let (blocks, state) = self.store.commit(id)?;
-        if self.config.prefix_cache && !self.layout.has_state() && !self.layout.trims(n) {
-            if let Err(e) = self
-                .store
-                .insert_prefix(&p.tokens, &blocks, None, Instant::now())
-            {
+        let window = match (&p.ring, self.ring.as_mut()) {
+            (Some(r), Some(ring)) => match ring.commit(r.id) {
+                Ok(_) => r.window(),
+                Err(e) => {
+                    let _ = self.store.cancel(id);
+                    return Err(e.into());
+                }
+            },
+            _ => Vec::new(),
+        };
+        let (blocks, state) = match self.store.commit(id) {
+            Ok(c) => c,
+            Err(e) => {
+                let held: Vec<BlockId> = window.iter().flatten().copied().collect();
+                if let Some(ring) = self.ring.as_mut() {
+                    let _ = ring.release(&held);
+                }
+                return Err(e.into());
+            }
+        };
+        // With a ring the shared blocks hold only full-attention layers (complete) and the ring
+        // the windows: a trimmed import is cacheable. Without one, the blocks before a window
+        // were never written for the sliding layers.
+        let complete = self.ring.is_some() || !self.layout.trims(n);
+        if self.config.prefix_cache && !self.layout.has_state() && complete {
+            let now = Instant::now();
+            if let Err(e) = self.store.insert_prefix(&p.tokens, &blocks, None, now) {
                 tracing::warn!(error = %e, "prefix cache insert of imported KV refused");
+            } else {
+                self.cache_ring(&p.tokens, &window, now);
             }
         }
         let seq = self.new_seq_id();
@@ -886,6 +1208,7 @@ impl Engine {
                 tokens: p.tokens,
                 blocks,
                 state,
+                window,
             },
         );
         Ok(seq)
@@ -908,16 +1231,38 @@ impl Engine {
 
     /// Abandons import `id` and frees its blocks (unknown or expired ids are ignored).
     pub fn cancel_import(&mut self, id: LeaseId) {
-        if self.imports.remove(&id).is_some() {
-            let _ = self.store.cancel(id);
+        if let Some(p) = self.imports.remove(&id) {
+            self.cancel_leases(id, &p);
+        }
+    }
+
+    /// Frees the shared and ring leases of import `id` (either may have expired already).
+    fn cancel_leases(&mut self, id: LeaseId, p: &PendingImport) {
+        let _ = self.store.cancel(id);
+        if let (Some(r), Some(ring)) = (&p.ring, self.ring.as_mut()) {
+            let _ = ring.cancel(r.id);
         }
     }
 
     /// Frees imports whose lease ran out (a sender that went silent); returns their ids.
     pub fn expire_imports(&mut self, now: Instant) -> Vec<LeaseId> {
-        let expired = self.store.expire(now);
+        let mut expired = self.store.expire(now);
+        // Both leases are extended together, so they run out together; an import is gone as
+        // soon as either is.
+        let ring_gone = self
+            .ring
+            .as_mut()
+            .map(|r| r.expire(now))
+            .unwrap_or_default();
+        for (id, p) in &self.imports {
+            if p.ring.as_ref().is_some_and(|r| ring_gone.contains(&r.id)) && !expired.contains(id) {
+                expired.push(*id);
+            }
+        }
         for id in &expired {
-            self.imports.remove(id);
+            if let Some(p) = self.imports.remove(id) {
+                self.cancel_leases(*id, &p);
+            }
         }
         expired
     }
@@ -968,11 +1313,15 @@ impl Engine {
                     s.blocks.extend(b);
                 }
             }
+            let len = self.seq(id)?.tokens.len();
+            self.grow_ring(id, len + 1)?;
         }
         let mut tokens = Vec::with_capacity(batch.len());
         let mut positions = Vec::with_capacity(batch.len());
         let mut slots = Vec::with_capacity(batch.len());
         let mut tables: Vec<Vec<u32>> = Vec::with_capacity(batch.len());
+        let mut ring_tables: Vec<Vec<u32>> = Vec::with_capacity(batch.len());
+        let mut ring_slots = Vec::with_capacity(batch.len());
         let mut states: Vec<Vec<Tensor>> = Vec::with_capacity(batch.len());
         for &(id, tok) in batch {
             let s = self.seq(id)?;
@@ -981,6 +1330,11 @@ impl Engine {
             positions.push(p as u32);
             slots.push(s.blocks[p / bs].0 * bs as u32 + (p % bs) as u32);
             tables.push(s.blocks.iter().map(|b| b.0).collect());
+            if self.ring.is_some() {
+                let t = ring_table(&s.window);
+                ring_slots.extend(slots_of(&t, p..p + 1, bs));
+                ring_tables.push(t);
+            }
             states.push(match s.state {
                 Some(slot) => self.state_slot(slot)?.to_vec(),
                 None => Vec::new(),
@@ -991,6 +1345,7 @@ impl Engine {
             .enumerate()
             .map(|(i, _)| SeqRows {
                 block_table: &tables[i],
+                window_table: ring_tables.get(i).map(Vec::as_slice),
                 n_past: positions[i] as usize,
                 n_new: 1,
                 states: &states[i],
@@ -1000,6 +1355,7 @@ impl Engine {
             tokens: &tokens,
             positions: &positions,
             slots: &slots,
+            window_slots: self.ring.is_some().then_some(ring_slots.as_slice()),
             seqs: &rows,
         };
         let all: Vec<u32> = (0..batch.len() as u32).collect();
@@ -1007,9 +1363,14 @@ impl Engine {
             .model
             .forward::<EngineError>(&self.pools, &fb, &all, None)?;
         for &(id, tok) in batch {
-            if let Some(s) = self.seqs.get_mut(&id) {
-                s.tokens.push(tok);
-            }
+            let len = match self.seqs.get_mut(&id) {
+                Some(s) => {
+                    s.tokens.push(tok);
+                    s.tokens.len()
+                }
+                None => continue,
+            };
+            self.trim_ring(id, len)?;
         }
         Ok(StepLogits {
             tensor: out,

@@ -83,6 +83,9 @@ pub struct PagedPool {
 pub struct SeqRows<'a> {
     /// Block ids of the sequence, in token order, covering `0..n_past + n_new`.
     pub block_table: &'a [u32],
+    /// The sequence's blocks in the sliding-window ring (see [`Batch::window_slots`]), in token
+    /// order; entries before the window may be any valid id (never read).
+    pub window_table: Option<&'a [u32]>,
     pub n_past: usize,
     pub n_new: usize,
     /// The sequence's recurrent state per linear layer, in layer order (`[heads, dv, dk]` each).
@@ -97,6 +100,10 @@ pub struct Batch<'a> {
     pub positions: &'a [u32],
     /// Flat KV slot (`block · block_size + offset`) of each row in the paged pools.
     pub slots: &'a [u32],
+    /// When the engine keeps sliding-window layers in a ring of their own blocks: each row's
+    /// slot there. Sliding-window layers then write `window_slots` and read each sequence's
+    /// `window_table`; full-attention layers always use `slots` / `block_table`.
+    pub window_slots: Option<&'a [u32]>,
     pub seqs: &'a [SeqRows<'a>],
 }
 
@@ -428,6 +435,24 @@ impl Model {
                 n_new: s.n_new,
             })
             .collect();
+        if batch.window_slots.is_some_and(|w| w.len() != n)
+            || (batch.window_slots.is_some() && batch.seqs.iter().any(|s| s.window_table.is_none()))
+        {
+            return Err(ModelError::Batch(
+                "window slots need one entry per row and a window table per sequence".into(),
+            )
+            .into());
+        }
+        let window_seqs: Vec<AttnSeq<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| AttnSeq {
+                block_table: s.window_table.unwrap_or(s.block_table),
+                n_past: s.n_past,
+                n_new: s.n_new,
+            })
+            .collect();
+        let seq_tables = [&attn_seqs[..], &window_seqs[..]];
 
         // The layers run on the backend's workers (`Backend::run`): all in one call without a
         // hook, else one call from the ffn half of layer l-1 to the token mixer of layer l, so
@@ -457,7 +482,7 @@ impl Model {
                         x = self.ffn(&self.layers[li - 1], x)?;
                     }
                     x = if li < n_layers {
-                        self.mixer(li, x, pools, batch, &attn_seqs, &mut linear_idx)?
+                        self.mixer(li, x, pools, batch, seq_tables, &mut linear_idx)?
                     } else {
                         self.logits(x, logit_rows)?
                     };
@@ -481,7 +506,7 @@ impl Model {
         x: Tensor,
         pools: &[Option<PagedPool>],
         batch: &Batch<'_>,
-        attn_seqs: &[AttnSeq<'_>],
+        [attn_seqs, window_seqs]: [&[AttnSeq<'_>]; 2],
         linear_idx: &mut usize,
     ) -> Result<Tensor, ModelError> {
         let be = &*self.backend;
@@ -531,7 +556,12 @@ impl Model {
                 let v = proj(v, bv, c.n_kv_heads)?;
                 let q = be.rope(&q, batch.positions, *rope_base, c.rope_style)?;
                 let k = be.rope(&k, batch.positions, *rope_base, c.rope_style)?;
-                be.kv_write(&pool.k, &pool.v, &k, &v, batch.slots)?;
+                // Sliding-window layers live in the engine's ring when it keeps one.
+                let (slots, seqs) = match (window, batch.window_slots) {
+                    (Some(_), Some(ws)) => (ws, window_seqs),
+                    _ => (batch.slots, attn_seqs),
+                };
+                be.kv_write(&pool.k, &pool.v, &k, &v, slots)?;
                 let params = AttnParams {
                     n_heads: c.n_heads,
                     n_kv_heads: c.n_kv_heads,
@@ -542,7 +572,7 @@ impl Model {
                         .unwrap_or(1.0 / (c.head_dim as f32).sqrt()),
                     window: *window,
                 };
-                let att = be.attention(&q, &pool.k, &pool.v, attn_seqs, &params)?;
+                let att = be.attention(&q, &pool.k, &pool.v, seqs, &params)?;
                 be.matmul(&att, wo)?
             }
             DevMixer::Linear {

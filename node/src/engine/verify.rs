@@ -108,6 +108,14 @@ pub fn relative_error(computed: &[f32], received: &[f32]) -> f32 {
 }
 
 /// Elements of one token's K (or V) row in a paged layer (0 for state layers).
+/// Layer's block table: the ring's for a layer kept there, else the shared one.
+fn table_for<'a>(ring: Option<&'a [u32]>, shared: &'a [u32], in_ring: bool) -> &'a [u32] {
+    match (ring, in_ring) {
+        (Some(r), true) => r,
+        _ => shared,
+    }
+}
+
 fn paged_row(shape: &LayerKvShape) -> usize {
     match *shape {
         LayerKvShape::Paged {
@@ -161,6 +169,8 @@ impl Engine {
             p.blocks.iter().map(|b| b.0).collect::<Vec<u32>>(),
             p.state,
         );
+        // Sliding-window layers of an engine with a ring read and write their own blocks.
+        let ring = p.ring.as_ref().map(|r| ring_table(&r.window()));
         let n = tokens.len();
         if n == 0 {
             return Err(EngineError::Request("nothing imported to verify".into()));
@@ -198,17 +208,24 @@ impl Engine {
             .into_iter()
             .map(|q| q + lo)
             .collect();
-        let mut check_blocks: Vec<u32> = positions.iter().map(|q| blocks[q / bs]).collect();
-        check_blocks.dedup();
+        let in_ring = self.in_ring.clone();
+        let table_of = |l: usize| table_for(ring.as_deref(), &blocks, in_ring[l]);
+        let check_of = |table: &[u32]| -> Vec<u32> {
+            let mut c: Vec<u32> = positions.iter().map(|q| table[q / bs]).collect();
+            c.dedup();
+            c
+        };
         let mut received: Vec<Option<(Vec<f32>, Vec<f32>)>> = Vec::new();
         for (l, pool) in self.pools.iter().enumerate() {
             let Some(pool) = pool else {
                 received.push(None);
                 continue;
             };
+            let blocks = table_of(l);
+            let check_blocks = check_of(blocks);
             let row = paged_row(&self.layout.layers[l]);
-            let k = self.backend.gather_blocks(&pool.k, &blocks)?;
-            let v = self.backend.gather_blocks(&pool.v, &blocks)?;
+            let k = self.backend.gather_blocks(&pool.k, blocks)?;
+            let v = self.backend.gather_blocks(&pool.v, blocks)?;
             let sent = self.layout.transfer_rows(l, n);
             let sent = sent.start * row..sent.end * row;
             if k[sent.clone()]
@@ -242,16 +259,21 @@ impl Engine {
         }
         // One forward pass: each checked position is a one-token "sequence" over the received
         // block table, writing its K/V into its own slot (restored below).
-        let slots: Vec<u32> = positions
-            .iter()
-            .map(|&q| blocks[q / bs] * bs as u32 + (q % bs) as u32)
-            .collect();
+        let slots_in = |table: &[u32]| -> Vec<u32> {
+            positions
+                .iter()
+                .map(|&q| table[q / bs] * bs as u32 + (q % bs) as u32)
+                .collect()
+        };
+        let slots = slots_in(&blocks);
+        let ring_slots = ring.as_deref().map(slots_in);
         let toks: Vec<u32> = positions.iter().map(|&q| tokens[q]).collect();
         let pos: Vec<u32> = positions.iter().map(|&q| q as u32).collect();
         let rows: Vec<SeqRows<'_>> = positions
             .iter()
             .map(|&q| SeqRows {
                 block_table: &blocks,
+                window_table: ring.as_deref(),
                 n_past: q,
                 n_new: 1,
                 states: &[],
@@ -261,6 +283,7 @@ impl Engine {
             tokens: &toks,
             positions: &pos,
             slots: &slots,
+            window_slots: ring_slots.as_deref(),
             seqs: &rows,
         };
         let last_row = (positions.len() - 1) as u32;
@@ -273,6 +296,8 @@ impl Engine {
             let (Some((rk, rv)), Some(pool)) = (saved, &self.pools[l]) else {
                 continue;
             };
+            let blocks = table_of(l);
+            let check_blocks = check_of(blocks);
             if compared.is_ok() && out.is_ok() {
                 let row = paged_row(&self.layout.layers[l]);
                 compared = self

@@ -437,22 +437,7 @@ impl KvStore {
         let blocks = &blocks[..n_full];
         let hashes = block_hashes(tokens, bs);
         // Validate everything before changing anything.
-        let mut seen = std::collections::HashSet::with_capacity(n_full);
-        for (b, h) in blocks.iter().zip(&hashes) {
-            if !seen.insert(*b) {
-                return Err(KvError::DuplicateBlock(*b));
-            }
-            match self.blocks.state(b.0) {
-                None => return Err(KvError::InvalidBlock(*b)),
-                Some(BlockState::InUse { .. }) => {}
-                Some(_) => return Err(KvError::BlockNotHeld(*b)),
-            }
-            if let Some(k) = self.blocks.key_of(b.0) {
-                if k != *h {
-                    return Err(KvError::BlockHashConflict(*b));
-                }
-            }
-        }
+        self.check_registrable(&hashes, blocks)?;
         if let Some(s) = state {
             match self.states.state(s.0) {
                 None => return Err(KvError::InvalidStateSlot(s)),
@@ -470,18 +455,10 @@ impl KvStore {
             }
         }
 
-        let mut out = PrefixInsert::default();
-        // Deepest first, as in `lookup_prefix`.
-        for (b, h) in blocks.iter().zip(&hashes).rev() {
-            match self.blocks.lookup(h) {
-                Some(existing) => self.blocks.touch(existing, now),
-                None => {
-                    self.blocks.register(b.0, *h);
-                    self.blocks.touch(b.0, now);
-                    out.blocks_cached += 1;
-                }
-            }
-        }
+        let mut out = PrefixInsert {
+            blocks_cached: self.register_checked(&hashes, blocks, now),
+            ..PrefixInsert::default()
+        };
         if let (Some(s), Some(h)) = (state, hashes.last()) {
             match self.states.lookup(h) {
                 Some(existing) => self.states.touch(existing, now),
@@ -495,6 +472,86 @@ impl KvStore {
             self.states.release_one(s.0);
         }
         Ok(out)
+    }
+
+    /// Registers held, full `blocks` under `hashes` (pairwise: `blocks[i]` holds the block whose
+    /// chained hash is `hashes[i]`) without the blocks of the prefix before them: a sliding-window
+    /// ring keeps only the last blocks of a prefix (see [`KvStore::lookup_blocks`]). Returns how
+    /// many were newly registered; an equal block already cached elsewhere is left as it is.
+    pub fn register_blocks(
+        &mut self,
+        hashes: &[BlockHash],
+        blocks: &[BlockId],
+        now: Instant,
+    ) -> Result<usize, KvError> {
+        if blocks.len() != hashes.len() {
+            return Err(KvError::TooFewBlocks {
+                n_tokens: hashes.len() * self.config.block_size,
+                needed: hashes.len(),
+                got: blocks.len(),
+            });
+        }
+        self.check_registrable(hashes, blocks)?;
+        Ok(self.register_checked(hashes, blocks, now))
+    }
+
+    /// The blocks cached under every one of `hashes` (consecutive blocks of one prefix, such as
+    /// the sliding window before its end), retained for the caller; `None`, retaining nothing,
+    /// unless all of them are cached.
+    pub fn lookup_blocks(&mut self, hashes: &[BlockHash], now: Instant) -> Option<Vec<BlockId>> {
+        let found = hashes
+            .iter()
+            .map(|h| self.blocks.lookup(h))
+            .collect::<Option<Vec<u32>>>()?;
+        // Deepest touched first, as in `lookup_prefix`.
+        for &idx in found.iter().rev() {
+            self.blocks.retain_one(idx);
+            self.blocks.touch(idx, now);
+        }
+        Some(to_blocks(&found))
+    }
+
+    /// Checks that `blocks` may be registered under `hashes`: distinct, held, and not cached
+    /// under another hash.
+    fn check_registrable(&self, hashes: &[BlockHash], blocks: &[BlockId]) -> Result<(), KvError> {
+        let mut seen = std::collections::HashSet::with_capacity(blocks.len());
+        for (b, h) in blocks.iter().zip(hashes) {
+            if !seen.insert(*b) {
+                return Err(KvError::DuplicateBlock(*b));
+            }
+            match self.blocks.state(b.0) {
+                None => return Err(KvError::InvalidBlock(*b)),
+                Some(BlockState::InUse { .. }) => {}
+                Some(_) => return Err(KvError::BlockNotHeld(*b)),
+            }
+            if let Some(k) = self.blocks.key_of(b.0) {
+                if k != *h {
+                    return Err(KvError::BlockHashConflict(*b));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers checked blocks (deepest first, as in `lookup_prefix`); returns how many were new.
+    fn register_checked(
+        &mut self,
+        hashes: &[BlockHash],
+        blocks: &[BlockId],
+        now: Instant,
+    ) -> usize {
+        let mut new = 0;
+        for (b, h) in blocks.iter().zip(hashes).rev() {
+            match self.blocks.lookup(h) {
+                Some(existing) => self.blocks.touch(existing, now),
+                None => {
+                    self.blocks.register(b.0, *h);
+                    self.blocks.touch(b.0, now);
+                    new += 1;
+                }
+            }
+        }
+        new
     }
 
     // ---------------------------------------------------------------- leases
