@@ -40,6 +40,13 @@ pub struct PeerLabel {
     pub peer: String,
 }
 
+/// Per-peer settlement label: `side` = `paid` (we were the home) or `earned` (we prefilled).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SettledLabels {
+    pub peer: String,
+    pub side: String,
+}
+
 /// Requests remembered by [`RequestHistory`] (a few minutes of a busy node's traffic).
 pub const REQUEST_HISTORY: usize = 512;
 
@@ -141,6 +148,20 @@ pub struct Metrics {
     pub offload_threshold: Gauge,
     /// Peers in the mesh's peer table.
     pub mesh_peers: Gauge,
+    /// The threshold search's measured inputs (`kind` = `bandwidth_bytes_per_s`,
+    /// `egress_utilisation`, `queue_delay_s`, `local_prefill_tokens_per_s`,
+    /// `remote_prefill_tokens_per_s`, `decode_step_s`, `kv_bytes_per_token`, `prefill_peers`,
+    /// `homes`, `homed_prompts`, `model_offload_fraction`).
+    pub threshold_inputs: Family<KindLabel, Gauge<f64, AtomicU64>>,
+    /// Threshold searches run.
+    pub threshold_searches: Counter,
+    /// Settled auction payments per peer (mesh currency; `side` = `paid` / `earned`).
+    pub settled: Family<SettledLabels, Counter<f64, AtomicU64>>,
+    /// What this node serves now (`kind` = `configured`, `prefill` (prefill-only), `decode`
+    /// (decode-only); 1 for the current one).
+    pub role: Family<KindLabel, Gauge>,
+    /// Role changes made by runtime role conversion.
+    pub role_changes: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -199,6 +220,11 @@ impl Metrics {
             kv_blocks: Family::default(),
             offload_threshold: Gauge::default(),
             mesh_peers: Gauge::default(),
+            threshold_inputs: Family::default(),
+            threshold_searches: Counter::default(),
+            settled: Family::default(),
+            role: Family::default(),
+            role_changes: Counter::default(),
         };
         r.register("requests", "Finished requests", m.requests.clone());
         r.register(
@@ -308,6 +334,27 @@ impl Metrics {
             "mesh_peers",
             "Peers in the peer table",
             m.mesh_peers.clone(),
+        );
+        r.register(
+            "threshold_input",
+            "Measured inputs of the last offload-threshold search",
+            m.threshold_inputs.clone(),
+        );
+        r.register(
+            "threshold_searches",
+            "Offload-threshold searches run",
+            m.threshold_searches.clone(),
+        );
+        r.register(
+            "settled",
+            "Settled auction payments per peer (paid as home, earned as winner)",
+            m.settled.clone(),
+        );
+        r.register("role", "Role this node plays now", m.role.clone());
+        r.register(
+            "role_changes",
+            "Role changes by runtime role conversion",
+            m.role_changes.clone(),
         );
         *m.registry.lock().expect("fresh mutex") = r;
         m
