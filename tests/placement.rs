@@ -126,22 +126,249 @@ async fn cached_prefix_wins_when_bandwidth_is_scarce() {
     }
 }
 
+/// Home + one prefill peer whose `t` is re-searched from measurements (adaptive threshold),
+/// with bandwidth probes frequent enough to follow an emulated rate change.
+async fn adaptive_pair() -> (NodeHandle, NodeHandle) {
+    let tune = |mut c: NodeConfig| {
+        // Measured profiles at two lengths, as in production (not the 100 tok/s seed).
+        c.engine.calibration_tokens = 256;
+        c.mesh.bandwidth.stale_after = Duration::from_millis(300);
+        c.mesh.bandwidth.ewma_alpha = 0.9;
+        c
+    };
+    let p1 = start(tune(cfg("p1", &[NodeRole::Prefill], vec![]))).await;
+    let mut h = tune(cfg("home", &[NodeRole::Decode], addrs_of(&p1).await));
+    h.policy.adaptive_threshold = true;
+    h.policy.offload_threshold_tokens = 1;
+    let home = start(h).await;
+    wait_for_prefillers(&home, 1).await;
+    (home, p1)
+}
+
+/// Prompts of varied lengths (byte tokens: 20 to ~330), each starting differently so no prefix
+/// cache hit shortens it.
+fn varied_prompts(round: usize) -> Vec<String> {
+    (0..10)
+        .map(|k| format!("{round}/{k}: ") + &"lorem ipsum ".repeat(2 + 3 * k))
+        .collect()
+}
+
+/// Sends the prompts; returns how many were prefilled remotely.
+async fn offloaded(home: &NodeHandle, prompts: &[String]) -> usize {
+    let mut n = 0;
+    for p in prompts {
+        n += usize::from(run_text(home, p, 2).await.is_remote());
+    }
+    n
+}
+
+/// Whether the Prometheus text has a series `name…` with `label` whose line ends with `value`.
+fn has_series(text: &str, name: &str, label: &str, value: &str) -> bool {
+    text.lines()
+        .any(|l| l.starts_with(name) && l.contains(label) && l.ends_with(value))
+}
+
+/// Waits (bounded) until `cond` holds on the home.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "{what}: not after 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 #[actix_rt::test]
-async fn threshold_follows_observed_bandwidth() {
-    let home = start(cfg("home", &[NodeRole::Decode], vec![])).await;
-    let configured = home.core.cfg.policy.offload_threshold_tokens;
-    // A link where shipping a token's KV takes longer than computing it: never offload.
-    assert_eq!(home.core.adapt_threshold(1.0e3), home.core.max_context);
-    let long = "A long prompt that certainly exceeds the offload threshold of the home. ".repeat(4);
-    let out = run_text(&home, &long, 2).await;
-    assert!(!out.is_remote());
-    // A fast link: t is the configured one or the break-even length of the auction's fixed
-    // cost at the measured local speed, whichever is larger.
-    let rate = home.core.compute.view().prefill_tokens_per_s;
-    let break_even = (prfaas_node::actors::core::AUCTION_COST_S * rate).ceil() as usize;
-    assert_eq!(
-        home.core.adapt_threshold(1.0e12),
-        configured.max(break_even)
+async fn threshold_and_offload_fraction_follow_the_link() {
+    let (home, p1) = adaptive_pair().await;
+    let core = home.core.clone();
+    let t_now = || core.threshold.load(std::sync::atomic::Ordering::Relaxed);
+    // A fast link: the throughput model splits the prompts between the home and its peer.
+    link(&home, &p1, 1.0e9);
+    wait_for_estimates(&home, &[&p1]).await;
+    // Teach the home the lengths it homes, then let it search.
+    offloaded(&home, &varied_prompts(0)).await;
+    wait_until("first threshold search", || {
+        core.metrics.threshold_searches.get() >= 1
+    })
+    .await;
+    let t_fast = t_now();
+    let off_fast = offloaded(&home, &varied_prompts(1)).await;
+    // The link collapses to 1 MB/s: 4 KiB of KV per token now costs more than prefilling it.
+    link(&home, &p1, 1.0e6);
+    wait_until("the estimate follows the link", || {
+        core.mesh
+            .observed_bandwidth(&p1.peer_id())
+            .is_some_and(|b| b.bytes_per_sec < 2.0e6)
+    })
+    .await;
+    // t is re-searched with the slow estimate (not just with more prompts on the fast one).
+    let searched_slow = || {
+        core.threshold_status.lock().unwrap()["inputs"]["searched_bandwidth_bytes_per_s"]
+            .as_f64()
+            .is_some_and(|b| b < 2.0e6)
+    };
+    wait_until("t is re-searched for the slow link", || {
+        searched_slow() && t_now() > t_fast
+    })
+    .await;
+    let t_slow = t_now();
+    let off_slow = offloaded(&home, &varied_prompts(2)).await;
+    let status = core.threshold_status.lock().unwrap().clone();
+    assert!(
+        off_fast > 0 && off_slow < off_fast,
+        "offloaded {off_fast}/10 on the fast link (t = {t_fast}), {off_slow}/10 on the slow one (t = {t_slow}); {status}"
     );
-    home.shutdown().await;
+    assert_eq!(status["bandwidth_scarce"], true, "{status}");
+    // The search's inputs are in /mesh and the metrics.
+    let mesh = home.mesh_json().await;
+    assert!(
+        mesh["threshold"]["threshold_tokens"].as_u64() > Some(t_fast as u64),
+        "{mesh}"
+    );
+    assert!(mesh["threshold"]["inputs"]["kv_bytes_per_token"].as_f64() > Some(0.0));
+    let metrics = core.metrics.render();
+    assert!(
+        has_series(
+            &metrics,
+            "prfaas_threshold_input{",
+            "kind=\"bandwidth_bytes_per_s\"",
+            ""
+        ),
+        "{metrics}"
+    );
+    for n in [home, p1] {
+        n.shutdown().await;
+    }
+}
+
+#[actix_rt::test]
+async fn ledger_settles_payments_and_caps_spend_per_peer() {
+    let p1 = start(cfg("p1", &[NodeRole::Prefill], vec![])).await;
+    let p2 = start(cfg("p2", &[NodeRole::Prefill], addrs_of(&p1).await)).await;
+    let mut boot = addrs_of(&p1).await;
+    boot.extend(addrs_of(&p2).await);
+    let mut h = cfg("home", &[NodeRole::Decode], boot);
+    // Any payment uses up a peer's allowance for the hour.
+    h.policy.spend_cap_per_peer = Some(1e-12);
+    let home = start(h).await;
+    wait_for_prefillers(&home, 2).await;
+    link(&home, &p1, 2.0e6);
+    link(&home, &p2, 200.0e6);
+    wait_for_estimates(&home, &[&p1, &p2]).await;
+    let prompt = |k: usize| {
+        format!("{k}: A long prompt that certainly exceeds the offload threshold of the home. ")
+            .repeat(4)
+    };
+    // The fast peer wins first and is paid …
+    let first = run_text(&home, &prompt(1), 2).await;
+    assert_eq!(winner(&first.route), p2.peer_id().to_string());
+    let paid = |n: &NodeHandle, peer: &NodeHandle| {
+        n.core
+            .ledger
+            .lock()
+            .unwrap()
+            .get(&peer.peer_id().to_string())
+            .copied()
+            .unwrap_or_default()
+    };
+    let to_p2 = paid(&home, &p2);
+    assert!(to_p2.paid > 0.0 && to_p2.paid_count == 1, "{to_p2:?}");
+    // … and the winner books what it earned once it has served the transfer (bounded wait).
+    wait_until("p2 books its earnings", || paid(&p2, &home).earned > 0.0).await;
+    assert!((paid(&p2, &home).earned - to_p2.paid).abs() < 1e-9);
+    // Over its cap, p2 is not called again this period: the slow peer gets the next prompt.
+    let second = run_text(&home, &prompt(2), 2).await;
+    assert_eq!(winner(&second.route), p1.peer_id().to_string());
+    let rec = home.core.recent_auctions().pop().expect("auction recorded");
+    assert!(
+        rec.bids
+            .iter()
+            .all(|b| b.bidder != p2.peer_id().to_string()),
+        "{rec:?}"
+    );
+    let mesh = home.mesh_json().await;
+    assert_eq!(mesh["ledger"].as_array().map(Vec::len), Some(2), "{mesh}");
+    let metrics = home.core.metrics.render();
+    assert!(metrics.contains("prfaas_settled_total{"), "{metrics}");
+    for n in [home, p1, p2] {
+        n.shutdown().await;
+    }
+}
+
+#[actix_rt::test]
+async fn pd_node_gives_up_prefill_when_decode_is_the_bottleneck() {
+    use prfaas_mesh::policy::RoleMode;
+    use prfaas_mesh::Role;
+    let calibrated = |mut c: NodeConfig| {
+        c.engine.calibration_tokens = 256;
+        c
+    };
+    let p1 = start(calibrated(cfg("p1", &[NodeRole::Prefill], vec![]))).await;
+    let p2 = start(calibrated(cfg(
+        "p2",
+        &[NodeRole::Prefill],
+        addrs_of(&p1).await,
+    )))
+    .await;
+    let mut boot = addrs_of(&p1).await;
+    boot.extend(addrs_of(&p2).await);
+    let mut h = calibrated(cfg("pd", &[NodeRole::Pd], boot));
+    h.policy.role_conversion = true;
+    h.policy.role_min_interval = Duration::ZERO;
+    let pd = start(h).await;
+    wait_for_prefillers(&pd, 2).await;
+    // Three nodes prefill, one decodes: once the pd node has measured its decode steps and the
+    // prompts it homes, the advice is to move prefill capacity to decode.
+    for k in 0..10 {
+        run_text(
+            &pd,
+            &format!("{k}: {}", "decode-bound mesh ".repeat(2 + k)),
+            4,
+        )
+        .await;
+    }
+    let core = pd.core.clone();
+    wait_until("role conversion", || {
+        core.role_mode().0 == RoleMode::DecodeOnly
+    })
+    .await;
+    assert_eq!(core.metrics.role_changes.get(), 1);
+    // The mesh hears of it: p1 sees the pd node's advert without the prefill role.
+    let seen_without_prefill = || async {
+        p1.core
+            .mesh
+            .adverts()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|a| {
+                a.peer == pd.peer_id()
+                    && !a.advert.body.roles.contains(&Role::Prefill)
+                    && a.advert.body.roles.contains(&Role::Decode)
+            })
+    };
+    let t0 = Instant::now();
+    while !seen_without_prefill().await {
+        assert!(t0.elapsed() < Duration::from_secs(60), "advert not updated");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Still homes and decodes; declines to prefill for others.
+    assert!(!run_text(&pd, "still serving after the switch", 2)
+        .await
+        .tokens
+        .is_empty());
+    let mesh = pd.mesh_json().await;
+    assert_eq!(mesh["role"]["mode"], "decode_only", "{mesh}");
+    assert!(has_series(
+        &pd.core.metrics.render(),
+        "prfaas_role{",
+        "kind=\"decode\"",
+        " 1"
+    ));
+    for n in [pd, p1, p2] {
+        n.shutdown().await;
+    }
 }

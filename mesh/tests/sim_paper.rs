@@ -252,3 +252,22 @@ fn paper_case_full_run() {
         "100k requests took {wall:.1}s"
     );
 }
+
+/// Every scenario in `configs/`, four policies side by side (the tables in BENCHMARKS.md):
+/// `cargo test --workspace --test sim_paper -- --ignored --nocapture all_scenarios`.
+#[test]
+#[ignore = "heavy: every scenario at its configured size"]
+fn all_scenarios_side_by_side() {
+    for name in [
+        "sim-paper-case.toml",
+        "sim-bandwidth-collapse.toml",
+        "sim-bursty.toml",
+        "sim-site-churn.toml",
+        "sim-stale-adverts.toml",
+    ] {
+        let t0 = std::time::Instant::now();
+        let r = sim::run(&load(name), Overrides::default()).unwrap();
+        println!("== {name} ({:.1} s)", t0.elapsed().as_secs_f64());
+        print!("{}", sim::report::table(&r));
+    }
+}

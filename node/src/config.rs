@@ -156,6 +156,21 @@ pub struct PolicySection {
     pub assumed_bandwidth_bytes_per_s: f64,
     /// Prefills this node queues for others at most; more calls are declined as overloaded.
     pub max_served_prefills: usize,
+    /// Candidates called per auction: the best by their adverts (model, free KV, queue, link,
+    /// cached prefix); the others are not called.
+    pub auction_top_k: usize,
+    /// A `pd` node may switch itself to prefill-only or decode-only when the role advice over the
+    /// nodes it sees says that side is the bottleneck (drains, then re-advertises).
+    pub role_conversion: bool,
+    /// Least time between two role changes of this node (and before the first one).
+    #[serde(with = "humantime_serde")]
+    pub role_min_interval: Duration,
+    /// Most this node pays any one peer per `spend_period` as a home (mesh currency); a peer
+    /// over it is not called until the period ends. `None`: no cap.
+    pub spend_cap_per_peer: Option<f64>,
+    /// The period of `spend_cap_per_peer`.
+    #[serde(with = "humantime_serde")]
+    pub spend_period: Duration,
 }
 
 impl Default for NodeSection {
@@ -215,6 +230,11 @@ impl Default for PolicySection {
             max_score: 1.0e6,
             assumed_bandwidth_bytes_per_s: 100.0e6,
             max_served_prefills: 8,
+            auction_top_k: 4,
+            role_conversion: false,
+            role_min_interval: Duration::from_secs(300),
+            spend_cap_per_peer: None,
+            spend_period: Duration::from_secs(3600),
         }
     }
 }
@@ -303,6 +323,17 @@ impl NodeConfig {
                     "{name} must be finite and ≥ 0"
                 )));
             }
+        }
+        if p.auction_top_k == 0 {
+            return bad("policy.auction_top_k must be ≥ 1");
+        }
+        if p.spend_cap_per_peer
+            .is_some_and(|c| !c.is_finite() || c < 0.0)
+        {
+            return bad("policy.spend_cap_per_peer must be finite and ≥ 0");
+        }
+        if p.spend_period.is_zero() {
+            return bad("policy.spend_period must be > 0");
         }
         Ok(())
     }

@@ -40,6 +40,13 @@ pub struct PeerLabel {
     pub peer: String,
 }
 
+/// Per-peer settlement label: `side` = `paid` (we were the home) or `earned` (we prefilled).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SettledLabels {
+    pub peer: String,
+    pub side: String,
+}
+
 /// Requests remembered by [`RequestHistory`] (a few minutes of a busy node's traffic).
 pub const REQUEST_HISTORY: usize = 512;
 
@@ -144,6 +151,20 @@ pub struct Metrics {
     /// What one peer tried to make this node hold beyond its quota, refused, by `kind` =
     /// reason: `unexpected` (KV nobody awaits), `hello_quota`, `probe_quota`, `table_quota`.
     pub mesh_quota_refusals: Family<KindLabel, Counter>,
+    /// The threshold search's measured inputs (`kind` = `bandwidth_bytes_per_s`,
+    /// `egress_utilisation`, `queue_delay_s`, `local_prefill_tokens_per_s`,
+    /// `remote_prefill_tokens_per_s`, `decode_step_s`, `kv_bytes_per_token`, `prefill_peers`,
+    /// `homes`, `homed_prompts`, `model_offload_fraction`).
+    pub threshold_inputs: Family<KindLabel, Gauge<f64, AtomicU64>>,
+    /// Threshold searches run.
+    pub threshold_searches: Counter,
+    /// Settled auction payments per peer (mesh currency; `side` = `paid` / `earned`).
+    pub settled: Family<SettledLabels, Counter<f64, AtomicU64>>,
+    /// What this node serves now (`kind` = `configured`, `prefill` (prefill-only), `decode`
+    /// (decode-only); 1 for the current one).
+    pub role: Family<KindLabel, Gauge>,
+    /// Role changes made by runtime role conversion.
+    pub role_changes: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -203,6 +224,11 @@ impl Metrics {
             offload_threshold: Gauge::default(),
             mesh_peers: Gauge::default(),
             mesh_quota_refusals: Family::default(),
+            threshold_inputs: Family::default(),
+            threshold_searches: Counter::default(),
+            settled: Family::default(),
+            role: Family::default(),
+            role_changes: Counter::default(),
         };
         r.register("requests", "Finished requests", m.requests.clone());
         r.register(
@@ -317,6 +343,27 @@ impl Metrics {
             "mesh_quota_refusals",
             "Per-peer quota refusals by reason",
             m.mesh_quota_refusals.clone(),
+        );
+        r.register(
+            "threshold_input",
+            "Measured inputs of the last offload-threshold search",
+            m.threshold_inputs.clone(),
+        );
+        r.register(
+            "threshold_searches",
+            "Offload-threshold searches run",
+            m.threshold_searches.clone(),
+        );
+        r.register(
+            "settled",
+            "Settled auction payments per peer (paid as home, earned as winner)",
+            m.settled.clone(),
+        );
+        r.register("role", "Role this node plays now", m.role.clone());
+        r.register(
+            "role_changes",
+            "Role changes by runtime role conversion",
+            m.role_changes.clone(),
         );
         *m.registry.lock().expect("fresh mutex") = r;
         m

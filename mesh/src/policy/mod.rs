@@ -6,19 +6,27 @@
 
 pub mod auction;
 pub mod bids;
+pub mod ledger;
+pub mod measure;
 pub mod offload;
+pub mod placement;
 pub mod profile;
 pub mod role;
+pub mod threshold;
 pub mod throughput;
 pub mod workload;
 
 pub use auction::{settle, Award, Bid, BidderId, BidderLoad, PricingParams, ScoringParams};
 pub use bids::{check_bid, BidFault};
+pub use ledger::{Account, Ledger};
+pub use measure::{points_to_profile, DecodeEstimator, LengthHistogram, PrefillEstimator};
 pub use offload::{choose_kv_wire, OffloadRule, Placement, RequestShape};
+pub use placement::{plan, rank_candidates, Candidate, LocalReason, PlacementInput, PlacementPlan};
 pub use profile::{DecodeProfile, PrefillProfile, ProfilePoint};
-pub use role::{advise_role, RoleAdvice};
+pub use role::{advise_role, next_role, RoleAdvice, RoleMode};
+pub use threshold::{ThresholdInputs, ThresholdTracker};
 pub use throughput::{
-    Evaluation, Observation, ReSearchTrigger, SearchMode, Split, ThroughputModel,
+    Bottleneck, Evaluation, Observation, ReSearchTrigger, SearchMode, Split, ThroughputModel,
 };
 pub use workload::LengthDistribution;
 

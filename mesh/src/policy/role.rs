@@ -51,8 +51,77 @@ pub fn advise_role(
     RoleAdvice::Keep
 }
 
+/// What a node that may serve both roles serves now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleMode {
+    /// Both, as configured (`pd`).
+    Both,
+    /// Prefill only: homes no new requests.
+    PrefillOnly,
+    /// Decode only: bids in no auctions.
+    DecodeOnly,
+}
+
+/// The runtime role conversion rule: where `advice` points from `current`, unless the last
+/// change (or the start) was less than `min_interval_s` ago. A converted node moves back to
+/// `Both` when the advice reverses, before converting the other way, so roles move one step at
+/// a time. Returns the new mode, or `None` to keep the current one.
+pub fn next_role(
+    current: RoleMode,
+    advice: RoleAdvice,
+    now_s: f64,
+    last_change_s: f64,
+    min_interval_s: f64,
+) -> Option<RoleMode> {
+    let elapsed = now_s - last_change_s;
+    if elapsed.is_nan() || elapsed < min_interval_s.max(0.0) {
+        return None;
+    }
+    let next = match (current, advice) {
+        (_, RoleAdvice::Keep) => return None,
+        // Decode is the bottleneck: give up prefill.
+        (RoleMode::Both, RoleAdvice::PrefillToDecode) => RoleMode::DecodeOnly,
+        (RoleMode::PrefillOnly, RoleAdvice::PrefillToDecode) => RoleMode::Both,
+        // Prefill is the bottleneck: give up homing.
+        (RoleMode::Both, RoleAdvice::DecodeToPrefill) => RoleMode::PrefillOnly,
+        (RoleMode::DecodeOnly, RoleAdvice::DecodeToPrefill) => RoleMode::Both,
+        _ => return None,
+    };
+    Some(next)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn role_changes_are_rate_limited_and_step_by_step() {
+        use RoleAdvice::*;
+        use RoleMode::*;
+        assert_eq!(
+            next_role(Both, PrefillToDecode, 100.0, 0.0, 60.0),
+            Some(DecodeOnly)
+        );
+        assert_eq!(
+            next_role(Both, DecodeToPrefill, 100.0, 0.0, 60.0),
+            Some(PrefillOnly)
+        );
+        // Too soon after the last change (or the start), or NaN time: keep.
+        assert_eq!(next_role(Both, PrefillToDecode, 30.0, 0.0, 60.0), None);
+        assert_eq!(next_role(Both, PrefillToDecode, f64::NAN, 0.0, 60.0), None);
+        assert_eq!(next_role(DecodeOnly, Keep, 1e9, 0.0, 60.0), None);
+        // Already converted the way the advice points: nothing more to give.
+        assert_eq!(next_role(DecodeOnly, PrefillToDecode, 1e9, 0.0, 60.0), None);
+        // The advice reversed: back to both first, never straight across.
+        assert_eq!(
+            next_role(DecodeOnly, DecodeToPrefill, 1e9, 0.0, 60.0),
+            Some(Both)
+        );
+        assert_eq!(
+            next_role(PrefillOnly, PrefillToDecode, 1e9, 0.0, 60.0),
+            Some(Both)
+        );
+    }
+
     use super::*;
     use crate::policy::profile::{DecodeProfile, PrefillProfile, ProfilePoint};
 

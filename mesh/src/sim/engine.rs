@@ -12,12 +12,19 @@
 //!   joining a batch; TTFT is measured to that point.
 //! * The central router sees every queue and the link exactly (it is central) and re-searches `t`
 //!   when its trigger fires. The auction's home nodes (one per decode instance) know peers only
-//!   from gossip snapshots taken every `gossip_interval_s` (liveness, utilisation, price); bids
-//!   carry the bidder's live queue after one Call/Bid round trip, or — with `bids_from_gossip` —
-//!   the advert's queue extrapolated by what the home itself sent since. Each home keeps its own
-//!   `t`, re-searched from the bandwidth *it* observed; prompts under `t` are auctioned among the
-//!   home cluster's prefill instances only, unless that would be `spill_ratio`× slower than the
-//!   best remote offer. Prefix-cache summaries are taken as current.
+//!   from gossip snapshots taken every `gossip_interval_s` (liveness, utilisation, price, queue);
+//!   bids carry the bidder's live queue after one Call/Bid round trip, or — with
+//!   `bids_from_gossip` — the advert's queue extrapolated by what the home itself sent since.
+//! * The decentralized policy is the node's code, not a model of it: each home keeps its own `t`
+//!   in a [`ThresholdTracker`] re-searched from the bandwidth *it* observed
+//!   ([`crate::policy::threshold`], what `prfaas node` runs), and places each prompt with
+//!   [`crate::policy::placement::plan`]: a prompt the offload rule keeps local (its threshold,
+//!   with the prefix rule applied when its last search found the link the bound) is settled among
+//!   the home cluster's prefill instances, unless that would take `spill_ratio`× longer than the
+//!   best advertised remote offer; otherwise the `top_k` remote instances its adverts rank best
+//!   are called, the home cluster bidding as reserve bids. Prefix-cache summaries are taken as
+//!   current. What differs from a node: the home cluster has several prefill instances (a node
+//!   has its own), and there are no Bloom false positives, KV room limits or lying bidders.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
@@ -28,8 +35,9 @@ use serde::Serialize;
 
 use super::scenario::{Arrival, Scenario};
 use crate::policy::{
-    settle, Bid, BidderLoad, LengthDistribution, OffloadRule, Placement, PrefillProfile,
-    PricingParams, ReSearchTrigger, RequestShape, ScoringParams, Split, ThroughputModel,
+    plan, settle, Bid, BidderLoad, Candidate, LengthDistribution, Observation, OffloadRule,
+    Placement, PlacementInput, PlacementPlan, PrefillProfile, PricingParams, ReSearchTrigger,
+    RequestShape, ScoringParams, Split, ThresholdInputs, ThresholdTracker, ThroughputModel,
 };
 
 /// The four policies compared side by side.
@@ -286,8 +294,8 @@ struct Home {
     bandwidth: Vec<f64>,
     sent_since: Vec<f64>,
     dead: Vec<bool>,
-    threshold: f64,
-    searched_bw: f64,
+    /// The same `t` tracker a node runs ([`crate::policy::threshold`]).
+    threshold: ThresholdTracker,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -351,11 +359,8 @@ struct Sim<'a> {
     completed: usize,
     completion_times: Vec<f64>,
     // Router.
-    threshold: f64,
-    searched_bw: f64,
+    router: ThresholdTracker,
     window_bytes: f64,
-    trigger: ReSearchTrigger,
-    researches: u32,
     // Auction.
     homes: Vec<Home>,
     adverts: Vec<Advert>,
@@ -469,7 +474,7 @@ impl<'a> Sim<'a> {
                 let scarce =
                     self.link.free_at - self.now > self.s.scenario.router.scarce_link_backlog_s;
                 let rule = OffloadRule {
-                    threshold_tokens: self.threshold,
+                    threshold_tokens: self.router.threshold,
                 };
                 let want_remote = rule.decide(&shape, scarce) == Placement::Offload;
                 if (want_remote && remote_online) || !local_exists {
@@ -508,52 +513,75 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Run the home's auction from its gossip view; returns the winning instance.
+    /// Run the home's auction from its gossip view; returns the winning instance. Which
+    /// instances are called is the node's placement code ([`crate::policy::placement`]) over
+    /// the home's view: candidates are the remote instances its adverts show alive, each at its
+    /// advertised queue (extrapolated by what this home sent since), the home's own link
+    /// estimate and the prefix summary (taken as current); the home cluster's instances bid as
+    /// reserve bids. A prompt the rule keeps local is settled among the home cluster only.
     fn auction(&mut self, r: usize) -> Option<usize> {
         let h = self.st[r].home;
         let tokens = self.s.requests[r].tokens;
-        // DESIGN.md §4 step 2: a prompt whose incremental length is within the home's own
-        // threshold stays in the home cluster (its prefill instances still compete among
-        // themselves); only longer ones are auctioned to the whole mesh with a local reserve.
-        let local_only = {
-            let visible = |remote: bool| {
-                (0..self.insts.len())
-                    .filter(|&i| {
-                        self.insts[i].remote == remote
-                            && self.adverts[i].online
-                            && !self.homes[h].dead[i]
-                    })
-                    .map(|i| self.cached(i, r))
-                    .fold(f64::NEG_INFINITY, f64::max)
-            };
-            let (local_cached, remote_cached) = (visible(false), visible(true));
-            let shape = RequestShape {
-                total_tokens: tokens,
-                cached_local_tokens: local_cached.max(0.0),
-                cached_remote_tokens: remote_cached.max(0.0),
-            };
-            let rule = OffloadRule {
-                threshold_tokens: self.homes[h].threshold,
-            };
-            let scarce = self.home_bandwidth(h)
-                < self.s.scenario.auction.scarce_bandwidth_fraction * self.link.steps[0].1;
-            local_cached.is_finite() && rule.decide(&shape, scarce) == Placement::Local
-        };
-        let mut bids = Vec::with_capacity(self.insts.len());
-        let mut truth = Vec::with_capacity(self.insts.len());
-        for i in 0..self.insts.len() {
+        let visible = |i: usize| self.adverts[i].online && !self.homes[h].dead[i];
+        let advertised_queue = |i: usize| {
             let ad = self.adverts[i];
-            if !ad.online || self.homes[h].dead[i] {
-                continue;
+            (ad.backlog_s - (self.now - ad.at)).max(0.0) + self.homes[h].sent_since[i]
+        };
+        let locals: Vec<usize> = (0..self.insts.len())
+            .filter(|&i| !self.insts[i].remote && visible(i))
+            .collect();
+        let candidates: Vec<Candidate> = (0..self.insts.len())
+            .filter(|&i| self.insts[i].remote && visible(i))
+            .map(|i| Candidate {
+                id: i as u32,
+                queue_delay_s: advertised_queue(i),
+                prefill_s: self.work_s(i, r),
+                cached_tokens: self.cached(i, r),
+                has_room: true,
+                kv_bytes: self.remote_prof.kv_bytes(tokens),
+                bandwidth_bytes_per_s: self.homes[h].bandwidth[i],
+            })
+            .collect();
+        let local_delay_s = locals
+            .iter()
+            .map(|&i| advertised_queue(i) + self.work_s(i, r))
+            .fold(f64::INFINITY, f64::min);
+        let placement = plan(&PlacementInput {
+            request: RequestShape {
+                total_tokens: tokens,
+                cached_local_tokens: locals
+                    .iter()
+                    .map(|&i| self.cached(i, r))
+                    .fold(0.0, f64::max),
+                cached_remote_tokens: 0.0,
+            },
+            threshold: self.homes[h].threshold.threshold,
+            bandwidth_scarce: self.homes[h].threshold.egress_bound,
+            local_delay_s,
+            candidates: &candidates,
+            top_k: self.s.scenario.auction.top_k,
+            spill_ratio: self.s.scenario.auction.spill_ratio,
+        });
+        let called: Vec<usize> = match placement {
+            PlacementPlan::Auction { call, .. } => call.into_iter().map(|i| i as usize).collect(),
+            // No home-cluster instance left: the mesh is the only place to prefill.
+            PlacementPlan::Local { .. } if locals.is_empty() => {
+                crate::policy::rank_candidates(&candidates, self.s.scenario.auction.top_k)
+                    .into_iter()
+                    .map(|i| i as usize)
+                    .collect()
             }
+            PlacementPlan::Local { .. } => Vec::new(),
+        };
+        let mut bids = Vec::with_capacity(locals.len() + called.len());
+        let mut truth = Vec::with_capacity(locals.len() + called.len());
+        for i in locals.iter().chain(&called).copied() {
+            let ad = self.adverts[i];
             let cached = self.cached(i, r);
             let work_tokens = (tokens - cached).max(0.0);
             let (queue, price_per_ktok) = if self.s.scenario.auction.bids_from_gossip {
                 // Decide from the advert alone, extrapolated by what this home sent since.
-                (
-                    (ad.backlog_s - (self.now - ad.at)).max(0.0) + self.homes[h].sent_since[i],
-                    ad.price_per_ktok,
-                )
+                (advertised_queue(i), ad.price_per_ktok)
             } else {
                 // DESIGN.md §3: the Call is answered by a Bid carrying the bidder's live queue.
                 let q = self.backlog(i);
@@ -594,24 +622,6 @@ impl<'a> Sim<'a> {
             bids.push((bid, bw));
             truth.push(true_price);
         }
-        if local_only {
-            // Spill guard (the decentralized form of "re-search when queues surge"): a short
-            // prompt stays local unless the home cluster would take more than `spill_ratio` times
-            // as long as the best remote offer, e.g. while a backlog drains after an outage.
-            let best = |reserve: bool| {
-                bids.iter()
-                    .filter(|(b, _)| b.reserve == reserve)
-                    .map(|(b, bw)| self.scoring.delay_s(b, *bw))
-                    .fold(f64::INFINITY, f64::min)
-            };
-            if best(true) <= self.s.scenario.auction.spill_ratio * best(false) {
-                let keep: Vec<bool> = bids.iter().map(|(b, _)| b.reserve).collect();
-                let mut k = keep.iter();
-                bids.retain(|_| *k.next().unwrap_or(&false));
-                let mut k = keep.iter();
-                truth.retain(|_| *k.next().unwrap_or(&false));
-            }
-        }
         let award = settle(&bids, &self.scoring)?;
         let w = award.bidder as usize;
         if !award.reserve {
@@ -649,32 +659,33 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Each home re-searches its own `t` from its own observed bandwidth (no central view).
+    /// Each home re-searches its own `t` from its own view (observed bandwidth, advertised
+    /// queues of its cluster) with the node's threshold code (no central view).
     fn home_research(&mut self) {
         for h in 0..self.homes.len() {
             let bw = self.home_bandwidth(h);
             if bw <= 0.0 {
                 continue;
             }
-            let obs = crate::policy::Observation {
-                egress_utilisation: 0.0,
-                queue_delay_s: 0.0,
-                bandwidth_bytes_per_s: bw,
+            let queue = (0..self.insts.len())
+                .filter(|&i| !self.insts[i].remote)
+                .map(|i| self.adverts[i].backlog_s)
+                .fold(0.0, f64::max);
+            let inputs = ThresholdInputs {
+                local_prefill: &self.local_prof,
+                remote_prefill: &self.remote_prof,
+                decode: &self.s.model.decode,
+                output_tokens: self.s.model.output_tokens,
+                split: self.s.split,
+                dist: self.s.dist,
+                observation: Observation {
+                    egress_utilisation: 0.0,
+                    queue_delay_s: queue,
+                    bandwidth_bytes_per_s: bw,
+                },
             };
-            if self
-                .trigger
-                .should_research(&obs, self.homes[h].searched_bw)
-            {
-                let model = ThroughputModel {
-                    egress_bytes_per_s: bw,
-                    ..self.s.model.clone()
-                };
-                if let Ok(e) = model.search_threshold(self.s.dist, self.s.split) {
-                    self.homes[h].threshold = e.threshold;
-                }
-                self.homes[h].searched_bw = bw;
-                self.researches += 1;
-            }
+            // An infeasible search keeps the home's current `t`.
+            let _ = self.homes[h].threshold.update(&inputs, false);
         }
     }
 
@@ -711,7 +722,7 @@ impl<'a> Sim<'a> {
     fn router_check(&mut self) {
         let interval = self.s.scenario.router.check_interval_s;
         let bw = self.link.rate_at(self.now);
-        let obs = crate::policy::Observation {
+        let obs = Observation {
             egress_utilisation: self.window_bytes / (bw * interval),
             queue_delay_s: (0..self.insts.len())
                 .map(|i| self.backlog(i))
@@ -719,17 +730,16 @@ impl<'a> Sim<'a> {
             bandwidth_bytes_per_s: bw,
         };
         self.window_bytes = 0.0;
-        if self.trigger.should_research(&obs, self.searched_bw) {
-            let model = ThroughputModel {
-                egress_bytes_per_s: bw,
-                ..self.s.model.clone()
-            };
-            if let Ok(e) = model.search_threshold(self.s.dist, self.s.split) {
-                self.threshold = e.threshold;
-            }
-            self.searched_bw = bw;
-            self.researches += 1;
-        }
+        let inputs = ThresholdInputs {
+            local_prefill: &self.local_prof,
+            remote_prefill: &self.remote_prof,
+            decode: &self.s.model.decode,
+            output_tokens: self.s.model.output_tokens,
+            split: self.s.split,
+            dist: self.s.dist,
+            observation: obs,
+        };
+        let _ = self.router.update(&inputs, false);
     }
 
     fn outage(&mut self, start: bool) {
@@ -921,6 +931,17 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
     let n_homes = setup.split.decode.max(1) as usize;
     let ni = insts.len();
     let a = &sc.auction;
+    // Every threshold starts where the model's search at nominal bandwidth put it, as if that
+    // search had just run.
+    let mut tracker = ThresholdTracker::new(
+        setup.threshold,
+        ReSearchTrigger {
+            egress_utilisation_high: sc.router.egress_utilisation_high,
+            queue_delay_high_s: sc.router.queue_delay_high_s,
+            bandwidth_change_factor: sc.router.bandwidth_change_factor,
+        },
+    );
+    tracker.searched_bandwidth = nominal;
     let mut sim = Sim {
         s: setup,
         kind,
@@ -948,22 +969,14 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
             .collect(),
         completed: 0,
         completion_times: Vec::with_capacity(setup.requests.len()),
-        threshold: setup.threshold,
-        searched_bw: nominal,
+        router: tracker.clone(),
         window_bytes: 0.0,
-        trigger: ReSearchTrigger {
-            egress_utilisation_high: sc.router.egress_utilisation_high,
-            queue_delay_high_s: sc.router.queue_delay_high_s,
-            bandwidth_change_factor: sc.router.bandwidth_change_factor,
-        },
-        researches: 0,
         homes: (0..n_homes)
             .map(|_| Home {
                 bandwidth: vec![nominal; ni],
                 sent_since: vec![0.0; ni],
                 dead: vec![false; ni],
-                threshold: setup.threshold,
-                searched_bw: nominal,
+                threshold: tracker.clone(),
             })
             .collect(),
         adverts: vec![
@@ -1032,8 +1045,17 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
             0.0
         },
         egress_gbps: sim.egress_bytes * 8.0 / 1e9 / (last - first).max(1e-9),
-        researches: sim.researches,
-        final_threshold: sim.threshold,
+        researches: match kind {
+            PolicyKind::Auction => sim.homes.iter().map(|h| h.threshold.researches).sum(),
+            _ => sim.router.researches,
+        } as u32,
+        final_threshold: match kind {
+            PolicyKind::Auction => sim
+                .homes
+                .first()
+                .map_or(sim.router.threshold, |h| h.threshold.threshold),
+            _ => sim.router.threshold,
+        },
         retries: sim.retries,
         ttfts,
     };

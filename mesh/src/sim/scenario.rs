@@ -272,8 +272,9 @@ pub struct Auction {
     pub bandwidth_ewma_alpha: f64,
     /// Time a home waits on a vanished winner before re-auctioning.
     pub failure_timeout_s: f64,
-    /// Bandwidth counts as scarce for the prefix rule below this fraction of nominal.
-    pub scarce_bandwidth_fraction: f64,
+    /// Candidates a home calls per auction, best first by their adverts (`policy.auction_top_k`
+    /// of a node).
+    pub top_k: usize,
     /// A prompt under the threshold is auctioned to the whole mesh anyway when the home cluster
     /// would take more than this many times as long as the best remote offer.
     pub spill_ratio: f64,
@@ -293,7 +294,7 @@ impl Default for Auction {
             lambda_per_s: 1.0,
             bandwidth_ewma_alpha: 0.3,
             failure_timeout_s: 2.0,
-            scarce_bandwidth_fraction: 0.5,
+            top_k: 4,
             spill_ratio: 4.0,
             bids_from_gossip: false,
         }

@@ -100,7 +100,7 @@ impl Handler<Submit> for Admission {
         if !self.accepting {
             return self.reject(SubmitError::Unavailable("node is shutting down".into()));
         }
-        if !self.core.cfg.is_home() {
+        if !self.core.homes_now() {
             return self.reject(SubmitError::Unavailable(
                 "this node only prefills for the mesh; send requests to a decode node".into(),
             ));

@@ -12,6 +12,7 @@ use super::core::Core;
 use super::kv_router::KvRouter;
 use super::kvstore::{AdvertPart, KvStore};
 use super::prefill::{BidFor, PrefillWorker, Serve};
+use super::scheduler::{consider_role, ThresholdState};
 use super::MAILBOX;
 use crate::metrics::{KindLabel, PeerLabel};
 use prfaas_mesh::auction::DeclineReason;
@@ -24,6 +25,7 @@ pub struct MeshBridge {
     events: Option<mpsc::Receiver<MeshEvent>>,
     last_advert: Option<AdvertBody>,
     kv_router: KvRouter,
+    threshold: ThresholdState,
 }
 
 impl std::fmt::Debug for MeshBridge {
@@ -40,12 +42,13 @@ impl MeshBridge {
         events: mpsc::Receiver<MeshEvent>,
     ) -> Self {
         Self {
-            core,
             prefill,
             kv,
             events: Some(events),
             last_advert: None,
             kv_router: KvRouter::default(),
+            threshold: ThresholdState::new(&core),
+            core,
         }
     }
 
@@ -57,20 +60,17 @@ impl MeshBridge {
             let part = kv.send(AdvertPart).await.ok()?;
             let view = core.compute.view();
             let mut roles = Vec::new();
-            if core.cfg.serves_prefill() {
+            if core.serves_prefill_now() {
                 roles.push(Role::Prefill);
             }
-            if core.cfg.is_home() && core.cfg.policy.adaptive_threshold {
+            if core.homes_now() {
                 roles.push(Role::Decode);
             }
             Some(AdvertBody {
                 region: core.cfg.mesh.region.clone(),
                 roles,
                 models: vec![core.model_ref.clone()],
-                prefill_profile: vec![PrefillPoint {
-                    tokens: core.cfg.policy.offload_threshold_tokens.max(1) as u32,
-                    tokens_per_sec: view.prefill_tokens_per_s as f32,
-                }],
+                prefill_profile: advertised_profile(&view),
                 queue_depth: core.compute.queued_jobs() as u32,
                 free_kv_blocks: part.free_blocks,
                 price_per_1k_tokens: core.cfg.policy.price_per_1k_tokens,
@@ -85,11 +85,15 @@ impl MeshBridge {
             if let Some(last) = &act.last_advert {
                 let mut same = body.clone();
                 same.prefill_profile = last.prefill_profile.clone();
-                let drift = match (body.prefill_profile.first(), last.prefill_profile.first()) {
-                    (Some(a), Some(b)) => {
-                        (a.tokens_per_sec / b.tokens_per_sec.max(1e-3) - 1.0).abs()
-                    }
-                    _ => 1.0,
+                // A new length bucket measured, or any speed moved by a fifth: worth gossiping.
+                let (a, b) = (&body.prefill_profile, &last.prefill_profile);
+                let drift = if a.len() != b.len() {
+                    1.0
+                } else {
+                    a.iter()
+                        .zip(b)
+                        .map(|(x, y)| (x.tokens_per_sec / y.tokens_per_sec.max(1e-3) - 1.0).abs())
+                        .fold(0.0, f32::max)
                 };
                 if &same == last && drift < 0.2 {
                     return;
@@ -116,22 +120,28 @@ impl MeshBridge {
 
     fn refresh_metrics(&mut self, ctx: &mut Context<Self>) {
         let core = self.core.clone();
+        // Re-search t from what this node measures and its peers advertise.
+        // Convert roles when the mesh's bottleneck says so (opt-in).
+        let adaptive = core.cfg.is_home() && core.cfg.policy.adaptive_threshold;
+        if adaptive || core.cfg.policy.role_conversion {
+            let mesh = core.mesh.clone();
+            ctx.spawn(
+                async move { mesh.adverts().await.unwrap_or_default() }
+                    .into_actor(self)
+                    .map(move |adverts, act, ctx| {
+                        let core = act.core.clone();
+                        if adaptive {
+                            act.threshold.refresh(&core, &adverts);
+                        }
+                        if consider_role(&core, &adverts).is_some() {
+                            // Tell the mesh at once.
+                            act.refresh_advert(ctx);
+                        }
+                    }),
+            );
+        }
         ctx.spawn(
             async move {
-                // Adapt t to the best link towards a peer that could prefill for us.
-                if core.cfg.is_home() && core.cfg.policy.adaptive_threshold {
-                    if let Ok(c) = core.mesh.prefill_candidates(core.model_ref.clone()).await {
-                        let me = core.mesh.local_peer_id();
-                        let best = c
-                            .iter()
-                            .filter(|(p, _)| *p != me)
-                            .map(|(p, _)| core.bandwidth_to(p).0)
-                            .fold(0.0, f64::max);
-                        if best > 0.0 {
-                            core.adapt_threshold(best);
-                        }
-                    }
-                }
                 // The mesh's per-peer quota refusals, by reason (it counts them; we expose them).
                 for (reason, n) in core.mesh.stats().quota_refusals() {
                     let c = core.metrics.mesh_quota_refusals.get_or_create(&KindLabel {
@@ -157,6 +167,33 @@ impl MeshBridge {
         );
     }
 }
+
+/// The measured prefill profile as advert points (speed at a few lengths; bounded).
+fn advertised_profile(view: &super::compute::EngineView) -> Vec<PrefillPoint> {
+    let mut pts: Vec<PrefillPoint> = view
+        .prefill_profile
+        .points()
+        .into_iter()
+        .map(|(tokens, secs)| PrefillPoint {
+            tokens: tokens.round().clamp(1.0, f64::from(u32::MAX)) as u32,
+            tokens_per_sec: (tokens / secs) as f32,
+        })
+        .collect();
+    if pts.is_empty() {
+        pts.push(PrefillPoint {
+            tokens: 1024,
+            tokens_per_sec: view.prefill_tokens_per_s as f32,
+        });
+    }
+    // Longest lengths first: they say the most about big prompts.
+    pts.reverse();
+    pts.truncate(MAX_ADVERT_PROFILE_POINTS);
+    pts.reverse();
+    pts
+}
+
+/// Most prefill profile points in an advert.
+const MAX_ADVERT_PROFILE_POINTS: usize = 8;
 
 impl MeshBridge {
     fn count_awaited(&self) {

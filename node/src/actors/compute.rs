@@ -24,6 +24,7 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prfaas_mesh::kv::PieceId;
+use prfaas_mesh::policy::{DecodeEstimator, PrefillEstimator};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::loader::{TextCodec, Utf8Stream};
@@ -135,6 +136,10 @@ pub struct EngineView {
     pub live: usize,
     /// Prefill throughput estimate, tokens/s (EWMA of measured prefills).
     pub prefill_tokens_per_s: f64,
+    /// Measured prefill time vs uncached length (start-up calibration, then served prefills).
+    pub prefill_profile: PrefillEstimator,
+    /// Measured decode step time vs batch size.
+    pub decode_profile: DecodeEstimator,
 }
 
 /// Shared counters between the compute thread and its handle.
@@ -388,6 +393,8 @@ pub struct ComputeConfig {
     pub queue: usize,
     /// Initial prefill speed estimate (tokens/s), refined by measurement.
     pub prefill_tokens_per_s: f64,
+    /// Start-up calibration prefills: `(tokens, seconds)`.
+    pub calibration: Vec<(f64, f64)>,
 }
 
 /// Starts the compute thread owning `engine`.
@@ -399,8 +406,13 @@ pub fn spawn(
 ) -> std::io::Result<(ComputeHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std_mpsc::channel();
     let counters = Arc::new(Counters::default());
+    let mut prefill_profile = PrefillEstimator::default();
+    for &(tokens, secs) in &cfg.calibration {
+        prefill_profile.observe(tokens, secs);
+    }
     let view = Arc::new(Mutex::new(EngineView {
         prefill_tokens_per_s: cfg.prefill_tokens_per_s,
+        prefill_profile: prefill_profile.clone(),
         ..EngineView::default()
     }));
     let handle = ComputeHandle {
@@ -420,6 +432,8 @@ pub fn spawn(
         counters,
         view,
         prefill_rate: cfg.prefill_tokens_per_s.max(1.0),
+        prefill_profile,
+        decode_profile: DecodeEstimator::default(),
         imports: HashMap::new(),
         verdicts: handle.verdicts.clone(),
     };
@@ -462,6 +476,8 @@ struct Worker {
     counters: Arc<Counters>,
     view: Arc<Mutex<EngineView>>,
     prefill_rate: f64,
+    prefill_profile: PrefillEstimator,
+    decode_profile: DecodeEstimator,
     /// Imports in progress: ticket key → (lease, where to report a failure).
     imports: HashMap<u64, (LeaseId, ImportFailure)>,
     verdicts: VerdictHook,
@@ -626,11 +642,15 @@ impl Worker {
                 cached_blocks,
                 live: self.live.len(),
                 prefill_tokens_per_s: self.prefill_rate,
+                prefill_profile: self.prefill_profile.clone(),
+                decode_profile: self.decode_profile.clone(),
             };
         }
     }
 
     fn note_prefill(&mut self, tokens: usize, elapsed: Duration) {
+        self.prefill_profile
+            .observe(tokens as f64, elapsed.as_secs_f64());
         // Short prompts measure overheads, not throughput.
         if tokens >= 64 {
             let rate = tokens as f64 / elapsed.as_secs_f64().max(1e-6);
@@ -810,7 +830,13 @@ impl Worker {
 
     fn decode_step(&mut self) {
         let batch: Vec<(SeqId, u32)> = self.live.iter().map(|l| (l.seq, l.next)).collect();
-        let toks = self.engine.decode_step(&batch).and_then(|logits| {
+        let step0 = Instant::now();
+        let stepped = self.engine.decode_step(&batch);
+        if stepped.is_ok() {
+            self.decode_profile
+                .observe(batch.len(), step0.elapsed().as_secs_f64());
+        }
+        let toks = stepped.and_then(|logits| {
             let mut samplers: Vec<&mut Sampler> =
                 self.live.iter_mut().map(|l| &mut l.sampler).collect();
             self.engine.sample(&logits, &mut samplers)

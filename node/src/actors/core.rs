@@ -1,9 +1,10 @@
 //! State every actor of one node shares (immutable facts, counters and small bounded tables).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use prfaas_mesh::policy::{Ledger, LengthHistogram, RoleMode};
 use prfaas_mesh::{MeshHandle, ModelRef, PeerId};
 use serde::Serialize;
 
@@ -64,8 +65,17 @@ pub struct NodeCore {
     pub compute: ComputeHandle,
     pub inflight: Arc<AtomicUsize>,
     next_request: AtomicU64,
-    /// Offload threshold t in tokens (adapted at run time).
+    /// Offload threshold t in tokens (re-searched at run time, see `MeshBridge`).
     pub threshold: AtomicUsize,
+    /// Whether the last threshold search found the offload path egress-bound (the prefix rule
+    /// then counts only this node's own cache).
+    pub bandwidth_scarce: AtomicBool,
+    /// The threshold search's inputs and result, for `/mesh`.
+    pub threshold_status: Mutex<serde_json::Value>,
+    /// Uncached prompt lengths homed here (bounded; the threshold search's workload).
+    pub homed_lengths: Mutex<LengthHistogram>,
+    /// Settled payments per peer: paid as a home, earned as a winner.
+    pub ledger: Mutex<Ledger<String>>,
     /// Home side: transfers awaited right now (the bridge's `KvRouter` keeps the count here
     /// for `/mesh`).
     pub awaited_transfers: AtomicUsize,
@@ -76,6 +86,11 @@ pub struct NodeCore {
     recent: Mutex<VecDeque<AuctionRecord>>,
     /// The HTTP API's URL as others reach it (set once the API listens; advertised).
     pub api_url: OnceLock<String>,
+    /// When the node started (the ledger's and role conversion's clock).
+    started: std::time::Instant,
+    /// What this node serves now (runtime role conversion) and when that last changed
+    /// (seconds since start).
+    role: Mutex<(RoleMode, f64)>,
 }
 
 impl std::fmt::Debug for NodeCore {
@@ -126,6 +141,12 @@ impl NodeCore {
     ) -> Self {
         let threshold = cfg.policy.offload_threshold_tokens;
         metrics.offload_threshold.set(threshold as i64);
+        metrics
+            .role
+            .get_or_create(&crate::metrics::KindLabel {
+                kind: "configured".into(),
+            })
+            .set(1);
         // Request ids start at a random-ish point so a restarted home does not reuse ids a peer
         // may still associate with an old transfer.
         let seed = std::time::SystemTime::now()
@@ -147,10 +168,16 @@ impl NodeCore {
             inflight: Arc::new(AtomicUsize::new(0)),
             next_request: AtomicU64::new(seed.max(1)),
             threshold: AtomicUsize::new(threshold),
+            bandwidth_scarce: AtomicBool::new(false),
+            threshold_status: Mutex::new(serde_json::Value::Null),
+            homed_lengths: Mutex::new(LengthHistogram::default()),
+            ledger: Mutex::new(Ledger::default()),
             awaited_transfers: AtomicUsize::new(0),
             advertised_prefill_tps: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
             api_url: OnceLock::new(),
+            started: std::time::Instant::now(),
+            role: Mutex::new((RoleMode::Both, 0.0)),
         }
     }
 
@@ -180,38 +207,79 @@ impl NodeCore {
             .unwrap_or_default()
     }
 
-    /// Re-derives the offload threshold `t` from what this node measures (DESIGN.md §4 step 2):
-    /// offloading `l` tokens pays only when the local prefill time `l / r` (plus the local queue)
-    /// exceeds shipping its KV at the best observed bandwidth `l · B / bw` plus the auction's
-    /// fixed cost `c`. The break-even length is `l* = (c − q) / (1/r − B/bw)`; when shipping a
-    /// token costs more than computing it (`B/bw ≥ 1/r`), nothing is worth offloading.
-    /// `t = max(configured t, l*)`, capped at the context length. Returns the new `t`.
-    pub fn adapt_threshold(&self, best_bandwidth: f64) -> usize {
-        let base = self.cfg.policy.offload_threshold_tokens;
-        let view = self.compute.view();
-        let r = view.prefill_tokens_per_s.max(1.0);
-        let per_token_ship = self.layout.bytes_per_token() as f64 / best_bandwidth.max(1.0);
-        let per_token_gain = 1.0 / r - per_token_ship;
-        let queue = self.compute.queue_delay_s();
-        let t = if per_token_gain <= 0.0 {
-            self.max_context
-        } else {
-            let l_star = ((AUCTION_COST_S - queue).max(0.0) / per_token_gain).ceil();
-            base.max(l_star.min(self.max_context as f64) as usize)
-        };
-        let old = self.threshold.swap(t, Ordering::Relaxed);
-        if old != t && (old.abs_diff(t) * 10 > old.max(1)) {
-            tracing::info!(
-                old,
-                new = t,
-                best_bandwidth_mb_s = best_bandwidth / 1e6,
-                prefill_tok_s = r,
-                queue_s = queue,
-                "offload threshold adapted"
-            );
+    /// What this node serves now (`Both` = as configured).
+    pub fn role_mode(&self) -> (RoleMode, f64) {
+        self.role
+            .lock()
+            .map(|r| *r)
+            .unwrap_or((RoleMode::Both, 0.0))
+    }
+
+    /// Switches what this node serves (role conversion); recorded at the current uptime.
+    pub fn set_role_mode(&self, mode: RoleMode) {
+        if let Ok(mut r) = self.role.lock() {
+            *r = (mode, self.uptime_s());
         }
-        self.metrics.offload_threshold.set(t as i64);
-        t
+        for (kind, on) in [
+            ("configured", mode == RoleMode::Both),
+            ("prefill", mode == RoleMode::PrefillOnly),
+            ("decode", mode == RoleMode::DecodeOnly),
+        ] {
+            self.metrics
+                .role
+                .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
+                .set(i64::from(on));
+        }
+    }
+
+    /// Bids in others' auctions now (configured to, and not converted to decode-only).
+    pub fn serves_prefill_now(&self) -> bool {
+        self.cfg.serves_prefill() && self.role_mode().0 != RoleMode::DecodeOnly
+    }
+
+    /// Homes new requests now (configured to, and not converted to prefill-only).
+    pub fn homes_now(&self) -> bool {
+        self.cfg.is_home() && self.role_mode().0 != RoleMode::PrefillOnly
+    }
+
+    /// Seconds since the node started.
+    pub fn uptime_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Settles a payment to the winner `peer` (this node was the home).
+    pub fn record_paid(&self, peer: &PeerId, amount: f64) {
+        let period = self.cfg.policy.spend_period.as_secs_f64();
+        let peer = peer.to_string();
+        if let Ok(mut l) = self.ledger.lock() {
+            l.record_paid(&peer, amount, self.uptime_s(), period);
+        }
+        if amount.is_finite() && amount >= 0.0 {
+            self.metrics
+                .settled
+                .get_or_create(&crate::metrics::SettledLabels {
+                    peer,
+                    side: "paid".into(),
+                })
+                .inc_by(amount);
+        }
+    }
+
+    /// Settles a payment earned from the home `peer` (this node prefilled for it).
+    pub fn record_earned(&self, peer: &PeerId, amount: f64) {
+        let peer = peer.to_string();
+        if let Ok(mut l) = self.ledger.lock() {
+            l.record_earned(&peer, amount);
+        }
+        if amount.is_finite() && amount >= 0.0 {
+            self.metrics
+                .settled
+                .get_or_create(&crate::metrics::SettledLabels {
+                    peer,
+                    side: "earned".into(),
+                })
+                .inc_by(amount);
+        }
     }
 
     /// Observed bandwidth to `peer` in bytes/s, or the configured assumption when unmeasured.
@@ -222,9 +290,6 @@ impl NodeCore {
         }
     }
 }
-
-/// Fixed cost of offloading one prompt in [`NodeCore::adapt_threshold`] (auction round trip), s.
-pub const AUCTION_COST_S: f64 = 0.05;
 
 /// The node's shared state.
 pub type Core = Arc<NodeCore>;

@@ -21,6 +21,7 @@ pub mod kvstore;
 pub mod node;
 pub mod planner;
 pub mod prefill;
+pub mod scheduler;
 
 pub use admission::Admission;
 pub use bridge::MeshBridge;

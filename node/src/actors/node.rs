@@ -190,6 +190,15 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
             }));
         }
     }
+    let role = {
+        let (mode, since) = core.role_mode();
+        json!({
+            "mode": mode,
+            "since_s": since,
+            "conversion": core.cfg.policy.role_conversion,
+            "changes": core.metrics.role_changes.get(),
+        })
+    };
     json!({
         "node": core.cfg.node.name,
         "peer_id": me.to_string(),
@@ -199,6 +208,24 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         "model": core.info.model_id,
         "backend": core.info.backend,
         "offload_threshold_tokens": core.threshold.load(Ordering::Relaxed),
+        // Runtime role conversion: what this node serves now, since when (s after start).
+        "role": role,
+        // How t was found: the search's measured inputs and result.
+        "threshold": core
+            .threshold_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default(),
+        // Settled auction payments per peer: paid as a home, earned as a winner.
+        "ledger": core
+            .ledger
+            .lock()
+            .map(|l| {
+                l.accounts()
+                    .map(|(p, a)| json!({ "peer": p, "account": a }))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
         "inflight": core.inflight.load(Ordering::Relaxed),
         "pending_transfers": core.awaited_transfers.load(Ordering::Relaxed),
         "prefill_tokens_per_s": view.prefill_tokens_per_s,
@@ -267,6 +294,11 @@ impl NodeHandle {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.core.mesh.local_peer_id()
+    }
+
+    /// The `/mesh` JSON of this node.
+    pub async fn mesh_json(&self) -> serde_json::Value {
+        mesh_view(&self.core).await
     }
 
     /// Mesh listen addresses with `/p2p/<id>` appended (what others bootstrap from).
@@ -386,6 +418,7 @@ struct Loaded {
     max_context: usize,
     backend: String,
     prefill_rate: f64,
+    calibration: Vec<(f64, f64)>,
 }
 
 /// A name people recognise: a model file's name without its extension and quantization tag
@@ -441,24 +474,26 @@ fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
             ring_blocks: e.window_ring_tokens.map(|t| t.div_ceil(e.block_size)),
         },
     )?;
-    // Seed the prefill-speed estimate with one measured prefill (bids and adverts need a number
-    // before the first real request; real prefills refine it).
+    // Seed the prefill profile with measured prefills at a few lengths (bids, adverts and the
+    // threshold search need numbers before the first real request; real prefills refine them).
     let n = e
         .calibration_tokens
         .min(max_context.saturating_sub(1))
         .min(e.kv_capacity_tokens / 2);
-    let prefill_rate = if n == 0 {
-        100.0
-    } else {
-        let probe: Vec<u32> = (0..n as u32)
+    let mut calibration = Vec::new();
+    for len in [n / 4, n] {
+        if len < 4 || calibration.iter().any(|&(l, _)| l == len as f64) {
+            continue;
+        }
+        let probe: Vec<u32> = (0..len as u32)
             .map(|i| (i * 7 + 11) % bundle.config.vocab_size as u32)
             .collect();
         let t = Instant::now();
         let out = engine.prefill(&probe, &mut NullSink)?;
-        let rate = n as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        calibration.push((len as f64, t.elapsed().as_secs_f64().max(1e-6)));
         engine.release(out.seq)?;
-        rate
-    };
+    }
+    let prefill_rate = calibration.last().map_or(100.0, |&(l, s)| l / s);
     tracing::info!(
         node = %cfg.node.name,
         model = %bundle.config.name,
@@ -476,6 +511,7 @@ fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
         text: bundle.text,
         engine,
         prefill_rate,
+        calibration,
     })
 }
 
@@ -559,6 +595,7 @@ impl Node {
                 max_batch: cfg.engine.max_batch,
                 queue: cfg.engine.queue,
                 prefill_tokens_per_s: loaded.prefill_rate,
+                calibration: loaded.calibration.clone(),
             },
         )
         .map_err(|e| StartError::Other(format!("compute thread: {e}")))?;

@@ -13,10 +13,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use prfaas_mesh::advert::Advert;
 use prfaas_mesh::auction::{Award, Call};
 use prfaas_mesh::kv::receiver::{KvSink as MeshKvSink, SinkError as MeshSinkError};
 use prfaas_mesh::kv::{KvError, KvTrailer, PieceId};
-use prfaas_mesh::policy::{self, OffloadRule, Placement, PricingParams, RequestShape};
+use prfaas_mesh::policy::{
+    self, Candidate, LocalReason, PlacementInput, PlacementPlan, PricingParams, RequestShape,
+};
 use prfaas_mesh::reputation::TransferOutcome;
 use prfaas_mesh::PeerId;
 
@@ -145,22 +148,10 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
     let n = job.tokens.len();
     let block = core.layout.block_size;
     let cached = core.compute.cached_prefix_tokens(&job.tokens, block).min(n);
-    let t = core.threshold.load(Ordering::Relaxed);
-    let shape = RequestShape {
-        total_tokens: n as f64,
-        cached_local_tokens: cached as f64,
-        cached_remote_tokens: 0.0,
-    };
-    let rule = OffloadRule {
-        threshold_tokens: t as f64,
-    };
-    if rule.decide(&shape, false) == Placement::Local {
-        Metrics::inc(&m.offload_decisions, "short");
-        return Decision::Local(format!(
-            "short prompt: {} uncached tokens ≤ t = {t}",
-            n - cached
-        ));
+    if let Ok(mut h) = core.homed_lengths.lock() {
+        h.observe((n - cached) as f64);
     }
+    let t = core.threshold.load(Ordering::Relaxed);
     let me = core.mesh.local_peer_id();
     // Every wait on the mesh is bounded: a stalled swarm costs latency, never a stuck request.
     let asked = tokio::time::timeout(
@@ -172,17 +163,73 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
         tracing::warn!("mesh did not list candidates in time");
         Err(prfaas_mesh::MeshError::ShutDown)
     });
-    let candidates: Vec<PeerId> = match asked {
-        Ok(c) => c.into_iter().map(|(p, _)| p).filter(|p| *p != me).collect(),
+    let adverts: Vec<(PeerId, Advert)> = match asked {
+        Ok(c) => c.into_iter().filter(|(p, _)| *p != me).collect(),
         Err(e) => {
-            Metrics::inc(&m.offload_decisions, "no_candidates");
-            return Decision::Local(format!("mesh unavailable: {e}"));
+            tracing::debug!(error = %e, "no candidate list");
+            Vec::new()
         }
     };
-    if candidates.is_empty() {
-        Metrics::inc(&m.offload_decisions, "no_candidates");
-        return Decision::Local("no prefill peers for this model".into());
-    }
+    let hashes: Vec<u64> = block_hashes(&job.tokens, block)
+        .iter()
+        .take(MAX_CALL_HASHES)
+        .map(|h| h.short())
+        .collect();
+    let now_s = core.uptime_s();
+    let cap = core.cfg.policy.spend_cap_per_peer;
+    let period = core.cfg.policy.spend_period.as_secs_f64();
+    let candidates: Vec<Candidate> = {
+        let ledger = core.ledger.lock().ok();
+        adverts
+            .iter()
+            .enumerate()
+            .filter(|(_, (p, _))| {
+                ledger
+                    .as_ref()
+                    .is_none_or(|l| l.may_pay(&p.to_string(), cap, now_s, period))
+            })
+            .map(|(i, (peer, ad))| candidate(core, i as u32, peer, ad, n, &hashes))
+            .collect()
+    };
+    let rate = core.compute.view().prefill_tokens_per_s.max(1.0);
+    let placement = policy::plan(&PlacementInput {
+        request: RequestShape {
+            total_tokens: n as f64,
+            cached_local_tokens: cached as f64,
+            cached_remote_tokens: 0.0,
+        },
+        threshold: t as f64,
+        bandwidth_scarce: core.bandwidth_scarce.load(Ordering::Relaxed),
+        local_delay_s: core.compute.queue_delay_s() + (n - cached) as f64 / rate,
+        candidates: &candidates,
+        top_k: core.cfg.policy.auction_top_k,
+        // A node's own queue already prices its reserve bid; short prompts never spill.
+        spill_ratio: f64::INFINITY,
+    });
+    let called: Vec<PeerId> = match placement {
+        PlacementPlan::Local {
+            incremental_tokens,
+            reason: LocalReason::Short,
+        } => {
+            Metrics::inc(&m.offload_decisions, "short");
+            return Decision::Local(format!(
+                "short prompt: {incremental_tokens} uncached tokens ≤ t = {t}"
+            ));
+        }
+        PlacementPlan::Local { .. } => {
+            Metrics::inc(&m.offload_decisions, "no_candidates");
+            return Decision::Local(if adverts.is_empty() {
+                "no prefill peers for this model".into()
+            } else {
+                "no prefill peer with room for this prompt (or all over the spend cap)".into()
+            });
+        }
+        PlacementPlan::Auction { call, .. } => call
+            .into_iter()
+            .filter_map(|i| adverts.get(i as usize).map(|(p, _)| *p))
+            .collect(),
+    };
+    let candidates = called;
     Metrics::inc(&m.offload_decisions, "offload");
     let started = Instant::now();
     let mut candidates = candidates;
@@ -232,6 +279,60 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
         }
         return Decision::Local(fallback.to_string());
     }
+}
+
+/// A peer as this home sees it before calling it: its advert (profile, queue, free KV, prefix
+/// summary) and the home's own link estimate towards it.
+fn candidate(
+    core: &Core,
+    id: u32,
+    peer: &PeerId,
+    ad: &Advert,
+    n: usize,
+    hashes: &[u64],
+) -> Candidate {
+    let block = core.layout.block_size.max(1);
+    let cached = (ad.body.prefix_summary.cached_prefix_blocks(hashes) * block).min(n);
+    let kv = |l: f64| core.layout.export_bytes(l.max(0.0) as usize) as f64;
+    let prefill = |l: f64| match advert_profile(ad, kv) {
+        Some(p) => p.incremental_prefill_time(n as f64, l),
+        None => f64::INFINITY,
+    };
+    let prefill_s = prefill(cached as f64);
+    let (bw, _) = core.bandwidth_to(peer);
+    Candidate {
+        id,
+        // The advert counts queued jobs, not seconds: take each as long as this prompt.
+        queue_delay_s: f64::from(ad.body.queue_depth) * prefill(0.0),
+        prefill_s,
+        cached_tokens: cached as f64,
+        has_room: ad.body.free_kv_blocks >= n.div_ceil(block) as u64,
+        kv_bytes: kv(n as f64),
+        bandwidth_bytes_per_s: bw / core.mesh.reputation_penalty(peer),
+    }
+}
+
+/// A peer's prefill profile from its advert (speed at a few lengths) and this model's KV size.
+pub fn advert_profile(
+    ad: &Advert,
+    kv_bytes: impl Fn(f64) -> f64,
+) -> Option<policy::PrefillProfile> {
+    let pts: Vec<(f64, f64)> = ad
+        .body
+        .prefill_profile
+        .iter()
+        .filter(|p| p.tokens > 0 && p.tokens_per_sec.is_finite() && p.tokens_per_sec > 0.0)
+        .map(|p| {
+            (
+                f64::from(p.tokens),
+                f64::from(p.tokens) / f64::from(p.tokens_per_sec),
+            )
+        })
+        .collect();
+    if pts.is_empty() {
+        return None;
+    }
+    policy::points_to_profile(&pts, kv_bytes).ok()
 }
 
 /// Why an offload attempt ended in local prefill.
@@ -559,6 +660,7 @@ async fn auction(
     match receive(core, job, incoming, &ticket, wire, claimed).await {
         Ok((logits, bytes, wire)) => {
             Metrics::inc(&core.metrics.kv_transfers, wire.as_str());
+            core.record_paid(&peer, won.payment.max(bid.price));
             rec.outcome = "ok".into();
             let transfer_s = award_sent.elapsed().as_secs_f64();
             core.metrics

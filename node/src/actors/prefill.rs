@@ -59,7 +59,7 @@ impl PrefillWorker {
         let core = self.core.clone();
         let pol = &core.cfg.policy;
         let m = &core.metrics;
-        if !core.cfg.serves_prefill() {
+        if !core.serves_prefill_now() {
             return decline(m, DeclineReason::NotPrefilling);
         }
         if call.model != core.model_ref {
@@ -203,7 +203,10 @@ impl Handler<Serve> for PrefillWorker {
                 .unwrap_or_else(|_| Err(format!("transfer not done within {limit:?}")));
             drop(slot);
             match r {
-                Ok(()) => Metrics::inc(&core.metrics.auctions, "served"),
+                Ok(()) => {
+                    Metrics::inc(&core.metrics.auctions, "served");
+                    core.record_earned(&peer, award.price);
+                }
                 Err(e) => {
                     tracing::warn!(%peer, request, error = %e, "serving a prefill failed");
                     Metrics::inc(&core.metrics.auctions, "serve_failed");
