@@ -58,6 +58,11 @@ impl MeshBridge {
         let kv = self.kv.clone();
         let fut = async move {
             let part = kv.send(AdvertPart).await.ok()?;
+            // Not before the engine reported its pool: an advert of 0 free KV blocks would keep
+            // every home from calling this node until the next one arrived.
+            if !part.ready {
+                return None;
+            }
             let view = core.compute.view();
             let mut roles = Vec::new();
             if core.serves_prefill_now() {

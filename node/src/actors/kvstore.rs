@@ -52,6 +52,8 @@ impl Handler<CachedBlocks> for KvStore {
 /// The advert's part about the KV cache.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvAdvert {
+    /// Whether the engine has reported its KV pool yet (before that every count reads 0).
+    pub ready: bool,
     pub free_blocks: u64,
     pub summary: PrefixSummary,
 }
@@ -73,6 +75,7 @@ impl Handler<AdvertPart> for KvStore {
             summary.insert(*h);
         }
         MessageResult(KvAdvert {
+            ready: view.kv.total_blocks > 0,
             free_blocks: (view.kv.free + view.kv.cached) as u64,
             summary,
         })
