@@ -217,6 +217,7 @@ async fn threshold_and_offload_fraction_follow_the_link() {
     let t_slow = t_now();
     let off_slow = offloaded(&home, &varied_prompts(2)).await;
     let status = core.threshold_status.lock().unwrap().clone();
+    eprintln!("fast link: t = {t_fast}, offloaded {off_fast}/10; slow link: t = {t_slow}, offloaded {off_slow}/10");
     assert!(
         off_fast > 0 && off_slow < off_fast,
         "offloaded {off_fast}/10 on the fast link (t = {t_fast}), {off_slow}/10 on the slow one (t = {t_slow}); {status}"
