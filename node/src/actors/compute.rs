@@ -495,6 +495,9 @@ impl Worker {
     }
 
     fn run(mut self, rx: std_mpsc::Receiver<Msg>) {
+        // The KV figures are real from the start: adverts (free KV blocks) and the homes that
+        // rank candidates by them must not see an empty default before the first job.
+        self.publish_view();
         // Work taken off the channel but not started yet (import steps run as they come).
         let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut open = true;
