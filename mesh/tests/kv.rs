@@ -588,6 +588,25 @@ async fn quotas_refuse_transfers_nobody_awaits() {
     assert_eq!(home.handle.stats().kv_refused_unexpected, 2);
 }
 
+/// Opens `n` KV streams from `flooder` to `home` and writes one byte of a length prefix on
+/// each: their hellos never complete, so each holds a hello slot while its reader waits. Streams
+/// the home refuses are reset by it, so their writes may fail.
+async fn hold_unfinished_hellos(
+    flooder: &Node,
+    home: prfaas_mesh::PeerId,
+    n: usize,
+) -> Vec<libp2p::Stream> {
+    let mut control = flooder.handle.kv_control();
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = control.open_stream(home, KV_PROTOCOL).await.expect("open");
+        let _ = s.write_all(&[0]).await;
+        let _ = s.flush().await;
+        held.push(s);
+    }
+    held
+}
+
 /// One peer cannot hold more than its share of hello slots: streams whose hello never completes
 /// beyond `max_kv_hellos_per_peer` are refused and counted (`hello_quota`); another peer still
 /// gets in.
@@ -601,19 +620,7 @@ async fn quotas_bound_hellos_per_peer() {
     let flooder = spawn(cfg(false)).await;
     flooder.handle.dial(home.p2p_addr()).await.expect("dial");
     let home_id = home.id();
-    let mut control = flooder.handle.kv_control();
-    let mut held = Vec::new();
-    for _ in 0..5 {
-        let mut s = control
-            .open_stream(home_id, KV_PROTOCOL)
-            .await
-            .expect("open");
-        // One byte of a length prefix: the hello never completes, its reader waits. Streams
-        // beyond the quota are reset by the home, so their writes may fail.
-        let _ = s.write_all(&[0]).await;
-        let _ = s.flush().await;
-        held.push(s);
-    }
+    let held = hold_unfinished_hellos(&flooder, home_id, 5).await;
     counters_reach(&home, "hello_quota", |s| s.kv_refused_hello_quota == 3).await;
 
     // An honest peer is not affected by the flooder's share.
@@ -649,18 +656,7 @@ async fn awaited_winner_gets_in_when_strangers_hold_every_shared_hello_slot() {
     let home_id = home.id();
     let flooder = spawn(cfg(false)).await;
     flooder.handle.dial(home.p2p_addr()).await.expect("dial");
-    let mut control = flooder.handle.kv_control();
-    let mut held = Vec::new();
-    for _ in 0..6 {
-        let mut s = control
-            .open_stream(home_id, KV_PROTOCOL)
-            .await
-            .expect("open");
-        // An unfinished length prefix: the hello never completes and holds its slot.
-        let _ = s.write_all(&[0]).await;
-        let _ = s.flush().await;
-        held.push(s);
-    }
+    let held = hold_unfinished_hellos(&flooder, home_id, 6).await;
     // Streams past the four shared slots are refused at once (`hello_quota`); on a slow machine
     // a held hello may also time out first (`refused_kv` without a reason counter). Either way
     // the flooder has spent the pool by then.
