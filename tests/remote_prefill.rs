@@ -429,6 +429,45 @@ async fn winner_killed_during_its_stream_is_noticed_from_the_stream() {
     kill_winner(model, home, prefill, true, "failed").await;
 }
 
+/// A live winner whose open stream stops delivering frames (a stall, or a partition that closes
+/// no connection) is cut once a gap exceeds its own claim plus `late_margin` and two pieces' time
+/// on the observed link, long before the 60 s transfer timeout: the home prefills locally (the
+/// only bidder is excluded from the re-auction), same tokens, no blocks left, the stall counted.
+#[actix_rt::test]
+async fn winner_stalled_mid_stream_is_cut_long_before_the_transfer_timeout() {
+    let model = "tiny-hybrid";
+    let (prefill, home) = pair(model, Some(Duration::from_millis(500))).await;
+    let prompt = long_prompt(&home);
+    let mut reference = Reference::new(model, BackendKind::Cpu);
+    // 100 bytes/s from the winner: its stream opens, then a piece takes minutes.
+    prefill
+        .core
+        .mesh
+        .set_emulated_bandwidth(home.peer_id(), Some(100.0));
+    let t0 = Instant::now();
+    let got = run_text(&home, &prompt, 8).await;
+    match &got.route {
+        PrefillRoute::Local { reason } => {
+            assert!(
+                reason.contains("stalled"),
+                "unexpected local reason: {reason}"
+            )
+        }
+        other => panic!("a stalled winner's route: {other:?}"),
+    }
+    eprintln!("stalled winner: request done after {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(auctions(&home, "winner_stalled"), 1);
+    assert_eq!(got.tokens, reference.greedy(&prompt, 8));
+    assert_no_blocks_left(&home);
+    home.shutdown().await;
+    prefill.shutdown().await;
+}
+
 /// A live winner that opens no stream within its own claim plus `late_margin` is cut as late:
 /// the home prefills locally long before its transfer timeout and the winner's record shows it.
 #[actix_rt::test]

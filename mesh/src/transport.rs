@@ -125,6 +125,12 @@ fn build_transport(
 /// Gossip message id = the first 20 bytes of SHA-256 over the payload: identical adverts share
 /// an id (so duplicates are dropped by a cache lookup), and nobody can make a different advert
 /// collide with an honest one to have it suppressed.
+/// Inbound KV streams that may wait for the acceptor: every hello slot (shared and awaited
+/// winners') at once, so no stream the quotas would admit is lost to a burst.
+fn kv_accept_buffer(limits: &crate::config::Limits) -> usize {
+    (limits.max_pending_transfers.max(1) * 4).clamp(16, 1024)
+}
+
 fn content_message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(&m.data);
@@ -222,8 +228,10 @@ pub(crate) fn build(
     };
     let kv = libp2p_stream::Behaviour::new();
     let mut control = kv.new_control();
+    // Inbound KV streams wait here until the acceptor takes them (it refuses what its quotas do
+    // not admit at once); a burst larger than the buffer is reset by libp2p, not queued.
     let incoming = control
-        .accept(KV_PROTOCOL)
+        .accept_with_buffer(KV_PROTOCOL, kv_accept_buffer(&cfg.limits))
         .map_err(|e| MeshError::Start(format!("kv protocol: {e}")))?;
     let behaviour = MeshBehaviour {
         allow: allow.into(),

@@ -134,7 +134,7 @@ pub struct Metrics {
     /// `fallback` (offload failed, prefilled locally).
     pub offload_decisions: Family<KindLabel, Counter>,
     /// Auction outcomes seen by this node: as home (`awarded`, `no_bids`, `award_refused`,
-    /// `transfer_failed`, `transfer_timeout`, `winner_lost`, `winner_late`, `reauction`) and as bidder (`bid`, `declined`, `won`, `served`, `serve_failed`).
+    /// `transfer_failed`, `transfer_timeout`, `winner_lost`, `winner_late`, `winner_stalled`, `reauction`) and as bidder (`bid`, `declined`, `won`, `served`, `serve_failed`).
     pub auctions: Family<KindLabel, Counter>,
     /// KV bytes streamed (`kind` = `sent` / `received`).
     pub kv_bytes: Family<KindLabel, Counter>,

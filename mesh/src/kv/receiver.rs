@@ -260,6 +260,19 @@ impl KvIncoming {
         self.stream_count
     }
 
+    /// Bounds the wait for each next frame (and for the sender's remaining streams) to `idle`
+    /// where that is shorter than the configured `kv_idle_timeout`. A receiver that knows how
+    /// long the sender may honestly pause (e.g. a home that knows what its winner claimed) uses
+    /// it to notice a stalled or partitioned sender long before the transfer's overall timeout.
+    pub fn limit_idle(&mut self, idle: Duration) {
+        self.limits.idle_timeout = self.limits.idle_timeout.min(idle);
+    }
+
+    /// The wait for each next frame (see [`limit_idle`](Self::limit_idle)).
+    pub fn idle_timeout(&self) -> Duration {
+        self.limits.idle_timeout
+    }
+
     /// Receives the whole transfer into `sink`, then acks the sender. Never allocates more than
     /// the header announced and the configured maximum.
     pub async fn receive<S: KvSink>(mut self, sink: &mut S) -> Result<KvReceived, KvError> {

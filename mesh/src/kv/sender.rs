@@ -118,10 +118,7 @@ impl KvSender {
     ) -> Result<Self, KvError> {
         let stream_count = stream_count.max(1);
         let started = Instant::now();
-        let opens = (0..stream_count).map(|_| {
-            let mut c = control.clone();
-            async move { c.open_stream(peer, KV_PROTOCOL).await }
-        });
+        let opens = (0..stream_count).map(|_| open_stream(control.clone(), peer));
         let opened = tokio::time::timeout(limits.idle_timeout, futures::future::join_all(opens))
             .await
             .map_err(|_| KvError::Timeout("streams to open"))?;
@@ -385,6 +382,32 @@ impl Writer {
         }
         bounded(idle, async { stream.close().await.map_err(KvError::from) }).await?;
         Ok(None)
+    }
+}
+
+/// Extra attempts to open one KV stream after an I/O failure.
+const OPEN_RETRIES: u32 = 2;
+/// Pause before such a retry (lets the swarm drop the connection that failed).
+const OPEN_RETRY_DELAY: Duration = Duration::from_millis(20);
+
+/// Opens one KV stream to `peer`, retrying I/O failures: libp2p picks one of the peer's
+/// connections at random for each new stream, and with two connections (both sides dialled) the
+/// one picked may be closing while the other is healthy. A retry picks again among those still
+/// open (or dials). The caller bounds the whole open by its idle timeout.
+async fn open_stream(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+) -> Result<Stream, libp2p_stream::OpenStreamError> {
+    let mut tries = 0;
+    loop {
+        match control.open_stream(peer, KV_PROTOCOL).await {
+            Err(libp2p_stream::OpenStreamError::Io(e)) if tries < OPEN_RETRIES => {
+                tries += 1;
+                tracing::debug!(%peer, error = %e, tries, "KV stream did not open; retrying");
+                tokio::time::sleep(OPEN_RETRY_DELAY).await;
+            }
+            r => return r,
+        }
     }
 }
 

@@ -375,6 +375,10 @@ impl Fallback {
                 error: TransferError::Late { .. },
                 ..
             } => "winner_late",
+            Fallback::Transfer {
+                error: TransferError::Stalled(_),
+                ..
+            } => "winner_stalled",
             Fallback::Transfer { .. } => "transfer_failed",
         }
     }
@@ -385,7 +389,11 @@ impl Fallback {
         match self {
             Fallback::AwardRefused { peer } | Fallback::AwardFailed { peer, .. } => Some(*peer),
             Fallback::Transfer { peer, error }
-                if error.winner_lost() || matches!(error, TransferError::Late { .. }) =>
+                if error.winner_lost()
+                    || matches!(
+                        error,
+                        TransferError::Late { .. } | TransferError::Stalled(_)
+                    ) =>
             {
                 Some(*peer)
             }
@@ -432,6 +440,11 @@ enum TransferError {
     /// margin: cut, and recorded as late.
     #[error("no KV stream within the winner's claim of {claimed:?} + {margin:?}")]
     Late { claimed: Duration, margin: Duration },
+    /// The streams opened, then no frame came for longer than the winner's whole claimed job
+    /// plus the margin and one piece's time on the observed link (stalled, or cut off by a
+    /// partition that closes no connection).
+    #[error("KV stream stalled: no frame for {0:?}")]
+    Stalled(Duration),
 }
 
 impl TransferError {
@@ -657,7 +670,7 @@ async fn auction(
     }
     let claimed =
         Duration::from_millis(u64::from(bid.queue_delay_ms) + u64::from(bid.est_prefill_ms));
-    match receive(core, job, incoming, &ticket, wire, claimed).await {
+    match receive(core, job, incoming, &ticket, wire, claimed, bw).await {
         Ok((logits, bytes, wire)) => {
             Metrics::inc(&core.metrics.kv_transfers, wire.as_str());
             core.record_paid(&peer, won.payment.max(bid.price));
@@ -690,7 +703,8 @@ async fn auction(
 ///
 /// The first stream must open within the winner's own `claimed` queue and prefill time plus
 /// `policy.late_margin` (it streams while it prefills, so an honest winner opens long before
-/// that); a winner whose connection closes ends the wait at once.
+/// that); a winner whose connection closes ends the wait at once. Once open, no gap between
+/// frames may exceed [`stall_limit`].
 async fn receive(
     core: &Core,
     job: &DecodeJob,
@@ -698,6 +712,7 @@ async fn receive(
     ticket: &ImportTicket,
     asked: KvWire,
     claimed: Duration,
+    bandwidth: f64,
 ) -> Result<(Vec<f32>, u64, KvWire), TransferError> {
     let timeout = core.cfg.policy.transfer_timeout;
     let margin = core.cfg.policy.late_margin;
@@ -710,7 +725,8 @@ async fn receive(
         Ok(Err(_)) => return Err(TransferError::Withdrawn),
         Ok(Ok(arrival)) => arrival?,
     };
-    let h = inc.header();
+    let mut inc = inc;
+    let h = inc.header().clone();
     let n = job.tokens.len();
     if h.model != core.model_ref {
         return Err(TransferError::Header(
@@ -738,6 +754,8 @@ async fn receive(
         // Refuse the stream (dropping it resets it) rather than receive what cannot be kept.
         return Err(TransferError::Import(e));
     }
+    inc.limit_idle(stall_limit(claimed, margin, h.max_piece_bytes, bandwidth));
+    let stall = inc.idle_timeout();
     let mut sink = HomeSink {
         layout: &core.layout,
         wire,
@@ -749,6 +767,7 @@ async fn receive(
         .await
         .map_err(|_| TransferError::Timeout(timeout))?
         .map_err(|e| match e {
+            KvError::Timeout(_) if stall < timeout => TransferError::Stalled(stall),
             // The sink refuses when the import failed: say why, not just "sink refused".
             KvError::Sink(_) => match ticket.failure() {
                 Some(why) => TransferError::Import(why),
@@ -758,6 +777,18 @@ async fn receive(
         })?;
     let logits = sink.logits.ok_or(TransferError::NoLogits)?;
     Ok((logits, got.bytes, wire))
+}
+
+/// The longest an open transfer may go without a frame: the winner streams each chunk as it
+/// is computed, so no honest gap is longer than the whole queue and prefill time it claimed,
+/// plus the late margin, plus twice one piece's time on the link as the home observed it.
+/// A winner that stalls (or a partition that closes no connection) is cut after this, not
+/// after `policy.transfer_timeout`.
+fn stall_limit(claimed: Duration, margin: Duration, piece_bytes: u64, bandwidth: f64) -> Duration {
+    let piece_s = 2.0 * piece_bytes as f64 / bandwidth.max(1.0);
+    claimed
+        .saturating_add(margin)
+        .saturating_add(Duration::try_from_secs_f64(piece_s).unwrap_or(Duration::MAX))
 }
 
 /// Home side of a transfer: parses each piece as it arrives (so a bad frame fails the transfer
@@ -806,6 +837,15 @@ impl MeshKvSink for HomeSink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stall_is_bounded_by_the_claim_the_margin_and_two_pieces_on_the_link() {
+        let s = Duration::from_secs;
+        assert_eq!(stall_limit(s(1), s(3), 1_000_000, 1e6), s(6));
+        // An unmeasured or absurd link never overflows; the configured timeout still bounds it.
+        assert!(stall_limit(s(1), s(3), u64::MAX, 0.0) >= s(4));
+        assert_eq!(stall_limit(Duration::MAX, s(3), 1, 1.0), Duration::MAX);
+    }
 
     #[test]
     fn what_the_winner_sent_is_a_lie_what_the_network_did_is_a_failure() {

@@ -39,6 +39,10 @@ pub enum TokenizerError {
     },
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     UnknownId { id: TokenId, vocab: usize },
+    /// The text holds a character one of whose bytes has no token in this byte-level
+    /// vocabulary: encoding it would silently drop that byte.
+    #[error("the text contains {ch:?} (U+{:04X}), which this model's vocabulary cannot represent (byte 0x{byte:02X} has no token)", u32::from(*ch))]
+    Unrepresentable { ch: char, byte: u8 },
 }
 
 /// llama.cpp's token types (GGUF `tokenizer.ggml.token_type`).
@@ -72,7 +76,12 @@ impl TokenKind {
 #[derive(Clone)]
 enum Segmenter {
     /// BPE + pre-tokenizer only; it knows no special tokens (we split those out ourselves).
-    Bpe(Box<tokenizers::Tokenizer>),
+    /// `missing[b]`: byte `b` has no token of its own, so BPE would drop it (some vocabularies
+    /// lack rare control bytes); text containing it is refused rather than silently altered.
+    Bpe {
+        bpe: Box<tokenizers::Tokenizer>,
+        missing: Box<[bool; 256]>,
+    },
     Spm(Spm),
 }
 
@@ -144,6 +153,30 @@ fn byte_to_char_table() -> [char; 256] {
 }
 
 /// Bytes a byte-level vocab string stands for; `None` if it uses a char outside the table.
+/// Bytes `b` for which no normal token decodes to exactly `[b]`: BPE starts from one symbol per
+/// byte, and a symbol without a token is dropped.
+fn missing_bytes(pieces: &[Vec<u8>], kinds: &[TokenKind]) -> Box<[bool; 256]> {
+    let mut missing = Box::new([true; 256]);
+    for (p, k) in pieces.iter().zip(kinds) {
+        if let ([b], TokenKind::Normal | TokenKind::Byte) = (p.as_slice(), k) {
+            missing[usize::from(*b)] = false;
+        }
+    }
+    missing
+}
+
+/// The character of `s` that holds byte `i`.
+fn char_at(s: &str, i: usize) -> char {
+    let start = (0..=i.min(s.len()))
+        .rev()
+        .find(|&j| s.is_char_boundary(j))
+        .unwrap_or(0);
+    s[start..]
+        .chars()
+        .next()
+        .unwrap_or(char::REPLACEMENT_CHARACTER)
+}
+
 fn piece_bytes(token: &str, char_to_byte: &HashMap<char, u8>) -> Option<Vec<u8>> {
     token
         .chars()
@@ -344,7 +377,10 @@ impl Tokenizer {
         let pieces = Self::pieces(&tokens, &kinds)?;
         let specials = Self::specials(&tokens, &kinds);
         Ok(Self {
-            seg: Segmenter::Bpe(Box::new(bpe)),
+            seg: Segmenter::Bpe {
+                bpe: Box::new(bpe),
+                missing: missing_bytes(&pieces, &kinds),
+            },
             pieces,
             kinds,
             specials,
@@ -389,7 +425,10 @@ impl Tokenizer {
         let pieces = Self::pieces(&tokens, &kinds)?;
         let specials = Self::specials(&tokens, &kinds);
         Ok(Self {
-            seg: Segmenter::Bpe(Box::new(bpe)),
+            seg: Segmenter::Bpe {
+                bpe: Box::new(bpe),
+                missing: missing_bytes(&pieces, &kinds),
+            },
             pieces,
             kinds,
             specials,
@@ -638,7 +677,13 @@ impl Tokenizer {
                         None => raw.into(),
                     };
                     match seg {
-                        Segmenter::Bpe(bpe) => {
+                        Segmenter::Bpe { bpe, missing } => {
+                            if let Some(i) = raw.bytes().position(|b| missing[usize::from(b)]) {
+                                return Err(TokenizerError::Unrepresentable {
+                                    ch: char_at(raw.as_ref(), i),
+                                    byte: raw.as_bytes()[i],
+                                });
+                            }
                             let enc = bpe
                                 .encode(raw.as_ref(), false)
                                 .map_err(|e| TokenizerError::Backend(e.to_string()))?;
@@ -752,5 +797,38 @@ mod tests {
         assert_eq!(t[b' ' as usize], 'Ġ');
         assert_eq!(t[b'\n' as usize], 'Ċ');
         assert_eq!(t[b'a' as usize], 'a');
+    }
+
+    #[test]
+    fn text_with_a_byte_the_vocabulary_lacks_is_refused_not_altered() {
+        let table = byte_to_char_table();
+        // A byte-level vocabulary without tokens for 0x06 and 0xA9 (the last byte of 'é').
+        let tokens: Vec<String> = (0..=255u8)
+            .filter(|b| ![0x06, 0xA9].contains(b))
+            .map(|b| table[usize::from(b)].to_string())
+            .collect();
+        let kinds = vec![TokenKind::Normal; tokens.len()];
+        let tok = Tokenizer::build(
+            tokens,
+            kinds,
+            vec![],
+            PreTokenizer::Gpt2,
+            None,
+            None,
+            vec![],
+            false,
+        )
+        .expect("tokenizer");
+        for (text, ch, byte) in [("a\u{6}b", '\u{6}', 0x06), ("café au lait", 'é', 0xA9)] {
+            match tok.encode(text, false, false) {
+                Err(TokenizerError::Unrepresentable { ch: c, byte: b }) => {
+                    assert_eq!((c, b), (ch, byte), "{text:?}")
+                }
+                other => panic!("{text:?} encoded as {other:?}"),
+            }
+        }
+        let text = "plain text, digits 123 and ü";
+        let ids = tok.encode(text, false, false).expect("encodes");
+        assert_eq!(tok.decode(&ids, false).expect("decodes"), text);
     }
 }
