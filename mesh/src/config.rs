@@ -241,6 +241,10 @@ pub struct Limits {
     /// A KV transfer with no progress for this long fails.
     #[serde(with = "humantime_serde")]
     pub kv_idle_timeout: Duration,
+    /// A peer's bandwidth probe is taken at most once per this period (more are refused,
+    /// reason `probe_quota`). Honest nodes probe a peer once per `bandwidth.stale_after`.
+    #[serde(with = "humantime_serde")]
+    pub min_probe_interval: Duration,
     /// A receiver that takes KV slower than this many bytes/s (measured while data was waiting,
     /// after 5 s of it) is cut and the sender frees what it held for the transfer. 0 disables.
     pub kv_min_rate_bytes_per_s: u64,
@@ -319,6 +323,7 @@ impl Default for Limits {
             max_kv_hellos_per_peer: 32,
             accept_unexpected_kv: false,
             kv_idle_timeout: Duration::from_secs(30),
+            min_probe_interval: Duration::from_millis(250),
             kv_min_rate_bytes_per_s: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),
             max_clock_skew: Duration::from_secs(10),

@@ -149,6 +149,7 @@ impl Mesh {
             probe_max_bytes: cfg.bandwidth.probe_bytes.max(1),
             expected: expected.clone(),
             max_hellos_per_peer: cfg.limits.max_kv_hellos_per_peer.max(1),
+            min_probe_interval: cfg.limits.min_probe_interval,
             accept_unexpected: cfg.limits.accept_unexpected_kv,
         };
         let kv_events = ev_tx.clone();

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
@@ -128,6 +129,48 @@ impl Drop for PeerSlot {
     }
 }
 
+/// At most one admission per peer per `min_interval` (e.g. bandwidth probes: an honest node
+/// probes a peer once per estimate period, a flood of them only costs the link).
+#[derive(Debug)]
+pub(crate) struct PeerRate {
+    last: HashMap<PeerId, Instant>,
+    min_interval: Duration,
+}
+
+/// Peers remembered by [`PeerRate`] before the ones outside their interval are forgotten.
+const PEER_RATE_PRUNE_AT: usize = 1024;
+
+impl PeerRate {
+    pub fn new(min_interval: Duration) -> Self {
+        Self {
+            last: HashMap::new(),
+            min_interval,
+        }
+    }
+
+    /// Whether `peer` may be admitted at `now` (and if so, its period starts again).
+    pub fn admit(&mut self, peer: PeerId, now: Instant) -> bool {
+        if let Some(&t) = self.last.get(&peer) {
+            if now.saturating_duration_since(t) < self.min_interval {
+                return false;
+            }
+        }
+        if self.last.len() >= PEER_RATE_PRUNE_AT {
+            let min = self.min_interval;
+            self.last
+                .retain(|_, t| now.saturating_duration_since(*t) < min);
+            // Still full (that many peers within one period): forget the oldest.
+            if self.last.len() >= PEER_RATE_PRUNE_AT {
+                if let Some(oldest) = self.last.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p) {
+                    self.last.remove(&oldest);
+                }
+            }
+        }
+        self.last.insert(peer, now);
+        true
+    }
+}
+
 /// Transfers this node awaits, keyed by (sender, request id); shared by the handle (which
 /// registers them) and the KV acceptor (which checks hellos against them). Bounded.
 #[derive(Debug, Clone)]
@@ -221,6 +264,32 @@ impl Drop for KvExpectation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_admitted_once_per_interval_and_the_map_stays_bounded() {
+        let mut r = PeerRate::new(Duration::from_millis(250));
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        assert!(r.admit(a, t0));
+        assert!(
+            !r.admit(a, t0 + Duration::from_millis(100)),
+            "within the interval"
+        );
+        assert!(r.admit(b, t0 + Duration::from_millis(100)), "another peer");
+        assert!(
+            r.admit(a, t0 + Duration::from_millis(260)),
+            "after the interval"
+        );
+        let later = t0 + Duration::from_secs(1);
+        for _ in 0..3 * PEER_RATE_PRUNE_AT {
+            assert!(r.admit(PeerId::random(), later));
+        }
+        assert!(
+            r.last.len() <= PEER_RATE_PRUNE_AT,
+            "{} peers kept",
+            r.last.len()
+        );
+    }
 
     #[test]
     fn slots_are_per_peer_and_come_back_when_dropped() {

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::codec::{self, Frame, KvError};
 use super::protocol::{KvAck, KvHeader, KvTrailer, PieceId, StreamHello};
-use super::quota::{ExpectedTransfers, KvRefusal, PeerSlots};
+use super::quota::{ExpectedTransfers, KvRefusal, PeerRate, PeerSlots};
 use crate::bandwidth::BandwidthEstimator;
 use crate::stats::MeshStats;
 use crate::wire;
@@ -484,6 +484,8 @@ pub(crate) struct Acceptor {
     pub expected: ExpectedTransfers,
     /// Hellos one peer may have being read at once.
     pub max_hellos_per_peer: usize,
+    /// One probe per peer per this period.
+    pub min_probe_interval: Duration,
     /// Take transfers nobody awaits (benches, tools).
     pub accept_unexpected: bool,
 }
@@ -510,6 +512,7 @@ impl Acceptor {
         let hello_slots = Arc::new(Semaphore::new(self.max_pending_transfers.max(1) * 4));
         let peer_hellos = PeerSlots::new(self.max_hellos_per_peer);
         let peer_probes = PeerSlots::new(PROBES_PER_PEER);
+        let mut probe_rate = PeerRate::new(self.min_probe_interval);
         let (hello_tx, mut hello_rx) = mpsc::channel::<(PeerId, StreamHello, Stream)>(16);
         let mut pending: HashMap<(PeerId, u64), Pending> = HashMap::new();
         let refuse = |why: KvRefusal, peer: &PeerId| {
@@ -577,6 +580,10 @@ impl Acceptor {
                     let probe_slot = if hello.header.probe {
                         if hello.header.total_bytes > self.probe_max_bytes {
                             refuse(KvRefusal::ProbeTooLarge, &peer);
+                            continue;
+                        }
+                        if !probe_rate.admit(peer, now) {
+                            refuse(KvRefusal::ProbeQuota, &peer);
                             continue;
                         }
                         let Some(slot) = peer_probes.try_take(peer) else {
