@@ -43,6 +43,10 @@ impl ThresholdState {
             tracker: ThresholdTracker::new(
                 core.cfg.policy.offload_threshold_tokens as f64,
                 ReSearchTrigger::default(),
+            )
+            .with_bounds(
+                core.cfg.policy.offload_threshold_tokens as f64,
+                core.max_context as f64,
             ),
             last_split: None,
             samples_at_search: 0,
@@ -163,13 +167,8 @@ impl ThresholdState {
             core.metrics.threshold_searches.inc();
         }
         let floor = core.cfg.policy.offload_threshold_tokens;
-        let cap = core.max_context;
-        let t = self.tracker.threshold;
-        let t = if t.is_finite() {
-            (t.max(0.0).ceil() as usize).clamp(floor.min(cap), cap)
-        } else {
-            cap
-        };
+        // Within [floor, context] by the tracker's bounds.
+        let t = self.tracker.threshold.max(0.0).ceil() as usize;
         let old = core.threshold.swap(t, Ordering::Relaxed);
         core.bandwidth_scarce
             .store(self.tracker.egress_bound, Ordering::Relaxed);
