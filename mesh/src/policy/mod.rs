@@ -23,7 +23,7 @@ pub use measure::{points_to_profile, DecodeEstimator, LengthHistogram, PrefillEs
 pub use offload::{choose_kv_wire, OffloadRule, Placement, RequestShape};
 pub use placement::{plan, rank_candidates, Candidate, LocalReason, PlacementInput, PlacementPlan};
 pub use profile::{DecodeProfile, PrefillProfile, ProfilePoint};
-pub use role::{advise_role, next_role, RoleAdvice, RoleMode};
+pub use role::{advise_role, next_role, RoleAdvice, RoleMode, RoleState};
 pub use threshold::{ThresholdInputs, ThresholdTracker};
 pub use throughput::{
     Bottleneck, Evaluation, Observation, ReSearchTrigger, SearchMode, Split, ThroughputModel,

@@ -191,10 +191,14 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         }
     }
     let role = {
-        let (mode, since) = core.role_mode();
+        let r = core.role_state();
         json!({
-            "mode": mode,
-            "since_s": since,
+            "mode": r.target,
+            "since_s": r.since_s,
+            // A conversion that gives up a role finishes its work in flight first and keeps
+            // advertising the old roles until then.
+            "advertised": r.advertised,
+            "draining": r.draining(),
             "conversion": core.cfg.policy.role_conversion,
             "changes": core.metrics.role_changes.get(),
         })
