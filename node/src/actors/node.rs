@@ -233,6 +233,15 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         "inflight": core.inflight.load(Ordering::Relaxed),
         "pending_transfers": core.awaited_transfers.load(Ordering::Relaxed),
         "prefill_tokens_per_s": view.prefill_tokens_per_s,
+        // What this node measured of itself (what its adverts and searches use), in the form
+        // the simulator replays (`prfaas bench e2e` exports it).
+        "measured": prfaas_mesh::policy::MeasuredProfile::new(
+            &view.prefill_profile,
+            view.prefill_tokens_per_s,
+            &view.decode_profile,
+            core.cfg.engine.max_batch,
+            |t| core.layout.export_bytes(t.max(0.0) as usize) as f64,
+        ),
         "decoding": view.live,
         "queued_jobs": core.compute.queued_jobs(),
         "kv": view.kv,
