@@ -130,6 +130,11 @@ fn advert(u: &mut Unstructured<'_>, node_id: String) -> arbitrary::Result<Advert
             } else {
                 None
             },
+            queue_s: if u.arbitrary()? {
+                Some(float(u)?)
+            } else {
+                None
+            },
         },
         observed_bandwidth,
     })

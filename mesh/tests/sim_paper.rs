@@ -253,6 +253,35 @@ fn paper_case_full_run() {
     );
 }
 
+/// The ×100 case is the paper case with every pool, the link and the load multiplied. The model
+/// is linear in instances and the ×100 split grid contains every ×1 split scaled, so each
+/// policy's Λ is at least 100× the unscaled one, and more only by what the finer P:D grid finds
+/// (≤ 5%). The 1M-request simulation itself is
+/// `prfaas simulate --scenario configs/sim-paper-case-x100.toml` (release; BENCHMARKS.md).
+#[test]
+fn paper_case_x100_scales_the_model() {
+    let one = plan(&load("sim-paper-case.toml"));
+    let big = load("sim-paper-case-x100.toml");
+    assert_eq!(big.workload.requests, 1_000_000);
+    let hundred = plan(&big);
+    for k in [
+        PolicyKind::PrfaasRouter,
+        PolicyKind::Homogeneous,
+        PolicyKind::NaiveHeterogeneous,
+    ] {
+        let (a, b) = (100.0 * pick(&one, k).lambda, pick(&hundred, k).lambda);
+        assert!(
+            b >= a * (1.0 - 1e-9) && b <= a * 1.05,
+            "{k:?}: 100 × Λ(×1) = {a}, Λ(×100) = {b}"
+        );
+    }
+    let ratio = |p: &[(PolicyKind, prfaas_mesh::policy::Evaluation)]| {
+        pick(p, PolicyKind::PrfaasRouter).lambda / pick(p, PolicyKind::Homogeneous).lambda
+    };
+    let (r1, r100) = (ratio(&one), ratio(&hundred));
+    assert!(r100 >= r1 * 0.95 && r100 <= r1 * 1.05, "{r1} vs {r100}");
+}
+
 /// Every scenario in `configs/`, four policies side by side (the tables in BENCHMARKS.md):
 /// `cargo test --workspace --test sim_paper -- --ignored --nocapture all_scenarios`.
 #[test]

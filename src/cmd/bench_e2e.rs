@@ -23,6 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use prfaas_kernels::BackendKind;
+use prfaas_mesh::policy::MeasuredProfile;
+use prfaas_mesh::sim::replay::{
+    self, ReplayDeployment, ReplayInput, ReplayPolicy, ReplayRecord, ReplayRequest, RunFigures,
+};
 use prfaas_node::api::client::{self, ChatParams, ChatResult};
 use prfaas_node::config::{NodeConfig, NodeRole};
 use prfaas_node::engine::chat::ChatMessage;
@@ -397,6 +401,8 @@ struct Outcome {
     /// Trace start → last byte.
     done_at_s: f64,
     prompt_tokens: usize,
+    /// Prompt tokens the prefix cache served (the home's or the prefill peer's).
+    cached_tokens: usize,
     completion_tokens: usize,
     remote: bool,
     /// Why the home prefilled locally (`None` when remote or unknown).
@@ -424,6 +430,10 @@ fn outcome(r: Result<ChatResult, client::ClientError>, arrival: f64) -> Outcome 
                 itl_s: times.windows(2).map(|w| w[1] - w[0]).collect(),
                 done_at_s: arrival + r.total.as_secs_f64(),
                 prompt_tokens: r.usage.map_or(0, |u| u.prompt_tokens),
+                cached_tokens: r
+                    .usage
+                    .and_then(|u| u.prompt_tokens_details)
+                    .map_or(0, |d| d.cached_tokens),
                 completion_tokens: r.usage.map_or(0, |u| u.completion_tokens),
                 remote,
                 local_reason,
@@ -458,8 +468,17 @@ struct LoadFigures {
     /// Bytes each node sent on its uplink during the run (kernel counters), node 0 first.
     egress_bytes: Vec<u64>,
     prompt_tokens_mean: f64,
+    /// The home's link estimate towards the prefill peer at the end of the run (bytes/s; NaN
+    /// when it had none).
+    home_link_estimate_bytes_per_s: f64,
     #[serde(skip)]
     ttfts: Vec<f64>,
+    /// Every request's outcome, in trace order.
+    #[serde(skip)]
+    outcomes: Vec<Outcome>,
+    /// What each node measured of itself at the end of the run (`/mesh` `measured`).
+    #[serde(skip)]
+    measured: Vec<MeasuredProfile>,
 }
 
 fn figures(
@@ -513,7 +532,10 @@ fn figures(
         egress_bytes: egress,
         prompt_tokens_mean: ok.iter().map(|o| o.prompt_tokens as f64).sum::<f64>()
             / ok.len().max(1) as f64,
+        home_link_estimate_bytes_per_s: f64::NAN,
         ttfts,
+        outcomes: outs.to_vec(),
+        measured: Vec::new(),
     }
 }
 
@@ -531,6 +553,8 @@ async fn replay(
 ) -> anyhow::Result<Vec<Outcome>> {
     let params = ChatParams {
         timeout: Duration::from_secs(args.run_timeout_s),
+        // Prompt and cached token counts, for the simulator's replay of the run.
+        include_usage: true,
         ..ChatParams::greedy(args.max_tokens)
     };
     let t0 = Instant::now();
@@ -578,18 +602,48 @@ async fn load_run(
     let before = egress(topo)?;
     let outs = replay(args, trace, rate, &homes).await?;
     let after = egress(topo)?;
+    let (measured, link_estimate) = measured_state(&nodes).await?;
     drop(nodes);
     let sent = after
         .iter()
         .zip(&before)
         .map(|(a, b)| a.saturating_sub(*b))
         .collect();
-    let f = figures(args, d, rate, &outs, sent);
+    let mut f = figures(args, d, rate, &outs, sent);
+    f.measured = measured;
+    f.home_link_estimate_bytes_per_s = link_estimate;
     eprintln!(
         "  {label}: {}/{} ok, {:.3} req/s, TTFT P50 {:.2} s, offload {:.2}",
         f.completed, f.requests, f.throughput_req_per_s, f.ttft_p50_s, f.offload_fraction
     );
     Ok(f)
+}
+
+/// What every node measured of itself (`/mesh` `measured`, node order) and the home's link
+/// estimate towards the peer that prefills its model (NaN without one).
+async fn measured_state(nodes: &Nodes) -> anyhow::Result<(Vec<MeasuredProfile>, f64)> {
+    let mut measured = Vec::with_capacity(nodes.urls.len());
+    let mut estimate = f64::NAN;
+    for (i, url) in nodes.urls.iter().enumerate() {
+        let v = client::get_json(&format!("{url}/mesh"))
+            .await
+            .with_context(|| format!("reading node {i}'s /mesh"))?;
+        measured.push(
+            serde_json::from_value(v["measured"].clone())
+                .with_context(|| format!("node {i}'s /mesh has no measured profile"))?,
+        );
+        if i == 0 {
+            estimate = v["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["prefills_our_model"].as_bool() == Some(true))
+                .filter_map(|p| p["bandwidth_bytes_per_s"].as_f64())
+                .find(|b| *b > 0.0)
+                .unwrap_or(f64::NAN);
+        }
+    }
+    Ok((measured, estimate))
 }
 
 /// One overlap cell (link rate × prompt length): `reps` remote/local pairs, medians.
@@ -814,6 +868,90 @@ async fn overlap_runs(
     Ok(rows)
 }
 
+// ---- simulator vs reality ----
+
+/// What the simulator needs to replay each load run: the trace as the homes counted it, the
+/// profiles every node measured of itself, the link and the home's policy.
+fn replay_records(
+    args: &Args,
+    topo: &Topology,
+    trace: &Trace,
+    load: &[LoadFigures],
+    layers: usize,
+) -> Vec<ReplayRecord> {
+    // The shared system prompts' length as the prefix caches hold them: the most any request
+    // of that group was served from a cache, over every run.
+    let mut prefix_tokens = vec![0usize; trace.systems.len()];
+    for f in load {
+        for (o, r) in f.outcomes.iter().zip(&trace.requests) {
+            if let Some(g) = r.system {
+                prefix_tokens[g] = prefix_tokens[g].max(o.cached_tokens);
+            }
+        }
+    }
+    load.iter()
+        .map(|f| {
+            let requests = trace
+                .requests
+                .iter()
+                .zip(&f.outcomes)
+                .map(|(r, o)| ReplayRequest {
+                    arrival_s: r.at_unit_s / f.offered_req_per_s,
+                    prompt_tokens: o.prompt_tokens as f64,
+                    prefix: r
+                        .system
+                        .filter(|&g| prefix_tokens[g] > 0)
+                        .map(|g| (g as u32, prefix_tokens[g] as f64)),
+                })
+                .collect();
+            let home = &deployment_configs(args, topo, f.deployment)[0];
+            let p = &home.policy;
+            let link = if f.home_link_estimate_bytes_per_s > 0.0 {
+                f.home_link_estimate_bytes_per_s
+            } else {
+                args.link_mbit * 1e6 / 8.0
+            };
+            ReplayRecord {
+                input: ReplayInput {
+                    deployment: match f.deployment {
+                        Deployment::Homogeneous => ReplayDeployment::Homogeneous,
+                        Deployment::Naive => ReplayDeployment::Naive,
+                        Deployment::Auction => ReplayDeployment::Auction,
+                    },
+                    requests,
+                    output_tokens: args.max_tokens as u32,
+                    nodes: f.measured.clone(),
+                    link_bytes_per_s: link,
+                    latency_s: 0.0,
+                    kv_layers: layers as u32,
+                    prefix_cache_groups: trace.systems.len(),
+                    policy: ReplayPolicy {
+                        threshold_tokens: p.offload_threshold_tokens as f64,
+                        adaptive_threshold: p.adaptive_threshold,
+                        price_per_1k_tokens: p.price_per_1k_tokens,
+                        queue_premium_per_s: p.queue_premium_per_s,
+                        reserve_price_factor: p.reserve_price_factor,
+                        lambda_per_s: p.lambda_per_s,
+                        top_k: p.auction_top_k,
+                    },
+                },
+                measured: RunFigures {
+                    throughput_req_per_s: f.throughput_req_per_s,
+                    ttft_p50_s: f.ttft_p50_s,
+                    ttft_p90_s: f.ttft_p90_s,
+                    offload_fraction: f.offload_fraction,
+                    ttft_by_request: f
+                        .outcomes
+                        .iter()
+                        .map(|o| if o.ok { o.ttft_s } else { f64::NAN })
+                        .collect(),
+                    remote_by_request: f.outcomes.iter().map(|o| o.remote).collect(),
+                },
+            }
+        })
+        .collect()
+}
+
 // ---- report --------------------------------------------------------------------------------
 
 fn table(args: &Args, load: &[LoadFigures], overlap: &[Overlap]) -> String {
@@ -982,6 +1120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.out.join(slug);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let topo = Topology::create("bench", &[args.link_mbit, args.link_mbit])?;
+    let trace = make_trace(&args, &text, context);
 
     // The client and the orchestration run on a thread that lives in the hub namespace; the
     // topology stays owned here, so it is removed however that thread ends.
@@ -991,7 +1130,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             actix_rt::System::new().block_on(async {
                 let mut load = Vec::new();
                 if !args.no_load {
-                    let trace = make_trace(&args, &text, context);
                     for &rate in &args.rates {
                         for d in DEPLOYMENTS {
                             load.push(load_run(&args, &topo, &trace, d, rate, &dir).await?);
@@ -1008,9 +1146,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the bench thread panicked"))?
     })?;
+    // The simulator over the same trace with what the nodes measured, run by run.
+    let records = replay_records(&args, &topo, &trace, &load, layers);
     drop(topo);
+    let mut sim_vs_real = Vec::with_capacity(records.len());
+    for (f, rec) in load.iter().zip(&records) {
+        let label = format!("{:?}-{}", f.deployment, f.offered_req_per_s).to_lowercase();
+        let path = dir.join(format!("replay-{label}.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(rec)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        sim_vs_real
+            .push(replay::compare(rec).with_context(|| format!("simulating the {label} run"))?);
+    }
 
-    let tab = table(&args, &load, &overlap);
+    let mut tab = table(&args, &load, &overlap);
+    if !sim_vs_real.is_empty() {
+        tab.push_str(&replay::comparison_table(&sim_vs_real));
+    }
     let report = json!({
         "model": args.model,
         "backend": args.backend.to_string(),
@@ -1026,6 +1178,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "load": load,
         "overlap": overlap,
         "overlap_goal": 1.10,
+        "sim_vs_real": sim_vs_real,
+        "sim_vs_real_goal": 0.15,
     });
     std::fs::write(
         dir.join("report.json"),

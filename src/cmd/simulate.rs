@@ -23,9 +23,16 @@ pub struct Args {
     /// Directory for table.txt, report.json and the SVG charts.
     #[arg(long, default_value = "target/sim")]
     pub out: PathBuf,
+    /// Instead of a scenario: predict runs that `prfaas bench e2e` recorded (its
+    /// `replay-*.json` files) and print predicted / measured.
+    #[arg(long, num_args = 1.., conflicts_with = "scenario")]
+    pub replay: Vec<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if !args.replay.is_empty() {
+        return replay(&args);
+    }
     let scenario = Scenario::load(&args.scenario)?;
     let report = sim::run(
         &scenario,
@@ -54,6 +61,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match std::io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
         _ => {}
+    }
+    Ok(())
+}
+
+fn replay(args: &Args) -> anyhow::Result<()> {
+    let mut rows = Vec::with_capacity(args.replay.len());
+    for path in &args.replay {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let record: sim::replay::ReplayRecord =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        rows.push(
+            sim::replay::compare(&record)
+                .with_context(|| format!("replaying {}", path.display()))?,
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        print!("{}", sim::replay::comparison_table(&rows));
     }
     Ok(())
 }

@@ -70,6 +70,7 @@ fn prefill_body(model: &ModelRef, seq: u32) -> AdvertBody {
         prefix_summary: PrefixSummary::with_size(64, 3),
         software_version: format!("rogue-{seq}"),
         api_url: None,
+        queue_s: None,
     }
 }
 

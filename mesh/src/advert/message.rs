@@ -120,6 +120,11 @@ pub struct AdvertBody {
     /// `None`, so such adverts encode exactly as before, and older nodes skip the unknown key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_url: Option<String>,
+    /// Seconds of prefill work queued here when the advert was made (the queue a bid would
+    /// quote), so that homes rank candidates by waiting time rather than by job count. Added like
+    /// `api_url`: omitted when `None`, so older adverts encode as before and older nodes skip it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_s: Option<f64>,
 }
 
 /// Goodput this node has observed towards one peer (so others can reason about the mesh's links).
@@ -146,6 +151,17 @@ pub struct Advert {
     pub observed_bandwidth: Vec<BandwidthReport>,
 }
 
+impl AdvertBody {
+    /// The advertised queue in seconds. An advert without it (from an older node) counts jobs
+    /// only: each is taken as `per_job_s` (the caller's own prompt at the advertised speed).
+    pub fn queue_seconds(&self, per_job_s: f64) -> f64 {
+        match self.queue_s {
+            Some(q) if q.is_finite() && q >= 0.0 => q,
+            _ => f64::from(self.queue_depth) * per_job_s,
+        }
+    }
+}
+
 impl Advert {
     /// Whether this node offers prefill for exactly this model and KV layout.
     pub fn can_prefill(&self, model: &ModelRef) -> bool {
@@ -165,6 +181,44 @@ impl Advert {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_seconds_prefer_the_advertised_wait_over_the_job_count() {
+        // Three short jobs queued (0.3 s) rank ahead of one long job (20 s); by count alone the
+        // one-job queue would look three times shorter.
+        let short = AdvertBody {
+            queue_depth: 3,
+            queue_s: Some(0.3),
+            ..AdvertBody::default()
+        };
+        let long = AdvertBody {
+            queue_depth: 1,
+            queue_s: Some(20.0),
+            ..AdvertBody::default()
+        };
+        assert!(short.queue_seconds(5.0) < long.queue_seconds(5.0));
+        // An older node's advert (no seconds) or nonsense falls back to jobs × the per-job time.
+        let old = AdvertBody {
+            queue_depth: 3,
+            ..AdvertBody::default()
+        };
+        assert_eq!(old.queue_seconds(5.0), 15.0);
+        for bad in [f64::NAN, -1.0, f64::INFINITY] {
+            let b = AdvertBody {
+                queue_s: Some(bad),
+                ..old.clone()
+            };
+            assert_eq!(b.queue_seconds(5.0), 15.0);
+        }
+        // Encoded without the field when absent, so old adverts encode exactly as before.
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&old, &mut bytes).unwrap();
+        let mut with = Vec::new();
+        ciborium::into_writer(&short, &mut with).unwrap();
+        let key = b"queue_s";
+        assert!(!bytes.windows(key.len()).any(|w| w == key));
+        assert!(with.windows(key.len()).any(|w| w == key));
+    }
 
     #[test]
     fn bloom_has_no_false_negatives_and_few_false_positives() {

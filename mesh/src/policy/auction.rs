@@ -147,19 +147,36 @@ pub struct Award {
 /// bid scores within `max_score`. Ties go to the reserve bid, then to the lower bidder id, so the
 /// outcome is deterministic.
 pub fn settle(bids: &[(Bid, f64)], params: &ScoringParams) -> Option<Award> {
-    let mut scored: Vec<(usize, f64)> = bids
-        .iter()
-        .enumerate()
-        .map(|(i, (b, bw))| (i, params.score(b, *bw)))
-        .filter(|&(_, s)| s <= params.max_score)
-        .collect();
-    scored.sort_by(|a, b| {
+    // Lower score first; at equal scores the reserve (the home keeps the prompt), then the
+    // lower bidder id. Only the best two matter: one pass, however many bid.
+    let before = |a: (usize, f64), b: (usize, f64)| {
         a.1.total_cmp(&b.1)
             .then(bids[b.0].0.reserve.cmp(&bids[a.0].0.reserve))
             .then(bids[a.0].0.bidder.cmp(&bids[b.0].0.bidder))
-    });
-    let &(index, score) = scored.first()?;
-    let runner_up_score = scored.get(1).map_or(params.max_score, |r| r.1);
+            .is_lt()
+    };
+    let mut first: Option<(usize, f64)> = None;
+    let mut second: Option<(usize, f64)> = None;
+    for (i, (b, bw)) in bids.iter().enumerate() {
+        let s = params.score(b, *bw);
+        if s > params.max_score || s.is_nan() {
+            continue;
+        }
+        let x = (i, s);
+        match first {
+            Some(f) if !before(x, f) => {
+                if second.is_none_or(|t| before(x, t)) {
+                    second = Some(x);
+                }
+            }
+            _ => {
+                second = first;
+                first = Some(x);
+            }
+        }
+    }
+    let (index, score) = first?;
+    let runner_up_score = second.map_or(params.max_score, |r| r.1);
     let (bid, bw) = bids[index];
     let payment = if bid.reserve {
         0.0

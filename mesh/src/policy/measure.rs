@@ -2,7 +2,7 @@
 //! throughput model takes: prefill time vs length, decode step time vs batch, and the lengths of
 //! the uncached prompts it homes. Fixed log-spaced buckets, so memory is bounded whatever runs.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::profile::{DecodeProfile, PrefillProfile, ProfilePoint};
 use super::workload::LengthDistribution;
@@ -96,7 +96,9 @@ impl PrefillEstimator {
     }
 }
 
-/// A profile from `(tokens, seconds)` points (e.g. a peer's advert) and the layout's KV size.
+/// A profile from measured `(uncached tokens, seconds)` points (a node's own, or a peer's
+/// advert) and the layout's KV size; read by uncached length
+/// ([`PrefillProfile::measured_by_uncached`]).
 pub fn points_to_profile(
     points: &[(f64, f64)],
     kv_bytes: impl Fn(f64) -> f64,
@@ -112,7 +114,7 @@ pub fn points_to_profile(
         let (x, y) = pts[0];
         pts.push((x * 16.0, y * 16.0));
     }
-    PrefillProfile::new(
+    Ok(PrefillProfile::new(
         pts.into_iter()
             .map(|(tokens, prefill_s)| ProfilePoint {
                 tokens,
@@ -120,7 +122,8 @@ pub fn points_to_profile(
                 kv_bytes: kv_bytes(tokens).max(1.0),
             })
             .collect(),
-    )
+    )?
+    .measured_by_uncached())
 }
 
 /// Measured decode step time vs batch size (power-of-two batch buckets).
@@ -145,10 +148,8 @@ impl DecodeEstimator {
         self.buckets[b].add(batch as f64, seconds);
     }
 
-    /// Step time at `max_batch` from the measurements (flat beyond the measured batches).
-    /// The profile's SLO is that step's speed, so `BS_max = max_batch`: the node decodes as many
-    /// sequences as it is configured to, at the speed it measured. `None` before any step.
-    pub fn profile(&self, max_batch: usize) -> Option<DecodeProfile> {
+    /// Measured `(batch, seconds)` points, ascending, made non-decreasing in time.
+    pub fn points(&self) -> Vec<(f64, f64)> {
         let mut pts: Vec<(f64, f64)> = Vec::new();
         for a in self.buckets.iter().filter(|a| a.n > 0) {
             let y = pts.last().map_or(a.y, |p: &(f64, f64)| a.y.max(p.1));
@@ -156,18 +157,116 @@ impl DecodeEstimator {
                 pts.push((a.x, y));
             }
         }
-        let max_batch = max_batch.max(1) as f64;
-        pts.retain(|p| p.0 <= max_batch);
-        let last = *pts.last()?;
-        if last.0 < max_batch {
-            // Flat beyond what was measured: the step at the largest measured batch.
-            pts.push((max_batch, last.1));
+        pts
+    }
+
+    /// Step time at `max_batch` from the measurements (flat beyond the measured batches).
+    /// The profile's SLO is that step's speed, so `BS_max = max_batch`: the node decodes as many
+    /// sequences as it is configured to, at the speed it measured. `None` before any step.
+    pub fn profile(&self, max_batch: usize) -> Option<DecodeProfile> {
+        decode_points_to_profile(&self.points(), max_batch)
+    }
+}
+
+/// A decode profile from measured `(batch, seconds)` points (a node's own, or exported from one)
+/// for a node that runs at most `max_batch` sequences; see [`DecodeEstimator::profile`].
+pub fn decode_points_to_profile(points: &[(f64, f64)], max_batch: usize) -> Option<DecodeProfile> {
+    let mut pts: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|p| p.0.is_finite() && p.1.is_finite() && p.0 >= 1.0 && p.1 > 0.0)
+        .collect();
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    pts.dedup_by(|b, a| b.0 <= a.0);
+    for i in 1..pts.len() {
+        pts[i].1 = pts[i].1.max(pts[i - 1].1);
+    }
+    let max_batch = max_batch.max(1) as f64;
+    pts.retain(|p| p.0 <= max_batch);
+    let last = *pts.last()?;
+    if last.0 < max_batch {
+        // Flat beyond what was measured: the step at the largest measured batch.
+        pts.push((max_batch, last.1));
+    }
+    let at_max = last.1.max(1e-9);
+    // A node never runs more than its configured batch: a step far over the SLO just past
+    // it makes `BS_max` exactly `max_batch`.
+    pts.push((max_batch + 1.0, at_max * 1e3));
+    DecodeProfile::new(pts, 1.0 / at_max).ok()
+}
+
+/// What one node measured of itself, in a form it can export (`/mesh`, `prfaas bench e2e`) and
+/// the simulator can replay: prefill time vs uncached length, decode step time vs batch, its
+/// batch limit, and the KV bytes its layout ships at a few lengths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeasuredProfile {
+    /// `(tokens, seconds)` of measured prefills, ascending.
+    pub prefill: Vec<(f64, f64)>,
+    /// Prefill speed assumed where nothing is measured yet (tokens/s).
+    pub prefill_tokens_per_s: f64,
+    /// `(batch, seconds)` of measured decode steps, ascending.
+    pub decode: Vec<(f64, f64)>,
+    /// Most sequences the node decodes at once.
+    pub max_batch: usize,
+    /// `(tokens, bytes)` of KV shipped for a prompt of that length.
+    pub kv_bytes: Vec<(f64, f64)>,
+}
+
+impl MeasuredProfile {
+    /// Lengths at which [`Self::kv_bytes`] is sampled: the layout is affine in the length (a
+    /// fixed state plus a per-token part), or piecewise so where a sliding window saturates.
+    pub const KV_SAMPLE_TOKENS: [f64; 6] = [1.0, 512.0, 1024.0, 4096.0, 32768.0, 131072.0];
+
+    /// From a node's estimators and its layout's `kv_bytes(tokens)`.
+    pub fn new(
+        prefill: &PrefillEstimator,
+        prefill_tokens_per_s: f64,
+        decode: &DecodeEstimator,
+        max_batch: usize,
+        kv_bytes: impl Fn(f64) -> f64,
+    ) -> Self {
+        Self {
+            prefill: prefill.points(),
+            prefill_tokens_per_s,
+            decode: decode.points(),
+            max_batch,
+            kv_bytes: Self::KV_SAMPLE_TOKENS
+                .iter()
+                .map(|&t| (t, kv_bytes(t)))
+                .collect(),
         }
-        let at_max = last.1.max(1e-9);
-        // A node never runs more than its configured batch: a step far over the SLO just past
-        // it makes `BS_max` exactly `max_batch`.
-        pts.push((max_batch + 1.0, at_max * 1e3));
-        DecodeProfile::new(pts, 1.0 / at_max).ok()
+    }
+
+    /// KV bytes at `tokens`, interpolated between the sampled lengths.
+    pub fn kv_bytes_at(&self, tokens: f64) -> f64 {
+        // Exported figures may come from a file: sort and drop repeated lengths first.
+        let mut k: Vec<(f64, f64)> = self
+            .kv_bytes
+            .iter()
+            .copied()
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+            .collect();
+        k.sort_by(|a, b| a.0.total_cmp(&b.0));
+        k.dedup_by(|b, a| b.0 <= a.0);
+        match k.len() {
+            0 => 0.0,
+            1 => k[0].1,
+            _ => super::profile::lerp_extrapolate(&k, tokens).max(0.0),
+        }
+    }
+
+    /// The prefill profile (see [`PrefillEstimator::profile`] for one or no measured point).
+    pub fn prefill_profile(&self) -> Result<PrefillProfile, PolicyError> {
+        let mut e = PrefillEstimator::default();
+        for &(t, s) in &self.prefill {
+            e.observe(t, s);
+        }
+        e.profile(|t| self.kv_bytes_at(t), self.prefill_tokens_per_s)
+    }
+
+    /// The decode profile, `None` before the node decoded anything.
+    pub fn decode_profile(&self) -> Option<DecodeProfile> {
+        decode_points_to_profile(&self.decode, self.max_batch)
     }
 }
 

@@ -19,11 +19,14 @@ pub mod workload;
 pub use auction::{settle, Award, Bid, BidderId, BidderLoad, PricingParams, ScoringParams};
 pub use bids::{check_bid, BidFault};
 pub use ledger::{Account, Ledger};
-pub use measure::{points_to_profile, DecodeEstimator, LengthHistogram, PrefillEstimator};
+pub use measure::{
+    decode_points_to_profile, points_to_profile, DecodeEstimator, LengthHistogram, MeasuredProfile,
+    PrefillEstimator,
+};
 pub use offload::{choose_kv_wire, OffloadRule, Placement, RequestShape};
 pub use placement::{plan, rank_candidates, Candidate, LocalReason, PlacementInput, PlacementPlan};
 pub use profile::{DecodeProfile, PrefillProfile, ProfilePoint};
-pub use role::{advise_role, next_role, RoleAdvice, RoleMode};
+pub use role::{advise_role, next_role, RoleAdvice, RoleMode, RoleState};
 pub use threshold::{ThresholdInputs, ThresholdTracker};
 pub use throughput::{
     Bottleneck, Evaluation, Observation, ReSearchTrigger, SearchMode, Split, ThroughputModel,

@@ -102,16 +102,30 @@ pub struct PlacementInput<'a> {
 }
 
 /// Candidates worth calling, best first, at most `k`: those with room, by advertised delay, ties
-/// to the longer cached prefix then the lower id (deterministic).
+/// to the longer cached prefix then the lower id (deterministic). Linear in the candidates (a
+/// partial selection, then a sort of the `k` chosen), so a home in a mesh of thousands of peers
+/// pays little more per request than one with a handful.
 pub fn rank_candidates(candidates: &[Candidate], k: usize) -> Vec<u32> {
-    let mut c: Vec<&Candidate> = candidates.iter().filter(|c| c.has_room).collect();
-    c.sort_by(|a, b| {
-        a.advertised_delay_s()
-            .total_cmp(&b.advertised_delay_s())
-            .then(b.cached_tokens.total_cmp(&a.cached_tokens))
-            .then(a.id.cmp(&b.id))
-    });
-    c.into_iter().take(k.max(1)).map(|c| c.id).collect()
+    let mut c: Vec<(f64, f64, u32)> = candidates
+        .iter()
+        .filter(|c| c.has_room)
+        .map(|c| (c.advertised_delay_s(), c.cached_tokens, c.id))
+        .collect();
+    let order = |a: &(f64, f64, u32), b: &(f64, f64, u32)| {
+        a.0.total_cmp(&b.0)
+            .then(b.1.total_cmp(&a.1))
+            .then(a.2.cmp(&b.2))
+    };
+    let k = k.max(1).min(c.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k < c.len() {
+        c.select_nth_unstable_by(k - 1, order);
+        c.truncate(k);
+    }
+    c.sort_by(order);
+    c.into_iter().map(|c| c.2).collect()
 }
 
 /// Decide local or which peers to call (the auction itself is [`super::settle`]).
@@ -131,23 +145,22 @@ pub fn plan(input: &PlacementInput<'_>) -> PlacementPlan {
         threshold_tokens: input.threshold,
     };
     let l = rule.incremental_tokens(&shape, input.bandwidth_scarce);
-    let call = rank_candidates(input.candidates, input.top_k);
-    if call.is_empty() {
-        return PlacementPlan::Local {
-            incremental_tokens: l,
-            reason: if rule.decide(&shape, input.bandwidth_scarce) == Placement::Local {
-                LocalReason::Short
-            } else {
-                LocalReason::NoCandidates
-            },
-        };
-    }
     if rule.decide(&shape, input.bandwidth_scarce) == Placement::Offload {
-        return PlacementPlan::Auction {
-            call,
-            spilled: false,
+        let call = rank_candidates(input.candidates, input.top_k);
+        return if call.is_empty() {
+            PlacementPlan::Local {
+                incremental_tokens: l,
+                reason: LocalReason::NoCandidates,
+            }
+        } else {
+            PlacementPlan::Auction {
+                call,
+                spilled: false,
+            }
         };
     }
+    // Within `t`: local unless the home's queue makes it spill (only a candidate with room and
+    // a finite advertised delay can take it).
     let best_remote = input
         .candidates
         .iter()
@@ -156,7 +169,7 @@ pub fn plan(input: &PlacementInput<'_>) -> PlacementPlan {
         .fold(f64::INFINITY, f64::min);
     if input.local_delay_s > input.spill_ratio * best_remote {
         PlacementPlan::Auction {
-            call,
+            call: rank_candidates(input.candidates, input.top_k),
             spilled: true,
         }
     } else {

@@ -26,9 +26,12 @@ pub struct PrefillProfile {
     points: Vec<ProfilePoint>,
     time_curve: Vec<(f64, f64)>,
     size_curve: Vec<(f64, f64)>,
+    /// The points time prefills of `tokens` *uncached* tokens (what a node measures of itself:
+    /// each prefill after its prefix-cache hit), rather than of whole fresh prompts.
+    by_uncached: bool,
 }
 
-fn lerp_extrapolate(xs: &[(f64, f64)], x: f64) -> f64 {
+pub(crate) fn lerp_extrapolate(xs: &[(f64, f64)], x: f64) -> f64 {
     // `xs` is validated: at least two points with strictly increasing x.
     let n = xs.len();
     let seg = if x <= xs[0].0 {
@@ -87,7 +90,16 @@ impl PrefillProfile {
             points,
             time_curve,
             size_curve,
+            by_uncached: false,
         })
+    }
+
+    /// The same points read as prefill time vs *uncached* length (a node's own measurements):
+    /// a prompt with a cached prefix then costs `T(total − cached)` (see
+    /// [`Self::incremental_prefill_time`]).
+    pub fn measured_by_uncached(mut self) -> Self {
+        self.by_uncached = true;
+        self
     }
 
     /// The validated points, sorted by length.
@@ -105,10 +117,16 @@ impl PrefillProfile {
     /// Prefill time when the first `cached` tokens are already in the prefix cache: the cost of
     /// the uncached suffix, `T(total) − T(cached)`, plus the fixed per-request overhead `T(0)`
     /// once (the cached part already paid its overhead when it was computed).
+    /// A profile measured by uncached length answers `T(total − cached)` directly: its points
+    /// already are such prefills, and differencing a noisy measured curve (a flat segment, a
+    /// steep one) would charge a short remainder the slope of much longer prompts.
     pub fn incremental_prefill_time(&self, total: f64, cached: f64) -> f64 {
         let cached = cached.clamp(0.0, total.max(0.0));
         if cached <= 0.0 {
             return self.prefill_time(total);
+        }
+        if self.by_uncached {
+            return self.prefill_time(total - cached);
         }
         let overhead = self.prefill_time(0.0);
         (self.prefill_time(total) - self.prefill_time(cached) + overhead).max(overhead)
@@ -136,7 +154,7 @@ impl PrefillProfile {
     /// The same instance type with every prefill time multiplied by `factor(tokens)`; used to
     /// derive a slower GPU's profile from a reference one (see `configs/sim-paper-case.toml`).
     pub fn time_scaled(&self, factor: impl Fn(f64) -> f64) -> Result<Self, PolicyError> {
-        Self::new(
+        let mut p = Self::new(
             self.points
                 .iter()
                 .map(|p| ProfilePoint {
@@ -144,7 +162,9 @@ impl PrefillProfile {
                     ..*p
                 })
                 .collect(),
-        )
+        )?;
+        p.by_uncached = self.by_uncached;
+        Ok(p)
     }
 }
 
@@ -293,6 +313,30 @@ mod tests {
         );
         assert!(p.kv_bytes_to_ship(32768.0, 32768.0) < p.kv_bytes(32768.0) / 2.0);
         assert_eq!(p.kv_bytes_to_ship(32768.0, 0.0), p.kv_bytes(32768.0));
+    }
+
+    #[test]
+    fn measured_profiles_charge_the_uncached_remainder_itself() {
+        // A node's measurements: 30 uncached tokens took 0.08 s, 128 took 0.32 s, 771 took
+        // 2.74 s. A 158-token prompt with 128 cached is a 30-token prefill: 0.08 s, not
+        // T(158) − T(128) + T(0) (30 tokens at the 128→771 slope: ≈ 0.12 s).
+        let pt = |t: f64, s: f64| ProfilePoint {
+            tokens: t,
+            prefill_s: s,
+            kv_bytes: t * 1e3,
+        };
+        let fresh =
+            PrefillProfile::new(vec![pt(30.0, 0.08), pt(128.0, 0.32), pt(771.0, 2.74)]).unwrap();
+        let measured = fresh.clone().measured_by_uncached();
+        assert!((measured.incremental_prefill_time(158.0, 128.0) - 0.08).abs() < 1e-12);
+        assert!(fresh.incremental_prefill_time(158.0, 128.0) > 0.11);
+        // Nothing cached: the same curve either way; scaling keeps the reading.
+        assert_eq!(
+            measured.incremental_prefill_time(500.0, 0.0),
+            fresh.prefill_time(500.0)
+        );
+        let slower = measured.time_scaled(|_| 2.0).unwrap();
+        assert!((slower.incremental_prefill_time(158.0, 128.0) - 0.16).abs() < 1e-12);
     }
 
     #[test]

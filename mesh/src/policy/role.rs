@@ -63,6 +63,85 @@ pub enum RoleMode {
     DecodeOnly,
 }
 
+impl RoleMode {
+    /// Whether a node in this mode prefills for others (of a `pd` node's two roles).
+    pub fn prefills(self) -> bool {
+        self != RoleMode::DecodeOnly
+    }
+
+    /// Whether a node in this mode homes (admits and decodes) requests.
+    pub fn homes(self) -> bool {
+        self != RoleMode::PrefillOnly
+    }
+}
+
+/// A node's role over time, with the drain between two modes: moving to a mode that gives a
+/// role up first stops taking new work of that role (no bids, or no new requests) while the
+/// node still advertises its old roles and finishes what it has in flight; only then does it
+/// advertise the new mode. A move that only adds a role takes effect at once.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RoleState {
+    /// The mode the node advertises (and serves, for work in flight).
+    pub advertised: RoleMode,
+    /// The mode it is moving to (`== advertised` when not draining).
+    pub target: RoleMode,
+    /// When the last change began (s, the caller's clock).
+    pub since_s: f64,
+}
+
+impl RoleState {
+    /// Serving `mode` since `now_s`.
+    pub fn new(mode: RoleMode, now_s: f64) -> Self {
+        Self {
+            advertised: mode,
+            target: mode,
+            since_s: now_s,
+        }
+    }
+
+    /// Whether a drain is under way.
+    pub fn draining(&self) -> bool {
+        self.advertised != self.target
+    }
+
+    /// Whether new prefill work (bids, awards) is taken now.
+    pub fn takes_prefill(&self) -> bool {
+        self.advertised.prefills() && self.target.prefills()
+    }
+
+    /// Whether new requests are homed now.
+    pub fn takes_homing(&self) -> bool {
+        self.advertised.homes() && self.target.homes()
+    }
+
+    /// Starts moving to `to` at `now_s`: at once when no role is given up, else by a drain.
+    pub fn begin(&mut self, to: RoleMode, now_s: f64) {
+        let gives_up = (self.advertised.prefills() && !to.prefills())
+            || (self.advertised.homes() && !to.homes());
+        self.target = to;
+        self.since_s = now_s;
+        if !gives_up {
+            self.advertised = to;
+        }
+    }
+
+    /// Ends a drain once nothing of the role given up is in flight (`prefills_in_flight`:
+    /// prefills served for others; `homed_in_flight`: requests this node homes). Returns `true`
+    /// when the advertised mode changed.
+    pub fn poll_drain(&mut self, prefills_in_flight: usize, homed_in_flight: usize) -> bool {
+        if !self.draining() {
+            return false;
+        }
+        let prefill_done = self.target.prefills() || prefills_in_flight == 0;
+        let homing_done = self.target.homes() || homed_in_flight == 0;
+        if prefill_done && homing_done {
+            self.advertised = self.target;
+            return true;
+        }
+        false
+    }
+}
+
 /// The runtime role conversion rule: where `advice` points from `current`, unless the last
 /// change (or the start) was less than `min_interval_s` ago. A converted node moves back to
 /// `Both` when the advice reverses, before converting the other way, so roles move one step at
@@ -124,6 +203,36 @@ mod tests {
 
     use super::*;
     use crate::policy::profile::{DecodeProfile, PrefillProfile, ProfilePoint};
+
+    #[test]
+    fn giving_up_a_role_drains_before_it_is_advertised() {
+        use RoleMode::*;
+        let mut r = RoleState::new(Both, 0.0);
+        assert!(r.takes_prefill() && r.takes_homing() && !r.draining());
+        // Both → decode only: no new prefill work at once, the old roles advertised while two
+        // served prefills finish; homed requests in flight do not hold the drain.
+        r.begin(DecodeOnly, 10.0);
+        assert!(r.draining() && !r.takes_prefill() && r.takes_homing());
+        assert_eq!(
+            (r.advertised, r.target, r.since_s),
+            (Both, DecodeOnly, 10.0)
+        );
+        assert!(!r.poll_drain(2, 5));
+        assert!(!r.poll_drain(1, 0));
+        assert!(r.poll_drain(0, 5));
+        assert_eq!(r.advertised, DecodeOnly);
+        assert!(!r.draining() && !r.takes_prefill() && r.takes_homing());
+        assert!(!r.poll_drain(0, 0), "nothing left to drain");
+        // Back to both only adds a role: at once.
+        r.begin(Both, 20.0);
+        assert!(!r.draining() && r.takes_prefill() && r.takes_homing());
+        // Both → prefill only waits for the homed requests, not for served prefills.
+        r.begin(PrefillOnly, 30.0);
+        assert!(r.draining() && r.takes_prefill() && !r.takes_homing());
+        assert!(!r.poll_drain(0, 1));
+        assert!(r.poll_drain(3, 0));
+        assert_eq!(r.advertised, PrefillOnly);
+    }
 
     fn model() -> ThroughputModel {
         let prof = PrefillProfile::new(vec![

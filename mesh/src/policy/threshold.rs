@@ -49,6 +49,12 @@ pub struct ThresholdTracker {
     /// Whether the remote path was egress-bound at the last search (the prefix rule's
     /// "bandwidth is scarce").
     pub egress_bound: bool,
+    /// Smallest `t` a search may set (a node's configured `offload_threshold_tokens`).
+    pub floor: f64,
+    /// Largest `t` a search may set (a node's context: `∞` there means "never offload").
+    pub cap: f64,
+    /// Whether the last observation was a surge (utilisation or queue over its bound).
+    pub surging: bool,
     #[serde(skip)]
     trigger: ReSearchTrigger,
 }
@@ -62,24 +68,45 @@ impl ThresholdTracker {
             researches: 0,
             last: None,
             egress_bound: false,
+            floor: 0.0,
+            cap: f64::INFINITY,
+            surging: false,
             trigger,
         }
     }
 
-    /// Re-searches `t` when the trigger fires on `inputs.observation` or `inputs_changed`.
-    /// Returns `Ok(true)` when a search ran. An infeasible search (nothing measured yet, a zero
-    /// split) keeps the current `t` and reports why.
+    /// Keeps every searched `t` within `[floor, cap]` (`cap` wins where they cross).
+    pub fn with_bounds(mut self, floor: f64, cap: f64) -> Self {
+        self.floor = floor;
+        self.cap = cap;
+        self
+    }
+
+    /// Re-searches `t` when `inputs_changed`, when the bandwidth moved by the trigger's factor
+    /// from the one last searched with, or when a surge *begins* (utilisation or a queue crosses
+    /// its bound): a queue that stays long does not call for the same search at every check —
+    /// the queue is not a term of the model, so the result would only change with the other
+    /// inputs, which have their own triggers. Returns `Ok(true)` when a search ran. An
+    /// infeasible search (nothing measured yet, a zero split) keeps the current `t` and reports
+    /// why.
     pub fn update(
         &mut self,
         inputs: &ThresholdInputs<'_>,
         inputs_changed: bool,
     ) -> Result<bool, PolicyError> {
         let obs = &inputs.observation;
-        if !inputs_changed && !self.trigger.should_research(obs, self.searched_bandwidth) {
+        let surging = self.trigger.surging(obs);
+        let surge_began = surging && !self.surging;
+        self.surging = surging;
+        if !inputs_changed
+            && !surge_began
+            && !self.trigger.bandwidth_moved(obs, self.searched_bandwidth)
+        {
             return Ok(false);
         }
         let e = search(inputs)?;
-        self.threshold = e.threshold;
+        // `max` first: a NaN search result lands on the floor, not on NaN.
+        self.threshold = e.threshold.max(self.floor).min(self.cap);
         self.searched_bandwidth = obs.bandwidth_bytes_per_s;
         self.researches += 1;
         self.egress_bound = egress_bound(inputs, &e);
@@ -187,5 +214,32 @@ mod tests {
         assert!(tr.update(&inputs(0.0), true).is_err());
         assert!(tr.update(&inputs(f64::NAN), true).is_err());
         assert_eq!(tr.threshold, before);
+
+        // A queue surge re-searches once when it begins, not at every check while it lasts,
+        // and again when a new surge begins after a calm check.
+        let surge = |q: f64| ThresholdInputs {
+            observation: Observation {
+                queue_delay_s: q,
+                ..obs(2e8)
+            },
+            ..inputs(2e8)
+        };
+        let n = tr.researches;
+        assert!(tr.update(&surge(60.0), false).unwrap());
+        assert!(!tr.update(&surge(60.0), false).unwrap());
+        assert!(!tr.update(&surge(90.0), false).unwrap());
+        assert!(!tr.update(&surge(1.0), false).unwrap());
+        assert!(tr.update(&surge(60.0), false).unwrap());
+        assert_eq!(tr.researches, n + 2);
+
+        // Bounds: a search never sets t outside [floor, cap].
+        let mut low =
+            ThresholdTracker::new(256.0, ReSearchTrigger::default()).with_bounds(rich * 2.0, 1e9);
+        assert!(low.update(&inputs(1e11), false).unwrap());
+        assert_eq!(low.threshold, rich * 2.0);
+        let mut high =
+            ThresholdTracker::new(256.0, ReSearchTrigger::default()).with_bounds(0.0, rich / 2.0);
+        assert!(high.update(&inputs(1e11), false).unwrap());
+        assert_eq!(high.threshold, rich / 2.0);
     }
 }

@@ -312,15 +312,25 @@ impl Default for ReSearchTrigger {
 impl ReSearchTrigger {
     /// True when the last search's assumptions no longer hold.
     pub fn should_research(&self, obs: &Observation, searched_bandwidth_bytes_per_s: f64) -> bool {
+        self.surging(obs) || self.bandwidth_moved(obs, searched_bandwidth_bytes_per_s)
+    }
+
+    /// Egress utilisation or a queue above its bound.
+    pub fn surging(&self, obs: &Observation) -> bool {
+        obs.egress_utilisation > self.egress_utilisation_high
+            || obs.queue_delay_s > self.queue_delay_high_s
+    }
+
+    /// The measured bandwidth moved by more than the factor from the one searched with (or
+    /// nothing was searched yet).
+    pub fn bandwidth_moved(&self, obs: &Observation, searched_bandwidth_bytes_per_s: f64) -> bool {
         let ratio = if searched_bandwidth_bytes_per_s > 0.0 && obs.bandwidth_bytes_per_s > 0.0 {
             let r = obs.bandwidth_bytes_per_s / searched_bandwidth_bytes_per_s;
             r.max(1.0 / r)
         } else {
             f64::INFINITY
         };
-        obs.egress_utilisation > self.egress_utilisation_high
-            || obs.queue_delay_s > self.queue_delay_high_s
-            || ratio > self.bandwidth_change_factor
+        ratio > self.bandwidth_change_factor
     }
 }
 

@@ -24,7 +24,10 @@
 //!   best advertised remote offer; otherwise the `top_k` remote instances its adverts rank best
 //!   are called, the home cluster bidding as reserve bids. Prefix-cache summaries are taken as
 //!   current. What differs from a node: the home cluster has several prefill instances (a node
-//!   has its own), and there are no Bloom false positives, KV room limits or lying bidders.
+//!   has its own; `hardware.colocated` makes each home a `pd` node with its own instance, as in a
+//!   replay of real nodes, [`super::replay`]), bidders quote their exact prefill time unless
+//!   `hardware.*_quote_tokens_per_s` makes them quote a moving-average rate as nodes do, and
+//!   there are no Bloom false positives, KV room limits or lying bidders.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
@@ -185,6 +188,14 @@ pub struct RunMetrics {
     /// Sorted TTFTs (for CDF charts; not serialised).
     #[serde(skip)]
     pub ttfts: Vec<f64>,
+    /// TTFT of each request in input order, NaN where it did not finish (not serialised).
+    #[serde(skip)]
+    pub ttft_by_request: Vec<f64>,
+    /// Whether each request was prefilled remotely, in input order (not serialised).
+    #[serde(skip)]
+    pub remote_by_request: Vec<bool>,
+    /// Virtual time of the last completion (s; 0 when nothing completed).
+    pub last_completion_s: f64,
 }
 
 /// Fixed inputs of one run.
@@ -289,11 +300,21 @@ struct Advert {
     busy_accum: f64,
 }
 
+/// A home's view of the instances. What it sent to a peer since that peer's last advert, and
+/// which peers it found gone, hold only until the next gossip round; both are stamped with the
+/// round they were written in, so a round starts them afresh without touching every entry
+/// (homes × instances per round would dominate a large mesh).
 #[derive(Debug, Clone)]
 struct Home {
     bandwidth: Vec<f64>,
-    sent_since: Vec<f64>,
-    dead: Vec<bool>,
+    /// Sum of `bandwidth` over the remote instances (kept as samples arrive).
+    remote_bandwidth_sum: f64,
+    /// `(gossip round, seconds of work sent)` per instance.
+    sent_since: Vec<(u64, f64)>,
+    /// Gossip round in which the instance was found gone (`u64::MAX`: never).
+    dead_in_round: Vec<u64>,
+    /// The last round in which this home found any instance gone.
+    last_dead_round: u64,
     /// The same `t` tracker a node runs ([`crate::policy::threshold`]).
     threshold: ThresholdTracker,
 }
@@ -351,8 +372,14 @@ struct Sim<'a> {
     slots_free: u64,
     decode_fifo: VecDeque<usize>,
     insts: Vec<Instance>,
+    /// Remote instances are `0..n_remote`, the home cluster's `n_remote..insts.len()`.
+    n_remote: usize,
+    /// Remote instances online now.
+    remote_online: usize,
     link: Link,
     heap: BinaryHeap<Entry>,
+    /// Whether each arrival schedules the next (requests in time order).
+    chained_arrivals: bool,
     seq: u64,
     now: f64,
     st: Vec<ReqState>,
@@ -363,6 +390,10 @@ struct Sim<'a> {
     window_bytes: f64,
     // Auction.
     homes: Vec<Home>,
+    /// Gossip rounds so far.
+    round: u64,
+    /// Remote instances whose last advert says online.
+    remote_adverts_online: usize,
     adverts: Vec<Advert>,
     pricing: PricingParams,
     scoring: ScoringParams,
@@ -404,14 +435,78 @@ impl<'a> Sim<'a> {
         (self.insts[inst].idle_at - self.now).max(0.0)
     }
 
+    /// Indices of the remote or of the home cluster's instances.
+    fn kind(&self, remote: bool) -> std::ops::Range<usize> {
+        if remote {
+            0..self.n_remote
+        } else {
+            self.n_remote..self.insts.len()
+        }
+    }
+
+    /// `work_s` of every instance of a kind: `uncached` (the same for all of them) unless the
+    /// instance caches part of the prompt, which only a request with a prefix can hit.
+    fn work_s_with(&self, inst: usize, r: usize, uncached: f64) -> f64 {
+        if self.s.requests[r].prefix.is_some() && self.cached(inst, r) > 0.0 {
+            self.work_s(inst, r)
+        } else {
+            uncached
+        }
+    }
+
+    /// The prefill time an instance quotes for `r` in a bid: its exact `work_s`, or the uncached
+    /// tokens at the kind's quoted rate (`hardware.*_quote_tokens_per_s`).
+    fn quoted_s(&self, inst: usize, r: usize, work_s: f64) -> f64 {
+        let hw = &self.s.scenario.hardware;
+        let rate = if self.insts[inst].remote {
+            hw.remote_quote_tokens_per_s
+        } else {
+            hw.local_quote_tokens_per_s
+        };
+        match rate {
+            Some(rate) if rate > 0.0 => {
+                (self.s.requests[r].tokens - self.cached(inst, r)).max(0.0) / rate
+            }
+            _ => work_s,
+        }
+    }
+
+    /// Prefill time of `r` on an instance of the kind with nothing cached.
+    fn uncached_work_s(&self, r: usize, remote: bool) -> f64 {
+        let prof = if remote {
+            &self.remote_prof
+        } else {
+            &self.local_prof
+        };
+        prof.prefill_time(self.s.requests[r].tokens)
+    }
+
+    /// The home's own prefill instance when homes are `pd` nodes (`hardware.colocated`).
+    fn own_instance(&self, r: usize) -> Option<usize> {
+        let n_local = self.insts.len() - self.n_remote;
+        (self.s.scenario.hardware.colocated && n_local > 0)
+            .then(|| self.n_remote + self.st[r].home % n_local)
+    }
+
+    /// Puts prefix group `g` at the fresh end of `inst`'s cache (LRU of the scenario's size).
+    fn remember_prefix(&mut self, inst: usize, g: u32) {
+        let cap = self.s.scenario.workload.prefixes.cache_capacity;
+        let c = &mut self.insts[inst].cache;
+        c.retain(|&x| x != g);
+        c.push_back(g);
+        while c.len() > cap {
+            c.pop_front();
+        }
+    }
+
     /// Instance of the wanted kind finishing `r` first (fresh view: central router).
     fn best(&self, r: usize, remote: bool) -> Option<usize> {
-        (0..self.insts.len())
-            .filter(|&i| self.insts[i].remote == remote && self.insts[i].online)
-            .min_by(|&a, &b| {
-                (self.backlog(a) + self.work_s(a, r))
-                    .total_cmp(&(self.backlog(b) + self.work_s(b, r)))
-            })
+        let uncached = self.uncached_work_s(r, remote);
+        self.kind(remote)
+            .filter(|&i| self.insts[i].online)
+            .map(|i| (i, self.backlog(i) + self.work_s_with(i, r, uncached)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i)
     }
 
     fn enqueue(&mut self, inst: usize, r: usize) {
@@ -453,16 +548,20 @@ impl<'a> Sim<'a> {
     }
 
     fn place(&mut self, r: usize) {
-        let remote_online = self.insts.iter().any(|i| i.remote && i.online);
-        let local_exists = self.insts.iter().any(|i| !i.remote);
+        let remote_online = self.remote_online > 0;
+        let local_exists = self.insts.len() > self.n_remote;
         let target = match self.kind {
-            PolicyKind::Homogeneous => self.best(r, false),
+            // A mesh of `pd` nodes prefills each prompt at its home; a cluster, anywhere.
+            PolicyKind::Homogeneous => self.own_instance(r).or_else(|| self.best(r, false)),
             PolicyKind::NaiveHeterogeneous => self.best(r, true),
             PolicyKind::PrfaasRouter => {
                 let req = &self.s.requests[r];
                 let max_cached = |remote: bool| {
-                    (0..self.insts.len())
-                        .filter(|&i| self.insts[i].remote == remote && self.insts[i].online)
+                    if req.prefix.is_none() {
+                        return 0.0;
+                    }
+                    self.kind(remote)
+                        .filter(|&i| self.insts[i].online)
                         .map(|i| self.cached(i, r))
                         .fold(0.0, f64::max)
                 };
@@ -493,7 +592,8 @@ impl<'a> Sim<'a> {
                 if !self.insts[w].online {
                     // Stale advert: the winner is gone. The home notices after a timeout.
                     let h = self.st[r].home;
-                    self.homes[h].dead[w] = true;
+                    self.homes[h].dead_in_round[w] = self.round;
+                    self.homes[h].last_dead_round = self.round;
                     self.retries += 1;
                     let t = self.now + self.s.scenario.auction.failure_timeout_s;
                     self.push(t, Ev::Retry(r));
@@ -522,29 +622,40 @@ impl<'a> Sim<'a> {
     fn auction(&mut self, r: usize) -> Option<usize> {
         let h = self.st[r].home;
         let tokens = self.s.requests[r].tokens;
-        let visible = |i: usize| self.adverts[i].online && !self.homes[h].dead[i];
+        let round = self.round;
+        let visible = |i: usize| self.adverts[i].online && self.homes[h].dead_in_round[i] != round;
         let advertised_queue = |i: usize| {
             let ad = self.adverts[i];
-            (ad.backlog_s - (self.now - ad.at)).max(0.0) + self.homes[h].sent_since[i]
+            let (at, sent) = self.homes[h].sent_since[i];
+            let sent = if at == round { sent } else { 0.0 };
+            (ad.backlog_s - (self.now - ad.at)).max(0.0) + sent
         };
-        let locals: Vec<usize> = (0..self.insts.len())
-            .filter(|&i| !self.insts[i].remote && visible(i))
-            .collect();
-        let candidates: Vec<Candidate> = (0..self.insts.len())
-            .filter(|&i| self.insts[i].remote && visible(i))
+        let (remote_work, local_work) = (
+            self.uncached_work_s(r, true),
+            self.uncached_work_s(r, false),
+        );
+        let kv_bytes = self.remote_prof.kv_bytes(tokens);
+        // The reserve bids: the home node's own prefill, or its whole cluster's.
+        let locals: Vec<usize> = match self.own_instance(r) {
+            Some(own) => visible(own).then_some(own).into_iter().collect(),
+            None => self.kind(false).filter(|&i| visible(i)).collect(),
+        };
+        let candidates: Vec<Candidate> = self
+            .kind(true)
+            .filter(|&i| visible(i))
             .map(|i| Candidate {
                 id: i as u32,
                 queue_delay_s: advertised_queue(i),
-                prefill_s: self.work_s(i, r),
+                prefill_s: self.work_s_with(i, r, remote_work),
                 cached_tokens: self.cached(i, r),
                 has_room: true,
-                kv_bytes: self.remote_prof.kv_bytes(tokens),
+                kv_bytes,
                 bandwidth_bytes_per_s: self.homes[h].bandwidth[i],
             })
             .collect();
         let local_delay_s = locals
             .iter()
-            .map(|&i| advertised_queue(i) + self.work_s(i, r))
+            .map(|&i| advertised_queue(i) + self.quoted_s(i, r, self.work_s_with(i, r, local_work)))
             .fold(f64::INFINITY, f64::min);
         let placement = plan(&PlacementInput {
             request: RequestShape {
@@ -596,22 +707,24 @@ impl<'a> Sim<'a> {
                     ),
                 )
             };
-            let true_price = price_per_ktok * work_tokens / 1000.0;
+            let remote = self.insts[i].remote;
+            let work_s = self.work_s_with(i, r, if remote { remote_work } else { local_work });
+            let reserve_factor = if remote {
+                1.0
+            } else {
+                self.s.scenario.auction.reserve_price_factor
+            };
+            let true_price = price_per_ktok * work_tokens / 1000.0 * reserve_factor;
             let factor = match self.s.misreport {
                 Some((who, f)) if who == i => f,
                 _ => 1.0,
             };
-            let remote = self.insts[i].remote;
             let bid = Bid {
                 bidder: i as u32,
                 price: true_price * factor,
                 queue_delay_s: queue,
-                prefill_s: self.work_s(i, r),
-                kv_bytes: if remote {
-                    self.remote_prof.kv_bytes(tokens)
-                } else {
-                    0.0
-                },
+                prefill_s: self.quoted_s(i, r, work_s),
+                kv_bytes: if remote { kv_bytes } else { 0.0 },
                 reserve: !remote,
             };
             let bw = if remote {
@@ -640,18 +753,31 @@ impl<'a> Sim<'a> {
             self.st[r].call_delay = 2.0 * self.link.latency_s;
         }
         let work = self.work_s(w, r);
-        self.homes[h].sent_since[w] += work;
+        let sent = &mut self.homes[h].sent_since[w];
+        *sent = if sent.0 == round {
+            (round, sent.1 + work)
+        } else {
+            (round, work)
+        };
         self.st[r].winner = w;
         Some(w)
     }
 
     /// Mean observed bandwidth from home `h` to the remote peers it believes alive.
     fn home_bandwidth(&self, h: usize) -> f64 {
-        let (sum, n) = (0..self.insts.len())
-            .filter(|&i| self.insts[i].remote && self.adverts[i].online && !self.homes[h].dead[i])
-            .fold((0.0, 0usize), |(s, n), i| {
-                (s + self.homes[h].bandwidth[i], n + 1)
-            });
+        let home = &self.homes[h];
+        if self.remote_adverts_online == self.n_remote && home.last_dead_round != self.round {
+            // Every remote peer is visible: the running sum is the answer.
+            return if self.n_remote == 0 {
+                0.0
+            } else {
+                home.remote_bandwidth_sum / self.n_remote as f64
+            };
+        }
+        let (sum, n) = self
+            .kind(true)
+            .filter(|&i| self.adverts[i].online && home.dead_in_round[i] != self.round)
+            .fold((0.0, 0usize), |(s, n), i| (s + home.bandwidth[i], n + 1));
         if n == 0 {
             0.0
         } else {
@@ -662,28 +788,29 @@ impl<'a> Sim<'a> {
     /// Each home re-searches its own `t` from its own view (observed bandwidth, advertised
     /// queues of its cluster) with the node's threshold code (no central view).
     fn home_research(&mut self) {
+        if !self.s.scenario.auction.adaptive_threshold {
+            return;
+        }
+        // The home cluster's advertised queues: the same for every home.
+        let queue = self
+            .kind(false)
+            .map(|i| self.adverts[i].backlog_s)
+            .fold(0.0, f64::max);
         for h in 0..self.homes.len() {
             let bw = self.home_bandwidth(h);
             if bw <= 0.0 {
                 continue;
             }
-            let queue = (0..self.insts.len())
-                .filter(|&i| !self.insts[i].remote)
-                .map(|i| self.adverts[i].backlog_s)
-                .fold(0.0, f64::max);
-            let inputs = ThresholdInputs {
-                local_prefill: &self.local_prof,
-                remote_prefill: &self.remote_prof,
-                decode: &self.s.model.decode,
-                output_tokens: self.s.model.output_tokens,
-                split: self.s.split,
-                dist: self.s.dist,
-                observation: Observation {
+            let inputs = threshold_inputs(
+                self.s,
+                &self.local_prof,
+                &self.remote_prof,
+                Observation {
                     egress_utilisation: 0.0,
                     queue_delay_s: queue,
                     bandwidth_bytes_per_s: bw,
                 },
-            };
+            );
             // An infeasible search keeps the home's current `t`.
             let _ = self.homes[h].threshold.update(&inputs, false);
         }
@@ -708,15 +835,10 @@ impl<'a> Sim<'a> {
                 busy_accum: inst.busy_accum,
             };
         }
-        for home in &mut self.homes {
-            home.sent_since.iter_mut().for_each(|x| *x = 0.0);
-            for (i, d) in home.dead.iter_mut().enumerate() {
-                // A fresh advert from a peer means it is back.
-                if self.adverts[i].online {
-                    *d = false;
-                }
-            }
-        }
+        // A new round: what homes sent since the last adverts, and which peers they found gone,
+        // start afresh (a fresh advert from a peer means it is back).
+        self.round += 1;
+        self.remote_adverts_online = self.kind(true).filter(|&i| self.adverts[i].online).count();
     }
 
     fn router_check(&mut self) {
@@ -730,15 +852,7 @@ impl<'a> Sim<'a> {
             bandwidth_bytes_per_s: bw,
         };
         self.window_bytes = 0.0;
-        let inputs = ThresholdInputs {
-            local_prefill: &self.local_prof,
-            remote_prefill: &self.remote_prof,
-            decode: &self.s.model.decode,
-            output_tokens: self.s.model.output_tokens,
-            split: self.s.split,
-            dist: self.s.dist,
-            observation: obs,
-        };
+        let inputs = threshold_inputs(self.s, &self.local_prof, &self.remote_prof, obs);
         let _ = self.router.update(&inputs, false);
     }
 
@@ -770,6 +884,7 @@ impl<'a> Sim<'a> {
                 }
             }
         }
+        self.remote_online = if start { 0 } else { self.n_remote };
     }
 
     fn try_decode(&mut self) {
@@ -787,8 +902,21 @@ impl<'a> Sim<'a> {
     fn run(&mut self) {
         let n = self.s.requests.len();
         let last_arrival = self.s.requests.last().map_or(0.0, |r| r.arrival);
-        for (i, r) in self.s.requests.iter().enumerate() {
-            self.push(r.arrival, Ev::Arrival(i));
+        // Arrivals in time order (as generated) schedule each other, so the heap holds one of
+        // them rather than every request of the run; any other order is scheduled up front.
+        self.chained_arrivals = self
+            .s
+            .requests
+            .windows(2)
+            .all(|w| w[0].arrival <= w[1].arrival);
+        if self.chained_arrivals {
+            if let Some(r) = self.s.requests.first() {
+                self.push(r.arrival, Ev::Arrival(0));
+            }
+        } else {
+            for (i, r) in self.s.requests.iter().enumerate() {
+                self.push(r.arrival, Ev::Arrival(i));
+            }
         }
         for o in &self.s.scenario.outage {
             self.push(o.from_s, Ev::OutageStart);
@@ -804,7 +932,14 @@ impl<'a> Sim<'a> {
         while let Some(Entry { t, ev, .. }) = self.heap.pop() {
             self.now = t.0;
             match ev {
-                Ev::Arrival(r) | Ev::Retry(r) => self.place(r),
+                Ev::Arrival(r) => {
+                    if let (true, Some(next)) = (self.chained_arrivals, self.s.requests.get(r + 1))
+                    {
+                        self.push(next.arrival, Ev::Arrival(r + 1));
+                    }
+                    self.place(r);
+                }
+                Ev::Retry(r) => self.place(r),
                 Ev::PrefillDone { inst, epoch } => {
                     if self.insts[inst].epoch != epoch {
                         continue;
@@ -812,13 +947,7 @@ impl<'a> Sim<'a> {
                     if let Some(job) = self.insts[inst].running.take() {
                         let r = job.req;
                         if let Some((g, _)) = self.s.requests[r].prefix {
-                            let cap = self.s.scenario.workload.prefixes.cache_capacity;
-                            let c = &mut self.insts[inst].cache;
-                            c.retain(|&x| x != g);
-                            c.push_back(g);
-                            while c.len() > cap {
-                                c.pop_front();
-                            }
+                            self.remember_prefix(inst, g);
                         }
                         if self.insts[inst].remote {
                             self.st[r].winner = inst;
@@ -832,11 +961,20 @@ impl<'a> Sim<'a> {
                 }
                 Ev::KvReady(r) => {
                     let st = self.st[r];
+                    // A `pd` home keeps the KV it imported in its own prefix cache.
+                    if let (true, Some(own), Some((g, _))) =
+                        (st.remote, self.own_instance(r), self.s.requests[r].prefix)
+                    {
+                        self.remember_prefix(own, g);
+                    }
                     if st.remote {
                         // The home measures the transfer when the last byte has arrived.
                         let alpha = self.s.scenario.auction.bandwidth_ewma_alpha;
-                        let bw = &mut self.homes[st.home].bandwidth[st.winner];
-                        *bw = (1.0 - alpha) * *bw + alpha * st.bw_sample;
+                        let home = &mut self.homes[st.home];
+                        let bw = &mut home.bandwidth[st.winner];
+                        let old = *bw;
+                        *bw = (1.0 - alpha) * old + alpha * st.bw_sample;
+                        home.remote_bandwidth_sum += *bw - old;
                     }
                     self.decode_fifo.push_back(r);
                     self.try_decode();
@@ -869,6 +1007,25 @@ impl<'a> Sim<'a> {
                 Ev::OutageEnd => self.outage(false),
             }
         }
+    }
+}
+
+/// What the router and every home pass to the threshold search: the run's profiles, split and
+/// length distribution with what they observe now.
+fn threshold_inputs<'b>(
+    s: &'b RunSetup<'b>,
+    local: &'b PrefillProfile,
+    remote: &'b PrefillProfile,
+    observation: Observation,
+) -> ThresholdInputs<'b> {
+    ThresholdInputs {
+        local_prefill: local,
+        remote_prefill: remote,
+        decode: &s.model.decode,
+        output_tokens: s.model.output_tokens,
+        split: s.split,
+        dist: s.dist,
+        observation,
     }
 }
 
@@ -952,13 +1109,16 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         slots_free: u64::from(setup.split.decode) * bs,
         decode_fifo: VecDeque::new(),
         insts,
+        n_remote,
+        remote_online: n_remote,
         link: Link {
             steps,
             free_at: 0.0,
             latency_s: sc.link.latency_ms / 1000.0,
             layers: f64::from(sc.link.kv_layers),
         },
-        heap: BinaryHeap::with_capacity(setup.requests.len() * 2),
+        heap: BinaryHeap::new(),
+        chained_arrivals: false,
         seq: 0,
         now: 0.0,
         st: (0..setup.requests.len())
@@ -971,12 +1131,18 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         completion_times: Vec::with_capacity(setup.requests.len()),
         router: tracker.clone(),
         window_bytes: 0.0,
+        round: 0,
+        remote_adverts_online: n_remote,
         homes: (0..n_homes)
             .map(|_| Home {
                 bandwidth: vec![nominal; ni],
-                sent_since: vec![0.0; ni],
-                dead: vec![false; ni],
-                threshold: tracker.clone(),
+                remote_bandwidth_sum: nominal * n_remote as f64,
+                sent_since: vec![(u64::MAX, 0.0); ni],
+                dead_in_round: vec![u64::MAX; ni],
+                last_dead_round: u64::MAX,
+                threshold: tracker
+                    .clone()
+                    .with_bounds(a.threshold_floor_tokens, f64::INFINITY),
             })
             .collect(),
         adverts: vec![
@@ -1058,6 +1224,13 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         },
         retries: sim.retries,
         ttfts,
+        ttft_by_request: sim
+            .st
+            .iter()
+            .map(|s| if s.ttft > 0.0 { s.ttft } else { f64::NAN })
+            .collect(),
+        remote_by_request: sim.st.iter().map(|s| s.remote).collect(),
+        last_completion_s: ct.last().copied().unwrap_or(0.0),
     };
     let _ = hw;
     (metrics, sim.log)

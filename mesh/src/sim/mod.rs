@@ -5,6 +5,7 @@
 //! differences come from the policies, not from sampling. Everything is deterministic for a seed.
 
 pub mod engine;
+pub mod replay;
 pub mod report;
 pub mod scenario;
 

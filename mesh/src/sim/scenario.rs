@@ -171,6 +171,21 @@ pub struct Hardware {
     pub decode_steps: Vec<(f64, f64)>,
     /// Decode SLO.
     pub slo_tokens_per_s: f64,
+    /// `false` (a PD cluster, the paper's setting): a home's prompts may prefill on any of its
+    /// cluster's prefill instances. `true` (a mesh of `pd` nodes): each home is a node with its
+    /// own prefill instance (home `h` owns the cluster's instance `h mod P`); its local prompts
+    /// prefill there, its reserve bid is that instance's, and the KV it imports from a remote
+    /// prefill joins that instance's prefix cache.
+    #[serde(default)]
+    pub colocated: bool,
+    /// Bids (and a home's estimate of its own prefill) quote `uncached tokens / this rate`
+    /// rather than the exact profile time: what a node does with its moving average of measured
+    /// tokens/s. `None`: bidders know their prefill time exactly.
+    #[serde(default)]
+    pub remote_quote_tokens_per_s: Option<f64>,
+    /// The same for the home cluster's instances (the reserve bids).
+    #[serde(default)]
+    pub local_quote_tokens_per_s: Option<f64>,
 }
 
 fn profile(points: &[PointMib]) -> Result<PrefillProfile, PolicyError> {
@@ -282,6 +297,13 @@ pub struct Auction {
     /// §3, one round trip). `true`: homes decide from gossip adverts alone, as stale as
     /// `gossip_interval_s`.
     pub bids_from_gossip: bool,
+    /// A home's own prefill (the reserve bid) is priced at this multiple of the pricing rule
+    /// (`policy.reserve_price_factor` of a node: what its compute is worth to its decodes).
+    pub reserve_price_factor: f64,
+    /// `false` pins every home's `t` at its start value (`policy.adaptive_threshold` of a node).
+    pub adaptive_threshold: bool,
+    /// No search sets a home's `t` below this (`policy.offload_threshold_tokens` of a node).
+    pub threshold_floor_tokens: f64,
 }
 
 impl Default for Auction {
@@ -297,6 +319,9 @@ impl Default for Auction {
             top_k: 4,
             spill_ratio: 4.0,
             bids_from_gossip: false,
+            reserve_price_factor: 1.0,
+            adaptive_threshold: true,
+            threshold_floor_tokens: 0.0,
         }
     }
 }
@@ -399,8 +424,12 @@ impl Scenario {
         if !pos(a.gossip_interval_s)
             || !pos(a.lambda_per_s)
             || !(0.0..=1.0).contains(&a.bandwidth_ewma_alpha)
+            || !pos(a.reserve_price_factor)
+            || !nonneg(a.threshold_floor_tokens)
         {
-            return bad("auction: gossip_interval_s, lambda_per_s > 0, alpha in 0..1");
+            return bad(
+                "auction: gossip_interval_s, lambda_per_s, reserve_price_factor > 0, alpha in 0..1, threshold_floor_tokens ≥ 0",
+            );
         }
         if !pos(self.router.check_interval_s) {
             return bad("router.check_interval_s must be > 0");

@@ -65,10 +65,11 @@ impl MeshBridge {
             }
             let view = core.compute.view();
             let mut roles = Vec::new();
-            if core.serves_prefill_now() {
+            let (prefill, decode) = core.advertised_roles();
+            if prefill {
                 roles.push(Role::Prefill);
             }
-            if core.homes_now() {
+            if decode {
                 roles.push(Role::Decode);
             }
             Some(AdvertBody {
@@ -82,6 +83,8 @@ impl MeshBridge {
                 prefix_summary: part.summary,
                 software_version: concat!("prfaas/", env!("CARGO_PKG_VERSION")).into(),
                 api_url: core.api_url.get().cloned(),
+                // Tenths of a second: finer would re-publish on every queued token.
+                queue_s: Some((core.compute.queue_delay_s() * 10.0).round() / 10.0),
             })
         };
         ctx.spawn(fut.into_actor(self).map(|body, act, _| {
@@ -138,8 +141,10 @@ impl MeshBridge {
                         if adaptive {
                             act.threshold.refresh(&core, &adverts);
                         }
-                        if consider_role(&core, &adverts).is_some() {
-                            // Tell the mesh at once.
+                        // A drain that ended, or a change that gave up no role: tell the mesh
+                        // at once.
+                        let began = consider_role(&core, &adverts).is_some();
+                        if core.poll_role_drain() || (began && !core.role_state().draining()) {
                             act.refresh_advert(ctx);
                         }
                     }),

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use prfaas_mesh::policy::{Ledger, LengthHistogram, RoleMode};
+use prfaas_mesh::policy::{Ledger, LengthHistogram, RoleMode, RoleState};
 use prfaas_mesh::{MeshHandle, ModelRef, PeerId};
 use serde::Serialize;
 
@@ -88,9 +88,9 @@ pub struct NodeCore {
     pub api_url: OnceLock<String>,
     /// When the node started (the ledger's and role conversion's clock).
     started: std::time::Instant,
-    /// What this node serves now (runtime role conversion) and when that last changed
-    /// (seconds since start).
-    role: Mutex<(RoleMode, f64)>,
+    /// What this node serves and advertises (runtime role conversion, with the drain between
+    /// two modes); its clock is seconds since start.
+    role: Mutex<RoleState>,
 }
 
 impl std::fmt::Debug for NodeCore {
@@ -177,7 +177,7 @@ impl NodeCore {
             recent: Mutex::new(VecDeque::new()),
             api_url: OnceLock::new(),
             started: std::time::Instant::now(),
-            role: Mutex::new((RoleMode::Both, 0.0)),
+            role: Mutex::new(RoleState::new(RoleMode::Both, 0.0)),
         }
     }
 
@@ -207,19 +207,29 @@ impl NodeCore {
             .unwrap_or_default()
     }
 
-    /// What this node serves now (`Both` = as configured).
+    /// The mode this node serves or is moving to (`Both` = as configured), and since when.
     pub fn role_mode(&self) -> (RoleMode, f64) {
+        let r = self.role_state();
+        (r.target, r.since_s)
+    }
+
+    /// The whole role state: advertised mode, target, drain.
+    pub fn role_state(&self) -> RoleState {
         self.role
             .lock()
             .map(|r| *r)
-            .unwrap_or((RoleMode::Both, 0.0))
+            .unwrap_or(RoleState::new(RoleMode::Both, 0.0))
     }
 
-    /// Switches what this node serves (role conversion); recorded at the current uptime.
+    /// Starts moving to `mode` (role conversion) at the current uptime: new work of a role
+    /// given up stops at once; the advert changes when [`Self::poll_role_drain`] finds the
+    /// drain over.
     pub fn set_role_mode(&self, mode: RoleMode) {
+        let now = self.uptime_s();
         if let Ok(mut r) = self.role.lock() {
-            *r = (mode, self.uptime_s());
+            r.begin(mode, now);
         }
+        self.poll_role_drain();
         for (kind, on) in [
             ("configured", mode == RoleMode::Both),
             ("prefill", mode == RoleMode::PrefillOnly),
@@ -232,14 +242,37 @@ impl NodeCore {
         }
     }
 
-    /// Bids in others' auctions now (configured to, and not converted to decode-only).
-    pub fn serves_prefill_now(&self) -> bool {
-        self.cfg.serves_prefill() && self.role_mode().0 != RoleMode::DecodeOnly
+    /// Ends a role drain once nothing of the role given up is in flight (served prefills, or
+    /// homed requests). Returns `true` when the advertised roles changed.
+    pub fn poll_role_drain(&self) -> bool {
+        let prefills = self.mesh.serve_gate().in_use();
+        let homed = self.inflight.load(Ordering::Acquire);
+        self.role
+            .lock()
+            .map(|mut r| r.poll_drain(prefills, homed))
+            .unwrap_or(false)
     }
 
-    /// Homes new requests now (configured to, and not converted to prefill-only).
+    /// Bids in others' auctions now (configured to, and neither converted nor converting to
+    /// decode-only).
+    pub fn serves_prefill_now(&self) -> bool {
+        self.cfg.serves_prefill() && self.role_state().takes_prefill()
+    }
+
+    /// Homes new requests now (configured to, and neither converted nor converting to
+    /// prefill-only).
     pub fn homes_now(&self) -> bool {
-        self.cfg.is_home() && self.role_mode().0 != RoleMode::PrefillOnly
+        self.cfg.is_home() && self.role_state().takes_homing()
+    }
+
+    /// Roles the advert states: the configured ones, less what a finished conversion gave up
+    /// (a node still draining advertises its old roles).
+    pub fn advertised_roles(&self) -> (bool, bool) {
+        let r = self.role_state();
+        (
+            self.cfg.serves_prefill() && r.advertised.prefills(),
+            self.cfg.is_home() && r.advertised.homes(),
+        )
     }
 
     /// Seconds since the node started.

@@ -191,10 +191,14 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         }
     }
     let role = {
-        let (mode, since) = core.role_mode();
+        let r = core.role_state();
         json!({
-            "mode": mode,
-            "since_s": since,
+            "mode": r.target,
+            "since_s": r.since_s,
+            // A conversion that gives up a role finishes its work in flight first and keeps
+            // advertising the old roles until then.
+            "advertised": r.advertised,
+            "draining": r.draining(),
             "conversion": core.cfg.policy.role_conversion,
             "changes": core.metrics.role_changes.get(),
         })
@@ -229,6 +233,15 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         "inflight": core.inflight.load(Ordering::Relaxed),
         "pending_transfers": core.awaited_transfers.load(Ordering::Relaxed),
         "prefill_tokens_per_s": view.prefill_tokens_per_s,
+        // What this node measured of itself (what its adverts and searches use), in the form
+        // the simulator replays (`prfaas bench e2e` exports it).
+        "measured": prfaas_mesh::policy::MeasuredProfile::new(
+            &view.prefill_profile,
+            view.prefill_tokens_per_s,
+            &view.decode_profile,
+            core.cfg.engine.max_batch,
+            |t| core.layout.export_bytes(t.max(0.0) as usize) as f64,
+        ),
         "decoding": view.live,
         "queued_jobs": core.compute.queued_jobs(),
         "kv": view.kv,

@@ -302,8 +302,7 @@ fn candidate(
     let (bw, _) = core.bandwidth_to(peer);
     Candidate {
         id,
-        // The advert counts queued jobs, not seconds: take each as long as this prompt.
-        queue_delay_s: f64::from(ad.body.queue_depth) * prefill(0.0),
+        queue_delay_s: ad.body.queue_seconds(prefill(0.0)),
         prefill_s,
         cached_tokens: cached as f64,
         has_room: ad.body.free_kv_blocks >= n.div_ceil(block) as u64,

@@ -43,6 +43,10 @@ impl ThresholdState {
             tracker: ThresholdTracker::new(
                 core.cfg.policy.offload_threshold_tokens as f64,
                 ReSearchTrigger::default(),
+            )
+            .with_bounds(
+                core.cfg.policy.offload_threshold_tokens as f64,
+                core.max_context as f64,
             ),
             last_split: None,
             samples_at_search: 0,
@@ -163,13 +167,8 @@ impl ThresholdState {
             core.metrics.threshold_searches.inc();
         }
         let floor = core.cfg.policy.offload_threshold_tokens;
-        let cap = core.max_context;
-        let t = self.tracker.threshold;
-        let t = if t.is_finite() {
-            (t.max(0.0).ceil() as usize).clamp(floor.min(cap), cap)
-        } else {
-            cap
-        };
+        // Within [floor, context] by the tracker's bounds.
+        let t = self.tracker.threshold.max(0.0).ceil() as usize;
         let old = core.threshold.swap(t, Ordering::Relaxed);
         core.bandwidth_scarce
             .store(self.tracker.egress_bound, Ordering::Relaxed);
@@ -277,12 +276,17 @@ const ROLE_HYSTERESIS: f64 = 0.05;
 /// [`prfaas_mesh::policy::advise_role`] whether the prefill or the decode side of the nodes this
 /// node sees (same model, from their adverts; itself included as it serves now) is the
 /// bottleneck, and switches what this node serves by [`next_role`]'s rate-limited, one-step rule.
-/// The switch takes effect for new work at once (calls are declined, or new requests refused with
-/// 503 while in-flight ones finish) and reaches the mesh with the next advert. Returns the new
-/// mode when it changed.
+/// Giving a role up stops new work of that role at once (calls are declined, or new requests
+/// refused with 503) and drains what is in flight; the advert drops the role when the drain is
+/// over ([`prfaas_mesh::policy::RoleState`], polled by the bridge). Returns the new mode when a
+/// change began.
 pub fn consider_role(core: &Core, adverts: &[KnownAdvert]) -> Option<RoleMode> {
     let pol = &core.cfg.policy;
     if !pol.role_conversion || !core.cfg.node.roles.contains(&NodeRole::Pd) {
+        return None;
+    }
+    // One change at a time: a drain under way finishes first.
+    if core.role_state().draining() {
         return None;
     }
     let me = core.mesh.local_peer_id();
