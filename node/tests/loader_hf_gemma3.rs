@@ -24,8 +24,11 @@ use std::path::{Path, PathBuf};
 
 const GGUF: &str = "gemma-3-270m-q4_k_m.gguf";
 
+/// A tensor's safetensors dtype, shape and bytes.
+type HfTensor = (Dtype, Vec<usize>, Vec<u8>);
+
 /// A tensor as HF stores it: 2-D weights F16 (dequantized), norms F32 minus HF Gemma's `1 +`.
-fn hf_tensor(t: &HostTensor, is_norm: bool) -> (Dtype, Vec<usize>, Vec<u8>) {
+fn hf_tensor(t: &HostTensor, is_norm: bool) -> HfTensor {
     let v = quant::dequantize(t.dtype, &t.bytes, t.numel()).expect("dequantize");
     if is_norm {
         let shifted: Vec<f32> = v.iter().map(|x| x - 1.0).collect();
@@ -40,7 +43,7 @@ fn hf_tensor(t: &HostTensor, is_norm: bool) -> (Dtype, Vec<usize>, Vec<u8>) {
 }
 
 /// Every weight of `m` under its HF Gemma 3 name.
-fn hf_tensors(m: &LoadedModel) -> Vec<(String, (Dtype, Vec<usize>, Vec<u8>))> {
+fn hf_tensors(m: &LoadedModel) -> Vec<(String, HfTensor)> {
     let names = &NameMap::HF_GEMMA3;
     let mut out = vec![
         (

@@ -62,6 +62,27 @@ pub enum LayerWeight {
     PostFfnNorm,
 }
 
+impl LayerWeight {
+    pub const ALL: [LayerWeight; 16] = [
+        LayerWeight::AttnNorm,
+        LayerWeight::Q,
+        LayerWeight::K,
+        LayerWeight::V,
+        LayerWeight::O,
+        LayerWeight::QBias,
+        LayerWeight::KBias,
+        LayerWeight::VBias,
+        LayerWeight::QNorm,
+        LayerWeight::KNorm,
+        LayerWeight::PostAttnNorm,
+        LayerWeight::FfnNorm,
+        LayerWeight::Gate,
+        LayerWeight::Up,
+        LayerWeight::Down,
+        LayerWeight::PostFfnNorm,
+    ];
+}
+
 /// A weight outside the blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelWeight {
@@ -368,21 +389,10 @@ mod tests {
         let mut hf = HashMap::new();
         for i in 0..cfg.n_layers() {
             use LayerWeight::*;
-            for w in [
-                AttnNorm,
-                Q,
-                K,
-                V,
-                O,
-                QNorm,
-                KNorm,
-                PostAttnNorm,
-                FfnNorm,
-                Gate,
-                Up,
-                Down,
-                PostFfnNorm,
-            ] {
+            for w in LayerWeight::ALL {
+                if matches!(w, QBias | KBias | VBias) {
+                    continue;
+                }
                 let mut t = gguf.0[&NameMap::GGUF.layer_name(i, w).unwrap()].clone();
                 if matches!(
                     w,
