@@ -149,17 +149,9 @@ async fn gemma3_wgpu_prefill_serves_cpu_decode() {
     if !gemma3_available(test) {
         return;
     }
-    // The tied 262,144 × 640 Q8_0 embedding is one 178 MB tensor; adapters whose storage
-    // bindings are smaller (lavapipe: 128 MiB) cannot hold it until the backend splits it.
-    let bundle = prfaas_node::engine::loader::load_model(GEMMA3).expect("model loads");
-    let backend = prfaas_node::engine::loader::make_backend(BackendKind::Wgpu).expect("adapter");
-    let adapter = backend.info().description;
-    if let Err(e) = prfaas_node::engine::Model::new(bundle.config.clone(), &bundle.weights, backend)
-    {
-        eprintln!("\n*** SKIPPED {test}: Gemma 3 270M does not fit the wgpu adapter ({adapter}): {e} ***\n");
-        return;
-    }
-    drop(bundle);
+    // The tied 262,144 × 640 Q8_0 embedding is one 178 MB tensor, over lavapipe's 128 MiB
+    // storage-binding limit: the wgpu backend stores it in row parts (gather and output
+    // projection dispatched per part).
     let mut pcfg = node_config("prefill-wgpu", &[NodeRole::Prefill], GEMMA3, vec![]);
     pcfg.node.backend = BackendKind::Wgpu;
     pcfg.engine.kv_capacity_tokens = 1024;

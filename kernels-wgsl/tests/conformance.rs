@@ -17,7 +17,7 @@ mod common {
 
 use half::f16;
 use prfaas_kernels::cpu::CpuBackend;
-use prfaas_kernels::gpu::{MatmulPath, WgpuBackend};
+use prfaas_kernels::gpu::{GpuOptions, MatmulPath, WgpuBackend};
 use prfaas_kernels::{
     gpu_required, quant, reference, AttnParams, AttnSeq, Backend, DType, GluAct, HostTensor,
     KernelError, KvElem, LinearAttnParams, RopeStyle, Tensor,
@@ -28,8 +28,15 @@ use prfaas_kernels::{
 
 type Named = (&'static str, &'static dyn Backend);
 
-fn open(path: MatmulPath) -> Option<WgpuBackend> {
-    match WgpuBackend::with_matmul(path) {
+fn open(matmul: MatmulPath) -> Option<WgpuBackend> {
+    open_with(GpuOptions {
+        matmul,
+        ..GpuOptions::default()
+    })
+}
+
+fn open_with(options: GpuOptions) -> Option<WgpuBackend> {
+    match WgpuBackend::with_options(options) {
         Ok(b) => Some(b),
         Err(e @ KernelError::NoAdapter(_)) => {
             if gpu_required() {
@@ -76,6 +83,38 @@ fn matmul_backends() -> Vec<Named> {
             out.push(("wgpu-texture", b));
         } else {
             eprintln!("note: adapter lacks 8-lane subgroups; texture matmul not tested");
+        }
+    }
+    out
+}
+
+/// Tensors above this many bytes are stored in row parts by the `wgpu-split` backends, so small
+/// test weights run the path that real weights over the adapter's storage binding limit take
+/// (Gemma 3's 178 MB tied embedding against lavapipe's 128 MiB).
+const SPLIT_BYTES: u64 = 4096;
+
+/// cpu, and the wgpu matmul kernel families with uploads split past [`SPLIT_BYTES`]; each wgpu
+/// entry also returns its concrete backend, to check that a tensor really was split.
+fn split_backends() -> Vec<(
+    &'static str,
+    &'static dyn Backend,
+    Option<&'static WgpuBackend>,
+)> {
+    static S: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    static T: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    let open_split = |matmul| {
+        open_with(GpuOptions {
+            matmul,
+            max_part_bytes: Some(SPLIT_BYTES),
+        })
+    };
+    let mut out: Vec<(&str, &dyn Backend, Option<&WgpuBackend>)> = vec![("cpu", cpu(), None)];
+    if let Some(b) = S.get_or_init(|| open_split(MatmulPath::Storage)).as_ref() {
+        out.push(("wgpu-storage-split", b, Some(b)));
+    }
+    if let Some(b) = T.get_or_init(|| open_split(MatmulPath::Texture)).as_ref() {
+        if b.uses_texture_matmul() {
+            out.push(("wgpu-texture-split", b, Some(b)));
         }
     }
     out
@@ -326,6 +365,97 @@ fn embedding_all_dtypes() {
                     Err(KernelError::InvalidArgument(_))
                 ),
                 "{name}: out-of-range id is an error"
+            );
+        }
+    }
+}
+
+/// Weights and embedding tables larger than one storage binding are stored in row parts on
+/// wgpu (forced here to 4 KiB parts): matmul (mat-vec, tiled and texture kernels, one dispatch
+/// per part writing its own output columns), `matmul_many` and the embedding gather (ids in
+/// every part, repeated, first and last rows) give the reference's results, for every dtype and
+/// uneven last parts. A split tensor read by an op that needs a whole one, a row too long for one
+/// part and a 1-D tensor over the limit are typed errors.
+#[test]
+fn tensors_over_the_binding_limit_are_split_into_row_parts() {
+    let mut rng = Rng(0x5711);
+    let n = 101;
+    for dtype in DTYPES {
+        let k = *ks_for(dtype).last().expect("row lengths");
+        let bytes = encode(dtype, &rng.vec(n * k));
+        assert!(
+            bytes.len() as u64 > 2 * SPLIT_BYTES,
+            "{dtype:?}: weight too small to split"
+        );
+        let ids = [0u32, 100, 50, 3, 3, 99, 27, 0];
+        let want_emb = reference::embedding(dtype, &bytes, n, k, &ids).unwrap();
+        for (name, b, gpu) in split_backends() {
+            let w = up_bytes(b, dtype, &[n, k], bytes.clone());
+            if let Some(g) = gpu {
+                let parts = g.buffers_of(&w).unwrap();
+                assert!(parts >= 3, "{name} {dtype:?}: {parts} buffers");
+            }
+            for m in [1, 3, 9, 33] {
+                let x = rng.vec(m * k);
+                let want = reference::matmul(&x, m, k, dtype, &bytes, n).unwrap();
+                // Made on the device (`zeros` + `write`): activations are op outputs, never
+                // uploads, so the forced part size does not split them.
+                let xt = b.zeros(&[m, k]).unwrap();
+                b.write(&xt, &x).unwrap();
+                let got = b.matmul(&xt, &w).unwrap();
+                assert_eq!(got.shape(), &[m, n]);
+                let what = format!("{name} split matmul {dtype:?} {m}x{k}x{n}");
+                assert_close(&what, &b.download(&got).unwrap(), &want, 3e-4);
+                let many = b.matmul_many(&xt, &[&w, &w]).unwrap();
+                for t in &many {
+                    assert_close(&what, &b.download(t).unwrap(), &want, 3e-4);
+                }
+            }
+            let emb = b.embedding(&w, &ids).unwrap();
+            assert_eq!(emb.shape(), &[ids.len(), k]);
+            let what = format!("{name} split embedding {dtype:?}");
+            assert_close(&what, &b.download(&emb).unwrap(), &want_emb, 1e-6);
+            assert!(
+                matches!(
+                    b.embedding(&w, &[n as u32]),
+                    Err(KernelError::InvalidArgument(_))
+                ),
+                "{name}: out-of-range id"
+            );
+        }
+    }
+    for (name, b, gpu) in split_backends() {
+        let Some(g) = gpu else { continue };
+        let (rows, d) = (40, 64);
+        let t = up(b, &[rows, d], &rng.vec(rows * d));
+        assert!(g.buffers_of(&t).unwrap() > 1, "{name}");
+        for (op, r) in [
+            ("add", b.add(&t, &t).map(drop)),
+            ("download", b.download(&t).map(drop)),
+            ("softmax", b.softmax(&t).map(drop)),
+            (
+                "matmul of a split x",
+                b.matmul(&t, &up(b, &[3, d], &[0.5; 3 * 64])).map(drop),
+            ),
+            (
+                "reshaped rows",
+                b.matmul(
+                    &up(b, &[1, 2 * d], &[0.5; 128]),
+                    &t.reshape(&[rows / 2, 2 * d]).unwrap(),
+                )
+                .map(drop),
+            ),
+        ] {
+            assert!(
+                matches!(r, Err(KernelError::Unsupported(_))),
+                "{name}: {op} of a split tensor: {r:?}"
+            );
+        }
+        for shape in [vec![2, 2048], vec![4096]] {
+            let r = b.upload(&HostTensor::from_f32(shape.clone(), &vec![0.0; 4096]));
+            assert!(
+                matches!(r, Err(KernelError::Unsupported(_))),
+                "{name}: upload {shape:?} over the part size: {r:?}"
             );
         }
     }

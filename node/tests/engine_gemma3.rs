@@ -17,23 +17,11 @@ use prfaas_node::engine::sampler::argmax;
 use prfaas_node::engine::{Engine, EngineConfig, Model, NullSink, Sampler, SamplingParams, SeqId};
 
 fn load() -> Option<LoadedModel> {
-    common::load_or_skip(
-        &common::model_file("gemma-3-270m-q4_k_m.gguf"),
-        "PRFAAS_REQUIRE_GEMMA",
-        "scripts/fetch-model gemma3-270m",
-    )
+    common::load_gemma3()
 }
 
 fn engine(m: &LoadedModel) -> Engine {
-    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
-    Engine::new(
-        Model::new(m.config.clone(), &m.weights, backend).unwrap(),
-        EngineConfig {
-            prefill_chunk: 64,
-            ..EngineConfig::with_capacity(512)
-        },
-    )
-    .unwrap()
+    common::cpu_engine(m)
 }
 
 fn continue_greedy(e: &mut Engine, seq: SeqId, first: u32, n: usize) -> Vec<u32> {

@@ -10,8 +10,9 @@ use prfaas_node::engine::{Engine, EngineConfig, Model, SamplingParams};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A GGUF file, a fetchable model's alias (`gemma3-270m`), or a built-in synthetic model:
-    /// `tiny-hybrid`, `tiny-dense`.
+    /// A GGUF file, an HF model directory (`config.json`, `*.safetensors`, `tokenizer.json`), a
+    /// fetchable model's alias (`gemma3-270m`), or a built-in synthetic model: `tiny-hybrid`,
+    /// `tiny-dense`.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// The prompt text.

@@ -61,7 +61,8 @@ pub struct Args {
     /// Name in logs, `/mesh` and the dashboard.
     #[arg(long, env = "PRFAAS_NAME")]
     pub name: Option<String>,
-    /// GGUF file, or `tiny-hybrid` / `tiny-dense`.
+    /// GGUF file, HF model directory (`config.json` + `*.safetensors`), or `tiny-hybrid` /
+    /// `tiny-dense`.
     #[arg(long, env = "PRFAAS_MODEL")]
     pub model: Option<String>,
     /// Roles, comma-separated or repeated.

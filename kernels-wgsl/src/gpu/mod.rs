@@ -36,6 +36,16 @@ pub enum MatmulPath {
     Storage,
 }
 
+/// How [`Gpu::with_options`] opens the device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuOptions {
+    pub matmul: MatmulPath,
+    /// Store uploads larger than this many bytes as row parts. `None` (and any larger value)
+    /// means the adapter's `max_storage_buffer_binding_size`; tests force a few KiB to run the
+    /// split path on small tensors.
+    pub max_part_bytes: Option<u64>,
+}
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -167,16 +177,39 @@ pub(crate) struct WeightTex {
     pub(crate) rows_per_fold: u32,
     pub(crate) row_texels: u32,
     pub(crate) quantized: bool,
-    /// The `[n, k]` view it was built for (a reshaped tensor shares the storage).
+    /// The `[n, k]` view of the whole weight it was built for (a reshaped tensor shares the
+    /// storage).
     pub(crate) dims: (usize, usize),
+    /// The weight rows (output columns) this texture holds: all of them, or one row part's.
+    pub(crate) rows: std::ops::Range<usize>,
 }
 
-/// GPU buffer behind a wgpu tensor. Returned to the pool when the last tensor handle drops.
+/// GPU buffers behind a wgpu tensor. Returned to the pool when the last tensor handle drops.
+///
+/// A tensor is one buffer unless it was uploaded larger than one storage binding may be (the
+/// adapter's `max_storage_buffer_binding_size`, e.g. 128 MiB on lavapipe, or a smaller forced
+/// [`GpuOptions::max_part_bytes`]). Such a tensor is stored as row parts: consecutive runs of
+/// [`RowParts::rows`] rows of [`RowParts::row_len`] values, each in its own buffer. Matmul and
+/// embedding dispatch once per part; every other op needs a whole tensor and says so.
 pub struct GpuStorage {
+    /// The whole tensor, or its first row part.
     pub(crate) buffer: wgpu::Buffer,
+    /// `Some` when the tensor is split into row parts (the first of which is `buffer`).
+    pub(crate) parts: Option<RowParts>,
     pool: Weak<BufferPool>,
-    /// Cached texture form when this tensor is used as a matmul weight; cleared on writes.
-    pub(crate) tex: Mutex<Option<Arc<WeightTex>>>,
+    /// Cached texture form (one per row part) when this tensor is used as a matmul weight;
+    /// cleared on writes.
+    pub(crate) tex: Mutex<Option<Arc<[WeightTex]>>>,
+}
+
+/// The row parts of a tensor larger than one storage binding (see [`GpuStorage`]).
+pub(crate) struct RowParts {
+    /// Rows per part (the last part may hold fewer).
+    pub(crate) rows: usize,
+    /// Values per row when the tensor was split; a reshape to another row length cannot be read
+    /// by part.
+    pub(crate) row_len: usize,
+    pub(crate) buffers: Vec<wgpu::Buffer>,
 }
 
 impl GpuStorage {
@@ -193,7 +226,10 @@ impl Drop for GpuStorage {
         // Safe to reuse even if recorded-but-unsubmitted commands still reference the buffer:
         // later commands that overwrite it are recorded after them in the same queue order.
         if let Some(pool) = self.pool.upgrade() {
-            pool.give(self.buffer.clone());
+            match self.parts.take() {
+                Some(parts) => parts.buffers.into_iter().for_each(|b| pool.give(b)),
+                None => pool.give(self.buffer.clone()),
+            }
         }
     }
 }
@@ -217,6 +253,8 @@ pub struct Gpu {
     pub(crate) limits: wgpu::Limits,
     /// Use the texture matmul when shapes allow (see [`Gpu::new`]).
     pub(crate) tex_matmul: bool,
+    /// Uploads larger than this many bytes are stored as row parts (see [`GpuStorage`]).
+    pub(crate) max_part_bytes: u64,
     pipelines: Mutex<HashMap<(Kernel, u32), Arc<Pipeline>>>,
     pool: Arc<BufferPool>,
     /// Idle scratch textures (activation operands of the texture matmul) by size and format.
@@ -251,6 +289,15 @@ impl Gpu {
 
     /// Like [`Gpu::new`] with an explicit matmul kernel choice (used by tests and benchmarks).
     pub fn with_matmul(path: MatmulPath) -> Result<Self> {
+        Self::with_options(GpuOptions {
+            matmul: path,
+            ..GpuOptions::default()
+        })
+    }
+
+    /// Like [`Gpu::new`] with explicit [`GpuOptions`].
+    pub fn with_options(options: GpuOptions) -> Result<Self> {
+        let path = options.matmul;
         let adapter =
             pick_adapter().ok_or_else(|| KernelError::NoAdapter("wgpu found no adapter".into()))?;
         let info = adapter.get_info();
@@ -321,6 +368,15 @@ impl Gpu {
             })
             .map_err(|e| KernelError::Device(format!("spawn poller: {e}")))?;
 
+        let binding = limits.max_storage_buffer_binding_size;
+        // A multiple of 16: uploads are padded to 16 bytes and must still fit the binding.
+        let max_part_bytes = options.max_part_bytes.unwrap_or(binding).min(binding) / 16 * 16;
+        if max_part_bytes == 0 {
+            return Err(KernelError::InvalidArgument(format!(
+                "max_part_bytes {:?} (storage binding limit {binding}): need at least 16",
+                options.max_part_bytes
+            )));
+        }
         tracing::info!(
             adapter = %info.name,
             backend = ?info.backend,
@@ -329,9 +385,12 @@ impl Gpu {
             subgroups = subgroups8,
             shader_f16 = wanted.contains(wgpu::Features::SHADER_F16),
             tex_matmul,
+            max_storage_binding = binding,
+            max_part_bytes,
             "wgpu device opened"
         );
         Ok(Self {
+            max_part_bytes,
             device,
             queue,
             software,
@@ -480,9 +539,26 @@ impl Gpu {
     pub(crate) fn storage(&self, buffer: wgpu::Buffer) -> Arc<GpuStorage> {
         Arc::new(GpuStorage {
             buffer,
+            parts: None,
             pool: Arc::downgrade(&self.pool),
             tex: Mutex::new(None),
         })
+    }
+
+    /// Storage for a tensor split into row parts (`parts.buffers` non-empty).
+    pub(crate) fn split_storage(&self, parts: RowParts) -> Arc<GpuStorage> {
+        Arc::new(GpuStorage {
+            buffer: parts.buffers[0].clone(),
+            parts: Some(parts),
+            pool: Arc::downgrade(&self.pool),
+            tex: Mutex::new(None),
+        })
+    }
+
+    /// Bytes above which an upload is split into row parts (the adapter's storage binding limit
+    /// unless [`GpuOptions::max_part_bytes`] asked for less).
+    pub fn max_part_bytes(&self) -> u64 {
+        self.max_part_bytes
     }
 
     /// A buffer initialised from `bytes` (padded to a multiple of 4, at least 16 bytes), usable as

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{Gpu, GpuStorage, Kernel, MatmulPath, Res, WeightTex};
+use super::{Gpu, GpuOptions, GpuStorage, Kernel, MatmulPath, Res, RowParts, WeightTex};
 use crate::backend::{
     AttnParams, AttnSeq, Backend, BackendInfo, BackendKind, DType, GluAct, HostTensor, KernelError,
     LinearAttnParams, Result, RopeStyle, Storage, Tensor,
@@ -65,8 +65,16 @@ impl WgpuBackend {
 
     /// Like [`WgpuBackend::new`] with an explicit matmul kernel choice.
     pub fn with_matmul(path: MatmulPath) -> Result<Self> {
+        Self::with_options(GpuOptions {
+            matmul: path,
+            ..GpuOptions::default()
+        })
+    }
+
+    /// Like [`WgpuBackend::new`] with explicit [`GpuOptions`].
+    pub fn with_options(options: GpuOptions) -> Result<Self> {
         Ok(Self {
-            gpu: Arc::new(Gpu::with_matmul(path)?),
+            gpu: Arc::new(Gpu::with_options(options)?),
             rope_cache: Arc::new(Mutex::new(None)),
         })
     }
@@ -81,6 +89,16 @@ impl WgpuBackend {
         self.gpu.tex_matmul
     }
 
+    /// How many buffers hold `t`: 1, or its row parts when it was uploaded larger than one
+    /// storage binding (see [`GpuStorage`]).
+    pub fn buffers_of(&self, t: &Tensor) -> Result<usize> {
+        Ok(self
+            .storage(t)?
+            .parts
+            .as_ref()
+            .map_or(1, |p| p.buffers.len()))
+    }
+
     fn storage<'t>(&self, t: &'t Tensor) -> Result<&'t Arc<GpuStorage>> {
         match &t.storage {
             Storage::Gpu(s) => Ok(s),
@@ -88,8 +106,96 @@ impl WgpuBackend {
         }
     }
 
+    /// The one buffer of a whole tensor; a tensor stored in row parts is an error here (only
+    /// matmul and embedding read those, through [`WgpuBackend::row_parts`]).
     fn buf<'t>(&self, t: &'t Tensor) -> Result<&'t wgpu::Buffer> {
-        Ok(&self.storage(t)?.buffer)
+        let st = self.storage(t)?;
+        if let Some(parts) = &st.parts {
+            return Err(KernelError::Unsupported(format!(
+                "{:?} tensor {:?} is stored in {} row parts (larger than one storage binding of \
+                 {} bytes); only matmul weights and embedding tables may be that large",
+                t.dtype,
+                t.shape,
+                parts.buffers.len(),
+                self.gpu.max_part_bytes
+            )));
+        }
+        Ok(&st.buffer)
+    }
+
+    /// `(first row, rows, buffer)` of each row part of a 2D weight `[n, k]` (one part for a
+    /// whole tensor).
+    fn row_parts<'t>(
+        &self,
+        w: &'t Tensor,
+        n: usize,
+        k: usize,
+    ) -> Result<Vec<(usize, usize, &'t wgpu::Buffer)>> {
+        let st = self.storage(w)?;
+        let Some(parts) = &st.parts else {
+            return Ok(vec![(0, n, &st.buffer)]);
+        };
+        if parts.row_len != k {
+            return Err(KernelError::Unsupported(format!(
+                "tensor {:?} was split into rows of {} values and cannot be read as rows of {k}",
+                w.shape, parts.row_len
+            )));
+        }
+        Ok(parts
+            .buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let row0 = i * parts.rows;
+                (row0, parts.rows.min(n - row0), b)
+            })
+            .collect())
+    }
+
+    /// Uploads `host` as row parts of at most `max_part_bytes` each (see [`GpuStorage`]).
+    fn upload_parts(&self, host: &HostTensor) -> Result<Arc<GpuStorage>> {
+        let limit = self.gpu.max_part_bytes;
+        let too_big = |why: String| {
+            KernelError::Unsupported(format!(
+                "{:?} tensor {:?} of {} bytes exceeds the storage binding limit of {limit} bytes \
+                 and cannot be split into row parts: {why}",
+                host.dtype,
+                host.shape,
+                host.bytes.len()
+            ))
+        };
+        let row_len = match host.shape[..] {
+            [.., d] if host.shape.len() >= 2 && d > 0 => d,
+            _ => return Err(too_big("it has no rows".into())),
+        };
+        if !row_len.is_multiple_of(host.dtype.block_len()) {
+            return Err(too_big(format!(
+                "rows of {row_len} values are not whole {:?} blocks",
+                host.dtype
+            )));
+        }
+        let row_bytes = host.dtype.bytes_for(row_len);
+        let n_rows = host.numel() / row_len;
+        let max_rows = (limit / row_bytes as u64) as usize;
+        if max_rows == 0 {
+            return Err(too_big(format!("one row is {row_bytes} bytes")));
+        }
+        // Balanced parts: the same rows in each (but the last), as few parts as the limit allows.
+        let n_parts = n_rows.div_ceil(max_rows);
+        let rows = n_rows.div_ceil(n_parts);
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        let buffers = host
+            .bytes
+            .chunks(rows * row_bytes)
+            .map(|part| self.gpu.buffer_init(part, usage))
+            .collect();
+        Ok(self.gpu.split_storage(RowParts {
+            rows,
+            row_len,
+            buffers,
+        }))
     }
 
     fn f32_tensor<'t>(&self, t: &'t Tensor, what: &str) -> Result<&'t wgpu::Buffer> {
@@ -137,24 +243,55 @@ impl WgpuBackend {
         Ok((x.numel() / d, d))
     }
 
-    /// Texture form of a matmul weight, created on first use by a repack kernel.
-    fn weight_tex(&self, w: &Tensor, n: usize, k: usize) -> Result<Option<Arc<WeightTex>>> {
+    /// Texture form of a matmul weight (one per row part), created on first use by a repack
+    /// kernel; `None` when some part does not fit the adapter's textures.
+    fn weight_tex(&self, w: &Tensor, n: usize, k: usize) -> Result<Option<Arc<[WeightTex]>>> {
         let st = self.storage(w)?;
         let mut slot = st
             .tex
             .lock()
             .map_err(|_| KernelError::Device("tex lock poisoned".into()))?;
-        if let Some(t) = slot.as_ref().filter(|t| t.dims == (n, k)) {
+        if let Some(t) = slot.as_ref().filter(|t| t[0].dims == (n, k)) {
             return Ok(Some(Arc::clone(t)));
         }
         let max = self.gpu.limits.max_texture_dimension_2d as usize;
-        let quantized = w.dtype == DType::Q4_1;
+        let parts = self.row_parts(w, n, k)?;
+        let row_texels = if w.dtype == DType::Q4_1 {
+            k / 32
+        } else {
+            k.div_ceil(4)
+        };
+        if parts
+            .iter()
+            .any(|&(_, rows, _)| rows.div_ceil(rows.min(max).max(1)) * row_texels > max)
+        {
+            return Ok(None);
+        }
+        let texs = parts
+            .into_iter()
+            .map(|(row0, rows, buf)| self.repack_weight(w.dtype, buf, row0..row0 + rows, k, (n, k)))
+            .collect::<Result<Vec<_>>>()?;
+        let texs: Arc<[WeightTex]> = texs.into();
+        *slot = Some(Arc::clone(&texs));
+        Ok(Some(texs))
+    }
+
+    /// Repacks the weight rows `rows` (of `k` values of `dtype`, all of `buf`) into textures
+    /// (`dims`: the whole weight's shape, for the cache check).
+    fn repack_weight(
+        &self,
+        dtype: DType,
+        buf: &wgpu::Buffer,
+        rows: std::ops::Range<usize>,
+        k: usize,
+        dims: (usize, usize),
+    ) -> Result<WeightTex> {
+        let n = rows.len();
+        let max = self.gpu.limits.max_texture_dimension_2d as usize;
+        let quantized = dtype == DType::Q4_1;
         let row_texels = if quantized { k / 32 } else { k.div_ceil(4) };
         let rows_per_fold = n.min(max);
         let folds = n.div_ceil(rows_per_fold.max(1));
-        if folds * row_texels > max {
-            return Ok(None);
-        }
         let (w_tex, h_tex) = (
             u32_of(folds * row_texels, "texture width")?,
             rows_per_fold as u32,
@@ -172,9 +309,9 @@ impl WgpuBackend {
                 .texture(w_tex, h_tex, wgpu::TextureFormat::Rgba32Float);
             self.gpu.dispatch(
                 Kernel::RepackQ41,
-                wtype(w.dtype),
+                wtype(dtype),
                 &[
-                    (1, Res::Buf(&st.buffer)),
+                    (1, Res::Buf(buf)),
                     (3, Res::Buf(&params)),
                     (4, Res::Tex(&q_view)),
                     (5, Res::Tex(&s_view)),
@@ -188,7 +325,8 @@ impl WgpuBackend {
                 rows_per_fold: h_tex,
                 row_texels: row_texels as u32,
                 quantized,
-                dims: (n, k),
+                dims,
+                rows: rows.clone(),
             }
         } else {
             let f32_view = self
@@ -196,9 +334,9 @@ impl WgpuBackend {
                 .texture(w_tex, h_tex, wgpu::TextureFormat::Rgba32Float);
             self.gpu.dispatch(
                 Kernel::RepackF32,
-                wtype(w.dtype),
+                wtype(dtype),
                 &[
-                    (1, Res::Buf(&st.buffer)),
+                    (1, Res::Buf(buf)),
                     (2, Res::Tex(&f32_view)),
                     (3, Res::Buf(&params)),
                 ],
@@ -211,12 +349,11 @@ impl WgpuBackend {
                 rows_per_fold: h_tex,
                 row_texels: row_texels as u32,
                 quantized,
-                dims: (n, k),
+                dims,
+                rows: rows.clone(),
             }
         };
-        let tex = Arc::new(tex);
-        *slot = Some(Arc::clone(&tex));
-        Ok(Some(tex))
+        Ok(tex)
     }
 
     /// The texture/subgroup matmul; `Ok(false)` when shapes do not fit it.
@@ -233,7 +370,7 @@ impl WgpuBackend {
         if !self.gpu.tex_matmul || !k.is_multiple_of(32) || m > max || k / 4 > max {
             return Ok(false);
         }
-        let Some(wt) = self.weight_tex(w, n, k)? else {
+        let Some(parts) = self.weight_tex(w, n, k)? else {
             return Ok(false);
         };
         // Activations: repack x into a texture (one row per texture row).
@@ -252,39 +389,42 @@ impl WgpuBackend {
             &[(1, Res::Buf(x)), (2, Res::Tex(&x_view)), (3, Res::Buf(&xp))],
             Gpu::grid(m * k / 4, 256),
         )?;
-        let params = self.gpu.uniform(&[
-            m as u32,
-            n as u32,
-            k as u32,
-            wt.rows_per_fold,
-            wt.row_texels,
-            0,
-            0,
-            0,
-        ]);
         // Few-row (decode) matmuls get a pipeline specialised to 1, 2 or 4 rows per workgroup.
         let rows = if m < TEX_ROWS {
             m.next_power_of_two()
         } else {
             TEX_ROWS
         };
-        self.gpu.dispatch(
-            Kernel::MatmulTex,
-            u32::from(wt.quantized) | (rows as u32) << 1,
-            &[
-                (0, Res::Tex(&x_view)),
-                (1, Res::Tex(&wt.f32_view)),
-                (2, Res::Buf(out)),
-                (3, Res::Buf(&params)),
-                (4, Res::Tex(&wt.q_view)),
-                (5, Res::Tex(&wt.s_view)),
-            ],
-            (
-                u32_of(n.div_ceil(8 * TEX_COLS), "n")?,
-                u32_of(m.div_ceil(rows), "m")?,
-                1,
-            ),
-        )?;
+        for wt in parts.iter() {
+            let part_n = wt.rows.len();
+            let params = self.gpu.uniform(&[
+                m as u32,
+                u32_of(part_n, "n")?,
+                k as u32,
+                wt.rows_per_fold,
+                wt.row_texels,
+                u32_of(n, "n")?,
+                u32_of(wt.rows.start, "row")?,
+                0,
+            ]);
+            self.gpu.dispatch(
+                Kernel::MatmulTex,
+                u32::from(wt.quantized) | (rows as u32) << 1,
+                &[
+                    (0, Res::Tex(&x_view)),
+                    (1, Res::Tex(&wt.f32_view)),
+                    (2, Res::Buf(out)),
+                    (3, Res::Buf(&params)),
+                    (4, Res::Tex(&wt.q_view)),
+                    (5, Res::Tex(&wt.s_view)),
+                ],
+                (
+                    u32_of(part_n.div_ceil(8 * TEX_COLS), "n")?,
+                    u32_of(m.div_ceil(rows), "m")?,
+                    1,
+                ),
+            )?;
+        }
         self.gpu.give_texture(x_tex);
         Ok(true)
     }
@@ -428,11 +568,12 @@ impl Backend for WgpuBackend {
                 host.bytes.len()
             )));
         }
-        let bytes = host.bytes.len() as u64;
-        if bytes > self.gpu.limits.max_storage_buffer_binding_size {
-            return Err(KernelError::Unsupported(format!(
-                "tensor of {bytes} bytes exceeds the storage binding limit"
-            )));
+        if host.bytes.len() as u64 > self.gpu.max_part_bytes {
+            return Ok(Tensor {
+                shape: host.shape.clone(),
+                dtype: host.dtype,
+                storage: Storage::Gpu(self.upload_parts(host)?),
+            });
         }
         let buffer = self.gpu.buffer_init(
             &host.bytes,
@@ -515,20 +656,32 @@ impl Backend for WgpuBackend {
         }
         let (out, st) = self.output(vec![ids.len(), d])?;
         let idb = self.gpu.storage_u32(ids);
-        let params = self
-            .gpu
-            .uniform(&[u32_of(ids.len(), "ids")?, u32_of(d, "d")?, 0, 0]);
-        self.gpu.dispatch(
-            Kernel::Embedding,
-            wtype(table.dtype),
-            &[
-                (0, Res::Buf(&idb)),
-                (1, Res::Buf(self.buf(table)?)),
-                (2, Res::Buf(&st.buffer)),
-                (3, Res::Buf(&params)),
-            ],
-            Gpu::grid(ids.len() * d, 256),
-        )?;
+        // One dispatch per row part that holds any of the ids (each writes only its rows).
+        for (row0, rows, buf) in self.row_parts(table, vocab, d)? {
+            if !ids
+                .iter()
+                .any(|&i| (row0..row0 + rows).contains(&(i as usize)))
+            {
+                continue;
+            }
+            let params = self.gpu.uniform(&[
+                u32_of(ids.len(), "ids")?,
+                u32_of(d, "d")?,
+                u32_of(row0, "row")?,
+                u32_of(rows, "rows")?,
+            ]);
+            self.gpu.dispatch(
+                Kernel::Embedding,
+                wtype(table.dtype),
+                &[
+                    (0, Res::Buf(&idb)),
+                    (1, Res::Buf(buf)),
+                    (2, Res::Buf(&st.buffer)),
+                    (3, Res::Buf(&params)),
+                ],
+                Gpu::grid(ids.len() * d, 256),
+            )?;
+        }
         Ok(out)
     }
 
@@ -571,32 +724,42 @@ impl Backend for WgpuBackend {
         if self.matmul_tex(xb, w, &st.buffer, m, n, k)? {
             return Ok(out);
         }
-        let params = self
-            .gpu
-            .uniform(&[u32_of(m, "m")?, u32_of(n, "n")?, u32_of(k, "k")?, 0]);
-        let (kernel, groups) = if m <= MATVEC_ROWS {
-            (Kernel::Matvec, Gpu::grid(n, 1))
-        } else {
-            (
-                Kernel::Matmul,
+        // One dispatch per row part of the weight, each writing its own output columns.
+        for (row0, rows, buf) in self.row_parts(w, n, k)? {
+            let params = self.gpu.uniform(&[
+                u32_of(m, "m")?,
+                u32_of(rows, "n")?,
+                u32_of(k, "k")?,
+                u32_of(n, "n")?,
+                u32_of(row0, "row")?,
+                0,
+                0,
+                0,
+            ]);
+            let (kernel, groups) = if m <= MATVEC_ROWS {
+                (Kernel::Matvec, Gpu::grid(rows, 1))
+            } else {
                 (
-                    u32_of(n.div_ceil(64), "n")?,
-                    u32_of(m.div_ceil(64), "m")?,
-                    1,
-                ),
-            )
-        };
-        self.gpu.dispatch(
-            kernel,
-            wtype(w.dtype),
-            &[
-                (0, Res::Buf(xb)),
-                (1, Res::Buf(self.buf(w)?)),
-                (2, Res::Buf(&st.buffer)),
-                (3, Res::Buf(&params)),
-            ],
-            groups,
-        )?;
+                    Kernel::Matmul,
+                    (
+                        u32_of(rows.div_ceil(64), "n")?,
+                        u32_of(m.div_ceil(64), "m")?,
+                        1,
+                    ),
+                )
+            };
+            self.gpu.dispatch(
+                kernel,
+                wtype(w.dtype),
+                &[
+                    (0, Res::Buf(xb)),
+                    (1, Res::Buf(buf)),
+                    (2, Res::Buf(&st.buffer)),
+                    (3, Res::Buf(&params)),
+                ],
+                groups,
+            )?;
+        }
         Ok(out)
     }
 

@@ -1,11 +1,13 @@
 // Embedding gather `out[i, c] = table[ids[i], c]` for any table dtype (prefixed by dequant.wgsl).
-// One thread per output element; the grid is folded into 2D for large outputs.
+// One thread per output element; the grid is folded into 2D for large outputs. The bound table
+// may be one row part of a larger one (see `GpuStorage`): it holds rows `row0..row0 + rows`, and
+// ids outside them are left to the dispatches of the other parts.
 
 struct Params {
     n: u32,
     d: u32,
-    _a: u32,
-    _b: u32,
+    row0: u32,
+    rows: u32,
 }
 
 @group(0) @binding(0) var<storage, read> ids: array<u32>;
@@ -20,5 +22,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let r = i / p.d;
     let c = i % p.d;
-    out[i] = wval(ids[r] * p.d + c);
+    let id = ids[r];
+    if (id < p.row0 || id - p.row0 >= p.rows) {
+        return;
+    }
+    out[i] = wval((id - p.row0) * p.d + c);
 }

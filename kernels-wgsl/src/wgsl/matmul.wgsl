@@ -2,12 +2,18 @@
 // dequant.wgsl, so `w` may be F32/F16/Q4_1/Q8_0). A 16×16 workgroup computes a 64×64 output tile,
 // 4×4 per thread, staging 64×16 slices of x and (dequantized) w in workgroup memory.
 // This is the fallback path: on lavapipe the texture kernel in matmul_tex.wgsl is ~10× faster.
+// `w` may be one row part of a larger weight (see `GpuStorage`): its `n` rows are output columns
+// `col0..col0 + n` of an output with `ldo` columns.
 
 struct Params {
     m: u32,
     n: u32,
     k: u32,
-    _pad: u32,
+    ldo: u32,
+    col0: u32,
+    _a: u32,
+    _b: u32,
+    _c: u32,
 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
@@ -69,7 +75,7 @@ fn main(
         for (var j = 0u; j < 4u; j++) {
             let gn = col0 + lid.x * 4u + j;
             if (gr < p.m && gn < p.n) {
-                out[gr * p.n + gn] = acc[i * 4u + j];
+                out[gr * p.ldo + p.col0 + gn] = acc[i * 4u + j];
             }
         }
     }

@@ -24,8 +24,10 @@ struct Params {
     rows_per_fold: u32,
     // Texels per weight row: k / 4 for f32 weights, k / 32 for Q4_1.
     row_texels: u32,
-    _a: u32,
-    _b: u32,
+    // The weight may be one row part of a larger one (see `GpuStorage`): its `n` rows are output
+    // columns `col0..col0 + n` of an output with `ldo` columns.
+    ldo: u32,
+    col0: u32,
     _c: u32,
 }
 
@@ -311,7 +313,7 @@ fn main(
         for (var c = 0u; c < C; c++) {
             let col = n0 + lane + 8u * c;
             if (row < p.m && col < p.n) {
-                out[row * p.n + col] = acc[r * C + c];
+                out[row * p.ldo + p.col0 + col] = acc[r * C + c];
             }
         }
     }

@@ -3,12 +3,18 @@
 // over k so a weight row is read contiguously (and dequantized) once and applied to every row of x,
 // then a tree reduction per row. Decode is bound by weight bandwidth, which this reads once;
 // the 64×64-tiled kernel would waste 63/64 of its work on one row.
+// `w` may be one row part of a larger weight (see `GpuStorage`): its `n` rows are output columns
+// `col0..col0 + n` of an output with `ldo` columns.
 
 struct Params {
     m: u32,
     n: u32,
     k: u32,
-    _pad: u32,
+    ldo: u32,
+    col0: u32,
+    _a: u32,
+    _b: u32,
+    _c: u32,
 }
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
@@ -53,6 +59,6 @@ fn main(
         workgroupBarrier();
     }
     if (li < p.m) {
-        out[li * p.n + col] = red[li * WG];
+        out[li * p.ldo + p.col0 + col] = red[li * WG];
     }
 }

@@ -13,10 +13,9 @@ use std::path::Path;
 
 use prfaas_kernels::{DType, GluAct, HostTensor, RopeStyle};
 
-use super::config::{
-    AttentionWeights, BlockStyle, LayerKind, LayerWeights, MixerWeights, ModelConfig, ModelWeights,
-};
+use super::config::{BlockStyle, LayerKind, ModelConfig, ModelWeights};
 use super::tokenizer::{Tokenizer, TokenizerError};
+use super::weights::{load_weights, NameMap, TensorSource, WeightError};
 
 /// "GGUF" read as a little-endian u32.
 const GGUF_MAGIC: [u8; 4] = *b"GGUF";
@@ -74,6 +73,9 @@ pub enum GgufError {
     UnsupportedArch(String),
     #[error("missing tensor {0:?}")]
     MissingTensor(String),
+    /// A tensor that is there but unusable (see [`WeightError`]).
+    #[error(transparent)]
+    Weight(WeightError),
     #[error("tensor {name:?} has shape {actual:?}, expected {expected:?}")]
     BadShape {
         name: String,
@@ -182,6 +184,24 @@ pub struct GgufFile {
     /// Offset of the data section in `bytes`.
     pub data_offset: usize,
     bytes: Vec<u8>,
+}
+
+impl From<WeightError> for GgufError {
+    fn from(e: WeightError) -> Self {
+        match e {
+            WeightError::Missing(name) => GgufError::MissingTensor(name),
+            WeightError::BadShape {
+                name,
+                actual,
+                expected,
+            } => GgufError::BadShape {
+                name,
+                actual,
+                expected,
+            },
+            other => GgufError::Weight(other),
+        }
+    }
 }
 
 /// Everything needed to run a model, whatever format it came from.
@@ -525,26 +545,6 @@ impl GgufFile {
             .collect()
     }
 
-    fn tensor(&self, name: &str, expected: &[usize]) -> Result<HostTensor, GgufError> {
-        let t = self
-            .tensors
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
-        let shape = t.shape();
-        if shape != expected {
-            return Err(GgufError::BadShape {
-                name: name.into(),
-                actual: shape,
-                expected: expected.to_vec(),
-            });
-        }
-        Ok(HostTensor {
-            dtype: t.dtype,
-            shape,
-            bytes: self.tensor_data(t).to_vec(),
-        })
-    }
     fn has_tensor(&self, name: &str) -> bool {
         self.tensors.iter().any(|t| t.name == name)
     }
@@ -719,53 +719,34 @@ impl GgufFile {
 
     /// Tensors named as llama.cpp names them (llama, gemma3), shapes checked against `cfg`.
     pub fn model_weights(&self, cfg: &ModelConfig) -> Result<ModelWeights, GgufError> {
-        let (h, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-        let q_dim = cfg.n_heads * cfg.head_dim;
-        let kv_dim = cfg.n_kv_heads * cfg.head_dim;
-        let mut layers = Vec::with_capacity(cfg.n_layers());
-        for i in 0..cfg.n_layers() {
-            let n = |s: &str| format!("blk.{i}.{s}");
-            let bias = |s: &str, len: usize| -> Result<Option<HostTensor>, GgufError> {
-                if cfg.qkv_bias {
-                    Ok(Some(self.tensor(&n(s), &[len])?))
-                } else {
-                    Ok(None)
-                }
-            };
-            let opt = |on: bool, s: &str, len: usize| -> Result<Option<HostTensor>, GgufError> {
-                on.then(|| self.tensor(&n(s), &[len])).transpose()
-            };
-            layers.push(LayerWeights {
-                attn_norm: self.tensor(&n("attn_norm.weight"), &[h])?,
-                mixer: MixerWeights::Attention(AttentionWeights {
-                    wq: self.tensor(&n("attn_q.weight"), &[q_dim, h])?,
-                    wk: self.tensor(&n("attn_k.weight"), &[kv_dim, h])?,
-                    wv: self.tensor(&n("attn_v.weight"), &[kv_dim, h])?,
-                    wo: self.tensor(&n("attn_output.weight"), &[h, q_dim])?,
-                    bq: bias("attn_q.bias", q_dim)?,
-                    bk: bias("attn_k.bias", kv_dim)?,
-                    bv: bias("attn_v.bias", kv_dim)?,
-                    q_norm: opt(cfg.block.qk_norm, "attn_q_norm.weight", cfg.head_dim)?,
-                    k_norm: opt(cfg.block.qk_norm, "attn_k_norm.weight", cfg.head_dim)?,
-                }),
-                ffn_norm: self.tensor(&n("ffn_norm.weight"), &[h])?,
-                w_gate: self.tensor(&n("ffn_gate.weight"), &[f, h])?,
-                w_up: self.tensor(&n("ffn_up.weight"), &[f, h])?,
-                w_down: self.tensor(&n("ffn_down.weight"), &[h, f])?,
-                post_mixer_norm: opt(cfg.block.post_norms, "post_attention_norm.weight", h)?,
-                post_ffn_norm: opt(cfg.block.post_norms, "post_ffw_norm.weight", h)?,
+        Ok(load_weights(self, cfg, &NameMap::GGUF)?)
+    }
+}
+
+impl TensorSource for GgufFile {
+    fn tensor(&self, name: &str, expected: &[usize]) -> Result<HostTensor, WeightError> {
+        let t = self
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| WeightError::Missing(name.to_string()))?;
+        let shape = t.shape();
+        if shape != expected {
+            return Err(WeightError::BadShape {
+                name: name.into(),
+                actual: shape,
+                expected: expected.to_vec(),
             });
         }
-        Ok(ModelWeights {
-            token_embd: self.tensor("token_embd.weight", &[v, h])?,
-            output_norm: self.tensor("output_norm.weight", &[h])?,
-            output: if cfg.tie_embeddings {
-                None
-            } else {
-                Some(self.tensor("output.weight", &[v, h])?)
-            },
-            layers,
+        Ok(HostTensor {
+            dtype: t.dtype,
+            shape,
+            bytes: self.tensor_data(t).to_vec(),
         })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.has_tensor(name)
     }
 }
 

@@ -1,5 +1,6 @@
-//! Loading a model by name for serving: a GGUF path or a built-in synthetic model, with the text
-//! side (tokenizer, chat template, stop tokens) the serving layer needs.
+//! Loading a model by name for serving: a GGUF path, an HF directory (`config.json` +
+//! `*.safetensors` + `tokenizer.json`) or a built-in synthetic model, with the text side
+//! (tokenizer, chat template, stop tokens) the serving layer needs.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,7 +8,8 @@ use std::sync::Arc;
 use prfaas_kernels::{Backend, BackendKind};
 
 use super::chat::{ChatError, ChatMessage, ChatTemplate};
-use super::gguf::{load_gguf, GgufError};
+use super::gguf::{load_gguf, GgufError, LoadedModel};
+use super::hf::{load_hf_dir, HfError};
 use super::synthetic::{synthetic_model, ByteTokenizer, SyntheticKind, DEFAULT_SEED};
 use super::tokenizer::{Tokenizer, TokenizerError};
 use super::{ModelConfig, ModelWeights};
@@ -43,6 +45,12 @@ pub enum LoadError {
         path: String,
         #[source]
         source: GgufError,
+    },
+    #[error("loading HF model directory {path}: {source}")]
+    Hf {
+        path: String,
+        #[source]
+        source: HfError,
     },
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
@@ -188,7 +196,7 @@ impl TextSide {
 }
 
 /// Loads `spec`: a synthetic model name (`tiny-hybrid`, `tiny-dense`), an alias of a fetchable
-/// model ([`MODEL_ALIASES`]) or a GGUF path.
+/// model ([`MODEL_ALIASES`]), a GGUF path or an HF model directory.
 pub fn load_model(spec: &str) -> Result<ModelBundle, LoadError> {
     let spec = resolve_alias(spec);
     if let Some(kind) = SyntheticKind::from_name(spec) {
@@ -214,10 +222,17 @@ pub fn load_model(spec: &str) -> Result<ModelBundle, LoadError> {
         }
         return Err(LoadError::Missing(spec.into()));
     }
-    let m = load_gguf(path).map_err(|source| LoadError::Gguf {
-        path: spec.into(),
-        source,
-    })?;
+    let m: LoadedModel = if path.is_dir() {
+        load_hf_dir(path).map_err(|source| LoadError::Hf {
+            path: spec.into(),
+            source,
+        })?
+    } else {
+        load_gguf(path).map_err(|source| LoadError::Gguf {
+            path: spec.into(),
+            source,
+        })?
+    };
     let stop_tokens = (0..m.tokenizer.vocab_size() as u32)
         .filter(|&t| m.tokenizer.is_eog(t))
         .collect();

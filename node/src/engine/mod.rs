@@ -13,6 +13,7 @@ pub mod sink;
 pub mod spm;
 pub mod synthetic;
 pub mod tokenizer;
+pub mod weights;
 
 pub use config::{LayerKind, ModelConfig, ModelWeights};
 pub use engine::verify::{VerifyConfig, VerifyReport};

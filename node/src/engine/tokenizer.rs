@@ -262,17 +262,7 @@ impl Tokenizer {
             // llama.cpp's default for SPM vocabularies is to add the space prefix.
             let add_space_prefix = flag("tokenizer.ggml.add_space_prefix", true);
             let unk = id("tokenizer.ggml.unknown_token_id");
-            let pieces = tokens
-                .iter()
-                .zip(&kinds)
-                .map(|(t, k)| match k {
-                    TokenKind::Normal => t.replace(spm::SPACE, " ").into_bytes(),
-                    TokenKind::Byte => Spm::byte_piece(t)
-                        .map(|b| vec![b])
-                        .unwrap_or_else(|| t.as_bytes().to_vec()),
-                    _ => t.as_bytes().to_vec(),
-                })
-                .collect();
+            let pieces = Self::spm_pieces(&tokens, &kinds);
             let specials = Self::specials(&tokens, &kinds);
             return Ok(Self {
                 seg: Segmenter::Spm(Spm::new(&tokens, scores, unk, add_space_prefix)),
@@ -306,7 +296,8 @@ impl Tokenizer {
         Self::build(tokens, kinds, merges, pre, bos, eos, eog, add_bos)
     }
 
-    /// Build from an HF `tokenizer.json` (byte-level BPE models: Llama 3, Qwen2/3, SmolLM).
+    /// Build from an HF `tokenizer.json` (byte-level BPE models: Llama 3, Qwen2/3, SmolLM; and
+    /// SentencePiece-style BPE with byte fallback: Gemma).
     ///
     /// Normalizer, pre-tokenizer (regexes, digit splitting) and BPE model are taken from the file by
     /// `tokenizers`; added tokens are split out by us, exactly as for GGUF.
@@ -326,6 +317,12 @@ impl Tokenizer {
             // Post-processors (BOS insertion) are ours to decide as well.
             o.insert("post_processor".into(), serde_json::Value::Null);
         }
+        // SentencePiece-style BPE (Gemma, Llama 2): `▁` for spaces and `<0xNN>` byte-fallback
+        // tokens instead of GPT-2's byte-to-char table.
+        let spm_style = json
+            .pointer("/model/byte_fallback")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
         let bpe = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
             .map_err(|e| TokenizerError::Backend(e.to_string()))?;
         let vocab = bpe.get_vocab(false);
@@ -355,7 +352,11 @@ impl Tokenizer {
         let mut kinds = vec![TokenKind::Unused; size];
         for (t, &i) in &vocab {
             tokens[i as usize] = t.clone();
-            kinds[i as usize] = TokenKind::Normal;
+            kinds[i as usize] = if spm_style && Spm::byte_piece(t).is_some() {
+                TokenKind::Byte
+            } else {
+                TokenKind::Normal
+            };
         }
         for (id, content, special) in &added_list {
             tokens[*id as usize] = content.clone();
@@ -368,13 +369,26 @@ impl Tokenizer {
         let find = |s: &str| tokens.iter().position(|t| t == s).map(|i| i as TokenId);
         let eos = find("<|im_end|>")
             .or_else(|| find("<|endoftext|>"))
-            .or_else(|| find("<|eot_id|>"));
-        let bos = find("<|begin_of_text|>").or_else(|| find("<|im_start|>"));
-        let eog = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"]
-            .iter()
-            .filter_map(|s| find(s))
-            .collect();
-        let pieces = Self::pieces(&tokens, &kinds)?;
+            .or_else(|| find("<|eot_id|>"))
+            .or_else(|| find("<eos>"));
+        let bos = find("<|begin_of_text|>")
+            .or_else(|| find("<|im_start|>"))
+            .or_else(|| find("<bos>"));
+        let eog = [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<eos>",
+            "<end_of_turn>",
+        ]
+        .iter()
+        .filter_map(|s| find(s))
+        .collect();
+        let pieces = if spm_style {
+            Self::spm_pieces(&tokens, &kinds)
+        } else {
+            Self::pieces(&tokens, &kinds)?
+        };
         let specials = Self::specials(&tokens, &kinds);
         Ok(Self {
             seg: Segmenter::Bpe {
@@ -481,6 +495,32 @@ impl Tokenizer {
                 }),
             })
             .collect()
+    }
+
+    /// The bytes a SentencePiece token stands for: `▁` is a space, `<0xNN>` one byte.
+    fn spm_piece(t: &str, kind: TokenKind) -> Vec<u8> {
+        match kind {
+            TokenKind::Normal => t.replace(spm::SPACE, " ").into_bytes(),
+            TokenKind::Byte => Spm::byte_piece(t)
+                .map(|b| vec![b])
+                .unwrap_or_else(|| t.as_bytes().to_vec()),
+            _ => t.as_bytes().to_vec(),
+        }
+    }
+
+    fn spm_pieces(tokens: &[String], kinds: &[TokenKind]) -> Vec<Vec<u8>> {
+        tokens
+            .iter()
+            .zip(kinds)
+            .map(|(t, k)| Self::spm_piece(t, *k))
+            .collect()
+    }
+
+    /// The same tokenizer, adding BOS in front of prompts or not (HF `tokenizer_config.json`'s
+    /// `add_bos_token`; `tokenizer.json` leaves it to a post-processor this type replaces).
+    pub fn with_add_bos(mut self, add_bos: bool) -> Self {
+        self.add_bos = add_bos && self.bos.is_some();
+        self
     }
 
     fn specials(tokens: &[String], kinds: &[TokenKind]) -> Vec<(String, TokenId, TokenKind)> {

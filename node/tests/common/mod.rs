@@ -2,10 +2,13 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use prfaas_kernels::cpu::CpuBackend;
+use prfaas_kernels::Backend;
 use prfaas_node::engine::gguf::{load_gguf, LoadedModel};
 use prfaas_node::engine::sampler::argmax;
-use prfaas_node::engine::{Engine, LayerKv, NullSink};
+use prfaas_node::engine::{Engine, EngineConfig, LayerKv, Model, NullSink};
 use prfaas_node::kv::wire::{decode_int8, encode_int8, INT8_BLOCK};
 
 /// `models/<file>` of the repository.
@@ -32,6 +35,29 @@ pub fn load_or_skip(path: &Path, require_var: &str, fetch: &str) -> Option<Loade
         return None;
     }
     Some(load_gguf(path).unwrap_or_else(|e| panic!("{} loads: {e}", path.display())))
+}
+
+/// Gemma 3 270M (`models/gemma-3-270m-q4_k_m.gguf`), or a loud skip (`None`); with
+/// `PRFAAS_REQUIRE_GEMMA=1` a missing file fails the test.
+pub fn load_gemma3() -> Option<LoadedModel> {
+    load_or_skip(
+        &model_file("gemma-3-270m-q4_k_m.gguf"),
+        "PRFAAS_REQUIRE_GEMMA",
+        "scripts/fetch-model gemma3-270m",
+    )
+}
+
+/// A cpu-backend engine for `m` with room for 512 tokens, prefilling in chunks of 64.
+pub fn cpu_engine(m: &LoadedModel) -> Engine {
+    let backend: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    Engine::new(
+        Model::new(m.config.clone(), &m.weights, backend).unwrap(),
+        EngineConfig {
+            prefill_chunk: 64,
+            ..EngineConfig::with_capacity(512)
+        },
+    )
+    .unwrap()
 }
 
 /// Teacher-forced figures of one engine configuration on the llama.cpp fixture.
