@@ -1,8 +1,9 @@
 //! Where one request's prefill runs: one function for the node's planner and the simulator's
 //! decentralized homes (DESIGN.md §4 step 2).
 //!
-//! 1. The offload rule on the incremental length ([`super::OffloadRule`]); with scarce bandwidth
-//!    only the home's own cache counts (the paper's prefix rule).
+//! 1. The offload rule on the incremental length ([`super::OffloadRule`]) against the home's
+//!    own cache: a peer's cached prefix cannot make the home's prefill shorter (nothing pulls it),
+//!    it only ranks that peer first.
 //! 2. A prompt within `t` stays local — unless the home's own prefill would take more than
 //!    `spill_ratio` times as long as the best candidate's advertised estimate (a queue surge:
 //!    the decentralized form of "re-search when queues surge").
@@ -84,12 +85,10 @@ pub enum LocalReason {
 /// Inputs of one placement.
 #[derive(Debug, Clone, Copy)]
 pub struct PlacementInput<'a> {
-    /// The prompt; `cached_remote_tokens` is ignored (taken from the candidates).
+    /// The prompt; `cached_remote_tokens` is ignored (remote hits only rank the candidates).
     pub request: RequestShape,
     /// Current `t`.
     pub threshold: f64,
-    /// Whether bandwidth is scarce (see [`super::ThresholdTracker::egress_bound`]).
-    pub bandwidth_scarce: bool,
     /// The home's own queue + prefill estimate for this prompt (s).
     pub local_delay_s: f64,
     /// Candidates (already filtered to the right model and layout).
@@ -130,22 +129,19 @@ pub fn rank_candidates(candidates: &[Candidate], k: usize) -> Vec<u32> {
 
 /// Decide local or which peers to call (the auction itself is [`super::settle`]).
 pub fn plan(input: &PlacementInput<'_>) -> PlacementPlan {
-    let cached_remote = input
-        .candidates
-        .iter()
-        .filter(|c| c.has_room)
-        .map(|c| c.cached_tokens)
-        .filter(|c| c.is_finite())
-        .fold(0.0, f64::max);
+    // A peer's cached prefix shortens *its* prefill, not the home's: the home cannot pull that
+    // KV except by offloading to the peer, which ships the whole KV anyway. So only the home's
+    // own cache makes a prompt short enough to stay local (DESIGN.md §4: `l = len − h` with `h`
+    // the home's hit); remote hits rank the candidates (their advertised prefill is shorter).
     let shape = RequestShape {
-        cached_remote_tokens: cached_remote,
+        cached_remote_tokens: 0.0,
         ..input.request
     };
     let rule = OffloadRule {
         threshold_tokens: input.threshold,
     };
-    let l = rule.incremental_tokens(&shape, input.bandwidth_scarce);
-    if rule.decide(&shape, input.bandwidth_scarce) == Placement::Offload {
+    let l = rule.incremental_tokens(&shape, false);
+    if rule.decide(&shape, false) == Placement::Offload {
         let call = rank_candidates(input.candidates, input.top_k);
         return if call.is_empty() {
             PlacementPlan::Local {
@@ -204,7 +200,6 @@ mod tests {
                 cached_remote_tokens: 0.0,
             },
             threshold: 1000.0,
-            bandwidth_scarce: false,
             local_delay_s: local_delay,
             candidates: cands,
             top_k: 2,
@@ -266,13 +261,15 @@ mod tests {
     }
 
     #[test]
-    fn remote_prefix_counts_only_with_plenty_of_bandwidth() {
-        // 5000 tokens, 4500 of them cached at the candidate: l = 500 ≤ t with plenty of
-        // bandwidth; under scarce bandwidth only the (empty) local cache counts.
-        let c = [cand(0, 0.0, 0.1, 4500.0, 1e9)];
-        let mut i = input(5000.0, &c, 0.3);
-        assert!(matches!(plan(&i), PlacementPlan::Local { .. }));
-        i.bandwidth_scarce = true;
-        assert!(matches!(plan(&i), PlacementPlan::Auction { .. }));
+    fn a_remote_prefix_never_keeps_a_prompt_local_but_ranks_its_holder_first() {
+        // 5000 tokens, 4500 of them cached at candidate 1: the home still lacks all 5000, so
+        // the prompt is offloaded, and the holder (shorter advertised prefill) is called first.
+        let c = [cand(0, 0.0, 0.5, 0.0, 1e9), cand(1, 0.0, 0.05, 4500.0, 1e9)];
+        match plan(&input(5000.0, &c, 0.3)) {
+            PlacementPlan::Auction { call, spilled } => {
+                assert_eq!((call, spilled), (vec![1, 0], false))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

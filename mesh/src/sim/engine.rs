@@ -667,7 +667,6 @@ impl<'a> Sim<'a> {
                 cached_remote_tokens: 0.0,
             },
             threshold: self.homes[h].threshold.threshold,
-            bandwidth_scarce: self.homes[h].threshold.egress_bound,
             local_delay_s,
             candidates: &candidates,
             top_k: self.s.scenario.auction.top_k,

@@ -199,7 +199,6 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
             cached_remote_tokens: 0.0,
         },
         threshold: t as f64,
-        bandwidth_scarce: core.bandwidth_scarce.load(Ordering::Relaxed),
         local_delay_s: core.compute.queue_delay_s() + (n - cached) as f64 / rate,
         candidates: &candidates,
         top_k: core.cfg.policy.auction_top_k,
