@@ -429,75 +429,34 @@ async fn winner_killed_during_its_stream_is_noticed_from_the_stream() {
     kill_winner(model, home, prefill, true, "failed").await;
 }
 
-/// A live winner whose open stream stops delivering frames (a stall, or a partition that closes
-/// no connection) is cut once a gap exceeds its own claim plus `late_margin` and two pieces' time
-/// on the observed link, long before the 60 s transfer timeout: the home prefills locally (the
-/// only bidder is excluded from the re-auction), same tokens, no blocks left, the stall counted.
-#[actix_rt::test]
-async fn winner_stalled_mid_stream_is_cut_long_before_the_transfer_timeout() {
-    let model = "tiny-hybrid";
+/// A live winner that misbehaves without dropping its connection costs one local prefill: the
+/// home prefills locally (the only bidder is excluded from the re-auction) for a reason
+/// containing `reason`, counts auction outcome `outcome` once, long before its 60 s transfer
+/// timeout, with the local tokens and no blocks left. Returns the winner's record at the home.
+async fn misbehaving_winner_is_cut(
+    model: &str,
+    fault: impl FnOnce(&NodeHandle, prfaas_mesh::PeerId),
+    reason: &str,
+    outcome: &str,
+    within: Duration,
+) -> prfaas_mesh::reputation::PeerRecord {
     let (prefill, home) = pair(model, Some(Duration::from_millis(500))).await;
     let prompt = long_prompt(&home);
     let mut reference = Reference::new(model, BackendKind::Cpu);
-    // 100 bytes/s from the winner: its stream opens, then a piece takes minutes.
-    prefill
-        .core
-        .mesh
-        .set_emulated_bandwidth(home.peer_id(), Some(100.0));
+    fault(&prefill, home.peer_id());
     let t0 = Instant::now();
     let got = run_text(&home, &prompt, 8).await;
     match &got.route {
-        PrefillRoute::Local { reason } => {
-            assert!(
-                reason.contains("stalled"),
-                "unexpected local reason: {reason}"
-            )
+        PrefillRoute::Local { reason: why } => {
+            assert!(why.contains(reason), "unexpected local reason: {why}")
         }
-        other => panic!("a stalled winner's route: {other:?}"),
+        other => panic!("a misbehaving winner's route: {other:?}"),
     }
-    eprintln!("stalled winner: request done after {:?}", t0.elapsed());
-    assert!(
-        t0.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        t0.elapsed()
-    );
-    assert_eq!(auctions(&home, "winner_stalled"), 1);
+    eprintln!("{outcome}: request done after {:?}", t0.elapsed());
+    assert!(t0.elapsed() < within, "took {:?}", t0.elapsed());
+    assert_eq!(auctions(&home, outcome), 1);
     assert_eq!(got.tokens, reference.greedy(&prompt, 8));
     assert_no_blocks_left(&home);
-    home.shutdown().await;
-    prefill.shutdown().await;
-}
-
-/// A live winner that opens no stream within its own claim plus `late_margin` is cut as late:
-/// the home prefills locally long before its transfer timeout and the winner's record shows it.
-#[actix_rt::test]
-async fn silent_winner_is_cut_as_late_and_recorded() {
-    let model = "tiny-hybrid";
-    let (prefill, home) = pair(model, Some(Duration::from_millis(500))).await;
-    let prompt = long_prompt(&home);
-    let mut reference = Reference::new(model, BackendKind::Cpu);
-    prefill
-        .core
-        .mesh
-        .set_added_latency(home.peer_id(), Duration::from_secs(30));
-    let t0 = Instant::now();
-    let got = run_text(&home, &prompt, 8).await;
-    match &got.route {
-        PrefillRoute::Local { reason } => {
-            assert!(
-                reason.contains("claim"),
-                "unexpected local reason: {reason}"
-            )
-        }
-        other => panic!("a silent winner's route: {other:?}"),
-    }
-    assert!(
-        t0.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        t0.elapsed()
-    );
-    eprintln!("silent winner: request done after {:?}", t0.elapsed());
-    assert_eq!(auctions(&home, "winner_late"), 1);
     let record = home
         .core
         .mesh
@@ -506,9 +465,48 @@ async fn silent_winner_is_cut_as_late_and_recorded() {
         .find(|(p, _)| *p == prefill.peer_id())
         .map(|(_, r)| r)
         .expect("a record of the winner");
-    assert_eq!((record.late, record.failed), (1, 0));
-    assert_eq!(got.tokens, reference.greedy(&prompt, 8));
-    assert_no_blocks_left(&home);
     home.shutdown().await;
     prefill.shutdown().await;
+    record
+}
+
+/// A live winner whose open stream stops delivering frames (a stall, or a partition that closes
+/// no connection) is cut once a gap exceeds its own claim plus `late_margin` and two pieces' time
+/// on the observed link, and counted as a failure.
+#[actix_rt::test]
+async fn winner_stalled_mid_stream_is_cut_long_before_the_transfer_timeout() {
+    // 100 bytes/s from the winner: its stream opens, then a piece takes minutes.
+    let stall = |prefill: &NodeHandle, home| {
+        prefill.core.mesh.set_emulated_bandwidth(home, Some(100.0));
+    };
+    let record = misbehaving_winner_is_cut(
+        "tiny-hybrid",
+        stall,
+        "stalled",
+        "winner_stalled",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!((record.late, record.failed), (0, 1));
+}
+
+/// A live winner that opens no stream within its own claim plus `late_margin` is cut as late,
+/// and its record shows it.
+#[actix_rt::test]
+async fn silent_winner_is_cut_as_late_and_recorded() {
+    let silence = |prefill: &NodeHandle, home| {
+        prefill
+            .core
+            .mesh
+            .set_added_latency(home, Duration::from_secs(30));
+    };
+    let record = misbehaving_winner_is_cut(
+        "tiny-hybrid",
+        silence,
+        "claim",
+        "winner_late",
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!((record.late, record.failed), (1, 0));
 }
