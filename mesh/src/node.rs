@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
@@ -402,6 +403,20 @@ impl Task {
         }
         let addrs = addrs();
         if addrs.is_empty() {
+            return;
+        }
+        // Two peers both behind NATs (each holds a relay reservation) learn of each other at the
+        // same moment from their adverts; if both dial, two relayed connections form and both
+        // start a hole punch at once, dialling and listening on the same ports, and the punches
+        // collide and fail. Only the smaller peer id dials such a peer; the other waits for it.
+        let via_relay = addrs
+            .iter()
+            .any(|a| a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
+        let we_are_relayed = self
+            .nat
+            .lock()
+            .is_ok_and(|n| !n.snapshot().reservations.is_empty());
+        if via_relay && we_are_relayed && *self.swarm.local_peer_id() > peer {
             return;
         }
         let opts = DialOpts::peer_id(peer)
