@@ -282,6 +282,11 @@ impl NatState {
         }
     }
 
+    /// Whether a relay holds a reservation for us (we are reachable through a circuit).
+    pub fn has_reservation(&self) -> bool {
+        !self.snapshot.reservations.is_empty()
+    }
+
     /// Counters and verdicts.
     pub fn snapshot(&self) -> NatSnapshot {
         self.snapshot.clone()

@@ -412,10 +412,7 @@ impl Task {
         let via_relay = addrs
             .iter()
             .any(|a| a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
-        let we_are_relayed = self
-            .nat
-            .lock()
-            .is_ok_and(|n| !n.snapshot().reservations.is_empty());
+        let we_are_relayed = self.nat.lock().is_ok_and(|n| n.has_reservation());
         if via_relay && we_are_relayed && *self.swarm.local_peer_id() > peer {
             return;
         }
