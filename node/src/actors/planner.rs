@@ -717,13 +717,12 @@ async fn receive(
     let now = tokio::time::Instant::now();
     let deadline = now + timeout;
     let first_by = now + (claimed + margin).min(timeout);
-    let inc = match tokio::time::timeout_at(first_by, incoming).await {
+    let mut inc = match tokio::time::timeout_at(first_by, incoming).await {
         Err(_) if first_by < deadline => return Err(TransferError::Late { claimed, margin }),
         Err(_) => return Err(TransferError::NoStream(timeout)),
         Ok(Err(_)) => return Err(TransferError::Withdrawn),
         Ok(Ok(arrival)) => arrival?,
     };
-    let mut inc = inc;
     let h = inc.header().clone();
     let n = job.tokens.len();
     if h.model != core.model_ref {
