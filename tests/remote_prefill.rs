@@ -297,7 +297,7 @@ async fn int8_kv_is_asked_for_only_when_allowed_and_link_bound() {
         assert_eq!(count("int8") + count("f16"), 1);
         assert_eq!(
             received(),
-            layout.wire_export_bytes(n, wire) as u64,
+            layout.wire_transfer_bytes(n, wire) as u64,
             "{wire}: bytes on the wire"
         );
     }

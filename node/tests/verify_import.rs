@@ -1,11 +1,13 @@
-//! Verified remote prefill (DESIGN.md §8) on the synthetic dense model, cpu backend: honest
+//! Verified remote prefill (DESIGN.md §8) on the synthetic models, cpu backend: honest
 //! imports pass; (a) random KV, (b) the KV of another prompt, (c) one corrupted layer and
 //! (d) one corrupted position are detected, and the cost of verifying is measured against the
-//! prefill it replaces.
+//! prefill it replaces. tiny-dense recomputes single positions; tiny-hybrid (linear-attention
+//! state) recomputes stretches from the state checkpoints its transfers carry.
 //!
 //! CI runs a few trials per attack. `PRFAAS_VERIFY_TRIALS=100` (or more) runs the long mode and
 //! prints the detection rates and the cost figure for RELIABILITY.md:
-//! `PRFAAS_VERIFY_TRIALS=100 cargo test --release -p prfaas-node --test verify_import -- --nocapture`.
+//! `PRFAAS_VERIFY_TRIALS=100 cargo test --release -p prfaas-node --test verify_import -- --nocapture`
+//! (`PRFAAS_VERIFY_TOKENS` sets tiny-hybrid's prompt length, 300 by default).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,8 +16,8 @@ use prfaas_kernels::cpu::CpuBackend;
 use prfaas_kernels::Backend;
 use prfaas_node::engine::synthetic::{synthetic_model, SyntheticKind, DEFAULT_SEED};
 use prfaas_node::engine::{
-    Engine, EngineConfig, EngineError, KvExport, LayerKv, Model, NullSink, VerifyConfig,
-    VerifyReport,
+    CollectSink, Engine, EngineConfig, EngineError, KvExport, KvPiece, LayerKv, Model, NullSink,
+    VerifyConfig, VerifyReport,
 };
 
 fn engine(kind: SyntheticKind) -> Engine {
@@ -112,12 +114,16 @@ struct Tally {
     sampled: usize,
 }
 
-#[test]
-fn verification_passes_honest_kv_and_catches_lies() {
-    let trials: usize = std::env::var("PRFAAS_VERIFY_TRIALS")
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(default)
+}
+
+#[test]
+fn verification_passes_honest_kv_and_catches_lies() {
+    let trials = env_or("PRFAAS_VERIFY_TRIALS", 4);
     let n = 96;
     let mut sender = engine(SyntheticKind::TinyDense);
     let mut home = engine(SyntheticKind::TinyDense);
@@ -225,6 +231,211 @@ fn verification_passes_honest_kv_and_catches_lies() {
         honest_max < VerifyConfig::default().kv_tolerance / 5.0,
         "honest error {honest_max} too close to the tolerance"
     );
+}
+
+/// A remote prefill's pieces as streamed (checkpoints included) and its last logits.
+fn stream(sender: &mut Engine, tokens: &[u32]) -> (Vec<KvPiece>, Vec<f32>, Duration) {
+    let mut sink = CollectSink::default();
+    let t0 = Instant::now();
+    let out = sender.prefill(tokens, &mut sink).expect("prefill");
+    let took = t0.elapsed();
+    sender.release(out.seq).expect("release");
+    (sink.pieces, out.logits, took)
+}
+
+/// Imports streamed `pieces` of `tokens` into `home`, verifies them, cancels the import.
+fn verify_pieces(
+    home: &mut Engine,
+    tokens: &[u32],
+    pieces: &[KvPiece],
+    logits: &[f32],
+    cfg: &VerifyConfig,
+) -> VerifyReport {
+    let id = home
+        .begin_import(tokens.to_vec(), Instant::now())
+        .expect("lease");
+    for piece in pieces {
+        home.import_piece(id, piece, Instant::now())
+            .expect("sizes are right");
+    }
+    let r = home.verify_import(id, logits, cfg).expect("verify runs");
+    home.cancel_import(id);
+    r
+}
+
+fn scramble_piece(rng: &mut Rng, kv: &mut LayerKv) {
+    match kv {
+        LayerKv::Paged { k, v } => {
+            scramble(rng, k);
+            scramble(rng, v);
+        }
+        LayerKv::State { state } => scramble(rng, state),
+    }
+}
+
+/// tiny-hybrid: three linear-attention layers per softmax layer, one of those sliding-window.
+/// Its transfers carry state checkpoints; verification recomputes the tail (last checkpoint to
+/// the end: K/V, final states, logits) and a random stretch from an earlier checkpoint.
+#[test]
+fn hybrid_verification_recomputes_stretches_from_checkpoints() {
+    let trials = env_or("PRFAAS_VERIFY_TRIALS", 3);
+    let n = env_or("PRFAAS_VERIFY_TOKENS", 300);
+    let mut sender = engine(SyntheticKind::TinyHybrid);
+    let mut home = engine(SyntheticKind::TinyHybrid);
+    let layout = sender.layout().clone();
+    let checkpoints = layout.checkpoints(n);
+    assert!(!checkpoints.is_empty(), "{n} tokens: no checkpoint");
+    let mut rng = Rng(0x0dd_ba11_cafe_f00d);
+    let mut t = [
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+    ];
+    let (mut honest_kv, mut honest_state, mut honest_logits) = (0f32, 0f32, 0f32);
+    let (mut prefill_time, mut verify_time, mut recomputed) = (Duration::ZERO, Duration::ZERO, 0);
+    for trial in 0..trials {
+        let cfg = VerifyConfig {
+            seed: rng.next(),
+            ..VerifyConfig::default()
+        };
+        let tokens = prompt(&mut rng, n);
+        let (pieces, logits, took) = stream(&mut sender, &tokens);
+        prefill_time += took;
+        let sent: usize = pieces.iter().map(|p| p.kv.size_bytes(layout.dtype)).sum();
+        assert_eq!(sent, layout.transfer_bytes(n), "the stream is the transfer");
+        for &c in &checkpoints {
+            assert!(
+                pieces
+                    .iter()
+                    .any(|p| p.tokens == (0..c) && matches!(p.kv, LayerKv::State { .. })),
+                "no state checkpoint at {c}"
+            );
+        }
+
+        let t0 = Instant::now();
+        let honest = verify_pieces(&mut home, &tokens, &pieces, &logits, &cfg);
+        verify_time += t0.elapsed();
+        assert!(
+            honest.passed(),
+            "trial {trial}: honest KV refused: {honest:?}"
+        );
+        assert!(honest.positions.contains(&(n - 1)), "{honest:?}");
+        recomputed += honest.positions.len();
+        honest_kv = honest_kv.max(honest.max_kv_error);
+        honest_state = honest_state.max(honest.max_state_error);
+        honest_logits = honest_logits.max(honest.logits_error);
+
+        // (a) every value replaced by noise of its scale (honest logits).
+        let mut fake = pieces.clone();
+        fake.iter_mut()
+            .for_each(|p| scramble_piece(&mut rng, &mut p.kv));
+        t[0].trials += 1;
+        t[0].detected +=
+            usize::from(!verify_pieces(&mut home, &tokens, &fake, &logits, &cfg).passed());
+
+        // (b) the transfer and logits of another prompt of the same length.
+        let (foreign, foreign_logits, _) = stream(&mut sender, &prompt(&mut rng, n));
+        t[1].trials += 1;
+        t[1].detected += usize::from(
+            !verify_pieces(&mut home, &tokens, &foreign, &foreign_logits, &cfg).passed(),
+        );
+
+        // (c) one layer (paged rows, or a state and its checkpoints) replaced by noise.
+        let l = rng.below(layout.layers.len());
+        let mut bad_layer = pieces.clone();
+        bad_layer
+            .iter_mut()
+            .filter(|p| p.layer == l)
+            .for_each(|p| scramble_piece(&mut rng, &mut p.kv));
+        t[2].trials += 1;
+        t[2].detected +=
+            usize::from(!verify_pieces(&mut home, &tokens, &bad_layer, &logits, &cfg).passed());
+
+        // (d) one position replaced by noise in every paged layer that sends it.
+        let q = rng.below(n);
+        let mut bad_pos = pieces.clone();
+        for p in bad_pos.iter_mut().filter(|p| p.tokens.contains(&q)) {
+            if let LayerKv::Paged { k, v } = &mut p.kv {
+                let row = k.len() / p.tokens.len();
+                let at = (q - p.tokens.start) * row..(q - p.tokens.start + 1) * row;
+                scramble(&mut rng, &mut k[at.clone()]);
+                scramble(&mut rng, &mut v[at]);
+            }
+        }
+        let r = verify_pieces(&mut home, &tokens, &bad_pos, &logits, &cfg);
+        t[3].trials += 1;
+        t[3].detected += usize::from(!r.passed());
+        if r.positions.contains(&q) {
+            t[3].sampled += 1;
+            assert!(
+                !r.passed(),
+                "position {q} was recomputed but not caught: {r:?}"
+            );
+        }
+    }
+    let rate = |t: &Tally| t.detected as f64 / t.trials.max(1) as f64;
+    eprintln!(
+        "verify_import hybrid: {trials} trials, {n}-token prompts, checkpoints {checkpoints:?}          (+{} bytes on a {}-byte export, {:.3}): detection (a) random KV {:.3}, (b) other          prompt {:.3}, (c) one layer {:.3}, (d) one position {:.3} (recomputed {} of {};          {:.1} positions recomputed per import, {:.3} of the prompt); honest max K/V error          {honest_kv:.2e}, state {honest_state:.2e}, logits {honest_logits:.2e}; verification          cost {:.3} of the prefill it replaces",
+        layout.transfer_bytes(n) - layout.export_bytes(n),
+        layout.export_bytes(n),
+        (layout.transfer_bytes(n) - layout.export_bytes(n)) as f64 / layout.export_bytes(n) as f64,
+        rate(&t[0]),
+        rate(&t[1]),
+        rate(&t[2]),
+        rate(&t[3]),
+        t[3].sampled,
+        t[3].trials,
+        recomputed as f64 / trials.max(1) as f64,
+        recomputed as f64 / (trials.max(1) * n) as f64,
+        verify_time.as_secs_f64() / prefill_time.as_secs_f64().max(1e-9),
+    );
+    for (name, t) in ["(a)", "(b)", "(c)"].iter().zip(&t) {
+        assert_eq!(t.detected, t.trials, "{name} {t:?}");
+    }
+    let tol = VerifyConfig::default().kv_tolerance / 5.0;
+    assert!(
+        honest_kv < tol && honest_state < tol,
+        "honest errors too close to the tolerance"
+    );
+}
+
+/// A transfer whose state checkpoint is missing cannot be verified: refused, not waved through.
+#[test]
+fn hybrid_import_without_its_checkpoints_is_refused() {
+    let mut sender = engine(SyntheticKind::TinyHybrid);
+    let mut home = engine(SyntheticKind::TinyHybrid);
+    let tokens: Vec<u32> = (0..120).map(|i| 40 + (i * 7) % 50).collect();
+    assert_eq!(sender.layout().checkpoints(tokens.len()), vec![80]);
+    let (pieces, logits, _) = stream(&mut sender, &tokens);
+    let cfg = VerifyConfig::default();
+    assert!(verify_pieces(&mut home, &tokens, &pieces, &logits, &cfg).passed());
+    // Without the checkpoint pieces (what a whole-sequence export holds) the import still
+    // finishes (decode needs only the export) but verification refuses it.
+    let bare: Vec<KvPiece> = pieces
+        .iter()
+        .filter(|p| !matches!(p.kv, LayerKv::State { .. }) || p.tokens.end == tokens.len())
+        .cloned()
+        .collect();
+    let r = verify_pieces(&mut home, &tokens, &bare, &logits, &cfg);
+    assert!(
+        r.failure
+            .as_deref()
+            .is_some_and(|f| f.contains("checkpoint")),
+        "{r:?}"
+    );
+    // A state piece ending anywhere but at the end or a checkpoint is refused as it arrives.
+    let mut odd = pieces
+        .iter()
+        .find(|p| p.tokens == (0..80))
+        .expect("checkpoint piece")
+        .clone();
+    odd.tokens = 0..64;
+    let id = home
+        .begin_import(tokens.clone(), Instant::now())
+        .expect("lease");
+    assert!(home.import_piece(id, &odd, Instant::now()).is_err());
+    assert_eq!(home.pending_imports(), 0, "the import is cancelled");
 }
 
 /// Non-finite values are refused, a failed verification frees the import's blocks and keeps it

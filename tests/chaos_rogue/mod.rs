@@ -12,6 +12,7 @@ use prfaas_mesh::advert::{AdvertBody, ModelRef, PrefillPoint, PrefixSummary, Rol
 use prfaas_mesh::auction::Bid;
 use prfaas_mesh::kv::{KvHeader, KvTrailer, PieceId};
 use prfaas_mesh::{CallAnswer, MeshConfig, MeshEvent, MeshHandle, Multiaddr};
+use prfaas_node::kv::wire::KvWire;
 use prfaas_node::kv::KvLayout;
 
 /// What the rogue did, for the report.
@@ -257,9 +258,9 @@ async fn send_lies(
     vocab: usize,
     nan: bool,
 ) -> Option<()> {
-    let total = layout.export_bytes(n) as u64;
+    let total = layout.transfer_bytes(n) as u64;
     let max_piece = (0..layout.layers.len())
-        .map(|l| layout.export_layer_bytes(l, n))
+        .map(|l| layout.wire_transfer_layer_bytes(l, n, KvWire::F16))
         .max()
         .unwrap_or(0) as u64;
     let header = KvHeader {
@@ -274,8 +275,17 @@ async fn send_lies(
     };
     let mut s = mesh.open_kv_transfer(home, header).await.ok()?;
     let mut x = 0x2545_F491_4F6C_DD1Du64 ^ request_id;
-    for layer in 0..layout.layers.len() {
-        let rows = layout.transfer_rows(layer, n);
+    // Every piece a transfer carries: the paged spans, each state and its checkpoints.
+    let pieces = (0..layout.layers.len()).flat_map(|layer| {
+        let rows: Vec<std::ops::Range<usize>> = if layout.layers[layer].is_paged() {
+            layout.transfer_spans(layer, n)
+        } else {
+            let ends = layout.checkpoints(n).into_iter().chain([n]);
+            ends.map(|c| 0..c).collect()
+        };
+        rows.into_iter().map(move |r| (layer, r))
+    });
+    for (layer, rows) in pieces {
         let len = layout.piece_bytes(layer, rows.len());
         let bytes: Vec<u8> = if nan {
             // f16 and f32 NaN patterns alike: 0x7e00 / 0x7fc0_0000 little-endian halves.
@@ -295,7 +305,7 @@ async fn send_lies(
         let piece = PieceId {
             layer: layer as u32,
             start: rows.start as u32,
-            end: rows.end.max(1) as u32,
+            end: rows.end as u32,
         };
         s.send_piece(piece, bytes).await.ok()?;
     }

@@ -240,7 +240,7 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
             view.prefill_tokens_per_s,
             &view.decode_profile,
             core.cfg.engine.max_batch,
-            |t| core.layout.export_bytes(t.max(0.0) as usize) as f64,
+            |t| core.layout.transfer_bytes(t.max(0.0) as usize) as f64,
         ),
         "decoding": view.live,
         "queued_jobs": core.compute.queued_jobs(),

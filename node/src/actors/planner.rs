@@ -292,7 +292,7 @@ fn candidate(
 ) -> Candidate {
     let block = core.layout.block_size.max(1);
     let cached = (ad.body.prefix_summary.cached_prefix_blocks(hashes) * block).min(n);
-    let kv = |l: f64| core.layout.export_bytes(l.max(0.0) as usize) as f64;
+    let kv = |l: f64| core.layout.transfer_bytes(l.max(0.0) as usize) as f64;
     let prefill = |l: f64| match advert_profile(ad, kv) {
         Some(p) => p.incremental_prefill_time(n as f64, l),
         None => f64::INFINITY,
@@ -491,7 +491,7 @@ async fn auction(
         .take(MAX_CALL_HASHES)
         .map(|h| h.short())
         .collect();
-    let kv_bytes = core.layout.export_bytes(n) as u64;
+    let kv_bytes = core.layout.transfer_bytes(n) as u64;
     let call = Call {
         request_id: job.request_id,
         model: core.model_ref.clone(),
@@ -740,7 +740,7 @@ async fn receive(
         })?;
     if h.tokens as usize != n
         || h.layers as usize != core.layout.layers.len()
-        || h.total_bytes != core.layout.wire_export_bytes(n, wire) as u64
+        || h.total_bytes != core.layout.wire_transfer_bytes(n, wire) as u64
     {
         return Err(TransferError::Header(format!(
             "{} tokens, {} layers, {} bytes of {wire}",

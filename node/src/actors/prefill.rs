@@ -250,12 +250,12 @@ async fn serve(
         layers: layers as u32,
         tokens: n as u32,
         dtype: wire_label(layout, wire),
-        // A piece is at most a whole layer's export.
+        // A piece is at most a whole layer's transfer.
         max_piece_bytes: (0..layers)
-            .map(|l| layout.wire_export_layer_bytes(l, n, wire) as u64)
+            .map(|l| layout.wire_transfer_layer_bytes(l, n, wire) as u64)
             .max()
             .unwrap_or(0),
-        total_bytes: layout.wire_export_bytes(n, wire) as u64,
+        total_bytes: layout.wire_transfer_bytes(n, wire) as u64,
         probe: false,
     };
     // On any error below `prx` is dropped, which makes the compute thread's sink fail and the

@@ -72,7 +72,7 @@ impl ThresholdState {
 
     fn try_refresh(&mut self, core: &Core, adverts: &[KnownAdvert]) -> Result<(), String> {
         let me = core.mesh.local_peer_id();
-        let kv = |l: f64| core.layout.export_bytes(l.max(0.0) as usize) as f64;
+        let kv = |l: f64| core.layout.transfer_bytes(l.max(0.0) as usize) as f64;
         let prefillers: Vec<&KnownAdvert> = adverts
             .iter()
             .filter(|a| a.peer != me && a.advert.can_prefill(&core.model_ref))
@@ -307,7 +307,7 @@ pub fn consider_role(core: &Core, adverts: &[KnownAdvert]) -> Option<RoleMode> {
         decode: count(Role::Decode, core.homes_now()),
     };
     let view = core.compute.view();
-    let kv = |l: f64| core.layout.export_bytes(l.max(0.0) as usize) as f64;
+    let kv = |l: f64| core.layout.transfer_bytes(l.max(0.0) as usize) as f64;
     let prefill = view
         .prefill_profile
         .profile(kv, view.prefill_tokens_per_s)

@@ -21,6 +21,7 @@
 //! space (their prefix reuse is bound to exact-state snapshots already).
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -197,9 +198,13 @@ struct PendingImport {
     tokens: Vec<u32>,
     blocks: Vec<BlockId>,
     state: Option<StateSlot>,
-    /// Per layer, which of its blocks (paged) or whether its state (one entry) was written.
-    /// Pieces may come in any order but never twice.
+    /// Per layer, which of its blocks (paged) or which of its states (the final one, then one per
+    /// checkpoint) was written. Pieces may come in any order but never twice.
     written: Vec<Vec<bool>>,
+    /// The transfer's checkpoints ([`KvLayout::checkpoints`]) and, per checkpoint, the state
+    /// of each linear layer after it, as received (kept on the host for verification only).
+    checkpoints: Vec<usize>,
+    checkpoint_states: Vec<Vec<Option<Vec<f32>>>>,
     /// The ring's lease, for engines with a ring.
     ring: Option<RingLease>,
 }
@@ -564,7 +569,10 @@ impl Engine {
         let now = Instant::now();
         let n = tokens.len();
         let hybrid = self.layout.has_state();
-        let mut hit = if self.config.prefix_cache {
+        // A remote prefill of a layout with state carries checkpoints from token 0 on (see
+        // `crate::kv::layout`), which a cached prefix's state cannot provide: such a prefill
+        // recomputes the prefix.
+        let mut hit = if self.config.prefix_cache && !(hybrid && sink.wants_kv()) {
             self.store.lookup_prefix(&tokens[..n - 1], now)
         } else {
             Default::default()
@@ -643,6 +651,12 @@ impl Engine {
         // prefix, so a snapshot is taken at the last block boundary before the final token.
         let snap_at = (n - 1) / bs * bs;
         let want_snapshot = self.config.prefix_cache && hybrid && snap_at > start;
+        // Chunks also end where the transfer carries a checkpoint (the state is read there).
+        let checkpoints = if sink.wants_kv() {
+            self.layout.checkpoints(n)
+        } else {
+            Vec::new()
+        };
         let mut bounds = Vec::new();
         let mut a = start;
         while a < n {
@@ -653,6 +667,9 @@ impl Engine {
             }
             if want_snapshot && a < snap_at && b > snap_at {
                 b = snap_at;
+            }
+            if let Some(&c) = checkpoints.iter().find(|&&c| a < c && c < b) {
+                b = c;
             }
             bounds.push((a, b));
             a = b;
@@ -729,11 +746,14 @@ impl Engine {
         let n = tokens.len();
         let bs = self.config.block_size;
         let wants = sink.wants_kv();
-        // Per paged layer, the first row not yet handed to the sink. Rows of a block that is
-        // still being filled wait for the chunk that completes it (or for the end).
-        let mut sent: Vec<usize> = (0..self.layout.layers.len())
-            .map(|l| self.layout.transfer_rows(l, n).start)
+        // Per paged layer, the rows the transfer carries and the first row not handed to the
+        // sink yet. Rows of a block that is still being filled wait for the chunk that completes
+        // it (or for the end).
+        let spans: Vec<Vec<Range<usize>>> = (0..self.layout.layers.len())
+            .map(|l| self.layout.transfer_spans(l, n))
             .collect();
+        let checkpoints = self.layout.checkpoints(n);
+        let mut sent = vec![0usize; self.layout.layers.len()];
         let with_ring = self.ring.is_some();
         if wants {
             // The cached prefix is ready before any compute: send it first.
@@ -744,8 +764,8 @@ impl Engine {
                 shared: blocks,
                 ring: ring.as_deref(),
             };
-            for layer in 0..self.layout.layers.len() {
-                self.send_rows(layer, ready, n, tables, states, &mut sent, sink)?;
+            for (layer, spans) in spans.iter().enumerate() {
+                self.send_rows(layer, spans, ready, tables, states, &mut sent, sink)?;
             }
         }
         let mut logits = None;
@@ -782,12 +802,13 @@ impl Engine {
             let this = &*self;
             let mut hook = |layer: usize| -> Result<(), EngineError> {
                 if this.layout.layers[layer].is_paged() {
-                    this.send_rows(layer, ready, n, tables, states, &mut sent, sink)
-                } else if last {
-                    let kv = this.export_rows(layer, tables, 0..n, states)?;
+                    this.send_rows(layer, &spans[layer], ready, tables, states, &mut sent, sink)
+                } else if last || checkpoints.contains(&b) {
+                    // The state after token `b`: the final one, or a checkpoint.
+                    let kv = this.export_rows(layer, tables, 0..b, states)?;
                     sink.piece(KvPiece {
                         layer,
-                        tokens: 0..n,
+                        tokens: 0..b,
                         kv,
                     })?;
                     Ok(())
@@ -817,14 +838,15 @@ impl Engine {
         logits.ok_or_else(|| EngineError::Request("nothing to prefill".into()))
     }
 
-    /// Hands paged `layer`'s rows from `sent[layer]` up to `ready` to the sink as one piece (none
-    /// when there is nothing new) and advances `sent[layer]`.
+    /// Hands paged `layer`'s rows from `sent[layer]` up to `ready` that lie in its transfer
+    /// `spans` to the sink, one piece per span (none when there is nothing new), and advances
+    /// `sent[layer]`.
     #[allow(clippy::too_many_arguments)]
     fn send_rows(
         &self,
         layer: usize,
+        spans: &[Range<usize>],
         ready: usize,
-        n: usize,
         tables: Tables<'_>,
         states: &[Tensor],
         sent: &mut [usize],
@@ -833,14 +855,19 @@ impl Engine {
         if !self.layout.layers[layer].is_paged() || ready <= sent[layer] {
             return Ok(());
         }
-        let rows = sent[layer]..ready.min(n);
-        let kv = self.export_rows(layer, tables, rows.clone(), states)?;
-        sent[layer] = rows.end;
-        sink.piece(KvPiece {
-            layer,
-            tokens: rows,
-            kv,
-        })?;
+        for span in spans {
+            let rows = span.start.max(sent[layer])..span.end.min(ready);
+            if rows.is_empty() {
+                continue;
+            }
+            let kv = self.export_rows(layer, tables, rows.clone(), states)?;
+            sink.piece(KvPiece {
+                layer,
+                tokens: rows,
+                kv,
+            })?;
+        }
+        sent[layer] = ready;
         Ok(())
     }
 
@@ -963,22 +990,27 @@ impl Engine {
         let bs = self.layout.block_size;
         let ok_kind = match (kv, shape.is_paged()) {
             (LayerKv::Paged { k, v }, true) => {
-                let span = self.layout.transfer_rows(layer, n);
+                let spans = self.layout.transfer_spans(layer, n);
                 if tokens.start >= tokens.end
-                    || tokens.start < span.start
-                    || tokens.end > span.end
+                    || !spans
+                        .iter()
+                        .any(|s| tokens.start >= s.start && tokens.end <= s.end)
                     || tokens.start % bs != 0
                     || (tokens.end % bs != 0 && tokens.end != n)
                 {
                     return Err(bad(format!(
-                        "rows {tokens:?} are not whole blocks inside {span:?}"
+                        "rows {tokens:?} are not whole blocks inside {spans:?}"
                     )));
                 }
                 k.len() == v.len()
             }
             (LayerKv::State { .. }, false) => {
-                if *tokens != (0..n) {
-                    return Err(bad(format!("a state covers 0..{n}, not {tokens:?}")));
+                if tokens.start != 0
+                    || (tokens.end != n && !self.layout.checkpoints(n).contains(&tokens.end))
+                {
+                    return Err(bad(format!(
+                        "a state covers 0..{n} or 0..a checkpoint, not {tokens:?}"
+                    )));
                 }
                 true
             }
@@ -1043,12 +1075,24 @@ impl Engine {
                 return Err(e.into());
             }
         };
+        let checkpoints = self.layout.checkpoints(tokens.len());
         let written = self
             .layout
             .layers
             .iter()
-            .map(|l| vec![false; if l.is_paged() { n_blocks } else { 1 }])
+            .map(|l| {
+                vec![
+                    false;
+                    if l.is_paged() {
+                        n_blocks
+                    } else {
+                        1 + checkpoints.len()
+                    }
+                ]
+            })
             .collect();
+        let n_linear = self.layout.layers.iter().filter(|l| !l.is_paged()).count();
+        let checkpoint_states = vec![vec![None; n_linear]; checkpoints.len()];
         self.imports.insert(
             lease.id,
             PendingImport {
@@ -1056,6 +1100,8 @@ impl Engine {
                 blocks: lease.blocks,
                 state: lease.state,
                 written,
+                checkpoints,
+                checkpoint_states,
                 ring,
             },
         );
@@ -1088,9 +1134,13 @@ impl Engine {
         self.check_piece(p.tokens.len(), piece)?;
         let layer = piece.layer;
         let bs = self.layout.block_size;
-        let marks = match piece.kv {
-            LayerKv::Paged { .. } => piece.tokens.start / bs..piece.tokens.end.div_ceil(bs),
-            LayerKv::State { .. } => 0..1,
+        // The final state is entry 0, checkpoint `i`'s entry `i + 1` (`check_piece` made sure
+        // a state piece ends at `n` or at a checkpoint).
+        let checkpoint = p.checkpoints.iter().position(|&c| c == piece.tokens.end);
+        let marks = match (&piece.kv, checkpoint) {
+            (LayerKv::Paged { .. }, _) => piece.tokens.start / bs..piece.tokens.end.div_ceil(bs),
+            (LayerKv::State { .. }, None) => 0..1,
+            (LayerKv::State { .. }, Some(i)) => i + 1..i + 2,
         };
         if p.written[layer][marks.clone()].iter().any(|&w| w) {
             return Err(EngineError::Incompatible(format!(
@@ -1098,6 +1148,7 @@ impl Engine {
                 piece.tokens
             )));
         }
+        let mut kept = None;
         match (&piece.kv, &self.pools[layer]) {
             (LayerKv::Paged { k, v }, Some(pool)) => {
                 let ids = match (&p.ring, self.in_ring[layer]) {
@@ -1133,13 +1184,18 @@ impl Engine {
                     .iter()
                     .filter(|l| !l.is_paged())
                     .count();
-                let slot = p.state.ok_or_else(|| {
-                    EngineError::Incompatible(format!("layer {layer}: no state slot leased"))
-                })?;
-                let t = self.state_slot(slot)?.get(linear).ok_or_else(|| {
-                    EngineError::Incompatible(format!("layer {layer}: no state tensor"))
-                })?;
-                self.backend.write(t, state)?;
+                if let Some(i) = checkpoint {
+                    // Kept on the host for verification only (`check_piece` checked its size).
+                    kept = Some((i, linear, state.clone()));
+                } else {
+                    let slot = p.state.ok_or_else(|| {
+                        EngineError::Incompatible(format!("layer {layer}: no state slot leased"))
+                    })?;
+                    let t = self.state_slot(slot)?.get(linear).ok_or_else(|| {
+                        EngineError::Incompatible(format!("layer {layer}: no state tensor"))
+                    })?;
+                    self.backend.write(t, state)?;
+                }
             }
             _ => {
                 return Err(EngineError::Incompatible(format!(
@@ -1153,6 +1209,9 @@ impl Engine {
         }
         if let Some(p) = self.imports.get_mut(&id) {
             p.written[layer][marks].iter_mut().for_each(|w| *w = true);
+            if let Some((i, linear, state)) = kept {
+                p.checkpoint_states[i][linear] = Some(state);
+            }
         }
         Ok(())
     }

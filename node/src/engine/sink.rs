@@ -185,8 +185,10 @@ pub struct KvPiece {
 /// Receives the prefill's KV piece by piece, as each layer of each chunk is computed.
 ///
 /// Per layer, pieces come in token order and together cover exactly
-/// [`KvLayout::transfer_rows`] (a sliding-window layer sends only what a decode will read); a
-/// state layer sends one piece after the last chunk. Called from the engine's compute thread:
+/// [`KvLayout::transfer_spans`] (a sliding-window layer sends only what a decode will read, and
+/// the windows before the transfer's checkpoints); a state layer sends one piece (`0..c`) after
+/// the chunk ending at each checkpoint `c` and one (`0..n`) after the last chunk. Sinks that
+/// do not want KV get no checkpoints. Called from the engine's compute thread:
 /// an implementation that ships KV over the network must queue the data and return at once,
 /// never wait on the network.
 pub trait KvSink {

@@ -11,10 +11,23 @@
 //! fails when it is drawn, and usually also through the positions after it, whose attention
 //! reads it. Every received value is also checked to be finite.
 //!
-//! Layouts with linear-attention state cannot be recomputed this way (the state before a
-//! position is not part of the transfer): their imports get the finiteness check only.
+//! A position of a layout with linear-attention state also depends on each linear layer's state
+//! just before it, which the KV does not hold: such transfers carry checkpoints (the states,
+//! and the sliding windows, after a few positions the token count fixes; see
+//! `crate::kv::layout`). The home recomputes two *stretches* as a prefill from a checkpoint's
+//! state over the received KV: the **tail**, from the last checkpoint to the end (its K/V, the
+//! final states and the last logits; one cheap stretch of at most 32 + one block of tokens), and
+//! up to [`STATE_STRETCH`] tokens from a **random** earlier checkpoint or from token 0, whose
+//! state is zero (its K/V, and the next checkpoint's states when it reaches it). A sender that
+//! made the KV or the states up, prefilled another prompt or corrupted a layer fails the tail; one
+//! that corrupted one position fails where a recomputed stretch reads it; a made-up checkpoint
+//! fails when a stretch starts or ends at it.
 
 use super::*;
+
+/// Tokens the random stretch of a layout with state recomputes (at most; fewer when the next
+/// checkpoint comes first).
+pub const STATE_STRETCH: usize = 32;
 
 /// How an import is verified.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,13 +80,16 @@ impl VerifyConfig {
 /// What a verification found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerifyReport {
-    /// Positions recomputed (the last one included); empty when the layout cannot be
-    /// recomputed (linear-attention state).
+    /// Positions recomputed (the last one included).
     pub positions: Vec<usize>,
     /// Largest relative K/V error over every checked (layer, position).
     pub max_kv_error: f32,
     /// Where it was: (layer, position).
     pub worst: Option<(usize, usize)>,
+    /// Largest relative error of a recomputed linear-attention state (layouts with state).
+    pub max_state_error: f32,
+    /// Where it was: (linear layer, the token it follows).
+    pub worst_state: Option<(usize, usize)>,
     /// Relative error of the last position's logits against the trailer's.
     pub logits_error: f32,
     /// Why the import is refused; `None`: it passed.
@@ -179,12 +195,17 @@ impl Engine {
             positions: Vec::new(),
             max_kv_error: 0.0,
             worst: None,
+            max_state_error: 0.0,
+            worst_state: None,
             logits_error: 0.0,
             failure: None,
         };
         if logits.len() != self.model.config().vocab_size || logits.iter().any(|x| !x.is_finite()) {
             report.failure = Some("trailer logits missing, of the wrong size or not finite".into());
             return Ok(report);
+        }
+        if state.is_some() {
+            return self.verify_stretches(id, logits, cfg, report);
         }
         let bs = self.config.block_size;
         // Every received value must be finite; keep the blocks of the checked positions (as
@@ -247,15 +268,6 @@ impl Engine {
                     .collect()
             };
             received.push(Some((pick(&k), pick(&v))));
-        }
-        if let Some(slot) = state {
-            for t in self.state_slot(slot)? {
-                if self.backend.download(t)?.iter().any(|x| !x.is_finite()) {
-                    report.failure = Some("non-finite linear-attention state".into());
-                    return Ok(report);
-                }
-            }
-            return Ok(report); // cannot be recomputed: finiteness only
         }
         // One forward pass: each checked position is a one-token "sequence" over the received
         // block table, writing its K/V into its own slot (restored below).
@@ -325,21 +337,232 @@ impl Engine {
         let computed = self.backend.download(&out?)?;
         report.logits_error = relative_error(&computed, logits);
         report.positions = positions;
-        if report.max_kv_error > cfg.kv_tolerance {
-            let (l, q) = report.worst.unwrap_or((0, 0));
-            report.failure = Some(format!(
-                "K/V at layer {l}, position {q} differs from its recomputation by {:.3} (tolerance {})",
-                report.max_kv_error, cfg.kv_tolerance
-            ));
-        } else if report.logits_error > cfg.logits_tolerance {
-            report.failure = Some(format!(
-                "last-position logits differ from the trailer's by {:.3} (tolerance {})",
-                report.logits_error, cfg.logits_tolerance
-            ));
-        }
-        Ok(report)
+        Ok(judge(report, cfg))
     }
 
+    /// [`Engine::verify_import`] of a layout with linear-attention state (see the module docs).
+    fn verify_stretches(
+        &mut self,
+        id: LeaseId,
+        logits: &[f32],
+        cfg: &VerifyConfig,
+        mut report: VerifyReport,
+    ) -> Result<VerifyReport, EngineError> {
+        let p = self.imports.get(&id).ok_or(KvError::UnknownLease(id))?;
+        let (Some(slot), None) = (p.state, &p.ring) else {
+            return Err(EngineError::Incompatible(
+                "state verification of an import without a state slot, or with a ring".into(),
+            ));
+        };
+        let n = p.tokens.len();
+        let checkpoints = p.checkpoints.clone();
+        let mut starts: Vec<(usize, Option<Vec<Vec<f32>>>)> = vec![(0, None)];
+        for (c, states) in checkpoints.iter().zip(&p.checkpoint_states) {
+            let states: Option<Vec<Vec<f32>>> = states.iter().cloned().collect();
+            let Some(states) = states else {
+                report.failure = Some(format!("the state checkpoint at token {c} is missing"));
+                return Ok(report);
+            };
+            starts.push((*c, Some(states)));
+        }
+        let finals: Vec<Vec<f32>> = self
+            .state_slot(slot)?
+            .iter()
+            .map(|t| self.backend.download(t))
+            .collect::<Result<_, _>>()?;
+        if starts
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .chain(std::iter::once(&finals))
+            .flatten()
+            .flatten()
+            .any(|x| !x.is_finite())
+        {
+            report.failure = Some("non-finite linear-attention state".into());
+            return Ok(report);
+        }
+        // The tail, from the last start, and a stretch from a random earlier start (none when
+        // token 0 is the only start: the tail is then the whole sequence).
+        let last = starts.len() - 1;
+        let mut stretches = vec![(last, n)];
+        if last > 0 {
+            let pick = draw_positions(last + 1, 1, cfg.seed)[0];
+            let end = (starts[pick].0 + STATE_STRETCH).min(starts[pick + 1].0);
+            stretches.insert(0, (pick, end));
+        }
+        for (i, b) in stretches {
+            let a = starts[i].0;
+            // The states the stretch must end with: the final ones, or the next checkpoint's.
+            let want = if b == n {
+                Some(&finals)
+            } else {
+                starts
+                    .get(i + 1)
+                    .filter(|s| s.0 == b)
+                    .and_then(|s| s.1.as_ref())
+            };
+            let got = self.recompute_stretch(id, a..b, starts[i].1.as_deref(), &mut report)?;
+            for (l, (s, w)) in got
+                .states
+                .iter()
+                .zip(want.into_iter().flatten())
+                .enumerate()
+            {
+                let e = relative_error(s, w);
+                if e > report.max_state_error {
+                    report.max_state_error = e;
+                    report.worst_state = Some((l, b));
+                }
+            }
+            if b == n {
+                report.logits_error = relative_error(&got.logits, logits);
+            }
+            report.positions.extend(a..b);
+        }
+        Ok(judge(report, cfg))
+    }
+
+    /// Runs import `id`'s tokens `rows` as a prefill chunk from `start` (each linear layer's
+    /// state before `rows.start`; `None`: zero) over the received KV, compares the paged K/V it
+    /// computes with what was received wherever the transfer carried it (into `report`), puts
+    /// the received K/V back and returns what the stretch ended with. Computes in a state slot
+    /// of its own (an error when none is free).
+    fn recompute_stretch(
+        &mut self,
+        id: LeaseId,
+        rows: std::ops::Range<usize>,
+        start: Option<&[Vec<f32>]>,
+        report: &mut VerifyReport,
+    ) -> Result<Stretch, EngineError> {
+        let p = self.imports.get(&id).ok_or(KvError::UnknownLease(id))?;
+        let n = p.tokens.len();
+        let tokens = p.tokens[rows.clone()].to_vec();
+        let table: Vec<u32> = p.blocks.iter().map(|b| b.0).collect();
+        let bs = self.config.block_size;
+        let touched = table[rows.start / bs..rows.end.div_ceil(bs)].to_vec();
+        let scratch = self.store.allocate_state()?;
+        let states = self.state_slot(scratch)?.to_vec();
+        let run = (|| -> Result<_, EngineError> {
+            match start {
+                None => self.zero_state(scratch)?,
+                Some(s) => {
+                    for (t, v) in states.iter().zip(s) {
+                        self.backend.write(t, v)?;
+                    }
+                }
+            }
+            let mut saved = Vec::new();
+            for pool in self.pools.iter() {
+                saved.push(match pool {
+                    Some(pool) => Some((
+                        self.backend.gather_blocks(&pool.k, &touched)?,
+                        self.backend.gather_blocks(&pool.v, &touched)?,
+                    )),
+                    None => None,
+                });
+            }
+            let positions: Vec<u32> = (rows.start as u32..rows.end as u32).collect();
+            let slots = slots_of(&table, rows.clone(), bs);
+            let seqs = [SeqRows {
+                block_table: &table,
+                window_table: None,
+                n_past: rows.start,
+                n_new: rows.len(),
+                states: &states,
+            }];
+            let batch = Batch {
+                tokens: &tokens,
+                positions: &positions,
+                slots: &slots,
+                window_slots: None,
+                seqs: &seqs,
+            };
+            let out = self.model.forward::<EngineError>(
+                &self.pools,
+                &batch,
+                &[(rows.len() - 1) as u32],
+                None,
+            );
+            // Compare, then put the received values back whatever happened.
+            let mut compared = Ok(());
+            for (l, saved) in saved.iter().enumerate() {
+                let (Some((rk, rv)), Some(pool)) = (saved, &self.pools[l]) else {
+                    continue;
+                };
+                if compared.is_ok() && out.is_ok() {
+                    let row = paged_row(&self.layout.layers[l]);
+                    let spans = self.layout.transfer_spans(l, n);
+                    compared = self
+                        .backend
+                        .gather_blocks(&pool.k, &touched)
+                        .and_then(|ck| Ok((ck, self.backend.gather_blocks(&pool.v, &touched)?)))
+                        .map(|(ck, cv)| {
+                            for q in rows.clone() {
+                                if !spans.iter().any(|s| s.contains(&q)) {
+                                    continue; // not sent: nothing to compare with
+                                }
+                                let at = q - rows.start / bs * bs;
+                                let at = at * row..(at + 1) * row;
+                                let e = relative_error(&ck[at.clone()], &rk[at.clone()])
+                                    .max(relative_error(&cv[at.clone()], &rv[at]));
+                                if e > report.max_kv_error {
+                                    report.max_kv_error = e;
+                                    report.worst = Some((l, q));
+                                }
+                            }
+                        });
+                }
+                self.backend.scatter_blocks(&pool.k, &touched, rk)?;
+                self.backend.scatter_blocks(&pool.v, &touched, rv)?;
+            }
+            compared?;
+            let logits = self.backend.download(&out?)?;
+            let after = states
+                .iter()
+                .map(|t| self.backend.download(t))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Stretch {
+                states: after,
+                logits,
+            })
+        })();
+        self.store.release_state(scratch)?;
+        run
+    }
+}
+
+/// What a recomputed stretch ended with.
+struct Stretch {
+    /// Each linear layer's state after the stretch.
+    states: Vec<Vec<f32>>,
+    /// The logits of its last position.
+    logits: Vec<f32>,
+}
+
+/// Sets `report.failure` when an error exceeds its tolerance.
+fn judge(mut report: VerifyReport, cfg: &VerifyConfig) -> VerifyReport {
+    if report.max_kv_error > cfg.kv_tolerance {
+        let (l, q) = report.worst.unwrap_or((0, 0));
+        report.failure = Some(format!(
+            "K/V at layer {l}, position {q} differs from its recomputation by {:.3} (tolerance {})",
+            report.max_kv_error, cfg.kv_tolerance
+        ));
+    } else if report.max_state_error > cfg.kv_tolerance {
+        let (l, c) = report.worst_state.unwrap_or((0, 0));
+        report.failure = Some(format!(
+            "linear layer {l}'s state after token {c} differs from its recomputation by {:.3} (tolerance {})",
+            report.max_state_error, cfg.kv_tolerance
+        ));
+    } else if report.logits_error > cfg.logits_tolerance {
+        report.failure = Some(format!(
+            "last-position logits differ from the trailer's by {:.3} (tolerance {})",
+            report.logits_error, cfg.logits_tolerance
+        ));
+    }
+    report
+}
+
+impl Engine {
     /// [`Engine::verify_import`], then [`Engine::finish_import`] when it passed; otherwise the
     /// import is cancelled (its blocks freed, nothing enters the prefix cache) and the error is
     /// [`EngineError::Unverified`].

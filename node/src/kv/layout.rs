@@ -4,7 +4,7 @@
 //! [`KvLayout::layout_hash`] (mixed with the model's weights hash) is what adverts and KV stream
 //! headers carry, so a mismatch is caught before a single byte of KV is written.
 //!
-//! # Export layout (version 2)
+//! # Export layout (version 3)
 //!
 //! KV travels as *pieces*: one layer's KV for a range of tokens `start..end` of a sequence of
 //! `n_tokens` tokens. A piece's bytes are
@@ -24,7 +24,22 @@
 //! Every element is little-endian, row-major (last index fastest). A whole-sequence export is one
 //! piece per layer, concatenated in layer order. [`KvDType::encode`] and [`KvDType::decode`] are
 //! the element codecs. (Version 1 shipped whole layers of f32, padded to whole blocks, and every
-//! token of sliding-window layers.)
+//! token of sliding-window layers; version 2 had no checkpoints.)
+//!
+//! # Checkpoints (layouts with state)
+//!
+//! A home verifies imported KV by recomputing a few positions from it (DESIGN.md §8). For a
+//! layout with linear-attention state that needs the state *before* those positions, which the
+//! export does not hold. So a **transfer** (what a remote prefill streams, unlike an export)
+//! of a layout with state also carries [`KvLayout::checkpoints`]: at each checkpoint `c`, every
+//! state layer's state after token `c` (a piece `0..c`) and every sliding-window layer's
+//! [`KvLayout::transfer_rows`] of a `c`-token sequence (the window a decode resuming at `c`
+//! would read), merged with the rows the export sends ([`KvLayout::transfer_spans`]). The home
+//! can then run any stretch `c..` from its checkpoint as the prefill did. Positions depend on
+//! the token count and the layout only (both ends compute them): one per 1,024 tokens, or per
+//! four states' worth of per-token KV when that is more (at most 7, evenly spaced), and a tail
+//! one at the block boundary at or before `n − 32`, so the last position and the final state
+//! are always recomputable cheaply. Layouts without state carry none.
 //!
 //! In device memory the engine keeps one K and one V pool per paged layer, each
 //! `[n_blocks, block_size, n_kv_heads, head_dim]` of `dtype`; one [`super::BlockId`] indexes the
@@ -41,7 +56,14 @@ use crate::engine::{LayerKind, ModelConfig};
 
 /// The layout version this code writes and accepts. Bump on any change to the export layout or
 /// to the hash encoding.
-pub const KV_LAYOUT_VERSION: u32 = 2;
+pub const KV_LAYOUT_VERSION: u32 = 3;
+
+/// Tokens per evenly spaced checkpoint of a transfer with state, at least (see the module docs).
+pub const CHECKPOINT_SPACING: usize = 1024;
+/// At most this many evenly spaced checkpoints (the tail one comes on top).
+pub const MAX_EVEN_CHECKPOINTS: usize = 7;
+/// The tail checkpoint lies at the block boundary at or before `n − CHECKPOINT_TAIL`.
+pub const CHECKPOINT_TAIL: usize = 32;
 
 /// Element type of linear-attention state, in memory and in the export layout, whatever the
 /// layout's `dtype` (see the module docs).
@@ -390,6 +412,58 @@ impl KvLayout {
         }
     }
 
+    /// The checkpoints of a transfer of `n_tokens` tokens (see the module docs): sorted, distinct
+    /// block boundaries in `1..n_tokens`; empty for layouts without state.
+    pub fn checkpoints(&self, n_tokens: usize) -> Vec<usize> {
+        if !self.has_state() {
+            return Vec::new();
+        }
+        let bs = self.block_size;
+        // States large against the per-token KV space their checkpoints out, so that the
+        // even ones add at most about a quarter of the export's bytes.
+        let spacing = CHECKPOINT_SPACING
+            .max(4 * self.state_slot_bytes() / self.bytes_per_token().max(1))
+            .next_multiple_of(bs);
+        let even = (n_tokens / spacing).min(MAX_EVEN_CHECKPOINTS);
+        let mut c: Vec<usize> = (1..=even)
+            .map(|i| i * n_tokens / (even + 1) / bs * bs)
+            .chain(std::iter::once(
+                n_tokens.saturating_sub(CHECKPOINT_TAIL) / bs * bs,
+            ))
+            .filter(|&c| c > 0 && c < n_tokens)
+            .collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    }
+
+    /// The token rows of paged `layer` that a transfer of `n_tokens` tokens carries, as sorted,
+    /// disjoint, block-aligned ranges: [`transfer_rows`](Self::transfer_rows) and, for a
+    /// sliding-window layer of a layout with state, the window before each checkpoint. Empty for
+    /// state and out-of-range layers.
+    pub fn transfer_spans(&self, layer: usize, n_tokens: usize) -> Vec<std::ops::Range<usize>> {
+        let last = self.transfer_rows(layer, n_tokens);
+        if last.is_empty() {
+            return Vec::new();
+        }
+        let mut raw: Vec<std::ops::Range<usize>> = self
+            .checkpoints(n_tokens)
+            .into_iter()
+            .map(|c| self.transfer_rows(layer, c))
+            .chain(std::iter::once(last))
+            .filter(|r| !r.is_empty())
+            .collect();
+        raw.sort_by_key(|r| r.start);
+        let mut out: Vec<std::ops::Range<usize>> = Vec::with_capacity(raw.len());
+        for r in raw {
+            match out.last_mut() {
+                Some(prev) if r.start <= prev.end => prev.end = prev.end.max(r.end),
+                _ => out.push(r),
+            }
+        }
+        out
+    }
+
     /// Whether some layer exports fewer than all `n_tokens` tokens (a sliding window shorter
     /// than the sequence): such KV can resume decoding but cannot serve as a cached prefix.
     pub fn trims(&self, n_tokens: usize) -> bool {
@@ -452,6 +526,41 @@ impl KvLayout {
         (0..self.layers.len())
             .map(|l| self.wire_export_layer_bytes(l, n_tokens, wire))
             .sum()
+    }
+
+    /// Bytes of `layer` in a transfer of `n_tokens` tokens in `wire`: its
+    /// [`transfer_spans`](Self::transfer_spans) for paged layers; the final state and one per
+    /// checkpoint for state layers. At least [`wire_export_layer_bytes`](Self::wire_export_layer_bytes).
+    pub fn wire_transfer_layer_bytes(
+        &self,
+        layer: usize,
+        n_tokens: usize,
+        wire: super::wire::KvWire,
+    ) -> usize {
+        match self.layers.get(layer) {
+            Some(LayerKvShape::Paged { .. }) => self
+                .transfer_spans(layer, n_tokens)
+                .iter()
+                .map(|r| self.wire_piece_bytes(layer, r.len(), wire))
+                .sum(),
+            Some(LayerKvShape::State { .. }) => {
+                (1 + self.checkpoints(n_tokens).len()) * self.piece_bytes(layer, n_tokens)
+            }
+            None => 0,
+        }
+    }
+
+    /// What a remote prefill of `n_tokens` tokens streams in `wire`: the export plus the
+    /// checkpoints (sum over layers of [`wire_transfer_layer_bytes`](Self::wire_transfer_layer_bytes)).
+    pub fn wire_transfer_bytes(&self, n_tokens: usize, wire: super::wire::KvWire) -> usize {
+        (0..self.layers.len())
+            .map(|l| self.wire_transfer_layer_bytes(l, n_tokens, wire))
+            .sum()
+    }
+
+    /// [`wire_transfer_bytes`](Self::wire_transfer_bytes) in the exact encoding.
+    pub fn transfer_bytes(&self, n_tokens: usize) -> usize {
+        self.wire_transfer_bytes(n_tokens, super::wire::KvWire::F16)
     }
 
     /// Bytes of KV that decoding after `n_tokens` tokens still reads: every block of full-attention
@@ -632,14 +741,14 @@ mod tests {
         assert_eq!(l.export_layer_bytes(0, 1000), 1000 * 2 * 3 * 64 * 2);
         assert_eq!(
             hex(l.layout_hash([0; 32])),
-            "eef1ec8c59eb5b7b5f29d36880fbaf6102f780e7ea0bda3e2ca05a07bd0cdfa3"
+            "f0f6675e895839918d8fe5e4ec4d156cfe2286d4c279cbe0c5e32a6456a984d0"
         );
         let f32l = l.clone().with_dtype(KvDType::F32);
         assert_eq!(f32l.bytes_per_token(), 30 * 2 * 3 * 64 * 4);
         assert_eq!(f32l.export_bytes(1000), 2 * l.export_bytes(1000));
         assert_eq!(
             hex(f32l.layout_hash([0; 32])),
-            "79626ea00a638975d5af8141b152ed35fb214097a39c2056e3683ba6ad27047e"
+            "598e10509a7ceb0c5e7bce93eaacf372fb313eea0d2e9791b3983dc9a9c2ef0e"
         );
     }
 
@@ -686,6 +795,56 @@ mod tests {
         assert_eq!(l.export_layer_bytes(4, 40), 8 * 2 * 2 * 8 * 2);
     }
 
+    /// Transfers of layouts with state carry checkpoints (the states, and the windows before
+    /// them); layouts without state carry exactly their export.
+    #[test]
+    fn checkpoints_and_transfer_spans() {
+        let l = hybrid();
+        // Too short for a tail checkpoint (45 - 32 rounds down to 0).
+        assert_eq!(l.checkpoints(45), Vec::<usize>::new());
+        assert_eq!(l.transfer_bytes(45), l.export_bytes(45));
+        // The tail: the block boundary at or before 100 - 32.
+        assert_eq!(l.checkpoints(100), vec![64]);
+        // One even checkpoint per 1,024 tokens, at most 7, plus the tail.
+        assert_eq!(l.checkpoints(2500), vec![832, 1664, 2464]);
+        let long = l.checkpoints(100_000);
+        assert_eq!(long.len(), MAX_EVEN_CHECKPOINTS + 1);
+        assert!(long.windows(2).all(|w| w[0] < w[1]) && long.iter().all(|c| c % 16 == 0));
+        // Window 4 at 100 tokens: the rows before the checkpoint at 64 (from 60 rounded down
+        // to 48) and the export's last window (from 96 rounded down to 96), not merged.
+        assert_eq!(l.transfer_spans(4, 100), vec![48..64, 96..100]);
+        assert_eq!(
+            l.transfer_spans(3, 100),
+            vec![0..100],
+            "full layers: everything"
+        );
+        assert!(
+            l.transfer_spans(0, 100).is_empty(),
+            "state layers have no rows"
+        );
+        // Adjacent windows merge: at 2500 tokens, 2464's window (2448..2464) and the export's
+        // (2496..2500) stay apart; every span is whole blocks but the last.
+        assert_eq!(
+            l.transfer_spans(4, 2500),
+            vec![816..832, 1648..1664, 2448..2464, 2496..2500]
+        );
+        let extra = 3 * 16 * l.piece_bytes(4, 1) + 3 * 3 * l.state_bytes(0);
+        assert_eq!(l.transfer_bytes(2500), l.export_bytes(2500) + extra);
+        // A state large against the per-token KV spaces the even checkpoints out: 1 MiB of
+        // state against 64 B per token, one per 4 × 16,384 tokens.
+        let big = LayerKind::Linear {
+            heads: 16,
+            key_dim: 128,
+            value_dim: 128,
+        };
+        let big = KvLayout::from_model(&model(vec![big, LayerKind::Full]), 16).unwrap();
+        assert_eq!(big.checkpoints(100_000), vec![50_000, 99_968]);
+        // No state, no checkpoints: a dense or windowed layout's transfer is its export.
+        let dense = KvLayout::from_model(&model(vec![LayerKind::Full; 2]), 16).unwrap();
+        assert!(dense.checkpoints(100_000).is_empty());
+        assert_eq!(dense.transfer_bytes(5000), dense.export_bytes(5000));
+    }
+
     #[test]
     fn rejects_degenerate_layouts() {
         assert_eq!(
@@ -713,7 +872,7 @@ mod tests {
     fn layout_hash_golden() {
         assert_eq!(
             hex(hybrid().layout_hash(model_hash())),
-            "62e6f4c7e85ba0c427d42f33ff09dda525d21136d3f1a3d53bdbba79189dbc1c"
+            "3ae14cd7e3b8dba040c00222e1d87f8d9bddb1abc2a1fa674929c82f097e5f74"
         );
     }
 
