@@ -114,6 +114,11 @@ pub struct EngineSection {
     /// holds at most about `window + prefill_chunk` tokens there, so `max_batch` times that is
     /// plenty. Unset: `kv_capacity_tokens` (the ring is never the tighter limit).
     pub window_ring_tokens: Option<usize>,
+    /// Widen every sliding window to the whole context: the same weights with dense KV, to
+    /// measure what the model's hybrid attention saves (BENCHMARKS.md). Changes the model's
+    /// outputs beyond its window and its KV layout (such nodes exchange KV only among
+    /// themselves). Off by default.
+    pub global_attention: bool,
 }
 
 /// `[policy]`: offload rule, pricing and auction scoring (see `prfaas_mesh::policy`).
@@ -210,6 +215,7 @@ impl Default for EngineSection {
             calibration_tokens: 128,
             kv_dtype: KvDType::default(),
             window_ring_tokens: None,
+            global_attention: false,
         }
     }
 }

@@ -376,7 +376,12 @@ fn hybrid_verification_recomputes_stretches_from_checkpoints() {
     }
     let rate = |t: &Tally| t.detected as f64 / t.trials.max(1) as f64;
     eprintln!(
-        "verify_import hybrid: {trials} trials, {n}-token prompts, checkpoints {checkpoints:?}          (+{} bytes on a {}-byte export, {:.3}): detection (a) random KV {:.3}, (b) other          prompt {:.3}, (c) one layer {:.3}, (d) one position {:.3} (recomputed {} of {};          {:.1} positions recomputed per import, {:.3} of the prompt); honest max K/V error          {honest_kv:.2e}, state {honest_state:.2e}, logits {honest_logits:.2e}; verification          cost {:.3} of the prefill it replaces",
+        "verify_import hybrid: {trials} trials, {n}-token prompts, checkpoints {checkpoints:?} \
+         (+{} bytes on a {}-byte export, {:.3}): detection (a) random KV {:.3}, (b) other \
+         prompt {:.3}, (c) one layer {:.3}, (d) one position {:.3} (recomputed {} of {}; \
+         {:.1} positions recomputed per import, {:.3} of the prompt); honest max K/V error \
+         {honest_kv:.2e}, state {honest_state:.2e}, logits {honest_logits:.2e}; verification \
+         cost {:.3} of the prefill it replaces",
         layout.transfer_bytes(n) - layout.export_bytes(n),
         layout.export_bytes(n),
         (layout.transfer_bytes(n) - layout.export_bytes(n)) as f64 / layout.export_bytes(n) as f64,

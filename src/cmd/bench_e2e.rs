@@ -98,6 +98,11 @@ pub struct Args {
     /// KV pool of each node, tokens.
     #[arg(long, default_value_t = 24 * 1024)]
     pub kv_tokens: usize,
+    /// Every node widens the model's sliding windows to the whole context
+    /// (`engine.global_attention`): the same weights with dense KV, to compare with the
+    /// model's own hybrid attention on the same link.
+    #[arg(long)]
+    pub global_attention: bool,
     /// Longest a single load run or overlap request may take, seconds.
     #[arg(long, default_value_t = 1200)]
     pub run_timeout_s: u64,
@@ -269,6 +274,7 @@ fn node_config(
     // prompt on one slow core; here only the transfer timeout bounds it.
     c.mesh.limits.kv_idle_timeout = c.policy.transfer_timeout;
     c.mesh.kv_wire = args.kv_wire;
+    c.engine.global_attention = args.global_attention;
     c
 }
 
@@ -959,8 +965,10 @@ fn table(args: &Args, load: &[LoadFigures], overlap: &[Overlap]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "bench e2e · {} · 2 node processes, one core each (cores {:?}), uplinks {} Mbit/s (tbf) · SLO: TTFT ≤ {} s and mean ITL ≤ {} s",
-        args.model, args.cores, args.link_mbit, args.slo_ttft_s, args.slo_itl_s
+        "bench e2e · {}{} · 2 node processes, one core each (cores {:?}), uplinks {} Mbit/s (tbf) · SLO: TTFT ≤ {} s and mean ITL ≤ {} s",
+        args.model,
+        if args.global_attention { " (every window widened: global attention, dense KV)" } else { "" },
+        args.cores, args.link_mbit, args.slo_ttft_s, args.slo_itl_s
     );
     if !load.is_empty() {
         let _ = writeln!(
@@ -1114,9 +1122,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let layers = bundle.config.n_layers();
     let text = Text::new(bundle.text.codec.clone())?;
     drop(bundle);
-    let slug: String = Path::new(&args.model)
+    let mut slug: String = Path::new(&args.model)
         .file_stem()
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    if args.global_attention {
+        slug.push_str("-global");
+    }
     let dir = args.out.join(slug);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let topo = Topology::create("bench", &[args.link_mbit, args.link_mbit])?;
@@ -1165,6 +1176,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let report = json!({
         "model": args.model,
+        "global_attention": args.global_attention,
         "backend": args.backend.to_string(),
         "machine": {
             "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),

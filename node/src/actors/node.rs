@@ -465,7 +465,10 @@ pub fn readable_model_name(spec: &str, own_name: &str) -> String {
 
 fn load(cfg: &NodeConfig) -> Result<Loaded, StartError> {
     let t0 = Instant::now();
-    let bundle = load_model(&cfg.node.model)?;
+    let mut bundle = load_model(&cfg.node.model)?;
+    if cfg.engine.global_attention {
+        bundle.config = bundle.config.with_global_attention();
+    }
     let backend = make_backend(cfg.node.backend)?;
     let backend_name = backend.info().kind.to_string();
     let e = &cfg.engine;

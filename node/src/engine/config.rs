@@ -78,6 +78,19 @@ impl ModelConfig {
     pub fn n_layers(&self) -> usize {
         self.layers.len()
     }
+
+    /// The same model with every sliding window widened to the whole context (`max_context`):
+    /// every layer attends globally and keeps dense KV, with the same weights and RoPE. For
+    /// measuring what hybrid attention saves (`engine.global_attention`); outputs differ from
+    /// the model's own once a prompt is longer than its window.
+    pub fn with_global_attention(mut self) -> Self {
+        for l in &mut self.layers {
+            if let LayerKind::Sliding { window } = l {
+                *window = (*window).max(self.max_context);
+            }
+        }
+        self
+    }
 }
 
 /// Weights of one softmax-attention layer's token mixer (GGUF layout: `[out, in]`).

@@ -719,6 +719,14 @@ mod tests {
         // Every layer global (dense) keeps everything.
         let dense = KvLayout::from_model(&model(vec![LayerKind::Full; 18]), 16).unwrap();
         assert_eq!(dense.resident_bytes(8192), dense.export_bytes(8192));
+        // `engine.global_attention`: the windows widened to the context, the same bytes as
+        // every layer global within it, and a layout (hash) of its own.
+        cfg.max_context = 32_768;
+        let global = KvLayout::from_model(&cfg.clone().with_global_attention(), 16).unwrap();
+        assert_eq!(global.export_bytes(8192), 8192 * global.bytes_per_token());
+        assert_eq!(global.bytes_per_token(), l.bytes_per_token());
+        assert!(!global.trims(32_768));
+        assert_ne!(global.layout_hash([0; 32]), l.layout_hash([0; 32]));
     }
 
     #[test]
