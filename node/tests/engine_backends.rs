@@ -13,7 +13,7 @@ use prfaas_kernels::gpu::WgpuBackend;
 use prfaas_kernels::Backend;
 use prfaas_node::engine::sampler::argmax;
 use prfaas_node::engine::synthetic::{synthetic_model, SyntheticKind, DEFAULT_SEED};
-use prfaas_node::engine::{Engine, EngineConfig, Model, NullSink};
+use prfaas_node::engine::{CollectSink, Engine, EngineConfig, Model, NullSink, VerifyConfig};
 
 fn engine(kind: SyntheticKind, backend: Arc<dyn Backend>) -> Engine {
     let (config, weights) = synthetic_model(kind, DEFAULT_SEED);
@@ -44,20 +44,68 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
         / range
 }
 
-#[test]
-fn engine_wgpu_matches_cpu_teacher_forced() {
-    let gpu: Arc<dyn Backend> = match WgpuBackend::new() {
-        Ok(b) => Arc::new(b),
+/// The wgpu backend, or `None` after a loud SKIPPED line (a failure under `PRFAAS_REQUIRE_GPU`).
+fn gpu(test: &str) -> Option<Arc<dyn Backend>> {
+    match WgpuBackend::new() {
+        Ok(b) => Some(Arc::new(b)),
         Err(e) => {
             assert!(
                 !prfaas_kernels::gpu_required(),
                 "PRFAAS_REQUIRE_GPU is set but no GPU backend: {e}"
             );
-            eprintln!(
-                "\n*** SKIPPED engine_wgpu_matches_cpu_teacher_forced: no GPU adapter ({e}) ***\n"
-            );
-            return;
+            eprintln!("\n*** SKIPPED {test}: no GPU adapter ({e}) ***\n");
+            None
         }
+    }
+}
+
+/// Verified remote prefill across backends: a cpu home verifies what a wgpu sender streamed
+/// (checkpoints included for tiny-hybrid) with the default tolerances, and the errors it
+/// measures are far below them.
+#[test]
+fn cpu_home_verifies_wgpu_prefill() {
+    let Some(gpu) = gpu("cpu_home_verifies_wgpu_prefill") else {
+        return;
+    };
+    let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    // 100 tokens: tiny-hybrid's transfer carries its tail checkpoint (at 64).
+    let prompt: Vec<u32> = (0..100).map(|i| 32 + (i * 37 % 90) as u32).collect();
+    for kind in [SyntheticKind::TinyDense, SyntheticKind::TinyHybrid] {
+        let mut sender = engine(kind, Arc::clone(&gpu));
+        let mut home = engine(kind, Arc::clone(&cpu));
+        let mut sink = CollectSink::default();
+        let out = sender.prefill(&prompt, &mut sink).unwrap();
+        let id = home
+            .begin_import(prompt.clone(), std::time::Instant::now())
+            .unwrap();
+        for piece in &sink.pieces {
+            home.import_piece(id, piece, std::time::Instant::now())
+                .unwrap();
+        }
+        let cfg = VerifyConfig::default();
+        let r = home.verify_import(id, &out.logits, &cfg).unwrap();
+        eprintln!(
+            "{kind:?}, wgpu sender → cpu home, {} tokens: K/V error {:.2e}, state {:.2e}, logits {:.2e} ({} positions recomputed)",
+            prompt.len(),
+            r.max_kv_error,
+            r.max_state_error,
+            r.logits_error,
+            r.positions.len()
+        );
+        assert!(r.passed(), "{kind:?}: {r:?}");
+        let margin = cfg.kv_tolerance / 5.0;
+        assert!(
+            r.max_kv_error < margin && r.max_state_error < margin && r.logits_error < margin,
+            "{kind:?}: cross-backend error too close to the tolerance: {r:?}"
+        );
+        home.cancel_import(id);
+    }
+}
+
+#[test]
+fn engine_wgpu_matches_cpu_teacher_forced() {
+    let Some(gpu) = gpu("engine_wgpu_matches_cpu_teacher_forced") else {
+        return;
     };
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     for kind in [SyntheticKind::TinyDense, SyntheticKind::TinyHybrid] {

@@ -275,9 +275,9 @@ fn scramble_piece(rng: &mut Rng, kv: &mut LayerKv) {
 
 /// tiny-hybrid: three linear-attention layers per softmax layer, one of those sliding-window.
 /// Its transfers carry state checkpoints; verification recomputes the tail (last checkpoint to
-/// the end: K/V, final states, logits) and a random stretch from an earlier checkpoint.
+/// the end: K/V, final states, logits) and a random earlier segment (checkpoint to checkpoint).
 #[test]
-fn hybrid_verification_recomputes_stretches_from_checkpoints() {
+fn hybrid_verification_recomputes_segments_from_checkpoints() {
     let trials = env_or("PRFAAS_VERIFY_TRIALS", 3);
     let n = env_or("PRFAAS_VERIFY_TOKENS", 300);
     let mut sender = engine(SyntheticKind::TinyHybrid);

@@ -14,20 +14,18 @@
 //! A position of a layout with linear-attention state also depends on each linear layer's state
 //! just before it, which the KV does not hold: such transfers carry checkpoints (the states,
 //! and the sliding windows, after a few positions the token count fixes; see
-//! `crate::kv::layout`). The home recomputes two *stretches* as a prefill from a checkpoint's
+//! `crate::kv::layout`). The home recomputes two *segments* as a prefill from a checkpoint's
 //! state over the received KV: the **tail**, from the last checkpoint to the end (its K/V, the
-//! final states and the last logits; one cheap stretch of at most 32 + one block of tokens), and
-//! up to [`STATE_STRETCH`] tokens from a **random** earlier checkpoint or from token 0, whose
-//! state is zero (its K/V, and the next checkpoint's states when it reaches it). A sender that
-//! made the KV or the states up, prefilled another prompt or corrupted a layer fails the tail; one
-//! that corrupted one position fails where a recomputed stretch reads it; a made-up checkpoint
-//! fails when a stretch starts or ends at it.
+//! final states and the last logits; at most 32 + one block of tokens), and one **random**
+//! earlier segment, from a checkpoint (or token 0, whose state is zero) to the next (its K/V and
+//! the next checkpoint's states). A sender that made the KV or the states up, prefilled another
+//! prompt or corrupted a layer fails the tail; one that corrupted one position fails where a
+//! recomputed segment reads it; a sender that fakes a checkpoint, even one that computes
+//! everything after it consistently, fails whenever the segment ending there is drawn (one
+//! chance in the number of checkpoints), as a dense import's corrupted position fails when it is
+//! drawn. The random segment is most of the cost: about `1 / checkpoints` of the prefill.
 
 use super::*;
-
-/// Tokens the random stretch of a layout with state recomputes (at most; fewer when the next
-/// checkpoint comes first).
-pub const STATE_STRETCH: usize = 32;
 
 /// How an import is verified.
 #[derive(Debug, Clone, PartialEq)]
@@ -205,7 +203,7 @@ impl Engine {
             return Ok(report);
         }
         if state.is_some() {
-            return self.verify_stretches(id, logits, cfg, report);
+            return self.verify_segments(id, logits, cfg, report);
         }
         let bs = self.config.block_size;
         // Every received value must be finite; keep the blocks of the checked positions (as
@@ -341,7 +339,7 @@ impl Engine {
     }
 
     /// [`Engine::verify_import`] of a layout with linear-attention state (see the module docs).
-    fn verify_stretches(
+    fn verify_segments(
         &mut self,
         id: LeaseId,
         logits: &[f32],
@@ -381,18 +379,17 @@ impl Engine {
             report.failure = Some("non-finite linear-attention state".into());
             return Ok(report);
         }
-        // The tail, from the last start, and a stretch from a random earlier start (none when
-        // token 0 is the only start: the tail is then the whole sequence).
+        // The tail, from the last start, and a random earlier segment (none when token 0 is the
+        // only start: the tail is then the whole sequence).
         let last = starts.len() - 1;
-        let mut stretches = vec![(last, n)];
+        let mut segments = vec![(last, n)];
         if last > 0 {
             let pick = draw_positions(last + 1, 1, cfg.seed)[0];
-            let end = (starts[pick].0 + STATE_STRETCH).min(starts[pick + 1].0);
-            stretches.insert(0, (pick, end));
+            segments.insert(0, (pick, starts[pick + 1].0));
         }
-        for (i, b) in stretches {
+        for (i, b) in segments {
             let a = starts[i].0;
-            // The states the stretch must end with: the final ones, or the next checkpoint's.
+            // The states the segment must end with: the final ones, or the next checkpoint's.
             let want = if b == n {
                 Some(&finals)
             } else {
@@ -401,7 +398,7 @@ impl Engine {
                     .filter(|s| s.0 == b)
                     .and_then(|s| s.1.as_ref())
             };
-            let got = self.recompute_stretch(id, a..b, starts[i].1.as_deref(), &mut report)?;
+            let got = self.recompute_segment(id, a..b, starts[i].1.as_deref(), &mut report)?;
             for (l, (s, w)) in got
                 .states
                 .iter()
@@ -422,18 +419,18 @@ impl Engine {
         Ok(judge(report, cfg))
     }
 
-    /// Runs import `id`'s tokens `rows` as a prefill chunk from `start` (each linear layer's
+    /// Runs import `id`'s tokens `rows` as a prefill from `start` (each linear layer's
     /// state before `rows.start`; `None`: zero) over the received KV, compares the paged K/V it
     /// computes with what was received wherever the transfer carried it (into `report`), puts
-    /// the received K/V back and returns what the stretch ended with. Computes in a state slot
+    /// the received K/V back and returns what the segment ended with. Computes in a state slot
     /// of its own (an error when none is free).
-    fn recompute_stretch(
+    fn recompute_segment(
         &mut self,
         id: LeaseId,
         rows: std::ops::Range<usize>,
         start: Option<&[Vec<f32>]>,
         report: &mut VerifyReport,
-    ) -> Result<Stretch, EngineError> {
+    ) -> Result<Segment, EngineError> {
         let p = self.imports.get(&id).ok_or(KvError::UnknownLease(id))?;
         let n = p.tokens.len();
         let tokens = p.tokens[rows.clone()].to_vec();
@@ -461,28 +458,35 @@ impl Engine {
                     None => None,
                 });
             }
-            let positions: Vec<u32> = (rows.start as u32..rows.end as u32).collect();
-            let slots = slots_of(&table, rows.clone(), bs);
-            let seqs = [SeqRows {
-                block_table: &table,
-                window_table: None,
-                n_past: rows.start,
-                n_new: rows.len(),
-                states: &states,
-            }];
-            let batch = Batch {
-                tokens: &tokens,
-                positions: &positions,
-                slots: &slots,
-                window_slots: None,
-                seqs: &seqs,
-            };
-            let out = self.model.forward::<EngineError>(
-                &self.pools,
-                &batch,
-                &[(rows.len() - 1) as u32],
-                None,
-            );
+            // In chunks of `prefill_chunk` tokens, as a prefill runs; the states carry over.
+            let mut out = Err(EngineError::Request("empty segment".into()));
+            let mut a = rows.start;
+            while a < rows.end && (a == rows.start || out.is_ok()) {
+                let b = (a + self.config.prefill_chunk.max(1)).min(rows.end);
+                let positions: Vec<u32> = (a as u32..b as u32).collect();
+                let slots = slots_of(&table, a..b, bs);
+                let seqs = [SeqRows {
+                    block_table: &table,
+                    window_table: None,
+                    n_past: a,
+                    n_new: b - a,
+                    states: &states,
+                }];
+                let batch = Batch {
+                    tokens: &tokens[a - rows.start..b - rows.start],
+                    positions: &positions,
+                    slots: &slots,
+                    window_slots: None,
+                    seqs: &seqs,
+                };
+                out = self.model.forward::<EngineError>(
+                    &self.pools,
+                    &batch,
+                    &[(b - a - 1) as u32],
+                    None,
+                );
+                a = b;
+            }
             // Compare, then put the received values back whatever happened.
             let mut compared = Ok(());
             for (l, saved) in saved.iter().enumerate() {
@@ -521,7 +525,7 @@ impl Engine {
                 .iter()
                 .map(|t| self.backend.download(t))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(Stretch {
+            Ok(Segment {
                 states: after,
                 logits,
             })
@@ -531,9 +535,9 @@ impl Engine {
     }
 }
 
-/// What a recomputed stretch ended with.
-struct Stretch {
-    /// Each linear layer's state after the stretch.
+/// What a recomputed segment ended with.
+struct Segment {
+    /// Each linear layer's state after the segment.
     states: Vec<Vec<f32>>,
     /// The logits of its last position.
     logits: Vec<f32>,
