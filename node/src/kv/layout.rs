@@ -420,7 +420,8 @@ impl KvLayout {
         }
         let bs = self.block_size;
         // States large against the per-token KV space their checkpoints out, so that the
-        // even ones add at most about a quarter of the export's bytes.
+        // even ones add at most about a quarter of what the paged KV of those tokens takes in
+        // memory (more of the export where sliding windows trim it).
         let spacing = CHECKPOINT_SPACING
             .max(4 * self.state_slot_bytes() / self.bytes_per_token().max(1))
             .next_multiple_of(bs);
