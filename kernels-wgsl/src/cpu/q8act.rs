@@ -59,7 +59,13 @@ pub(crate) enum Planes {
 /// The activation precision the backend uses (see the module docs for why two planes).
 pub(crate) const DEFAULT_PLANES: Planes = Planes::Two;
 
-/// A Q4_1, Q8_0 or Q5_0 weight `[n, k]` repacked into panels of [`PANEL`] rows.
+/// A Q4_1, Q8_0, Q5_0, Q4_K or Q6_K weight `[n, k]` repacked into panels of [`PANEL`] rows.
+/// Q5_0 takes the Q8_0 layout and Q4_K the Q4_1 one with the same integers (exact up to f16
+/// scales, see [`q4_k_as_q4_1`]). Q6_K, whose 16-value sub-blocks each have their own scale, is
+/// **requantized** to Q8_0 (32-value blocks, 8 bits): each weight moves by at most 1/254 of its
+/// block's largest, a quarter of Q6_K's own step, so decode products of Q6_K weights differ from
+/// the exact ones (the prefill path still decodes Q6_K exactly). Gemma 3 270M's Q4_K_M file has
+/// Q4_K and Q6_K in `attn_output` and `ffn_down`, a third of its layer weights (BENCHMARKS.md).
 ///
 /// Panel `p` (rows `16p .. 16p+16`, zero rows past `n`) holds its `k/32` blocks one after the
 /// other; each (panel, block) is `quants ‖ scales`:
@@ -69,17 +75,53 @@ pub(crate) const DEFAULT_PLANES: Planes = Planes::Two;
 /// * Q8_0: 8 × 64 quant bytes, vector `g` lane `c` = values `4g .. 4g+4` of row `c` plus 128 (as
 ///   unsigned bytes: `vpdpbusd` multiplies unsigned by signed), then 16 f16 `d` — 544 bytes.
 pub(crate) struct PackedWeight {
-    /// The kernel layout: Q4_1 or Q8_0 (Q5_0 weights are packed as Q8_0).
+    /// The kernel layout: Q4_1 or Q8_0 (Q5_0 and Q6_K weights are packed as Q8_0, Q4_K as Q4_1).
     dtype: DType,
     n: usize,
     k: usize,
     data: Vec<u8>,
 }
 
+/// Q4_K bytes of a `[n, k]` weight as Q4_1 blocks (`None` when the sizes do not fit). Each
+/// 32-value sub-block of a Q4_K super-block is `d·sc·q − dmin·m` with its 4-bit `q`, so it is
+/// the Q4_1 block `(d' = d·sc, m' = −dmin·m, q)`: the same integers, with the two products
+/// rounded to f16 (relative error ≤ 2⁻¹¹ of a sub-block's scale, 1/60 of the 4-bit step).
+fn q4_k_as_q4_1(raw: &[u8], n: usize, k: usize) -> Option<Vec<u8>> {
+    use crate::quant::{q4_k_scale_min, Q4_K_BLOCK_BYTES, QK_K};
+    if !k.is_multiple_of(QK_K) || raw.len() != n * k / QK_K * Q4_K_BLOCK_BYTES {
+        return None;
+    }
+    let f16_at = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+    let mut out = Vec::with_capacity(n * k / QK * DType::Q4_1.block_bytes());
+    for sb in raw.chunks_exact(Q4_K_BLOCK_BYTES) {
+        let (d, dmin, scales) = (f16_at(sb, 0), f16_at(sb, 2), &sb[4..16]);
+        for (c, q) in sb[16..16 + 128].chunks_exact(32).enumerate() {
+            for (j, high) in [(2 * c, false), (2 * c + 1, true)] {
+                let (sc, m) = q4_k_scale_min(j, scales);
+                out.extend_from_slice(&half::f16::from_f32(d * f32::from(sc)).to_le_bytes());
+                out.extend_from_slice(&half::f16::from_f32(-dmin * f32::from(m)).to_le_bytes());
+                let v = |l: usize| if high { q[l] >> 4 } else { q[l] & 0xf };
+                out.extend((0..16).map(|i| v(i) | (v(i + 16) << 4)));
+            }
+        }
+    }
+    Some(out)
+}
+
 impl PackedWeight {
     /// Repacks GGUF bytes of a `[n, k]` weight, or `None` for other dtypes, `k % 32 != 0` or a
     /// byte count that does not match (the caller keeps the raw bytes and their paths).
     pub(crate) fn pack(dtype: DType, raw: &[u8], n: usize, k: usize) -> Option<Self> {
+        if dtype == DType::Q4_K {
+            return q4_k_as_q4_1(raw, n, k).and_then(|q| Self::pack(DType::Q4_1, &q, n, k));
+        }
+        if dtype == DType::Q6_K {
+            // Requantized to Q8_0 (see `PackedWeight`): lossy, unlike the other dtypes.
+            let q8 = crate::quant::dequantize(dtype, raw, n * k)
+                .and_then(|w| crate::quant::quantize(DType::Q8_0, &w))
+                .ok()?;
+            return Self::pack(DType::Q8_0, &q8, n, k);
+        }
         if !matches!(dtype, DType::Q4_1 | DType::Q8_0 | DType::Q5_0)
             || k == 0
             || n == 0
@@ -726,6 +768,44 @@ mod tests {
             .into_iter()
             .map(|x| x * 2.0)
             .collect()
+    }
+
+    /// Q4_K weights take the Q4_1 kernels: the same 4-bit integers, each sub-block's `d·sc` and
+    /// `−dmin·m` rounded to f16 (≤ 2⁻¹¹ of the scale), so within 2e-3 of the f32 reference of the
+    /// Q4_K bytes with two planes and within the 8-bit rounding with one.
+    #[test]
+    fn k_quant_weights_take_the_integer_kernels() {
+        for planes in [Planes::One, Planes::Two] {
+            for &(m, k, n) in &[(1, 256, 1), (3, 512, 17), (17, 768, 40), (16, 256, 33)] {
+                let tol = if planes == Planes::Two { 2e-3 } else { 3e-2 };
+                check(
+                    DType::Q4_K,
+                    planes,
+                    &vals(m * k, 5 + m as u64),
+                    m,
+                    k,
+                    n,
+                    tol,
+                    false,
+                );
+            }
+        }
+        // Q6_K weights are requantized to Q8_0: within its 8-bit rounding of the Q6_K values.
+        for &(m, k, n) in &[(1, 256, 1), (5, 512, 33)] {
+            check(
+                DType::Q6_K,
+                Planes::Two,
+                &vals(m * k, 9 + m as u64),
+                m,
+                k,
+                n,
+                2e-2,
+                false,
+            );
+        }
+        // Sizes a Q4_K weight cannot have.
+        assert!(PackedWeight::pack(DType::Q4_K, &[0; 144], 1, 32).is_none());
+        assert!(PackedWeight::pack(DType::Q4_K, &[0; 143], 1, 256).is_none());
     }
 
     #[test]
