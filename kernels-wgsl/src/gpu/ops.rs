@@ -32,18 +32,13 @@ fn wtype(d: DType) -> u32 {
     }
 }
 
-/// Rows per workgroup and keys per lane of `attention_tex.wgsl` (its `R` and `C`) for `oc` output
-/// texels per lane and sequences of at most `max_items` (new tokens × GQA group) rows: the R·OC
-/// vec4 accumulators must stay in the CPU's vector registers (lavapipe runs a lane per SIMD lane).
-fn attn_tile(oc: usize, max_items: usize) -> (usize, usize) {
-    if let Some((r, c)) = std::env::var("PRFAAS_ATTN_TILE").ok().and_then(|v| {
-        let (r, c) = v.split_once(',')?;
-        Some((r.parse().ok()?, c.parse().ok()?))
-    }) {
-        return (r, c);
-    }
-    let r = (8 / oc).clamp(1, 8).min(max_items.next_power_of_two());
-    (r, 2)
+/// Rows per workgroup and keys per lane of `attention_tex.wgsl` (its `R` and `C`) for sequences of
+/// at most `max_items` rows (new tokens × GQA group). Measured on lavapipe (GFLOP per CPU-second,
+/// prefill of 512 tokens): 4 rows × 2 keys is best at head_dim 64 (5.9; 4×1 5.3, 2×2 4.0) and at
+/// 256 (7.5, though its 32 vec4 accumulators spill; 2×2 5.3, 1×2 3.2): sharing each K/V texel
+/// across more rows pays more than keeping every accumulator in a register.
+fn attn_tile(max_items: usize) -> (usize, usize) {
+    (4.min(max_items.next_power_of_two()), 2)
 }
 
 fn u32_of(n: usize, what: &str) -> Result<u32> {
@@ -476,7 +471,7 @@ impl WgpuBackend {
         // Output texels per lane; head_dim <= 256 makes it <= 8.
         let oc = texels.div_ceil(8);
         let max_items = seqs.iter().map(|s| s.n_new * group).max().unwrap_or(1);
-        let (r, c) = attn_tile(oc, max_items);
+        let (r, c) = attn_tile(max_items);
         let max = self.gpu.limits.max_texture_dimension_2d as usize;
         // Lines (one head of one token) per texture row: a power of two, so the kernel shifts.
         let Some(lpr) = (max / texels).checked_ilog2().map(|b| 1usize << b) else {

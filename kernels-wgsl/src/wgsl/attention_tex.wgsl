@@ -6,8 +6,8 @@
 // * `gather` copies "lines" (one head of one token: head_dim values, zero-padded to whole texels)
 //   into an rgba32float texture: the new tokens' query heads (`PAGED` off), or the keys or values
 //   the call needs from the paged pool (`PAGED`: `slots[token]` is the pool slot, `KV_F16` for f16
-//   pools), each sequence's tokens contiguous. Line `L` lives in texture row `L >> LPR_SHIFT` at
-//   texel column `(L & (2^LPR_SHIFT - 1)) · head_texels` (a power of two per row: no division).
+//   pools), each sequence's tokens contiguous. Line `L` lives in texture row `L >> lpr_shift` at
+//   texel column `(L & (2^lpr_shift - 1)) · head_texels` (a power of two per row: no division).
 // * `main`: one workgroup is one subgroup of 8 lanes and computes up to `R` attention rows
 //   that share a KV head: item `i` of a sequence is its new token `i / group`, query head
 //   `kvh · group + i % group`, so a tile is all GQA heads of one or more consecutive tokens of
@@ -16,16 +16,24 @@
 //   fetches one texel of each query row, the 8 lanes share them with `subgroupBroadcast`, and
 //   each lane fetches its own keys' texels, so one K texel serves all R rows. Online softmax per
 //   row (subgroupMax over the tile; each lane keeps a partial row sum, added up at the end).
-//   Output: lane l owns output texels `l + 8·oc`; for each key the probabilities of the R rows
+//   Output: lane l owns output texels `l + 8k` (k < OC); for each key the probabilities of the R rows
 //   are broadcast from the lane that owns the key and each V texel serves all R rows.
 //
-// The host picks R, C and OC (= ceil(head_texels / 8), <= 8, so head_dim <= 256) so that the
-// R·OC vec4 accumulators fit the CPU's vector registers. Everything with a lane index is written
-// out per lane: `subgroupBroadcast` takes a constant lane.
+// The host picks R = 4 (fewer only for sequences with fewer rows), C = 2 and OC =
+// ceil(head_texels / 8) (<= 8: head_dim <= 256). Nothing in the key loop loops over a row, key or
+// output texel: every private array is indexed by constants (helpers take the index as a
+// parameter and are called with literals), so lavapipe can keep them in registers; with loops the
+// same kernel ran at 2/3 of the speed (as matmul_tex.wgsl found). `subgroupBroadcast` takes a
+// constant lane, so steps over lanes are written out too.
+//
+// Measured on lavapipe (GFLOP per CPU-second, BENCHMARKS.md): prefill 5.9 (SmolLM2, head_dim 64)
+// and 7.5 (Gemma 3, 256) against 0.19 / 0.42 for attention.wgsl. Decode is bound by the gather
+// (every visible key copied into textures on every call): ~0.6, about 2× the storage kernel.
 
 override KV_F16: bool = false;
 override PAGED: bool = true;
-// Attention rows per workgroup (1..=8), keys per lane per tile (1..=4), output texels per lane.
+// Attention rows per workgroup (1..=4), keys per lane per tile (1..=2), output texels per lane
+// (1..=8).
 override R: u32 = 4u;
 override C: u32 = 2u;
 override OC: u32 = 2u;
@@ -109,35 +117,256 @@ fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
 
 var<private> lane_id: u32;
 // Texel 0 of this lane's keys (C of them) in the K/V textures.
-var<private> kc: array<vec2<u32>, 4>;
-// Scores, then probabilities, of row r and this lane's key c at r * C + c.
-var<private> s: array<f32, 32>;
-// Output accumulators of row r, texel lane + 8·oc at r * OC + oc.
-var<private> o: array<vec4<f32>, 64>;
+var<private> kc: array<vec2<u32>, 2>;
+// Scores, then probabilities, of row r and this lane's key c at 2r + c.
+var<private> s: array<f32, 8>;
+// Output accumulators of row r, texel lane + 8k at 8r + k.
+var<private> o: array<vec4<f32>, 32>;
+// Per row: position, q/out line, q texel 0, running max, this lane's part of the running sum.
+var<private> pos: array<u32, 4>;
+var<private> line: array<u32, 4>;
+var<private> qc: array<vec2<u32>, 4>;
+var<private> m: array<f32, 4>;
+var<private> l: array<f32, 4>;
 
-// One head texel `jt` of the scores: `qb[r]` is query row r's texel jt (broadcast).
-fn score_step(jt: u32, qb: array<vec4<f32>, 8>) {
-    for (var c = 0u; c < C; c++) {
-        let kv = textureLoad(kt, kc[c] + vec2<u32>(jt, 0u), 0);
-        for (var r = 0u; r < R; r++) {
-            s[r * C + c] += dot(qb[r], kv);
+// Row r of the tile: item i0 + r (rows past `cnt` repeat the last one: computed, never written).
+fn init_row(r: u32, kvh: u32, row0: u32, i0: u32, cnt: u32, n_past: u32) {
+    let it = i0 + min(r, cnt - 1u);
+    let j = it / p.group;
+    pos[r] = n_past + j;
+    line[r] = (row0 + j) * p.n_heads + kvh * p.group + it % p.group;
+    qc[r] = line_coord(line[r], 0u, p.lpr_shift, p.head_texels);
+    m[r] = NEG;
+    l[r] = 0.0;
+}
+
+// Head texel `jt` of key c against the broadcast query texels q0..q3 of the rows.
+fn score_key(c: u32, jt: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32>) {
+    let kv = textureLoad(kt, kc[c] + vec2<u32>(jt, 0u), 0);
+    s[c] += dot(q0, kv);
+    if (R > 1u) {
+        s[2u + c] += dot(q1, kv);
+    }
+    if (R > 2u) {
+        s[4u + c] += dot(q2, kv);
+    }
+    if (R > 3u) {
+        s[6u + c] += dot(q3, kv);
+    }
+}
+
+fn score_step(jt: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32>) {
+    score_key(0u, jt, q0, q1, q2, q3);
+    if (C > 1u) {
+        score_key(1u, jt, q0, q1, q2, q3);
+    }
+}
+
+// One step of 8 head texels: lane l holds texel j0 + l of every row; step i uses lane i's.
+fn score_texels(j0: u32) {
+    let ht = p.head_texels;
+    let inb = j0 + lane_id < ht;
+    let zero = vec4<f32>(0.0);
+    let a0 = select(zero, textureLoad(qt, qc[0] + vec2<u32>(j0 + lane_id, 0u), 0), inb);
+    var a1 = zero;
+    var a2 = zero;
+    var a3 = zero;
+    if (R > 1u) {
+        a1 = select(zero, textureLoad(qt, qc[1] + vec2<u32>(j0 + lane_id, 0u), 0), inb);
+    }
+    if (R > 2u) {
+        a2 = select(zero, textureLoad(qt, qc[2] + vec2<u32>(j0 + lane_id, 0u), 0), inb);
+    }
+    if (R > 3u) {
+        a3 = select(zero, textureLoad(qt, qc[3] + vec2<u32>(j0 + lane_id, 0u), 0), inb);
+    }
+    score_step(j0 + 0u, subgroupBroadcast(a0, 0u), subgroupBroadcast(a1, 0u), subgroupBroadcast(a2, 0u), subgroupBroadcast(a3, 0u));
+    if (j0 + 1u < ht) {
+        score_step(j0 + 1u, subgroupBroadcast(a0, 1u), subgroupBroadcast(a1, 1u), subgroupBroadcast(a2, 1u), subgroupBroadcast(a3, 1u));
+    }
+    if (j0 + 2u < ht) {
+        score_step(j0 + 2u, subgroupBroadcast(a0, 2u), subgroupBroadcast(a1, 2u), subgroupBroadcast(a2, 2u), subgroupBroadcast(a3, 2u));
+    }
+    if (j0 + 3u < ht) {
+        score_step(j0 + 3u, subgroupBroadcast(a0, 3u), subgroupBroadcast(a1, 3u), subgroupBroadcast(a2, 3u), subgroupBroadcast(a3, 3u));
+    }
+    if (j0 + 4u < ht) {
+        score_step(j0 + 4u, subgroupBroadcast(a0, 4u), subgroupBroadcast(a1, 4u), subgroupBroadcast(a2, 4u), subgroupBroadcast(a3, 4u));
+    }
+    if (j0 + 5u < ht) {
+        score_step(j0 + 5u, subgroupBroadcast(a0, 5u), subgroupBroadcast(a1, 5u), subgroupBroadcast(a2, 5u), subgroupBroadcast(a3, 5u));
+    }
+    if (j0 + 6u < ht) {
+        score_step(j0 + 6u, subgroupBroadcast(a0, 6u), subgroupBroadcast(a1, 6u), subgroupBroadcast(a2, 6u), subgroupBroadcast(a3, 6u));
+    }
+    if (j0 + 7u < ht) {
+        score_step(j0 + 7u, subgroupBroadcast(a0, 7u), subgroupBroadcast(a1, 7u), subgroupBroadcast(a2, 7u), subgroupBroadcast(a3, 7u));
+    }
+}
+
+// Score of row r, key c at position t: scaled, or NEG when the row does not see the key.
+fn mask(r: u32, c: u32, t: u32) -> f32 {
+    var first = 0u;
+    if (p.window > 0u && pos[r] + 1u > p.window) {
+        first = pos[r] + 1u - p.window;
+    }
+    return select(NEG, s[2u * r + c] * p.scale, t >= first && t <= pos[r]);
+}
+
+fn rescale(i: u32, alpha: f32) {
+    o[i] *= alpha;
+}
+
+// Online softmax of row r over the tile at t0: new running max, rescaled sum and accumulators,
+// scores turned into probabilities.
+fn row_update(r: u32, t0: u32) {
+    let s0 = mask(r, 0u, t0 + lane_id);
+    var s1 = NEG;
+    if (C > 1u) {
+        s1 = mask(r, 1u, t0 + lane_id + 8u);
+    }
+    let m_new = max(m[r], subgroupMax(max(s0, s1)));
+    let alpha = exp(m[r] - m_new);
+    m[r] = m_new;
+    // A masked key has probability 0 even while no key of the row was seen (m_new = NEG).
+    let p0 = select(0.0, exp(s0 - m_new), s0 > 0.5 * NEG);
+    let p1 = select(0.0, exp(s1 - m_new), s1 > 0.5 * NEG);
+    s[2u * r] = p0;
+    s[2u * r + 1u] = p1;
+    l[r] = l[r] * alpha + p0 + p1;
+    let b = 8u * r;
+    rescale(b, alpha);
+    if (OC > 1u) {
+        rescale(b + 1u, alpha);
+    }
+    if (OC > 2u) {
+        rescale(b + 2u, alpha);
+    }
+    if (OC > 3u) {
+        rescale(b + 3u, alpha);
+    }
+    if (OC > 4u) {
+        rescale(b + 4u, alpha);
+    }
+    if (OC > 5u) {
+        rescale(b + 5u, alpha);
+    }
+    if (OC > 6u) {
+        rescale(b + 6u, alpha);
+    }
+    if (OC > 7u) {
+        rescale(b + 7u, alpha);
+    }
+}
+
+// Output texel lane + 8k of every row += its probability (pr) × the key's V texel.
+fn pv_texel(k: u32, vc: vec2<u32>, pr: vec4<f32>) {
+    let v = textureLoad(vt, vc + vec2<u32>(lane_id + 8u * k, 0u), 0);
+    o[k] += pr.x * v;
+    if (R > 1u) {
+        o[8u + k] += pr.y * v;
+    }
+    if (R > 2u) {
+        o[16u + k] += pr.z * v;
+    }
+    if (R > 3u) {
+        o[24u + k] += pr.w * v;
+    }
+}
+
+// One key (texel 0 at `vc`) with the probabilities `pr` of rows 0..4.
+fn pv_step(vc: vec2<u32>, pr: vec4<f32>) {
+    pv_texel(0u, vc, pr);
+    if (OC > 1u) {
+        pv_texel(1u, vc, pr);
+    }
+    if (OC > 2u) {
+        pv_texel(2u, vc, pr);
+    }
+    if (OC > 3u) {
+        pv_texel(3u, vc, pr);
+    }
+    if (OC > 4u) {
+        pv_texel(4u, vc, pr);
+    }
+    if (OC > 5u) {
+        pv_texel(5u, vc, pr);
+    }
+    if (OC > 6u) {
+        pv_texel(6u, vc, pr);
+    }
+    if (OC > 7u) {
+        pv_texel(7u, vc, pr);
+    }
+}
+
+// The 8 keys of lane-key c (positions t0 + 8c + i, i = the owning lane), in order.
+fn pv_keys(c: u32, t0: u32, kend: u32) {
+    let tc = t0 + 8u * c;
+    let vc = kc[c];
+    let pr = vec4<f32>(s[c], s[2u + c], s[4u + c], s[6u + c]);
+    pv_step(subgroupBroadcast(vc, 0u), subgroupBroadcast(pr, 0u));
+    if (tc + 1u < kend) {
+        pv_step(subgroupBroadcast(vc, 1u), subgroupBroadcast(pr, 1u));
+    }
+    if (tc + 2u < kend) {
+        pv_step(subgroupBroadcast(vc, 2u), subgroupBroadcast(pr, 2u));
+    }
+    if (tc + 3u < kend) {
+        pv_step(subgroupBroadcast(vc, 3u), subgroupBroadcast(pr, 3u));
+    }
+    if (tc + 4u < kend) {
+        pv_step(subgroupBroadcast(vc, 4u), subgroupBroadcast(pr, 4u));
+    }
+    if (tc + 5u < kend) {
+        pv_step(subgroupBroadcast(vc, 5u), subgroupBroadcast(pr, 5u));
+    }
+    if (tc + 6u < kend) {
+        pv_step(subgroupBroadcast(vc, 6u), subgroupBroadcast(pr, 6u));
+    }
+    if (tc + 7u < kend) {
+        pv_step(subgroupBroadcast(vc, 7u), subgroupBroadcast(pr, 7u));
+    }
+}
+
+fn write_texel(r: u32, k: u32, inv: f32) {
+    let jt = lane_id + 8u * k;
+    let v = o[8u * r + k] * inv;
+    let ob = line[r] * p.head_dim + 4u * jt;
+    for (var e = 0u; e < 4u; e++) {
+        if (jt < p.head_texels && 4u * jt + e < p.head_dim) {
+            out[ob + e] = v[e];
         }
     }
 }
 
-// One key (texel 0 at `vc`): `pa`/`pb` hold the probabilities of rows 0..4 / 4..8.
-fn pv_step(vc: vec2<u32>, pa: vec4<f32>, pb: vec4<f32>) {
-    let pr = array<f32, 8>(pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w);
-    for (var oc = 0u; oc < OC; oc++) {
-        let v = textureLoad(vt, vc + vec2<u32>(lane_id + 8u * oc, 0u), 0);
-        for (var r = 0u; r < R; r++) {
-            o[r * OC + oc] += pr[r] * v;
-        }
+fn write_row(r: u32, cnt: u32) {
+    let inv = 1.0 / subgroupAdd(l[r]);
+    if (r >= cnt) {
+        return;
     }
-}
-
-fn prob(r: u32, c: u32) -> f32 {
-    return select(0.0, s[r * C + c], r < R);
+    write_texel(r, 0u, inv);
+    if (OC > 1u) {
+        write_texel(r, 1u, inv);
+    }
+    if (OC > 2u) {
+        write_texel(r, 2u, inv);
+    }
+    if (OC > 3u) {
+        write_texel(r, 3u, inv);
+    }
+    if (OC > 4u) {
+        write_texel(r, 4u, inv);
+    }
+    if (OC > 5u) {
+        write_texel(r, 5u, inv);
+    }
+    if (OC > 6u) {
+        write_texel(r, 6u, inv);
+    }
+    if (OC > 7u) {
+        write_texel(r, 7u, inv);
+    }
 }
 
 @compute @workgroup_size(8)
@@ -150,33 +379,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
     }
     let ta = tiles[2u * tile];
     let tb = tiles[2u * tile + 1u];
-    let row0 = ta.x;
-    let i0 = ta.y;
     let cnt = ta.z;
-    let n_past = ta.w;
     let kv_off = tb.x;
     let kmin = tb.y;
-    let ht = p.head_texels;
-    let sh = p.lpr_shift;
-
-    // Rows past `cnt` repeat the last one (computed, never written).
-    var pos: array<u32, 8>;
-    var line: array<u32, 8>;
-    var qc: array<vec2<u32>, 8>;
-    var m: array<f32, 8>;
-    var l: array<f32, 8>;
-    for (var r = 0u; r < R; r++) {
-        let it = i0 + min(r, cnt - 1u);
-        let j = it / p.group;
-        pos[r] = n_past + j;
-        line[r] = (row0 + j) * p.n_heads + kvh * p.group + it % p.group;
-        qc[r] = line_coord(line[r], 0u, sh, ht);
-        m[r] = NEG;
-        l[r] = 0.0;
+    init_row(0u, kvh, ta.x, ta.y, cnt, ta.w);
+    if (R > 1u) {
+        init_row(1u, kvh, ta.x, ta.y, cnt, ta.w);
     }
-    for (var i = 0u; i < R * OC; i++) {
-        o[i] = vec4<f32>(0.0);
+    if (R > 2u) {
+        init_row(2u, kvh, ta.x, ta.y, cnt, ta.w);
     }
+    if (R > 3u) {
+        init_row(3u, kvh, ta.x, ta.y, cnt, ta.w);
+    }
+    o = array<vec4<f32>, 32>();
     let kend = pos[R - 1u] + 1u;
     var kstart = 0u;
     if (p.window > 0u && pos[0] + 1u > p.window) {
@@ -184,117 +400,40 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
     }
 
     for (var t0 = kstart; t0 < kend; t0 += 8u * C) {
-        for (var c = 0u; c < C; c++) {
-            let t = min(t0 + lane + 8u * c, kend - 1u);
-            kc[c] = line_coord((kv_off + t - kmin) * p.n_kv + kvh, 0u, sh, ht);
+        let key0 = min(t0 + lane, kend - 1u);
+        kc[0] = line_coord((kv_off + key0 - kmin) * p.n_kv + kvh, 0u, p.lpr_shift, p.head_texels);
+        if (C > 1u) {
+            let key1 = min(t0 + lane + 8u, kend - 1u);
+            kc[1] = line_coord((kv_off + key1 - kmin) * p.n_kv + kvh, 0u, p.lpr_shift, p.head_texels);
         }
-        for (var i = 0u; i < R * C; i++) {
-            s[i] = 0.0;
+        s = array<f32, 8>();
+        for (var j0 = 0u; j0 < p.head_texels; j0 += 8u) {
+            score_texels(j0);
         }
-        for (var j0 = 0u; j0 < ht; j0 += 8u) {
-            var qa: array<vec4<f32>, 8>;
-            for (var r = 0u; r < R; r++) {
-                qa[r] = select(vec4<f32>(0.0), textureLoad(qt, qc[r] + vec2<u32>(j0 + lane, 0u), 0), j0 + lane < ht);
-            }
-            score_step(j0 + 0u, array<vec4<f32>, 8>(subgroupBroadcast(qa[0], 0u), subgroupBroadcast(qa[1], 0u), subgroupBroadcast(qa[2], 0u), subgroupBroadcast(qa[3], 0u), subgroupBroadcast(qa[4], 0u), subgroupBroadcast(qa[5], 0u), subgroupBroadcast(qa[6], 0u), subgroupBroadcast(qa[7], 0u)));
-            if (j0 + 1u < ht) {
-                score_step(j0 + 1u, array<vec4<f32>, 8>(subgroupBroadcast(qa[0], 1u), subgroupBroadcast(qa[1], 1u), subgroupBroadcast(qa[2], 1u), subgroupBroadcast(qa[3], 1u), subgroupBroadcast(qa[4], 1u), subgroupBroadcast(qa[5], 1u), subgroupBroadcast(qa[6], 1u), subgroupBroadcast(qa[7], 1u)));
-            }
-            if (j0 + 2u < ht) {
-                score_step(j0 + 2u, array<vec4<f32>, 8>(subgroupBroadcast(qa[0], 2u), subgroupBroadcast(qa[1], 2u), subgroupBroadcast(qa[2], 2u), subgroupBroadcast(qa[3], 2u), subgroupBroadcast(qa[4], 2u), subgroupBroadcast(qa[5], 2u), subgroupBroadcast(qa[6], 2u), subgroupBroadcast(qa[7], 2u)));
-            }
-            if (j0 + 3u < ht) {
-                score_step(j0 + 3u, array<vec4<f32>, 8>(subgroupBroadcast(qa[0], 3u), subgroupBroadcast(qa[1], 3u), subgroupBroadcast(qa[2], 3u), subgroupBroadcast(qa[3], 3u), subgroupBroadcast(qa[4], 3u), subgroupBroadcast(qa[5], 3u), subgroupBroadcast(qa[6], 3u), subgroupBroadcast(qa[7], 3u)));
-            }
-            if (j0 + 4u < ht) {
-                score_step(j0 + 4u, array<vec4<f32>, 8>(subgroupBroadcast(qa[0], 4u), subgroupBroadcast(qa[1], 4u), subgroupBroadcast(qa[2], 4u), subgroupBroadcast(qa[3], 4u), subgroupBroadcast(qa[4], 4u), subgroupBroadcast(qa[5], 4u), subgroupBroadcast(qa[6], 4u), subgroupBroadcast(qa[7], 4u)));
-            }
-            if (j0 + 5u < ht) {
-                score_step(j0 + 5u, array<vec4<f32>, 8>(subgroupBroadcast(qa[0], 5u), subgroupBroadcast(qa[1], 5u), subgroupBroadcast(qa[2], 5u), subgroupBroadcast(qa[3], 5u), subgroupBroadcast(qa[4], 5u), subgroupBroadcast(qa[5], 5u), subgroupBroadcast(qa[6], 5u), subgroupBroadcast(qa[7], 5u)));
-            }
-            if (j0 + 6u < ht) {
-                score_step(j0 + 6u, array<vec4<f32>, 8>(subgroupBroadcast(qa[0], 6u), subgroupBroadcast(qa[1], 6u), subgroupBroadcast(qa[2], 6u), subgroupBroadcast(qa[3], 6u), subgroupBroadcast(qa[4], 6u), subgroupBroadcast(qa[5], 6u), subgroupBroadcast(qa[6], 6u), subgroupBroadcast(qa[7], 6u)));
-            }
-            if (j0 + 7u < ht) {
-                score_step(j0 + 7u, array<vec4<f32>, 8>(subgroupBroadcast(qa[0], 7u), subgroupBroadcast(qa[1], 7u), subgroupBroadcast(qa[2], 7u), subgroupBroadcast(qa[3], 7u), subgroupBroadcast(qa[4], 7u), subgroupBroadcast(qa[5], 7u), subgroupBroadcast(qa[6], 7u), subgroupBroadcast(qa[7], 7u)));
-            }
+        row_update(0u, t0);
+        if (R > 1u) {
+            row_update(1u, t0);
         }
-
-        // Online softmax: mask, tile max per row, rescale, probabilities.
-        for (var r = 0u; r < R; r++) {
-            var first = 0u;
-            if (p.window > 0u && pos[r] + 1u > p.window) {
-                first = pos[r] + 1u - p.window;
-            }
-            var mt = NEG;
-            for (var c = 0u; c < C; c++) {
-                let t = t0 + lane + 8u * c;
-                let sv = select(NEG, s[r * C + c] * p.scale, t >= first && t <= pos[r]);
-                s[r * C + c] = sv;
-                mt = max(mt, sv);
-            }
-            let m_new = max(m[r], subgroupMax(mt));
-            let alpha = exp(m[r] - m_new);
-            m[r] = m_new;
-            var ps = 0.0;
-            for (var c = 0u; c < C; c++) {
-                let sv = s[r * C + c];
-                let pv = select(0.0, exp(sv - m_new), sv > 0.5 * NEG);
-                s[r * C + c] = pv;
-                ps += pv;
-            }
-            l[r] = l[r] * alpha + ps;
-            for (var oc = 0u; oc < OC; oc++) {
-                o[r * OC + oc] *= alpha;
-            }
+        if (R > 2u) {
+            row_update(2u, t0);
         }
-
-        // O += P·V, one key at a time, from the lane that owns it.
-        for (var c = 0u; c < C; c++) {
-            let tc = t0 + 8u * c;
-            if (tc >= kend) {
-                break;
-            }
-            let pa = vec4<f32>(prob(0u, c), prob(1u, c), prob(2u, c), prob(3u, c));
-            let pb = vec4<f32>(prob(4u, c), prob(5u, c), prob(6u, c), prob(7u, c));
-            pv_step(subgroupBroadcast(kc[c], 0u), subgroupBroadcast(pa, 0u), subgroupBroadcast(pb, 0u));
-            if (tc + 1u < kend) {
-                pv_step(subgroupBroadcast(kc[c], 1u), subgroupBroadcast(pa, 1u), subgroupBroadcast(pb, 1u));
-            }
-            if (tc + 2u < kend) {
-                pv_step(subgroupBroadcast(kc[c], 2u), subgroupBroadcast(pa, 2u), subgroupBroadcast(pb, 2u));
-            }
-            if (tc + 3u < kend) {
-                pv_step(subgroupBroadcast(kc[c], 3u), subgroupBroadcast(pa, 3u), subgroupBroadcast(pb, 3u));
-            }
-            if (tc + 4u < kend) {
-                pv_step(subgroupBroadcast(kc[c], 4u), subgroupBroadcast(pa, 4u), subgroupBroadcast(pb, 4u));
-            }
-            if (tc + 5u < kend) {
-                pv_step(subgroupBroadcast(kc[c], 5u), subgroupBroadcast(pa, 5u), subgroupBroadcast(pb, 5u));
-            }
-            if (tc + 6u < kend) {
-                pv_step(subgroupBroadcast(kc[c], 6u), subgroupBroadcast(pa, 6u), subgroupBroadcast(pb, 6u));
-            }
-            if (tc + 7u < kend) {
-                pv_step(subgroupBroadcast(kc[c], 7u), subgroupBroadcast(pa, 7u), subgroupBroadcast(pb, 7u));
-            }
+        if (R > 3u) {
+            row_update(3u, t0);
+        }
+        pv_keys(0u, t0, kend);
+        if (C > 1u && t0 + 8u < kend) {
+            pv_keys(1u, t0, kend);
         }
     }
 
-    for (var r = 0u; r < R; r++) {
-        let inv = 1.0 / subgroupAdd(l[r]);
-        if (r < cnt) {
-            let ob = line[r] * p.head_dim;
-            for (var oc = 0u; oc < OC; oc++) {
-                let jt = lane + 8u * oc;
-                let v = o[r * OC + oc] * inv;
-                for (var e = 0u; e < 4u; e++) {
-                    if (jt < ht && 4u * jt + e < p.head_dim) {
-                        out[ob + 4u * jt + e] = v[e];
-                    }
-                }
-            }
-        }
+    write_row(0u, cnt);
+    if (R > 1u) {
+        write_row(1u, cnt);
+    }
+    if (R > 2u) {
+        write_row(2u, cnt);
+    }
+    if (R > 3u) {
+        write_row(3u, cnt);
     }
 }
