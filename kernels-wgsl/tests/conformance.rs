@@ -17,7 +17,7 @@ mod common {
 
 use half::f16;
 use prfaas_kernels::cpu::CpuBackend;
-use prfaas_kernels::gpu::{KernelPath, GpuOptions, MatmulPath, WgpuBackend};
+use prfaas_kernels::gpu::{GpuOptions, KernelPath, MatmulPath, WgpuBackend};
 use prfaas_kernels::{
     gpu_required, quant, reference, AttnParams, AttnSeq, Backend, DType, GluAct, HostTensor,
     KernelError, KvElem, LinearAttnParams, RopeStyle, Tensor,
@@ -81,10 +81,16 @@ fn attention_backends() -> Vec<Named> {
         })
     };
     let mut out: Vec<Named> = vec![("cpu", cpu())];
-    if let Some(b) = S.get_or_init(|| open_attention(KernelPath::Storage)).as_ref() {
+    if let Some(b) = S
+        .get_or_init(|| open_attention(KernelPath::Storage))
+        .as_ref()
+    {
         out.push(("wgpu-storage-attention", b));
     }
-    if let Some(b) = T.get_or_init(|| open_attention(KernelPath::Texture)).as_ref() {
+    if let Some(b) = T
+        .get_or_init(|| open_attention(KernelPath::Texture))
+        .as_ref()
+    {
         if b.uses_texture_attention() {
             out.push(("wgpu-texture-attention", b));
         } else {

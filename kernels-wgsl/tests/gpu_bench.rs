@@ -172,7 +172,11 @@ fn measure_attention(b: &WgpuBackend, case: &AttnCase, budget_s: f64) -> (f64, f
         .expect("v pool");
     // Each sequence its own blocks, in reverse order (a non-trivial block table).
     let tables: Vec<Vec<u32>> = (0..case.seqs)
-        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).rev().collect())
+        .map(|i| {
+            ((i * per_seq) as u32..((i + 1) * per_seq) as u32)
+                .rev()
+                .collect()
+        })
         .collect();
     let seqs: Vec<AttnSeq<'_>> = tables
         .iter()
@@ -241,7 +245,10 @@ fn wgpu_attention_texture_vs_storage() {
         return;
     };
     if !tex.uses_texture_attention() {
-        eprintln!("texture attention unavailable on {}", tex.info().description);
+        eprintln!(
+            "texture attention unavailable on {}",
+            tex.info().description
+        );
         return;
     }
     let smol = AttnParams {

@@ -489,7 +489,8 @@ impl WgpuBackend {
             let kmin = window.map_or(0, |w| (s.n_past + 1).saturating_sub(w));
             let kv_off = u32_of(slots.len(), "gathered tokens")?;
             slots.extend(
-                (kmin..s.n_past + s.n_new).map(|t| table[t / block_size] * bs + (t % block_size) as u32),
+                (kmin..s.n_past + s.n_new)
+                    .map(|t| table[t / block_size] * bs + (t % block_size) as u32),
             );
             let items = s.n_new * group;
             for i0 in (0..items).step_by(r) {
@@ -1184,7 +1185,16 @@ impl Backend for WgpuBackend {
             return Ok(out);
         }
         if self.gpu.tex_attention
-            && self.attention_tex(qb, [kp, vp], f16, block_size, &tables, seqs, params, &st.buffer)?
+            && self.attention_tex(
+                qb,
+                [kp, vp],
+                f16,
+                block_size,
+                &tables,
+                seqs,
+                params,
+                &st.buffer,
+            )?
         {
             return Ok(out);
         }
