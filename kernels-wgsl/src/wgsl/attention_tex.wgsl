@@ -26,9 +26,9 @@
 // same kernel ran at 2/3 of the speed (as matmul_tex.wgsl found). `subgroupBroadcast` takes a
 // constant lane, so steps over lanes are written out too.
 //
-// Measured on lavapipe (GFLOP per CPU-second, BENCHMARKS.md): prefill 5.9 (SmolLM2, head_dim 64)
-// and 7.5 (Gemma 3, 256) against 0.19 / 0.42 for attention.wgsl. Decode is bound by the gather
-// (every visible key copied into textures on every call): ~0.6, about 2× the storage kernel.
+// Measured on lavapipe (GFLOP per CPU-second, same run, BENCHMARKS.md): prefill 6.2 (SmolLM2,
+// head_dim 64) and 8.1 (Gemma 3, 256), 32× and 18× attention.wgsl. Decode is bound by the gather
+// (every visible key and value copied into textures on every call): 0.6–0.9, 2–3.5×.
 
 override KV_F16: bool = false;
 override PAGED: bool = true;
