@@ -304,8 +304,9 @@ impl Gpu {
 
     /// Open the best adapter (discrete > integrated > software) and start the poller thread.
     ///
-    /// The texture matmul is used when the adapter has subgroups of >= 8 lanes and is a software
-    /// adapter (where it is measured to win); `PRFAAS_WGPU_MATMUL=tex|storage` overrides.
+    /// The texture matmul and attention are used when the adapter has subgroups of >= 8 lanes and
+    /// is a software adapter (where they are measured to win); `PRFAAS_WGPU_MATMUL=tex|storage`
+    /// and `PRFAAS_WGPU_ATTENTION=tex|storage` override.
     pub fn new() -> Result<Self> {
         Self::with_matmul(MatmulPath::Auto)
     }
