@@ -541,7 +541,7 @@ impl WgpuBackend {
                     (9, Res::Buf(&slot_buf)),
                     (10, Res::Tex(&view)),
                 ],
-                Gpu::grid(lines * texels, 64),
+                Gpu::grid(lines, 64),
             )?;
             Ok::<_, KernelError>((tex, view))
         };

@@ -86,33 +86,36 @@ fn line_coord(line: u32, texel: u32, shift: u32, texels: u32) -> vec2<u32> {
     return vec2<u32>((line & ((1u << shift) - 1u)) * texels + texel, line >> shift);
 }
 
+// One line per invocation, its texels in a loop: the line's source needs a division by `heads`,
+// which lavapipe runs lane by lane, so it is done once per line, not once per texel.
 @compute @workgroup_size(64)
 fn gather(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * 64u;
-    if (i >= gp.lines * gp.head_texels) {
+    let line = gid.x + gid.y * nwg.x * 64u;
+    if (line >= gp.lines) {
         return;
     }
-    let line = i / gp.head_texels;
-    let j = i % gp.head_texels;
     var src_line = line;
     if (PAGED) {
         src_line = slots[line / gp.heads] * gp.heads + line % gp.heads;
     }
     let base = src_line * gp.head_dim;
-    var v = vec4<f32>(0.0);
-    for (var c = 0u; c < 4u; c++) {
-        let d = 4u * j + c;
-        if (d < gp.head_dim) {
-            let e = base + d;
-            if (KV_F16) {
-                let pair = unpack2x16float(src[e >> 1u]);
-                v[c] = select(pair.x, pair.y, (e & 1u) == 1u);
-            } else {
-                v[c] = bitcast<f32>(src[e]);
+    let at = line_coord(line, 0u, gp.lpr_shift, gp.head_texels);
+    for (var j = 0u; j < gp.head_texels; j++) {
+        var v = vec4<f32>(0.0);
+        for (var c = 0u; c < 4u; c++) {
+            let d = 4u * j + c;
+            if (d < gp.head_dim) {
+                let e = base + d;
+                if (KV_F16) {
+                    let pair = unpack2x16float(src[e >> 1u]);
+                    v[c] = select(pair.x, pair.y, (e & 1u) == 1u);
+                } else {
+                    v[c] = bitcast<f32>(src[e]);
+                }
             }
         }
+        textureStore(dst, at + vec2<u32>(j, 0u), v);
     }
-    textureStore(dst, line_coord(line, j, gp.lpr_shift, gp.head_texels), v);
 }
 
 var<private> lane_id: u32;
