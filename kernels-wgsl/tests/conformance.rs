@@ -17,7 +17,7 @@ mod common {
 
 use half::f16;
 use prfaas_kernels::cpu::CpuBackend;
-use prfaas_kernels::gpu::{GpuOptions, MatmulPath, WgpuBackend};
+use prfaas_kernels::gpu::{GpuOptions, KernelPath, MatmulPath, WgpuBackend};
 use prfaas_kernels::{
     gpu_required, quant, reference, AttnParams, AttnSeq, Backend, DType, GluAct, HostTensor,
     KernelError, KvElem, LinearAttnParams, RopeStyle, Tensor,
@@ -69,6 +69,37 @@ fn backends() -> Vec<Named> {
     out
 }
 
+/// Backends for attention: cpu, and both wgpu attention kernels (the texture one only where the
+/// adapter has 8-lane subgroups).
+fn attention_backends() -> Vec<Named> {
+    static S: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    static T: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    let open_attention = |attention| {
+        open_with(GpuOptions {
+            attention,
+            ..GpuOptions::default()
+        })
+    };
+    let mut out: Vec<Named> = vec![("cpu", cpu())];
+    if let Some(b) = S
+        .get_or_init(|| open_attention(KernelPath::Storage))
+        .as_ref()
+    {
+        out.push(("wgpu-storage-attention", b));
+    }
+    if let Some(b) = T
+        .get_or_init(|| open_attention(KernelPath::Texture))
+        .as_ref()
+    {
+        if b.uses_texture_attention() {
+            out.push(("wgpu-texture-attention", b));
+        } else {
+            eprintln!("note: adapter lacks 8-lane subgroups; texture attention not tested");
+        }
+    }
+    out
+}
+
 /// Backends for matmuls: cpu, and both wgpu matmul kernel families (the texture one only where
 /// the adapter has it).
 fn matmul_backends() -> Vec<Named> {
@@ -106,6 +137,7 @@ fn split_backends() -> Vec<(
         open_with(GpuOptions {
             matmul,
             max_part_bytes: Some(SPLIT_BYTES),
+            ..GpuOptions::default()
         })
     };
     let mut out: Vec<(&str, &dyn Backend, Option<&WgpuBackend>)> = vec![("cpu", cpu(), None)];
@@ -671,7 +703,7 @@ fn attention_case_in<T: KvElem>(
     let q = rng.vec(rows * p.n_heads * p.head_dim);
     let want = reference::attention(&q, &host_k, &host_v, block_size, &seqs, &p).unwrap();
     let pool_shape = [n_blocks, block_size, p.n_kv_heads, p.head_dim];
-    for (name, b) in backends() {
+    for (name, b) in attention_backends() {
         let (kp, vp) = (
             b.zeros_dtype(&pool_shape, T::DTYPE).unwrap(),
             b.zeros_dtype(&pool_shape, T::DTYPE).unwrap(),
@@ -727,6 +759,36 @@ fn attention_gqa_windows_blocks_multi_sequence() {
             bs,
             &[(0, 17), (33, 3), (70, 1), (0, 1), (20, 13)],
         );
+    }
+}
+
+/// Shapes at the edges of the texture kernel's tiles: rows that are not a multiple of a row tile
+/// (new tokens × GQA group), keys not a multiple of a key tile, head_dim not a multiple of 32 (or
+/// of 4), GQA group 4 at head_dim 64 and 256, windows shorter and longer than a key tile, and a
+/// decode batch of sequences with different prefixes.
+#[test]
+fn attention_odd_tiles_gqa4_head_dims() {
+    let mut rng = Rng(0x7113);
+    // (n_heads, n_kv_heads, head_dim, block_size, window)
+    let cases = [
+        (8, 2, 64, 16, None),
+        (4, 1, 256, 16, None),
+        (4, 1, 256, 8, Some(19)),
+        (6, 3, 40, 5, Some(3)),
+        (5, 5, 6, 7, None),
+        (2, 1, 132, 16, Some(70)),
+    ];
+    for &(nh, nkv, hd, bs, window) in &cases {
+        let p = AttnParams {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window,
+        };
+        attention_case(&mut rng, p, bs, &[(0, 37), (100, 5), (9, 1), (257, 2)]);
+        let decode: Vec<(usize, usize)> = (0..16).map(|i| (i * 29 % 113, 1)).collect();
+        attention_case(&mut rng, p, bs, &decode);
     }
 }
 

@@ -1,8 +1,9 @@
-//! Matmul throughput of the wgpu backend at the LLM shapes of issue 3 (heavy: `#[ignore]`).
+//! Matmul and attention throughput of the wgpu backend at LLM shapes (heavy: `#[ignore]`).
 //!
 //! Run: `cargo test -p prfaas-kernels --release --test gpu_bench -- --ignored --nocapture`
-//! Prints GFLOP/s per (kernel family, weight dtype, shape). `prfaas bench kernels` is the
-//! user-facing benchmark; this one isolates the two wgpu matmul kernels from each other.
+//! Prints GFLOP/s per (kernel family, weight dtype, shape) and, for attention, the texture and
+//! the storage kernel side by side with their ratio. `prfaas bench kernels` is the user-facing
+//! benchmark; this one isolates the wgpu kernel families from each other.
 
 use std::time::Instant;
 
@@ -136,70 +137,172 @@ fn wgpu_matmul_gflops() {
     }
 }
 
+/// One attention shape: `seqs` sequences of `rows` new tokens after `past` cached ones.
+struct AttnCase {
+    label: &'static str,
+    model: &'static str,
+    params: prfaas_kernels::AttnParams,
+    seqs: usize,
+    past: usize,
+    rows: usize,
+}
+
+/// Time `case` on `b`: (GFLOP/s wall, GFLOP per CPU-second, runs). One warm-up run (pipelines,
+/// scratch textures), then runs until `budget_s` has passed (at least one).
+fn measure_attention(b: &WgpuBackend, case: &AttnCase, budget_s: f64) -> (f64, f64, usize) {
+    use prfaas_kernels::AttnSeq;
+    let p = case.params;
+    let bs = 16;
+    let len = case.past + case.rows;
+    let per_seq = len.div_ceil(bs);
+    let blocks = per_seq * case.seqs;
+    let pool_len = blocks * bs * p.n_kv_heads * p.head_dim;
+    let shape = vec![blocks, bs, p.n_kv_heads, p.head_dim];
+    let kp = b
+        .upload(&HostTensor::from_f32(
+            shape.clone(),
+            &prfaas_kernels::bench::pseudo_random(pool_len, 5),
+        ))
+        .expect("k pool");
+    let vp = b
+        .upload(&HostTensor::from_f32(
+            shape,
+            &prfaas_kernels::bench::pseudo_random(pool_len, 6),
+        ))
+        .expect("v pool");
+    // Each sequence its own blocks, in reverse order (a non-trivial block table).
+    let tables: Vec<Vec<u32>> = (0..case.seqs)
+        .map(|i| {
+            ((i * per_seq) as u32..((i + 1) * per_seq) as u32)
+                .rev()
+                .collect()
+        })
+        .collect();
+    let seqs: Vec<AttnSeq<'_>> = tables
+        .iter()
+        .map(|t| AttnSeq {
+            block_table: t,
+            n_past: case.past,
+            n_new: case.rows,
+        })
+        .collect();
+    let n_q = case.seqs * case.rows;
+    let q = b
+        .upload(&HostTensor::from_f32(
+            vec![n_q, p.n_heads, p.head_dim],
+            &prfaas_kernels::bench::pseudo_random(n_q * p.n_heads * p.head_dim, 7),
+        ))
+        .expect("q");
+    let run = || {
+        drop(b.attention(&q, &kp, &vp, &seqs, &p).expect("attention"));
+        b.sync().expect("sync");
+    };
+    run();
+    let start = Instant::now();
+    let cpu0 = cpu_seconds();
+    let mut iters = 0;
+    while iters < 1 || (start.elapsed().as_secs_f64() < budget_s && iters < 100) {
+        run();
+        iters += 1;
+    }
+    let secs = start.elapsed().as_secs_f64() / iters as f64;
+    let cpu = (cpu_seconds() - cpu0) / iters as f64;
+    // QKᵀ and PV: 4 · head_dim FLOPs per visible (query, head, key).
+    let visible: usize = (0..case.rows).map(|i| case.past + i + 1).sum::<usize>() * case.seqs;
+    let gflop = (4 * visible * p.n_heads * p.head_dim) as f64 / 1e9;
+    (
+        gflop / secs,
+        if cpu > 0.0 { gflop / cpu } else { f64::NAN },
+        iters,
+    )
+}
+
+/// The texture/subgroup attention against the storage-buffer one, same process and shapes:
+/// prefill of 512 tokens and a 512-token chunk at the end of a 2K context, decode of 1 and 16
+/// sequences over 1K, at SmolLM2-135M's (9 heads, 3 KV heads, 64) and Gemma 3's (4, 1, 256)
+/// shapes. `PRFAAS_BENCH_FILTER` selects cases by substring of "model label" (e.g. `smollm2`,
+/// `prefill`, `gemma3 decode`); `PRFAAS_BENCH_TEXTURE_ONLY=1` skips the slow storage kernel.
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture (release)"]
-fn wgpu_attention_throughput() {
-    use prfaas_kernels::{AttnParams, AttnSeq};
-    let Some(b) = open(MatmulPath::Auto) else {
+fn wgpu_attention_texture_vs_storage() {
+    use prfaas_kernels::gpu::{GpuOptions, KernelPath};
+    use prfaas_kernels::AttnParams;
+    let open_attention = |attention| match WgpuBackend::with_options(GpuOptions {
+        attention,
+        ..GpuOptions::default()
+    }) {
+        Ok(b) => Some(b),
+        Err(e @ KernelError::NoAdapter(_)) if !gpu_required() => {
+            eprintln!("SKIPPED: no GPU adapter: {e}");
+            None
+        }
+        Err(e) => panic!("wgpu backend: {e}"),
+    };
+    let (Some(tex), Some(storage)) = (
+        open_attention(KernelPath::Texture),
+        open_attention(KernelPath::Storage),
+    ) else {
         return;
     };
-    // SmolLM2-135M attention: 9 query heads, 3 KV heads, head_dim 64; blocks of 16 tokens.
-    let (nh, nkv, hd, bs) = (9, 3, 64, 16);
-    let params = AttnParams {
-        n_heads: nh,
-        n_kv_heads: nkv,
-        head_dim: hd,
+    if !tex.uses_texture_attention() {
+        eprintln!(
+            "texture attention unavailable on {}",
+            tex.info().description
+        );
+        return;
+    }
+    let smol = AttnParams {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
         scale: 0.125,
         window: None,
     };
-    for keys in [512usize, 2048, 8192] {
-        let blocks = keys.div_ceil(bs);
-        let pool: Vec<f32> = (0..blocks * bs * nkv * hd)
-            .map(|i| ((i % 31) as f32 - 15.0) / 31.0)
-            .collect();
-        let kp = b
-            .upload(&HostTensor::from_f32(vec![blocks, bs, nkv, hd], &pool))
-            .expect("k pool");
-        let vp = b
-            .upload(&HostTensor::from_f32(vec![blocks, bs, nkv, hd], &pool))
-            .expect("v pool");
-        let table: Vec<u32> = (0..blocks as u32).collect();
-        for n_new in [1usize, 16] {
-            let q: Vec<f32> = (0..n_new * nh * hd)
-                .map(|i| ((i % 17) as f32 - 8.0) / 17.0)
-                .collect();
-            let qt = b
-                .upload(&HostTensor::from_f32(vec![n_new, nh, hd], &q))
-                .expect("q");
-            let seqs = [AttnSeq {
-                block_table: &table,
-                n_past: keys - n_new,
-                n_new,
-            }];
-            drop(
-                b.attention(&qt, &kp, &vp, &seqs, &params)
-                    .expect("attention"),
-            );
-            b.sync().expect("sync");
-            let start = Instant::now();
-            let mut iters = 0;
-            while iters < 2 || (start.elapsed().as_secs_f64() < 1.0 && iters < 100) {
-                drop(
-                    b.attention(&qt, &kp, &vp, &seqs, &params)
-                        .expect("attention"),
-                );
-                b.sync().expect("sync");
-                iters += 1;
-            }
-            let secs = start.elapsed().as_secs_f64() / iters as f64;
-            // QKᵀ and PV: 2 · 2 · head_dim FLOPs per (query, head, key).
-            let gflop = 4.0 * (n_new * nh * hd * keys) as f64 / 1e9;
-            println!(
-                "wgpu attention {keys:5} keys, {n_new:2} queries: {:8.3} ms, {:6.2} GFLOP/s on {}",
-                secs * 1e3,
-                gflop / secs,
-                b.info().description
-            );
+    let gemma = AttnParams {
+        n_heads: 4,
+        n_kv_heads: 1,
+        head_dim: 256,
+        scale: 0.0625,
+        window: None,
+    };
+    let filter = std::env::var("PRFAAS_BENCH_FILTER").unwrap_or_default();
+    let mut cases = Vec::new();
+    for (model, params) in [("smollm2", smol), ("gemma3", gemma)] {
+        for (label, seqs, past, rows) in [
+            ("prefill 512", 1, 0, 512),
+            ("chunk 512 @2K", 1, 1536, 512),
+            ("decode 1 @1K", 1, 1023, 1),
+            ("decode 16 @1K", 16, 1023, 1),
+        ] {
+            cases.push(AttnCase {
+                label,
+                model,
+                params,
+                seqs,
+                past,
+                rows,
+            });
         }
+    }
+    println!("adapter: {}", tex.info().description);
+    let texture_only = std::env::var_os("PRFAAS_BENCH_TEXTURE_ONLY").is_some();
+    for case in cases
+        .iter()
+        .filter(|c| format!("{} {}", c.model, c.label).contains(&filter))
+    {
+        let (new, new_cpu, new_runs) = measure_attention(&tex, case, 2.0);
+        // The storage kernel is slow on lavapipe: one timed run is enough there.
+        let (old, old_cpu, old_runs) = if texture_only {
+            (f64::NAN, f64::NAN, 0)
+        } else {
+            measure_attention(&storage, case, 0.0)
+        };
+        println!(
+            "wgpu attention {:8} {:16}: texture {new:7.2} GFLOP/s wall, {new_cpu:6.2} per CPU-s ({new_runs} runs); storage {old:6.3} wall, {old_cpu:6.3} per CPU-s ({old_runs}); ratio {:5.1}x wall, {:5.1}x per CPU-s",
+            case.model,
+            case.label,
+            new / old,
+            new_cpu / old_cpu,
+        );
     }
 }

@@ -18,6 +18,7 @@ const SOFTMAX: &str = include_str!("../wgsl/softmax.wgsl");
 const ARGMAX: &str = include_str!("../wgsl/argmax.wgsl");
 const ROWS: &str = include_str!("../wgsl/rows.wgsl");
 const ATTENTION: &str = include_str!("../wgsl/attention.wgsl");
+const ATTENTION_TEX: &str = include_str!("../wgsl/attention_tex.wgsl");
 const LINEAR_ATTENTION: &str = include_str!("../wgsl/linear_attention.wgsl");
 
 /// How a kernel binding is used (decides its bind-group layout entry).
@@ -55,13 +56,15 @@ pub(crate) enum Kernel {
     Argmax,
     Rows,
     Attention,
+    AttentionTex,
+    AttentionGather,
     LinearStep,
     LinearChunked,
 }
 
 impl Kernel {
     #[cfg(test)]
-    pub(crate) const ALL: [Kernel; 15] = [
+    pub(crate) const ALL: [Kernel; 17] = [
         Kernel::Matmul,
         Kernel::Matvec,
         Kernel::MatmulTex,
@@ -75,6 +78,8 @@ impl Kernel {
         Kernel::Argmax,
         Kernel::Rows,
         Kernel::Attention,
+        Kernel::AttentionTex,
+        Kernel::AttentionGather,
         Kernel::LinearStep,
         Kernel::LinearChunked,
     ];
@@ -94,6 +99,7 @@ impl Kernel {
             Kernel::Argmax => Cow::Borrowed(ARGMAX),
             Kernel::Rows => Cow::Borrowed(ROWS),
             Kernel::Attention => Cow::Borrowed(ATTENTION),
+            Kernel::AttentionTex | Kernel::AttentionGather => Cow::Borrowed(ATTENTION_TEX),
             Kernel::LinearStep | Kernel::LinearChunked => Cow::Borrowed(LINEAR_ATTENTION),
         }
     }
@@ -114,6 +120,8 @@ impl Kernel {
             Kernel::Argmax => "argmax.wgsl",
             Kernel::Rows => "rows.wgsl",
             Kernel::Attention => "attention.wgsl",
+            Kernel::AttentionTex => "attention_tex.wgsl",
+            Kernel::AttentionGather => "attention_tex.wgsl:gather",
             Kernel::LinearStep => "linear_attention.wgsl:step",
             Kernel::LinearChunked => "linear_attention.wgsl:chunked",
         }
@@ -125,6 +133,7 @@ impl Kernel {
             Kernel::LinearChunked => "chunked",
             Kernel::RepackF32 => "repack_f32",
             Kernel::RepackQ41 => "repack_q4_1",
+            Kernel::AttentionGather => "gather",
             _ => "main",
         }
     }
@@ -146,13 +155,27 @@ impl Kernel {
                 ("F16", f64::from((spec >> 1) & 1)),
             ],
             Kernel::Attention => vec![("KV_F16", f64::from(spec))],
+            // Rows per workgroup, keys per lane and output texels per lane: 4 bits each.
+            Kernel::AttentionTex => vec![
+                ("R", f64::from(spec & 15)),
+                ("C", f64::from((spec >> 4) & 15)),
+                ("OC", f64::from((spec >> 8) & 15)),
+            ],
+            // bit 0: f16 pool; bit 1: paged (K/V) rather than query lines.
+            Kernel::AttentionGather => vec![
+                ("KV_F16", f64::from(spec & 1)),
+                ("PAGED", f64::from((spec >> 1) & 1)),
+            ],
             _ => Vec::new(),
         }
     }
 
     /// Whether the kernel needs `Features::SUBGROUP`.
     pub(crate) fn needs_subgroups(self) -> bool {
-        matches!(self, Kernel::MatmulTex)
+        matches!(
+            self,
+            Kernel::MatmulTex | Kernel::AttentionTex | Kernel::AttentionGather
+        )
     }
 
     /// Bindings of group 0 used by the entry point: `(binding index, kind)`.
@@ -187,6 +210,17 @@ impl Kernel {
                 (5, ReadWrite),
                 (6, Uniform),
             ],
+            // q, k and v textures, tiles, out, params
+            Kernel::AttentionTex => &[
+                (0, TexF32),
+                (1, TexF32),
+                (2, TexF32),
+                (3, Read),
+                (5, ReadWrite),
+                (6, Uniform),
+            ],
+            // params, source (q or pool), pool slot per token, destination texture
+            Kernel::AttentionGather => &[(7, Uniform), (8, Read), (9, Read), (10, StoreTexF32)],
             Kernel::LinearStep | Kernel::LinearChunked => &[
                 (0, Read),
                 (1, Read),

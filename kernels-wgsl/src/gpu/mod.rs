@@ -16,30 +16,51 @@
 //!   tensor) where subgroups of >= 8 lanes exist and it pays (lavapipe: ~10× the storage kernel);
 //!   otherwise `matvec.wgsl` for <= 8 rows (decode) and the 64×64-tiled `matmul.wgsl`. Quantized
 //!   weights (Q4_1, Q8_0) and F16 are dequantized in-kernel; no path needs `SHADER_F16`.
+//! * Attention likewise: `attention_tex.wgsl` (query heads and the visible keys/values gathered
+//!   from the paged pool into textures, K/V tiles shared across all GQA heads of several query
+//!   tokens with `subgroupBroadcast`) where the texture matmul would run, `attention.wgsl`
+//!   (storage buffers, one workgroup per query row and head) elsewhere.
 
 mod kernels;
 mod ops;
 
 pub use ops::WgpuBackend;
 
-/// Which matmul kernel family to use.
+/// Which kernel family to use for matmul or for attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MatmulPath {
+pub enum KernelPath {
     /// Texture/subgroup kernel on software adapters with >= 8-lane subgroups (where it is measured
-    /// to be ~10× faster), storage-buffer tiling elsewhere. `PRFAAS_WGPU_MATMUL=tex|storage`
-    /// overrides.
+    /// to be 10× faster and more), storage-buffer kernel elsewhere. `PRFAAS_WGPU_MATMUL=tex|storage`
+    /// and `PRFAAS_WGPU_ATTENTION=tex|storage` override.
     #[default]
     Auto,
     /// Texture/subgroup kernel whenever the adapter supports it and shapes fit.
     Texture,
-    /// Portable storage-buffer tiled kernel only.
+    /// Portable storage-buffer kernel only.
     Storage,
+}
+
+/// The matmul kernel choice (see [`KernelPath`]).
+pub type MatmulPath = KernelPath;
+
+impl KernelPath {
+    /// Whether the texture/subgroup kernel runs, given the environment override `env`.
+    fn texture(self, env: &str, subgroups8: bool, software: bool) -> bool {
+        match (self, std::env::var(env).as_deref()) {
+            (KernelPath::Texture, _) => subgroups8,
+            (KernelPath::Storage, _) => false,
+            (KernelPath::Auto, Ok("tex")) => subgroups8,
+            (KernelPath::Auto, Ok("storage")) => false,
+            (KernelPath::Auto, _) => subgroups8 && software,
+        }
+    }
 }
 
 /// How [`Gpu::with_options`] opens the device.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GpuOptions {
     pub matmul: MatmulPath,
+    pub attention: KernelPath,
     /// Store uploads larger than this many bytes as row parts. `None` (and any larger value)
     /// means the adapter's `max_storage_buffer_binding_size`; tests force a few KiB to run the
     /// split path on small tensors.
@@ -253,6 +274,8 @@ pub struct Gpu {
     pub(crate) limits: wgpu::Limits,
     /// Use the texture matmul when shapes allow (see [`Gpu::new`]).
     pub(crate) tex_matmul: bool,
+    /// Use the texture attention (`attention_tex.wgsl`) when shapes allow.
+    pub(crate) tex_attention: bool,
     /// Uploads larger than this many bytes are stored as row parts (see [`GpuStorage`]).
     pub(crate) max_part_bytes: u64,
     pipelines: Mutex<HashMap<(Kernel, u32), Arc<Pipeline>>>,
@@ -281,8 +304,9 @@ impl Gpu {
 
     /// Open the best adapter (discrete > integrated > software) and start the poller thread.
     ///
-    /// The texture matmul is used when the adapter has subgroups of >= 8 lanes and is a software
-    /// adapter (where it is measured to win); `PRFAAS_WGPU_MATMUL=tex|storage` overrides.
+    /// The texture matmul and attention are used when the adapter has subgroups of >= 8 lanes and
+    /// is a software adapter (where they are measured to win); `PRFAAS_WGPU_MATMUL=tex|storage`
+    /// and `PRFAAS_WGPU_ATTENTION=tex|storage` override.
     pub fn new() -> Result<Self> {
         Self::with_matmul(MatmulPath::Auto)
     }
@@ -341,13 +365,11 @@ impl Gpu {
         }));
 
         let subgroups8 = wanted.contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size >= 8;
-        let tex_matmul = match (path, std::env::var("PRFAAS_WGPU_MATMUL").as_deref()) {
-            (MatmulPath::Texture, _) => subgroups8,
-            (MatmulPath::Storage, _) => false,
-            (MatmulPath::Auto, Ok("tex")) => subgroups8,
-            (MatmulPath::Auto, Ok("storage")) => false,
-            (MatmulPath::Auto, _) => subgroups8 && software,
-        };
+        let tex_matmul = path.texture("PRFAAS_WGPU_MATMUL", subgroups8, software);
+        let tex_attention =
+            options
+                .attention
+                .texture("PRFAAS_WGPU_ATTENTION", subgroups8, software);
 
         // The poller: blocks on device.poll so no async runtime thread ever has to.
         let (poll_tx, poll_rx) = sync_channel::<PollRequest>(64);
@@ -385,6 +407,7 @@ impl Gpu {
             subgroups = subgroups8,
             shader_f16 = wanted.contains(wgpu::Features::SHADER_F16),
             tex_matmul,
+            tex_attention,
             max_storage_binding = binding,
             max_part_bytes,
             "wgpu device opened"
@@ -398,6 +421,7 @@ impl Gpu {
             shader_f16: wanted.contains(wgpu::Features::SHADER_F16),
             limits,
             tex_matmul,
+            tex_attention,
             info,
             pipelines: Mutex::new(HashMap::new()),
             pool: Arc::new(BufferPool {

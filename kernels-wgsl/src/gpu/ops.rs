@@ -32,6 +32,15 @@ fn wtype(d: DType) -> u32 {
     }
 }
 
+/// Rows per workgroup and keys per lane of `attention_tex.wgsl` (its `R` and `C`) for sequences of
+/// at most `max_items` rows (new tokens × GQA group). Measured on lavapipe (GFLOP per CPU-second,
+/// prefill of 512 tokens): 4 rows × 2 keys is best at head_dim 64 (5.9; 4×1 5.3, 2×2 4.0) and at
+/// 256 (7.5, though its 32 vec4 accumulators spill; 2×2 5.3, 1×2 3.2): sharing each K/V texel
+/// across more rows pays more than keeping every accumulator in a register.
+fn attn_tile(max_items: usize) -> (usize, usize) {
+    (4.min(max_items.next_power_of_two()), 2)
+}
+
 fn u32_of(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| KernelError::Unsupported(format!("{what} = {n} exceeds u32")))
 }
@@ -87,6 +96,11 @@ impl WgpuBackend {
     /// True when matmuls with texture-friendly shapes use the subgroup/texture kernel.
     pub fn uses_texture_matmul(&self) -> bool {
         self.gpu.tex_matmul
+    }
+
+    /// True when attention uses the texture/subgroup kernel (`attention_tex.wgsl`).
+    pub fn uses_texture_attention(&self) -> bool {
+        self.gpu.tex_attention
     }
 
     /// How many buffers hold `t`: 1, or its row parts when it was uploaded larger than one
@@ -426,6 +440,151 @@ impl WgpuBackend {
             )?;
         }
         self.gpu.give_texture(x_tex);
+        Ok(true)
+    }
+
+    /// The texture/subgroup attention (`attention_tex.wgsl`): gather the query heads and the
+    /// keys/values the sequences see into textures, then one dispatch over (KV head, row tile).
+    /// `Ok(false)` when the textures would exceed the adapter's limits (the storage kernel runs).
+    /// Shapes, tables and slots are checked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_tex(
+        &self,
+        q: &wgpu::Buffer,
+        pools: [&wgpu::Buffer; 2],
+        f16: bool,
+        block_size: usize,
+        tables: &[&[u32]],
+        seqs: &[AttnSeq<'_>],
+        params: &AttnParams,
+        out: &wgpu::Buffer,
+    ) -> Result<bool> {
+        let AttnParams {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale,
+            window,
+        } = *params;
+        let group = n_heads / n_kv_heads;
+        let texels = head_dim.div_ceil(4);
+        // Output texels per lane; head_dim <= 256 makes it <= 8.
+        let oc = texels.div_ceil(8);
+        let max_items = seqs.iter().map(|s| s.n_new * group).max().unwrap_or(1);
+        let (r, c) = attn_tile(max_items);
+        let max = self.gpu.limits.max_texture_dimension_2d as usize;
+        // Lines (one head of one token) per texture row: a power of two, so the kernel shifts.
+        let Some(lpr) = (max / texels).checked_ilog2().map(|b| 1usize << b) else {
+            return Ok(false);
+        };
+        let mut tiles: Vec<u32> = Vec::new();
+        let mut slots: Vec<u32> = Vec::new();
+        let mut row0 = 0usize;
+        let bs = block_size as u32;
+        for (s, table) in seqs.iter().zip(tables) {
+            if s.n_new == 0 {
+                continue;
+            }
+            // Keys before the first query's window are never visible: not gathered.
+            let kmin = window.map_or(0, |w| (s.n_past + 1).saturating_sub(w));
+            let kv_off = u32_of(slots.len(), "gathered tokens")?;
+            slots.extend(
+                (kmin..s.n_past + s.n_new)
+                    .map(|t| table[t / block_size] * bs + (t % block_size) as u32),
+            );
+            let items = s.n_new * group;
+            for i0 in (0..items).step_by(r) {
+                tiles.extend_from_slice(&[
+                    u32_of(row0, "row")?,
+                    u32_of(i0, "item")?,
+                    u32_of(r.min(items - i0), "items")?,
+                    u32_of(s.n_past, "position")?,
+                    kv_off,
+                    u32_of(kmin, "position")?,
+                    0,
+                    0,
+                ]);
+            }
+            row0 += s.n_new;
+        }
+        let q_lines = row0 * n_heads;
+        let kv_lines = slots.len() * n_kv_heads;
+        if q_lines.max(kv_lines).div_ceil(lpr) > max {
+            return Ok(false);
+        }
+        u32_of(q_lines.max(kv_lines) * texels, "gathered texels")?;
+        let slot_buf = self.gpu.storage_u32(&slots);
+        let shift = lpr.trailing_zeros();
+        let gather = |src: &wgpu::Buffer, lines: usize, heads: usize, spec: u32| {
+            let tex = self.gpu.scratch_texture(
+                (lines.min(lpr) * texels) as u32,
+                lines.div_ceil(lpr) as u32,
+                wgpu::TextureFormat::Rgba32Float,
+            );
+            let view = tex.create_view(&wgpu::TextureViewDescriptor::default());
+            let gp = self.gpu.uniform(&[
+                lines as u32,
+                heads as u32,
+                head_dim as u32,
+                texels as u32,
+                shift,
+                0,
+                0,
+                0,
+            ]);
+            self.gpu.dispatch(
+                Kernel::AttentionGather,
+                spec,
+                &[
+                    (7, Res::Buf(&gp)),
+                    (8, Res::Buf(src)),
+                    (9, Res::Buf(&slot_buf)),
+                    (10, Res::Tex(&view)),
+                ],
+                Gpu::grid(lines, 64),
+            )?;
+            Ok::<_, KernelError>((tex, view))
+        };
+        let paged = 2 | u32::from(f16);
+        let (qt, qv) = gather(q, q_lines, n_heads, 0)?;
+        let (kt, kv) = gather(pools[0], kv_lines, n_kv_heads, paged)?;
+        let (vt, vv) = gather(pools[1], kv_lines, n_kv_heads, paged)?;
+        let tile_buf = self.gpu.storage_u32(&tiles);
+        let n_tiles = tiles.len() / 8;
+        let ub = self.gpu.uniform(&[
+            n_heads as u32,
+            n_kv_heads as u32,
+            group as u32,
+            head_dim as u32,
+            texels as u32,
+            shift,
+            u32_of(window.unwrap_or(0), "window")?,
+            scale.to_bits(),
+            u32_of(n_tiles, "tiles")?,
+            0,
+            0,
+            0,
+        ]);
+        self.gpu.dispatch(
+            Kernel::AttentionTex,
+            (r | c << 4 | oc << 8) as u32,
+            &[
+                (0, Res::Tex(&qv)),
+                (1, Res::Tex(&kv)),
+                (2, Res::Tex(&vv)),
+                (3, Res::Buf(&tile_buf)),
+                (5, Res::Buf(out)),
+                (6, Res::Buf(&ub)),
+            ],
+            (
+                n_kv_heads as u32,
+                n_tiles.min(65535) as u32,
+                n_tiles.div_ceil(65535) as u32,
+            ),
+        )?;
+        for t in [qt, kt, vt] {
+            self.gpu.give_texture(t);
+        }
         Ok(true)
     }
 
@@ -1003,8 +1162,8 @@ impl Backend for WgpuBackend {
                 q.shape
             )));
         }
-        let mut rowinfo = Vec::with_capacity(rows * 2);
-        let mut bt = Vec::new();
+        u32_of(n_blocks * block_size, "pool slots")?;
+        let mut tables = Vec::with_capacity(seqs.len());
         for (i, s) in seqs.iter().enumerate() {
             let len = s.n_past + s.n_new;
             let need = len.div_ceil(block_size);
@@ -1019,16 +1178,35 @@ impl Backend for WgpuBackend {
                     "sequence {i}: block {bad} >= {n_blocks}"
                 )));
             }
+            tables.push(table);
+        }
+        let (out, st) = self.output(vec![rows, n_heads * head_dim])?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        if self.gpu.tex_attention
+            && self.attention_tex(
+                qb,
+                [kp, vp],
+                f16,
+                block_size,
+                &tables,
+                seqs,
+                params,
+                &st.buffer,
+            )?
+        {
+            return Ok(out);
+        }
+        let mut rowinfo = Vec::with_capacity(rows * 2);
+        let mut bt = Vec::new();
+        for (s, table) in seqs.iter().zip(&tables) {
             let off = u32_of(bt.len(), "block table")?;
             bt.extend_from_slice(table);
             for j in 0..s.n_new {
                 rowinfo.push(u32_of(s.n_past + j, "position")?);
                 rowinfo.push(off);
             }
-        }
-        let (out, st) = self.output(vec![rows, n_heads * head_dim])?;
-        if rows == 0 {
-            return Ok(out);
         }
         let rib = self.gpu.storage_u32(&rowinfo);
         let btb = self.gpu.storage_u32(&bt);

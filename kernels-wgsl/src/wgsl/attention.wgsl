@@ -1,4 +1,7 @@
-// Causal flash-style attention over a paged KV pool, for several sequences in one dispatch.
+// Causal flash-style attention over a paged KV pool, for several sequences in one dispatch: the
+// portable storage-buffer kernel, for adapters without 8-lane subgroups (GL, `KernelPath::Storage`).
+// Where subgroups exist on a software adapter attention_tex.wgsl runs instead: on lavapipe this
+// kernel's per-lane storage and workgroup loads hold it to 0.05–0.4 GFLOP/s (BENCHMARKS.md).
 //
 // One 64-thread workgroup per (query row, query head). Keys are visited in tiles of 64: each thread
 // scores one key of the tile, the tile max updates the running max `m` (online softmax), each
