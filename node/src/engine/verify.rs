@@ -309,24 +309,12 @@ impl Engine {
             let blocks = table_of(l);
             let check_blocks = check_of(blocks);
             if compared.is_ok() && out.is_ok() {
-                let row = paged_row(&self.layout.layers[l]);
-                compared = self
-                    .backend
-                    .gather_blocks(&pool.k, &check_blocks)
-                    .and_then(|ck| Ok((ck, self.backend.gather_blocks(&pool.v, &check_blocks)?)))
-                    .map(|(ck, cv)| {
-                        for &q in &positions {
-                            let b = blocks[q / bs];
-                            let i = check_blocks.iter().position(|x| *x == b).unwrap_or(0);
-                            let at = (i * bs + q % bs) * row..(i * bs + q % bs + 1) * row;
-                            let e = relative_error(&ck[at.clone()], &rk[at.clone()])
-                                .max(relative_error(&cv[at.clone()], &rv[at]));
-                            if e > report.max_kv_error {
-                                report.max_kv_error = e;
-                                report.worst = Some((l, q));
-                            }
-                        }
-                    });
+                let at = positions.iter().map(|&q| {
+                    let b = blocks[q / bs];
+                    let i = check_blocks.iter().position(|x| *x == b).unwrap_or(0);
+                    (q, i * bs + q % bs)
+                });
+                compared = self.compare_rows(l, pool, &check_blocks, (rk, rv), at, &mut report);
             }
             self.backend.scatter_blocks(&pool.k, &check_blocks, rk)?;
             self.backend.scatter_blocks(&pool.v, &check_blocks, rv)?;
@@ -336,6 +324,33 @@ impl Engine {
         report.logits_error = relative_error(&computed, logits);
         report.positions = positions;
         Ok(judge(report, cfg))
+    }
+
+    /// Compares paged layer `l`'s K/V now in `blocks` (recomputed) with `received` (the same
+    /// blocks as received) at the rows `at` yields — (position, row within `blocks`) — and keeps
+    /// the largest relative error in `report`.
+    fn compare_rows(
+        &self,
+        l: usize,
+        pool: &PagedPool,
+        blocks: &[u32],
+        (rk, rv): (&[f32], &[f32]),
+        at: impl Iterator<Item = (usize, usize)>,
+        report: &mut VerifyReport,
+    ) -> Result<(), EngineError> {
+        let row = paged_row(&self.layout.layers[l]);
+        let ck = self.backend.gather_blocks(&pool.k, blocks)?;
+        let cv = self.backend.gather_blocks(&pool.v, blocks)?;
+        for (q, i) in at {
+            let at = i * row..(i + 1) * row;
+            let e = relative_error(&ck[at.clone()], &rk[at.clone()])
+                .max(relative_error(&cv[at.clone()], &rv[at]));
+            if e > report.max_kv_error {
+                report.max_kv_error = e;
+                report.worst = Some((l, q));
+            }
+        }
+        Ok(())
     }
 
     /// [`Engine::verify_import`] of a layout with linear-attention state (see the module docs).
@@ -494,27 +509,13 @@ impl Engine {
                     continue;
                 };
                 if compared.is_ok() && out.is_ok() {
-                    let row = paged_row(&self.layout.layers[l]);
+                    // Only rows the transfer carried can be compared.
                     let spans = self.layout.transfer_spans(l, n);
-                    compared = self
-                        .backend
-                        .gather_blocks(&pool.k, &touched)
-                        .and_then(|ck| Ok((ck, self.backend.gather_blocks(&pool.v, &touched)?)))
-                        .map(|(ck, cv)| {
-                            for q in rows.clone() {
-                                if !spans.iter().any(|s| s.contains(&q)) {
-                                    continue; // not sent: nothing to compare with
-                                }
-                                let at = q - rows.start / bs * bs;
-                                let at = at * row..(at + 1) * row;
-                                let e = relative_error(&ck[at.clone()], &rk[at.clone()])
-                                    .max(relative_error(&cv[at.clone()], &rv[at]));
-                                if e > report.max_kv_error {
-                                    report.max_kv_error = e;
-                                    report.worst = Some((l, q));
-                                }
-                            }
-                        });
+                    let at = rows
+                        .clone()
+                        .filter(|q| spans.iter().any(|s| s.contains(q)))
+                        .map(|q| (q, q - rows.start / bs * bs));
+                    compared = self.compare_rows(l, pool, &touched, (rk, rv), at, report);
                 }
                 self.backend.scatter_blocks(&pool.k, &touched, rk)?;
                 self.backend.scatter_blocks(&pool.v, &touched, rv)?;
