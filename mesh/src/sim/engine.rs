@@ -38,9 +38,10 @@ use serde::Serialize;
 
 use super::scenario::{Arrival, Scenario};
 use crate::policy::{
-    plan, settle, Bid, BidderLoad, Candidate, LengthDistribution, Observation, OffloadRule,
-    Placement, PlacementInput, PlacementPlan, PrefillProfile, PricingParams, ReSearchTrigger,
-    RequestShape, ScoringParams, Split, ThresholdInputs, ThresholdTracker, ThroughputModel,
+    plan, settle, spread_key, Bid, BidderLoad, Candidate, LengthDistribution, Observation,
+    OffloadRule, Placement, PlacementInput, PlacementPlan, PrefillProfile, PricingParams,
+    ReSearchTrigger, RequestShape, ScoringParams, Split, ThresholdInputs, ThresholdTracker,
+    ThroughputModel,
 };
 
 /// The four policies compared side by side.
@@ -657,6 +658,11 @@ impl<'a> Sim<'a> {
             .iter()
             .map(|&i| advertised_queue(i) + self.quoted_s(i, r, self.work_s_with(i, r, local_work)))
             .fold(f64::INFINITY, f64::min);
+        // The home's id (with the run's seed, so seeds differ) and the request's index.
+        let mut home_id = [0u8; 16];
+        home_id[..8].copy_from_slice(&self.s.scenario.workload.seed.to_le_bytes());
+        home_id[8..].copy_from_slice(&(h as u64).to_le_bytes());
+        let spread = spread_key(&home_id, r as u64);
         let placement = plan(&PlacementInput {
             request: RequestShape {
                 total_tokens: tokens,
@@ -671,12 +677,13 @@ impl<'a> Sim<'a> {
             candidates: &candidates,
             top_k: self.s.scenario.auction.top_k,
             spill_ratio: self.s.scenario.auction.spill_ratio,
+            spread,
         });
         let called: Vec<usize> = match placement {
             PlacementPlan::Auction { call, .. } => call.into_iter().map(|i| i as usize).collect(),
             // No home-cluster instance left: the mesh is the only place to prefill.
             PlacementPlan::Local { .. } if locals.is_empty() => {
-                crate::policy::rank_candidates(&candidates, self.s.scenario.auction.top_k)
+                crate::policy::rank_candidates(&candidates, self.s.scenario.auction.top_k, spread)
                     .into_iter()
                     .map(|i| i as usize)
                     .collect()

@@ -204,6 +204,7 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
         top_k: core.cfg.policy.auction_top_k,
         // A node's own queue already prices its reserve bid; short prompts never spill.
         spill_ratio: f64::INFINITY,
+        spread: policy::spread_key(&me.to_bytes(), job.request_id),
     });
     let called: Vec<PeerId> = match placement {
         PlacementPlan::Local {
