@@ -70,6 +70,10 @@ pub enum PlacementPlan {
         call: Vec<u32>,
         /// True when the prompt was within `t` but the home's queue made it spill.
         spilled: bool,
+        /// What the reserve bid's delay counts for in the settlement
+        /// ([`super::ScoringParams::reserve_delay_weight`]): `keep_ratio` for a prompt longer
+        /// than `t`, 1 for one that spilled.
+        reserve_delay_weight: f64,
     },
 }
 
@@ -100,6 +104,11 @@ pub struct PlacementInput<'a> {
     pub spill_ratio: f64,
     /// This home's key for this request ([`spread_key`]): spreads calls among near-equal peers.
     pub spread: u64,
+    /// A prompt longer than `t` stays at home only when the home's own prefill is this many
+    /// times faster than the best bid (1 = the plain reserve bid). The home's prefill is also
+    /// the path of every short prompt it homes, so a long prompt kept there delays them all; the
+    /// mirror of `spill_ratio`.
+    pub keep_ratio: f64,
 }
 
 /// Candidates whose advertised delay is within this fraction of the best candidate's count as
@@ -206,6 +215,7 @@ pub fn plan(input: &PlacementInput<'_>) -> PlacementPlan {
             PlacementPlan::Auction {
                 call,
                 spilled: false,
+                reserve_delay_weight: input.keep_ratio.max(1.0),
             }
         };
     }
@@ -221,6 +231,7 @@ pub fn plan(input: &PlacementInput<'_>) -> PlacementPlan {
         PlacementPlan::Auction {
             call: rank_candidates(input.candidates, input.top_k, input.spread),
             spilled: true,
+            reserve_delay_weight: 1.0,
         }
     } else {
         PlacementPlan::Local {
@@ -259,6 +270,7 @@ mod tests {
             top_k: 2,
             spill_ratio: 4.0,
             spread: 0,
+            keep_ratio: 2.0,
         }
     }
 
@@ -295,7 +307,8 @@ mod tests {
             plan(&input(5000.0, &c, 0.5)),
             PlacementPlan::Auction {
                 call: vec![0],
-                spilled: false
+                spilled: false,
+                reserve_delay_weight: 2.0,
             }
         );
         // Local queue 100 s vs 1 s remote: a short prompt spills.
@@ -303,7 +316,8 @@ mod tests {
             plan(&input(500.0, &c, 100.0)),
             PlacementPlan::Auction {
                 call: vec![0],
-                spilled: true
+                spilled: true,
+                reserve_delay_weight: 1.0,
             }
         );
         assert!(matches!(
@@ -321,7 +335,7 @@ mod tests {
         // the prompt is offloaded, and the holder (shorter advertised prefill) is called first.
         let c = [cand(0, 0.0, 0.5, 0.0, 1e9), cand(1, 0.0, 0.05, 4500.0, 1e9)];
         match plan(&input(5000.0, &c, 0.3)) {
-            PlacementPlan::Auction { call, spilled } => {
+            PlacementPlan::Auction { call, spilled, .. } => {
                 assert_eq!((call, spilled), (vec![1, 0], false))
             }
             other => panic!("{other:?}"),
@@ -427,7 +441,7 @@ mod tests {
             let mut i = input(5000.0, &c, 0.5);
             i.spread = spread_key(b"home", r);
             match plan(&i) {
-                PlacementPlan::Auction { call, spilled } => {
+                PlacementPlan::Auction { call, spilled, .. } => {
                     assert!(!spilled);
                     assert_eq!(call.len(), 2);
                     seen.extend(call);

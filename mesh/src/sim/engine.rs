@@ -678,9 +678,18 @@ impl<'a> Sim<'a> {
             top_k: self.s.scenario.auction.top_k,
             spill_ratio: self.s.scenario.auction.spill_ratio,
             spread,
+            keep_ratio: self.s.scenario.auction.keep_ratio,
         });
+        let mut scoring = self.scoring;
         let called: Vec<usize> = match placement {
-            PlacementPlan::Auction { call, .. } => call.into_iter().map(|i| i as usize).collect(),
+            PlacementPlan::Auction {
+                call,
+                reserve_delay_weight,
+                ..
+            } => {
+                scoring.reserve_delay_weight = reserve_delay_weight;
+                call.into_iter().map(|i| i as usize).collect()
+            }
             // No home-cluster instance left: the mesh is the only place to prefill.
             PlacementPlan::Local { .. } if locals.is_empty() => {
                 crate::policy::rank_candidates(&candidates, self.s.scenario.auction.top_k, spread)
@@ -741,7 +750,7 @@ impl<'a> Sim<'a> {
             bids.push((bid, bw));
             truth.push(true_price);
         }
-        let award = settle(&bids, &self.scoring)?;
+        let award = settle(&bids, &scoring)?;
         let w = award.bidder as usize;
         if !award.reserve {
             self.log.utility[w] += award.payment - truth[award.index];
@@ -1173,6 +1182,7 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         scoring: ScoringParams {
             lambda_per_s: a.lambda_per_s,
             max_score: MAX_SCORE,
+            reserve_delay_weight: 1.0,
         },
         log: AuctionLog {
             auctions: Vec::new(),
