@@ -10,8 +10,13 @@
 //! 3. Otherwise the home calls the `top_k` candidates its adverts rank best: same model and
 //!    layout (the caller filters), room for the prompt's KV, then by the delay the advert
 //!    promises — queue, prefill of the part the peer's prefix summary says it lacks, and the KV
-//!    transfer at the home's own link estimate — ties to the longer cached prefix.
-//! 4. The bids are settled by [`super::settle`] with the home's own prefill as the reserve.
+//!    transfer at the home's own link estimate. Candidates within [`NEAR_EQUAL_BAND`] of the best
+//!    count as equal: among them the longer cached prefix first, then a per-home, per-request
+//!    hash ([`rank_candidates`]), so homes reading the same adverts do not all call the same
+//!    `k` peers.
+//! 4. The bids are settled by [`super::settle`] with the home's own prefill as the reserve; for a
+//!    prompt longer than `t` the reserve's delay counts `keep_ratio` times (the home's prefill
+//!    is also its short prompts' path).
 
 use serde::Serialize;
 

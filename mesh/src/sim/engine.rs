@@ -22,7 +22,8 @@
 //!   with the prefix rule applied when its last search found the link the bound) is settled among
 //!   the home cluster's prefill instances, unless that would take `spill_ratio`× longer than the
 //!   best advertised remote offer; otherwise the `top_k` remote instances its adverts rank best
-//!   are called, the home cluster bidding as reserve bids. Prefix-cache summaries are taken as
+//!   are called (near-equal ones spread by a hash of the home, the request and the seed), the
+//!   home cluster bidding as reserve bids weighted by `auction.keep_ratio`. Prefix-cache summaries are taken as
 //!   current. What differs from a node: the home cluster has several prefill instances (a node
 //!   has its own; `hardware.colocated` makes each home a `pd` node with its own instance, as in a
 //!   replay of real nodes, [`super::replay`]), bidders quote their exact prefill time unless
