@@ -12,6 +12,7 @@ use proptest::prelude::*;
 const SP: ScoringParams = ScoringParams {
     lambda_per_s: 1.0,
     max_score: 1e6,
+    reserve_delay_weight: 1.0,
 };
 const GBPS: f64 = 1e9 / 8.0;
 

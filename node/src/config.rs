@@ -164,6 +164,11 @@ pub struct PolicySection {
     /// Candidates called per auction: the best by their adverts (model, free KV, queue, link,
     /// cached prefix); the others are not called.
     pub auction_top_k: usize,
+    /// A prompt longer than `t` is prefilled here rather than by the best bidder only when that
+    /// is this many times faster (`1` = the plain reserve bid): a long prompt kept here also
+    /// delays every short prompt this node homes. Same rule as the simulator's
+    /// `auction.keep_ratio` (`policy::PlacementInput::keep_ratio`).
+    pub keep_ratio: f64,
     /// A `pd` node may switch itself to prefill-only or decode-only when the role advice over the
     /// nodes it sees says that side is the bottleneck (drains, then re-advertises).
     pub role_conversion: bool,
@@ -237,6 +242,7 @@ impl Default for PolicySection {
             assumed_bandwidth_bytes_per_s: 100.0e6,
             max_served_prefills: 8,
             auction_top_k: 4,
+            keep_ratio: 1.0,
             role_conversion: false,
             role_min_interval: Duration::from_secs(300),
             spend_cap_per_peer: None,
@@ -332,6 +338,9 @@ impl NodeConfig {
         }
         if p.auction_top_k == 0 {
             return bad("policy.auction_top_k must be ≥ 1");
+        }
+        if !(p.keep_ratio.is_finite() && p.keep_ratio >= 1.0) {
+            return bad("policy.keep_ratio must be finite and ≥ 1");
         }
         if p.spend_cap_per_peer
             .is_some_and(|c| !c.is_finite() || c < 0.0)

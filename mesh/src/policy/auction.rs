@@ -100,6 +100,11 @@ pub struct ScoringParams {
     pub lambda_per_s: f64,
     /// Highest acceptable score; also the runner-up when only one bid is valid.
     pub max_score: f64,
+    /// The reserve bid's delay counts this many times (1 = plain). The placement sets it above
+    /// 1 for prompts longer than `t` ([`super::PlacementPlan::Auction`]): keeping a long prompt
+    /// at home also delays every short prompt that queues behind it there, which its own delay
+    /// does not show.
+    pub reserve_delay_weight: f64,
 }
 
 impl ScoringParams {
@@ -112,7 +117,12 @@ impl ScoringParams {
         } else {
             f64::INFINITY
         };
-        bid.queue_delay_s.max(0.0) + bid.prefill_s.max(0.0) + transfer
+        let own = bid.queue_delay_s.max(0.0) + bid.prefill_s.max(0.0);
+        if bid.reserve {
+            own * self.reserve_delay_weight.max(1.0)
+        } else {
+            own + transfer
+        }
     }
 
     /// `price + λ · delay`; NaN anywhere scores `+∞` (never wins).
@@ -200,6 +210,7 @@ mod tests {
     const SP: ScoringParams = ScoringParams {
         lambda_per_s: 1.0,
         max_score: 1e9,
+        reserve_delay_weight: 1.0,
     };
 
     fn bid(bidder: BidderId, price: f64, prefill_s: f64, kv: f64) -> Bid {
@@ -243,6 +254,7 @@ mod tests {
             &ScoringParams {
                 lambda_per_s: 1.0,
                 max_score: 10.0,
+                reserve_delay_weight: 1.0,
             },
         )
         .unwrap();
@@ -251,7 +263,8 @@ mod tests {
             &bids,
             &ScoringParams {
                 lambda_per_s: 1.0,
-                max_score: 1.0
+                max_score: 1.0,
+                reserve_delay_weight: 1.0,
             }
         )
         .is_none());
@@ -278,5 +291,41 @@ mod tests {
         let a = settle(&bids, &SP).unwrap();
         assert!(a.reserve);
         assert_eq!(a.payment, 0.0);
+    }
+
+    #[test]
+    fn reserve_delay_weight_makes_home_keep_only_much_faster_prompts() {
+        let reserve = Bid {
+            bidder: 9,
+            price: 0.0,
+            queue_delay_s: 1.0,
+            prefill_s: 2.0,
+            kv_bytes: 0.0,
+            reserve: true,
+        };
+        // Remote: 4 s of prefill, transfer free. Plain: home 3 s wins; weighted ×2: 6 s loses.
+        let bids = [(reserve, 0.0), (bid(1, 0.0, 4.0, 0.0), 1e9)];
+        assert!(settle(&bids, &SP).unwrap().reserve);
+        let w2 = ScoringParams {
+            reserve_delay_weight: 2.0,
+            ..SP
+        };
+        let a = settle(&bids, &w2).unwrap();
+        assert_eq!((a.bidder, a.reserve), (1, false));
+        // The winner is paid up to the weighted reserve's score: 6 − 4 = 2.
+        assert!((a.payment - 2.0).abs() < 1e-12);
+        // Twice as fast at home (2 s vs 4.5 s): kept even when weighted.
+        let fast = Bid {
+            queue_delay_s: 0.0,
+            ..reserve
+        };
+        let bids = [(fast, 0.0), (bid(1, 0.0, 4.5, 0.0), 1e9)];
+        assert!(settle(&bids, &w2).unwrap().reserve);
+        // Weights below 1 count as 1: the reserve is never favoured by it.
+        let w0 = ScoringParams {
+            reserve_delay_weight: 0.0,
+            ..SP
+        };
+        assert_eq!(w0.delay_s(&reserve, 0.0), 3.0);
     }
 }

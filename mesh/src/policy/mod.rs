@@ -24,7 +24,9 @@ pub use measure::{
     PrefillEstimator,
 };
 pub use offload::{choose_kv_wire, OffloadRule, Placement, RequestShape};
-pub use placement::{plan, rank_candidates, Candidate, LocalReason, PlacementInput, PlacementPlan};
+pub use placement::{
+    plan, rank_candidates, spread_key, Candidate, LocalReason, PlacementInput, PlacementPlan,
+};
 pub use profile::{DecodeProfile, PrefillProfile, ProfilePoint};
 pub use role::{advise_role, next_role, RoleAdvice, RoleMode, RoleState};
 pub use threshold::{ThresholdInputs, ThresholdTracker};

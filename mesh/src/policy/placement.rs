@@ -10,8 +10,13 @@
 //! 3. Otherwise the home calls the `top_k` candidates its adverts rank best: same model and
 //!    layout (the caller filters), room for the prompt's KV, then by the delay the advert
 //!    promises — queue, prefill of the part the peer's prefix summary says it lacks, and the KV
-//!    transfer at the home's own link estimate — ties to the longer cached prefix.
-//! 4. The bids are settled by [`super::settle`] with the home's own prefill as the reserve.
+//!    transfer at the home's own link estimate. Candidates within [`NEAR_EQUAL_BAND`] of the best
+//!    count as equal: among them the longer cached prefix first, then a per-home, per-request
+//!    hash ([`rank_candidates`]), so homes reading the same adverts do not all call the same
+//!    `k` peers.
+//! 4. The bids are settled by [`super::settle`] with the home's own prefill as the reserve; for a
+//!    prompt longer than `t` the reserve's delay counts `keep_ratio` times (the home's prefill
+//!    is also its short prompts' path).
 
 use serde::Serialize;
 
@@ -70,6 +75,10 @@ pub enum PlacementPlan {
         call: Vec<u32>,
         /// True when the prompt was within `t` but the home's queue made it spill.
         spilled: bool,
+        /// What the reserve bid's delay counts for in the settlement
+        /// ([`super::ScoringParams::reserve_delay_weight`]): `keep_ratio` for a prompt longer
+        /// than `t`, 1 for one that spilled.
+        reserve_delay_weight: f64,
     },
 }
 
@@ -98,33 +107,92 @@ pub struct PlacementInput<'a> {
     /// A short prompt spills to the mesh when local is this many times slower than the best
     /// candidate (`∞` = never).
     pub spill_ratio: f64,
+    /// This home's key for this request ([`spread_key`]): spreads calls among near-equal peers.
+    pub spread: u64,
+    /// A prompt longer than `t` stays at home only when the home's own prefill is this many
+    /// times faster than the best bid (1 = the plain reserve bid). The home's prefill is also
+    /// the path of every short prompt it homes, so a long prompt kept there delays them all; the
+    /// mirror of `spill_ratio`.
+    pub keep_ratio: f64,
 }
 
-/// Candidates worth calling, best first, at most `k`: those with room, by advertised delay, ties
-/// to the longer cached prefix then the lower id (deterministic). Linear in the candidates (a
-/// partial selection, then a sort of the `k` chosen), so a home in a mesh of thousands of peers
-/// pays little more per request than one with a handful.
-pub fn rank_candidates(candidates: &[Candidate], k: usize) -> Vec<u32> {
-    let mut c: Vec<(f64, f64, u32)> = candidates
+/// Candidates whose advertised delay is within this fraction of the best candidate's count as
+/// near-equal. Adverts are up to a gossip interval old and every home reads the same ones, so a
+/// strict order by advertised delay sends every home to the same `k` peers (they all look idle)
+/// while equally good ones idle; within the band the order is the prefix rule, then a
+/// per-request hash, so homes spread their calls and the live bids pick among them. 10 %: wider
+/// than the noise between idle peers of one kind (link estimates, queue extrapolation), narrower
+/// than one queued prefill.
+pub const NEAR_EQUAL_BAND: f64 = 0.1;
+
+/// A per-home, per-request key for [`rank_candidates`]: the same home and request always rank the
+/// same way (a simulator run is deterministic for its seed), different requests spread.
+pub fn spread_key(home: &[u8], request: u64) -> u64 {
+    // FNV-1a over the home's id, then one mixing step with the request.
+    let h = home.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    mix(h ^ mix(request))
+}
+
+/// splitmix64's finaliser: a bijection that spreads every input bit over the output.
+fn mix(x: u64) -> u64 {
+    let x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Candidates worth calling, best first, at most `k` (0 counts as 1): those with room, in groups
+/// of near-equal ones. The first group is every candidate whose advertised delay is within
+/// [`NEAR_EQUAL_BAND`] of the best; within a group the longer cached prefix comes first (a peer
+/// that probably holds the prompt's prefix), then `hash(spread, id)`, so different requests and
+/// homes call different near-equal peers. While fewer than `k` are chosen, the next group forms
+/// the same way around the best of the rest.
+///
+/// Deterministic for a given `spread` ([`spread_key`]) and independent of the order the caller
+/// lists the candidates in. `O(k·n)`: a few linear passes and a partial selection per group, so
+/// a home in a mesh of thousands of peers pays little more per request than one with a handful.
+pub fn rank_candidates(candidates: &[Candidate], k: usize, spread: u64) -> Vec<u32> {
+    // (advertised delay, cached tokens, hash, id)
+    type Entry = (f64, f64, u64, u32);
+    let mut rest: Vec<Entry> = candidates
         .iter()
         .filter(|c| c.has_room)
-        .map(|c| (c.advertised_delay_s(), c.cached_tokens, c.id))
+        .map(|c| {
+            let hash = mix(spread ^ mix(u64::from(c.id)));
+            (c.advertised_delay_s(), c.cached_tokens, hash, c.id)
+        })
         .collect();
-    let order = |a: &(f64, f64, u32), b: &(f64, f64, u32)| {
-        a.0.total_cmp(&b.0)
-            .then(b.1.total_cmp(&a.1))
-            .then(a.2.cmp(&b.2))
-    };
-    let k = k.max(1).min(c.len());
-    if k == 0 {
-        return Vec::new();
+    let k = k.max(1).min(rest.len());
+    let in_group =
+        |a: &Entry, b: &Entry| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3));
+    let mut out = Vec::with_capacity(k);
+    while out.len() < k {
+        let best = rest.iter().map(|e| e.0).fold(f64::INFINITY, f64::min);
+        // An infinite best (no usable link anywhere) makes every one left near-equal.
+        let band = best * (1.0 + NEAR_EQUAL_BAND);
+        let mut n = 0;
+        for i in 0..rest.len() {
+            if rest[i].0 <= band || best.is_infinite() {
+                rest.swap(i, n);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            break; // unreachable: the best one is always within its own band
+        }
+        let group = &mut rest[..n];
+        let need = k - out.len();
+        if need < group.len() {
+            group.select_nth_unstable_by(need - 1, in_group);
+        }
+        let take = need.min(group.len());
+        group[..take].sort_by(in_group);
+        out.extend(group[..take].iter().map(|e| e.3));
+        rest.drain(..n);
     }
-    if k < c.len() {
-        c.select_nth_unstable_by(k - 1, order);
-        c.truncate(k);
-    }
-    c.sort_by(order);
-    c.into_iter().map(|c| c.2).collect()
+    out
 }
 
 /// Decide local or which peers to call (the auction itself is [`super::settle`]).
@@ -142,7 +210,7 @@ pub fn plan(input: &PlacementInput<'_>) -> PlacementPlan {
     };
     let l = rule.incremental_tokens(&shape, false);
     if rule.decide(&shape, false) == Placement::Offload {
-        let call = rank_candidates(input.candidates, input.top_k);
+        let call = rank_candidates(input.candidates, input.top_k, input.spread);
         return if call.is_empty() {
             PlacementPlan::Local {
                 incremental_tokens: l,
@@ -152,6 +220,7 @@ pub fn plan(input: &PlacementInput<'_>) -> PlacementPlan {
             PlacementPlan::Auction {
                 call,
                 spilled: false,
+                reserve_delay_weight: input.keep_ratio.max(1.0),
             }
         };
     }
@@ -165,8 +234,9 @@ pub fn plan(input: &PlacementInput<'_>) -> PlacementPlan {
         .fold(f64::INFINITY, f64::min);
     if input.local_delay_s > input.spill_ratio * best_remote {
         PlacementPlan::Auction {
-            call: rank_candidates(input.candidates, input.top_k),
+            call: rank_candidates(input.candidates, input.top_k, input.spread),
             spilled: true,
+            reserve_delay_weight: 1.0,
         }
     } else {
         PlacementPlan::Local {
@@ -204,6 +274,8 @@ mod tests {
             candidates: cands,
             top_k: 2,
             spill_ratio: 4.0,
+            spread: 0,
+            keep_ratio: 2.0,
         }
     }
 
@@ -220,10 +292,10 @@ mod tests {
             cand(4, 0.0, 0.5, 500.0, 1e9), // holds the prefix: less to prefill
             cand(5, f64::NAN, 0.5, 0.0, 1e9),
         ];
-        assert_eq!(rank_candidates(&c, 2), vec![4, 1]);
-        assert_eq!(rank_candidates(&c, 10), vec![4, 1, 0, 2, 5]);
-        assert_eq!(rank_candidates(&c, 0), vec![4]);
-        assert_eq!(rank_candidates(&[], 4), Vec::<u32>::new());
+        assert_eq!(rank_candidates(&c, 2, 7), vec![4, 1]);
+        assert_eq!(rank_candidates(&c, 10, 7), vec![4, 1, 0, 2, 5]);
+        assert_eq!(rank_candidates(&c, 0, 7), vec![4]);
+        assert_eq!(rank_candidates(&[], 4, 7), Vec::<u32>::new());
     }
 
     #[test]
@@ -240,7 +312,8 @@ mod tests {
             plan(&input(5000.0, &c, 0.5)),
             PlacementPlan::Auction {
                 call: vec![0],
-                spilled: false
+                spilled: false,
+                reserve_delay_weight: 2.0,
             }
         );
         // Local queue 100 s vs 1 s remote: a short prompt spills.
@@ -248,7 +321,8 @@ mod tests {
             plan(&input(500.0, &c, 100.0)),
             PlacementPlan::Auction {
                 call: vec![0],
-                spilled: true
+                spilled: true,
+                reserve_delay_weight: 1.0,
             }
         );
         assert!(matches!(
@@ -266,10 +340,120 @@ mod tests {
         // the prompt is offloaded, and the holder (shorter advertised prefill) is called first.
         let c = [cand(0, 0.0, 0.5, 0.0, 1e9), cand(1, 0.0, 0.05, 4500.0, 1e9)];
         match plan(&input(5000.0, &c, 0.3)) {
-            PlacementPlan::Auction { call, spilled } => {
+            PlacementPlan::Auction { call, spilled, .. } => {
                 assert_eq!((call, spilled), (vec![1, 0], false))
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `n` idle candidates of one kind, as every home sees them between two adverts.
+    fn idle(n: u32) -> Vec<Candidate> {
+        (0..n).map(|i| cand(i, 0.0, 2.0, 0.0, 1e9)).collect()
+    }
+
+    #[test]
+    fn ranking_is_deterministic_for_a_key() {
+        let c = idle(50);
+        for key in [0, 1, spread_key(b"home-a", 42)] {
+            assert_eq!(rank_candidates(&c, 4, key), rank_candidates(&c, 4, key));
+        }
+        assert_eq!(spread_key(b"home-a", 42), spread_key(b"home-a", 42));
+        assert_ne!(spread_key(b"home-a", 42), spread_key(b"home-b", 42));
+        assert_ne!(spread_key(b"home-a", 42), spread_key(b"home-a", 43));
+        // The order does not depend on the order the caller lists the candidates in.
+        let mut rev = c.clone();
+        rev.reverse();
+        assert_eq!(rank_candidates(&c, 4, 9), rank_candidates(&rev, 4, 9));
+    }
+
+    #[test]
+    fn near_equal_candidates_share_the_calls() {
+        // 100 idle peers, 2,000 requests from 20 homes, 4 calls each: 80 calls per peer on
+        // average. A strict order called peers 0..4 every time.
+        let c = idle(100);
+        let mut calls = [0u32; 100];
+        for home in 0..20u8 {
+            for r in 0..100 {
+                let call = rank_candidates(&c, 4, spread_key(&[home], r));
+                assert_eq!(call.len(), 4);
+                let mut d = call.clone();
+                d.sort_unstable();
+                d.dedup();
+                assert_eq!(d.len(), 4, "a peer called twice: {call:?}");
+                for id in call {
+                    calls[id as usize] += 1;
+                }
+            }
+        }
+        let (lo, hi) = (calls.iter().min().unwrap(), calls.iter().max().unwrap());
+        assert!(*lo >= 40 && *hi <= 130, "calls per peer {lo}..{hi}");
+    }
+
+    #[test]
+    fn the_band_spreads_only_among_near_equal_peers() {
+        // Peers 0..8 idle (2.0 s), 8..10 within 10 % (2.15 s), 10..20 one queued prefill behind.
+        let mut c = idle(8);
+        c.extend((8..10).map(|i| cand(i, 0.15, 2.0, 0.0, 1e9)));
+        c.extend((10..20).map(|i| cand(i, 2.0, 2.0, 0.0, 1e9)));
+        for key in 0..500 {
+            let call = rank_candidates(&c, 4, key);
+            assert_eq!(call.len(), 4);
+            assert!(call.iter().all(|&i| i < 10), "{call:?}");
+            // Asked for more than the band holds: the band first, then the rest by delay.
+            let all = rank_candidates(&c, 20, key);
+            assert!(all[..10].iter().all(|&i| i < 10), "{all:?}");
+            assert!(all[10..].iter().all(|&i| i >= 10), "{all:?}");
+        }
+        // Someone outside the band is only called when the band has fewer than `k`.
+        let few = [cand(0, 0.0, 2.0, 0.0, 1e9), cand(1, 5.0, 2.0, 0.0, 1e9)];
+        assert_eq!(rank_candidates(&few, 2, 3), vec![0, 1]);
+        assert_eq!(rank_candidates(&few, 1, 3), vec![0]);
+    }
+
+    #[test]
+    fn prefix_holders_stay_first_and_top_k_holds() {
+        // Holders 30 and 31 (a shorter prefill) among 30 idle peers: whatever the key, they are
+        // the first two called; a holder whose advert shows a long queue is not.
+        let mut c = idle(30);
+        c.push(cand(30, 0.0, 1.5, 4000.0, 1e9));
+        c.push(cand(31, 0.0, 1.9, 2000.0, 1e9));
+        c.push(cand(32, 30.0, 0.5, 6000.0, 1e9));
+        for key in 0..300 {
+            for k in 1..=6 {
+                let call = rank_candidates(&c, k, key);
+                assert_eq!(call.len(), k);
+                match k {
+                    1 => assert_eq!(call, vec![30]),
+                    _ => assert_eq!(call[..2], [30, 31]),
+                }
+                assert!(!call.contains(&32) || k > 31);
+            }
+        }
+        // A holder just inside the band (2.1 s vs 2.0 s) still comes first.
+        let mut c = idle(30);
+        c.push(cand(30, 0.1, 2.0, 1000.0, 1e9));
+        for key in 0..300 {
+            assert_eq!(rank_candidates(&c, 4, key)[0], 30);
+        }
+    }
+
+    #[test]
+    fn plan_calls_spread_with_its_key() {
+        let c = idle(40);
+        let mut seen = std::collections::BTreeSet::new();
+        for r in 0..50 {
+            let mut i = input(5000.0, &c, 0.5);
+            i.spread = spread_key(b"home", r);
+            match plan(&i) {
+                PlacementPlan::Auction { call, spilled, .. } => {
+                    assert!(!spilled);
+                    assert_eq!(call.len(), 2);
+                    seen.extend(call);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(seen.len() > 20, "only {} peers called", seen.len());
     }
 }

@@ -22,7 +22,8 @@
 //!   with the prefix rule applied when its last search found the link the bound) is settled among
 //!   the home cluster's prefill instances, unless that would take `spill_ratio`× longer than the
 //!   best advertised remote offer; otherwise the `top_k` remote instances its adverts rank best
-//!   are called, the home cluster bidding as reserve bids. Prefix-cache summaries are taken as
+//!   are called (near-equal ones spread by a hash of the home, the request and the seed), the
+//!   home cluster bidding as reserve bids weighted by `auction.keep_ratio`. Prefix-cache summaries are taken as
 //!   current. What differs from a node: the home cluster has several prefill instances (a node
 //!   has its own; `hardware.colocated` makes each home a `pd` node with its own instance, as in a
 //!   replay of real nodes, [`super::replay`]), bidders quote their exact prefill time unless
@@ -38,9 +39,10 @@ use serde::Serialize;
 
 use super::scenario::{Arrival, Scenario};
 use crate::policy::{
-    plan, settle, Bid, BidderLoad, Candidate, LengthDistribution, Observation, OffloadRule,
-    Placement, PlacementInput, PlacementPlan, PrefillProfile, PricingParams, ReSearchTrigger,
-    RequestShape, ScoringParams, Split, ThresholdInputs, ThresholdTracker, ThroughputModel,
+    plan, settle, spread_key, Bid, BidderLoad, Candidate, LengthDistribution, Observation,
+    OffloadRule, Placement, PlacementInput, PlacementPlan, PrefillProfile, PricingParams,
+    ReSearchTrigger, RequestShape, ScoringParams, Split, ThresholdInputs, ThresholdTracker,
+    ThroughputModel,
 };
 
 /// The four policies compared side by side.
@@ -657,6 +659,11 @@ impl<'a> Sim<'a> {
             .iter()
             .map(|&i| advertised_queue(i) + self.quoted_s(i, r, self.work_s_with(i, r, local_work)))
             .fold(f64::INFINITY, f64::min);
+        // The home's id (with the run's seed, so seeds differ) and the request's index.
+        let mut home_id = [0u8; 16];
+        home_id[..8].copy_from_slice(&self.s.scenario.workload.seed.to_le_bytes());
+        home_id[8..].copy_from_slice(&(h as u64).to_le_bytes());
+        let spread = spread_key(&home_id, r as u64);
         let placement = plan(&PlacementInput {
             request: RequestShape {
                 total_tokens: tokens,
@@ -671,12 +678,22 @@ impl<'a> Sim<'a> {
             candidates: &candidates,
             top_k: self.s.scenario.auction.top_k,
             spill_ratio: self.s.scenario.auction.spill_ratio,
+            spread,
+            keep_ratio: self.s.scenario.auction.keep_ratio,
         });
+        let mut scoring = self.scoring;
         let called: Vec<usize> = match placement {
-            PlacementPlan::Auction { call, .. } => call.into_iter().map(|i| i as usize).collect(),
+            PlacementPlan::Auction {
+                call,
+                reserve_delay_weight,
+                ..
+            } => {
+                scoring.reserve_delay_weight = reserve_delay_weight;
+                call.into_iter().map(|i| i as usize).collect()
+            }
             // No home-cluster instance left: the mesh is the only place to prefill.
             PlacementPlan::Local { .. } if locals.is_empty() => {
-                crate::policy::rank_candidates(&candidates, self.s.scenario.auction.top_k)
+                crate::policy::rank_candidates(&candidates, self.s.scenario.auction.top_k, spread)
                     .into_iter()
                     .map(|i| i as usize)
                     .collect()
@@ -734,7 +751,7 @@ impl<'a> Sim<'a> {
             bids.push((bid, bw));
             truth.push(true_price);
         }
-        let award = settle(&bids, &self.scoring)?;
+        let award = settle(&bids, &scoring)?;
         let w = award.bidder as usize;
         if !award.reserve {
             self.log.utility[w] += award.payment - truth[award.index];
@@ -1166,6 +1183,7 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         scoring: ScoringParams {
             lambda_per_s: a.lambda_per_s,
             max_score: MAX_SCORE,
+            reserve_delay_weight: 1.0,
         },
         log: AuctionLog {
             auctions: Vec::new(),

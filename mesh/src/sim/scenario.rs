@@ -293,6 +293,9 @@ pub struct Auction {
     /// A prompt under the threshold is auctioned to the whole mesh anyway when the home cluster
     /// would take more than this many times as long as the best remote offer.
     pub spill_ratio: f64,
+    /// A prompt above the threshold stays in the home cluster only when that is this many times
+    /// faster than the best remote bid (`policy.keep_ratio` of a node; 1 = plain reserve bid).
+    pub keep_ratio: f64,
     /// `false` (default): bids carry the bidder's live queue (the Call/Bid exchange of DESIGN.md
     /// §3, one round trip). `true`: homes decide from gossip adverts alone, as stale as
     /// `gossip_interval_s`.
@@ -318,6 +321,7 @@ impl Default for Auction {
             failure_timeout_s: 2.0,
             top_k: 4,
             spill_ratio: 4.0,
+            keep_ratio: 1.0,
             bids_from_gossip: false,
             reserve_price_factor: 1.0,
             adaptive_threshold: true,
@@ -366,6 +370,10 @@ impl Scenario {
     /// Structural checks beyond what serde enforces.
     pub fn validate(&self) -> Result<(), ScenarioError> {
         let bad = |m: &str| Err(ScenarioError::Invalid(m.to_owned()));
+        let k = self.auction.keep_ratio;
+        if !(k.is_finite() && k >= 1.0) {
+            return bad("auction.keep_ratio must be finite and ≥ 1");
+        }
         let h = &self.hardware;
         if h.pd_instances < 1 || h.homogeneous_instances < 2 {
             return bad("need at least 1 PD instance and 2 homogeneous instances");

@@ -204,7 +204,10 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
         top_k: core.cfg.policy.auction_top_k,
         // A node's own queue already prices its reserve bid; short prompts never spill.
         spill_ratio: f64::INFINITY,
+        spread: policy::spread_key(&me.to_bytes(), job.request_id),
+        keep_ratio: core.cfg.policy.keep_ratio,
     });
+    let mut reserve_delay_weight = 1.0;
     let called: Vec<PeerId> = match placement {
         PlacementPlan::Local {
             incremental_tokens,
@@ -223,10 +226,16 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
                 "no prefill peer with room for this prompt (or all over the spend cap)".into()
             });
         }
-        PlacementPlan::Auction { call, .. } => call
-            .into_iter()
-            .filter_map(|i| adverts.get(i as usize).map(|(p, _)| *p))
-            .collect(),
+        PlacementPlan::Auction {
+            call,
+            reserve_delay_weight: w,
+            ..
+        } => {
+            reserve_delay_weight = w;
+            call.into_iter()
+                .filter_map(|i| adverts.get(i as usize).map(|(p, _)| *p))
+                .collect()
+        }
     };
     let candidates = called;
     Metrics::inc(&m.offload_decisions, "offload");
@@ -248,7 +257,16 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
             elapsed_ms: 0.0,
         };
         let attempt_started = Instant::now();
-        let r = auction(core, bridge, job, cached, &candidates, &mut rec).await;
+        let r = auction(
+            core,
+            bridge,
+            job,
+            cached,
+            &candidates,
+            reserve_delay_weight,
+            &mut rec,
+        )
+        .await;
         rec.elapsed_ms = attempt_started.elapsed().as_secs_f64() * 1e3;
         let fallback = match r {
             Ok(d) => {
@@ -482,6 +500,7 @@ async fn auction(
     job: &DecodeJob,
     cached: usize,
     candidates: &[PeerId],
+    reserve_delay_weight: f64,
     rec: &mut AuctionRecord,
 ) -> Result<Decision, Fallback> {
     let pol = &core.cfg.policy;
@@ -561,6 +580,7 @@ async fn auction(
     let params = policy::ScoringParams {
         lambda_per_s: pol.lambda_per_s,
         max_score: pol.max_score,
+        reserve_delay_weight,
     };
     for (b, bw) in &scored {
         let (bidder, qd, ep, ct) = if b.reserve {
