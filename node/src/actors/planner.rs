@@ -207,8 +207,7 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
         spread: policy::spread_key(&me.to_bytes(), job.request_id),
         keep_ratio: core.cfg.policy.keep_ratio,
     });
-    let mut reserve_delay_weight = 1.0;
-    let called: Vec<PeerId> = match placement {
+    let (mut candidates, reserve_delay_weight): (Vec<PeerId>, f64) = match placement {
         PlacementPlan::Local {
             incremental_tokens,
             reason: LocalReason::Short,
@@ -228,19 +227,17 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
         }
         PlacementPlan::Auction {
             call,
-            reserve_delay_weight: w,
+            reserve_delay_weight,
             ..
-        } => {
-            reserve_delay_weight = w;
+        } => (
             call.into_iter()
                 .filter_map(|i| adverts.get(i as usize).map(|(p, _)| *p))
-                .collect()
-        }
+                .collect(),
+            reserve_delay_weight,
+        ),
     };
-    let candidates = called;
     Metrics::inc(&m.offload_decisions, "offload");
     let started = Instant::now();
-    let mut candidates = candidates;
     let mut reauctioned = false;
     loop {
         let mut rec = AuctionRecord {
