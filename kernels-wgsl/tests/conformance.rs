@@ -171,6 +171,17 @@ impl Rng {
 
 /// `|got - want| <= tol · (|want| + mean|want|)` everywhere.
 #[track_caller]
+/// Tolerance of a product with `dtype` weights on backend `name` against the reference. 3e-4
+/// covers the 8-bit-plane activations (see `matmul_quantized_small_batches_odd_shapes`). The
+/// cpu backend's decode kernels (≤ 32 rows) run Q4_K weights as Q4_1 blocks whose scales
+/// `d·sc`, `−dmin·m` are rounded to f16 (≤ 2⁻¹¹ of each; see `cpu::q8act::PackedWeight`).
+fn product_tol(name: &str, dtype: DType) -> f32 {
+    match (name, dtype) {
+        ("cpu", DType::Q4_K) => 3e-3,
+        _ => 3e-4,
+    }
+}
+
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().map(|v| v.abs()).sum::<f32>() / want.len().max(1) as f32;
@@ -248,7 +259,7 @@ fn matmul_all_dtypes_odd_shapes() {
                             &format!("{name} matmul {dtype:?} {m}x{k}x{n}"),
                             &b.download(&got).unwrap(),
                             &want,
-                            3e-4,
+                            product_tol(name, dtype),
                         );
                     }
                 }
@@ -298,7 +309,7 @@ fn matmul_quantized_small_batches_odd_shapes() {
                         &format!("{name} small-batch matmul {dtype:?} {m}x{k}x{n}"),
                         &b.download(&got).unwrap(),
                         &want,
-                        3e-4,
+                        product_tol(name, dtype),
                     );
                 }
             }
@@ -329,7 +340,7 @@ fn matmul_quantized_multi_panel_and_batched_x() {
                 &format!("{name} matmul {dtype:?} multi-panel"),
                 &b.download(&got).unwrap(),
                 &want,
-                3e-4,
+                product_tol(name, dtype),
             );
         }
     }
@@ -437,10 +448,11 @@ fn tensors_over_the_binding_limit_are_split_into_row_parts() {
                 let got = b.matmul(&xt, &w).unwrap();
                 assert_eq!(got.shape(), &[m, n]);
                 let what = format!("{name} split matmul {dtype:?} {m}x{k}x{n}");
-                assert_close(&what, &b.download(&got).unwrap(), &want, 3e-4);
+                let tol = product_tol(name, dtype);
+                assert_close(&what, &b.download(&got).unwrap(), &want, tol);
                 let many = b.matmul_many(&xt, &[&w, &w]).unwrap();
                 for t in &many {
-                    assert_close(&what, &b.download(t).unwrap(), &want, 3e-4);
+                    assert_close(&what, &b.download(t).unwrap(), &want, tol);
                 }
             }
             let emb = b.embedding(&w, &ids).unwrap();
