@@ -757,13 +757,7 @@ fn attention_gqa_windows_blocks_multi_sequence() {
         (4, 1, 256, 16, Some(7)),
     ];
     for &(nh, nkv, hd, bs, window) in &cases {
-        let p = AttnParams {
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-            window,
-        };
+        let p = attn_params(nh, nkv, hd, window);
         // Prefill from scratch, prefill after a cached prefix, decode steps, in one call.
         attention_case(
             &mut rng,
@@ -771,6 +765,17 @@ fn attention_gqa_windows_blocks_multi_sequence() {
             bs,
             &[(0, 17), (33, 3), (70, 1), (0, 1), (20, 13)],
         );
+    }
+}
+
+/// Attention of `nh` query heads over `nkv` KV heads of `hd` dims, the usual `1/sqrt(hd)` scale.
+fn attn_params(nh: usize, nkv: usize, hd: usize, window: Option<usize>) -> AttnParams {
+    AttnParams {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        scale: 1.0 / (hd as f32).sqrt(),
+        window,
     }
 }
 
@@ -791,13 +796,7 @@ fn attention_odd_tiles_gqa4_head_dims() {
         (2, 1, 132, 16, Some(70)),
     ];
     for &(nh, nkv, hd, bs, window) in &cases {
-        let p = AttnParams {
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-            window,
-        };
+        let p = attn_params(nh, nkv, hd, window);
         attention_case(&mut rng, p, bs, &[(0, 37), (100, 5), (9, 1), (257, 2)]);
         let decode: Vec<(usize, usize)> = (0..16).map(|i| (i * 29 % 113, 1)).collect();
         attention_case(&mut rng, p, bs, &decode);
