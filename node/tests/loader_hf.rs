@@ -15,12 +15,34 @@ const FF: usize = 96;
 const V: usize = 260;
 const LAYERS: usize = 2;
 
-/// Unique empty directory per test (tests run in parallel).
-fn fresh_dir(name: &str) -> PathBuf {
+/// Unique empty directory per test (tests run in parallel), removed when the test ends, passed
+/// or failed.
+struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fresh_dir(name: &str) -> TestDir {
     let d = std::env::temp_dir().join(format!("prfaas-hf-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TestDir(d)
 }
 
 fn byte_chars() -> Vec<char> {

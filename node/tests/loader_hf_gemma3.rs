@@ -198,11 +198,34 @@ fn export_hf_dir(m: &LoadedModel, gguf_path: &Path, dir: &Path) {
     .unwrap();
 }
 
-fn fresh_dir(name: &str) -> PathBuf {
+/// Unique empty directory per test (tests run in parallel), removed when the test ends, passed
+/// or failed.
+struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fresh_dir(name: &str) -> TestDir {
     let d = std::env::temp_dir().join(format!("prfaas-hf-gemma3-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TestDir(d)
 }
 
 /// The HF directory loads to the GGUF's config, and the llama.cpp fixture (8 prompts, 4
@@ -318,7 +341,6 @@ fn gemma3_from_hf_safetensors_matches_the_gguf() {
     // The same directory through the serving loader (`--model DIR`).
     let bundle = load_model(dir.to_str().unwrap()).unwrap_or_else(|e| panic!("{test}: {e}"));
     assert_eq!(bundle.config, hf.config);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A damaged or incomplete HF directory is a clear error naming what is wrong, never a panic.
@@ -377,5 +399,4 @@ fn gemma3_hf_dir_errors_are_clear() {
     assert!(matches!(load_hf_dir(&dir), Err(HfError::NoWeights(_))));
     std::fs::remove_file(&cfg_path).unwrap();
     assert!(matches!(load_hf_dir(&dir), Err(HfError::Io { .. })));
-    let _ = std::fs::remove_dir_all(&dir);
 }
