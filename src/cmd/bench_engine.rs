@@ -116,6 +116,17 @@ struct DecodeRate {
     tok_per_cpu_s: f64,
 }
 
+/// Prompt tokens of each sequence the decode figures time.
+const DECODE_PROMPT: usize = 128;
+/// The widest decode batch timed.
+const DECODE_BATCH: usize = 16;
+
+/// KV capacity (tokens) for the decode figures: every sequence of the widest batch with its
+/// prompt and `steps` decoded tokens, plus a block of slack per sequence.
+fn decode_capacity(steps: usize) -> usize {
+    DECODE_BATCH * (DECODE_PROMPT + steps + 16)
+}
+
 /// Greedy decode of `batch` sequences with 128-token prompts (medians over `reps`).
 fn time_decode(
     engine: &mut Engine,
@@ -130,7 +141,7 @@ fn time_decode(
         let mut live = Vec::with_capacity(batch);
         for b in 0..batch {
             let pre = engine.prefill(
-                &bench_prompt(128, vocab, 1000 + r * batch + b),
+                &bench_prompt(DECODE_PROMPT, vocab, 1000 + r * batch + b),
                 &mut NullSink,
             )?;
             live.push((pre.seq, prfaas_node::engine::sampler::argmax(&pre.logits)));
@@ -275,13 +286,13 @@ fn decode_by_kv_dtype(real: &LoadedModel, args: &Args) -> anyhow::Result<Value> 
     let mut engines = args
         .kv_dtype
         .iter()
-        .map(|&d| engine_for(real, args.backend, 16 * 160 + 64, d))
+        .map(|&d| engine_for(real, args.backend, decode_capacity(args.decode_steps), d))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut runs = vec![[Vec::new(), Vec::new()]; engines.len()];
     for _ in 0..args.reps.max(1) {
         for (e, r) in engines.iter_mut().zip(&mut runs) {
             r[0].push(time_decode(e, 1, args.decode_steps, 1)?.tok_s);
-            r[1].push(time_decode(e, 16, args.decode_steps / 2, 1)?.tok_s);
+            r[1].push(time_decode(e, DECODE_BATCH, args.decode_steps / 2, 1)?.tok_s);
         }
     }
     let med: Vec<[f64; 2]> = runs
@@ -312,7 +323,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match load_model(&args.model) {
         Ok(real) => {
             let longest = args.prefill_lengths.iter().copied().max().unwrap_or(0);
-            let mut engine = engine_for(&real, args.backend, longest.max(16 * 160) + 64, kv_dtype)
+            let mut engine = engine_for(&real, args.backend, longest.max(decode_capacity(args.decode_steps)) + 64, kv_dtype)
                 .context("building the engine for the real model")?;
             let mut prefill = Vec::new();
             for &n in &args.prefill_lengths {
@@ -320,7 +331,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 prefill.push(json!({ "tokens": n, "tok_s": n as f64 / t.as_secs_f64() }));
             }
             let d1 = time_decode(&mut engine, 1, args.decode_steps, args.reps)?;
-            let d16 = time_decode(&mut engine, 16, args.decode_steps / 2, args.reps.min(3))?;
+            let d16 = time_decode(&mut engine, DECODE_BATCH, args.decode_steps / 2, args.reps.min(3))?;
             report["model"] = json!(real.config.name);
             report["prefill"] = json!(prefill);
             report["decode"] = json!([

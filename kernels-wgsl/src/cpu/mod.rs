@@ -14,6 +14,8 @@ mod attention;
 mod linear;
 pub(crate) mod matmul;
 mod q8act;
+#[cfg(target_arch = "x86_64")]
+mod q8amx;
 mod qmatvec;
 pub(crate) mod simd;
 
@@ -366,7 +368,11 @@ impl Backend for CpuBackend {
             _ => CpuData::Raw(host.bytes.clone()),
         };
         let packed = match host.shape[..] {
-            [n, k] if q8act::Kernel::best() != q8act::Kernel::Scalar => {
+            // Q6_K has a packed form for the AMX kernel only.
+            [n, k]
+                if q8act::Kernel::best() != q8act::Kernel::Scalar
+                    && (host.dtype != DType::Q6_K || q8act::Kernel::best().has_amx()) =>
+            {
                 q8act::PackedWeight::pack(host.dtype, &host.bytes, n, k)
             }
             _ => None,
@@ -616,7 +622,20 @@ impl Backend for CpuBackend {
     fn argmax(&self, x: &Tensor) -> Result<Vec<u32>> {
         let d = last_dim(x, "argmax")?;
         let xs = read_f32(x, "argmax")?;
-        reference::argmax(&xs, d)
+        if d == 0 || !xs.len().is_multiple_of(d) {
+            return reference::argmax(&xs, d);
+        }
+        // A decode step's logits are rows of the whole vocabulary (262,144 for Gemma 3): a
+        // vectorised maximum, then the first position holding it, row by row in parallel.
+        let first_max = |r: &[f32]| {
+            let m = simd_max(r);
+            r.iter().position(|&v| v == m).unwrap_or(0) as u32
+        };
+        Ok(if xs.len() >= PAR_MIN_ELEMS {
+            xs.par_chunks_exact(d).map(first_max).collect()
+        } else {
+            xs.chunks_exact(d).map(first_max).collect()
+        })
     }
 
     fn kv_write(
@@ -783,6 +802,25 @@ simd::multiversion! {
                 }
             }
         }
+    }
+}
+
+simd::multiversion! {
+    /// The largest value of `x` that is not NaN (−∞ when there is none), vectorised: the
+    /// reference argmax's choice is the first position holding it (0 when every value is NaN).
+    fn simd_max(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; simd::LANES];
+        let (chunks, tail) = x.as_chunks::<{ simd::LANES }>();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                // `v > a` is false for a NaN `v`, so NaNs never enter (one `vmaxps`).
+                *a = if v > *a { v } else { *a };
+            }
+        }
+        for &v in tail {
+            acc[0] = if v > acc[0] { v } else { acc[0] };
+        }
+        acc.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
     }
 }
 

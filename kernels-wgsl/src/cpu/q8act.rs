@@ -34,8 +34,8 @@ use crate::quant::{Q5_0_BLOCK_BYTES, QK};
 pub(crate) const PANEL: usize = 16;
 /// Quant bytes of one (panel, block): Q4_1 keeps its nibbles packed (16 × 16 bytes), Q8_0 its
 /// bytes (16 × 32).
-const Q4_QUANT_BYTES: usize = PANEL * 16;
-const Q8_QUANT_BYTES: usize = PANEL * QK;
+pub(super) const Q4_QUANT_BYTES: usize = PANEL * 16;
+pub(super) const Q8_QUANT_BYTES: usize = PANEL * QK;
 /// Estimated cost, in nanoseconds, below which a product runs on the calling thread: waking the
 /// other workers and joining them costs several microseconds (far more on a loaded machine).
 /// Since the model's layers run on a pool worker (`Backend::run`), the other workers are usually
@@ -61,9 +61,9 @@ pub(crate) const DEFAULT_PLANES: Planes = Planes::Two;
 
 /// A Q4_1, Q8_0, Q5_0 or Q4_K weight `[n, k]` repacked into panels of [`PANEL`] rows. Q5_0
 /// takes the Q8_0 layout and Q4_K the Q4_1 one with the same integers (exact up to f16 scales,
-/// see [`q4_k_as_q4_1`]). Q6_K (16-value sub-blocks, each with its own scale) has no packed
-/// form yet: requantizing it to Q8_0 was tried and failed the conformance suite's tolerance on
-/// random weights, so it keeps the decode-to-f32 path.
+/// see [`q4_k_as_q4_1`]). Q6_K (16-value sub-blocks, each with its own scale) is packed exactly
+/// for the AMX kernel only ([`pack_q6_k`]; the VNNI kernel multiplies unsigned by signed bytes);
+/// requantizing it to Q8_0 was tried and failed the conformance suite's tolerance.
 ///
 /// Panel `p` (rows `16p .. 16p+16`, zero rows past `n`) holds its `k/32` blocks one after the
 /// other; each (panel, block) is `quants ‖ scales`:
@@ -71,9 +71,12 @@ pub(crate) const DEFAULT_PLANES: Planes = Planes::Two;
 ///   low nibbles are values `4i..4i+4`, its high nibbles values `16+4i..`), then 16 f16 `d`,
 ///   then 16 f16 `m` — 320 bytes, the same as 16 GGUF blocks;
 /// * Q8_0: 8 × 64 quant bytes, vector `g` lane `c` = values `4g .. 4g+4` of row `c` plus 128 (as
-///   unsigned bytes: `vpdpbusd` multiplies unsigned by signed), then 16 f16 `d` — 544 bytes.
+///   unsigned bytes: `vpdpbusd` multiplies unsigned by signed), then 16 f16 `d` — 544 bytes;
+/// * Q6_K (AMX only, whose tile products multiply signed by signed): the Q8_0 quant layout of
+///   the signed integers `q − 32`, then 16 f32 scales of values 0..16 and 16 of values 16..32
+///   (see [`pack_q6_k`]) — 640 bytes.
 pub(crate) struct PackedWeight {
-    /// The kernel layout: Q4_1 or Q8_0 (Q5_0 weights are packed as Q8_0, Q4_K as Q4_1).
+    /// The kernel layout: Q4_1, Q8_0 or Q6_K (Q5_0 weights are packed as Q8_0, Q4_K as Q4_1).
     dtype: DType,
     n: usize,
     k: usize,
@@ -112,6 +115,9 @@ impl PackedWeight {
     pub(crate) fn pack(dtype: DType, raw: &[u8], n: usize, k: usize) -> Option<Self> {
         if dtype == DType::Q4_K {
             return q4_k_as_q4_1(raw, n, k).and_then(|q| Self::pack(DType::Q4_1, &q, n, k));
+        }
+        if dtype == DType::Q6_K {
+            return pack_q6_k(raw, n, k);
         }
         if !matches!(dtype, DType::Q4_1 | DType::Q8_0 | DType::Q5_0)
             || k == 0
@@ -197,10 +203,59 @@ impl PackedWeight {
     }
 }
 
+/// Q6_K weights in panels for the AMX kernel (see [`PackedWeight`]): every 16-value sub-block is
+/// `(d·sc)·(q − 32)` with a 6-bit `q`, so a 32-value block is the signed integers `q − 32` (as in
+/// Q8_0's quant layout, without the +128) with two exact f32 scales `d·sc` (an f16 times an
+/// 8-bit integer). Nothing is requantized: the products are those of the Q6_K values.
+fn pack_q6_k(raw: &[u8], n: usize, k: usize) -> Option<PackedWeight> {
+    use crate::quant::{dequantize_block_q6_k, Q6_K_BLOCK_BYTES, QK_K};
+    if n == 0 || !k.is_multiple_of(QK_K) || raw.len() != n * k / QK_K * Q6_K_BLOCK_BYTES {
+        return None;
+    }
+    let (nb, pbb) = (k / QK, panel_block_bytes(DType::Q6_K));
+    let row_bytes = k / QK_K * Q6_K_BLOCK_BYTES;
+    let mut data = vec![0u8; n.div_ceil(PANEL) * nb * pbb];
+    let mut q = vec![0.0f32; k];
+    let mut scale = vec![0.0f32; k / 16];
+    for (p, dst) in data.chunks_exact_mut(nb * pbb).enumerate() {
+        for c in 0..PANEL.min(n - p * PANEL) {
+            let row = &raw[(p * PANEL + c) * row_bytes..][..row_bytes];
+            for (sb, blk) in row.chunks_exact(Q6_K_BLOCK_BYTES).enumerate() {
+                // The integers `q − 32`: decode with d = 1 and every scale 1 (exact in f32).
+                let mut unit = [0u8; Q6_K_BLOCK_BYTES];
+                unit.copy_from_slice(blk);
+                unit[192..208].fill(1);
+                unit[208..].copy_from_slice(&half::f16::ONE.to_le_bytes());
+                dequantize_block_q6_k(&unit, &mut q[sb * QK_K..(sb + 1) * QK_K]);
+                let d = half::f16::from_le_bytes([blk[208], blk[209]]).to_f32();
+                for (i, s) in scale[sb * 16..(sb + 1) * 16].iter_mut().enumerate() {
+                    *s = d * f32::from(blk[192 + i] as i8);
+                }
+            }
+            for (b, d) in dst.chunks_exact_mut(pbb).enumerate() {
+                for j in 0..QK {
+                    d[(j / 4) * 64 + c * 4 + j % 4] = q[b * QK + j] as i8 as u8;
+                }
+                for h in 0..2 {
+                    let at = Q8_QUANT_BYTES + (h * PANEL + c) * 4;
+                    d[at..at + 4].copy_from_slice(&scale[2 * b + h].to_le_bytes());
+                }
+            }
+        }
+    }
+    Some(PackedWeight {
+        dtype: DType::Q6_K,
+        n,
+        k,
+        data,
+    })
+}
+
 /// Bytes of one (panel, block).
-const fn panel_block_bytes(dtype: DType) -> usize {
+pub(super) const fn panel_block_bytes(dtype: DType) -> usize {
     match dtype {
         DType::Q4_1 => Q4_QUANT_BYTES + 2 * 2 * PANEL,
+        DType::Q6_K => Q8_QUANT_BYTES + 2 * 4 * PANEL,
         _ => Q8_QUANT_BYTES + 2 * PANEL,
     }
 }
@@ -208,24 +263,24 @@ const fn panel_block_bytes(dtype: DType) -> usize {
 /// `m` activation rows quantized per 32-value block, reused between calls (per thread).
 #[derive(Default)]
 pub(crate) struct ActQ8 {
-    m: usize,
-    k: usize,
+    pub(super) m: usize,
+    pub(super) k: usize,
     /// `[m, k]`, the high plane (or the only one).
-    hi: Vec<i8>,
+    pub(super) hi: Vec<i8>,
     /// `[m, k]`, the low plane (two planes only).
-    lo: Vec<i8>,
+    pub(super) lo: Vec<i8>,
     /// `[m, k/32]`: what one integer unit of the combined dot product is worth (`d` for one
     /// plane, `d/256` for two).
-    scale: Vec<f32>,
+    pub(super) scale: Vec<f32>,
     /// `[m, k/32]`: exact f32 block sums (Q4_1's offset term `m_w · Σx`).
-    sum: Vec<f32>,
+    pub(super) sum: Vec<f32>,
     /// `[m, k/32]`: `Σx − Σx̃`, what rounding took from the block sum. Q4_1 quants are all
     /// positive (0..15), so the rounding errors of `x` add up through them; adding back
     /// `8·d_w·(Σx − Σx̃)` makes the error that of the centred quants `q − 8`, about half.
-    delta: Vec<f32>,
+    pub(super) delta: Vec<f32>,
     /// `[m, k/32]`: `128 · Σ q` of the combined integer activations, which the Q8_0 kernels
     /// subtract because their weights are stored `+128`.
-    corr: Vec<i32>,
+    pub(super) corr: Vec<i32>,
 }
 
 impl ActQ8 {
@@ -259,7 +314,7 @@ impl ActQ8 {
         );
     }
 
-    fn planes(&self) -> Planes {
+    pub(super) fn planes(&self) -> Planes {
         if self.lo.is_empty() {
             Planes::One
         } else {
@@ -350,11 +405,31 @@ pub(crate) enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// [`super::q8amx`] for products of at least [`AMX_MIN_ROWS`] rows, VNNI below.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
 }
 
+/// Rows from which AMX tiles beat the VNNI kernel (below, a product is bound by reading the
+/// weights and the tiles' fixed cost per block does not pay).
+const AMX_MIN_ROWS: usize = 2;
+
 impl Kernel {
+    /// True for the AMX kernel (the only one with a Q6_K path besides the scalar twin).
+    pub(crate) fn has_amx(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Amx {
+            return true;
+        }
+        false
+    }
+
     /// The fastest kernel this CPU can run.
     pub(crate) fn best() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if super::q8amx::available() {
+            return Kernel::Amx;
+        }
         #[cfg(target_arch = "x86_64")]
         if vnni_available() {
             return Kernel::Avx512Vnni;
@@ -483,16 +558,31 @@ unsafe fn run_panels(
     kernel: Kernel,
 ) {
     let pb = w.panel_bytes();
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Amx && (act.m >= AMX_MIN_ROWS || w.dtype == DType::Q6_K) {
+        // SAFETY: `Kernel::Amx` is only chosen when `q8amx::available()`; `out` as required.
+        unsafe { super::q8amx::run_panels(w.dtype, &w.data, pb, act, w.n, p0, p1, out) };
+        return;
+    }
     for p in p0..p1 {
         let panel = &w.data[p * pb..(p + 1) * pb];
         let cols = PANEL.min(w.n - p * PANEL);
         // SAFETY: column 16·p is inside every row of `out` (p < panels), and the kernels write
         // `cols` columns from there (contract of this function).
         let o = unsafe { out.add(p * PANEL) };
+        if w.dtype == DType::Q6_K {
+            // Only the AMX kernel (above) and the scalar twin multiply signed by signed bytes.
+            // SAFETY: `o` as above.
+            unsafe { scalar_panel(w.dtype, panel, act, o, w.n, cols) };
+            continue;
+        }
         match kernel {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::Avx512Vnni` is only chosen when `vnni_available()`; `o` as above.
-            Kernel::Avx512Vnni => unsafe { avx512::panel(w.dtype, panel, act, o, w.n, cols) },
+            // SAFETY: `Kernel::Avx512Vnni` and `Kernel::Amx` are only chosen when
+            // `vnni_available()`; `o` as above.
+            Kernel::Avx512Vnni | Kernel::Amx => unsafe {
+                avx512::panel(w.dtype, panel, act, o, w.n, cols)
+            },
             // SAFETY: `o` as above.
             Kernel::Scalar => unsafe { scalar_panel(w.dtype, panel, act, o, w.n, cols) },
         }
@@ -514,6 +604,7 @@ unsafe fn scalar_panel(
 ) {
     let (k, nb) = (act.k, act.k / QK);
     let q4 = dtype == DType::Q4_1;
+    let q6 = dtype == DType::Q6_K;
     let pbb = panel_block_bytes(dtype);
     let two = act.planes() == Planes::Two;
     for r in 0..act.m {
@@ -541,6 +632,24 @@ unsafe fn scalar_panel(
                         i32::from(blk[j / 4 * 64 + c * 4 + j % 4])
                     }
                 };
+                if q6 {
+                    // Two 16-value halves, each with its f32 scale, signed weights (no +128).
+                    for h in 0..2 {
+                        let (mut ih, mut il) = (0i32, 0i32);
+                        for j in 16 * h..16 * h + 16 {
+                            let wq = i32::from(blk[j / 4 * 64 + c * 4 + j % 4] as i8);
+                            ih += wq * i32::from(xh[j]);
+                            if two {
+                                il += wq * i32::from(xl[j]);
+                            }
+                        }
+                        let i = if two { (ih << 8) + il } else { ih };
+                        let at = Q8_QUANT_BYTES + (h * PANEL + c) * 4;
+                        let d = f32::from_le_bytes(blk[at..at + 4].try_into().unwrap());
+                        *acc = (i as f32).mul_add(d * xs, *acc);
+                    }
+                    continue;
+                }
                 let mut ih = 0i32;
                 let mut il = 0i32;
                 for j in 0..QK {
@@ -781,10 +890,24 @@ mod tests {
                 );
             }
         }
-        assert!(PackedWeight::pack(DType::Q6_K, &[0; 210], 1, 256).is_none());
         // Sizes a Q4_K weight cannot have.
         assert!(PackedWeight::pack(DType::Q4_K, &[0; 144], 1, 32).is_none());
         assert!(PackedWeight::pack(DType::Q4_K, &[0; 143], 1, 256).is_none());
+    }
+
+    /// Q6_K weights are packed exactly (the integers `q − 32`, scales `d·sc` in f32): the scalar
+    /// twin is within the activation rounding of the f32 reference of the Q6_K bytes, and the
+    /// AMX kernel gives its bits.
+    #[test]
+    fn q6_k_weights_pack_exactly() {
+        for planes in [Planes::One, Planes::Two] {
+            for &(m, k, n) in &[(1, 256, 1), (3, 512, 17), (17, 768, 40), (16, 256, 33)] {
+                let tol = if planes == Planes::Two { 5e-4 } else { 3e-2 };
+                check(DType::Q6_K, planes, &vals(m * k, 9 + m as u64), m, k, n, tol, false);
+            }
+        }
+        assert!(PackedWeight::pack(DType::Q6_K, &[0; 210], 1, 32).is_none());
+        assert!(PackedWeight::pack(DType::Q6_K, &[0; 209], 1, 256).is_none());
     }
 
     #[test]
@@ -848,6 +971,18 @@ mod tests {
                 scalar.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "{what}: avx512 vs scalar"
             );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if super::super::q8amx::available() {
+            let mut tiles = vec![0.0f32; m * n];
+            matmul(x, m, &pw, &mut tiles, planes, Kernel::Amx);
+            assert_eq!(
+                tiles.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                scalar.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{what}: amx vs scalar"
+            );
+        } else {
+            eprintln!("{what}: AMX kernel NOT checked: this CPU or kernel has no AMX tiles");
         }
     }
 
