@@ -229,10 +229,12 @@ fn same_storage(a: &Tensor, b: &Tensor) -> bool {
 }
 
 /// The repacked form of weight `w` when a product of `m` rows of width `k` with it takes the
-/// 8-bit-activation path (small batches of Q4_1/Q8_0 products on CPUs with the kernel).
+/// 8-bit-activation path: small batches on CPUs with the VNNI kernel, every product on CPUs with
+/// AMX tiles (whose integer products beat dequantizing to f32 for `gemm` at any `m`).
 fn packed_for(w: &Tensor, m: usize, k: usize) -> Option<&q8act::PackedWeight> {
     let p = storage(w).ok()?.packed.as_ref()?;
-    (m <= matmul::QMATVEC_MAX_ROWS && w.shape[..] == [p.n(), k] && p.k() == k).then_some(p)
+    let rows_ok = m <= matmul::QMATVEC_MAX_ROWS || q8act::Kernel::best().has_amx();
+    (rows_ok && w.shape[..] == [p.n(), k] && p.k() == k).then_some(p)
 }
 
 /// The shape of `x · wᵀ`: `x`'s shape with its last dimension set to `n`.

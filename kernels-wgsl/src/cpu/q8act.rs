@@ -43,6 +43,8 @@ pub(super) const Q8_QUANT_BYTES: usize = PANEL * QK;
 /// instead of 25 µs took batch-1 decode on 2 idle cores from 96–111 to 131–175 tok/s (A/B of
 /// two builds, alternating runs of `prfaas generate`, 2026-11-23).
 const PAR_MIN_NS: f64 = 8_000.0;
+/// Activation values from which quantizing them is split over rayon (prefill-sized products).
+const PAR_QUANT_MIN_VALUES: usize = 1 << 16;
 /// Chunks per thread when splitting panels, so a thread slowed down by other load on the machine
 /// does not hold the whole product back.
 const CHUNKS_PER_THREAD: usize = 3;
@@ -290,28 +292,43 @@ impl ActQ8 {
         let nb = k / QK;
         self.m = m;
         self.k = k;
-        let resize = |v: &mut Vec<i8>, len| {
-            v.clear();
-            v.resize(len, 0);
-        };
-        resize(&mut self.hi, m * k);
-        resize(&mut self.lo, if planes == Planes::Two { m * k } else { 0 });
+        // `quantize_rows` writes every element, so the buffers keep their old contents and only
+        // change length (no zero-fill of a prefill's megabytes per product).
+        self.hi.resize(m * k, 0);
+        self.lo.resize(if planes == Planes::Two { m * k } else { 0 }, 0);
         for v in [&mut self.scale, &mut self.sum, &mut self.delta] {
-            v.clear();
             v.resize(m * nb, 0.0);
         }
-        self.corr.clear();
         self.corr.resize(m * nb, 0);
-        quantize_rows(
-            x,
-            planes == Planes::Two,
-            &mut self.hi,
-            &mut self.lo,
-            &mut self.scale,
-            &mut self.sum,
-            &mut self.delta,
-            &mut self.corr,
-        );
+        let two = planes == Planes::Two;
+        if m * k < PAR_QUANT_MIN_VALUES || k == 0 {
+            quantize_rows(
+                x,
+                two,
+                &mut self.hi,
+                &mut self.lo,
+                &mut self.scale,
+                &mut self.sum,
+                &mut self.delta,
+                &mut self.corr,
+            );
+            return;
+        }
+        // Prefill-sized activations (AMX products take every m): rows in parallel chunks.
+        let rows = (PAR_QUANT_MIN_VALUES / 4).div_ceil(k);
+        let (rk, rb) = (rows * k, rows * nb);
+        let mut lo = self.lo.chunks_mut(rk);
+        let jobs: Vec<_> = x
+            .chunks(rk)
+            .zip(self.hi.chunks_mut(rk))
+            .zip(self.scale.chunks_mut(rb))
+            .zip(self.sum.chunks_mut(rb))
+            .zip(self.delta.chunks_mut(rb))
+            .zip(self.corr.chunks_mut(rb))
+            .map(|(((((x, h), s), su), d), c)| (x, h, lo.next().unwrap_or_default(), s, su, d, c))
+            .collect();
+        jobs.into_par_iter()
+            .for_each(|(x, h, l, s, su, d, c)| quantize_rows(x, two, h, l, s, su, d, c));
     }
 
     pub(super) fn planes(&self) -> Planes {
@@ -339,15 +356,26 @@ super::simd::multiversion! {
     ) {
         let (xb, _) = x.as_chunks::<QK>();
         for (b, xb) in xb.iter().enumerate() {
-            let mut amax = 0.0f32;
-            for v in xb {
-                amax = amax.max(v.abs());
+            // The largest |x| that is not NaN, as 16 lanes then across them: compare-and-select
+            // (one `vmaxps`) instead of `f32::max`, whose NaN rule kept this loop scalar.
+            let mut lanes = [0.0f32; super::simd::LANES];
+            for c in xb.as_chunks::<{ super::simd::LANES }>().0 {
+                for (m, v) in lanes.iter_mut().zip(c) {
+                    let a = v.abs();
+                    *m = if a > *m { a } else { *m };
+                }
             }
+            let amax = lanes.iter().fold(0.0f32, |m, &a| if a > m { a } else { m });
             sum[b] = super::simd::sum(xb);
             if amax == 0.0 || !amax.is_finite() || !sum[b].is_finite() {
                 // All zero, or non-finite input, which the f32 path would propagate: do the same.
                 scale[b] = if amax == 0.0 && sum[b] == 0.0 { 0.0 } else { f32::NAN };
                 delta[b] = scale[b];
+                hi[b * QK..(b + 1) * QK].fill(0);
+                if two {
+                    lo[b * QK..(b + 1) * QK].fill(0);
+                }
+                corr[b] = 0;
                 continue;
             }
             let id = 127.0 / amax;
@@ -356,8 +384,14 @@ super::simd::multiversion! {
             for j in 0..QK {
                 let t = xb[j] * id;
                 let r = t.round_ties_even().clamp(-127.0, 127.0);
-                hq[j] = r as i32;
-                lq[j] = ((t - r) * 256.0).round_ties_even().clamp(-127.0, 127.0) as i32;
+                let l = ((t - r) * 256.0).round_ties_even().clamp(-127.0, 127.0);
+                // SAFETY: `amax` is finite and non-zero (checked above), so `t`, `r` and `l` are
+                // finite and clamped to ±127: in range, and a plain `vcvttps2dq` (`as` adds a
+                // saturating NaN-checking sequence per value that kept this loop scalar).
+                unsafe {
+                    hq[j] = r.to_int_unchecked::<i32>();
+                    lq[j] = l.to_int_unchecked::<i32>();
+                }
             }
             let h = &mut hi[b * QK..(b + 1) * QK];
             for (h, &q) in h.iter_mut().zip(&hq) {
@@ -1000,6 +1034,8 @@ mod tests {
                     (16, 96, 33),
                     (17, 576, 40),
                     (9, 160, 16),
+                    // Prefill-sized: activations quantized in parallel chunks, 19 AMX row tiles.
+                    (300, 256, 20),
                 ] {
                     check(
                         dtype,
