@@ -944,6 +944,44 @@ mod tests {
         assert!(PackedWeight::pack(DType::Q6_K, &[0; 209], 1, 256).is_none());
     }
 
+    /// Throughput of each kernel on decode- and prefill-shaped products (no assertion: a
+    /// measurement, `cargo test --release -p prfaas-kernels --lib q8act_speed -- --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore]
+    fn q8act_speed() {
+        for dtype in [DType::Q8_0, DType::Q4_1] {
+            for &(m, k, n) in &[(16, 640, 16384), (512, 640, 2048), (512, 2048, 640)] {
+                let raw = quant::quantize(dtype, &vals(n * k, 1)).unwrap();
+                let pw = PackedWeight::pack(dtype, &raw, n, k).unwrap();
+                let x = vals(m * k, 2);
+                let mut out = vec![0.0f32; m * n];
+                let mut line = format!("{dtype:?} {m}x{k}x{n}:");
+                let mut kernels = vec![];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if vnni_available() {
+                        kernels.push(("vnni", Kernel::Avx512Vnni));
+                    }
+                    if super::super::q8amx::available() {
+                        kernels.push(("amx", Kernel::Amx));
+                    }
+                }
+                for (name, kernel) in kernels {
+                    matmul(&x, m, &pw, &mut out, Planes::Two, kernel);
+                    let reps = 5;
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        matmul(&x, m, &pw, &mut out, Planes::Two, kernel);
+                    }
+                    let s = t.elapsed().as_secs_f64() / reps as f64;
+                    line += &format!(" {name} {:.1} GMAC/s", (m * n * k) as f64 / s / 1e9);
+                }
+                println!("{line}");
+            }
+        }
+    }
+
     #[test]
     fn pack_rejects_what_it_cannot_pack() {
         assert!(PackedWeight::pack(DType::F32, &[0; 128], 1, 32).is_none());
