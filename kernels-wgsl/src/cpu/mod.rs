@@ -330,10 +330,12 @@ impl CpuBackend {
 
     /// Which SIMD instruction set the hot loops run with on this machine.
     pub fn simd_level() -> &'static str {
-        match simd::Isa::get() {
-            simd::Isa::Avx512 => "avx512",
-            simd::Isa::Avx2 => "avx2+fma",
-            simd::Isa::Generic => "baseline",
+        match (simd::Isa::get(), q8act::Kernel::best()) {
+            (_, k) if k.has_amx() => "avx512+vnni+amx",
+            (simd::Isa::Avx512, q8act::Kernel::Scalar) => "avx512",
+            (simd::Isa::Avx512, _) => "avx512+vnni",
+            (simd::Isa::Avx2, _) => "avx2+fma",
+            (simd::Isa::Generic, _) => "baseline",
         }
     }
 }
