@@ -323,15 +323,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match load_model(&args.model) {
         Ok(real) => {
             let longest = args.prefill_lengths.iter().copied().max().unwrap_or(0);
-            let mut engine = engine_for(&real, args.backend, longest.max(decode_capacity(args.decode_steps)) + 64, kv_dtype)
-                .context("building the engine for the real model")?;
+            let mut engine = engine_for(
+                &real,
+                args.backend,
+                longest.max(decode_capacity(args.decode_steps)) + 64,
+                kv_dtype,
+            )
+            .context("building the engine for the real model")?;
             let mut prefill = Vec::new();
             for &n in &args.prefill_lengths {
                 let t = time_prefill(&mut engine, n, args.reps)?;
                 prefill.push(json!({ "tokens": n, "tok_s": n as f64 / t.as_secs_f64() }));
             }
             let d1 = time_decode(&mut engine, 1, args.decode_steps, args.reps)?;
-            let d16 = time_decode(&mut engine, DECODE_BATCH, args.decode_steps / 2, args.reps.min(3))?;
+            let d16 = time_decode(
+                &mut engine,
+                DECODE_BATCH,
+                args.decode_steps / 2,
+                args.reps.min(3),
+            )?;
             report["model"] = json!(real.config.name);
             report["prefill"] = json!(prefill);
             report["decode"] = json!([

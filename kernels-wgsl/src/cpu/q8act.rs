@@ -79,10 +79,10 @@ pub(crate) const DEFAULT_PLANES: Planes = Planes::Two;
 ///   (see [`pack_q6_k`]) — 640 bytes.
 pub(crate) struct PackedWeight {
     /// The kernel layout: Q4_1, Q8_0 or Q6_K (Q5_0 weights are packed as Q8_0, Q4_K as Q4_1).
-    dtype: DType,
-    n: usize,
+    pub(super) dtype: DType,
+    pub(super) n: usize,
     k: usize,
-    data: Vec<u8>,
+    pub(super) data: Vec<u8>,
 }
 
 /// Q4_K bytes of a `[n, k]` weight as Q4_1 blocks (`None` when the sizes do not fit). Each
@@ -200,7 +200,7 @@ impl PackedWeight {
     }
 
     /// Bytes of one whole panel (all its blocks).
-    fn panel_bytes(&self) -> usize {
+    pub(super) fn panel_bytes(&self) -> usize {
         self.k / QK * panel_block_bytes(self.dtype)
     }
 }
@@ -295,7 +295,8 @@ impl ActQ8 {
         // `quantize_rows` writes every element, so the buffers keep their old contents and only
         // change length (no zero-fill of a prefill's megabytes per product).
         self.hi.resize(m * k, 0);
-        self.lo.resize(if planes == Planes::Two { m * k } else { 0 }, 0);
+        self.lo
+            .resize(if planes == Planes::Two { m * k } else { 0 }, 0);
         for v in [&mut self.scale, &mut self.sum, &mut self.delta] {
             v.resize(m * nb, 0.0);
         }
@@ -595,7 +596,7 @@ unsafe fn run_panels(
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Amx && (act.m >= AMX_MIN_ROWS || w.dtype == DType::Q6_K) {
         // SAFETY: `Kernel::Amx` is only chosen when `q8amx::available()`; `out` as required.
-        unsafe { super::q8amx::run_panels(w.dtype, &w.data, pb, act, w.n, p0, p1, out) };
+        unsafe { super::q8amx::run_panels(w, act, p0, p1, out) };
         return;
     }
     for p in p0..p1 {
@@ -937,7 +938,16 @@ mod tests {
         for planes in [Planes::One, Planes::Two] {
             for &(m, k, n) in &[(1, 256, 1), (3, 512, 17), (17, 768, 40), (16, 256, 33)] {
                 let tol = if planes == Planes::Two { 5e-4 } else { 3e-2 };
-                check(DType::Q6_K, planes, &vals(m * k, 9 + m as u64), m, k, n, tol, false);
+                check(
+                    DType::Q6_K,
+                    planes,
+                    &vals(m * k, 9 + m as u64),
+                    m,
+                    k,
+                    n,
+                    tol,
+                    false,
+                );
             }
         }
         assert!(PackedWeight::pack(DType::Q6_K, &[0; 210], 1, 32).is_none());

@@ -20,7 +20,9 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
-use super::q8act::{panel_block_bytes, ActQ8, Planes, PANEL, Q4_QUANT_BYTES, Q8_QUANT_BYTES};
+use super::q8act::{
+    panel_block_bytes, ActQ8, PackedWeight, Planes, PANEL, Q4_QUANT_BYTES, Q8_QUANT_BYTES,
+};
 use crate::backend::DType;
 use crate::quant::QK;
 
@@ -127,20 +129,17 @@ struct Quads([u8; 8 * 64]);
 /// Panels `p0..p1` of a packed weight against every activation row, in chunks of up to 16 rows.
 ///
 /// # Safety
-/// [`available`] returned true; `panels` holds whole panels of `dtype` (`panel_bytes` each) for
-/// panels `p0..p1` of a weight with `n` rows; `out` points to an `[act.m, n]` row-major buffer
-/// of which no other thread writes columns `16·p0 .. 16·p1` meanwhile.
+/// [`available`] returned true; `p1 ≤ w.panels()`; `out` points to an `[act.m, w.n]` row-major
+/// buffer of which no other thread writes columns `16·p0 .. 16·p1` meanwhile.
 #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
 pub(super) unsafe fn run_panels(
-    dtype: DType,
-    panels: &[u8],
-    panel_bytes: usize,
+    w: &PackedWeight,
     act: &ActQ8,
-    n: usize,
     p0: usize,
     p1: usize,
     out: *mut f32,
 ) {
+    let (dtype, panels, panel_bytes, n) = (w.dtype, &w.data[..], w.panel_bytes(), w.n);
     let (k, nb) = (act.k, act.k / QK);
     let two = act.planes() == Planes::Two;
     assert!(
@@ -159,6 +158,11 @@ pub(super) unsafe fn run_panels(
         "q8amx: operands too short"
     );
     let q6 = dtype == DType::Q6_K;
+    // Zeroed once per call, not per panel (a prefill makes thousands of `PanelRows::run`s).
+    let mut scratch = Scratch {
+        c: [[ZERO_TILE; 4]; 2],
+        quads: [Quads([0; 8 * 64]), Quads([0; 8 * 64])],
+    };
     let mut r0 = 0;
     while r0 < act.m {
         let rows = (act.m - r0).min(TILE_ROWS);
@@ -178,18 +182,42 @@ pub(super) unsafe fn run_panels(
                 let cols = [p, q].map(|p| PANEL.min(n - p * PANEL));
                 if q6 {
                     if two {
-                        panel_rows_q6::<true>(w[0], act, r0, rows, o[0], n, cols[0]);
+                        panel_rows_q6::<true>(
+                            w[0],
+                            act,
+                            r0,
+                            rows,
+                            o[0],
+                            n,
+                            cols[0],
+                            &mut scratch.c[0],
+                        );
                     } else {
-                        panel_rows_q6::<false>(w[0], act, r0, rows, o[0], n, cols[0]);
+                        panel_rows_q6::<false>(
+                            w[0],
+                            act,
+                            r0,
+                            rows,
+                            o[0],
+                            n,
+                            cols[0],
+                            &mut scratch.c[0],
+                        );
                     }
                     continue;
                 }
-                let pr = PanelRows { act, r0, rows, n, np };
+                let pr = PanelRows {
+                    act,
+                    r0,
+                    rows,
+                    n,
+                    np,
+                };
                 match (dtype == DType::Q4_1, two) {
-                    (true, true) => pr.run::<true, true>(w, o, cols),
-                    (true, false) => pr.run::<true, false>(w, o, cols),
-                    (false, true) => pr.run::<false, true>(w, o, cols),
-                    (false, false) => pr.run::<false, false>(w, o, cols),
+                    (true, true) => pr.run::<true, true>(w, o, cols, &mut scratch),
+                    (true, false) => pr.run::<true, false>(w, o, cols, &mut scratch),
+                    (false, true) => pr.run::<false, true>(w, o, cols, &mut scratch),
+                    (false, false) => pr.run::<false, false>(w, o, cols, &mut scratch),
                 }
             }
         }
@@ -197,6 +225,14 @@ pub(super) unsafe fn run_panels(
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
         r0 += rows;
     }
+}
+
+/// Buffers of [`PanelRows::run`]: the int32 tile products of a block, double-buffered
+/// (`[parity][panel 0 high, panel 0 low, panel 1 high, panel 1 low]`), and a Q4_1 block of each
+/// panel unpacked to bytes.
+struct Scratch {
+    c: [[Tile; 4]; 2],
+    quads: [Quads; 2],
 }
 
 /// `rows` activation rows from `r0` against `np` (1 or 2) panels of the Q8_0 or Q4_1 layout.
@@ -223,17 +259,16 @@ impl PanelRows<'_> {
         w: [*const u8; 2],
         o: [*mut f32; 2],
         cols: [usize; 2],
+        scratch: &mut Scratch,
     ) {
         let nb = self.act.k / QK;
         let mut acc = [[_mm512_setzero_ps(); TILE_ROWS]; 2];
-        // [parity][panel 0 high, panel 0 low, panel 1 high, panel 1 low]
-        let mut c = [[ZERO_TILE; 4]; 2];
-        let mut quads = [Quads([0; 8 * 64]), Quads([0; 8 * 64])];
+        let Scratch { c, quads } = scratch;
         // SAFETY (all calls): as this function's contract; block indices < nb.
         unsafe {
-            self.issue::<Q4, TWO>(w, 0, &mut quads, &mut c[0]);
+            self.issue::<Q4, TWO>(w, 0, quads, &mut c[0]);
             for b in 1..nb {
-                self.issue::<Q4, TWO>(w, b, &mut quads, &mut c[b % 2]);
+                self.issue::<Q4, TWO>(w, b, quads, &mut c[b % 2]);
                 self.finish::<Q4, TWO>(w, b - 1, &c[(b - 1) % 2], &mut acc);
             }
             self.finish::<Q4, TWO>(w, nb - 1, &c[(nb - 1) % 2], &mut acc);
@@ -411,8 +446,9 @@ unsafe fn store_rows(acc: &[__m512], out: *mut f32, n: usize, cols: usize) {
 ///
 /// # Safety
 /// As [`run_panels`], tiles configured by `TileConfig::new(rows, true)`; `panel` is one whole
-/// panel, `out` its output column in row `r0`.
+/// panel, `out` its output column in row `r0`; `c` is scratch.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
 unsafe fn panel_rows_q6<const TWO: bool>(
     panel: *const u8,
@@ -422,12 +458,13 @@ unsafe fn panel_rows_q6<const TWO: bool>(
     out: *mut f32,
     n: usize,
     cols: usize,
+    c: &mut [Tile; 4],
 ) {
     let (k, nb) = (act.k, act.k / QK);
     let pbb = panel_block_bytes(DType::Q6_K);
     let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
-    let mut hi = [ZERO_TILE; 2];
-    let mut lo = [ZERO_TILE; 2];
+    // Each half's int32 products: high plane in c[0..2], low plane in c[2..4].
+    let (hi, lo) = c.split_at_mut(2);
     for b in 0..nb {
         // SAFETY (whole block body): as in `PanelRows::issue`; half h of the block's quants is the 4
         // vectors from byte 256·h, its scales the 16 f32 from byte 512 + 64·h.
