@@ -78,15 +78,23 @@ async fn thirty_two_concurrent_requests_across_three_nodes() {
         .await
         .expect("all 32 finish within 10 minutes");
     let mut remote = 0;
+    // Why the others stayed local, for the failure message (the planner's reason per request).
+    let mut local = std::collections::BTreeMap::<String, usize>::new();
     for (i, r) in results.into_iter().enumerate() {
         let r = r.unwrap_or_else(|e| panic!("request {i}: {e}"));
         assert_eq!(r.text, want_text[i], "request {i}");
-        remote += usize::from(matches!(
-            r.prfaas.map(|e| e.route),
-            Some(prfaas_node::service::PrefillRoute::Remote { .. })
-        ));
+        match r.prfaas.map(|e| e.route) {
+            Some(prfaas_node::service::PrefillRoute::Remote { .. }) => remote += 1,
+            Some(prfaas_node::service::PrefillRoute::Local { reason }) => {
+                *local.entry(reason).or_default() += 1
+            }
+            None => *local.entry("no route reported".into()).or_default() += 1,
+        }
     }
-    assert!(remote >= 10, "only {remote} of 32 were offloaded");
+    assert!(
+        remote >= 10,
+        "only {remote} of 32 were offloaded; local reasons: {local:?}"
+    );
     // A client has its last byte a moment before the node's compute thread has released the
     // sequence and published its counters: poll (bounded) until every node is back to zero.
     for n in [&a, &b, &p] {
