@@ -1,5 +1,7 @@
 //! `x · wᵀ` on the CPU for F32/F16/Q4_1/Q8_0 weights.
 //!
+//! (On CPUs with AMX tiles, packed quantized weights take [`super::q8act`] at every row count
+//! instead; this module then serves f32/f16 weights and the rest.)
 //! * Many rows (prefill): the `gemm` crate on f32. Non-f32 weights are dequantized panel by panel
 //!   (a bounded f32 scratch of at most [`PANEL_BYTES`]) and each panel goes through `gemm`, writing
 //!   straight into its column range of the output, so dequantization costs `n·k` against `2·m·n·k`

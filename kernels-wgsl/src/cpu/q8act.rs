@@ -1,5 +1,7 @@
-//! Few-row products `x[m, k] · w[n, k]ᵀ` with Q4_1 / Q8_0 weights and **8-bit activations**, for
-//! decode (m = batch size, up to [`super::matmul::QMATVEC_MAX_ROWS`]).
+//! Products `x[m, k] · w[n, k]ᵀ` with Q4_1 / Q8_0 weights (and Q5_0, Q4_K, Q6_K repacked to them)
+//! and **8-bit activations**: for decode (m = batch size, up to
+//! [`super::matmul::QMATVEC_MAX_ROWS`]) on CPUs with AVX-512 VNNI, and for every `m`, prefill
+//! included, on CPUs with AMX tiles ([`super::q8amx`]).
 //!
 //! Decode reads every weight once per step, so what a batch costs beyond batch 1 is arithmetic.
 //! Decoding each weight block to f32 and using f32 FMAs costs ~2.5 cycles per (block, row) here;
