@@ -1,7 +1,11 @@
 //! HF directory loader tests on a tiny Llama/Qwen2-shaped model written here (config.json,
 //! safetensors, tokenizer.json, tokenizer_config.json), plus corrupt and inconsistent variants.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::TestDir;
 
 use prfaas_kernels::{DType, RopeStyle};
 use prfaas_node::engine::config::MixerWeights;
@@ -15,34 +19,8 @@ const FF: usize = 96;
 const V: usize = 260;
 const LAYERS: usize = 2;
 
-/// Unique empty directory per test (tests run in parallel), removed when the test ends, passed
-/// or failed.
-struct TestDir(PathBuf);
-
-impl std::ops::Deref for TestDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for TestDir {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn fresh_dir(name: &str) -> TestDir {
-    let d = std::env::temp_dir().join(format!("prfaas-hf-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TestDir(d)
+    common::fresh_dir("prfaas-hf", name)
 }
 
 fn byte_chars() -> Vec<char> {

@@ -20,7 +20,9 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::json;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use common::TestDir;
 
 const GGUF: &str = "gemma-3-270m-q4_k_m.gguf";
 
@@ -198,34 +200,8 @@ fn export_hf_dir(m: &LoadedModel, gguf_path: &Path, dir: &Path) {
     .unwrap();
 }
 
-/// Unique empty directory per test (tests run in parallel), removed when the test ends, passed
-/// or failed.
-struct TestDir(PathBuf);
-
-impl std::ops::Deref for TestDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for TestDir {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn fresh_dir(name: &str) -> TestDir {
-    let d = std::env::temp_dir().join(format!("prfaas-hf-gemma3-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TestDir(d)
+    common::fresh_dir("prfaas-hf-gemma3", name)
 }
 
 /// The HF directory loads to the GGUF's config, and the llama.cpp fixture (8 prompts, 4

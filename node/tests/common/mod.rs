@@ -202,3 +202,34 @@ pub fn compare_runs(a: &FixtureRun, b: &FixtureRun) -> (f32, f32, usize) {
     }
     (max, (sum / n.max(1) as f64) as f32, agree)
 }
+
+/// Unique empty directory per test (tests run in parallel), removed when the test ends, passed
+/// or failed.
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh `<tmp>/<prefix>-<pid>-<name>` directory.
+pub fn fresh_dir(prefix: &str, name: &str) -> TestDir {
+    let d = std::env::temp_dir().join(format!("{prefix}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    TestDir(d)
+}
