@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
@@ -52,6 +53,52 @@ pub struct Dial {
     pub peer: Option<PeerId>,
     /// Where.
     pub addrs: Vec<Multiaddr>,
+}
+
+impl Dial {
+    /// The swarm's dial: as `peer` at every address when known (unless already connected or
+    /// being dialled), else the bootstrap address as an unknown peer.
+    pub fn into_opts(self) -> DialOpts {
+        match self.peer {
+            Some(p) => dial_known(p, self.addrs),
+            None => DialOpts::unknown_peer_id()
+                .address(self.addrs[0].clone())
+                .build(),
+        }
+    }
+}
+
+/// Dials `peer` at `addrs` unless it is connected or being dialled already.
+fn dial_known(peer: PeerId, addrs: Vec<Multiaddr>) -> DialOpts {
+    DialOpts::peer_id(peer)
+        .addresses(addrs)
+        .condition(PeerCondition::DisconnectedAndNotDialing)
+        .build()
+}
+
+/// Logs that redial `key` failed `failures` times in a row: at warn for bootstrap addresses (a
+/// node alone in its mesh is the symptom an operator must be able to find), quieter for other
+/// peers. `bootstrap` is the configured list, as written.
+pub(crate) fn log_failed_redial(
+    key: DialKey,
+    failures: u32,
+    error: &dyn std::fmt::Display,
+    bootstrap: &[String],
+) {
+    match key {
+        DialKey::Bootstrap(i) => tracing::warn!(
+            bootstrap = %bootstrap.get(i).map_or("", String::as_str),
+            failures,
+            %error,
+            "bootstrap dial failed; retrying with backoff"
+        ),
+        DialKey::Lost(p) => tracing::info!(
+            peer = %p,
+            failures,
+            %error,
+            "redial of a lost peer failed; retrying with backoff"
+        ),
+    }
 }
 
 #[derive(Debug)]
@@ -285,6 +332,31 @@ impl DiscoveryDials {
         connections + self.in_flight.len() < self.target_peers
     }
 
+    /// The dial to start towards `peer` (which [`Self::wants`]) at `addrs`, if any: none without
+    /// addresses, nor when both of us are behind NATs and `peer` is to dial us.
+    ///
+    /// Two peers both behind NATs (each holds a relay reservation) learn of each other at the
+    /// same moment from their adverts; if both dial, two relayed connections form and both start
+    /// a hole punch at once, dialling and listening on the same ports, and the punches collide
+    /// and fail. Only the smaller peer id dials such a peer; the other waits for it.
+    pub fn dial_opts(
+        local: &PeerId,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        we_are_relayed: impl FnOnce() -> bool,
+    ) -> Option<DialOpts> {
+        if addrs.is_empty() {
+            return None;
+        }
+        let via_relay = addrs
+            .iter()
+            .any(|a| a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
+        if via_relay && we_are_relayed() && *local > peer {
+            return None;
+        }
+        Some(dial_known(peer, addrs))
+    }
+
     /// A dial to `peer` started.
     pub fn dialing(&mut self, peer: PeerId, now: Instant) {
         self.in_flight.insert(peer, now);
@@ -393,6 +465,59 @@ mod tests {
         r.forget(&a);
         r.on_connected(b, ConnectionId::new_unchecked(9));
         assert_eq!(r.lost_len(), 0);
+    }
+
+    #[test]
+    fn due_dials_are_by_peer_when_known_else_by_address() {
+        let peer = PeerId::random();
+        let known = Dial {
+            key: DialKey::Lost(peer),
+            peer: Some(peer),
+            addrs: vec![addr(1, Some(peer))],
+        };
+        assert_eq!(known.into_opts().get_peer_id(), Some(peer));
+        let bootstrap = Dial {
+            key: DialKey::Bootstrap(0),
+            peer: None,
+            addrs: vec![addr(1, None)],
+        };
+        assert_eq!(bootstrap.into_opts().get_peer_id(), None);
+    }
+
+    #[test]
+    fn of_two_relayed_peers_only_the_smaller_id_dials_a_circuit() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let (small, large) = if a < b { (a, b) } else { (b, a) };
+        let relay = PeerId::random();
+        let circuit = addr(1, Some(relay))
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(small));
+        let dial = |local: &PeerId, peer, addrs, relayed| {
+            DiscoveryDials::dial_opts(local, peer, addrs, || relayed).map(|o| o.get_peer_id())
+        };
+        assert_eq!(dial(&large, small, vec![], false), None, "no address");
+        assert_eq!(
+            dial(&large, small, vec![circuit.clone()], true),
+            None,
+            "the smaller id dials us"
+        );
+        let circuit_to_large = addr(1, Some(relay))
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(large));
+        assert_eq!(
+            dial(&small, large, vec![circuit_to_large], true),
+            Some(Some(large))
+        );
+        assert_eq!(
+            dial(&large, small, vec![circuit], false),
+            Some(Some(small)),
+            "we are reachable: no collision"
+        );
+        assert_eq!(
+            dial(&large, small, vec![addr(2, Some(small))], true),
+            Some(Some(small)),
+            "a direct address"
+        );
     }
 
     #[test]

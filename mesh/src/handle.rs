@@ -1,7 +1,7 @@
 //! The cloneable handle the rest of the program uses to talk to the swarm task.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::advert::{Advert, AdvertBody, ModelRef};
 use crate::auction::{AuctionRequest, AuctionResponse, Award, Bid, Call, DeclineReason};
-use crate::bandwidth::{BandwidthEstimate, BandwidthEstimator};
+use crate::bandwidth::BandwidthEstimate;
 use crate::event::CallToken;
-use crate::kv::sender::SenderLimits;
+use crate::kv::sender::KvOpener;
 use crate::kv::{KvHeader, KvSender};
 use crate::stats::{MeshStats, MeshStatsSnapshot};
 use crate::MeshError;
@@ -72,14 +72,6 @@ pub struct KnownAdvert {
     pub age: Duration,
 }
 
-/// Per-peer emulated link rates in bytes/s (see [`MeshHandle::set_emulated_bandwidth`]).
-pub(crate) type EmulatedRates = Arc<RwLock<HashMap<PeerId, f64>>>;
-
-/// Rate emulated towards `peer`, if any.
-pub(crate) fn emulated_rate(rates: &EmulatedRates, peer: &PeerId) -> Option<f64> {
-    rates.read().ok().and_then(|m| m.get(peer).copied())
-}
-
 /// State shared by every clone of a handle (no message passing through it: it holds settings and
 /// the KV stream control, which libp2p-stream designed to be used outside the swarm task).
 pub(crate) struct Shared {
@@ -87,16 +79,13 @@ pub(crate) struct Shared {
     pub commands: mpsc::Sender<Command>,
     pub cancel: CancellationToken,
     pub task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    pub control: libp2p_stream::Control,
-    pub estimator: Arc<Mutex<BandwidthEstimator>>,
+    /// KV stream control, bandwidth estimator, emulated rates (shared with the swarm task's
+    /// probes) and transfer ids.
+    pub kv: KvOpener,
     pub stats: Arc<MeshStats>,
     pub added_latency: RwLock<HashMap<PeerId, Duration>>,
-    /// Emulated link rate per peer, bytes/s (shared with the probe task in the swarm).
-    pub emulated_rate: EmulatedRates,
-    pub next_transfer: Arc<AtomicU64>,
     pub streams_per_transfer: u16,
     pub max_streams: u16,
-    pub sender_limits: SenderLimits,
     pub serve_gate: crate::auction::ServeGate,
     pub reputation: Arc<Mutex<crate::reputation::Reputation>>,
     pub nat: crate::nat::SharedNat,
@@ -345,36 +334,24 @@ impl MeshHandle {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let id = self.shared.next_transfer.fetch_add(1, Ordering::Relaxed);
-        Ok(KvSender::open(
-            &self.shared.control,
-            peer,
-            header,
-            streams.clamp(1, self.shared.max_streams.max(1)),
-            id,
-            SenderLimits {
-                emulated_rate: emulated_rate(&self.shared.emulated_rate, &peer),
-                ..self.shared.sender_limits
-            },
-            self.shared.estimator.clone(),
-        )
-        .await?)
+        let streams = streams.clamp(1, self.shared.max_streams.max(1));
+        Ok(self.shared.kv.open(peer, header, streams).await?)
     }
 
     /// Raw access to the libp2p-stream control (tools and tests that need to speak the KV wire
     /// format directly, e.g. to check that malformed transfers are rejected).
     pub fn kv_control(&self) -> libp2p_stream::Control {
-        self.shared.control.clone()
+        self.shared.kv.control.clone()
     }
 
     /// Current goodput estimate towards `peer`.
     pub fn observed_bandwidth(&self, peer: &PeerId) -> Option<BandwidthEstimate> {
-        self.shared.estimator.lock().ok()?.get(peer)
+        self.shared.kv.estimator.lock().ok()?.get(peer)
     }
 
     /// Records an externally measured transfer (e.g. the node measured a transfer end to end).
     pub fn record_bandwidth(&self, peer: PeerId, bytes: u64, elapsed: Duration) {
-        if let Ok(mut e) = self.shared.estimator.lock() {
+        if let Ok(mut e) = self.shared.kv.estimator.lock() {
             e.record(peer, bytes, elapsed, Instant::now());
         }
     }
@@ -394,7 +371,7 @@ impl MeshHandle {
     /// second: the sender paces itself so a transfer takes at least `bytes / rate`. `None` removes
     /// it. For tests and benchmarks on one machine (kernel shaping needs root and namespaces).
     pub fn set_emulated_bandwidth(&self, peer: PeerId, bytes_per_sec: Option<f64>) {
-        if let Ok(mut m) = self.shared.emulated_rate.write() {
+        if let Ok(mut m) = self.shared.kv.emulated_rate.write() {
             match bytes_per_sec.filter(|r| r.is_finite() && *r > 0.0) {
                 Some(r) => {
                     m.insert(peer, r);

@@ -8,21 +8,24 @@
 //! * [`TableSync`] — `/prfaas/table/1`, as asker and as server;
 //! * [`AuctionServer`] / [`AuctionClient`] — `/prfaas/auction/2`, bidder and home;
 //! * the KV [`Acceptor`] — `/prfaas/kv/2` receiver (its own task);
-//! * [`Prober`] — bandwidth probes;
-//! * [`Redialer`] / [`DiscoveryDials`] — membership, with [`transport`](crate::transport)
-//!   building the swarm.
+//! * [`Prober`] — bandwidth probes, opened through the [`KvOpener`] the handle uses too;
+//! * [`Redialer`] / [`DiscoveryDials`] — membership: redials, discovery dials and whom to leave
+//!   a dial to;
+//!
+//! and [`transport`] builds the swarm and parses the listen and bootstrap addresses. What stays
+//! here is what needs the swarm or more than one machine: carrying out dials and responses,
+//! feeding table-sync answers to the intake, and the command replies.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use libp2p::gossipsub::{self, IdentTopic};
+use libp2p::gossipsub;
 use libp2p::identity::Keypair;
-use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{mdns, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
@@ -31,26 +34,25 @@ use tokio_util::sync::CancellationToken;
 use crate::advert::intake::{unix_ms, AdvertIntake, IntakeLimits, Origin};
 use crate::advert::publisher::AdvertPublisher;
 use crate::advert::table_sync::TableSync;
-use crate::advert::{BandwidthReport, PeerTable};
+use crate::advert::PeerTable;
 use crate::auction::client::AuctionClient;
 use crate::auction::server::{AuctionServer, ServerLimits};
 use crate::auction::{AuctionResponse, ServeGate};
 use crate::bandwidth::BandwidthEstimator;
 use crate::behaviour::{MeshBehaviour, MeshBehaviourEvent};
 use crate::config::MeshConfig;
-use crate::discovery::{DialKey, DiscoveryDials, Redialer};
+use crate::discovery::{self, DiscoveryDials, Redialer};
 use crate::event::MeshEvent;
-use crate::handle::{emulated_rate, Command, EmulatedRates, MeshHandle, Shared};
+use crate::handle::{Command, MeshHandle, Shared};
 use crate::kv::quota::ExpectedTransfers;
-use crate::kv::receiver::{Acceptor, ReceiverLimits};
-use crate::kv::sender::SenderLimits;
+use crate::kv::receiver::Acceptor;
+use crate::kv::sender::{KvOpener, SenderLimits};
 use crate::nat::{NatAction, NatEvent, NatState, SharedNat};
-use crate::probe::{probe, Prober};
+use crate::probe::Prober;
 use crate::reputation::Reputation;
 use crate::stats::MeshStats;
 use crate::transport::{self, Allowlist};
 use crate::MeshError;
-use std::sync::atomic::Ordering;
 
 /// Entry point: builds a node from a [`MeshConfig`] and runs it in its own task.
 #[derive(Debug)]
@@ -61,7 +63,6 @@ struct Task {
     /// Relayed vs direct connections, hole punches, reachability (`crate::nat`).
     nat: SharedNat,
     cfg: MeshConfig,
-    topic: IdentTopic,
     events: mpsc::Sender<MeshEvent>,
     stats: Arc<MeshStats>,
     allowlist: Allowlist,
@@ -79,10 +80,8 @@ struct Task {
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, MeshError>>>,
     listen_addrs: Vec<Multiaddr>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
-    estimator: Arc<Mutex<BandwidthEstimator>>,
-    control: libp2p_stream::Control,
-    emulated_rate: EmulatedRates,
-    next_transfer: Arc<AtomicU64>,
+    /// The bandwidth estimator and what probes need to open a transfer.
+    kv: KvOpener,
     /// Transfer records; banned peers are no auction candidates.
     reputation: Arc<Mutex<Reputation>>,
 }
@@ -100,132 +99,84 @@ impl Mesh {
         let allowlist = Allowlist::from_config(cfg.allowlist.as_deref(), local)?;
         let transport::Built {
             swarm,
-            topic,
+            bootstrap,
             control,
             incoming,
         } = transport::build(&cfg, &key, &allowlist)?;
-        let bootstrap = cfg
-            .bootstrap
-            .iter()
-            .map(|b| {
-                b.parse::<Multiaddr>()
-                    .map_err(|e| MeshError::Config(format!("bootstrap {b}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
 
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.limits.command_queue.max(1));
         let (ev_tx, ev_rx) = mpsc::channel(cfg.limits.event_queue.max(1));
         let cancel = CancellationToken::new();
         let stats = Arc::new(MeshStats::default());
+        let l = &cfg.limits;
         let estimator = Arc::new(Mutex::new(BandwidthEstimator::new(
             cfg.bandwidth.ewma_alpha,
             cfg.bandwidth.min_sample_bytes,
-            cfg.limits.max_known_peers,
+            l.max_known_peers,
         )));
-        let max_streams = cfg.limits.max_streams_per_transfer.max(1);
-        let recv_limits = ReceiverLimits {
-            max_piece_bytes: cfg.limits.max_piece_bytes,
-            max_transfer_bytes: cfg.limits.max_transfer_bytes,
-            max_trailer_bytes: cfg.limits.max_trailer_bytes,
-            max_streams,
-            idle_timeout: cfg.limits.kv_idle_timeout,
-        };
-        let sender_limits = SenderLimits::new(&cfg.limits);
-        let emulated_rate = EmulatedRates::default();
         // Unique-ish start so a restarted sender does not reuse ids a receiver still remembers.
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        let next_transfer = Arc::new(AtomicU64::new(seed));
+        let kv = KvOpener::new(control, estimator.clone(), SenderLimits::new(l), seed);
 
         // Awards in flight bound the transfers a home awaits; this bound is far above them.
-        let expected = ExpectedTransfers::new(cfg.limits.max_pending_transfers.max(1) * 16);
-        let acceptor = Acceptor {
-            limits: recv_limits,
-            estimator: estimator.clone(),
-            stats: stats.clone(),
-            allowlist: allowlist.set(),
-            max_pending_transfers: cfg.limits.max_pending_transfers,
-            probe_max_bytes: cfg.bandwidth.probe_bytes.max(1),
-            expected: expected.clone(),
-            max_hellos_per_peer: cfg.limits.max_kv_hellos_per_peer.max(1),
-            min_probe_interval: cfg.limits.min_probe_interval,
-            accept_unexpected: cfg.limits.accept_unexpected_kv,
-        };
+        let expected = ExpectedTransfers::new(l.max_pending_transfers.max(1) * 16);
+        let acceptor = Acceptor::new(
+            &cfg,
+            estimator,
+            stats.clone(),
+            allowlist.set(),
+            expected.clone(),
+        );
+        let max_streams = acceptor.limits.max_streams;
         let kv_events = ev_tx.clone();
-        let serve_gate = ServeGate::default();
-        let reputation = Arc::new(Mutex::new(Reputation::new(
-            cfg.reputation.clone(),
-            cfg.limits.max_known_peers,
-        )));
         tokio::spawn(acceptor.run(incoming, cancel.clone(), move |inc| {
             kv_events.try_send(MeshEvent::KvIncoming(inc)).is_ok()
         }));
 
-        let redial = Redialer::new(
-            cfg.redial.clone(),
-            bootstrap,
-            cfg.limits.max_known_peers,
-            Instant::now(),
-            seed,
-        );
-        let now = Instant::now();
-        let l = &cfg.limits;
+        let serve_gate = ServeGate::default();
+        let reputation = Arc::new(Mutex::new(Reputation::new(
+            cfg.reputation.clone(),
+            l.max_known_peers,
+        )));
         let nat: SharedNat = Arc::new(Mutex::new(NatState::new(&cfg.nat)));
+        let now = Instant::now();
         let task = Task {
-            nat: nat.clone(),
             swarm,
-            topic,
+            nat: nat.clone(),
             events: ev_tx,
             stats: stats.clone(),
             table: PeerTable::new(l.max_known_peers),
-            publisher: AdvertPublisher::new(
-                key,
-                cfg.region.clone(),
-                cfg.effective_advert_refresh(),
-                l.max_advert_bytes,
-                unix_ms(),
-            ),
+            publisher: AdvertPublisher::new(key, &cfg, unix_ms()),
             intake: AdvertIntake::new(
-                IntakeLimits {
-                    max_advert_bytes: l.max_advert_bytes,
-                    max_known_peers: l.max_known_peers,
-                    advert_interval: cfg.advert_interval,
-                    advert_expiry: cfg.advert_expiry,
-                    max_clock_skew: l.max_clock_skew,
-                },
+                IntakeLimits::new(&cfg),
                 local,
                 allowlist.clone(),
                 stats.clone(),
             ),
-            sync: TableSync::new(cfg.table_sync.clone(), l.max_known_peers, now),
+            sync: TableSync::new(
+                cfg.table_sync.clone(),
+                l.max_known_peers,
+                allowlist.clone(),
+                now,
+            ),
             server: AuctionServer::new(
-                ServerLimits {
-                    max_pending_calls: l.max_pending_calls,
-                    max_pending_calls_per_peer: l.max_pending_calls_per_peer,
-                    max_outstanding_bids: l.max_outstanding_bids,
-                    max_outstanding_bids_per_peer: l.max_outstanding_bids_per_peer,
-                },
+                ServerLimits::new(l),
                 serve_gate.clone(),
+                allowlist.clone(),
                 stats.clone(),
             ),
             client: AuctionClient::new(l.max_pending_calls.max(1) * 4),
-            prober: Prober::new(
-                cfg.bandwidth.probes,
-                cfg.bandwidth.stale_after,
-                l.max_known_peers,
-            ),
-            redial,
+            prober: Prober::new(&cfg.bandwidth, l.max_known_peers),
+            redial: Redialer::new(cfg.redial.clone(), bootstrap, l.max_known_peers, now, seed),
             discovery: DiscoveryDials::new(cfg.target_peers, l.handshake_timeout * 2),
             dials: HashMap::new(),
             listen_addrs: vec![],
             listen_waiters: vec![],
-            estimator: estimator.clone(),
             allowlist,
-            control: control.clone(),
-            emulated_rate: emulated_rate.clone(),
-            next_transfer: next_transfer.clone(),
+            kv: kv.clone(),
             reputation: reputation.clone(),
             cfg: cfg.clone(),
         };
@@ -235,15 +186,11 @@ impl Mesh {
             commands: cmd_tx,
             cancel,
             task: tokio::sync::Mutex::new(Some(join)),
-            control,
-            estimator,
+            kv,
             stats,
             added_latency: RwLock::new(HashMap::new()),
-            emulated_rate,
-            next_transfer,
             streams_per_transfer: cfg.streams_per_transfer.max(1),
             max_streams,
-            sender_limits,
             serve_gate,
             reputation,
             nat,
@@ -260,19 +207,20 @@ impl Mesh {
 
 impl Task {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
-        let mut advert_tick =
-            tokio::time::interval(self.cfg.advert_interval.max(Duration::from_millis(10)));
-        advert_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let maint_period =
-            (self.cfg.advert_expiry / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
-        let mut maintenance = tokio::time::interval(maint_period);
-        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ticker = |period| {
+            let mut t = tokio::time::interval(period);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        };
+        let mut advert_tick = ticker(self.cfg.advert_interval.max(Duration::from_millis(10)));
+        let mut maintenance = ticker(
+            (self.cfg.advert_expiry / 4).clamp(Duration::from_millis(20), Duration::from_secs(1)),
+        );
         // Redials are checked more often than maintenance runs, so a healed link is used soon.
-        let mut redial_tick = tokio::time::interval(
+        let mut redial_tick = ticker(
             (self.cfg.redial.initial / 2)
                 .clamp(Duration::from_millis(20), Duration::from_millis(250)),
         );
-        redial_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -345,17 +293,7 @@ impl Task {
                 let _ = reply.send(self.table.peers().map(|(p, _)| *p).collect());
             }
             Command::Adverts(reply) => {
-                let now = Instant::now();
-                let _ = reply.send(
-                    self.table
-                        .peers()
-                        .map(|(p, e)| crate::handle::KnownAdvert {
-                            peer: *p,
-                            advert: e.advert.clone(),
-                            age: now.saturating_duration_since(e.received_at),
-                        })
-                        .collect(),
-                );
+                let _ = reply.send(self.table.known_adverts(Instant::now()));
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -376,7 +314,7 @@ impl Task {
                 let addrs = if self.swarm.is_connected(&peer) {
                     Vec::new()
                 } else {
-                    self.advertised_addrs(&peer)
+                    self.table.dial_addrs(&peer)
                 };
                 let id = self
                     .swarm
@@ -401,82 +339,23 @@ impl Task {
         if !self.discovery.wants(&peer, connected, connections, now) {
             return;
         }
-        let addrs = addrs();
-        if addrs.is_empty() {
+        let nat = &self.nat;
+        let we_are_relayed = || nat.lock().is_ok_and(|n| n.has_reservation());
+        let local = self.swarm.local_peer_id();
+        let Some(opts) = DiscoveryDials::dial_opts(local, peer, addrs(), we_are_relayed) else {
             return;
-        }
-        // Two peers both behind NATs (each holds a relay reservation) learn of each other at the
-        // same moment from their adverts; if both dial, two relayed connections form and both
-        // start a hole punch at once, dialling and listening on the same ports, and the punches
-        // collide and fail. Only the smaller peer id dials such a peer; the other waits for it.
-        let via_relay = addrs
-            .iter()
-            .any(|a| a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
-        let we_are_relayed = self.nat.lock().is_ok_and(|n| n.has_reservation());
-        if via_relay && we_are_relayed && *self.swarm.local_peer_id() > peer {
-            return;
-        }
-        let opts = DialOpts::peer_id(peer)
-            .addresses(addrs)
-            .condition(PeerCondition::DisconnectedAndNotDialing)
-            .build();
+        };
         if self.swarm.dial(opts).is_ok() {
             self.discovery.dialing(peer, now);
         }
     }
 
-    /// `peer`'s advertised listen addresses (at most 8), for dialling it.
-    fn advertised_addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
-        self.table
-            .get(peer)
-            .map(|e| {
-                e.advert
-                    .listen_addrs
-                    .iter()
-                    .filter_map(|a| a.parse().ok())
-                    .take(8)
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     fn publish_advert(&mut self) {
-        let observed_bandwidth = self
-            .estimator
-            .lock()
-            .map(|e| e.top(8))
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(p, b)| BandwidthReport {
-                peer: p.to_base58(),
-                bytes_per_sec: b,
-            })
-            .collect();
         let local = *self.swarm.local_peer_id();
-        let signed = self.publisher.sign_next(
-            &local,
-            &self.listen_addrs,
-            observed_bandwidth,
-            Instant::now(),
-            unix_ms(),
-        );
-        match signed {
-            Ok(bytes) => {
-                let topic = self.topic.clone();
-                match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
-                    Ok(_) => {
-                        self.stats.adverts_published.fetch_add(1, Ordering::Relaxed);
-                        self.publisher.published(true);
-                    }
-                    Err(e) => {
-                        // InsufficientPeers before anyone joined is expected.
-                        self.publisher.published(false);
-                        tracing::trace!(error = %e, "advert not published");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "own advert does not encode within the limit"),
-        }
+        let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+        let (addrs, stats) = (&self.listen_addrs, &self.stats);
+        self.publisher
+            .publish(gossipsub, &local, addrs, &self.kv.estimator, stats);
     }
 
     /// Starts the redials that are due (bootstrap addresses, lost peers).
@@ -485,21 +364,14 @@ impl Task {
         let swarm = &self.swarm;
         let due = self.redial.due(now, |p| swarm.is_connected(p));
         for d in due {
-            let opts = match d.peer {
-                Some(p) => DialOpts::peer_id(p)
-                    .addresses(d.addrs)
-                    .condition(PeerCondition::DisconnectedAndNotDialing)
-                    .build(),
-                None => DialOpts::unknown_peer_id()
-                    .address(d.addrs[0].clone())
-                    .build(),
-            };
+            let key = d.key;
+            let opts = d.into_opts();
             let id = opts.connection_id();
             match self.swarm.dial(opts) {
-                Ok(()) => self.redial.dialing(d.key, id),
+                Ok(()) => self.redial.dialing(key, id),
                 Err(e) => {
-                    tracing::debug!(key = ?d.key, error = %e, "redial not started");
-                    self.redial.failed_to_start(d.key, now);
+                    tracing::debug!(?key, error = %e, "redial not started");
+                    self.redial.failed_to_start(key, now);
                 }
             }
         }
@@ -513,7 +385,7 @@ impl Task {
         }
         for peer in self.table.expire(now, self.cfg.advert_expiry) {
             self.redial.forget(&peer);
-            if let Ok(mut e) = self.estimator.lock() {
+            if let Ok(mut e) = self.kv.estimator.lock() {
                 e.forget(&peer);
             }
             self.emit(MeshEvent::PeerExpired { peer });
@@ -522,42 +394,14 @@ impl Task {
         for out in self.server.expire(now) {
             self.respond(Some(out));
         }
-        self.maybe_probe(now);
-    }
-
-    /// Starts at most one probe at a time, towards a connected mesh peer whose estimate is stale.
-    fn maybe_probe(&mut self, now: Instant) {
-        let ticket = {
-            let Ok(est) = self.estimator.lock() else {
-                return;
-            };
-            let stale_after = self.cfg.bandwidth.stale_after;
-            let swarm = &self.swarm;
-            let peers = self
-                .table
-                .peers()
-                .map(|(p, _)| *p)
-                .filter(|p| swarm.is_connected(p));
-            self.prober
-                .next(now, peers, |p| est.is_stale(p, now, stale_after))
-        };
-        let Some(ticket) = ticket else { return };
-        let peer = ticket.peer;
-        let control = self.control.clone();
-        let estimator = self.estimator.clone();
-        let limits = SenderLimits {
-            emulated_rate: emulated_rate(&self.emulated_rate, &peer),
-            ..SenderLimits::new(&self.cfg.limits)
-        };
-        let probe_bytes = self.cfg.bandwidth.probe_bytes.max(1);
-        let id = self.next_transfer.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let r = probe(control, peer, probe_bytes, id, limits, estimator).await;
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "bandwidth probe failed");
-            }
-            drop(ticket);
-        });
+        // Probes go to connected mesh peers whose estimate is stale.
+        let swarm = &self.swarm;
+        let peers = self
+            .table
+            .peers()
+            .map(|(p, _)| *p)
+            .filter(|p| swarm.is_connected(p));
+        self.prober.start_next(now, peers, &self.kv);
     }
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<MeshBehaviourEvent>) {
@@ -579,10 +423,7 @@ impl Task {
                 endpoint,
                 ..
             } => {
-                if num_established.get() == 1
-                    && endpoint.is_dialer()
-                    && self.allowlist.allows(&peer_id)
-                {
+                if num_established.get() == 1 && endpoint.is_dialer() {
                     if let Some(req) = self.sync.on_dialled(peer_id, Instant::now()) {
                         self.swarm.behaviour_mut().table.send_request(&peer_id, req);
                     }
@@ -602,7 +443,7 @@ impl Task {
                 ..
             } => {
                 // Peers we still hold an advert of are redialled (a partition, a restart).
-                let addrs = self.advertised_addrs(&peer_id);
+                let addrs = self.table.dial_addrs(&peer_id);
                 self.redial.on_disconnected(peer_id, addrs, Instant::now());
                 self.emit(MeshEvent::PeerDisconnected { peer: peer_id });
             }
@@ -637,22 +478,7 @@ impl Task {
         }
         self.stats.dials_failed.fetch_add(1, Ordering::Relaxed);
         if let Some((key, failures)) = self.redial.on_dial_failed(id, Instant::now()) {
-            // Logged at warn for bootstrap peers (a node alone in its mesh is the symptom an
-            // operator must be able to find), quieter for other peers.
-            match key {
-                DialKey::Bootstrap(i) => tracing::warn!(
-                    bootstrap = %self.cfg.bootstrap.get(i).map_or("", String::as_str),
-                    failures,
-                    %error,
-                    "bootstrap dial failed; retrying with backoff"
-                ),
-                DialKey::Lost(p) => tracing::info!(
-                    peer = %p,
-                    failures,
-                    %error,
-                    "redial of a lost peer failed; retrying with backoff"
-                ),
-            }
+            discovery::log_failed_redial(key, failures, &error, &self.cfg.bootstrap);
         }
         if let Some(d) = self.dials.remove(&id) {
             let _ = d.send(Err(MeshError::Dial(error.to_string())));
@@ -691,7 +517,7 @@ impl Task {
                     .report_message_validation_result(&message_id, &propagation_source, verdict);
             }
             MeshBehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
-                if self.publisher.unsent() && topic == self.topic.hash() =>
+                if self.publisher.unsent_on(&topic) =>
             {
                 self.publish_advert();
             }
@@ -701,10 +527,6 @@ impl Task {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    if !self.allowlist.allows(&peer) {
-                        self.stats.refused_auction.fetch_add(1, Ordering::Relaxed);
-                        return; // dropping the channel fails the request on the other side
-                    }
                     let events = &self.events;
                     let out = self
                         .server
@@ -736,14 +558,9 @@ impl Task {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    let res = if self.allowlist.allows(&peer) {
-                        let own = self.publisher.own_signed();
-                        self.sync
-                            .serve(peer, &request, own, &self.table, Instant::now())
-                    } else {
-                        None
-                    };
-                    match res {
+                    let own = self.publisher.own_signed();
+                    let now = Instant::now();
+                    match self.sync.serve(peer, &request, own, &self.table, now) {
                         Some(res) => {
                             let _ = self.swarm.behaviour_mut().table.send_response(channel, res);
                         }
@@ -803,28 +620,13 @@ impl Task {
         // The addresses are parsed only when a dial will happen (most adverts come from peers
         // we are connected to or do not need).
         let peer = admitted.peer;
-        let listen = &admitted.advert.listen_addrs;
-        self.discovery_dial(peer, || {
-            listen
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .take(8)
-                .collect()
-        });
+        let advert = &admitted.advert;
+        self.discovery_dial(peer, || advert.dial_addrs());
         let stored = self
             .intake
             .store(&mut self.table, admitted, data, origin, now);
         if stored.new {
-            if !self.cfg.table_sync.enabled {
-                // Without table sync a newcomer learns of us only from our adverts (see
-                // `AdvertPublisher`); with it, the newcomer fetches its bootstrap peers' tables
-                // on connecting and once more a little later, which hold every advert that had
-                // spread by then. Republishing for every newcomer cost N adverts (N²·`mesh_n`
-                // receptions in one process) per join: measured at 100 nodes, 651 adverts
-                // published instead of 100 while joining, convergence 7.9 s instead of 3.2 s and
-                // auction P99 2.2 s instead of 38 ms.
-                self.publisher.note_newcomer();
-            }
+            self.publisher.note_newcomer();
             self.emit(MeshEvent::PeerDiscovered { peer });
         }
         (stored.verdict, stored.new)

@@ -1,16 +1,17 @@
 //! Bandwidth probes: small opaque transfers whose only purpose is to measure goodput to a peer
 //! whose estimate is stale. [`Prober`] decides whom to probe (one probe at a time, each peer at
-//! most once per `stale_after`); [`probe`] runs one.
+//! most once per `stale_after`); [`Prober::start_next`] runs that decision against the live
+//! estimator and starts the probe in its own task.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
-use crate::bandwidth::BandwidthEstimator;
-use crate::kv::sender::SenderLimits;
+use crate::config::BandwidthConfig;
+use crate::kv::sender::KvOpener;
 use crate::kv::{KvHeader, KvTrailer};
 
 /// Whom to probe next.
@@ -18,6 +19,7 @@ use crate::kv::{KvHeader, KvTrailer};
 pub(crate) struct Prober {
     enabled: bool,
     stale_after: Duration,
+    probe_bytes: u64,
     max_known_peers: usize,
     running: Arc<AtomicBool>,
     last_probe: HashMap<PeerId, Instant>,
@@ -37,10 +39,11 @@ impl Drop for ProbeTicket {
 }
 
 impl Prober {
-    pub fn new(enabled: bool, stale_after: Duration, max_known_peers: usize) -> Self {
+    pub fn new(cfg: &BandwidthConfig, max_known_peers: usize) -> Self {
         Self {
-            enabled,
-            stale_after,
+            enabled: cfg.probes,
+            stale_after: cfg.stale_after,
+            probe_bytes: cfg.probe_bytes.max(1),
             max_known_peers,
             running: Arc::new(AtomicBool::new(false)),
             last_probe: HashMap::new(),
@@ -75,17 +78,36 @@ impl Prober {
             running: self.running.clone(),
         })
     }
+
+    /// Starts at most one probe at a time, towards the first of `candidates` (connected mesh
+    /// peers) whose estimate in `kv`'s estimator is stale (see [`Self::next`]).
+    pub fn start_next(
+        &mut self,
+        now: Instant,
+        candidates: impl Iterator<Item = PeerId>,
+        kv: &KvOpener,
+    ) {
+        let stale_after = self.stale_after;
+        let ticket = {
+            let Ok(est) = kv.estimator.lock() else {
+                return;
+            };
+            self.next(now, candidates, |p| est.is_stale(p, now, stale_after))
+        };
+        let Some(ticket) = ticket else { return };
+        let (kv, bytes) = (kv.clone(), self.probe_bytes);
+        tokio::spawn(async move {
+            let peer = ticket.peer;
+            if let Err(e) = probe(&kv, peer, bytes).await {
+                tracing::debug!(%peer, error = %e, "bandwidth probe failed");
+            }
+            drop(ticket);
+        });
+    }
 }
 
 /// A small transfer in 256 KiB pieces whose only purpose is to measure goodput to `peer`.
-pub(crate) async fn probe(
-    control: libp2p_stream::Control,
-    peer: PeerId,
-    bytes: u64,
-    id: u64,
-    limits: SenderLimits,
-    estimator: Arc<Mutex<BandwidthEstimator>>,
-) -> Result<(), crate::kv::KvError> {
+async fn probe(kv: &KvOpener, peer: PeerId, bytes: u64) -> Result<(), crate::kv::KvError> {
     let model = crate::advert::ModelRef {
         model_id: String::new(),
         weights_hash: [0; 32],
@@ -93,7 +115,7 @@ pub(crate) async fn probe(
         kv_layout_hash: [0; 32],
     };
     let header = KvHeader::opaque(0, model, bytes, 256 * 1024, true);
-    let mut s = crate::kv::KvSender::open(&control, peer, header, 1, id, limits, estimator).await?;
+    let mut s = kv.open(peer, header, 1).await?;
     s.send_opaque(&[0xA5]).await?;
     s.finish(KvTrailer::default()).await?;
     Ok(())
@@ -106,7 +128,12 @@ mod tests {
     #[test]
     fn one_probe_at_a_time_each_stale_peer_once_per_period() {
         let stale = Duration::from_secs(30);
-        let mut p = Prober::new(true, stale, 16);
+        let cfg = |probes| BandwidthConfig {
+            probes,
+            stale_after: stale,
+            ..BandwidthConfig::default()
+        };
+        let mut p = Prober::new(&cfg(true), 16);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
         let first = p.next(t0, [a, b].into_iter(), |_| true).expect("a probe");
@@ -132,7 +159,7 @@ mod tests {
                 .map(|t| t.peer),
             Some(a)
         );
-        let mut off = Prober::new(false, stale, 16);
+        let mut off = Prober::new(&cfg(false), 16);
         assert!(off.next(t0, [a].into_iter(), |_| true).is_none());
     }
 }

@@ -61,7 +61,8 @@ impl Allowlist {
 /// A built swarm and what the router needs next to it.
 pub(crate) struct Built {
     pub swarm: Swarm<MeshBehaviour>,
-    pub topic: IdentTopic,
+    /// The configured bootstrap addresses, for the redialer to dial.
+    pub bootstrap: Vec<Multiaddr>,
     /// Opens and accepts KV streams outside the swarm task.
     pub control: libp2p_stream::Control,
     /// Inbound `/prfaas/kv/2` streams, for the KV acceptor.
@@ -122,22 +123,23 @@ fn build_transport(
     Ok(tcp.or_transport(q).map(|e, _| e.into_inner()).boxed())
 }
 
-/// Gossip message id = the first 20 bytes of SHA-256 over the payload: identical adverts share
-/// an id (so duplicates are dropped by a cache lookup), and nobody can make a different advert
-/// collide with an honest one to have it suppressed.
 /// Inbound KV streams that may wait for the acceptor: every hello slot (shared and awaited
 /// winners') at once, so no stream the quotas would admit is lost to a burst.
 fn kv_accept_buffer(limits: &crate::config::Limits) -> usize {
     (limits.max_pending_transfers.max(1) * 4).clamp(16, 1024)
 }
 
+/// Gossip message id = the first 20 bytes of SHA-256 over the payload: identical adverts share
+/// an id (so duplicates are dropped by a cache lookup), and nobody can make a different advert
+/// collide with an honest one to have it suppressed.
 fn content_message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(&m.data);
     gossipsub::MessageId::new(&digest[..20])
 }
 
-/// Builds the swarm for `cfg` (listening on its addresses). Must be called inside a tokio runtime.
+/// Builds the swarm for `cfg` (listening on its addresses) and parses its bootstrap addresses.
+/// Must be called inside a tokio runtime.
 pub(crate) fn build(
     cfg: &MeshConfig,
     key: &Keypair,
@@ -274,9 +276,17 @@ pub(crate) fn build(
             .listen_on(addr.clone())
             .map_err(|e| MeshError::Start(format!("listen {addr}: {e}")))?;
     }
+    let bootstrap = cfg
+        .bootstrap
+        .iter()
+        .map(|b| {
+            b.parse::<Multiaddr>()
+                .map_err(|e| MeshError::Config(format!("bootstrap {b}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Built {
         swarm,
-        topic,
+        bootstrap,
         control,
         incoming,
     })

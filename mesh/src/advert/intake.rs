@@ -63,6 +63,19 @@ pub(crate) struct IntakeLimits {
     pub max_clock_skew: Duration,
 }
 
+impl IntakeLimits {
+    /// The bounds `cfg` sets.
+    pub fn new(cfg: &crate::config::MeshConfig) -> Self {
+        Self {
+            max_advert_bytes: cfg.limits.max_advert_bytes,
+            max_known_peers: cfg.limits.max_known_peers,
+            advert_interval: cfg.advert_interval,
+            advert_expiry: cfg.advert_expiry,
+            max_clock_skew: cfg.limits.max_clock_skew,
+        }
+    }
+}
+
 /// An advert that passed every check and is about to be stored.
 #[derive(Debug)]
 pub(crate) struct Admitted {

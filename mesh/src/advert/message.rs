@@ -163,6 +163,15 @@ impl AdvertBody {
 }
 
 impl Advert {
+    /// The advertised listen addresses that parse, at most 8: where to dial the sender.
+    pub(crate) fn dial_addrs(&self) -> Vec<libp2p::Multiaddr> {
+        self.listen_addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .take(8)
+            .collect()
+    }
+
     /// Whether this node offers prefill for exactly this model and KV layout.
     pub fn can_prefill(&self, model: &ModelRef) -> bool {
         self.body.roles.contains(&Role::Prefill) && self.body.models.iter().any(|m| m == model)

@@ -182,6 +182,24 @@ impl PeerTable {
         self.entries.iter()
     }
 
+    /// Where to dial `peer`: its advertised addresses (see [`Advert::dial_addrs`]), if known.
+    pub(crate) fn dial_addrs(&self, peer: &PeerId) -> Vec<libp2p::Multiaddr> {
+        self.get(peer)
+            .map(|e| e.advert.dial_addrs())
+            .unwrap_or_default()
+    }
+
+    /// Every entry with its age at `now`, as [`crate::MeshHandle::adverts`] reports them.
+    pub(crate) fn known_adverts(&self, now: Instant) -> Vec<crate::KnownAdvert> {
+        self.peers()
+            .map(|(p, e)| crate::KnownAdvert {
+                peer: *p,
+                advert: e.advert.clone(),
+                age: now.saturating_duration_since(e.received_at),
+            })
+            .collect()
+    }
+
     /// Peers that can prefill `model` (same weights hash and KV layout), most useful first:
     /// shortest queue, then lowest price, then fastest advertised prefill, then peer id (so the
     /// order is deterministic). Bid scoring proper (bandwidth-aware) happens in the auction.
@@ -240,6 +258,25 @@ mod tests {
             },
             observed_bandwidth: vec![],
         }
+    }
+
+    #[test]
+    fn a_peer_is_dialled_at_its_first_eight_addresses_that_parse() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(8);
+        let a = PeerId::random();
+        let mut ad = advert(a, 1, 0, 1.0, 1);
+        ad.listen_addrs = std::iter::once("not an address".to_string())
+            .chain((1..=10).map(|port| format!("/ip4/127.0.0.1/tcp/{port}")))
+            .collect();
+        t.upsert(a, ad, t0);
+        let addrs = t.dial_addrs(&a);
+        assert_eq!(addrs.len(), 8);
+        assert_eq!(addrs[0].to_string(), "/ip4/127.0.0.1/tcp/1");
+        assert!(t.dial_addrs(&PeerId::random()).is_empty(), "unknown peer");
+        let known = t.known_adverts(t0 + Duration::from_secs(2));
+        assert_eq!(known.len(), 1);
+        assert_eq!((known[0].peer, known[0].age), (a, Duration::from_secs(2)));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use libp2p::PeerId;
 use super::sync::{TableEntry, TableRequest, TableResponse, TokenBucket, ENTRY_OVERHEAD};
 use super::PeerTable;
 use crate::config::TableSyncConfig;
+use crate::transport::Allowlist;
 
 /// Peers we synced from are remembered up to this many (the follow-up asks someone else).
 const MAX_SYNCED_FROM: usize = 16;
@@ -20,6 +21,8 @@ const MAX_SYNCED_FROM: usize = 16;
 pub(crate) struct TableSync {
     cfg: TableSyncConfig,
     max_known_peers: usize,
+    /// Only these peers are asked and served.
+    allowlist: Allowlist,
     /// Rate limit on the syncs we start.
     bucket: TokenBucket,
     /// Peers we asked and that have not answered yet.
@@ -35,11 +38,17 @@ pub(crate) struct TableSync {
 }
 
 impl TableSync {
-    pub fn new(cfg: TableSyncConfig, max_known_peers: usize, now: Instant) -> Self {
+    pub fn new(
+        cfg: TableSyncConfig,
+        max_known_peers: usize,
+        allowlist: Allowlist,
+        now: Instant,
+    ) -> Self {
         Self {
             bucket: TokenBucket::new(cfg.burst, cfg.period, now),
             cfg,
             max_known_peers,
+            allowlist,
             syncing: HashSet::new(),
             served: HashMap::new(),
             synced_from: HashSet::new(),
@@ -48,10 +57,14 @@ impl TableSync {
         }
     }
 
-    /// A request for `peer` (just dialled), unless sync is off, we already asked it, or the
-    /// token bucket is empty.
+    /// A request for `peer` (just dialled), unless sync is off, the allowlist leaves `peer` out,
+    /// we already asked it, or the token bucket is empty.
     pub fn on_dialled(&mut self, peer: PeerId, now: Instant) -> Option<TableRequest> {
-        if !self.cfg.enabled || self.syncing.contains(&peer) || !self.bucket.try_take(now) {
+        if !self.cfg.enabled
+            || !self.allowlist.allows(&peer)
+            || self.syncing.contains(&peer)
+            || !self.bucket.try_take(now)
+        {
             return None;
         }
         Some(self.start(peer))
@@ -87,8 +100,8 @@ impl TableSync {
     }
 
     /// Our table of signed adverts (ours first) for `peer`, within the entry and byte bounds; an
-    /// empty table to a peer that asked within `serve_interval`; `None` when sync is off (the
-    /// request is then refused).
+    /// empty table to a peer that asked within `serve_interval`; `None` when sync is off or the
+    /// allowlist leaves `peer` out (the request is then refused).
     pub fn serve(
         &mut self,
         peer: PeerId,
@@ -97,7 +110,7 @@ impl TableSync {
         table: &PeerTable,
         now: Instant,
     ) -> Option<TableResponse> {
-        if !self.cfg.enabled {
+        if !self.cfg.enabled || !self.allowlist.allows(&peer) {
             return None;
         }
         let ts = &self.cfg;
@@ -192,7 +205,7 @@ mod tests {
     #[test]
     fn asks_each_peer_once_within_the_bucket() {
         let t0 = Instant::now();
-        let mut s = TableSync::new(cfg(), 16, t0);
+        let mut s = TableSync::new(cfg(), 16, Allowlist::default(), t0);
         let (a, b, c) = (peer(), peer(), peer());
         assert_eq!(s.on_dialled(a, t0).map(|r| r.max_entries), Some(3));
         assert!(s.on_dialled(a, t0).is_none(), "already asked");
@@ -205,7 +218,7 @@ mod tests {
     #[test]
     fn answers_only_from_asked_peers_bounded_and_schedules_one_followup() {
         let t0 = Instant::now();
-        let mut s = TableSync::new(cfg(), 16, t0);
+        let mut s = TableSync::new(cfg(), 16, Allowlist::default(), t0);
         let (a, stranger, other) = (peer(), peer(), peer());
         s.on_dialled(a, t0).expect("asked");
         let res = TableResponse {
@@ -236,7 +249,7 @@ mod tests {
     #[test]
     fn serves_ours_first_and_rate_limits_each_asker() {
         let t0 = Instant::now();
-        let mut s = TableSync::new(cfg(), 16, t0);
+        let mut s = TableSync::new(cfg(), 16, Allowlist::default(), t0);
         let table = PeerTable::new(16);
         let own: Arc<[u8]> = Arc::from(&b"ours"[..]);
         let a = peer();
@@ -252,8 +265,23 @@ mod tests {
                 ..cfg()
             },
             16,
+            Allowlist::default(),
             t0,
         );
         assert!(off.serve(a, &req, Some(&own), &table, t0).is_none());
+    }
+
+    #[test]
+    fn peers_the_allowlist_leaves_out_are_neither_asked_nor_served() {
+        let t0 = Instant::now();
+        let (local, friend, stranger) = (peer(), peer(), peer());
+        let allow = Allowlist::from_config(Some(&[friend.to_base58()]), local).expect("list");
+        let mut s = TableSync::new(cfg(), 16, allow, t0);
+        let req = TableRequest { max_entries: 100 };
+        let table = PeerTable::new(16);
+        assert!(s.on_dialled(stranger, t0).is_none());
+        assert!(s.serve(stranger, &req, None, &table, t0).is_none());
+        assert!(s.on_dialled(friend, t0).is_some());
+        assert!(s.serve(friend, &req, None, &table, t0).is_some());
     }
 }

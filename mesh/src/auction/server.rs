@@ -16,6 +16,7 @@ use super::{
 use crate::event::{CallToken, MeshEvent};
 use crate::handle::CallAnswer;
 use crate::stats::MeshStats;
+use crate::transport::Allowlist;
 
 /// A call waiting for the application's answer.
 #[derive(Debug)]
@@ -35,6 +36,18 @@ pub(crate) struct ServerLimits {
     pub max_outstanding_bids_per_peer: usize,
 }
 
+impl ServerLimits {
+    /// The bounds `limits` sets.
+    pub fn new(limits: &crate::config::Limits) -> Self {
+        Self {
+            max_pending_calls: limits.max_pending_calls,
+            max_pending_calls_per_peer: limits.max_pending_calls_per_peer,
+            max_outstanding_bids: limits.max_outstanding_bids,
+            max_outstanding_bids_per_peer: limits.max_outstanding_bids_per_peer,
+        }
+    }
+}
+
 /// Bidder-side auction state.
 #[derive(Debug)]
 pub(crate) struct AuctionServer<C> {
@@ -43,11 +56,18 @@ pub(crate) struct AuctionServer<C> {
     next_token: u64,
     book: BidBook,
     gate: ServeGate,
+    /// Only these peers may call us.
+    allowlist: Allowlist,
     stats: Arc<MeshStats>,
 }
 
 impl<C> AuctionServer<C> {
-    pub fn new(limits: ServerLimits, gate: ServeGate, stats: Arc<MeshStats>) -> Self {
+    pub fn new(
+        limits: ServerLimits,
+        gate: ServeGate,
+        allowlist: Allowlist,
+        stats: Arc<MeshStats>,
+    ) -> Self {
         Self {
             book: BidBook::new(
                 limits.max_outstanding_bids,
@@ -57,6 +77,7 @@ impl<C> AuctionServer<C> {
             pending: HashMap::new(),
             next_token: 0,
             gate,
+            allowlist,
             stats,
         }
     }
@@ -70,8 +91,9 @@ impl<C> AuctionServer<C> {
     }
 
     /// Handles one request from `peer`. Returns the response to send on `channel` now, or `None`
-    /// when the call waits for the application (its answer comes through [`Self::answer`]).
-    /// `emit` delivers an event to the application and says whether it was taken.
+    /// when the call waits for the application (its answer comes through [`Self::answer`]) or
+    /// the allowlist leaves `peer` out (the channel is dropped, which fails the request on the
+    /// other side). `emit` delivers an event to the application and says whether it was taken.
     pub fn on_request(
         &mut self,
         peer: PeerId,
@@ -80,6 +102,10 @@ impl<C> AuctionServer<C> {
         now: Instant,
         mut emit: impl FnMut(MeshEvent) -> bool,
     ) -> Option<(C, AuctionResponse)> {
+        if !self.allowlist.allows(&peer) {
+            self.stats.refused_auction.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         let resp = match req {
             AuctionRequest::Call(call) => {
                 let from_peer = self.pending.values().filter(|c| c.peer == peer).count();
@@ -224,6 +250,7 @@ mod tests {
         AuctionServer::new(
             limits(),
             ServeGate::default(),
+            Allowlist::default(),
             Arc::new(MeshStats::default()),
         )
     }
@@ -315,6 +342,27 @@ mod tests {
     }
 
     #[test]
+    fn calls_from_peers_the_allowlist_leaves_out_are_dropped_and_counted() {
+        let (local, friend, stranger) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let allow = Allowlist::from_config(Some(&[friend.to_base58()]), local).expect("list");
+        let stats = Arc::new(MeshStats::default());
+        let mut s = AuctionServer::new(limits(), ServeGate::default(), allow, stats.clone());
+        let now = Instant::now();
+        let mut ask = |peer, id| {
+            let mut events = 0;
+            let out = s.on_request(peer, call(id), 0u32, now, |_| {
+                events += 1;
+                true
+            });
+            (out.is_some(), events)
+        };
+        assert_eq!(ask(stranger, 1), (false, 0), "dropped, never shown");
+        assert_eq!(stats.refused_auction.load(Ordering::Relaxed), 1);
+        assert_eq!(ask(friend, 2), (false, 1), "waits for the application");
+        assert_eq!(stats.refused_auction.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn pending_calls_are_bounded_per_peer_and_in_all() {
         let mut s = server();
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
@@ -367,7 +415,8 @@ mod tests {
         let gate = ServeGate::default();
         gate.set_max(1);
         let stats = Arc::new(MeshStats::default());
-        let mut s: AuctionServer<u32> = AuctionServer::new(limits(), gate, stats.clone());
+        let mut s: AuctionServer<u32> =
+            AuctionServer::new(limits(), gate, Allowlist::default(), stats.clone());
         let home = PeerId::random();
         let t0 = Instant::now();
         let mut tokens = Vec::new();

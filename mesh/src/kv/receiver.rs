@@ -501,6 +501,35 @@ struct Pending {
 }
 
 impl Acceptor {
+    /// An acceptor with the bounds `cfg` sets, awaiting the transfers in `expected`.
+    pub fn new(
+        cfg: &crate::config::MeshConfig,
+        estimator: Arc<Mutex<BandwidthEstimator>>,
+        stats: Arc<MeshStats>,
+        allowlist: Option<Arc<std::collections::HashSet<PeerId>>>,
+        expected: ExpectedTransfers,
+    ) -> Self {
+        let l = &cfg.limits;
+        Self {
+            limits: ReceiverLimits {
+                max_piece_bytes: l.max_piece_bytes,
+                max_transfer_bytes: l.max_transfer_bytes,
+                max_trailer_bytes: l.max_trailer_bytes,
+                max_streams: l.max_streams_per_transfer.max(1),
+                idle_timeout: l.kv_idle_timeout,
+            },
+            estimator,
+            stats,
+            allowlist,
+            max_pending_transfers: l.max_pending_transfers,
+            probe_max_bytes: cfg.bandwidth.probe_bytes.max(1),
+            expected,
+            max_hellos_per_peer: l.max_kv_hellos_per_peer.max(1),
+            min_probe_interval: l.min_probe_interval,
+            accept_unexpected: l.accept_unexpected_kv,
+        }
+    }
+
     /// Runs until `incoming` ends or `cancel` fires. `emit` gets each new transfer; if it returns
     /// `false` (event queue full) the transfer is dropped and counted.
     pub async fn run(

@@ -3,7 +3,9 @@
 //! streams by how fast each drains. [`KvSender::send_piece`] waits (async) only while every
 //! stream is busy and one piece per stream is already queued.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::AsyncWriteExt;
@@ -59,6 +61,67 @@ impl SenderLimits {
             min_rate: limits.kv_min_rate_bytes_per_s as f64,
             emulated_rate: None,
         }
+    }
+}
+
+/// Per-peer emulated link rates in bytes/s (see [`crate::MeshHandle::set_emulated_bandwidth`]).
+pub(crate) type EmulatedRates = Arc<RwLock<HashMap<PeerId, f64>>>;
+
+/// What opening a KV transfer takes, shared by the handle (transfers) and the swarm task
+/// (bandwidth probes), so both draw transfer ids and limits alike.
+#[derive(Clone)]
+pub(crate) struct KvOpener {
+    pub control: libp2p_stream::Control,
+    pub estimator: Arc<Mutex<BandwidthEstimator>>,
+    /// Emulated link rate per peer (shared with the probes the swarm task starts).
+    pub emulated_rate: EmulatedRates,
+    next_transfer: Arc<AtomicU64>,
+    limits: SenderLimits,
+}
+
+impl KvOpener {
+    /// Transfer ids start at `first_id`.
+    pub fn new(
+        control: libp2p_stream::Control,
+        estimator: Arc<Mutex<BandwidthEstimator>>,
+        limits: SenderLimits,
+        first_id: u64,
+    ) -> Self {
+        Self {
+            control,
+            estimator,
+            emulated_rate: EmulatedRates::default(),
+            next_transfer: Arc::new(AtomicU64::new(first_id)),
+            limits,
+        }
+    }
+
+    /// Opens a transfer to `peer` over `streams` streams, paced at its emulated rate if any.
+    pub async fn open(
+        &self,
+        peer: PeerId,
+        header: KvHeader,
+        streams: u16,
+    ) -> Result<KvSender, KvError> {
+        let id = self.next_transfer.fetch_add(1, Ordering::Relaxed);
+        let limits = SenderLimits {
+            emulated_rate: self
+                .emulated_rate
+                .read()
+                .ok()
+                .and_then(|m| m.get(&peer).copied()),
+            ..self.limits
+        };
+        KvSender::open(
+            &self.control,
+            peer,
+            header,
+            streams,
+            id,
+            limits,
+            self.estimator.clone(),
+        )
+        .await
     }
 }
 
