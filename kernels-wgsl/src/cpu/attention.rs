@@ -471,7 +471,7 @@ mod tiles {
     pub(super) fn available(head_dim: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            head_dim % L == 0 && super::simd::Isa::get() == super::simd::Isa::Avx512
+            head_dim.is_multiple_of(L) && super::simd::Isa::get() == super::simd::Isa::Avx512
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -603,7 +603,7 @@ mod tiles {
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn scores(kt: &[f32], qt: &[f32], hd: usize, nk: usize, nvp: usize, st: &mut [f32]) {
         assert!(kt.len() >= nk * hd && qt.len() >= hd * nvp && st.len() >= nk * nvp);
-        assert!(nvp % L == 0);
+        assert!(nvp.is_multiple_of(L));
         let mut j = 0;
         while j < nk {
             let r = (nk - j).min(R);
@@ -684,7 +684,7 @@ mod tiles {
         acc: &mut [f32],
     ) {
         assert!(st.len() >= nk * nvp && vt.len() >= nk * hd && acc.len() >= nv * hd);
-        assert!(hd % L == 0 && nv <= nvp);
+        assert!(hd.is_multiple_of(L) && nv <= nvp);
         let mut v = 0;
         while v < nv {
             let r = (nv - v).min(R);
