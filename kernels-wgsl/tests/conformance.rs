@@ -794,6 +794,8 @@ fn attention_odd_tiles_gqa4_head_dims() {
         (6, 3, 40, 5, Some(3)),
         (5, 5, 6, 7, None),
         (2, 1, 132, 16, Some(70)),
+        // Three 16-lane columns per head, 3 vectors per row (the AVX-512 tile remainders).
+        (3, 1, 48, 16, Some(150)),
     ];
     for &(nh, nkv, hd, bs, window) in &cases {
         let p = attn_params(nh, nkv, hd, window);

@@ -159,6 +159,9 @@ pub(crate) fn attention(
         }
     }
 
+    // Multi-row tasks take the AVX-512 register-tile kernels where they apply (head_dim a
+    // multiple of 16 lanes), the portable `gemm` route elsewhere.
+    let tiles_avx512 = tiles::available(hd);
     let partials: Vec<Partial> = tasks
         .par_iter()
         .map(|t| {
@@ -173,6 +176,8 @@ pub(crate) fn attention(
             // direct two-pass kernel beats tiled gemm calls on a 1-row problem.
             let attend = if t.i1 - t.i0 == 1 {
                 decode_task
+            } else if tiles_avx512 {
+                attn_task_tiles
             } else {
                 attn_task
             };
@@ -299,7 +304,7 @@ multiversion! {
         });
         for g in 0..group {
             let srow = &mut scores[g * nk..(g + 1) * nk];
-            let mx = srow.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mx = simd::max(srow);
             for x in srow.iter_mut() {
                 *x = simd::exp_neg(*x - mx);
             }
@@ -388,16 +393,26 @@ multiversion! {
                         continue;
                     }
                     any = true;
-                    let mx = srow[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    // Three vectorised passes over the row: max, exp in place with the sum,
+                    // and zeros outside the visible keys.
+                    let mx = simd::max(&srow[lo..hi]);
                     let mold = part.m[v];
                     let mnew = mold.max(mx);
                     let corr = if mold == f32::NEG_INFINITY { 0.0 } else { simd::exp_neg(mold - mnew) };
                     let mut sum = [0.0f32; simd::LANES];
-                    for (j, x) in srow.iter_mut().enumerate() {
-                        let e = simd::exp_neg(*x - mnew);
-                        *x = if j >= lo && j < hi { e } else { 0.0 };
-                        sum[j % simd::LANES] += *x;
+                    let (chunks, tail) = srow[lo..hi].as_chunks_mut::<{ simd::LANES }>();
+                    for c in chunks {
+                        for (x, s) in c.iter_mut().zip(&mut sum) {
+                            *x = simd::exp_neg(*x - mnew);
+                            *s += *x;
+                        }
                     }
+                    for x in tail {
+                        *x = simd::exp_neg(*x - mnew);
+                        sum[0] += *x;
+                    }
+                    srow[..lo].fill(0.0);
+                    srow[hi..].fill(0.0);
                     part.l[v] = part.l[v] * corr + simd::hsum(&sum);
                     part.m[v] = mnew;
                     simd::scale(&mut part.acc[v * hd..(v + 1) * hd], corr);
@@ -407,6 +422,338 @@ multiversion! {
                 super::matmul::gemm_local(&s, TILE, &vt, hd, true, &mut part.acc, hd, (nv, nk, hd), true);
             }
             k0 = k1;
+        }
+    }
+}
+
+/// [`attn_task`] on AVX-512 register tiles, with the scores kept transposed.
+///
+/// Scores are laid out `[key, vector]` (`Sᵀ`): `Sᵀ = K·Qᵀ` broadcasts each key's values against
+/// 16-vector rows of `Qᵀ` (transposed once per task), the online softmax then runs across 16
+/// query vectors per instruction with no horizontal reductions, and `acc += P·V` broadcasts
+/// `Sᵀ[key, vector]` against rows of V in their natural layout. Neither K nor V is transposed per
+/// tile. Only tiles that a row cannot see in full (the diagonal, window edges) are masked.
+#[allow(clippy::too_many_arguments)]
+fn attn_task_tiles(
+    q: &[f32],
+    k_pool: KvRows<'_>,
+    v_pool: KvRows<'_>,
+    block_size: usize,
+    table: &[u32],
+    n_past: usize,
+    t: &Task,
+    p: &AttnParams,
+    part: &mut Partial,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `tiles::available` checked AVX-512F before this kernel was chosen.
+    unsafe {
+        tiles::attn_task(q, k_pool, v_pool, block_size, table, n_past, t, p, part)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    attn_task(q, k_pool, v_pool, block_size, table, n_past, t, p, part)
+}
+
+/// The AVX-512 kernels behind [`attn_task_tiles`].
+mod tiles {
+    use super::*;
+    #[cfg(target_arch = "x86_64")]
+    use std::arch::x86_64::*;
+
+    /// Query vectors per register row (one zmm of f32).
+    const L: usize = 16;
+    /// Rows of a register tile: keys in `Sᵀ = K·Qᵀ`, query vectors in `P·V`.
+    const R: usize = 6;
+    /// Largest number of zmm columns of a register tile (`R·C` accumulators ≤ 24 of 32).
+    const C: usize = 4;
+
+    /// Whether the tile kernels can run a head of `head_dim`.
+    pub(super) fn available(head_dim: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            head_dim.is_multiple_of(L) && super::simd::Isa::get() == super::simd::Isa::Avx512
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = head_dim;
+            false
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn attn_task(
+        q: &[f32],
+        k_pool: KvRows<'_>,
+        v_pool: KvRows<'_>,
+        block_size: usize,
+        table: &[u32],
+        n_past: usize,
+        t: &Task,
+        p: &AttnParams,
+        part: &mut Partial,
+    ) {
+        let (nh, hd, nkv) = (p.n_heads, p.head_dim, p.n_kv_heads);
+        let group = nh / nkv;
+        let row = nkv * hd;
+        let nv = (t.i1 - t.i0) * group;
+        let nvp = nv.next_multiple_of(L);
+        // Scaled queries, transposed: qt[d·nvp + v]; vector v = (i - i0)·group + g is row i,
+        // head kvh·group + g; the padding vectors are zero.
+        let mut qt = vec![0.0f32; hd * nvp];
+        for i in t.i0..t.i1 {
+            for g in 0..group {
+                let v = (i - t.i0) * group + g;
+                let src = &q[((t.q_base + i) * nh + t.kvh * group + g) * hd..][..hd];
+                for (d, &x) in src.iter().enumerate() {
+                    qt[d * nvp + v] = x * p.scale;
+                }
+            }
+        }
+        // Each vector's visible keys: [first, qpos]. Padding vectors copy the last row.
+        let qpos: Vec<usize> = (0..nvp)
+            .map(|v| n_past + t.i0 + (v / group).min(t.i1 - t.i0 - 1))
+            .collect();
+        let first: Vec<usize> = qpos
+            .iter()
+            .map(|&qp| p.window.map_or(0, |w| (qp + 1).saturating_sub(w)))
+            .collect();
+        let mut m = vec![f32::NEG_INFINITY; nvp];
+        let mut l = vec![0.0f32; nvp];
+        let mut mnew = vec![0.0f32; nvp];
+        let mut corr = vec![0.0f32; nvp];
+        let mut lsum = vec![0.0f32; nvp];
+        let mut kt = vec![0.0f32; TILE * hd]; // K tile: [TILE, hd]
+        let mut vt = vec![0.0f32; TILE * hd]; // V tile: [TILE, hd]
+        let mut st = vec![0.0f32; TILE * nvp]; // Sᵀ, then Pᵀ: [TILE, nvp]
+        let mut k0 = t.ka;
+        while k0 < t.kb {
+            let k1 = (k0 + TILE).min(t.kb);
+            let nk = k1 - k0;
+            let mut pos = k0;
+            while pos < k1 {
+                let run = (block_size - pos % block_size).min(k1 - pos);
+                let slot = table[pos / block_size] as usize * block_size + pos % block_size;
+                for r in 0..run {
+                    let off = (slot + r) * row + t.kvh * hd;
+                    let j = pos - k0 + r;
+                    k_pool.copy_row(off, &mut kt[j * hd..(j + 1) * hd]);
+                    v_pool.copy_row(off, &mut vt[j * hd..(j + 1) * hd]);
+                }
+                pos += run;
+            }
+            scores(&kt, &qt, hd, nk, nvp, &mut st);
+            // Mask keys a vector cannot see (first and qpos only grow with the vector).
+            if k1 - 1 > qpos[0] || k0 < first[nvp - 1] {
+                for (j, srow) in st.chunks_exact_mut(nvp).take(nk).enumerate() {
+                    let key = k0 + j;
+                    for ((s, &f), &qp) in srow.iter_mut().zip(&first).zip(&qpos) {
+                        if key < f || key > qp {
+                            *s = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+            // Online softmax across vectors: tile max, rescale factors, then probabilities.
+            mnew.copy_from_slice(&m);
+            for srow in st.chunks_exact(nvp).take(nk) {
+                for (mx, &s) in mnew.iter_mut().zip(srow) {
+                    *mx = if s > *mx { s } else { *mx };
+                }
+            }
+            for ((c, &mo), &mn) in corr.iter_mut().zip(&m).zip(&mnew) {
+                *c = if mo == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    simd::exp_neg(mo - mn)
+                };
+            }
+            lsum.fill(0.0);
+            for srow in st.chunks_exact_mut(nvp).take(nk) {
+                for ((s, &mn), ls) in srow.iter_mut().zip(&mnew).zip(lsum.iter_mut()) {
+                    // A vector that has seen no key yet (mn = −∞) gets weight 0, not NaN.
+                    *s = if mn == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        simd::exp_neg(*s - mn)
+                    };
+                    *ls += *s;
+                }
+            }
+            for v in 0..nvp {
+                l[v] = l[v] * corr[v] + lsum[v];
+            }
+            m.copy_from_slice(&mnew);
+            for (acc, &c) in part.acc.chunks_exact_mut(hd).zip(&corr) {
+                if c != 1.0 {
+                    simd::scale(acc, c);
+                }
+            }
+            weighted_values(&st, &vt, hd, nk, nvp, nv, &mut part.acc);
+            k0 = k1;
+        }
+        part.m.copy_from_slice(&m[..nv]);
+        part.l.copy_from_slice(&l[..nv]);
+    }
+
+    /// `st[j·nvp + v] = Σ_d kt[j·hd + d] · qt[d·nvp + v]` for keys `j < nk` and all `nvp`
+    /// vectors, in register tiles of `R` keys × up to `C·L` vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn scores(kt: &[f32], qt: &[f32], hd: usize, nk: usize, nvp: usize, st: &mut [f32]) {
+        assert!(kt.len() >= nk * hd && qt.len() >= hd * nvp && st.len() >= nk * nvp);
+        assert!(nvp.is_multiple_of(L));
+        let mut j = 0;
+        while j < nk {
+            let r = (nk - j).min(R);
+            let mut c0 = 0;
+            while c0 < nvp {
+                let c = ((nvp - c0) / L).min(C);
+                // SAFETY: rows j..j + r of kt, columns c0..c0 + c·L of qt and st are in bounds
+                // (asserted above), AVX-512F is enabled.
+                unsafe {
+                    let (k, qp, out) = (
+                        kt.as_ptr().add(j * hd),
+                        qt.as_ptr().add(c0),
+                        st.as_mut_ptr().add(j * nvp + c0),
+                    );
+                    macro_rules! dispatch {
+                        ($($rr:literal),*) => {
+                            match (r, c) {
+                                $(($rr, 1) => scores_tile::<$rr, 1>(k, qp, out, hd, nvp),
+                                  ($rr, 2) => scores_tile::<$rr, 2>(k, qp, out, hd, nvp),
+                                  ($rr, 3) => scores_tile::<$rr, 3>(k, qp, out, hd, nvp),
+                                  ($rr, _) => scores_tile::<$rr, 4>(k, qp, out, hd, nvp),)*
+                                _ => unreachable!(),
+                            }
+                        };
+                    }
+                    dispatch!(1, 2, 3, 4, 5, 6);
+                }
+                c0 += c * L;
+            }
+            j += r;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn scores_tile<const RR: usize, const CC: usize>(
+        k: *const f32,
+        qt: *const f32,
+        out: *mut f32,
+        hd: usize,
+        nvp: usize,
+    ) {
+        // SAFETY: the caller checked the bounds of every row and column touched.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); CC]; RR];
+            for d in 0..hd {
+                let mut qv = [_mm512_setzero_ps(); CC];
+                for (c, x) in qv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(qt.add(d * nvp + c * L));
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let kb = _mm512_set1_ps(*k.add(r * hd + d));
+                    for (c, x) in a.iter_mut().enumerate() {
+                        *x = _mm512_fmadd_ps(kb, qv[c], *x);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (c, x) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(r * nvp + c * L), *x);
+                }
+            }
+        }
+    }
+
+    /// `acc[v·hd + e] += Σ_{j < nk} st[j·nvp + v] · vt[j·hd + e]` for the `nv` real vectors, in
+    /// register tiles of `R` vectors × up to `C·L` values of a head.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn weighted_values(
+        st: &[f32],
+        vt: &[f32],
+        hd: usize,
+        nk: usize,
+        nvp: usize,
+        nv: usize,
+        acc: &mut [f32],
+    ) {
+        assert!(st.len() >= nk * nvp && vt.len() >= nk * hd && acc.len() >= nv * hd);
+        assert!(hd.is_multiple_of(L) && nv <= nvp);
+        let mut v = 0;
+        while v < nv {
+            let r = (nv - v).min(R);
+            let mut e0 = 0;
+            while e0 < hd {
+                let c = ((hd - e0) / L).min(C);
+                // SAFETY: vectors v..v + r, values e0..e0 + c·L and keys < nk are in bounds
+                // (asserted above), AVX-512F is enabled.
+                unsafe {
+                    let (pp, vp, out) = (
+                        st.as_ptr().add(v),
+                        vt.as_ptr().add(e0),
+                        acc.as_mut_ptr().add(v * hd + e0),
+                    );
+                    macro_rules! dispatch {
+                        ($($rr:literal),*) => {
+                            match (r, c) {
+                                $(($rr, 1) => values_tile::<$rr, 1>(pp, vp, out, hd, nk, nvp),
+                                  ($rr, 2) => values_tile::<$rr, 2>(pp, vp, out, hd, nk, nvp),
+                                  ($rr, 3) => values_tile::<$rr, 3>(pp, vp, out, hd, nk, nvp),
+                                  ($rr, _) => values_tile::<$rr, 4>(pp, vp, out, hd, nk, nvp),)*
+                                _ => unreachable!(),
+                            }
+                        };
+                    }
+                    dispatch!(1, 2, 3, 4, 5, 6);
+                }
+                e0 += c * L;
+            }
+            v += r;
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn values_tile<const RR: usize, const CC: usize>(
+        st: *const f32,
+        vt: *const f32,
+        out: *mut f32,
+        hd: usize,
+        nk: usize,
+        nvp: usize,
+    ) {
+        // SAFETY: the caller checked the bounds of every row and column touched.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); CC]; RR];
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (c, x) in a.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(out.add(r * hd + c * L));
+                }
+            }
+            for j in 0..nk {
+                let mut vv = [_mm512_setzero_ps(); CC];
+                for (c, x) in vv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(vt.add(j * hd + c * L));
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let pb = _mm512_set1_ps(*st.add(j * nvp + r));
+                    for (c, x) in a.iter_mut().enumerate() {
+                        *x = _mm512_fmadd_ps(pb, vv[c], *x);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (c, x) in a.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(r * hd + c * L), *x);
+                }
+            }
         }
     }
 }

@@ -813,18 +813,7 @@ simd::multiversion! {
     /// The largest value of `x` that is not NaN (−∞ when there is none), vectorised: the
     /// reference argmax's choice is the first position holding it (0 when every value is NaN).
     fn simd_max(x: &[f32]) -> f32 {
-        let mut acc = [f32::NEG_INFINITY; simd::LANES];
-        let (chunks, tail) = x.as_chunks::<{ simd::LANES }>();
-        for c in chunks {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                // `v > a` is false for a NaN `v`, so NaNs never enter (one `vmaxps`).
-                *a = if v > *a { v } else { *a };
-            }
-        }
-        for &v in tail {
-            acc[0] = if v > acc[0] { v } else { acc[0] };
-        }
-        acc.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+        simd::max(x)
     }
 }
 

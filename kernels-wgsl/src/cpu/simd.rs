@@ -166,13 +166,22 @@ pub(crate) fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
 ///
 /// Cephes-style: `x = n·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for `e^r`, and `2^n`
 /// built in the exponent bits. Relative error ≲ 2 ulp; inputs below -87 flush to 0 (the weights
-/// they stand for are below f32's normal range anyway).
+/// they stand for are below f32's normal range anyway) and NaN stays NaN.
+///
+/// `n` is rounded by adding `1.5·2²³` (round-to-nearest-even in the low mantissa bits) and read
+/// back as an integer from those bits: `f32::round` and `as i32` (NaN and saturation rules) each
+/// kept LLVM from vectorising callers, which made the attention softmax scalar.
 #[inline(always)]
 pub(crate) fn exp_neg(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.clamp(-87.0, 0.0);
-    let n = (xc * std::f32::consts::LOG2_E).round();
+    const SHIFT: f32 = 12_582_912.0; // 1.5·2²³
+                                     // Compare-selects (not `clamp`) so that a NaN `x` gives a finite `xc`: the integer steps
+                                     // below stay well defined, and the NaN is put back at the end.
+    let xc = if x > -87.0 { x } else { -87.0 };
+    let xc = if xc < 0.0 { xc } else { 0.0 };
+    let t = xc.mul_add(std::f32::consts::LOG2_E, SHIFT);
+    let n = t - SHIFT; // integral, in [-126, 0]
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
     let mut p = 1.987_569_1e-4f32;
     p = p.mul_add(r, 1.398_2e-3);
@@ -181,13 +190,35 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 0.5);
     let er = p.mul_add(r * r, r) + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
-    let v = er * f32::from_bits(bits);
+    // t's low mantissa bits hold 2²² + n; 2ⁿ has the biased exponent n + 127.
+    let ni = t.to_bits().wrapping_sub(SHIFT.to_bits()) as i32;
+    let v = er * f32::from_bits(((ni + 127) as u32) << 23);
     if x < -87.0 {
         0.0
+    } else if x.is_nan() {
+        x
     } else {
         v
     }
+}
+
+/// The largest value of `x` that is not NaN (−∞ when there is none), in [`LANES`] independent
+/// compare-selects (`f32::max`'s NaN rule keeps a fold over it scalar).
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let (chunks, tail) = x.as_chunks::<LANES>();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            // `v > a` is false for a NaN `v`, so NaNs never enter (one `vmaxps`).
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    for &v in tail {
+        acc[0] = if v > acc[0] { v } else { acc[0] };
+    }
+    acc.iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 #[cfg(test)]
@@ -205,7 +236,14 @@ mod tests {
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
         assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_neg(-100.0), 0.0);
         assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(f32::NAN).is_nan());
+        // Ties of the range reduction round to even: both neighbours stay accurate.
+        for x in [-0.5 * std::f32::consts::LN_2, -1.5 * std::f32::consts::LN_2] {
+            let rel = (f64::from(exp_neg(x)) - f64::from(x).exp()).abs() / f64::from(x).exp();
+            assert!(rel < 5e-7, "exp_neg({x}): relative error {rel}");
+        }
     }
 
     #[test]
@@ -219,6 +257,19 @@ mod tests {
                 assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
             }
         }
+    }
+
+    #[test]
+    fn max_skips_nan() {
+        let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let want = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        x[3] = f32::NAN;
+        x[36] = f32::NAN;
+        let want_nan = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(max(&x), want_nan);
+        assert!(max(&x) <= want);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert_eq!(max(&[f32::NAN]), f32::NEG_INFINITY);
     }
 
     #[test]
