@@ -109,9 +109,26 @@ impl PrefillProfile {
 
     /// `T_prefill(l)` in seconds for a prompt of `tokens` with nothing cached. Never below a
     /// tenth of the first point, so an extrapolation to tiny prompts stays positive.
+    ///
+    /// Beyond the longest point, a measured profile ([`Self::measured_by_uncached`]) extrapolates
+    /// the *time per token* linearly when its last two points show it growing: attention makes
+    /// each token cost time proportional to the context before it, so prefill time is quadratic
+    /// in the length, and extending the last segment of a node that has only prefilled short
+    /// prompts underestimates long ones (measured: 5.95 s predicted for a 2,078-token prompt that
+    /// took 12.1 s, from points up to 1,033 tokens). A table given in full (the paper's, up to
+    /// 128K) keeps its end segment.
     pub fn prefill_time(&self, tokens: f64) -> f64 {
         let floor = self.points[0].prefill_s * 0.1;
-        lerp_extrapolate(&self.time_curve, tokens.max(0.0)).max(floor)
+        let tokens = tokens.max(0.0);
+        let n = self.time_curve.len();
+        let (l1, t1) = self.time_curve[n - 2];
+        let (l2, t2) = self.time_curve[n - 1];
+        let (r1, r2) = (t1 / l1, t2 / l2);
+        if self.by_uncached && tokens > l2 && r2 > r1 {
+            let per_token = r2 + (tokens - l2) * (r2 - r1) / (l2 - l1);
+            return (tokens * per_token).max(floor);
+        }
+        lerp_extrapolate(&self.time_curve, tokens).max(floor)
     }
 
     /// Prefill time when the first `cached` tokens are already in the prefix cache: the cost of
@@ -337,6 +354,27 @@ mod tests {
         );
         let slower = measured.time_scaled(|_| 2.0).unwrap();
         assert!((slower.incremental_prefill_time(158.0, 128.0) - 0.16).abs() < 1e-12);
+    }
+
+    #[test]
+    fn measured_profiles_extrapolate_the_time_per_token() {
+        let pt = |t: f64, s: f64| ProfilePoint {
+            tokens: t,
+            prefill_s: s,
+            kv_bytes: t * 1e3,
+        };
+        // 1.95 ms/token at 512, 2.34 at 1,024: at 2,048 it is 3.125 ms/token (6.4 s), where the
+        // end segment (2.73 ms per added token) says 5.2 s.
+        let table = PrefillProfile::new(vec![pt(512.0, 1.0), pt(1024.0, 2.4)]).unwrap();
+        let measured = table.clone().measured_by_uncached();
+        assert!((measured.prefill_time(2048.0) - 6.4).abs() < 1e-9);
+        assert!((table.prefill_time(2048.0) - 5.2).abs() < 1e-9);
+        // Inside the points, and with a flat or falling time per token, both read the same.
+        assert_eq!(measured.prefill_time(700.0), table.prefill_time(700.0));
+        let flat = PrefillProfile::new(vec![pt(512.0, 1.0), pt(1024.0, 2.0)])
+            .unwrap()
+            .measured_by_uncached();
+        assert!((flat.prefill_time(4096.0) - 8.0).abs() < 1e-9);
     }
 
     #[test]
