@@ -265,6 +265,25 @@ impl KeyRuns<'_> {
     }
 }
 
+impl KeyRuns<'_> {
+    /// Copies the keys' K and V rows (`head_dim` values each, as f32) into rows `0..` of the
+    /// `kt` and `vt` tiles.
+    #[inline(always)]
+    fn gather(
+        &self,
+        k_pool: KvRows<'_>,
+        v_pool: KvRows<'_>,
+        hd: usize,
+        kt: &mut [f32],
+        vt: &mut [f32],
+    ) {
+        self.for_each(|j, off| {
+            k_pool.copy_row(off, &mut kt[j * hd..(j + 1) * hd]);
+            v_pool.copy_row(off, &mut vt[j * hd..(j + 1) * hd]);
+        });
+    }
+}
+
 multiversion! {
     /// Attention of one query row (its `group` heads sharing KV head `t.kvh`) over keys
     /// `t.ka..t.kb`: scores into a buffer, one softmax pass, then `acc = Σ p·v` with each V row
@@ -361,19 +380,8 @@ multiversion! {
         while k0 < t.kb {
             let k1 = (k0 + TILE).min(t.kb);
             let nk = k1 - k0;
-            // Copy runs of consecutive slots (one pool block at a time).
-            let mut pos = k0;
-            while pos < k1 {
-                let run = (block_size - pos % block_size).min(k1 - pos);
-                let slot = table[pos / block_size] as usize * block_size + pos % block_size;
-                for r in 0..run {
-                    let off = (slot + r) * row + t.kvh * hd;
-                    let j = pos - k0 + r;
-                    k_pool.copy_row(off, &mut kt[j * hd..(j + 1) * hd]);
-                    v_pool.copy_row(off, &mut vt[j * hd..(j + 1) * hd]);
-                }
-                pos += run;
-            }
+            let keys = KeyRuns { ka: k0, kb: k1, block_size, table, row, col: t.kvh * hd };
+            keys.gather(k_pool, v_pool, hd, &mut kt, &mut vt);
             super::matmul::gemm_local(&qs, hd, &kt, hd, false, &mut s, TILE, (nv, hd, nk), false);
             let mut any = false;
             for i in t.i0..t.i1 {
@@ -467,6 +475,23 @@ mod tiles {
     /// Largest number of zmm columns of a register tile (`R·C` accumulators ≤ 24 of 32).
     const C: usize = 4;
 
+    /// Calls `$f::<r, c>($args)` for a runtime tile shape: `r` in 1..=R rows, `c` in 1..=C
+    /// zmm columns.
+    macro_rules! tile {
+        ($f:ident, $r:expr, $c:expr, $args:tt) => {
+            tile!(@rows $f, $r, $c, $args, 1, 2, 3, 4, 5, 6)
+        };
+        (@rows $f:ident, $r:expr, $c:expr, $args:tt, $($rr:literal),*) => {
+            match ($r, $c) {
+                $(($rr, 1) => $f::<$rr, 1> $args,
+                  ($rr, 2) => $f::<$rr, 2> $args,
+                  ($rr, 3) => $f::<$rr, 3> $args,
+                  ($rr, _) => $f::<$rr, 4> $args,)*
+                _ => unreachable!("tile rows are 1..=R"),
+            }
+        };
+    }
+
     /// Whether the tile kernels can run a head of `head_dim`.
     pub(super) fn available(head_dim: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -531,19 +556,16 @@ mod tiles {
         while k0 < t.kb {
             let k1 = (k0 + TILE).min(t.kb);
             let nk = k1 - k0;
-            let mut pos = k0;
-            while pos < k1 {
-                let run = (block_size - pos % block_size).min(k1 - pos);
-                let slot = table[pos / block_size] as usize * block_size + pos % block_size;
-                for r in 0..run {
-                    let off = (slot + r) * row + t.kvh * hd;
-                    let j = pos - k0 + r;
-                    k_pool.copy_row(off, &mut kt[j * hd..(j + 1) * hd]);
-                    v_pool.copy_row(off, &mut vt[j * hd..(j + 1) * hd]);
-                }
-                pos += run;
-            }
-            scores(&kt, &qt, hd, nk, nvp, &mut st);
+            let keys = KeyRuns {
+                ka: k0,
+                kb: k1,
+                block_size,
+                table,
+                row,
+                col: t.kvh * hd,
+            };
+            keys.gather(k_pool, v_pool, hd, &mut kt, &mut vt);
+            product(&kt, (hd, 1), &qt, nvp, &mut st, nvp, (nk, hd, nvp), false);
             // Mask keys a vector cannot see (first and qpos only grow with the vector).
             if k1 - 1 > qpos[0] || k0 < first[nvp - 1] {
                 for (j, srow) in st.chunks_exact_mut(nvp).take(nk).enumerate() {
@@ -590,168 +612,117 @@ mod tiles {
                     simd::scale(acc, c);
                 }
             }
-            weighted_values(&st, &vt, hd, nk, nvp, nv, &mut part.acc);
+            product(
+                &st,
+                (1, nvp),
+                &vt,
+                hd,
+                &mut part.acc,
+                hd,
+                (nv, nk, hd),
+                true,
+            );
             k0 = k1;
         }
         part.m.copy_from_slice(&m[..nv]);
         part.l.copy_from_slice(&l[..nv]);
     }
 
-    /// `st[j·nvp + v] = Σ_d kt[j·hd + d] · qt[d·nvp + v]` for keys `j < nk` and all `nvp`
-    /// vectors, in register tiles of `R` keys × up to `C·L` vectors.
+    /// `out[i·o_r + e] (+)= Σ_{s < n} a[i·a_r + s·a_s] · b[s·b_s + e]` for rows `i < m` and
+    /// columns `e < cols` (a multiple of `L`), in register tiles of up to `R` rows × `C·L`
+    /// columns: each step broadcasts one `a` value per row against `C` vectors of a `b` row.
+    /// Both attention products are this: `Sᵀ = K·Qᵀ` (rows = keys, `a` = K rows) and
+    /// `acc += P·V` (rows = query vectors, `a` = columns of `Sᵀ`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn scores(kt: &[f32], qt: &[f32], hd: usize, nk: usize, nvp: usize, st: &mut [f32]) {
-        assert!(kt.len() >= nk * hd && qt.len() >= hd * nvp && st.len() >= nk * nvp);
-        assert!(nvp.is_multiple_of(L));
-        let mut j = 0;
-        while j < nk {
-            let r = (nk - j).min(R);
-            let mut c0 = 0;
-            while c0 < nvp {
-                let c = ((nvp - c0) / L).min(C);
-                // SAFETY: rows j..j + r of kt, columns c0..c0 + c·L of qt and st are in bounds
-                // (asserted above), AVX-512F is enabled.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product(
+        a: &[f32],
+        (a_r, a_s): (usize, usize),
+        b: &[f32],
+        b_s: usize,
+        out: &mut [f32],
+        o_r: usize,
+        (m, n, cols): (usize, usize, usize),
+        accumulate: bool,
+    ) {
+        if m == 0 || n == 0 || cols == 0 {
+            return;
+        }
+        assert!(cols.is_multiple_of(L), "product: {cols} columns");
+        assert!(
+            a.len() > (m - 1) * a_r + (n - 1) * a_s,
+            "product: a too short"
+        );
+        assert!(b.len() >= (n - 1) * b_s + cols, "product: b too short");
+        assert!(out.len() >= (m - 1) * o_r + cols, "product: out too short");
+        let mut i = 0;
+        while i < m {
+            let r = (m - i).min(R);
+            let mut e = 0;
+            while e < cols {
+                let c = ((cols - e) / L).min(C);
+                // SAFETY: rows i..i + r, columns e..e + c·L and steps < n are in bounds
+                // (asserted above); AVX-512F is enabled.
                 unsafe {
-                    let (k, qp, out) = (
-                        kt.as_ptr().add(j * hd),
-                        qt.as_ptr().add(c0),
-                        st.as_mut_ptr().add(j * nvp + c0),
+                    let (ap, bp, op) = (
+                        a.as_ptr().add(i * a_r),
+                        b.as_ptr().add(e),
+                        out.as_mut_ptr().add(i * o_r + e),
                     );
-                    macro_rules! dispatch {
-                        ($($rr:literal),*) => {
-                            match (r, c) {
-                                $(($rr, 1) => scores_tile::<$rr, 1>(k, qp, out, hd, nvp),
-                                  ($rr, 2) => scores_tile::<$rr, 2>(k, qp, out, hd, nvp),
-                                  ($rr, 3) => scores_tile::<$rr, 3>(k, qp, out, hd, nvp),
-                                  ($rr, _) => scores_tile::<$rr, 4>(k, qp, out, hd, nvp),)*
-                                _ => unreachable!(),
-                            }
-                        };
-                    }
-                    dispatch!(1, 2, 3, 4, 5, 6);
+                    tile!(
+                        product_tile,
+                        r,
+                        c,
+                        (ap, a_r, a_s, bp, b_s, op, o_r, n, accumulate)
+                    );
                 }
-                c0 += c * L;
+                e += c * L;
             }
-            j += r;
+            i += r;
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[inline]
-    unsafe fn scores_tile<const RR: usize, const CC: usize>(
-        k: *const f32,
-        qt: *const f32,
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product_tile<const RR: usize, const CC: usize>(
+        a: *const f32,
+        a_r: usize,
+        a_s: usize,
+        b: *const f32,
+        b_s: usize,
         out: *mut f32,
-        hd: usize,
-        nvp: usize,
+        o_r: usize,
+        n: usize,
+        accumulate: bool,
     ) {
-        // SAFETY: the caller checked the bounds of every row and column touched.
+        // SAFETY: the caller checked the bounds of every row, column and step touched.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); CC]; RR];
-            for d in 0..hd {
-                let mut qv = [_mm512_setzero_ps(); CC];
-                for (c, x) in qv.iter_mut().enumerate() {
-                    *x = _mm512_loadu_ps(qt.add(d * nvp + c * L));
-                }
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let kb = _mm512_set1_ps(*k.add(r * hd + d));
-                    for (c, x) in a.iter_mut().enumerate() {
-                        *x = _mm512_fmadd_ps(kb, qv[c], *x);
+            if accumulate {
+                for (r, x) in acc.iter_mut().enumerate() {
+                    for (c, x) in x.iter_mut().enumerate() {
+                        *x = _mm512_loadu_ps(out.add(r * o_r + c * L));
                     }
                 }
             }
-            for (r, a) in acc.iter().enumerate() {
-                for (c, x) in a.iter().enumerate() {
-                    _mm512_storeu_ps(out.add(r * nvp + c * L), *x);
+            for s in 0..n {
+                let mut bv = [_mm512_setzero_ps(); CC];
+                for (c, x) in bv.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(b.add(s * b_s + c * L));
                 }
-            }
-        }
-    }
-
-    /// `acc[v·hd + e] += Σ_{j < nk} st[j·nvp + v] · vt[j·hd + e]` for the `nv` real vectors, in
-    /// register tiles of `R` vectors × up to `C·L` values of a head.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn weighted_values(
-        st: &[f32],
-        vt: &[f32],
-        hd: usize,
-        nk: usize,
-        nvp: usize,
-        nv: usize,
-        acc: &mut [f32],
-    ) {
-        assert!(st.len() >= nk * nvp && vt.len() >= nk * hd && acc.len() >= nv * hd);
-        assert!(hd.is_multiple_of(L) && nv <= nvp);
-        let mut v = 0;
-        while v < nv {
-            let r = (nv - v).min(R);
-            let mut e0 = 0;
-            while e0 < hd {
-                let c = ((hd - e0) / L).min(C);
-                // SAFETY: vectors v..v + r, values e0..e0 + c·L and keys < nk are in bounds
-                // (asserted above), AVX-512F is enabled.
-                unsafe {
-                    let (pp, vp, out) = (
-                        st.as_ptr().add(v),
-                        vt.as_ptr().add(e0),
-                        acc.as_mut_ptr().add(v * hd + e0),
-                    );
-                    macro_rules! dispatch {
-                        ($($rr:literal),*) => {
-                            match (r, c) {
-                                $(($rr, 1) => values_tile::<$rr, 1>(pp, vp, out, hd, nk, nvp),
-                                  ($rr, 2) => values_tile::<$rr, 2>(pp, vp, out, hd, nk, nvp),
-                                  ($rr, 3) => values_tile::<$rr, 3>(pp, vp, out, hd, nk, nvp),
-                                  ($rr, _) => values_tile::<$rr, 4>(pp, vp, out, hd, nk, nvp),)*
-                                _ => unreachable!(),
-                            }
-                        };
-                    }
-                    dispatch!(1, 2, 3, 4, 5, 6);
-                }
-                e0 += c * L;
-            }
-            v += r;
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[inline]
-    unsafe fn values_tile<const RR: usize, const CC: usize>(
-        st: *const f32,
-        vt: *const f32,
-        out: *mut f32,
-        hd: usize,
-        nk: usize,
-        nvp: usize,
-    ) {
-        // SAFETY: the caller checked the bounds of every row and column touched.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); CC]; RR];
-            for (r, a) in acc.iter_mut().enumerate() {
-                for (c, x) in a.iter_mut().enumerate() {
-                    *x = _mm512_loadu_ps(out.add(r * hd + c * L));
-                }
-            }
-            for j in 0..nk {
-                let mut vv = [_mm512_setzero_ps(); CC];
-                for (c, x) in vv.iter_mut().enumerate() {
-                    *x = _mm512_loadu_ps(vt.add(j * hd + c * L));
-                }
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let pb = _mm512_set1_ps(*st.add(j * nvp + r));
-                    for (c, x) in a.iter_mut().enumerate() {
-                        *x = _mm512_fmadd_ps(pb, vv[c], *x);
+                for (r, x) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r * a_r + s * a_s));
+                    for (c, x) in x.iter_mut().enumerate() {
+                        *x = _mm512_fmadd_ps(av, bv[c], *x);
                     }
                 }
             }
-            for (r, a) in acc.iter().enumerate() {
-                for (c, x) in a.iter().enumerate() {
-                    _mm512_storeu_ps(out.add(r * hd + c * L), *x);
+            for (r, x) in acc.iter().enumerate() {
+                for (c, x) in x.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(r * o_r + c * L), *x);
                 }
             }
         }
