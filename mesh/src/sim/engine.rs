@@ -909,7 +909,12 @@ impl<'a> Sim<'a> {
                 break;
             };
             self.slots_free -= 1;
-            self.st[r].ttft = self.now + self.step_s - self.s.requests[r].arrival;
+            let first_token_s = if self.s.scenario.hardware.first_token_at_prefill {
+                0.0
+            } else {
+                self.step_s
+            };
+            self.st[r].ttft = self.now + first_token_s - self.s.requests[r].arrival;
             let t = self.now + self.l_out * self.step_s;
             self.push(t, Ev::DecodeDone);
         }

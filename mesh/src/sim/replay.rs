@@ -232,6 +232,8 @@ pub fn predict(input: &ReplayInput) -> Result<Prediction, ReplayError> {
             // Real nodes: each home prefills on its own core, and bids quote the moving average
             // of their measured speed.
             colocated: true,
+            // A node streams the token its prefill sampled before any decode step.
+            first_token_at_prefill: true,
             remote_quote_tokens_per_s: Some(remote_rate),
             local_quote_tokens_per_s: Some(home.prefill_tokens_per_s),
         },
@@ -499,12 +501,13 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_home_predicts_its_own_prefill_and_one_step() {
+    fn an_idle_home_predicts_its_own_prefill() {
         let p = predict(&input(ReplayDeployment::Homogeneous, vec![node(1000.0)]))
             .unwrap()
             .figures;
-        // 2,000 tokens: 0.1 + 2.0 s, then the first decode step.
-        let want = [0.2 + 0.01, 2.1 + 0.01, 0.5 + 0.01];
+        // 2,000 tokens: 0.1 + 2.0 s. The first token is the prefill's own (no decode step: a
+        // node streams it as soon as the prefill ends).
+        let want = [0.2, 2.1, 0.5];
         for (got, want) in p.ttft_by_request.iter().zip(want) {
             assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         }
@@ -528,7 +531,7 @@ mod tests {
             })
             .collect();
         let t = predict(&i).unwrap().figures.ttft_by_request;
-        let want = [2.1 + 0.01, 0.2 + 0.01, (102.1 - 101.0) + 0.2 + 0.01];
+        let want = [2.1, 0.2, (102.1 - 101.0) + 0.2];
         for (got, want) in t.iter().zip(want) {
             assert!((got - want).abs() < 1e-6, "{t:?}");
         }

@@ -186,6 +186,11 @@ pub struct Hardware {
     /// The same for the home cluster's instances (the reserve bids).
     #[serde(default)]
     pub local_quote_tokens_per_s: Option<f64>,
+    /// The first token is sampled from the prefill's last logits, so TTFT ends when the decode
+    /// side admits the request (what a prfaas node does: its stream starts with that token);
+    /// otherwise TTFT also counts one decode step at the SLO batch (the paper's accounting).
+    #[serde(default)]
+    pub first_token_at_prefill: bool,
 }
 
 fn profile(points: &[PointMib]) -> Result<PrefillProfile, PolicyError> {
