@@ -7,6 +7,11 @@
 //! too few tasks to keep every thread busy (decode: one query row), the key range is split too and
 //! the partial softmax states are merged exactly afterwards (flash-decoding).
 //!
+//! Multi-row tasks have two kernels: on AVX-512 machines (head_dim a multiple of 16)
+//! [`attn_task_tiles`], register tiles with the scores kept transposed so that the softmax runs
+//! across query vectors; elsewhere [`attn_task`], small `gemm` calls per key tile. They agree to
+//! f32 rounding (the conformance suite checks both against the reference).
+//!
 //! Pools may be `f32` or `f16` ([`KvRows`]); f16 rows are widened to f32 one key row at a time,
 //! inside the vectorised kernels, so an f16 pool is read from memory at half the bytes.
 
