@@ -876,6 +876,24 @@ async fn overlap_runs(
 
 // ---- simulator vs reality ----
 
+/// Prefix tokens per prefix group as the caches held them: the most any request of the group was
+/// served from a cache, over every run. Groups `0..systems` are the shared system prompts; group
+/// `systems` is the requests without one, which still share the chat template's own head
+/// (SmolLM2's template adds a default system prompt: one 16-token block that each such request
+/// after the first found cached). Leaving that group out made a replay send a 262-token prompt
+/// remote that its home had kept (246 uncached tokens ≤ t = 256).
+fn prefix_groups(
+    systems: usize,
+    seen: impl IntoIterator<Item = (Option<usize>, usize)>,
+) -> Vec<usize> {
+    let mut tokens = vec![0usize; systems + 1];
+    for (system, cached) in seen {
+        let g = system.unwrap_or(systems);
+        tokens[g] = tokens[g].max(cached);
+    }
+    tokens
+}
+
 /// What the simulator needs to replay each load run: the trace as the homes counted it, the
 /// profiles every node measured of itself, the link and the home's policy.
 fn replay_records(
@@ -885,16 +903,16 @@ fn replay_records(
     load: &[LoadFigures],
     layers: usize,
 ) -> Vec<ReplayRecord> {
-    // The shared system prompts' length as the prefix caches hold them: the most any request
-    // of that group was served from a cache, over every run.
-    let mut prefix_tokens = vec![0usize; trace.systems.len()];
-    for f in load {
-        for (o, r) in f.outcomes.iter().zip(&trace.requests) {
-            if let Some(g) = r.system {
-                prefix_tokens[g] = prefix_tokens[g].max(o.cached_tokens);
-            }
-        }
-    }
+    let template_head = trace.systems.len();
+    let prefix_tokens = prefix_groups(
+        template_head,
+        load.iter().flat_map(|f| {
+            f.outcomes
+                .iter()
+                .zip(&trace.requests)
+                .map(|(o, r)| (r.system, o.cached_tokens))
+        }),
+    );
     load.iter()
         .map(|f| {
             let requests = trace
@@ -904,8 +922,7 @@ fn replay_records(
                 .map(|(r, o)| ReplayRequest {
                     arrival_s: r.at_unit_s / f.offered_req_per_s,
                     prompt_tokens: o.prompt_tokens as f64,
-                    prefix: r
-                        .system
+                    prefix: Some(r.system.unwrap_or(template_head))
                         .filter(|&g| prefix_tokens[g] > 0)
                         .map(|g| (g as u32, prefix_tokens[g] as f64)),
                 })
@@ -930,7 +947,7 @@ fn replay_records(
                     link_bytes_per_s: link,
                     latency_s: 0.0,
                     kv_layers: layers as u32,
-                    prefix_cache_groups: trace.systems.len(),
+                    prefix_cache_groups: prefix_tokens.len(),
                     policy: ReplayPolicy {
                         threshold_tokens: p.offload_threshold_tokens as f64,
                         adaptive_threshold: p.adaptive_threshold,
@@ -1206,4 +1223,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("(tables, charts and JSON in {})", dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_groups;
+
+    #[test]
+    fn requests_without_a_system_prompt_form_the_template_group() {
+        // Two system prompts; the requests without one found 16 tokens cached (after the
+        // first, which found none).
+        let seen = [
+            (Some(0), 140),
+            (None, 0),
+            (Some(0), 144),
+            (None, 16),
+            (Some(1), 0),
+            (None, 16),
+        ];
+        assert_eq!(prefix_groups(2, seen), vec![144, 0, 16]);
+    }
 }
