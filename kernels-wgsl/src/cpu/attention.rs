@@ -553,7 +553,6 @@ mod tiles {
         let mut l = vec![0.0f32; nvp];
         let mut mnew = vec![0.0f32; nvp];
         let mut corr = vec![0.0f32; nvp];
-        let mut lsum = vec![0.0f32; nvp];
         let mut kt = vec![0.0f32; TILE * hd]; // K tile: [TILE, hd]
         let mut vt = vec![0.0f32; TILE * hd]; // V tile: [TILE, hd]
         let mut st = vec![0.0f32; TILE * nvp]; // Sᵀ, then Pᵀ: [TILE, nvp]
@@ -596,20 +595,19 @@ mod tiles {
                     simd::exp_neg(mo - mn)
                 };
             }
-            lsum.fill(0.0);
+            for (l, &c) in l.iter_mut().zip(&corr) {
+                *l *= c;
+            }
             for srow in st.chunks_exact_mut(nvp).take(nk) {
-                for ((s, &mn), ls) in srow.iter_mut().zip(&mnew).zip(lsum.iter_mut()) {
+                for ((s, &mn), l) in srow.iter_mut().zip(&mnew).zip(l.iter_mut()) {
                     // A vector that has seen no key yet (mn = −∞) gets weight 0, not NaN.
                     *s = if mn == f32::NEG_INFINITY {
                         0.0
                     } else {
                         simd::exp_neg(*s - mn)
                     };
-                    *ls += *s;
+                    *l += *s;
                 }
-            }
-            for v in 0..nvp {
-                l[v] = l[v] * corr[v] + lsum[v];
             }
             m.copy_from_slice(&mnew);
             for (acc, &c) in part.acc.chunks_exact_mut(hd).zip(&corr) {
