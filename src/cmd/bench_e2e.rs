@@ -477,6 +477,8 @@ struct LoadFigures {
     /// The home's link estimate towards the prefill peer at the end of the run (bytes/s; NaN
     /// when it had none).
     home_link_estimate_bytes_per_s: f64,
+    /// The same when the run started (its probes' figure).
+    home_link_estimate_start_bytes_per_s: f64,
     #[serde(skip)]
     ttfts: Vec<f64>,
     /// Every request's outcome, in trace order.
@@ -485,6 +487,9 @@ struct LoadFigures {
     /// What each node measured of itself at the end of the run (`/mesh` `measured`).
     #[serde(skip)]
     measured: Vec<MeasuredProfile>,
+    /// The home's last auctions (`/mesh` `recent_auctions`: every bid with the quotes and link
+    /// estimate it was scored with), to set beside the simulator's placements.
+    auctions: serde_json::Value,
 }
 
 fn figures(
@@ -539,9 +544,11 @@ fn figures(
         prompt_tokens_mean: ok.iter().map(|o| o.prompt_tokens as f64).sum::<f64>()
             / ok.len().max(1) as f64,
         home_link_estimate_bytes_per_s: f64::NAN,
+        home_link_estimate_start_bytes_per_s: f64::NAN,
         ttfts,
         outcomes: outs.to_vec(),
         measured: Vec::new(),
+        auctions: serde_json::Value::Null,
     }
 }
 
@@ -605,10 +612,11 @@ async fn load_run(
     } else {
         nodes.urls[..1].to_vec()
     };
+    let start_estimate = home_link_estimate(&homes[0]).await;
     let before = egress(topo)?;
     let outs = replay(args, trace, rate, &homes).await?;
     let after = egress(topo)?;
-    let (measured, link_estimate) = measured_state(&nodes).await?;
+    let (measured, link_estimate, auctions) = measured_state(&nodes).await?;
     drop(nodes);
     let sent = after
         .iter()
@@ -618,6 +626,8 @@ async fn load_run(
     let mut f = figures(args, d, rate, &outs, sent);
     f.measured = measured;
     f.home_link_estimate_bytes_per_s = link_estimate;
+    f.home_link_estimate_start_bytes_per_s = start_estimate;
+    f.auctions = auctions;
     eprintln!(
         "  {label}: {}/{} ok, {:.3} req/s, TTFT P50 {:.2} s, offload {:.2}",
         f.completed, f.requests, f.throughput_req_per_s, f.ttft_p50_s, f.offload_fraction
@@ -625,11 +635,14 @@ async fn load_run(
     Ok(f)
 }
 
-/// What every node measured of itself (`/mesh` `measured`, node order) and the home's link
-/// estimate towards the peer that prefills its model (NaN without one).
-async fn measured_state(nodes: &Nodes) -> anyhow::Result<(Vec<MeasuredProfile>, f64)> {
+/// What every node measured of itself (`/mesh` `measured`, node order), the home's link
+/// estimate towards the peer that prefills its model (NaN without one) and its recent auctions.
+async fn measured_state(
+    nodes: &Nodes,
+) -> anyhow::Result<(Vec<MeasuredProfile>, f64, serde_json::Value)> {
     let mut measured = Vec::with_capacity(nodes.urls.len());
     let mut estimate = f64::NAN;
+    let mut auctions = serde_json::Value::Null;
     for (i, url) in nodes.urls.iter().enumerate() {
         let v = client::get_json(&format!("{url}/mesh"))
             .await
@@ -639,17 +652,11 @@ async fn measured_state(nodes: &Nodes) -> anyhow::Result<(Vec<MeasuredProfile>, 
                 .with_context(|| format!("node {i}'s /mesh has no measured profile"))?,
         );
         if i == 0 {
-            estimate = v["peers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|p| p["prefills_our_model"].as_bool() == Some(true))
-                .filter_map(|p| p["bandwidth_bytes_per_s"].as_f64())
-                .find(|b| *b > 0.0)
-                .unwrap_or(f64::NAN);
+            auctions = v["recent_auctions"].clone();
+            estimate = link_estimate(&v);
         }
     }
-    Ok((measured, estimate))
+    Ok((measured, estimate, auctions))
 }
 
 /// One overlap cell (link rate × prompt length): `reps` remote/local pairs, medians.
@@ -692,19 +699,25 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// The home's (node 0's) estimate of its link to its one prefill peer, Mbit/s.
-async fn node_estimate_mbit(url: &str) -> f64 {
-    let Ok(v) = client::get_json(&format!("{url}/mesh")).await else {
-        return f64::NAN;
-    };
-    v["peers"]
+/// A node's estimate of its link to the peer that prefills its model, from its `/mesh`
+/// (bytes/s; NaN without one).
+fn link_estimate(mesh: &serde_json::Value) -> f64 {
+    mesh["peers"]
         .as_array()
-        .and_then(|p| {
-            p.iter()
-                .filter(|p| p["prefills_our_model"].as_bool() == Some(true))
-                .find_map(|p| p["bandwidth_bytes_per_s"].as_f64())
-        })
-        .map_or(f64::NAN, |b| b * 8.0 / 1e6)
+        .into_iter()
+        .flatten()
+        .filter(|p| p["prefills_our_model"].as_bool() == Some(true))
+        .filter_map(|p| p["bandwidth_bytes_per_s"].as_f64())
+        .find(|b| *b > 0.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// The home's (node 0's) estimate of its link to its one prefill peer, bytes/s.
+async fn home_link_estimate(url: &str) -> f64 {
+    match client::get_json(&format!("{url}/mesh")).await {
+        Ok(v) => link_estimate(&v),
+        Err(_) => f64::NAN,
+    }
 }
 
 /// Goodput of a raw TCP transfer from node 1 to node 0 (the KV direction), Mbit/s.
@@ -863,7 +876,7 @@ async fn overlap_runs(
             });
         }
         // What the node believes the link is, after this rate's transfers and probes.
-        let estimate = node_estimate_mbit(&nodes.urls[0]).await;
+        let estimate = home_link_estimate(&nodes.urls[0]).await * 8.0 / 1e6;
         eprintln!(
             "  node 0's estimate of the {mbit} Mbit/s link: {estimate:.1} Mbit/s (raw TCP {measured:.1})"
         );
@@ -892,6 +905,34 @@ fn prefix_groups(
         tokens[g] = tokens[g].max(cached);
     }
     tokens
+}
+
+/// Relative score gap under which an auction counts as a near tie.
+const NEAR_TIE: f64 = 0.02;
+
+/// Of the home's recorded auctions with at least two bids, how many its best two bids'
+/// scores separated by less than `gap` (relative), and how many there were.
+fn near_ties(auctions: &serde_json::Value, gap: f64) -> (usize, usize) {
+    let mut ties = 0;
+    let mut n = 0;
+    for a in auctions.as_array().into_iter().flatten() {
+        let mut scores: Vec<f64> = a["bids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["score"].as_f64())
+            .filter(|s| s.is_finite())
+            .collect();
+        if scores.len() < 2 {
+            continue;
+        }
+        scores.sort_by(f64::total_cmp);
+        n += 1;
+        if scores[1] - scores[0] < gap * scores[0].abs().max(1e-12) {
+            ties += 1;
+        }
+    }
+    (ties, n)
 }
 
 /// What the simulator needs to replay each load run: the trace as the homes counted it, the
@@ -945,6 +986,8 @@ fn replay_records(
                     output_tokens: args.max_tokens as u32,
                     nodes: f.measured.clone(),
                     link_bytes_per_s: link,
+                    link_estimate_start_bytes_per_s: Some(f.home_link_estimate_start_bytes_per_s)
+                        .filter(|b| *b > 0.0),
                     latency_s: 0.0,
                     kv_layers: layers as u32,
                     prefix_cache_groups: prefix_tokens.len(),
@@ -1190,6 +1233,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut tab = table(&args, &load, &overlap);
     if !sim_vs_real.is_empty() {
         tab.push_str(&replay::comparison_table(&sim_vs_real));
+        for f in load.iter().filter(|f| f.auctions.is_array()) {
+            let (ties, n) = near_ties(&f.auctions, NEAR_TIE);
+            if n > 0 {
+                tab.push_str(&format!(
+                    "  {:<10} auctions decided by under {:.0}% of the score: {ties} of {n} \
+                     (a placement there turns on details no model keeps)\n",
+                    format!("{:?}", f.deployment).to_lowercase(),
+                    NEAR_TIE * 100.0
+                ));
+            }
+        }
     }
     let report = json!({
         "model": args.model,
@@ -1227,7 +1281,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_groups;
+    use super::{near_ties, prefix_groups};
+
+    #[test]
+    fn near_ties_count_auctions_whose_best_two_scores_are_close() {
+        let a = serde_json::json!([
+            {"bids": [{"score": 8.475}, {"score": 8.472}]},
+            {"bids": [{"score": 3.144}, {"score": 7.97}]},
+            {"bids": [{"score": 1.0}]},
+            {"bids": []},
+        ]);
+        assert_eq!(near_ties(&a, 0.02), (1, 2));
+        assert_eq!(near_ties(&serde_json::Value::Null, 0.02), (0, 0));
+    }
 
     #[test]
     fn requests_without_a_system_prompt_form_the_template_group() {

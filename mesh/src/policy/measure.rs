@@ -195,6 +195,58 @@ pub fn decode_points_to_profile(points: &[(f64, f64)], max_batch: usize) -> Opti
     DecodeProfile::new(pts, 1.0 / at_max).ok()
 }
 
+/// The prefill speed a node quotes in its bids and reserve estimates: a moving average of the
+/// tokens/s its prefills achieved, starting at its start-up calibration. A prompt's speed
+/// depends on its length, so the quote moves with the mix the node just served; the node's
+/// compute thread and the simulator's instances both keep one, so a replay quotes what the node
+/// quoted at that point of the run, not its final figure.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct QuoteRate {
+    start: f64,
+    now: f64,
+}
+
+impl Default for QuoteRate {
+    /// Nothing measured: 1 token/s (the floor).
+    fn default() -> Self {
+        Self::new(1.0)
+    }
+}
+
+impl QuoteRate {
+    /// Prefills shorter than this (uncached tokens) measure overheads, not throughput: skipped.
+    pub const MIN_TOKENS: f64 = 64.0;
+
+    /// Starting at `tokens_per_s` (floored at 1 token/s).
+    pub fn new(tokens_per_s: f64) -> Self {
+        let start = if tokens_per_s.is_finite() {
+            tokens_per_s.max(1.0)
+        } else {
+            1.0
+        };
+        Self { start, now: start }
+    }
+
+    /// One served prefill of `tokens` uncached tokens that took `seconds`.
+    pub fn observe(&mut self, tokens: f64, seconds: f64) {
+        if !(tokens >= Self::MIN_TOKENS && seconds.is_finite()) {
+            return;
+        }
+        let rate = tokens / seconds.max(1e-6);
+        self.now = (1.0 - EWMA_ALPHA) * self.now + EWMA_ALPHA * rate;
+    }
+
+    /// The rate quoted now (tokens/s).
+    pub fn tokens_per_s(&self) -> f64 {
+        self.now
+    }
+
+    /// The rate it started at.
+    pub fn start_tokens_per_s(&self) -> f64 {
+        self.start
+    }
+}
+
 /// What one node measured of itself, in a form it can export (`/mesh`, `prfaas bench e2e`) and
 /// the simulator can replay: prefill time vs uncached length, decode step time vs batch, its
 /// batch limit, and the KV bytes its layout ships at a few lengths.
@@ -202,8 +254,13 @@ pub fn decode_points_to_profile(points: &[(f64, f64)], max_batch: usize) -> Opti
 pub struct MeasuredProfile {
     /// `(tokens, seconds)` of measured prefills, ascending.
     pub prefill: Vec<(f64, f64)>,
-    /// Prefill speed assumed where nothing is measured yet (tokens/s).
+    /// Prefill speed assumed where nothing is measured yet, and quoted now (tokens/s): the
+    /// node's [`QuoteRate`] at export.
     pub prefill_tokens_per_s: f64,
+    /// The [`QuoteRate`] the node started with (its start-up calibration); 0 where unknown
+    /// (older exports): a replay then starts its quotes at `prefill_tokens_per_s`.
+    #[serde(default)]
+    pub prefill_start_tokens_per_s: f64,
     /// `(batch, seconds)` of measured decode steps, ascending.
     pub decode: Vec<(f64, f64)>,
     /// Most sequences the node decodes at once.
@@ -217,23 +274,34 @@ impl MeasuredProfile {
     /// fixed state plus a per-token part), or piecewise so where a sliding window saturates.
     pub const KV_SAMPLE_TOKENS: [f64; 6] = [1.0, 512.0, 1024.0, 4096.0, 32768.0, 131072.0];
 
-    /// From a node's estimators and its layout's `kv_bytes(tokens)`.
+    /// From a node's estimators, its quote and its layout's `kv_bytes(tokens)`.
     pub fn new(
         prefill: &PrefillEstimator,
-        prefill_tokens_per_s: f64,
+        quote: QuoteRate,
         decode: &DecodeEstimator,
         max_batch: usize,
         kv_bytes: impl Fn(f64) -> f64,
     ) -> Self {
         Self {
             prefill: prefill.points(),
-            prefill_tokens_per_s,
+            prefill_tokens_per_s: quote.tokens_per_s(),
+            prefill_start_tokens_per_s: quote.start_tokens_per_s(),
             decode: decode.points(),
             max_batch,
             kv_bytes: Self::KV_SAMPLE_TOKENS
                 .iter()
                 .map(|&t| (t, kv_bytes(t)))
                 .collect(),
+        }
+    }
+
+    /// The rate the node's quotes started at (its calibration, or the final quote for an
+    /// export without one).
+    pub fn quote_start_tokens_per_s(&self) -> f64 {
+        if self.prefill_start_tokens_per_s > 0.0 {
+            self.prefill_start_tokens_per_s
+        } else {
+            self.prefill_tokens_per_s
         }
     }
 
@@ -326,6 +394,24 @@ impl LengthHistogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quote_rate_follows_served_prefills_and_skips_short_ones() {
+        let mut q = QuoteRate::new(1000.0);
+        q.observe(32.0, 1.0);
+        assert_eq!(
+            q.tokens_per_s(),
+            1000.0,
+            "a short prefill measures overhead"
+        );
+        q.observe(f64::NAN, 1.0);
+        q.observe(1000.0, f64::INFINITY);
+        assert_eq!(q.tokens_per_s(), 1000.0, "non-finite samples are ignored");
+        q.observe(2000.0, 1.0);
+        assert!((q.tokens_per_s() - (0.7 * 1000.0 + 0.3 * 2000.0)).abs() < 1e-9);
+        assert_eq!(q.start_tokens_per_s(), 1000.0);
+        assert_eq!(QuoteRate::new(f64::NAN).tokens_per_s(), 1.0);
+    }
 
     #[test]
     fn prefill_estimate_is_monotone_and_falls_back() {

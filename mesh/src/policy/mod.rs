@@ -21,7 +21,7 @@ pub use bids::{check_bid, BidFault};
 pub use ledger::{Account, Ledger};
 pub use measure::{
     decode_points_to_profile, points_to_profile, DecodeEstimator, LengthHistogram, MeasuredProfile,
-    PrefillEstimator,
+    PrefillEstimator, QuoteRate,
 };
 pub use offload::{choose_kv_wire, OffloadRule, Placement, RequestShape};
 pub use placement::{

@@ -27,7 +27,8 @@
 //!   current. What differs from a node: the home cluster has several prefill instances (a node
 //!   has its own; `hardware.colocated` makes each home a `pd` node with its own instance, as in a
 //!   replay of real nodes, [`super::replay`]), bidders quote their exact prefill time unless
-//!   `hardware.*_quote_tokens_per_s` makes them quote a moving-average rate as nodes do, and
+//!   `hardware.*_quote_tokens_per_s` makes them quote a moving-average rate as nodes do
+//!   ([`crate::policy::QuoteRate`]), and
 //!   there are no Bloom false positives, KV room limits or lying bidders.
 
 use std::cmp::Ordering;
@@ -41,8 +42,8 @@ use super::scenario::{Arrival, Scenario};
 use crate::policy::{
     plan, settle, spread_key, Bid, BidderLoad, Candidate, LengthDistribution, Observation,
     OffloadRule, Placement, PlacementInput, PlacementPlan, PrefillProfile, PricingParams,
-    ReSearchTrigger, RequestShape, ScoringParams, Split, ThresholdInputs, ThresholdTracker,
-    ThroughputModel,
+    QuoteRate, ReSearchTrigger, RequestShape, ScoringParams, Split, ThresholdInputs,
+    ThresholdTracker, ThroughputModel,
 };
 
 /// The four policies compared side by side.
@@ -278,6 +279,8 @@ impl Ord for Entry {
 struct Job {
     req: usize,
     work_s: f64,
+    /// Uncached tokens it computes.
+    tokens: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -290,6 +293,8 @@ struct Instance {
     online: bool,
     cache: VecDeque<u32>,
     busy_accum: f64,
+    /// The rate its bids quote (`hardware.*_quote_tokens_per_s`), moving with what it serves.
+    quote: Option<QuoteRate>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -437,6 +442,23 @@ impl<'a> Sim<'a> {
         (self.insts[inst].idle_at - self.now).max(0.0)
     }
 
+    /// Seconds of work an instance says it has queued: exact, or, where it quotes (as a node
+    /// does), the prompt tokens of its queued and running jobs at its quoted rate.
+    fn quoted_queue_s(&self, inst: usize) -> f64 {
+        let i = &self.insts[inst];
+        match i.quote {
+            Some(q) => {
+                i.running
+                    .iter()
+                    .chain(&i.queue)
+                    .map(|j| self.s.requests[j.req].tokens)
+                    .sum::<f64>()
+                    / q.tokens_per_s()
+            }
+            None => self.backlog(inst),
+        }
+    }
+
     /// Indices of the remote or of the home cluster's instances.
     fn kind(&self, remote: bool) -> std::ops::Range<usize> {
         if remote {
@@ -459,17 +481,11 @@ impl<'a> Sim<'a> {
     /// The prefill time an instance quotes for `r` in a bid: its exact `work_s`, or the uncached
     /// tokens at the kind's quoted rate (`hardware.*_quote_tokens_per_s`).
     fn quoted_s(&self, inst: usize, r: usize, work_s: f64) -> f64 {
-        let hw = &self.s.scenario.hardware;
-        let rate = if self.insts[inst].remote {
-            hw.remote_quote_tokens_per_s
-        } else {
-            hw.local_quote_tokens_per_s
-        };
-        match rate {
-            Some(rate) if rate > 0.0 => {
-                (self.s.requests[r].tokens - self.cached(inst, r)).max(0.0) / rate
+        match self.insts[inst].quote {
+            Some(q) => {
+                (self.s.requests[r].tokens - self.cached(inst, r)).max(0.0) / q.tokens_per_s()
             }
-            _ => work_s,
+            None => work_s,
         }
     }
 
@@ -513,9 +529,14 @@ impl<'a> Sim<'a> {
 
     fn enqueue(&mut self, inst: usize, r: usize) {
         let work_s = self.work_s(inst, r);
+        let tokens = (self.s.requests[r].tokens - self.cached(inst, r)).max(0.0);
         let i = &mut self.insts[inst];
         i.idle_at = i.idle_at.max(self.now) + work_s;
-        i.queue.push_back(Job { req: r, work_s });
+        i.queue.push_back(Job {
+            req: r,
+            work_s,
+            tokens,
+        });
         self.st[r].remote = i.remote;
         if i.running.is_none() {
             self.start_next(inst);
@@ -655,9 +676,18 @@ impl<'a> Sim<'a> {
                 bandwidth_bytes_per_s: self.homes[h].bandwidth[i],
             })
             .collect();
+        // A `pd` home reads its own queue live; a cluster's instances, from their adverts.
+        let own = self.own_instance(r);
+        let local_queue = |i: usize| {
+            if own == Some(i) {
+                self.quoted_queue_s(i)
+            } else {
+                advertised_queue(i)
+            }
+        };
         let local_delay_s = locals
             .iter()
-            .map(|&i| advertised_queue(i) + self.quoted_s(i, r, self.work_s_with(i, r, local_work)))
+            .map(|&i| local_queue(i) + self.quoted_s(i, r, self.work_s_with(i, r, local_work)))
             .fold(f64::INFINITY, f64::min);
         // The home's id (with the run's seed, so seeds differ) and the request's index.
         let mut home_id = [0u8; 16];
@@ -711,7 +741,7 @@ impl<'a> Sim<'a> {
                 (advertised_queue(i), ad.price_per_ktok)
             } else {
                 // DESIGN.md §3: the Call is answered by a Bid carrying the bidder's live queue.
-                let q = self.backlog(i);
+                let q = self.quoted_queue_s(i);
                 (
                     q,
                     self.pricing.price(
@@ -967,6 +997,9 @@ impl<'a> Sim<'a> {
                     }
                     if let Some(job) = self.insts[inst].running.take() {
                         let r = job.req;
+                        if let Some(q) = &mut self.insts[inst].quote {
+                            q.observe(job.tokens, job.work_s);
+                        }
                         if let Some((g, _)) = self.s.requests[r].prefix {
                             self.remember_prefix(inst, g);
                         }
@@ -1089,6 +1122,13 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         online: true,
         cache: VecDeque::new(),
         busy_accum: 0.0,
+        quote: if remote {
+            hw.remote_quote_tokens_per_s
+        } else {
+            hw.local_quote_tokens_per_s
+        }
+        .filter(|&r| r > 0.0)
+        .map(QuoteRate::new),
     };
     let insts: Vec<Instance> = (0..n_remote)
         .map(|_| inst(true))
@@ -1106,6 +1146,12 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         }
     }
     let nominal = steps[0].1;
+    // What every home believes of the link before its first transfer.
+    let believed = sc
+        .link
+        .estimate_start_gbps
+        .filter(|g| *g > 0.0)
+        .map_or(nominal, gbps);
     let n_homes = setup.split.decode.max(1) as usize;
     let ni = insts.len();
     let a = &sc.auction;
@@ -1119,7 +1165,7 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
             bandwidth_change_factor: sc.router.bandwidth_change_factor,
         },
     );
-    tracker.searched_bandwidth = nominal;
+    tracker.searched_bandwidth = believed;
     let mut sim = Sim {
         s: setup,
         kind,
@@ -1156,8 +1202,8 @@ pub fn run_policy(setup: &RunSetup<'_>, kind: PolicyKind) -> (RunMetrics, Auctio
         remote_adverts_online: n_remote,
         homes: (0..n_homes)
             .map(|_| Home {
-                bandwidth: vec![nominal; ni],
-                remote_bandwidth_sum: nominal * n_remote as f64,
+                bandwidth: vec![believed; ni],
+                remote_bandwidth_sum: believed * n_remote as f64,
                 sent_since: vec![(u64::MAX, 0.0); ni],
                 dead_in_round: vec![u64::MAX; ni],
                 last_dead_round: u64::MAX,

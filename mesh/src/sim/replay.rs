@@ -81,6 +81,10 @@ pub struct ReplayInput {
     pub nodes: Vec<MeasuredProfile>,
     /// The home → prefill peer link, bytes/s (the home's own estimate where it has one).
     pub link_bytes_per_s: f64,
+    /// The home's estimate of that link when the run started (its probes' figure), bytes/s;
+    /// absent: `link_bytes_per_s`.
+    #[serde(default)]
+    pub link_estimate_start_bytes_per_s: Option<f64>,
     /// One-way latency of that link (s).
     pub latency_s: f64,
     /// Pieces a KV transfer is pipelined in (the model's layers).
@@ -158,8 +162,11 @@ pub fn predict(input: &ReplayInput) -> Result<Prediction, ReplayError> {
         .decode_profile()
         .ok_or(ReplayError::Missing("the home decoded nothing"))?;
     let remote_rate = match input.deployment {
-        ReplayDeployment::Homogeneous => home.prefill_tokens_per_s,
-        _ => input.nodes.get(1).map_or(0.0, |n| n.prefill_tokens_per_s),
+        ReplayDeployment::Homogeneous => home.quote_start_tokens_per_s(),
+        _ => input
+            .nodes
+            .get(1)
+            .map_or(0.0, MeasuredProfile::quote_start_tokens_per_s),
     };
     let (remote, split, kind) = match input.deployment {
         ReplayDeployment::Homogeneous => (
@@ -230,18 +237,22 @@ pub fn predict(input: &ReplayInput) -> Result<Prediction, ReplayError> {
             decode_steps: decode_steps(&decode),
             slo_tokens_per_s: decode.slo_tokens_per_s(),
             // Real nodes: each home prefills on its own core, and bids quote the moving average
-            // of their measured speed.
+            // of their measured speed, from the rate each node started with.
             colocated: true,
             // A node streams the token its prefill sampled before any decode step.
             first_token_at_prefill: true,
             remote_quote_tokens_per_s: Some(remote_rate),
-            local_quote_tokens_per_s: Some(home.prefill_tokens_per_s),
+            local_quote_tokens_per_s: Some(home.quote_start_tokens_per_s()),
         },
         link: Link {
             bandwidth_gbps: input.link_bytes_per_s * 8.0 / 1e9,
             latency_ms: input.latency_s * 1e3,
             kv_layers: input.kv_layers.max(1),
             schedule: Vec::new(),
+            estimate_start_gbps: input
+                .link_estimate_start_bytes_per_s
+                .filter(|b| *b > 0.0)
+                .map(|b| b * 8.0 / 1e9),
         },
         router: Router::default(),
         auction: Auction {
@@ -461,6 +472,7 @@ mod tests {
                 (1000.0, 0.1 + 1000.0 / tokens_per_s),
             ],
             prefill_tokens_per_s: tokens_per_s,
+            prefill_start_tokens_per_s: tokens_per_s,
             decode: vec![(1.0, 0.01)],
             max_batch: 8,
             kv_bytes: vec![(1.0, 1e3), (1000.0, 1e6)],
@@ -483,6 +495,7 @@ mod tests {
             output_tokens: 4,
             nodes,
             link_bytes_per_s: 1e9,
+            link_estimate_start_bytes_per_s: None,
             latency_s: 0.0,
             kv_layers: 10,
             prefix_cache_groups: 1,
@@ -562,6 +575,31 @@ mod tests {
         auction.policy.reserve_price_factor = 3.0;
         assert_eq!(
             predict(&auction).unwrap().figures.remote_by_request,
+            vec![false, false, false]
+        );
+    }
+
+    #[test]
+    fn quotes_and_link_belief_start_where_the_nodes_started() {
+        // Two equal nodes over a fast link: the peer's cheaper bid wins the long prompts.
+        let equal = input(ReplayDeployment::Auction, vec![node(1000.0), node(1000.0)]);
+        assert_eq!(
+            predict(&equal).unwrap().figures.remote_by_request,
+            vec![false, true, true]
+        );
+        // A peer whose calibration said 100 tokens/s quotes 10× slower until it has served
+        // prompts (it never gets one), although it exports the same final speed.
+        let mut slow_quote = equal.clone();
+        slow_quote.nodes[1].prefill_start_tokens_per_s = 100.0;
+        assert_eq!(
+            predict(&slow_quote).unwrap().figures.remote_by_request,
+            vec![false, false, false]
+        );
+        // A home that believed a slow link before any transfer keeps everything too.
+        let mut slow_link = equal;
+        slow_link.link_estimate_start_bytes_per_s = Some(1e3);
+        assert_eq!(
+            predict(&slow_link).unwrap().figures.remote_by_request,
             vec![false, false, false]
         );
     }

@@ -178,9 +178,10 @@ pub struct Hardware {
     /// prefill joins that instance's prefix cache.
     #[serde(default)]
     pub colocated: bool,
-    /// Bids (and a home's estimate of its own prefill) quote `uncached tokens / this rate`
-    /// rather than the exact profile time: what a node does with its moving average of measured
-    /// tokens/s. `None`: bidders know their prefill time exactly.
+    /// Bids (and a home's estimate of its own prefill) quote `uncached tokens / rate` rather
+    /// than the exact profile time, the rate starting here and moving with each prefill the
+    /// instance serves ([`crate::policy::QuoteRate`], what a node does). `None`: bidders know
+    /// their prefill time exactly.
     #[serde(default)]
     pub remote_quote_tokens_per_s: Option<f64>,
     /// The same for the home cluster's instances (the reserve bids).
@@ -234,6 +235,11 @@ pub struct Link {
     /// Bandwidth changes: from `at_s` on the link runs at `gbps`.
     #[serde(default)]
     pub schedule: Vec<BandwidthStep>,
+    /// What homes believe of the link before their first transfer (a node's probe figure),
+    /// Gbit/s; each transfer then moves the belief towards its goodput. Absent: the link's
+    /// nominal bandwidth.
+    #[serde(default)]
+    pub estimate_start_gbps: Option<f64>,
 }
 
 /// A bandwidth change.
@@ -422,8 +428,9 @@ impl Scenario {
         if !pos(self.link.bandwidth_gbps)
             || !nonneg(self.link.latency_ms)
             || self.link.kv_layers == 0
+            || self.link.estimate_start_gbps.is_some_and(|g| !pos(g))
         {
-            return bad("link: bandwidth > 0, latency ≥ 0, kv_layers ≥ 1");
+            return bad("link: bandwidth > 0, latency ≥ 0, kv_layers ≥ 1, estimate_start_gbps > 0");
         }
         if self
             .link

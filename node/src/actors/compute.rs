@@ -24,7 +24,7 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prfaas_mesh::kv::PieceId;
-use prfaas_mesh::policy::{DecodeEstimator, PrefillEstimator};
+use prfaas_mesh::policy::{DecodeEstimator, PrefillEstimator, QuoteRate};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::loader::{TextCodec, Utf8Stream};
@@ -136,6 +136,8 @@ pub struct EngineView {
     pub live: usize,
     /// Prefill throughput estimate, tokens/s (EWMA of measured prefills).
     pub prefill_tokens_per_s: f64,
+    /// The estimate behind it, with where it started (exported for replays).
+    pub prefill_quote: QuoteRate,
     /// Measured prefill time vs uncached length (start-up calibration, then served prefills).
     pub prefill_profile: PrefillEstimator,
     /// Measured decode step time vs batch size.
@@ -431,7 +433,7 @@ pub fn spawn(
         live: Vec::new(),
         counters,
         view,
-        prefill_rate: cfg.prefill_tokens_per_s.max(1.0),
+        prefill_rate: QuoteRate::new(cfg.prefill_tokens_per_s),
         prefill_profile,
         decode_profile: DecodeEstimator::default(),
         imports: HashMap::new(),
@@ -475,7 +477,7 @@ struct Worker {
     live: Vec<Live>,
     counters: Arc<Counters>,
     view: Arc<Mutex<EngineView>>,
-    prefill_rate: f64,
+    prefill_rate: QuoteRate,
     prefill_profile: PrefillEstimator,
     decode_profile: DecodeEstimator,
     /// Imports in progress: ticket key → (lease, where to report a failure).
@@ -644,7 +646,8 @@ impl Worker {
                 kv,
                 cached_blocks,
                 live: self.live.len(),
-                prefill_tokens_per_s: self.prefill_rate,
+                prefill_tokens_per_s: self.prefill_rate.tokens_per_s(),
+                prefill_quote: self.prefill_rate,
                 prefill_profile: self.prefill_profile.clone(),
                 decode_profile: self.decode_profile.clone(),
             };
@@ -654,11 +657,8 @@ impl Worker {
     fn note_prefill(&mut self, tokens: usize, elapsed: Duration) {
         self.prefill_profile
             .observe(tokens as f64, elapsed.as_secs_f64());
-        // Short prompts measure overheads, not throughput.
-        if tokens >= 64 {
-            let rate = tokens as f64 / elapsed.as_secs_f64().max(1e-6);
-            self.prefill_rate = 0.7 * self.prefill_rate + 0.3 * rate;
-        }
+        self.prefill_rate
+            .observe(tokens as f64, elapsed.as_secs_f64());
     }
 
     fn note_prefix_cache(&self, tokens: usize, cached: usize) {

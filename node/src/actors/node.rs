@@ -237,7 +237,7 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         // the simulator replays (`prfaas bench e2e` exports it).
         "measured": prfaas_mesh::policy::MeasuredProfile::new(
             &view.prefill_profile,
-            view.prefill_tokens_per_s,
+            view.prefill_quote,
             &view.decode_profile,
             core.cfg.engine.max_batch,
             |t| core.layout.transfer_bytes(t.max(0.0) as usize) as f64,
