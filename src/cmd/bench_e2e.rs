@@ -626,7 +626,10 @@ async fn load_run(
     let mut f = figures(args, d, rate, &outs, sent);
     f.measured = measured;
     f.home_link_estimate_bytes_per_s = link_estimate;
-    f.home_link_estimate_start_bytes_per_s = start_estimate;
+    // What the home believed of the link before any transfer: its first auction's figure (the
+    // probes may not have reported yet when the run started), else the reading at the start.
+    f.home_link_estimate_start_bytes_per_s =
+        first_auction_bandwidth(&auctions).unwrap_or(start_estimate);
     f.auctions = auctions;
     eprintln!(
         "  {label}: {}/{} ok, {:.3} req/s, TTFT P50 {:.2} s, offload {:.2}",
@@ -905,6 +908,20 @@ fn prefix_groups(
         tokens[g] = tokens[g].max(cached);
     }
     tokens
+}
+
+/// The link estimate a home scored its first recorded auction's remote bids with (bytes/s),
+/// when the record holds the run's first auction (fewer than the node keeps).
+fn first_auction_bandwidth(auctions: &serde_json::Value) -> Option<f64> {
+    let all = auctions.as_array()?;
+    if all.len() >= prfaas_node::actors::core::RECENT_AUCTIONS {
+        return None;
+    }
+    all.iter()
+        .flat_map(|a| a["bids"].as_array().into_iter().flatten())
+        .filter(|b| b["bidder"].as_str() != Some("local"))
+        .filter_map(|b| b["bandwidth"].as_f64())
+        .find(|b| *b > 0.0)
 }
 
 /// Relative score gap under which an auction counts as a near tie.
@@ -1281,7 +1298,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{near_ties, prefix_groups};
+    use super::{first_auction_bandwidth, near_ties, prefix_groups};
+
+    #[test]
+    fn the_first_remote_bid_gives_the_link_belief_before_any_transfer() {
+        let a = serde_json::json!([
+            {"bids": [{"bidder": "local", "bandwidth": 0.0}]},
+            {"bids": [{"bidder": "local", "bandwidth": 0.0}, {"bidder": "12D3", "bandwidth": 11.4e6}]},
+            {"bids": [{"bidder": "12D3", "bandwidth": 12.0e6}]},
+        ]);
+        assert_eq!(first_auction_bandwidth(&a), Some(11.4e6));
+        let full = serde_json::Value::Array(vec![
+            a[2].clone();
+            prfaas_node::actors::core::RECENT_AUCTIONS
+        ]);
+        assert_eq!(
+            first_auction_bandwidth(&full),
+            None,
+            "the first may be gone"
+        );
+        assert_eq!(first_auction_bandwidth(&serde_json::Value::Null), None);
+    }
 
     #[test]
     fn near_ties_count_auctions_whose_best_two_scores_are_close() {
