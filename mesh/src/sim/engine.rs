@@ -28,8 +28,8 @@
 //!   has its own; `hardware.colocated` makes each home a `pd` node with its own instance, as in a
 //!   replay of real nodes, [`super::replay`]), bidders quote their exact prefill time unless
 //!   `hardware.*_quote_tokens_per_s` makes them quote a moving-average rate as nodes do
-//!   ([`crate::policy::QuoteRate`]), and
-//!   there are no Bloom false positives, KV room limits or lying bidders.
+//!   ([`crate::policy::QuoteRate`]), and there are no Bloom false positives, KV room limits or
+//!   lying bidders.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
@@ -479,7 +479,7 @@ impl<'a> Sim<'a> {
     }
 
     /// The prefill time an instance quotes for `r` in a bid: its exact `work_s`, or the uncached
-    /// tokens at the kind's quoted rate (`hardware.*_quote_tokens_per_s`).
+    /// tokens at its quote's current rate (from `hardware.*_quote_tokens_per_s`).
     fn quoted_s(&self, inst: usize, r: usize, work_s: f64) -> f64 {
         match self.insts[inst].quote {
             Some(q) => {
