@@ -261,6 +261,10 @@ pub struct MeasuredProfile {
     /// (older exports): a replay then starts its quotes at `prefill_tokens_per_s`.
     #[serde(default)]
     pub prefill_start_tokens_per_s: f64,
+    /// `(prompt tokens, seconds)` a `pd` home's compute spent turning imported KV into a
+    /// decoding sequence (verifying it), ascending; empty where it imported nothing.
+    #[serde(default)]
+    pub import: Vec<(f64, f64)>,
     /// `(batch, seconds)` of measured decode steps, ascending.
     pub decode: Vec<(f64, f64)>,
     /// Most sequences the node decodes at once.
@@ -274,10 +278,12 @@ impl MeasuredProfile {
     /// fixed state plus a per-token part), or piecewise so where a sliding window saturates.
     pub const KV_SAMPLE_TOKENS: [f64; 6] = [1.0, 512.0, 1024.0, 4096.0, 32768.0, 131072.0];
 
-    /// From a node's estimators, its quote and its layout's `kv_bytes(tokens)`.
+    /// From a node's estimators (prefills, imports, decode steps), its quote and its layout's
+    /// `kv_bytes(tokens)`.
     pub fn new(
         prefill: &PrefillEstimator,
         quote: QuoteRate,
+        import: &PrefillEstimator,
         decode: &DecodeEstimator,
         max_batch: usize,
         kv_bytes: impl Fn(f64) -> f64,
@@ -286,6 +292,7 @@ impl MeasuredProfile {
             prefill: prefill.points(),
             prefill_tokens_per_s: quote.tokens_per_s(),
             prefill_start_tokens_per_s: quote.start_tokens_per_s(),
+            import: import.points(),
             decode: decode.points(),
             max_batch,
             kv_bytes: Self::KV_SAMPLE_TOKENS

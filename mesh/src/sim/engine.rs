@@ -279,8 +279,11 @@ impl Ord for Entry {
 struct Job {
     req: usize,
     work_s: f64,
-    /// Uncached tokens it computes.
+    /// Uncached tokens it computes (0 for a verification).
     tokens: f64,
+    /// A `pd` home verifying the KV it imported for `req` (`hardware.import_verify`), not a
+    /// prefill.
+    verify: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -451,6 +454,7 @@ impl<'a> Sim<'a> {
                 i.running
                     .iter()
                     .chain(&i.queue)
+                    .filter(|j| !j.verify)
                     .map(|j| self.s.requests[j.req].tokens)
                     .sum::<f64>()
                     / q.tokens_per_s()
@@ -536,8 +540,37 @@ impl<'a> Sim<'a> {
             req: r,
             work_s,
             tokens,
+            verify: false,
         });
         self.st[r].remote = i.remote;
+        if i.running.is_none() {
+            self.start_next(inst);
+        }
+    }
+
+    /// Seconds a `pd` home's compute spends verifying the imported KV of a prompt of `tokens`
+    /// (`hardware.import_verify`, interpolated; 0 where nothing is given).
+    fn verify_s(&self, tokens: f64) -> f64 {
+        let pts = &self.s.scenario.hardware.import_verify;
+        match pts.len() {
+            0 => 0.0,
+            1 => pts[0].1.max(0.0),
+            _ => crate::policy::profile::lerp_extrapolate(pts, tokens).max(0.0),
+        }
+    }
+
+    /// Queues the verification of `r`'s imported KV on its home's own instance: like a node's
+    /// `FinishImport` job, it waits behind the prefills queued there, and the request decodes
+    /// when it is done.
+    fn enqueue_verify(&mut self, inst: usize, r: usize, work_s: f64) {
+        let i = &mut self.insts[inst];
+        i.idle_at = i.idle_at.max(self.now) + work_s;
+        i.queue.push_back(Job {
+            req: r,
+            work_s,
+            tokens: 0.0,
+            verify: true,
+        });
         if i.running.is_none() {
             self.start_next(inst);
         }
@@ -551,7 +584,9 @@ impl<'a> Sim<'a> {
         let r = job.req;
         let end = now + job.work_s;
         let mut kv_ready = end;
-        if self.insts[inst].remote {
+        if job.verify {
+            // The KV is here already: only the compute is taken.
+        } else if self.insts[inst].remote {
             let bytes = self.remote_prof.kv_bytes(self.s.requests[r].tokens);
             let first_layer = now + job.work_s / self.link.layers;
             let start = self.link.free_at.max(first_layer);
@@ -562,7 +597,9 @@ impl<'a> Sim<'a> {
             self.window_bytes += bytes;
             self.st[r].bw_sample = bytes / ((start - first_layer) + d);
         }
-        self.st[r].kv_ready = kv_ready + self.st[r].call_delay;
+        if !job.verify {
+            self.st[r].kv_ready = kv_ready + self.st[r].call_delay;
+        }
         let i = &mut self.insts[inst];
         i.running = Some(job);
         i.busy_accum += job.work_s;
@@ -997,6 +1034,12 @@ impl<'a> Sim<'a> {
                     }
                     if let Some(job) = self.insts[inst].running.take() {
                         let r = job.req;
+                        if job.verify {
+                            self.decode_fifo.push_back(r);
+                            self.try_decode();
+                            self.start_next(inst);
+                            continue;
+                        }
                         if let Some(q) = &mut self.insts[inst].quote {
                             q.observe(job.tokens, job.work_s);
                         }
@@ -1030,8 +1073,17 @@ impl<'a> Sim<'a> {
                         *bw = (1.0 - alpha) * old + alpha * st.bw_sample;
                         home.remote_bandwidth_sum += *bw - old;
                     }
-                    self.decode_fifo.push_back(r);
-                    self.try_decode();
+                    // A `pd` home verifies imported KV on its own compute before decoding it.
+                    let verify_s = self.verify_s(self.s.requests[r].tokens);
+                    match self.own_instance(r) {
+                        Some(own) if st.remote && verify_s > 0.0 => {
+                            self.enqueue_verify(own, r, verify_s)
+                        }
+                        _ => {
+                            self.decode_fifo.push_back(r);
+                            self.try_decode();
+                        }
+                    }
                 }
                 Ev::DecodeDone => {
                     self.slots_free += 1;

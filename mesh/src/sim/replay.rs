@@ -241,6 +241,8 @@ pub fn predict(input: &ReplayInput) -> Result<Prediction, ReplayError> {
             colocated: true,
             // A node streams the token its prefill sampled before any decode step.
             first_token_at_prefill: true,
+            // The home verifies each import on its own compute thread before decoding it.
+            import_verify: home.import.clone(),
             remote_quote_tokens_per_s: Some(remote_rate),
             local_quote_tokens_per_s: Some(home.quote_start_tokens_per_s()),
         },
@@ -473,6 +475,7 @@ mod tests {
             ],
             prefill_tokens_per_s: tokens_per_s,
             prefill_start_tokens_per_s: tokens_per_s,
+            import: Vec::new(),
             decode: vec![(1.0, 0.01)],
             max_batch: 8,
             kv_bytes: vec![(1.0, 1e3), (1000.0, 1e6)],
@@ -602,6 +605,30 @@ mod tests {
             predict(&slow_link).unwrap().figures.remote_by_request,
             vec![false, false, false]
         );
+    }
+
+    #[test]
+    fn a_pd_home_verifies_imports_on_its_own_compute() {
+        let mut naive = input(ReplayDeployment::Naive, vec![node(1000.0), node(10_000.0)]);
+        naive.policy.reserve_price_factor = 1e6;
+        let free = predict(&naive).unwrap().figures;
+        assert_eq!(free.remote_by_request, vec![false, true, true]);
+        naive.nodes[0].import = vec![(100.0, 0.5), (4000.0, 0.5)];
+        let paid = predict(&naive).unwrap().figures;
+        for (r, (a, b)) in free
+            .ttft_by_request
+            .iter()
+            .zip(&paid.ttft_by_request)
+            .enumerate()
+        {
+            let extra = if r == 0 { 0.0 } else { 0.5 };
+            assert!((b - a - extra).abs() < 1e-9, "request {r}: {a} → {b}");
+        }
+        // A local prompt that arrives while the home verifies waits for it.
+        naive.requests[2].prompt_tokens = 100.0;
+        naive.requests[2].arrival_s = naive.requests[1].arrival_s + paid.ttft_by_request[1] - 0.25;
+        let t = predict(&naive).unwrap().figures.ttft_by_request;
+        assert!((t[2] - (0.25 + 0.2)).abs() < 1e-9, "{t:?}");
     }
 
     #[test]

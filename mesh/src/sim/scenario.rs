@@ -187,6 +187,11 @@ pub struct Hardware {
     /// The same for the home cluster's instances (the reserve bids).
     #[serde(default)]
     pub local_quote_tokens_per_s: Option<f64>,
+    /// `(prompt tokens, seconds)`: what a `pd` home's own compute spends verifying the KV it
+    /// imported before decoding it (`hardware.colocated` only; a node's `/mesh` `measured.import`).
+    /// It queues behind the home's own prefills as a node's `FinishImport` job does. Empty: free.
+    #[serde(default)]
+    pub import_verify: Vec<(f64, f64)>,
     /// The first token is sampled from the prefill's last logits, so TTFT ends when the decode
     /// side admits the request (what a prfaas node does: its stream starts with that token);
     /// otherwise TTFT also counts one decode step at the SLO batch (the paper's accounting).
@@ -403,6 +408,13 @@ impl Scenario {
         }
         let pos = |x: f64| x.is_finite() && x > 0.0;
         let nonneg = |x: f64| x.is_finite() && x >= 0.0;
+        if h.import_verify.iter().any(|&(t, s)| !pos(t) || !nonneg(s))
+            || h.import_verify.windows(2).any(|w| w[1].0 <= w[0].0)
+        {
+            return bad(
+                "hardware.import_verify: (tokens > 0, seconds ≥ 0) points, tokens ascending",
+            );
+        }
         match self.workload.arrival {
             Arrival::Poisson { rate_per_s } if !pos(rate_per_s) => {
                 return bad("rate_per_s must be > 0")

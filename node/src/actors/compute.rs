@@ -140,6 +140,9 @@ pub struct EngineView {
     pub prefill_quote: QuoteRate,
     /// Measured prefill time vs uncached length (start-up calibration, then served prefills).
     pub prefill_profile: PrefillEstimator,
+    /// Measured time to turn an imported prompt's KV into a decoding sequence (its
+    /// verification), vs the prompt's length.
+    pub import_profile: PrefillEstimator,
     /// Measured decode step time vs batch size.
     pub decode_profile: DecodeEstimator,
 }
@@ -412,8 +415,10 @@ pub fn spawn(
     for &(tokens, secs) in &cfg.calibration {
         prefill_profile.observe(tokens, secs);
     }
+    let quote = QuoteRate::new(cfg.prefill_tokens_per_s);
     let view = Arc::new(Mutex::new(EngineView {
-        prefill_tokens_per_s: cfg.prefill_tokens_per_s,
+        prefill_tokens_per_s: quote.tokens_per_s(),
+        prefill_quote: quote,
         prefill_profile: prefill_profile.clone(),
         ..EngineView::default()
     }));
@@ -433,8 +438,9 @@ pub fn spawn(
         live: Vec::new(),
         counters,
         view,
-        prefill_rate: QuoteRate::new(cfg.prefill_tokens_per_s),
+        prefill_rate: quote,
         prefill_profile,
+        import_profile: PrefillEstimator::default(),
         decode_profile: DecodeEstimator::default(),
         imports: HashMap::new(),
         verdicts: handle.verdicts.clone(),
@@ -479,6 +485,7 @@ struct Worker {
     view: Arc<Mutex<EngineView>>,
     prefill_rate: QuoteRate,
     prefill_profile: PrefillEstimator,
+    import_profile: PrefillEstimator,
     decode_profile: DecodeEstimator,
     /// Imports in progress: ticket key → (lease, where to report a failure).
     imports: HashMap<u64, (LeaseId, ImportFailure)>,
@@ -649,6 +656,7 @@ impl Worker {
                 prefill_tokens_per_s: self.prefill_rate.tokens_per_s(),
                 prefill_quote: self.prefill_rate,
                 prefill_profile: self.prefill_profile.clone(),
+                import_profile: self.import_profile.clone(),
                 decode_profile: self.decode_profile.clone(),
             };
         }
@@ -693,6 +701,7 @@ impl Worker {
                 logits,
             } => {
                 ticket.finished = true;
+                let t0 = Instant::now();
                 let done = match self.imports.remove(&ticket.key) {
                     // Verified before decoding (DESIGN.md §8); only KV that passed enters the
                     // prefix cache.
@@ -721,6 +730,8 @@ impl Worker {
                 };
                 match done {
                     Ok(seq) => {
+                        self.import_profile
+                            .observe(job.tokens.len() as f64, t0.elapsed().as_secs_f64());
                         let m = &self.metrics;
                         m.prefill_time.observe(job.admitted.elapsed().as_secs_f64());
                         if let PrefillRoute::Remote {

@@ -238,6 +238,7 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         "measured": prfaas_mesh::policy::MeasuredProfile::new(
             &view.prefill_profile,
             view.prefill_quote,
+            &view.import_profile,
             &view.decode_profile,
             core.cfg.engine.max_batch,
             |t| core.layout.transfer_bytes(t.max(0.0) as usize) as f64,
