@@ -216,6 +216,7 @@ fn d_misreporting_never_helps_in_simulated_auctions() {
         threshold: e.threshold,
         misreport: None,
         record_auctions: usize::MAX,
+        local_by_instance: &[],
     };
     let (metrics, log) = engine::run_policy(&setup, PolicyKind::Auction);
     assert_eq!(metrics.completed, reqs.len());

@@ -219,6 +219,10 @@ pub struct RunSetup<'a> {
     pub misreport: Option<(usize, f64)>,
     /// Keep up to this many auctions' bid vectors for replay.
     pub record_auctions: usize,
+    /// The home cluster's instances' own prefill profiles (instance `k` uses entry `k mod
+    /// len`): a replay of `pd` nodes that measured different speeds. Empty: every one runs the
+    /// model's local profile.
+    pub local_by_instance: &'a [PrefillProfile],
 }
 
 /// Auctions recorded for replay, and per-instance realised utility.
@@ -436,9 +440,16 @@ impl<'a> Sim<'a> {
         let prof = if self.insts[inst].remote {
             &self.remote_prof
         } else {
-            &self.local_prof
+            self.own_profile(inst).unwrap_or(&self.local_prof)
         };
         prof.incremental_prefill_time(self.s.requests[r].tokens, self.cached(inst, r))
+    }
+
+    /// A home-cluster instance's own profile, where the setup gives instances their own.
+    fn own_profile(&self, inst: usize) -> Option<&PrefillProfile> {
+        let own = self.s.local_by_instance;
+        (!self.insts[inst].remote && !own.is_empty())
+            .then(|| &own[(inst - self.n_remote) % own.len()])
     }
 
     fn backlog(&self, inst: usize) -> f64 {
@@ -473,9 +484,12 @@ impl<'a> Sim<'a> {
     }
 
     /// `work_s` of every instance of a kind: `uncached` (the same for all of them) unless the
-    /// instance caches part of the prompt, which only a request with a prefix can hit.
+    /// instance caches part of the prompt, which only a request with a prefix can hit, or has
+    /// a profile of its own.
     fn work_s_with(&self, inst: usize, r: usize, uncached: f64) -> f64 {
-        if self.s.requests[r].prefix.is_some() && self.cached(inst, r) > 0.0 {
+        if (self.s.requests[r].prefix.is_some() && self.cached(inst, r) > 0.0)
+            || self.own_profile(inst).is_some()
+        {
             self.work_s(inst, r)
         } else {
             uncached

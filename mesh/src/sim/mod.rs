@@ -101,6 +101,7 @@ pub fn simulate_all(
                 threshold: e.threshold,
                 misreport: None,
                 record_auctions: 0,
+                local_by_instance: &[],
             };
             engine::run_policy(&setup, kind).0
         })

@@ -7,7 +7,7 @@
 //! (`hardware.colocated`: each prefills its own prompts and caches the KV it imports):
 //! * **homogeneous**: two `pd` nodes that never offload, requests alternating between them as
 //!   the bench sends them → [`PolicyKind::Homogeneous`] over two homes, each with its own prefill
-//!   instance (both at the first node's profile).
+//!   instance at its own node's measured profile.
 //! * **auction**: a `pd` home and a `prefill` peer → [`PolicyKind::Auction`] with one home, one
 //!   local prefill instance (the home's profile), one remote (the peer's), the home's `t`
 //!   starting at its configured value and never searched below it, the node's pricing, scoring
@@ -281,6 +281,15 @@ pub fn predict(input: &ReplayInput) -> Result<Prediction, ReplayError> {
         output_tokens: f64::from(input.output_tokens.max(1)),
         egress_bytes_per_s: input.link_bytes_per_s,
     };
+    // Two `pd` homes each prefill on their own node, at the speed that node measured.
+    let own_profiles = match input.deployment {
+        ReplayDeployment::Homogeneous if input.nodes.len() > 1 => input
+            .nodes
+            .iter()
+            .map(MeasuredProfile::prefill_profile)
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => Vec::new(),
+    };
     let requests: Vec<Request> = input
         .requests
         .iter()
@@ -299,6 +308,7 @@ pub fn predict(input: &ReplayInput) -> Result<Prediction, ReplayError> {
         threshold: p.threshold_tokens,
         misreport: None,
         record_auctions: 0,
+        local_by_instance: &own_profiles,
     };
     let (metrics, _) = engine::run_policy(&setup, kind);
     let done = metrics
@@ -548,6 +558,20 @@ mod tests {
             .collect();
         let t = predict(&i).unwrap().figures.ttft_by_request;
         let want = [2.1, 0.2, (102.1 - 101.0) + 0.2];
+        for (got, want) in t.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn each_pd_home_prefills_at_its_own_nodes_speed() {
+        // Node 1 measured half node 0's speed: its requests (odd ones) take twice as long.
+        let i = input(
+            ReplayDeployment::Homogeneous,
+            vec![node(1000.0), node(500.0)],
+        );
+        let t = predict(&i).unwrap().figures.ttft_by_request;
+        let want = [0.1 + 0.1, 0.1 + 2000.0 / 500.0, 0.1 + 0.4];
         for (got, want) in t.iter().zip(want) {
             assert!((got - want).abs() < 1e-6, "{t:?}");
         }
