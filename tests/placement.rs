@@ -270,7 +270,14 @@ async fn ledger_settles_payments_and_caps_spend_per_peer() {
     };
     // The fast peer wins first and is paid …
     let first = run_text(&home, &prompt(1), 2).await;
-    assert_eq!(winner(&first.route), p2.peer_id().to_string());
+    assert_eq!(
+        winner(&first.route),
+        p2.peer_id().to_string(),
+        "the fast peer should win the first prompt; p1 {}, p2 {}; the home's auctions: {:?}",
+        p1.peer_id(),
+        p2.peer_id(),
+        home.core.recent_auctions()
+    );
     let paid = |n: &NodeHandle, peer: &NodeHandle| {
         n.core
             .ledger
@@ -287,7 +294,12 @@ async fn ledger_settles_payments_and_caps_spend_per_peer() {
     assert!((paid(&p2, &home).earned - to_p2.paid).abs() < 1e-9);
     // Over its cap, p2 is not called again this period: the slow peer gets the next prompt.
     let second = run_text(&home, &prompt(2), 2).await;
-    assert_eq!(winner(&second.route), p1.peer_id().to_string());
+    assert_eq!(
+        winner(&second.route),
+        p1.peer_id().to_string(),
+        "the home's auctions: {:?}",
+        home.core.recent_auctions()
+    );
     let rec = home.core.recent_auctions().pop().expect("auction recorded");
     assert!(
         rec.bids
