@@ -52,23 +52,27 @@ fn winner(route: &PrefillRoute) -> String {
     }
 }
 
-async fn mesh_of_three() -> (NodeHandle, NodeHandle, NodeHandle) {
+/// A decode home and two prefill peers behind links of `rates` bytes/s. The links are shaped
+/// before the home knows its peers: its first probes (which start once it sees them) measure
+/// the shaped links, never the raw loopback (a probe that won that race on a loaded machine left
+/// both estimates unshaped for `stale_after`).
+async fn mesh_of_three(rates: (f64, f64)) -> (NodeHandle, NodeHandle, NodeHandle) {
     let p1 = start(cfg("p1", &[NodeRole::Prefill], vec![])).await;
     let p2 = start(cfg("p2", &[NodeRole::Prefill], addrs_of(&p1).await)).await;
     let mut boot = addrs_of(&p1).await;
     boot.extend(addrs_of(&p2).await);
     let home = start(cfg("home", &[NodeRole::Decode], boot)).await;
+    link(&home, &p1, rates.0);
+    link(&home, &p2, rates.1);
     wait_for_prefillers(&home, 2).await;
+    wait_for_estimates(&home, &[&p1, &p2]).await;
     (home, p1, p2)
 }
 
 #[actix_rt::test]
 async fn equal_prices_higher_bandwidth_wins() {
-    let (home, p1, p2) = mesh_of_three().await;
     // p1 sits behind a slow link, p2 behind a fast one; both ask the same price.
-    link(&home, &p1, 2.0e6);
-    link(&home, &p2, 200.0e6);
-    wait_for_estimates(&home, &[&p1, &p2]).await;
+    let (home, p1, p2) = mesh_of_three((2.0e6, 200.0e6)).await;
     let prompt =
         "A long prompt that certainly exceeds the offload threshold of the home. ".repeat(4);
     let out = run_text(&home, &prompt, 4).await;
@@ -89,10 +93,8 @@ async fn equal_prices_higher_bandwidth_wins() {
 
 #[actix_rt::test]
 async fn cached_prefix_wins_when_bandwidth_is_scarce() {
-    let (home, p1, p2) = mesh_of_three().await;
     // Both links are equally scarce; only p2 holds the prompt's prefix.
-    link(&home, &p1, 3.5e6);
-    link(&home, &p2, 3.5e6);
+    let (home, p1, p2) = mesh_of_three((3.5e6, 3.5e6)).await;
     let shared =
         "The shared system prompt that many requests start with, long enough to span blocks. "
             .repeat(3);
@@ -102,7 +104,6 @@ async fn cached_prefix_wins_when_bandwidth_is_scarce() {
         .prefill_and_discard(prefix)
         .await
         .expect("prefill ok");
-    wait_for_estimates(&home, &[&p1, &p2]).await;
     // Let p2's advert and view catch up with its cache (bounded).
     let t0 = Instant::now();
     while p2.core.compute.view().cached_blocks.is_empty() {
@@ -260,9 +261,10 @@ async fn ledger_settles_payments_and_caps_spend_per_peer() {
     // Any payment uses up a peer's allowance for the hour.
     h.policy.spend_cap_per_peer = Some(1e-12);
     let home = start(h).await;
-    wait_for_prefillers(&home, 2).await;
+    // Shaped before the home knows its peers (see `mesh_of_three`).
     link(&home, &p1, 2.0e6);
     link(&home, &p2, 200.0e6);
+    wait_for_prefillers(&home, 2).await;
     wait_for_estimates(&home, &[&p1, &p2]).await;
     let prompt = |k: usize| {
         format!("{k}: A long prompt that certainly exceeds the offload threshold of the home. ")
