@@ -54,8 +54,9 @@ fn winner(route: &PrefillRoute) -> String {
 
 /// A decode home and two prefill peers behind links of `rates` bytes/s. The links are shaped
 /// before the home knows its peers: its first probes (which start once it sees them) measure
-/// the shaped links, never the raw loopback (a probe that won that race on a loaded machine left
-/// both estimates unshaped for `stale_after`).
+/// the shaped links, never the raw loopback (a probe that ran before the links were shaped would
+/// leave its estimate raw for `stale_after`: the likely cause of one loaded run where the slow
+/// peer won).
 async fn mesh_of_three(rates: (f64, f64)) -> (NodeHandle, NodeHandle, NodeHandle) {
     let p1 = start(cfg("p1", &[NodeRole::Prefill], vec![])).await;
     let p2 = start(cfg("p2", &[NodeRole::Prefill], addrs_of(&p1).await)).await;
