@@ -161,6 +161,8 @@ struct Counters {
 enum Msg {
     Work(Job),
     Import(ImportOp),
+    /// The node is shutting down: fail what waits, stop, release the engine.
+    Stop,
 }
 
 #[derive(Debug)]
@@ -190,6 +192,8 @@ pub struct ComputeHandle {
     view: Arc<Mutex<EngineView>>,
     next_import: Arc<AtomicU64>,
     verdicts: VerdictHook,
+    /// The thread, for [`ComputeHandle::stop`] (taken by the first caller).
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// Told, for each verified import from a peer, the peer id and whether its KV passed (set once,
@@ -280,6 +284,14 @@ impl std::fmt::Debug for ComputeHandle {
 pub struct QueueFull;
 
 impl ComputeHandle {
+    /// Tells the compute thread to stop (what waits is failed with "node shutting down") and
+    /// returns it to join, to the first caller only. The thread drops the engine, and with it
+    /// any GPU device, before it ends.
+    pub fn stop(&self) -> Option<std::thread::JoinHandle<()>> {
+        let _ = self.jobs.send(Msg::Stop);
+        self.thread.lock().ok()?.take()
+    }
+
     /// Queues a job; fails at once when the queue is full (the caller answers 429 / declines).
     pub fn submit(&self, job: Job) -> Result<(), (QueueFull, Box<Job>)> {
         let tokens = job.prefill_tokens() as u64;
@@ -302,7 +314,7 @@ impl ComputeHandle {
                     .fetch_sub(tokens, Ordering::AcqRel);
                 match msg {
                     Msg::Work(job) => Err((QueueFull, Box::new(job))),
-                    Msg::Import(_) => unreachable!("a work job was sent"),
+                    Msg::Import(_) | Msg::Stop => unreachable!("a work job was sent"),
                 }
             }
         }
@@ -408,7 +420,7 @@ pub fn spawn(
     codec: TextCodec,
     metrics: Arc<Metrics>,
     cfg: ComputeConfig,
-) -> std::io::Result<(ComputeHandle, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<ComputeHandle> {
     let (tx, rx) = std_mpsc::channel();
     let counters = Arc::new(Counters::default());
     let mut prefill_profile = PrefillEstimator::default();
@@ -429,6 +441,7 @@ pub fn spawn(
         view: view.clone(),
         next_import: Arc::new(AtomicU64::new(1)),
         verdicts: VerdictHook::default(),
+        thread: Arc::default(),
     };
     let worker = Worker {
         engine,
@@ -444,11 +457,15 @@ pub fn spawn(
         decode_profile: DecodeEstimator::default(),
         imports: HashMap::new(),
         verdicts: handle.verdicts.clone(),
+        stopping: false,
     };
     let join = std::thread::Builder::new()
         .name("prfaas-compute".into())
         .spawn(move || worker.run(rx))?;
-    Ok((handle, join))
+    if let Ok(mut t) = handle.thread.lock() {
+        *t = Some(join);
+    }
+    Ok(handle)
 }
 
 /// One sequence being decoded.
@@ -490,6 +507,8 @@ struct Worker {
     /// Imports in progress: ticket key → (lease, where to report a failure).
     imports: HashMap<u64, (LeaseId, ImportFailure)>,
     verdicts: VerdictHook,
+    /// [`Msg::Stop`] arrived.
+    stopping: bool,
 }
 
 /// How long an idle compute thread sleeps before checking for expired KV leases.
@@ -527,8 +546,8 @@ impl Worker {
                     Err(std_mpsc::TryRecvError::Disconnected) => open = false,
                 }
             }
-            if !open {
-                // Every handle is gone: the node is shutting down.
+            if !open || self.stopping {
+                // Every handle is gone, or the node said stop: it is shutting down.
                 break;
             }
             // At most one job between two decode steps; a new sequence only while the batch
@@ -578,6 +597,10 @@ impl Worker {
         let op = match msg {
             Msg::Work(job) => return waiting.push_back(job),
             Msg::Import(op) => op,
+            Msg::Stop => {
+                self.stopping = true;
+                return;
+            }
         };
         match op {
             ImportOp::Begin {

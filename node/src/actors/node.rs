@@ -293,6 +293,9 @@ impl Handler<Shutdown> for Node {
     }
 }
 
+/// How long [`NodeHandle::shutdown`] waits for the compute thread's job in progress.
+const COMPUTE_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A running node.
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
@@ -366,6 +369,21 @@ impl NodeHandle {
         let _ = self.node.send(Shutdown).await;
         if let Some(s) = &self.api_server {
             s.stop(true).await;
+        }
+        // The engine, and any GPU device with it, is released before this returns: a process
+        // that exits right after must not tear the driver down under a live device (seen as a
+        // SIGSEGV at exit on lavapipe). A job in progress finishes first, so the wait is bounded.
+        if let Some(thread) = self.core.compute.stop() {
+            let join = actix_rt::task::spawn_blocking(move || thread.join());
+            if actix_rt::time::timeout(COMPUTE_STOP_WAIT, join)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    wait = ?COMPUTE_STOP_WAIT,
+                    "compute thread still busy after shutdown; not waiting for it"
+                );
+            }
         }
     }
 }
@@ -604,7 +622,7 @@ impl Node {
             kv_layout_version: KV_LAYOUT_VERSION,
             kv_layout_hash: loaded.engine.layout_hash(),
         };
-        let (compute, _join) = compute::spawn(
+        let compute = compute::spawn(
             loaded.engine,
             loaded.text.codec.clone(),
             metrics.clone(),
