@@ -24,7 +24,8 @@
 //!
 //! Hand run: `PRFAAS_CHAOS_TRIALS=20 cargo test --workspace --test chaos_netns -- --nocapture`.
 //! `PRFAAS_CHAOS_ROGUE_REQUESTS` (default 20) sizes the rogue round; `PRFAAS_CHAOS_KEEP=1` keeps
-//! the nodes' configs and logs in the temp dir for reading afterwards.
+//! the nodes' configs and logs in the temp dir for reading afterwards; `PRFAAS_CHAOS_FIGURES=FILE`
+//! appends each figure line to FILE as well.
 
 mod chaos_rogue;
 mod netns_nodes;
@@ -166,8 +167,21 @@ struct Figures {
 }
 
 impl Figures {
+    /// Prints `line` and, where `PRFAAS_CHAOS_FIGURES` names a file, appends it there (so runs
+    /// that capture test output, e.g. a loop of `cargo test --workspace`, keep the figures).
     fn add(&mut self, line: String) {
         eprintln!("chaos: {line}");
+        if let Some(path) = std::env::var_os("PRFAAS_CHAOS_FIGURES") {
+            use std::io::Write;
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| writeln!(f, "{line}"));
+            if let Err(e) = appended {
+                eprintln!("chaos: cannot append to {}: {e}", path.to_string_lossy());
+            }
+        }
         self.lines.push(line);
     }
 }
