@@ -56,13 +56,18 @@ fn winner(route: &PrefillRoute) -> String {
 /// before the home knows its peers: its first probes (which start once it sees them) measure
 /// the shaped links, never the raw loopback (a probe that ran before the links were shaped would
 /// leave its estimate raw for `stale_after`: the likely cause of one loaded run where the slow
-/// peer won).
-async fn mesh_of_three(rates: (f64, f64)) -> (NodeHandle, NodeHandle, NodeHandle) {
+/// peer won). `home_cfg` adjusts the home's config before it starts.
+async fn mesh_of_three(
+    rates: (f64, f64),
+    home_cfg: impl FnOnce(&mut NodeConfig),
+) -> (NodeHandle, NodeHandle, NodeHandle) {
     let p1 = start(cfg("p1", &[NodeRole::Prefill], vec![])).await;
     let p2 = start(cfg("p2", &[NodeRole::Prefill], addrs_of(&p1).await)).await;
     let mut boot = addrs_of(&p1).await;
     boot.extend(addrs_of(&p2).await);
-    let home = start(cfg("home", &[NodeRole::Decode], boot)).await;
+    let mut h = cfg("home", &[NodeRole::Decode], boot);
+    home_cfg(&mut h);
+    let home = start(h).await;
     link(&home, &p1, rates.0);
     link(&home, &p2, rates.1);
     wait_for_prefillers(&home, 2).await;
@@ -73,7 +78,7 @@ async fn mesh_of_three(rates: (f64, f64)) -> (NodeHandle, NodeHandle, NodeHandle
 #[actix_rt::test]
 async fn equal_prices_higher_bandwidth_wins() {
     // p1 sits behind a slow link, p2 behind a fast one; both ask the same price.
-    let (home, p1, p2) = mesh_of_three((2.0e6, 200.0e6)).await;
+    let (home, p1, p2) = mesh_of_three((2.0e6, 200.0e6), |_| {}).await;
     let prompt =
         "A long prompt that certainly exceeds the offload threshold of the home. ".repeat(4);
     let out = run_text(&home, &prompt, 4).await;
@@ -95,7 +100,7 @@ async fn equal_prices_higher_bandwidth_wins() {
 #[actix_rt::test]
 async fn cached_prefix_wins_when_bandwidth_is_scarce() {
     // Both links are equally scarce; only p2 holds the prompt's prefix.
-    let (home, p1, p2) = mesh_of_three((3.5e6, 3.5e6)).await;
+    let (home, p1, p2) = mesh_of_three((3.5e6, 3.5e6), |_| {}).await;
     let shared =
         "The shared system prompt that many requests start with, long enough to span blocks. "
             .repeat(3);
@@ -254,19 +259,11 @@ async fn threshold_and_offload_fraction_follow_the_link() {
 
 #[actix_rt::test]
 async fn ledger_settles_payments_and_caps_spend_per_peer() {
-    let p1 = start(cfg("p1", &[NodeRole::Prefill], vec![])).await;
-    let p2 = start(cfg("p2", &[NodeRole::Prefill], addrs_of(&p1).await)).await;
-    let mut boot = addrs_of(&p1).await;
-    boot.extend(addrs_of(&p2).await);
-    let mut h = cfg("home", &[NodeRole::Decode], boot);
-    // Any payment uses up a peer's allowance for the hour.
-    h.policy.spend_cap_per_peer = Some(1e-12);
-    let home = start(h).await;
-    // Shaped before the home knows its peers (see `mesh_of_three`).
-    link(&home, &p1, 2.0e6);
-    link(&home, &p2, 200.0e6);
-    wait_for_prefillers(&home, 2).await;
-    wait_for_estimates(&home, &[&p1, &p2]).await;
+    let (home, p1, p2) = mesh_of_three((2.0e6, 200.0e6), |h| {
+        // Any payment uses up a peer's allowance for the hour.
+        h.policy.spend_cap_per_peer = Some(1e-12);
+    })
+    .await;
     let prompt = |k: usize| {
         format!("{k}: A long prompt that certainly exceeds the offload threshold of the home. ")
             .repeat(4)

@@ -192,7 +192,7 @@ fn advertised_profile(view: &super::compute::EngineView) -> Vec<PrefillPoint> {
     if pts.is_empty() {
         pts.push(PrefillPoint {
             tokens: 1024,
-            tokens_per_sec: view.prefill_tokens_per_s as f32,
+            tokens_per_sec: view.prefill_tokens_per_s() as f32,
         });
     }
     // Longest lengths first: they say the most about big prompts.

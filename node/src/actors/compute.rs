@@ -134,9 +134,8 @@ pub struct EngineView {
     pub cached_blocks: HashSet<u64>,
     /// Sequences decoding now.
     pub live: usize,
-    /// Prefill throughput estimate, tokens/s (EWMA of measured prefills).
-    pub prefill_tokens_per_s: f64,
-    /// The estimate behind it, with where it started (exported for replays).
+    /// Prefill throughput estimate (EWMA of measured prefills, see
+    /// [`EngineView::prefill_tokens_per_s`]), with where it started (exported for replays).
     pub prefill_quote: QuoteRate,
     /// Measured prefill time vs uncached length (start-up calibration, then served prefills).
     pub prefill_profile: PrefillEstimator,
@@ -145,6 +144,13 @@ pub struct EngineView {
     pub import_profile: PrefillEstimator,
     /// Measured decode step time vs batch size.
     pub decode_profile: DecodeEstimator,
+}
+
+impl EngineView {
+    /// Prefill throughput estimate, tokens/s: what the node quotes now.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prefill_quote.tokens_per_s()
+    }
 }
 
 /// Shared counters between the compute thread and its handle.
@@ -379,7 +385,7 @@ impl ComputeHandle {
 
     /// Seconds of prefill work queued ahead of a new job.
     pub fn queue_delay_s(&self) -> f64 {
-        let rate = self.view().prefill_tokens_per_s.max(1.0);
+        let rate = self.view().prefill_tokens_per_s().max(1.0);
         self.counters.queued_prefill_tokens.load(Ordering::Acquire) as f64 / rate
     }
 
@@ -429,7 +435,6 @@ pub fn spawn(
     }
     let quote = QuoteRate::new(cfg.prefill_tokens_per_s);
     let view = Arc::new(Mutex::new(EngineView {
-        prefill_tokens_per_s: quote.tokens_per_s(),
         prefill_quote: quote,
         prefill_profile: prefill_profile.clone(),
         ..EngineView::default()
@@ -676,7 +681,6 @@ impl Worker {
                 kv,
                 cached_blocks,
                 live: self.live.len(),
-                prefill_tokens_per_s: self.prefill_rate.tokens_per_s(),
                 prefill_quote: self.prefill_rate,
                 prefill_profile: self.prefill_profile.clone(),
                 import_profile: self.import_profile.clone(),

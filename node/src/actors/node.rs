@@ -133,7 +133,7 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
         "queue_depth": core.compute.queued_jobs(),
         "free_kv_blocks": view.kv.free,
         "price_per_1k_tokens": core.cfg.policy.price_per_1k_tokens,
-        "prefill_tokens_per_s": view.prefill_tokens_per_s,
+        "prefill_tokens_per_s": view.prefill_tokens_per_s(),
         "api_url": core.api_url.get(),
         "advert_age_s": 0.0,
         "version": env!("CARGO_PKG_VERSION"),
@@ -232,7 +232,7 @@ async fn mesh_view(core: &Core) -> serde_json::Value {
             .unwrap_or_default(),
         "inflight": core.inflight.load(Ordering::Relaxed),
         "pending_transfers": core.awaited_transfers.load(Ordering::Relaxed),
-        "prefill_tokens_per_s": view.prefill_tokens_per_s,
+        "prefill_tokens_per_s": view.prefill_tokens_per_s(),
         // What this node measured of itself (what its adverts and searches use), in the form
         // the simulator replays (`prfaas bench e2e` exports it).
         "measured": prfaas_mesh::policy::MeasuredProfile::new(

@@ -191,7 +191,7 @@ async fn decide(core: &Core, bridge: &Addr<MeshBridge>, job: &DecodeJob) -> Deci
             .map(|(i, (peer, ad))| candidate(core, i as u32, peer, ad, n, &hashes))
             .collect()
     };
-    let rate = core.compute.view().prefill_tokens_per_s.max(1.0);
+    let rate = core.compute.view().prefill_tokens_per_s().max(1.0);
     let placement = policy::plan(&PlacementInput {
         request: RequestShape {
             total_tokens: n as f64,
@@ -550,7 +550,7 @@ async fn auction(
     // The reserve bid: this node's own prefill, priced by the same rule, times the factor that
     // says what a decode node's compute is worth to its running decodes.
     let view = core.compute.view();
-    let rate = view.prefill_tokens_per_s.max(1.0);
+    let rate = view.prefill_tokens_per_s().max(1.0);
     let pricing = PricingParams::new(pol.price_per_1k_tokens, pol.queue_premium_per_s, 0.0)
         .unwrap_or(PricingParams {
             base_per_ktok: 1.0,

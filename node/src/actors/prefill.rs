@@ -81,7 +81,7 @@ impl PrefillWorker {
         let cached = (cached_leading(&view, &call.prefix_block_hashes) * block).min(n - 1);
         let work = (n - cached) as f64;
         // What the home can check: claims stay within reach of the speed we advertised.
-        let rate = core.claimable_prefill_rate(view.prefill_tokens_per_s.max(1.0));
+        let rate = core.claimable_prefill_rate(view.prefill_tokens_per_s().max(1.0));
         let queue_s = core.compute.queue_delay_s();
         let pricing = PricingParams::new(pol.price_per_1k_tokens, pol.queue_premium_per_s, 0.0)
             .unwrap_or(PricingParams {

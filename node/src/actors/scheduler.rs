@@ -92,7 +92,7 @@ impl ThresholdState {
         let view = core.compute.view();
         let local = view
             .prefill_profile
-            .profile(kv, view.prefill_tokens_per_s)
+            .profile(kv, view.prefill_tokens_per_s())
             .map_err(|e| format!("own prefill profile: {e}"))?;
         let remote = merged_profile(&profiles, homes as f64, kv)
             .map_err(|e| format!("peers' prefill profile: {e}"))?;
@@ -310,7 +310,7 @@ pub fn consider_role(core: &Core, adverts: &[KnownAdvert]) -> Option<RoleMode> {
     let kv = |l: f64| core.layout.transfer_bytes(l.max(0.0) as usize) as f64;
     let prefill = view
         .prefill_profile
-        .profile(kv, view.prefill_tokens_per_s)
+        .profile(kv, view.prefill_tokens_per_s())
         .ok()?;
     // Only a measured decode side can be called a bottleneck.
     let decode = view.decode_profile.profile(core.cfg.engine.max_batch)?;
